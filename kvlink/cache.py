@@ -115,12 +115,17 @@ class LayerObservation:
 
 @dataclass
 class Observation:
-    """What a selector may look at: per-layer observations plus the context length T."""
+    """What a selector may look at: per-layer observations plus the context length T.
+
+    `layers` is empty for Observe.NONE; `num_layers` is the model's layer count
+    for every kind, so position-only selectors know how many kept sets to return.
+    """
 
     kind: Observe
     length: int
     layers: list[LayerObservation] = field(default_factory=list)
     scale: float = 1.0  # softmax scale of the attention (1/sqrt(head_dim) for most models)
+    num_layers: int = 0
 
 
 @dataclass
@@ -230,7 +235,12 @@ def prefill(
         context_queries = list(captured)
     kv = kv_from_cache(cache, length)
     attn0 = attention_modules(model)[0]
-    obs = Observation(kind=observe, length=length, scale=float(getattr(attn0, "scaling", kv.head_dim**-0.5)))
+    obs = Observation(
+        kind=observe,
+        length=length,
+        scale=float(getattr(attn0, "scaling", kv.head_dim**-0.5)),
+        num_layers=kv.num_layers,
+    )
 
     if observe in (Observe.WINDOW, Observe.ALL):
         n = length if keep_last is None else keep_last

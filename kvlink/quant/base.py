@@ -14,9 +14,10 @@ for a low-rank latent D is the rank):
   [b*i, b*i + b) of the little-endian byte string. So INT4 is two per byte
   (low nibble first), INT2 four per byte, INT3 eight values in three bytes;
   the stream is ceil(n*b/8) bytes, the unused high bits of the last byte 0.
-- INT formats (asymmetric): scale = (max - min) / (2^b - 1), zero = min,
-  both rounded to float16 first; code = clamp(round((x - zero) / scale), 0, 2^b - 1);
-  x_hat = code * scale + zero. A constant group has scale 1 (codes 0).
+- INT formats (asymmetric): zero = min rounded DOWN to float16, scale =
+  (max - zero) / (2^b - 1) rounded UP to float16 (so no value is ever clamped);
+  code = clamp(round((x - zero) / scale), 0, 2^b - 1) in float32;
+  x_hat = code * scale + zero; |x - x_hat| <= scale / 2. A constant group has scale 1.
 - NF4: scale = absmax of the group (float16; 1 for an all-zero group), no
   zero; code = index of the nearest NF4 level to x / scale; x_hat = NF4[code] * scale.
 - FP16: no quantization; the codes are the float16 values' bytes (little-endian).

@@ -1,0 +1,465 @@
+"""The codec: a config, a context KV cache in, encoded tensors out, and back.
+
+    config = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    codec = Codec(config, geometry)
+    encoded = codec.encode(prefill)          # EncodedKV: raw little-endian parts per tensor
+    kv = codec.decode(encoded)               # ContextKV with the ORIGINAL positions
+
+Pipeline per layer and per K/V: keep the selected positions -> optional
+low rank (per-message SVD, or a calibrated projection both sides hold) ->
+quantize (INT8/4/3/2, NF4, or FP16) -> optional zstd per part. The size of
+every part is known before any byte is written (`Codec.predicted_sizes`);
+zstd, which depends on the data, is the only stage whose size is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvlink import positions as pos_codec
+from kvlink.cache import ContextKV, Observe, Prefill
+from kvlink.models import Geometry
+from kvlink.quant import AXES, QuantizedTensor, QuantSpec, format_from_bits, part_sizes, quantize
+from kvlink.select import SCOPES, get_selector, keep_count, registered_selectors
+
+logger = logging.getLogger(__name__)
+
+LOWRANK_MODES: tuple[str, ...] = ("none", "svd", "profile")
+KINDS: tuple[str, ...] = ("k", "v")
+PAYLOAD_PARTS = frozenset({"codes"})
+METADATA_PARTS = frozenset({"scale", "zero", "basis"})
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Every knob of the compression cube. Validated on construction (ValueError quotes the value).
+
+    selector/retention: which positions travel ("none" keeps all; retention in (0, 1]).
+    scope: "global" (one kept set for all layers) or "layer" (a set per layer).
+    k_bits/v_bits: 16, 8, 4, 3, 2 or "nf4". group_size and k_axis/v_axis: quantization groups.
+    lowrank: "none", "svd" (per message) or "profile" (calibrated projection); k_rank/v_rank.
+    zstd_level: 0 (off) or 1..22, applied per part only where it makes the part smaller.
+    """
+
+    selector: str = "none"
+    retention: float = 1.0
+    scope: str = "global"
+    k_bits: int | str = 16
+    v_bits: int | str = 16
+    group_size: int = 32
+    k_axis: str = "channel"
+    v_axis: str = "token"
+    lowrank: str = "none"
+    k_rank: int | None = None
+    v_rank: int | None = None
+    zstd_level: int = 0
+    window: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.selector != "none" and self.selector not in registered_selectors():
+            raise ValueError(
+                f"unknown selection method {self.selector!r}; registered: {['none', *registered_selectors()]}"
+            )
+        if isinstance(self.retention, bool) or not (0.0 < float(self.retention) <= 1.0):
+            raise ValueError(f"retention must be in (0, 1], got {self.retention!r}")
+        if self.selector == "none" and self.retention != 1.0:
+            raise ValueError(f"retention {self.retention!r} needs a selection method (selector is 'none')")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        format_from_bits(self.k_bits)
+        format_from_bits(self.v_bits)
+        for axis in (self.k_axis, self.v_axis):
+            if axis not in AXES:
+                raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.lowrank not in LOWRANK_MODES:
+            raise ValueError(f"lowrank must be one of {LOWRANK_MODES}, got {self.lowrank!r}")
+        for name in ("k_rank", "v_rank"):
+            rank = getattr(self, name)
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {rank!r}")
+        if self.lowrank == "none" and (self.k_rank is not None or self.v_rank is not None):
+            raise ValueError("k_rank/v_rank need lowrank 'svd' or 'profile'")
+        if self.lowrank != "none" and self.k_rank is None and self.v_rank is None:
+            raise ValueError(f"lowrank {self.lowrank!r} needs k_rank and/or v_rank")
+        if not (0 <= self.zstd_level <= 22):
+            raise ValueError(f"zstd_level must be in [0, 22], got {self.zstd_level!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window!r}")
+
+    @property
+    def k_format(self) -> str:
+        return format_from_bits(self.k_bits)
+
+    @property
+    def v_format(self) -> str:
+        return format_from_bits(self.v_bits)
+
+    def spec(self, kind: str) -> QuantSpec:
+        if kind == "k":
+            return QuantSpec(self.k_format, self.group_size, self.k_axis)
+        return QuantSpec(self.v_format, self.group_size, self.v_axis)
+
+    def rank(self, kind: str) -> int | None:
+        return self.k_rank if kind == "k" else self.v_rank
+
+    def validate_for(self, geometry: Geometry) -> None:
+        """Checks that need the model: ranks must not exceed head_dim."""
+        for kind in KINDS:
+            rank = self.rank(kind)
+            if rank is not None and rank > geometry.head_dim:
+                raise ValueError(f"{kind}_rank {rank!r} exceeds head_dim {geometry.head_dim}")
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name, e.g. 'q2c50%+k4c/v4t-g32'."""
+        parts = []
+        if self.selector != "none":
+            parts.append(f"{self.selector}{self.retention * 100:g}%" + ("/layer" if self.scope == "layer" else ""))
+        if self.lowrank != "none":
+            parts.append(f"{self.lowrank}-r{self.k_rank or 'full'}/{self.v_rank or 'full'}")
+        kf, vf = self.k_format, self.v_format
+        if kf == vf == "fp16":
+            parts.append("fp16")
+        else:
+            parts.append(f"k{kf}{self.k_axis[0]}/v{vf}{self.v_axis[0]}-g{self.group_size}")
+        if self.zstd_level:
+            parts.append(f"zstd{self.zstd_level}")
+        return "+".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodecConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown codec config fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def with_(self, **changes: Any) -> CodecConfig:
+        return replace(self, **changes)
+
+
+@dataclass
+class Part:
+    """One buffer of an encoded tensor: raw little-endian bytes, zstd-compressed when that paid."""
+
+    data: bytes
+    raw_size: int
+    zstd: bool = False
+
+
+@dataclass
+class EncodedTensor:
+    """One layer's K or V: shape (kv_heads, n_kept, head_dim) once decoded.
+
+    `stored` is the quantized matrix's shape: (H, n_kept, head_dim), or the
+    latent (H, n_kept, rank) under low rank. Parts: codes, scale, zero
+    (quantization), basis (per-message SVD: (H, rank, head_dim) float16).
+    """
+
+    layer: int
+    kind: str
+    shape: tuple[int, int, int]
+    stored: tuple[int, int, int]
+    spec: QuantSpec
+    lowrank: str
+    parts: dict[str, Part]
+
+    def nbytes(self) -> int:
+        return sum(len(p.data) for p in self.parts.values())
+
+
+@dataclass
+class Sizes:
+    """Bytes of an encoded message by category (wire framing is added by kvlink.wire)."""
+
+    payload: int = 0  # quantized codes
+    scales: int = 0  # scale + zero per group
+    factors: int = 0  # low-rank bases sent with the message
+    positions: int = 0  # kept-position sets
+
+    @property
+    def metadata(self) -> int:
+        return self.scales + self.factors + self.positions
+
+    @property
+    def total(self) -> int:
+        return self.payload + self.metadata
+
+    def as_dict(self) -> dict[str, int]:
+        return {"payload": self.payload, "scales": self.scales, "factors": self.factors,
+                "positions": self.positions, "metadata": self.metadata, "total": self.total}
+
+
+@dataclass
+class EncodedKV:
+    """A whole encoded context: geometry, original length T, kept positions and 2 x layers tensors.
+
+    positions: one (encoding, bytes, count) per layer, or a single one shared by all layers.
+    tensors: ordered layer 0 K, layer 0 V, layer 1 K, ...
+    """
+
+    config: CodecConfig
+    geometry: Geometry
+    length: int
+    positions: list[tuple[str, bytes, int]]
+    tensors: list[EncodedTensor]
+    profile_hash: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shared_positions(self) -> bool:
+        return len(self.positions) == 1
+
+    def sizes(self) -> Sizes:
+        s = Sizes(positions=sum(len(p[1]) for p in self.positions))
+        for t in self.tensors:
+            for name, part in t.parts.items():
+                n = len(part.data)
+                if name == "codes":
+                    s.payload += n
+                elif name == "basis":
+                    s.factors += n
+                else:
+                    s.scales += n
+        return s
+
+    def fp16_bytes(self) -> int:
+        return self.geometry.fp16_bytes(self.length)
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    return t.detach().contiguous().cpu().numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise ValueError(f"buffer has {len(data)} bytes, shape {shape} of {dtype} needs {expected}")
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if expected else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).to(device)
+
+
+class Codec:
+    """Encode a prefilled context under a CodecConfig and decode it back (reference path)."""
+
+    def __init__(self, config: CodecConfig, geometry: Geometry, profile: Any | None = None) -> None:
+        config.validate_for(geometry)
+        if config.lowrank == "profile":
+            if profile is None:
+                raise ValueError("lowrank 'profile' needs a calibrated model profile (kvlink.lowrank.ModelProfile)")
+            for kind in KINDS:
+                rank = config.rank(kind)
+                if rank is not None and rank > profile.r_max:
+                    raise ValueError(f"{kind}_rank {rank!r} exceeds the profile's r_max {profile.r_max}")
+        self.config = config
+        self.geometry = geometry
+        self.profile = profile
+
+    # --- sizes -------------------------------------------------------------
+    def stored_shape(self, kind: str, n_kept: int) -> tuple[int, int, int]:
+        g = self.geometry
+        rank = self.config.rank(kind) if self.config.lowrank != "none" else None
+        return (g.kv_heads, n_kept, rank if rank is not None else g.head_dim)
+
+    def predicted_sizes(self, length: int, kept: list[Tensor] | None = None) -> Sizes:
+        """Exact sizes before zstd. Without `kept`, position bytes use the bitmap upper bound."""
+        cfg, g = self.config, self.geometry
+        n_kept = keep_count(cfg.retention, length) if cfg.selector != "none" else length
+        sizes = Sizes()
+        for kind in KINDS:
+            stored = self.stored_shape(kind, n_kept)
+            for name, n in part_sizes(stored, cfg.spec(kind)).items():
+                if name == "codes":
+                    sizes.payload += n * g.num_layers
+                else:
+                    sizes.scales += n * g.num_layers
+            if cfg.lowrank == "svd" and cfg.rank(kind) is not None:
+                sizes.factors += g.num_layers * g.kv_heads * stored[2] * g.head_dim * 2
+        if cfg.selector != "none":
+            if kept is not None:
+                unique = kept[:1] if cfg.scope == "global" else kept
+                sizes.positions = sum(pos_codec.encoded_size(p, length) for p in unique)
+            else:
+                sets = 1 if cfg.scope == "global" else g.num_layers
+                sizes.positions = sets * (length + 7) // 8
+        return sizes
+
+    # --- encode ------------------------------------------------------------
+    def select(self, prefill: Prefill) -> list[Tensor] | None:
+        """Kept positions per layer, or None when everything is kept."""
+        cfg = self.config
+        if cfg.selector == "none":
+            return None
+        kwargs: dict[str, Any] = {}
+        if cfg.selector == "random":
+            kwargs["seed"] = cfg.seed
+        selector = get_selector(cfg.selector, **kwargs)
+        if selector.observes is not Observe.NONE and prefill.observation.kind is not selector.observes:
+            raise ValueError(
+                f"selector {cfg.selector!r} needs a prefill with observe={selector.observes.value!r}, "
+                f"got {prefill.observation.kind.value!r}"
+            )
+        return selector.keep(prefill.observation, cfg.retention, cfg.scope)
+
+    def encode(self, prefill: Prefill) -> EncodedKV:
+        """Select, reduce, quantize and pack a prefilled context."""
+        started = time.perf_counter()
+        kept = self.select(prefill)
+        select_s = time.perf_counter() - started
+        encoded = self.encode_kv(prefill.kv, kept)
+        encoded.timings["select_s"] = select_s
+        return encoded
+
+    def encode_kv(self, kv: ContextKV, kept: list[Tensor] | None = None) -> EncodedKV:
+        """Encode `kv` keeping `kept[l]` positions of each layer (all when None)."""
+        cfg, g = self.config, self.geometry
+        if (kv.num_layers, kv.kv_heads, kv.head_dim) != (g.num_layers, g.kv_heads, g.head_dim):
+            raise ValueError(
+                f"KV cache geometry (layers={kv.num_layers}, kv_heads={kv.kv_heads}, head_dim={kv.head_dim}) "
+                f"does not match the codec's {g}"
+            )
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if kept is not None:
+            kv = kv.select(kept)
+        positions: list[tuple[str, bytes, int]] = []
+        if cfg.selector != "none":
+            sets = kv.positions[:1] if cfg.scope == "global" else kv.positions
+            for p in sets:
+                enc, data = pos_codec.encode_positions(p, kv.length)
+                positions.append((enc, data, int(p.numel())))
+        tensors: list[EncodedTensor] = []
+        quant_s = 0.0
+        for layer in range(kv.num_layers):
+            for kind, x in (("k", kv.keys[layer]), ("v", kv.values[layer])):
+                tq = time.perf_counter()
+                tensors.append(self._encode_tensor(layer, kind, x.float()))
+                quant_s += time.perf_counter() - tq
+        timings["quantize_s"] = quant_s
+        timings["encode_s"] = time.perf_counter() - t0
+        if cfg.zstd_level:
+            tz = time.perf_counter()
+            _compress(tensors, cfg.zstd_level)
+            timings["zstd_s"] = time.perf_counter() - tz
+        profile_hash = self.profile.hash if cfg.lowrank == "profile" and self.profile is not None else None
+        return EncodedKV(cfg, g, kv.length, positions, tensors, profile_hash, timings)
+
+    def _encode_tensor(self, layer: int, kind: str, x: Tensor) -> EncodedTensor:
+        cfg = self.config
+        spec = cfg.spec(kind)
+        rank = cfg.rank(kind) if cfg.lowrank != "none" else None
+        parts: dict[str, Part] = {}
+        stored = x
+        mode = "none"
+        if rank is not None:
+            from kvlink import lowrank
+
+            if cfg.lowrank == "svd":
+                stored, basis = lowrank.svd_factors(x, rank)  # (H, N, r), (H, r, D)
+                raw = _tensor_bytes(basis.to(torch.float16))
+                parts["basis"] = Part(raw, len(raw))
+            else:
+                stored = self.profile.project(x, layer, kind, rank)  # type: ignore[union-attr]
+            mode = cfg.lowrank
+        q: QuantizedTensor = quantize(stored, spec)
+        for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero)):
+            if tensor is not None:
+                raw = _tensor_bytes(tensor)
+                parts[name] = Part(raw, len(raw))
+        shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
+        stored_shape = (int(stored.shape[0]), int(stored.shape[1]), int(stored.shape[2]))
+        return EncodedTensor(layer, kind, shape, stored_shape, spec, mode, parts)
+
+    # --- decode ------------------------------------------------------------
+    def decode(self, encoded: EncodedKV, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> ContextKV:
+        """Rebuild a ContextKV (kept entries at their original positions) from an EncodedKV."""
+        from kvlink.kernels import dequantize_into
+
+        g = encoded.geometry
+        if len(encoded.tensors) != 2 * g.num_layers:
+            raise ValueError(f"expected {2 * g.num_layers} tensors (K and V per layer), got {len(encoded.tensors)}")
+        if encoded.config.lowrank == "profile":
+            if self.profile is None or self.profile.hash != encoded.profile_hash:
+                raise ValueError(f"message was projected with profile {encoded.profile_hash!r}, which this codec lacks")
+        if encoded.positions:
+            sets = [pos_codec.decode_positions(e, d, encoded.length, c) for e, d, c in encoded.positions]
+            if len(sets) == 1:
+                sets = sets * g.num_layers
+            if len(sets) != g.num_layers:
+                raise ValueError(f"{len(sets)} position sets for {g.num_layers} layers")
+        else:
+            sets = [torch.arange(encoded.length)] * g.num_layers
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        for t in encoded.tensors:
+            if t.shape[1] != sets[t.layer].numel():
+                raise ValueError(f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions")
+            x = self._decode_tensor(t, device, dtype, dequantize_into)
+            (keys if t.kind == "k" else values).append(x)
+        return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
+
+    def _decode_tensor(self, t: EncodedTensor, device: torch.device | str, dtype: torch.dtype,
+                       dequantize_into: Any) -> Tensor:
+        parts = {name: _decompress(part) for name, part in t.parts.items()}
+        expected = part_sizes(t.stored, t.spec)
+        for name, n in expected.items():
+            if name not in parts or len(parts[name]) != n:
+                got = len(parts[name]) if name in parts else "missing"
+                raise ValueError(f"layer {t.layer} {t.kind}: part {name!r} has {got} bytes, expected {n}")
+        from kvlink.quant import scale_shape
+
+        sshape = scale_shape(t.stored, t.spec)
+        q = QuantizedTensor(
+            spec=t.spec,
+            shape=t.stored,
+            codes=_from_bytes(parts["codes"], torch.uint8, (expected["codes"],), device),
+            scale=_from_bytes(parts["scale"], torch.float16, sshape, device) if "scale" in expected else None,
+            zero=_from_bytes(parts["zero"], torch.float16, sshape, device) if "zero" in expected else None,
+        )
+        if t.lowrank == "none":
+            return dequantize_into(q, dtype)  # type: ignore[no-any-return]
+        latent = dequantize_into(q, torch.float32)
+        if t.lowrank == "svd":
+            h, r, d = t.stored[0], t.stored[2], t.shape[2]
+            basis = _from_bytes(parts["basis"], torch.float16, (h, r, d), device).float()
+            return torch.matmul(latent, basis).to(dtype)  # (H, N, r) @ (H, r, D)
+        return self.profile.expand(latent, t.layer, t.kind).to(dtype)  # type: ignore[union-attr,no-any-return]
+
+
+def _compress(tensors: list[EncodedTensor], level: int) -> None:
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=level)
+    for t in tensors:
+        for name, part in t.parts.items():
+            packed = compressor.compress(part.data)
+            if len(packed) < len(part.data):
+                t.parts[name] = Part(packed, part.raw_size, zstd=True)
+
+
+def _decompress(part: Part) -> bytes:
+    if not part.zstd:
+        return part.data
+    import zstandard
+
+    try:
+        data = zstandard.ZstdDecompressor().decompress(part.data, max_output_size=part.raw_size)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd part does not decompress: {exc}") from None
+    if len(data) != part.raw_size:
+        raise ValueError(f"zstd part decompressed to {len(data)} bytes, declared {part.raw_size}")
+    return data  # type: ignore[no-any-return]

@@ -1,0 +1,88 @@
+"""Kept-position sets on the wire: a bitmap or delta varints, whichever is smaller.
+
+A bitmap costs ceil(T/8) bytes whatever is kept; delta varints cost about one
+byte per kept position when positions are dense, so sparse sets (low
+retention) prefer varints and dense sets prefer the bitmap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+BITMAP = "bitmap"
+DELTA_VARINT = "delta_varint"
+ENCODINGS = (BITMAP, DELTA_VARINT)
+
+
+def _varints(values: np.ndarray) -> bytes:
+    out = bytearray()
+    for value in values.tolist():
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def bitmap_bytes(positions: Tensor, length: int) -> bytes:
+    bits = np.zeros(length, dtype=np.uint8)
+    bits[positions.cpu().numpy()] = 1
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def delta_varint_bytes(positions: Tensor) -> bytes:
+    pos = positions.cpu().numpy().astype(np.int64)
+    deltas = np.diff(pos, prepend=-1) - 1  # gaps between kept positions (0 = adjacent)
+    return _varints(deltas)
+
+
+def encode_positions(positions: Tensor, length: int) -> tuple[str, bytes]:
+    """(encoding, bytes) of a sorted unique position set in [0, length): the smaller encoding wins."""
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
+        raise ValueError(f"positions must lie in [0, {length}), got range "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    bitmap = bitmap_bytes(positions, length)
+    varint = delta_varint_bytes(positions)
+    return (DELTA_VARINT, varint) if len(varint) < len(bitmap) else (BITMAP, bitmap)
+
+
+def encoded_size(positions: Tensor, length: int) -> int:
+    """Bytes `encode_positions` will produce, without building the bitmap."""
+    return min((length + 7) // 8, len(delta_varint_bytes(positions)))
+
+
+def decode_positions(encoding: str, data: bytes, length: int, count: int) -> Tensor:
+    """Validate and decode a position set: exactly `count` sorted unique positions in [0, length)."""
+    if encoding == BITMAP:
+        if len(data) != (length + 7) // 8:
+            raise ValueError(f"position bitmap has {len(data)} bytes, expected {(length + 7) // 8} for T={length}")
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        if bits[length:].any():
+            raise ValueError("position bitmap has bits set beyond the context length")
+        pos = np.flatnonzero(bits[:length])
+    elif encoding == DELTA_VARINT:
+        deltas: list[int] = []
+        value = shift = 0
+        for byte in data:
+            if shift > 35:
+                raise ValueError("position varint is too long")
+            value |= (byte & 0x7F) << shift
+            if byte & 0x80:
+                shift += 7
+                continue
+            deltas.append(value)
+            value = shift = 0
+            if len(deltas) > count:
+                break
+        if shift:
+            raise ValueError("position varints end in the middle of a value")
+        pos = np.cumsum(np.asarray(deltas, dtype=np.int64) + 1) - 1
+        if pos.size and pos[-1] >= length:
+            raise ValueError(f"decoded position {int(pos[-1])} is outside the context length {length}")
+    else:
+        raise ValueError(f"unknown position encoding {encoding!r}; expected one of {ENCODINGS}")
+    if pos.size != count:
+        raise ValueError(f"position set holds {pos.size} positions, the header declares {count}")
+    return torch.from_numpy(pos.astype(np.int64))

@@ -1,0 +1,81 @@
+"""The receiver's decode loop: positions continue at the ORIGINAL length T (invariant 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import random_ids
+from kvlink.cache import prefill
+from kvlink.generate import attention_mask, greedy_answer, teacher_forced_logits
+
+
+def test_decode_loop_matches_hf_generate(tiny: Any) -> None:
+    """With the full cache, the explicit loop is plain greedy decoding of context + question."""
+    ctx, q = random_ids(40, seed=1), random_ids(6, seed=2)
+    pre = prefill(tiny.model, ctx, q)
+    answer = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=8, stop_at_eos=False)
+    full = torch.cat([ctx, q])[None]
+    out = tiny.model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    assert answer.token_ids == out[0, full.shape[1]:].tolist()
+    with torch.no_grad():
+        logits = tiny.model(full).logits[0, -1]
+    torch.testing.assert_close(answer.prompt_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_eviction_equals_masking_at_original_positions(tiny: Any) -> None:
+    """Dropping entries == keeping them but masking them out, with the question at position T (1e-4, fp32)."""
+    ctx, q = random_ids(48, seed=3), random_ids(5, seed=4)
+    pre = prefill(tiny.model, ctx, q)
+    g = torch.Generator().manual_seed(5)
+    kept = torch.sort(torch.randperm(48, generator=g)[:20]).values
+    dropped = torch.tensor(sorted(set(range(48)) - set(kept.tolist())))
+    evicted = pre.kv.select([kept] * pre.kv.num_layers)
+    assert evicted.kept() == 20 and evicted.length == 48
+
+    a_evicted = greedy_answer(tiny.model, tiny.tokenizer, evicted, q, max_new_tokens=6, stop_at_eos=False)
+    a_masked = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=6, stop_at_eos=False,
+                             mask_out=dropped)
+    assert a_evicted.token_ids == a_masked.token_ids
+    torch.testing.assert_close(a_evicted.logits, a_masked.logits, atol=1e-4, rtol=0)
+
+    # The same eviction continued at position n_kept instead of T gives different logits: positions matter.
+    renumbered = evicted.__class__(evicted.keys, evicted.values, evicted.positions, length=20)
+    a_wrong = greedy_answer(tiny.model, tiny.tokenizer, renumbered, q, max_new_tokens=1, stop_at_eos=False)
+    assert (a_wrong.prompt_logits - a_evicted.prompt_logits).abs().max() > 1e-3
+
+    # And the eviction really removed information.
+    a_full = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=1, stop_at_eos=False)
+    assert (a_full.prompt_logits - a_evicted.prompt_logits).abs().max() > 1e-3
+
+
+def test_teacher_forced_logits_match_the_loop(tiny: Any) -> None:
+    ctx, q = random_ids(30, seed=6), random_ids(4, seed=7)
+    pre = prefill(tiny.model, ctx, q)
+    answer = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=5, stop_at_eos=False)
+    forced = teacher_forced_logits(tiny.model, pre.kv, q, answer.token_ids)
+    torch.testing.assert_close(forced, answer.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_mask_uses_positions() -> None:
+    keys = torch.tensor([0, 5, 9, 10, 11])
+    queries = torch.tensor([10, 11])
+    mask = attention_mask(keys, queries, torch.float32)[0, 0]
+    assert mask.shape == (2, 5)
+    assert (mask[0, :4] == 0).all() and mask[0, 4] < -1e30
+    assert (mask[1] == 0).all()
+    windowed = attention_mask(keys, queries, torch.float32, sliding_window=3)[0, 0]
+    assert windowed[1, :2].min() < -1e30 and (windowed[1, 2:] == 0).all()
+
+
+def test_bad_arguments_raise(tiny: Any) -> None:
+    pre = prefill(tiny.model, random_ids(8), None)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_answer(tiny.model, tiny.tokenizer, pre.kv, random_ids(2), max_new_tokens=0)
+    with pytest.raises(ValueError, match="question is empty"):
+        greedy_answer(tiny.model, tiny.tokenizer, pre.kv, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="context is empty"):
+        prefill(tiny.model, torch.tensor([], dtype=torch.long))
