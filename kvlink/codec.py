@@ -124,7 +124,9 @@ class CodecConfig:
         """A short human-readable name, e.g. 'q2c50%+k4c/v4t-g32'."""
         parts = []
         if self.selector != "none":
-            parts.append(f"{self.selector}{self.retention * 100:g}%" + ("/layer" if self.scope == "layer" else ""))
+            parts.append(
+                f"{self.selector}{self.retention * 100:g}%" + ("/layer" if self.scope == "layer" else "")
+            )
         if self.lowrank != "none":
             parts.append(f"{self.lowrank}-r{self.k_rank or 'full'}/{self.v_rank or 'full'}")
         kf, vf = self.k_format, self.v_format
@@ -199,8 +201,14 @@ class Sizes:
         return self.payload + self.metadata
 
     def as_dict(self) -> dict[str, int]:
-        return {"payload": self.payload, "scales": self.scales, "factors": self.factors,
-                "positions": self.positions, "metadata": self.metadata, "total": self.total}
+        return {
+            "payload": self.payload,
+            "scales": self.scales,
+            "factors": self.factors,
+            "positions": self.positions,
+            "metadata": self.metadata,
+            "total": self.total,
+        }
 
 
 @dataclass
@@ -244,7 +252,9 @@ def _tensor_bytes(t: Tensor) -> bytes:
     return t.detach().contiguous().cpu().numpy().tobytes()
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+def _from_bytes(
+    data: bytes, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str
+) -> Tensor:
     expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if len(data) != expected:
         raise ValueError(f"buffer has {len(data)} bytes, shape {shape} of {dtype} needs {expected}")
@@ -259,7 +269,9 @@ class Codec:
         config.validate_for(geometry)
         if config.lowrank == "profile":
             if profile is None:
-                raise ValueError("lowrank 'profile' needs a calibrated model profile (kvlink.lowrank.ModelProfile)")
+                raise ValueError(
+                    "lowrank 'profile' needs a calibrated model profile (kvlink.lowrank.ModelProfile)"
+                )
             for kind in KINDS:
                 rank = config.rank(kind)
                 if rank is not None and rank > profile.r_max:
@@ -384,17 +396,23 @@ class Codec:
         return EncodedTensor(layer, kind, shape, stored_shape, spec, mode, parts)
 
     # --- decode ------------------------------------------------------------
-    def decode(self, encoded: EncodedKV, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> ContextKV:
+    def decode(
+        self, encoded: EncodedKV, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> ContextKV:
         """Rebuild a ContextKV (kept entries at their original positions) from an EncodedKV."""
         from kvlink.kernels import dequantize_into
 
         g = encoded.geometry
         if len(encoded.tensors) != 2 * g.num_layers:
-            raise ValueError(f"expected {2 * g.num_layers} tensors (K and V per layer), got {len(encoded.tensors)}")
-        if encoded.config.lowrank == "profile":
-            if self.profile is None or self.profile.hash != encoded.profile_hash:
-                raise ValueError(f"message was projected with profile {encoded.profile_hash!r}, which this codec lacks")
+            raise ValueError(
+                f"expected {2 * g.num_layers} tensors (K and V per layer), got {len(encoded.tensors)}"
+            )
+        if encoded.config.lowrank == "profile" and (
+            self.profile is None or self.profile.hash != encoded.profile_hash
+        ):
+            raise ValueError(
+                f"message was projected with profile {encoded.profile_hash!r}, which this codec lacks"
+            )
         if encoded.positions:
             sets = [pos_codec.decode_positions(e, d, encoded.length, c) for e, d, c in encoded.positions]
             if len(sets) == 1:
@@ -407,13 +425,16 @@ class Codec:
         values: list[Tensor] = []
         for t in encoded.tensors:
             if t.shape[1] != sets[t.layer].numel():
-                raise ValueError(f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions")
+                raise ValueError(
+                    f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions"
+                )
             x = self._decode_tensor(t, device, dtype, dequantize_into)
             (keys if t.kind == "k" else values).append(x)
         return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
 
-    def _decode_tensor(self, t: EncodedTensor, device: torch.device | str, dtype: torch.dtype,
-                       dequantize_into: Any) -> Tensor:
+    def _decode_tensor(
+        self, t: EncodedTensor, device: torch.device | str, dtype: torch.dtype, dequantize_into: Any
+    ) -> Tensor:
         parts = {name: _decompress(part) for name, part in t.parts.items()}
         expected = part_sizes(t.stored, t.spec)
         for name, n in expected.items():

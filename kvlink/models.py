@@ -39,8 +39,19 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Config keys that describe where or how a checkpoint was stored, not the model.
 _VOLATILE_CONFIG_KEYS = frozenset(
-    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "_commit_hash",
-     "architectures", "use_cache", "_attn_implementation_autoset", "output_attentions", "output_hidden_states"}
+    {
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "_commit_hash",
+        "architectures",
+        "use_cache",
+        "_attn_implementation_autoset",
+        "output_attentions",
+        "output_hidden_states",
+    }
 )
 
 
@@ -136,11 +147,13 @@ def embedded_model_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # The weights are dequantized now; drop the GGUF marker so the copy saves and loads as plain HF.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.name_or_path = EMBEDDED_NAME
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
         try:
@@ -231,11 +244,17 @@ def load_model(
     model.eval()
     fp = fingerprint(model, tokenizer)
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(dtype)
+        dtype = {
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+        }.get(dtype)
         if dtype is None:
             raise ValueError("dtype must be one of fp32, fp16, bf16")
-    model.to(device=torch.device(device), dtype=dtype or model.dtype)
+    model.to(device=torch.device(device), dtype=dtype or model.dtype)  # type: ignore[call-arg]
     display = EMBEDDED_NAME if (name is None or name.lower() in EMBEDDED_ALIASES) else name
     logger.info("loaded %s in %.1f s (fingerprint %s)", display, time.perf_counter() - started, fp[:12])
     return LoadedModel(model, tokenizer, display, fp, geometry_of(model.config))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ class ToyTokenizer:
 
     eos_token_id = 2
     chat_template = None
-    all_special_tokens: list[str] = []
+    all_special_tokens: ClassVar[list[str]] = []
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return " ".join(str(i) for i in ids)
@@ -32,9 +32,17 @@ def tiny_config(family: str) -> Any:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=2, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     if family == "llama":
         return LlamaConfig(**common)

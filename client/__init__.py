@@ -1,0 +1,1 @@
+"""kvlink-send: the sender agent CLI."""

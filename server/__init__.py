@@ -1,0 +1,1 @@
+"""kvlink-serve: the gRPC receiver and its REST stats app."""

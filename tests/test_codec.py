@@ -1,0 +1,165 @@
+"""The codec pipeline and invariant 1: the compressed cache is the one that decodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import random_ids
+from kvlink.cache import ContextKV, Observe, prefill
+from kvlink.codec import Codec, CodecConfig
+from kvlink.generate import greedy_answer
+from kvlink.models import Geometry
+from kvlink.prompt import context_ids, question_ids
+from kvlink.select import get_selector
+
+
+def _observe(config: CodecConfig) -> Observe:
+    return get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
+
+
+def _round_trip(
+    lm: Any, ctx: torch.Tensor, q: torch.Tensor, config: CodecConfig, n: int = 8
+) -> tuple[Any, Any]:
+    """(sender's own answer from its full cache, receiver's answer from the decoded bytes)."""
+    pre = prefill(lm.model, ctx, q, observe=_observe(config))
+    sender = greedy_answer(lm.model, lm.tokenizer, pre.kv, q, max_new_tokens=n, stop_at_eos=False)
+    codec = Codec(config, lm.geometry)
+    encoded = codec.encode(pre)
+    receiver_kv = Codec(config, lm.geometry).decode(encoded)  # a fresh codec: only the bytes travel
+    receiver = greedy_answer(lm.model, lm.tokenizer, receiver_kv, q, max_new_tokens=n, stop_at_eos=False)
+    return sender, receiver
+
+
+def test_full_precision_round_trip_reproduces_the_sender(tiny: Any) -> None:
+    """Invariant 1 on tiny Llama / Qwen2 (attention bias) / Mistral: same tokens, logits within fp16 rounding."""
+    ctx, q = random_ids(64, seed=11), random_ids(6, seed=12)
+    sender, receiver = _round_trip(tiny, ctx, q, CodecConfig())
+    assert receiver.token_ids == sender.token_ids
+    torch.testing.assert_close(receiver.logits, sender.logits, atol=2e-2, rtol=1e-3)
+
+
+def test_int2_quarter_round_trip_changes_the_logits(tiny: Any) -> None:
+    """A heavily compressed transfer must change what the receiver computes."""
+    ctx, q = random_ids(64, seed=13), random_ids(6, seed=14)
+    config = CodecConfig(selector="q2c", retention=0.25, k_bits=2, v_bits=2)
+    sender, receiver = _round_trip(tiny, ctx, q, config, n=1)
+    assert (receiver.prompt_logits - sender.prompt_logits).abs().max() > 0.05
+
+
+def test_receiver_reads_the_bytes_not_a_copy(tiny: Any) -> None:
+    """Flipping payload bytes after encoding changes the decoded cache: there is no hidden full copy."""
+    pre = prefill(tiny.model, random_ids(40, seed=15), None)
+    config = CodecConfig(k_bits=8, v_bits=8)
+    codec = Codec(config, tiny.geometry)
+    encoded = codec.encode(pre)
+    clean = codec.decode(encoded)
+    part = encoded.tensors[0].parts["codes"]
+    part.data = bytes(b ^ 0xFF for b in part.data)
+    dirty = codec.decode(encoded)
+    assert not torch.allclose(clean.keys[0], dirty.keys[0])
+    torch.testing.assert_close(clean.values[0], dirty.values[0])
+
+
+def test_embedded_model_full_precision_round_trip(embedded: Any) -> None:
+    from kvlink.eval.squad import load_squad
+
+    example = load_squad()[0]
+    ctx = context_ids(embedded.tokenizer, example.context)
+    q = question_ids(embedded.tokenizer, example.question)
+    sender, receiver = _round_trip(embedded, ctx, q, CodecConfig(), n=12)
+    assert receiver.token_ids == sender.token_ids
+    torch.testing.assert_close(receiver.logits, sender.logits, atol=5e-2, rtol=1e-3)
+    _, crushed = _round_trip(
+        embedded, ctx, q, CodecConfig(selector="q2c", retention=0.25, k_bits=2, v_bits=2), n=1
+    )
+    assert (crushed.prompt_logits - sender.prompt_logits).abs().max() > 0.5
+
+
+SIZE_CONFIGS = [
+    CodecConfig(),
+    CodecConfig(k_bits=8, v_bits=4, group_size=16),
+    CodecConfig(k_bits=3, v_bits=2, k_axis="token", v_axis="channel", group_size=7),
+    CodecConfig(k_bits="nf4", v_bits="nf4"),
+    CodecConfig(selector="random", retention=0.4, k_bits=4, v_bits=4),
+    CodecConfig(selector="streaming", retention=0.3, scope="layer", k_bits=2, v_bits=8),
+    CodecConfig(lowrank="svd", k_rank=8, v_rank=12, k_bits=4, v_bits=8),
+    CodecConfig(selector="random", retention=0.5, lowrank="svd", k_rank=4, v_rank=None, v_bits=3),
+]
+
+
+@pytest.mark.parametrize("config", SIZE_CONFIGS, ids=lambda c: c.label)
+def test_sizes_are_known_before_encoding(config: CodecConfig) -> None:
+    """predicted_sizes (no bytes written) equals what encode produces, part by part."""
+    g = Geometry(num_layers=3, kv_heads=2, head_dim=32, q_heads=4)
+    torch.manual_seed(0)
+    length = 53
+    kv = ContextKV(
+        [torch.randn(2, length, 32) for _ in range(3)],
+        [torch.randn(2, length, 32) for _ in range(3)],
+        [torch.arange(length)] * 3,
+        length,
+    )
+    codec = Codec(config, g)
+    kept = None
+    if config.selector != "none":
+        from kvlink.cache import Observation
+
+        obs = Observation(kind=Observe.NONE, length=length, num_layers=3)
+        kept = get_selector(config.selector).keep(obs, config.retention, config.scope)
+    predicted = codec.predicted_sizes(length, kept)
+    encoded = codec.encode_kv(kv, kept)
+    assert encoded.sizes().as_dict() == predicted.as_dict()
+    decoded = codec.decode(encoded)
+    n_kept = kept[0].numel() if kept else length
+    assert decoded.keys[1].shape == (2, n_kept, 32) and decoded.length == length
+    if kept:
+        assert all(torch.equal(d, k) for d, k in zip(decoded.positions, kept))
+
+
+def test_zstd_is_lossless_and_only_used_where_it_pays() -> None:
+    g = Geometry(num_layers=2, kv_heads=2, head_dim=16, q_heads=2)
+    kv = ContextKV(
+        [torch.zeros(2, 40, 16), torch.randn(2, 40, 16)],
+        [torch.randn(2, 40, 16)] * 2,
+        [torch.arange(40)] * 2,
+        40,
+    )
+    plain = Codec(CodecConfig(k_bits=4, v_bits=4), g)
+    packed = Codec(CodecConfig(k_bits=4, v_bits=4, zstd_level=3), g)
+    a, b = plain.encode_kv(kv), packed.encode_kv(kv)
+    assert b.tensors[0].parts["codes"].zstd  # all-zero keys compress
+    assert b.sizes().total < a.sizes().total
+    assert all(len(p.data) <= p.raw_size for t in b.tensors for p in t.parts.values())
+    da, db = plain.decode(a), packed.decode(b)
+    for x, y in zip(da.keys + da.values, db.keys + db.values):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k_bits": 5}, "bits must be one of .* got 5"),
+        ({"v_bits": "int9"}, "got 'int9'"),
+        ({"selector": "q2c", "retention": 0}, "retention must be in \\(0, 1\\], got 0"),
+        ({"selector": "q2c", "retention": 1.5}, "got 1.5"),
+        ({"selector": "magic"}, "unknown selection method 'magic'; registered: .*q2c"),
+        ({"group_size": 0}, "group_size .* got 0"),
+        ({"k_axis": "row"}, "got 'row'"),
+        ({"lowrank": "pca9"}, "got 'pca9'"),
+        ({"retention": 0.5}, "needs a selection method"),
+    ],
+)
+def test_bad_configs_raise_naming_the_value(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CodecConfig(**kwargs)
+
+
+def test_rank_above_head_dim_is_refused() -> None:
+    g = Geometry(num_layers=1, kv_heads=1, head_dim=16, q_heads=1)
+    with pytest.raises(ValueError, match="k_rank 17 exceeds head_dim 16"):
+        Codec(CodecConfig(lowrank="svd", k_rank=17), g)
+    with pytest.raises(ValueError, match="needs a calibrated model profile"):
+        Codec(CodecConfig(lowrank="profile", k_rank=4), g)
