@@ -1,0 +1,386 @@
+"""The budget planner: the best expected-quality codec config whose EXACT wire size fits.
+
+`--budget 18.75%` is a fraction of the FP16 size of the full context KV
+(2 x layers x kv_heads x head_dim x T x 2 bytes) and bounds ALL bytes of the
+message: payload, positions, scales/zeros, low-rank factors, protobuf framing
+and gRPC prefixes (exact, from kvlink.wire), plus HTTP/2 framing and the
+receiver's acks and receipt (upper bounds). Invariant 3 of DESIGN.md.
+
+Search: every combination of retention, K/V bits, group size (and rank when
+low rank is asked for) is sized analytically in microseconds; candidates are
+ranked by expected quality from a `QualityTable` (measured by `kvlink-bench
+calibrate`, or the built-in default below); the best ones are then really
+encoded, zstd tried where it could pay, and the first whose exact size fits
+wins. An unsatisfiable budget raises `BudgetError` naming the smallest
+achievable fraction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from kvlink import wire
+from kvlink.cache import Observe, Prefill
+from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.models import Geometry
+from kvlink.quant import format_from_bits
+from kvlink.select import get_selector
+
+logger = logging.getLogger(__name__)
+
+RETENTIONS: tuple[float, ...] = (
+    1.0,
+    0.9,
+    0.8,
+    0.75,
+    0.7,
+    0.6,
+    0.5,
+    0.4,
+    0.35,
+    0.3,
+    0.25,
+    0.2,
+    0.15,
+    0.125,
+    0.1,
+    0.075,
+    0.05,
+    0.03,
+    0.02,
+    0.01,
+)
+BIT_CHOICES: tuple[int | str, ...] = (16, 8, 4, "nf4", 3, 2)
+GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+ZSTD_LEVEL = 3
+MAX_ENCODE_TRIES = 8
+MAX_ZSTD_TRIES = 3
+
+
+def parse_budget(text: str | float) -> float:
+    """'18.75%' or '0.1875' (or a float) -> 0.1875; anything outside (0, 1] raises ValueError."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ValueError(
+            f"budget must be a percentage like '18.75%' or a fraction like 0.1875, got {text!r}"
+        ) from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"budget must be in (0, 100%], got {text!r}")
+    return value
+
+
+class BudgetError(ValueError):
+    """No configuration fits the budget; `smallest_fraction` is the least any allowed config needs."""
+
+    def __init__(self, budget: float, smallest_fraction: float, detail: str = "") -> None:
+        self.budget = budget
+        self.smallest_fraction = smallest_fraction
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"budget {budget * 100:.4g}% of FP16 cannot be met: the smallest achievable message is "
+            f"{smallest_fraction * 100:.4g}% of FP16{extra}"
+        )
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user pinned; None leaves the planner free on that axis."""
+
+    method: str | None = None
+    k_bits: int | str | None = None
+    v_bits: int | str | None = None
+    retention: float | None = None
+    lowrank: str | None = None
+    rank: int | None = None
+    zstd: bool | None = None
+    group_size: int | None = None
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method != "none":
+            get_selector(self.method)  # raises listing the registered methods
+        for bits in (self.k_bits, self.v_bits):
+            if bits is not None:
+                format_from_bits(bits)
+        if self.retention is not None and not (0.0 < self.retention <= 1.0):
+            raise ValueError(f"retention must be in (0, 1], got {self.retention!r}")
+        if self.lowrank not in (None, "none", "svd"):
+            raise ValueError(f"the planner searches lowrank 'none' or 'svd', got {self.lowrank!r}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank!r}")
+
+
+def observe_for(constraints: Constraints | None) -> Observe:
+    """The prefill observation the planner's selection method needs (Q2C by default)."""
+    method = (constraints.method if constraints else None) or "q2c"
+    if method == "none":
+        return Observe.NONE
+    return get_selector(method).observes
+
+
+def quality_key(config: CodecConfig) -> str:
+    """Key of a config in a quality table: its label without lossless stages (zstd)."""
+    return config.with_(zstd_level=0).label
+
+
+# Default expected quality (answer fidelity vs full KV, 0..1). Priors from the seed findings
+# (INT8 nearly free, INT4 mild, INT3 worse, INT2 catastrophic; Q2C > H2O > SnapKV > Random),
+# scaled to what a 135M model measured (issue 7's reference table). `kvlink-bench calibrate`
+# replaces these with measured values for a model.
+_BITS_QUALITY = {"fp16": 1.0, "int8": 0.985, "int4": 0.80, "nf4": 0.82, "int3": 0.60, "int2": 0.23}
+_Q2C_RETENTION = ((1.0, 1.0), (0.75, 0.80), (0.5, 0.66), (0.25, 0.48), (0.1, 0.30), (0.05, 0.2), (0.01, 0.05))
+_METHOD_LOSS = {"q2c": 1.0, "h2o": 1.16, "snapkv": 1.26, "streaming": 1.45, "random": 1.8}
+
+
+def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
+    """The built-in prior: product of a selection, a K/V precision and a rank factor."""
+    q_sel = 1.0
+    if config.selector != "none" and config.retention < 1.0:
+        loss = 1.0 - _interp(_Q2C_RETENTION, config.retention)
+        q_sel = max(0.0, 1.0 - loss * _METHOD_LOSS.get(config.selector, 2.0))
+    group_penalty = 1.0 + 0.35 * math.log2(max(config.group_size, 1) / 32)
+    per_tensor = []
+    for fmt in (config.k_format, config.v_format):
+        base = _BITS_QUALITY[fmt]
+        per_tensor.append(1.0 if fmt == "fp16" else max(0.0, 1.0 - (1.0 - base) * group_penalty))
+    q_bits = math.sqrt(per_tensor[0] * per_tensor[1])
+    q_rank = 1.0
+    if config.lowrank != "none":
+        for rank in (config.k_rank, config.v_rank):
+            if rank is not None:
+                q_rank *= min(1.0, (rank / head_dim) ** 0.5)
+    return q_sel * q_bits * q_rank
+
+
+@dataclass
+class QualityTable:
+    """Expected quality per config key: measured entries first, the default prior otherwise."""
+
+    model: str = "default"
+    entries: dict[str, float] = field(default_factory=dict)
+    source: str = "built-in prior"
+
+    def expected(self, config: CodecConfig, head_dim: int = 64) -> float:
+        key = quality_key(config)
+        if key in self.entries:
+            return self.entries[key]
+        return default_quality(config, head_dim)
+
+    def is_measured(self, config: CodecConfig) -> bool:
+        return quality_key(config) in self.entries
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(
+            json.dumps(
+                {"model": self.model, "source": self.source, "entries": self.entries},
+                indent=2,
+                sort_keys=True,
+            )
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> QualityTable:
+        try:
+            data = json.loads(Path(path).read_text())
+            entries = {str(k): float(v) for k, v in data["entries"].items()}
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read quality table {str(path)!r}: {exc}") from None
+        return cls(model=str(data.get("model", "unknown")), entries=entries, source=str(path))
+
+
+@dataclass
+class Candidate:
+    """One configuration the planner weighed."""
+
+    config: CodecConfig
+    estimated_bytes: int
+    fraction: float
+    expected_quality: float
+    fits: bool
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The chosen config, its encoded message and its exact size against the budget."""
+
+    config: CodecConfig
+    encoded: EncodedKV
+    wire: wire.WireSize
+    allowance: int  # HTTP/2 framing upper bound (signaling is inside wire.total)
+    total_bytes: int
+    budget_bytes: int
+    fp16_bytes: int
+    candidates: list[Candidate]
+    session_id: str = ""
+    message_id: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.total_bytes / self.fp16_bytes
+
+
+def _rank_options(head_dim: int, constraints: Constraints) -> list[int | None]:
+    if constraints.lowrank != "svd":
+        return [None]
+    if constraints.rank is not None:
+        return [constraints.rank]
+    ranks: list[int | None] = sorted({max(1, int(head_dim * f)) for f in RANK_FRACTIONS}, reverse=True)
+    return ranks
+
+
+def candidate_configs(geometry: Geometry, constraints: Constraints | None = None) -> list[CodecConfig]:
+    """Every config of the search space allowed by `constraints` (deduplicated)."""
+    c = constraints or Constraints()
+    method = c.method or "q2c"
+    retentions = [c.retention] if c.retention is not None else list(RETENTIONS)
+    if method == "none":
+        retentions = [1.0]
+    k_bits = [c.k_bits] if c.k_bits is not None else list(BIT_CHOICES)
+    v_bits = [c.v_bits] if c.v_bits is not None else list(BIT_CHOICES)
+    groups = [c.group_size] if c.group_size is not None else list(GROUP_SIZES)
+    ranks = _rank_options(geometry.head_dim, c)
+    seen: set[CodecConfig] = set()
+    out: list[CodecConfig] = []
+    for r, kb, vb, g, rank in itertools.product(retentions, k_bits, v_bits, groups, ranks):
+        both_fp16 = format_from_bits(kb) == format_from_bits(vb) == "fp16"
+        config = CodecConfig(
+            selector="none" if (r == 1.0 or method == "none") else method,
+            retention=r if method != "none" else 1.0,
+            scope=c.scope or "global",
+            k_bits=kb, v_bits=vb,
+            group_size=32 if both_fp16 else g,
+            lowrank="svd" if rank is not None else "none",
+            k_rank=rank, v_rank=rank,
+        )  # fmt: skip
+        if config not in seen:
+            seen.add(config)
+            out.append(config)
+    return out
+
+
+def _estimate(codec: Codec, length: int) -> int:
+    """Upper bound of the wire bytes of `codec`'s message before encoding."""
+    sizes = codec.predicted_sizes(length)
+    g = codec.geometry
+    n_tensors = 2 * g.num_layers
+    parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0)
+    # Frames: a header with one payload-table entry per part (~40 bytes each), one chunk frame per
+    # part (~24 bytes of tags, ids and CRC), the trailer, acks and the receipt; then HTTP/2.
+    framing = 1024 + n_tensors * parts_per_tensor * (40 + 24)
+    signaling = g.num_layers * 16 + wire.RECEIPT_ALLOWANCE
+    frames = sizes.total + framing
+    return frames + signaling + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames)
+
+
+def plan(
+    prefill: Prefill,
+    geometry: Geometry,
+    fingerprint: str,
+    budget: float,
+    *,
+    constraints: Constraints | None = None,
+    quality: QualityTable | None = None,
+    session_id: str = "",
+    message_id: str = "",
+    chunk_bytes: int = 1 << 20,
+) -> Plan:
+    """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
+
+    The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
+    (read them back from `Plan.session_id` / `Plan.message_id` and send with those).
+    """
+    budget = parse_budget(budget)
+    session_id = session_id or uuid.uuid4().hex
+    message_id = message_id or uuid.uuid4().hex
+    started = time.perf_counter()
+    constraints = constraints or Constraints()
+    quality = quality or QualityTable()
+    length = prefill.kv.length
+    fp16 = geometry.fp16_bytes(length)
+    budget_bytes = math.floor(budget * fp16)
+
+    candidates: list[Candidate] = []
+    for config in candidate_configs(geometry, constraints):
+        est = _estimate(Codec(config, geometry), length)
+        candidates.append(
+            Candidate(
+                config, est, est / fp16, quality.expected(config, geometry.head_dim), est <= budget_bytes
+            )
+        )
+    smallest = min(candidates, key=lambda c: c.estimated_bytes)
+    # Best quality first; among equals, the smaller message.
+    candidates.sort(key=lambda c: (-c.expected_quality, c.estimated_bytes))
+    search_s = time.perf_counter() - started
+
+    kept_cache: dict[tuple[str, float, str], list[Tensor] | None] = {}
+    plain_tries = zstd_tries = 0
+    allow_plain = constraints.zstd is not True
+    allow_zstd = constraints.zstd is not False
+    for cand in candidates:
+        variants: list[CodecConfig] = []
+        if cand.fits and allow_plain and plain_tries < MAX_ENCODE_TRIES:
+            variants.append(cand.config)
+            plain_tries += 1
+        # zstd only shrinks parts: worth a try for a better candidate whose plain estimate is close.
+        if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * 1.25:
+            variants.append(cand.config.with_(zstd_level=ZSTD_LEVEL))
+            zstd_tries += 1
+        for config in variants:
+            codec = Codec(config, geometry)
+            key = (config.selector, config.retention, config.scope)
+            if key not in kept_cache:
+                kept_cache[key] = codec.select(prefill)
+            t0 = time.perf_counter()
+            encoded = codec.encode_kv(prefill.kv, kept_cache[key])
+            encode_s = time.perf_counter() - t0
+            size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+            n_frames = 2 + sum(
+                max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
+            )
+            allowance = wire.http2_overhead(n_frames, size.frames)
+            total = size.total + allowance
+            cand.note = f"{config.label}: {total:,} B ({total / fp16:.2%})"
+            logger.debug("tried %s: %d bytes (budget %d)", config.label, total, budget_bytes)
+            if total <= budget_bytes:
+                encoded.timings["encode_s"] = encode_s
+                timings = {"search_s": search_s, "plan_s": time.perf_counter() - started}
+                return Plan(
+                    config,
+                    encoded,
+                    size,
+                    allowance,
+                    total,
+                    budget_bytes,
+                    fp16,
+                    candidates,
+                    session_id,
+                    message_id,
+                    timings,
+                )
+        if plain_tries >= MAX_ENCODE_TRIES:
+            break
+    raise BudgetError(budget, smallest.fraction, f"with {smallest.config.label}")

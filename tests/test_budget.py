@@ -1,0 +1,138 @@
+"""The budget planner: exact wire bytes within budget, constraints honored, clear refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from conftest import random_ids
+from kvlink import wire
+from kvlink.budget import (
+    BudgetError,
+    Constraints,
+    QualityTable,
+    candidate_configs,
+    default_quality,
+    observe_for,
+    parse_budget,
+    plan,
+    quality_key,
+)
+from kvlink.cache import Observe, prefill
+from kvlink.codec import CodecConfig
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("18.75%", 0.1875), ("100%", 1.0), ("0.5", 0.5), (" 6.25% ", 0.0625)]
+)
+def test_parse_budget(text: str, value: float) -> None:
+    assert parse_budget(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["0%", "0", "-5%", "100.01%", "1.5", "abc", "nan", ""])
+def test_parse_budget_refuses_outside_the_open_closed_unit_interval(text: str) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+@pytest.fixture(scope="module")
+def prefilled() -> tuple[Any, Any]:
+    from conftest import ToyTokenizer, tiny_model
+    from kvlink.models import wrap
+
+    lm = wrap(tiny_model("llama", seed=0), ToyTokenizer())
+    pre = prefill(lm.model, random_ids(200, seed=1), random_ids(8, seed=2), observe=observe_for(None))
+    return lm, pre
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.1875, 0.1])
+def test_plan_fits_exactly_counted_bytes(prefilled: tuple[Any, Any], budget: float) -> None:
+    lm, pre = prefilled
+    p = plan(pre, lm.geometry, lm.fingerprint, budget, session_id="s1", message_id="m1")
+    fp16 = lm.geometry.fp16_bytes(pre.kv.length)
+    frames = wire.to_frames(p.encoded, "s1", "m1", lm.fingerprint, 1 << 20)
+    exact = sum(wire.frame_size(f) for f in frames)
+    assert exact == p.wire.frames
+    assert p.total_bytes == p.wire.total + p.allowance
+    assert p.total_bytes <= p.budget_bytes == int(budget * fp16)
+    assert p.fraction <= budget
+    # Better budgets never plan a worse expected quality.
+    assert p.candidates and p.config in {
+        c.config.with_(zstd_level=p.config.zstd_level) for c in p.candidates
+    } | {c.config for c in p.candidates}
+
+
+def test_full_budget_keeps_everything_losslessly(prefilled: tuple[Any, Any]) -> None:
+    lm, pre = prefilled
+    p = plan(pre, lm.geometry, lm.fingerprint, 1.0)
+    assert p.config.selector == "none" and p.config.k_format == p.config.v_format == "fp16"
+    assert p.config.zstd_level > 0  # framing makes plain FP16 overflow 100%; zstd pays for it
+
+
+def test_budget_quality_is_monotonic(prefilled: tuple[Any, Any]) -> None:
+    lm, pre = prefilled
+    table = QualityTable()
+    qualities = [
+        table.expected(plan(pre, lm.geometry, lm.fingerprint, b).config) for b in (0.1, 0.2, 0.4, 0.8)
+    ]
+    assert qualities == sorted(qualities)
+
+
+def test_unsatisfiable_budget_names_the_smallest_fraction(prefilled: tuple[Any, Any]) -> None:
+    lm, pre = prefilled
+    with pytest.raises(BudgetError, match=r"smallest achievable message is [0-9.]+% of FP16") as info:
+        plan(pre, lm.geometry, lm.fingerprint, 0.001)
+    assert 0.001 < info.value.smallest_fraction < 0.2
+    # A budget just above the smallest fraction is satisfiable.
+    ok = plan(pre, lm.geometry, lm.fingerprint, min(1.0, info.value.smallest_fraction * 1.05))
+    assert ok.total_bytes <= ok.budget_bytes
+
+
+def test_constraints_are_honored(prefilled: tuple[Any, Any]) -> None:
+    lm, pre = prefilled
+    p = plan(pre, lm.geometry, lm.fingerprint, 0.3, constraints=Constraints(k_bits=8, v_bits=4, zstd=False))
+    assert (p.config.k_format, p.config.v_format, p.config.zstd_level) == ("int8", "int4", 0)
+    with pytest.raises(BudgetError):
+        plan(
+            pre,
+            lm.geometry,
+            lm.fingerprint,
+            0.1,
+            constraints=Constraints(retention=1.0, k_bits=16, v_bits=16),
+        )
+    assert all(
+        c.selector in ("none", "random") for c in candidate_configs(lm.geometry, Constraints(method="random"))
+    )
+    assert observe_for(Constraints(method="snapkv")) is Observe.WINDOW
+    with pytest.raises(ValueError, match="unknown selection method 'bogus'"):
+        Constraints(method="bogus")
+    with pytest.raises(ValueError, match="got 5"):
+        Constraints(k_bits=5)
+
+
+def test_measured_quality_table_drives_the_choice(prefilled: tuple[Any, Any], tmp_path: Any) -> None:
+    """With measurements saying INT2 is perfect and everything else useless, the planner picks INT2."""
+    lm, pre = prefilled
+    configs = candidate_configs(lm.geometry, Constraints(zstd=False))
+    entries = {quality_key(c): (1.0 if c.k_format == c.v_format == "int2" else 0.01) for c in configs}
+    table = QualityTable(model="tiny", entries=entries)
+    table.save(tmp_path / "q.json")
+    loaded = QualityTable.load(tmp_path / "q.json")
+    assert loaded.entries == entries
+    p = plan(pre, lm.geometry, lm.fingerprint, 0.5, quality=loaded, constraints=Constraints(zstd=False))
+    assert p.config.k_format == p.config.v_format == "int2"
+    with pytest.raises(ValueError, match="cannot read quality table"):
+        QualityTable.load(tmp_path / "missing.json")
+
+
+def test_default_prior_orders_the_seed_findings() -> None:
+    q = default_quality
+    assert (
+        q(CodecConfig(k_bits=8, v_bits=8))
+        > q(CodecConfig(k_bits=4, v_bits=4))
+        > q(CodecConfig(k_bits=3, v_bits=3))
+    )
+    assert q(CodecConfig(k_bits=3, v_bits=3)) > q(CodecConfig(k_bits=2, v_bits=2))
+    sel = {m: q(CodecConfig(selector=m, retention=0.5)) for m in ("q2c", "h2o", "snapkv", "random")}
+    assert sel["q2c"] > sel["h2o"] > sel["snapkv"] > sel["random"]
