@@ -248,8 +248,7 @@ def _rank_options(head_dim: int, constraints: Constraints) -> list[int | None]:
         return [None]
     if constraints.rank is not None:
         return [constraints.rank]
-    ranks: list[int | None] = sorted({max(1, int(head_dim * f)) for f in RANK_FRACTIONS}, reverse=True)
-    return ranks
+    return [*sorted({max(1, int(head_dim * f)) for f in RANK_FRACTIONS}, reverse=True)]
 
 
 def candidate_configs(geometry: Geometry, constraints: Constraints | None = None) -> list[CodecConfig]:
