@@ -137,7 +137,9 @@ class IntQuantizer(Quantizer):
         groups = group_view(xf, spec)  # (H, A, n_groups, G)
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (H, A, n_groups)
         zero = fp16_round(lo, down=True)
-        scale = fp16_round((hi - zero.float()) / qmax, down=False)
+        # Divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply,
+        # which would make GPU and CPU senders emit different scale bytes.
+        scale = fp16_round((hi - zero.float()) / torch.full_like(hi, qmax), down=False)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group -> scale 1
         scale, zero = group_stats_layout(scale, spec), group_stats_layout(zero, spec)
         s = expand_groups(scale.float(), shape, spec)  # (H, T, D)
