@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +148,9 @@ def _rotary_fn(attn: Any) -> Callable[..., Any]:
     module = sys.modules[type(attn).__module__]
     fn = getattr(module, "apply_rotary_pos_emb", None)
     if fn is None:
-        raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb in {module.__name__}; unsupported model")
+        raise TypeError(
+            f"{type(attn).__name__} has no apply_rotary_pos_emb in {module.__name__}; unsupported model"
+        )
     return fn  # type: ignore[no-any-return]
 
 
@@ -206,61 +208,31 @@ def kv_from_cache(cache: Any, length: int) -> ContextKV:
     return ContextKV(keys, values, positions, length)
 
 
-@torch.inference_mode()
 def prefill(
     model: Any,
     context_ids: Tensor,
     question_ids: Tensor | None = None,
     observe: Observe = Observe.NONE,
     window: int = 32,
+    question_rows: tuple[int, int] | None = None,
 ) -> Prefill:
     """Run the context through the model once and extract its KV cache.
 
     With `observe`, also capture the queries a selector needs: the question's
     (run after the context at positions T, T+1, ...; the question's KV is then
     discarded), the last `window` context positions', or all of them.
+    `question_rows` (start, end) restricts the question observation to those
+    rows of `question_ids` (the question's own words, not the chat template).
     """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    ctx = context_ids.reshape(1, -1).to(device)
-    length = int(ctx.shape[1])
-    if length == 0:
-        raise ValueError("the context is empty: nothing to prefill")
-    cache = DynamicCache(config=model.config)
-    keep_last = {Observe.WINDOW: min(window, length), Observe.ALL: None}.get(observe, 0)
-    positions = torch.arange(length, device=device)
-    with capture_queries(model, keep_last=keep_last if keep_last != 0 else None) as captured:
-        model(input_ids=ctx, past_key_values=cache, use_cache=True, position_ids=positions[None])
-        context_queries = list(captured)
-    kv = kv_from_cache(cache, length)
-    attn0 = attention_modules(model)[0]
-    obs = Observation(
-        kind=observe,
-        length=length,
-        scale=float(getattr(attn0, "scaling", kv.head_dim**-0.5)),
-        num_layers=kv.num_layers,
+    kv, observations = prefill_observations(
+        model, context_ids, question_ids, (observe,), window, question_rows
     )
-
-    if observe in (Observe.WINDOW, Observe.ALL):
-        n = length if keep_last is None else keep_last
-        qpos = positions[length - n :]
-        for layer, q in enumerate(context_queries):
-            assert q is not None
-            obs.layers.append(LayerObservation(q, qpos, kv.keys[layer], kv.positions[layer]))
-    elif observe is Observe.QUESTION:
-        if question_ids is None or question_ids.numel() == 0:
-            raise ValueError("this selector scores with the question's attention, but no question was given")
-        qids = question_ids.reshape(1, -1).to(device)
-        qpos = torch.arange(length, length + qids.shape[1], device=device)
-        with capture_queries(model) as captured:
-            model(input_ids=qids, past_key_values=cache, use_cache=True, position_ids=qpos[None])
-        for layer, q in enumerate(captured):
-            assert q is not None
-            k, _ = _layer_kv(cache, layer)
-            obs.layers.append(LayerObservation(q, qpos, k[0], torch.arange(k.shape[2], device=device)))
-    return Prefill(kv=kv, observation=obs, context_ids=context_ids.reshape(-1),
-                   question_ids=None if question_ids is None else question_ids.reshape(-1))
+    return Prefill(
+        kv=kv,
+        observation=observations[observe],
+        context_ids=context_ids.reshape(-1),
+        question_ids=None if question_ids is None else question_ids.reshape(-1),
+    )
 
 
 def build_cache(model: Any, kv: ContextKV) -> Any:
@@ -274,3 +246,104 @@ def build_cache(model: Any, kv: ContextKV) -> Any:
         v = kv.values[layer].to(device=param.device, dtype=param.dtype)[None]
         cache.update(k, v, layer)
     return cache
+
+
+@torch.inference_mode()
+def prefill_observations(
+    model: Any,
+    context_ids: Tensor,
+    question_ids: Tensor | None = None,
+    kinds: Collection[Observe] = (Observe.NONE,),
+    window: int = 32,
+    question_rows: tuple[int, int] | None = None,
+) -> tuple[ContextKV, dict[Observe, Observation]]:
+    """Read a context ONCE and capture what every selector in `kinds` needs.
+
+    One forward over the context captures the post-RoPE queries of all its
+    positions when Observe.ALL is asked for (or of the last `window` for
+    Observe.WINDOW alone); Observe.QUESTION then runs the question after the
+    context, as `prefill` does, and its KV is discarded. Each observation is
+    the one `prefill(model, context_ids, question_ids, observe=kind, window)`
+    would give (WINDOW is the last min(window, T) queries of the ALL capture).
+    `question_rows` (start, end) keeps only those question rows as observers.
+    Returns the context's KV (kv_heads, T, head_dim per layer) and one
+    Observation per asked kind.
+    """
+    from transformers import DynamicCache
+
+    kinds = set(kinds)
+    device = next(model.parameters()).device
+    ctx = context_ids.reshape(1, -1).to(device)
+    length = int(ctx.shape[1])
+    if length == 0:
+        raise ValueError("the context is empty: nothing to prefill")
+    if Observe.QUESTION in kinds and (question_ids is None or question_ids.numel() == 0):
+        raise ValueError("Observe.QUESTION scores with the question's attention, but no question was given")
+    n_window = min(window, length)
+    capture: int | None = None if Observe.ALL in kinds else n_window
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(length, device=device)
+    context_queries: list[Tensor | None] = []
+    if kinds & {Observe.ALL, Observe.WINDOW}:
+        with capture_queries(model, keep_last=capture) as captured:
+            model(
+                input_ids=ctx,
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=positions[None],
+                logits_to_keep=1,
+            )
+            context_queries = list(captured)
+    else:
+        model(
+            input_ids=ctx,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=positions[None],
+            logits_to_keep=1,
+        )
+    kv = kv_from_cache(cache, length)
+    attn0 = attention_modules(model)[0]
+    scale = float(getattr(attn0, "scaling", kv.head_dim**-0.5))
+
+    def empty(kind: Observe) -> Observation:
+        return Observation(kind=kind, length=length, scale=scale, num_layers=kv.num_layers)
+
+    out: dict[Observe, Observation] = {}
+    for kind in (Observe.ALL, Observe.WINDOW):
+        if kind not in kinds:
+            continue
+        obs = empty(kind)
+        n = length if kind is Observe.ALL else n_window
+        qpos = positions[length - n :]
+        for layer, q in enumerate(context_queries):
+            assert q is not None
+            obs.layers.append(
+                LayerObservation(q[:, q.shape[1] - n :], qpos, kv.keys[layer], kv.positions[layer])
+            )
+        out[kind] = obs
+    if Observe.QUESTION in kinds:
+        assert question_ids is not None
+        obs = empty(Observe.QUESTION)
+        qids = question_ids.reshape(1, -1).to(device)
+        qpos = torch.arange(length, length + qids.shape[1], device=device)
+        with capture_queries(model) as captured:
+            model(
+                input_ids=qids,
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=qpos[None],
+                logits_to_keep=1,
+            )
+        lo, hi = question_rows if question_rows is not None else (0, qids.shape[1])
+        if not (0 <= lo < hi <= qids.shape[1]):
+            raise ValueError(f"question_rows {question_rows!r} outside the {qids.shape[1]} question tokens")
+        for layer, q in enumerate(captured):
+            assert q is not None
+            k, _ = _layer_kv(cache, layer)
+            keys_pos = torch.arange(k.shape[2], device=device)
+            obs.layers.append(LayerObservation(q[:, lo:hi], qpos[lo:hi], k[0], keys_pos))
+        out[Observe.QUESTION] = obs
+    if Observe.NONE in kinds:
+        out[Observe.NONE] = empty(Observe.NONE)
+    return kv, out

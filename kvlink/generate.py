@@ -135,10 +135,16 @@ def greedy_answer(
         if token in eos:
             break
         ids = torch.tensor([[token]], device=device)
-    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True) if tokenizer else ""
+    text = (
+        tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True) if tokenizer else ""
+    )
     logits_t = torch.stack(step_logits)
-    timings = {"build_cache_s": build_s, "first_token_s": first_token_s,
-               "answer_s": time.perf_counter() - started, "cached_entries": float(n_cached)}
+    timings = {
+        "build_cache_s": build_s,
+        "first_token_s": first_token_s,
+        "answer_s": time.perf_counter() - started,
+        "cached_entries": float(n_cached),
+    }
     return Answer(tokens, text.strip(), logits_t, logits_t[0], timings)
 
 
@@ -156,7 +162,13 @@ def teacher_forced_logits(model: Any, kv: ContextKV, question_ids: Tensor, answe
     query_positions = torch.arange(kv.length, kv.length + seq.numel(), device=device)
     key_positions = torch.cat([kv.positions[0].to(device), query_positions])
     mask = attention_mask(key_positions, query_positions, dtype, _sliding_window(model.config))
-    out = model(input_ids=seq[None], past_key_values=cache, use_cache=True,
-                position_ids=query_positions[None], cache_position=query_positions, attention_mask=mask)
+    out = model(
+        input_ids=seq[None],
+        past_key_values=cache,
+        use_cache=True,
+        position_ids=query_positions[None],
+        cache_position=query_positions,
+        attention_mask=mask,
+    )
     start = q.numel() - 1
     return out.logits[0, start : start + len(answer_ids)].float().cpu()  # type: ignore[no-any-return]

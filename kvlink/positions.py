@@ -41,8 +41,9 @@ def delta_varint_bytes(positions: Tensor) -> bytes:
 def encode_positions(positions: Tensor, length: int) -> tuple[str, bytes]:
     """(encoding, bytes) of a sorted unique position set in [0, length): the smaller encoding wins."""
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
-        raise ValueError(f"positions must lie in [0, {length}), got range "
-                         f"[{int(positions.min())}, {int(positions.max())}]")
+        raise ValueError(
+            f"positions must lie in [0, {length}), got range [{int(positions.min())}, {int(positions.max())}]"
+        )
     bitmap = bitmap_bytes(positions, length)
     varint = delta_varint_bytes(positions)
     return (DELTA_VARINT, varint) if len(varint) < len(bitmap) else (BITMAP, bitmap)
@@ -57,7 +58,9 @@ def decode_positions(encoding: str, data: bytes, length: int, count: int) -> Ten
     """Validate and decode a position set: exactly `count` sorted unique positions in [0, length)."""
     if encoding == BITMAP:
         if len(data) != (length + 7) // 8:
-            raise ValueError(f"position bitmap has {len(data)} bytes, expected {(length + 7) // 8} for T={length}")
+            raise ValueError(
+                f"position bitmap has {len(data)} bytes, expected {(length + 7) // 8} for T={length}"
+            )
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
         if bits[length:].any():
             raise ValueError("position bitmap has bits set beyond the context length")

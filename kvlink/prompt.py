@@ -30,7 +30,10 @@ def _render(tokenizer: Any, user: str) -> str:
 
 def split_prompt(tokenizer: Any, context: str, question: str) -> tuple[str, str]:
     """(context_text, question_text) whose concatenation is the full prompt."""
-    full = _render(tokenizer, CONTEXT_TEMPLATE.format(context=context) + _MARK + QUESTION_TEMPLATE.format(question=question))
+    full = _render(
+        tokenizer,
+        CONTEXT_TEMPLATE.format(context=context) + _MARK + QUESTION_TEMPLATE.format(question=question),
+    )
     head, _, tail = full.partition(_MARK)
     return head, tail
 
@@ -51,3 +54,21 @@ def question_ids(tokenizer: Any, question: str) -> Tensor:
     """The receiver's ids for the question part that follows the context."""
     _, tail = split_prompt(tokenizer, "", question)
     return encode_text(tokenizer, tail)
+
+
+def question_rows(tokenizer: Any, question: str) -> tuple[int, int]:
+    """(start, end) of the question's own words inside `question_ids(tokenizer, question)`.
+
+    Q2C observes these rows only: the chat-template tokens around the question
+    attend generically (mostly to the system prompt) and drown its signal.
+    """
+    _, tail = split_prompt(tokenizer, "", question)
+    at = tail.find(question) if question else -1
+    total = len(encode_text(tokenizer, tail))
+    if at < 0 or total == 0:
+        return (0, total)
+    # The space before the question merges into its first token, so count tokens before it.
+    start = len(encode_text(tokenizer, tail[:at].rstrip()))
+    end = len(encode_text(tokenizer, tail[: at + len(question)]))
+    start = min(start, total - 1)
+    return (start, max(start + 1, min(end, total)))

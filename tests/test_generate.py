@@ -18,9 +18,15 @@ def test_decode_loop_matches_hf_generate(tiny: Any) -> None:
     pre = prefill(tiny.model, ctx, q)
     answer = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=8, stop_at_eos=False)
     full = torch.cat([ctx, q])[None]
-    out = tiny.model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=8, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-    assert answer.token_ids == out[0, full.shape[1]:].tolist()
+    out = tiny.model.generate(
+        full,
+        attention_mask=torch.ones_like(full),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert answer.token_ids == out[0, full.shape[1] :].tolist()
     with torch.no_grad():
         logits = tiny.model(full).logits[0, -1]
     torch.testing.assert_close(answer.prompt_logits, logits, atol=1e-4, rtol=1e-4)
@@ -37,8 +43,9 @@ def test_eviction_equals_masking_at_original_positions(tiny: Any) -> None:
     assert evicted.kept() == 20 and evicted.length == 48
 
     a_evicted = greedy_answer(tiny.model, tiny.tokenizer, evicted, q, max_new_tokens=6, stop_at_eos=False)
-    a_masked = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=6, stop_at_eos=False,
-                             mask_out=dropped)
+    a_masked = greedy_answer(
+        tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=6, stop_at_eos=False, mask_out=dropped
+    )
     assert a_evicted.token_ids == a_masked.token_ids
     torch.testing.assert_close(a_evicted.logits, a_masked.logits, atol=1e-4, rtol=0)
 

@@ -55,7 +55,9 @@ def test_fingerprint_changes_with_weights_config_and_tokenizer(embedded: Any, tm
 
 
 def test_any_local_path_loads(embedded: Any, tmp_path: Path) -> None:
-    model = tiny_model("llama", seed=3)  # same family as the tokenizer: AutoTokenizer picks its class by model type
+    model = tiny_model(
+        "llama", seed=3
+    )  # same family as the tokenizer: AutoTokenizer picks its class by model type
     model.save_pretrained(tmp_path / "m")
     embedded.tokenizer.save_pretrained(tmp_path / "m")
     loaded = models.load_model(str(tmp_path / "m"))

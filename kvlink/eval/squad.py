@@ -45,8 +45,11 @@ def load_squad(path: str | Path | None = None, answerable_only: bool = True) -> 
                 if answerable_only and (qa.get("is_impossible", False) or not answers):
                     continue
                 starts = tuple(int(a.get("answer_start", -1)) for a in qa.get("answers", []))
-                out.append(QAExample(qa["id"], article.get("title", ""), para["context"], qa["question"],
-                                     answers, starts))
+                out.append(
+                    QAExample(
+                        qa["id"], article.get("title", ""), para["context"], qa["question"], answers, starts
+                    )
+                )
     return out
 
 

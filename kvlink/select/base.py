@@ -4,8 +4,10 @@ A selector is one small dataclass in its own module that registers itself by
 name. Most selectors only implement `score()` on one layer's observation;
 `keep()` turns scores into kept positions per layer (scope "layer") or one
 set shared by all layers (scope "global": per-layer scores are normalized to
-sum to 1 and added). Selectors without scores (StreamingLLM, Random)
-override `keep()`.
+sum to 1 over the positions not forced, and added; forced positions are kept
+anyway, and an attention sink holding most of a deep layer's attention would
+otherwise shrink that layer's say). Selectors without scores (StreamingLLM,
+Random) override `keep()`.
 
 Kept count rule: n_keep = clamp(ceil(r * T), 1, T), and every returned
 tensor is sorted, unique, int64.
@@ -89,14 +91,24 @@ class Selector(ABC):
             raise ValueError(
                 f"{self.name} needs an observation of kind {self.observes.value!r}, got {observation.kind.value!r}"
             )
-        per_layer = [self.score(obs, length, observation.scale).sum(dim=0).float().cpu() for obs in observation.layers]
+        per_layer = [
+            self.score(obs, length, observation.scale).sum(dim=0).float().cpu() for obs in observation.layers
+        ]
         forced = self.forced(length)
         if scope == "global":
-            total = sum(s / s.sum().clamp_min(1e-30) for s in per_layer)
+            total = sum(_share(s, forced) for s in per_layer)
             assert isinstance(total, Tensor)
             kept = top_positions(total, n_keep, forced)
             return [kept] * len(per_layer)
         return [top_positions(s, n_keep, forced) for s in per_layer]
+
+
+def _share(scores: Tensor, forced: Tensor) -> Tensor:
+    """One layer's scores as fractions of its total over the positions that are not forced."""
+    scores = scores.clone()
+    if forced.numel():
+        scores[forced] = 0.0
+    return scores / scores.sum().clamp_min(1e-30)
 
 
 def top_positions(scores: Tensor, n_keep: int, forced: Tensor | None = None) -> Tensor:
