@@ -292,7 +292,8 @@ def _estimate(codec: Codec, length: int) -> int:
     framing = 1024 + n_tensors * parts_per_tensor * (40 + 24)
     signaling = g.num_layers * 16 + wire.RECEIPT_ALLOWANCE
     frames = sizes.total + framing
-    return frames + signaling + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames)
+    n_signals = g.num_layers + 2
+    return frames + signaling + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames, n_signals=n_signals)
 
 
 def plan(
@@ -336,6 +337,7 @@ def plan(
     search_s = time.perf_counter() - started
 
     kept_cache: dict[tuple[str, float, str], list[Tensor] | None] = {}
+    select_s: dict[tuple[str, float, str], float] = {}
     plain_tries = zstd_tries = 0
     allow_plain = constraints.zstd is not True
     allow_zstd = constraints.zstd is not False
@@ -352,7 +354,9 @@ def plan(
             codec = Codec(config, geometry)
             key = (config.selector, config.retention, config.scope)
             if key not in kept_cache:
+                t_sel = time.perf_counter()
                 kept_cache[key] = codec.select(prefill)
+                select_s[key] = time.perf_counter() - t_sel
             t0 = time.perf_counter()
             encoded = codec.encode_kv(prefill.kv, kept_cache[key])
             encode_s = time.perf_counter() - t0
@@ -360,12 +364,14 @@ def plan(
             n_frames = 2 + sum(
                 max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
             )
-            allowance = wire.http2_overhead(n_frames, size.frames)
+            n_signals = geometry.num_layers + 2  # acks per layer, receipt, a possible nack
+            allowance = wire.http2_overhead(n_frames, size.frames, n_signals=n_signals)
             total = size.total + allowance
             cand.note = f"{config.label}: {total:,} B ({total / fp16:.2%})"
             logger.debug("tried %s: %d bytes (budget %d)", config.label, total, budget_bytes)
             if total <= budget_bytes:
                 encoded.timings["encode_s"] = encode_s
+                encoded.timings["select_s"] = select_s.get(key, 0.0)
                 timings = {"search_s": search_s, "plan_s": time.perf_counter() - started}
                 return Plan(
                     config,

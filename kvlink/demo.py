@@ -1,16 +1,29 @@
-"""`python -m kvlink.demo --inprocess`: sender -> receiver round trip in one process on the embedded model.
+"""`make demo` (`python -m kvlink.demo`): the networked round trip on the embedded model.
 
-The sender prefills a SQuAD context, selects and quantizes its KV cache; the
-receiver decodes ONLY the encoded bytes into a fresh cache and answers. The
-table shows, per configuration, the answer and the encoded sizes against the
-FP16 size of the full context KV. (`make demo` runs the networked version.)
+Starts a receiver (`kvlink-serve`) in a subprocess on free ports, waits until
+it is healthy, sends a SQuAD context and question at an 18.75% budget through
+the sender library (client.sender: prefill, plan, stream, ask), prints the
+answer and the byte/time tables, prints a line of the receiver's REST
+/v1/stats, and stops the receiver.
+
+`python -m kvlink.demo --inprocess`: sender -> receiver in one process, for a
+few fixed configurations side by side (no network): the sender prefills a
+SQuAD context, selects and quantizes its KV cache; the receiver decodes ONLY
+the encoded bytes into a fresh cache and answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -20,7 +33,7 @@ from kvlink.codec import Codec, CodecConfig
 from kvlink.eval.squad import best_scores, load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import load_model
-from kvlink.prompt import context_ids, question_ids
+from kvlink.prompt import context_ids, question_ids, question_rows
 from kvlink.select import get_selector
 
 DEMO_CONFIGS = (
@@ -35,7 +48,9 @@ DEMO_CONFIGS = (
 
 def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
     console = Console()
-    console.print("[bold]kvlink in-process demo[/bold]: loading the embedded model (first run converts it, ~30 s)")
+    console.print(
+        "[bold]kvlink in-process demo[/bold]: loading the embedded model (first run converts it, ~30 s)"
+    )
     lm = load_model()
     example = load_squad()[example_index]
     ctx_ids = context_ids(lm.tokenizer, example.context)
@@ -44,11 +59,27 @@ def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
     console.print(f"gold answers: {list(dict.fromkeys(example.answers))}")
 
     table = Table(title="sender -> receiver, in process")
-    for col in ("config", "answer", "F1", "payload B", "metadata B", "total B", "% of FP16", "encode s", "answer s"):
+    for col in (
+        "config",
+        "answer",
+        "F1",
+        "payload B",
+        "metadata B",
+        "total B",
+        "% of FP16",
+        "encode s",
+        "answer s",
+    ):
         table.add_column(col, justify="left" if col in ("config", "answer") else "right")
     for config in DEMO_CONFIGS:
         observe = get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
-        pre = prefill(lm.model, ctx_ids, q_ids, observe=observe)
+        pre = prefill(
+            lm.model,
+            ctx_ids,
+            q_ids,
+            observe=observe,
+            question_rows=question_rows(lm.tokenizer, example.question),
+        )
         codec = Codec(config, lm.geometry)
         started = time.perf_counter()
         encoded = codec.encode(pre)
@@ -57,21 +88,120 @@ def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
         answer = greedy_answer(lm.model, lm.tokenizer, received, q_ids, max_new_tokens=max_new_tokens)
         sizes = encoded.sizes()
         f1, _ = best_scores(answer.text, example.answers)
-        table.add_row(config.label, answer.text, f"{f1:.2f}", f"{sizes.payload:,}", f"{sizes.metadata:,}",
-                      f"{sizes.total:,}", f"{100 * sizes.total / encoded.fp16_bytes():.1f}%",
-                      f"{encode_s:.2f}", f"{answer.timings['answer_s']:.2f}")
+        table.add_row(
+            config.label,
+            answer.text,
+            f"{f1:.2f}",
+            f"{sizes.payload:,}",
+            f"{sizes.metadata:,}",
+            f"{sizes.total:,}",
+            f"{100 * sizes.total / encoded.fp16_bytes():.1f}%",
+            f"{encode_s:.2f}",
+            f"{answer.timings['answer_s']:.2f}",
+        )
     console.print(table)
     console.print(f"FP16 size of the full context KV: {lm.geometry.fp16_bytes(ctx_ids.numel()):,} bytes")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the receiver exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the receiver was not healthy after {timeout:.0f} s; log: {log}")
+
+
+def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens: int = 24) -> int:
+    """Receiver in a subprocess, sender here; returns the receiver's exit status."""
+    import httpx
+
+    from client.main import print_result
+    from client.sender import send_context
+
+    console = Console()
+    port, rest_port = _free_port(), _free_port()
+    target, rest = f"127.0.0.1:{port}", f"http://127.0.0.1:{rest_port}"
+    log = Path(tempfile.mkdtemp(prefix="kvlink-demo-")) / "kvlink-serve.log"
+    cmd = [sys.executable, "-m", "server.main", "--port", str(port), "--rest-port", str(rest_port)]
+    console.print(
+        f"[bold]kvlink demo[/bold]: starting the receiver: kvlink-serve --port {port} --rest-port {rest_port}"
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with console.status("loading the embedded model on both sides (the first run converts it, ~30 s)"):
+            lm = load_model()
+            _wait_healthy(proc, rest, log)
+        console.print(f"receiver healthy: gRPC {target}, REST {rest} (OpenAPI docs at {rest}/docs)")
+        example = load_squad()[example_index]
+        console.print(f"context: {example.title!r} (SQuAD); question: {example.question!r}")
+        console.print(f"gold answers: {list(dict.fromkeys(example.answers))}")
+        with console.status(f"sending at a {budget} budget"):
+            result = asyncio.run(
+                send_context(
+                    target,
+                    example.context,
+                    example.question,
+                    budget,
+                    lm=lm,
+                    reference_answers=example.answers,
+                    max_new_tokens=max_new_tokens,
+                )
+            )
+        print_result(console, result)
+        stats = httpx.get(f"{rest}/v1/stats", timeout=10).json()
+        group = stats["configs"][result.plan.config.label]
+        decode = group["timings"].get("decode_s", {})
+        console.print(
+            f"[bold]GET {rest}/v1/stats[/bold] {result.plan.config.label}: {group['messages']} message(s), "
+            f"{group['bytes']['total']:,} wire bytes = {group['percent_of_fp16']:.2f}% of FP16 "
+            f"(ratio {group['compression_ratio']:.2f}x), decode p50 {decode.get('p50', 0.0):.3f} s, "
+            f"F1 mean {group['f1_mean']:.2f}, EM mean {group['exact_match_mean']:.2f}"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    console.print(f"receiver stopped (exit status {proc.returncode}); its log: {log}")
+    return int(proc.returncode or 0)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kvlink.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kvlink.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--inprocess", action="store_true", help="run sender and receiver in this process")
     parser.add_argument("--example", type=int, default=0, help="index of the SQuAD answerable question")
+    parser.add_argument("--budget", default="18.75%", help="networked demo: the bandwidth budget")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="longest answer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    run_inprocess(args.example)
+    if args.inprocess:
+        run_inprocess(args.example, args.max_new_tokens)
+        return
+    sys.exit(run_networked(args.example, args.budget, args.max_new_tokens))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ HTTP2_MAX_FRAME_BYTES: Final = 16384
 """The default SETTINGS_MAX_FRAME_SIZE: one DATA frame carries at most this many bytes."""
 HTTP2_WINDOW_UPDATE_BYTES: Final = 13
 HTTP2_RPC_ALLOWANCE: Final = 1024
+HTTP2_CONNECTION_ALLOWANCE: Final = 512
 """Fixed bytes per RPC for what is not DATA: request HEADERS (method path, authority, content-type,
 user-agent, te, grpc-* headers; ~300 bytes before HPACK), response HEADERS and trailers (grpc-status,
 grpc-message), and a share of SETTINGS/PING frames. Conservative: HPACK usually makes them smaller."""
@@ -444,26 +445,30 @@ def signal_size(signal: pb.Signal) -> int:
     return signal.ByteSize() + GRPC_PREFIX_BYTES
 
 
-def http2_overhead(n_frames: int, total_bytes: int, rpcs: int = 1) -> int:
-    """Upper bound of the HTTP/2 bytes around `n_frames` gRPC messages of `total_bytes` in all.
+def http2_overhead(n_frames: int, total_bytes: int, rpcs: int = 1, n_signals: int = 0) -> int:
+    """Upper bound of the HTTP/2 bytes, both directions, around one message's gRPC traffic.
 
-    Each message is carried by DATA frames of at most 16384 bytes, each with a 9-byte header;
-    messages may share a DATA frame, so n_frames + ceil(total/16384) frames is an upper bound.
-    The receiver's flow control answers with WINDOW_UPDATE frames (13 bytes), counted here as one
-    per 32 KiB received (gRPC acknowledges once half of a >= 64 KiB window is consumed).
-    Each RPC adds HTTP2_RPC_ALLOWANCE bytes of HEADERS, trailers and SETTINGS/PING shares.
+    Measured at the socket (tests/test_server.py), a transfer carries besides its gRPC messages:
+    - a 9-byte DATA frame header per DATA frame; a message of m bytes takes at most
+      1 + ceil(m / 16384) frames, so n_frames + ceil(total / 16384) bounds them all;
+    - WINDOW_UPDATE frames (13 bytes) from the receiving side, up to one for the stream and one
+      for the connection per DATA frame received (grpc's BDP probing updates eagerly);
+    - per signal (ack, nack, receipt) the same: a DATA header and up to two window updates;
+    - per RPC, HEADERS and trailers (HTTP2_RPC_ALLOWANCE); per connection, the preface,
+      SETTINGS and their acks, PING pairs and a possible RST_STREAM (HTTP2_CONNECTION_ALLOWANCE).
     The planner adds this to a WireSize so that bytes measured at the socket stay under budget.
     """
-    if n_frames < 0 or total_bytes < 0 or rpcs < 0:
+    if n_frames < 0 or total_bytes < 0 or rpcs < 0 or n_signals < 0:
         raise ValueError(
-            f"counts must be >= 0, got n_frames={n_frames!r}, total_bytes={total_bytes!r}, rpcs={rpcs!r}"
+            f"counts must be >= 0, got n_frames={n_frames!r}, total_bytes={total_bytes!r}, "
+            f"rpcs={rpcs!r}, n_signals={n_signals!r}"
         )
+    per_frame = HTTP2_FRAME_HEADER_BYTES + 2 * HTTP2_WINDOW_UPDATE_BYTES
     data_frames = n_frames + math.ceil(total_bytes / HTTP2_MAX_FRAME_BYTES)
-    window_updates = math.ceil(total_bytes / (2 * HTTP2_MAX_FRAME_BYTES))
     return (
-        HTTP2_FRAME_HEADER_BYTES * data_frames
-        + HTTP2_WINDOW_UPDATE_BYTES * window_updates
+        per_frame * (data_frames + n_signals)
         + HTTP2_RPC_ALLOWANCE * rpcs
+        + HTTP2_CONNECTION_ALLOWANCE
     )
 
 

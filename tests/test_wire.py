@@ -279,11 +279,14 @@ def test_receipt_allowance_bounds_the_largest_receipt() -> None:
 
 
 def test_http2_overhead() -> None:
-    assert wire.http2_overhead(0, 0) == wire.HTTP2_RPC_ALLOWANCE
-    # 3 messages of 20000 bytes: at most 3 + ceil(60000 / 16384) = 7 DATA frames, 2 window updates.
-    assert wire.http2_overhead(3, 60000) == 9 * 7 + 13 * 2 + wire.HTTP2_RPC_ALLOWANCE
+    fixed = wire.HTTP2_RPC_ALLOWANCE + wire.HTTP2_CONNECTION_ALLOWANCE
+    per_frame = 9 + 2 * 13  # DATA header + stream and connection WINDOW_UPDATEs
+    assert wire.http2_overhead(0, 0) == fixed
+    # 3 messages of 60000 bytes in all: at most 3 + ceil(60000 / 16384) = 7 DATA frames.
+    assert wire.http2_overhead(3, 60000) == per_frame * 7 + fixed
+    assert wire.http2_overhead(3, 60000, n_signals=4) == per_frame * 11 + fixed
     assert wire.http2_overhead(3, 60000, rpcs=2) == wire.http2_overhead(3, 60000) + wire.HTTP2_RPC_ALLOWANCE
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="counts must be >= 0"):
         wire.http2_overhead(-1, 0)
 
 

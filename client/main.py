@@ -1,0 +1,274 @@
+"""kvlink-send: send a context's KV cache to a kvlink-serve receiver within a bandwidth budget, then ask.
+
+    kvlink-send --server 127.0.0.1:50051 --budget 18.75% --context paper.txt --question "Who wrote it?"
+
+Prefills the context locally, lets the budget planner (kvlink.budget) choose
+the best configuration whose exact wire size fits the budget, streams it,
+asks the question, and prints the answer with the byte split and the time
+per stage. Exit status: 0 on success, 1 when a call fails, 2 for a bad
+argument or an unsatisfiable budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+# torch and the library are imported when a command runs, not for --help.
+if TYPE_CHECKING:
+    from client.sender import SendResult
+    from kvlink.budget import Candidate, Constraints
+    from kvlink.codec import CodecConfig
+
+STAGES: tuple[tuple[str, str], ...] = (
+    ("prefill_s", "prefill (sender)"),
+    ("select_s", "select (sender)"),
+    ("quantize_s", "quantize (sender)"),
+    ("pack_s", "pack + zstd + frame (sender)"),
+    ("plan_s", "plan, all tries incl. select/quantize (sender)"),
+    ("transfer_s", "transfer (first frame to receipt)"),
+    ("receive_s", "receive (receiver: first to last frame)"),
+    ("decode_s", "decode (receiver)"),
+    ("answer_s", "answer (receiver)"),
+)
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+def _bits(text: str) -> tuple[int | str, int | str]:
+    parts = [p.strip().lower() for p in text.split(",")]
+    if len(parts) not in (1, 2) or not all(parts):
+        raise argparse.ArgumentTypeError(f"--bits takes K or K,V (16, 8, 4, 3, 2, nf4), got {text!r}")
+    values = [p if p == "nf4" else _int(p, "--bits") for p in parts]
+    return (values[0], values[-1])
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} takes integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvlink-send",
+        description="Send a context's KV cache to a kvlink-serve receiver within a bandwidth budget "
+        "(a fraction of the FP16 size of the full context KV that bounds every byte on the wire), "
+        "then ask a question that the receiver answers from the transferred cache alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the receiver's gRPC address")
+    p.add_argument("--budget", required=True, help="e.g. 18.75%% or 0.1875; in (0, 100%%]")
+    p.add_argument("--context", required=True, metavar="FILE|-", help="context text file, or - for stdin")
+    p.add_argument("--question", required=True, help="the question the receiver answers")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model alias, HF id or local path (the receiver's); default: the embedded model",
+    )
+    p.add_argument("--device", default="cpu", help="where the sender prefills")
+    p.add_argument("--method", default=None, help="position selection method (default: the planner's, q2c)")
+    p.add_argument(
+        "--bits", type=_bits, default=None, metavar="K[,V]", help="K/V precision: 16, 8, 4, 3, 2, nf4"
+    )
+    p.add_argument("--retention", type=float, default=None, help="fraction of context positions kept, (0, 1]")
+    p.add_argument("--lowrank", choices=("none", "svd"), default=None, help="low-rank projection of K/V")
+    p.add_argument("--rank", type=int, default=None, help="low-rank rank (implies --lowrank svd)")
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size")
+    zstd = p.add_mutually_exclusive_group()
+    zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
+    zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
+    p.add_argument(
+        "--reference-answer", action="append", default=[], metavar="TEXT",
+        help="a gold answer (repeatable): the receiver records F1/EM",
+    )  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    p.add_argument("--explain", action="store_true", help="print the configurations the planner weighed")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+    return p
+
+
+def constraints_from_args(args: argparse.Namespace) -> Constraints:
+    from kvlink.budget import Constraints
+
+    lowrank = args.lowrank
+    if args.rank is not None and lowrank is None:
+        lowrank = "svd"
+    k_bits, v_bits = args.bits if args.bits is not None else (None, None)
+    try:
+        return Constraints(
+            method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
+            rank=args.rank, zstd=args.zstd, group_size=args.group_size,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def read_context(source: str) -> str:
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read the context file {source!r}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UsageError("the context is empty")
+    return text
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def byte_table(result: SendResult) -> Table:
+    """Bytes of the message on the wire by category, against the FP16 size of the full context KV."""
+    r, p = result.receipt, result.plan
+    fp16 = result.fp16_bytes
+    kept = p.encoded.tensors[0].shape[1] if p.encoded.tensors else 0
+    table = Table(title=f"{p.config.label}: {result.context_tokens} context tokens, {kept} kept")
+    table.add_column("wire bytes", no_wrap=True)
+    table.add_column("bytes", justify="right")
+    table.add_column("% of FP16", justify="right")
+
+    def row(name: str, n: int, style: str | None = None) -> None:
+        table.add_row(name, _n(n), f"{100 * n / fp16:.3f}%", style=style)
+
+    row("FP16 size of the full context KV", fp16, style="dim")
+    row("payload (quantized codes)", r.payload)
+    row("metadata", r.metadata)
+    row("  positions", r.positions, style="dim")
+    row("  scales + zero points", r.scales, style="dim")
+    row("  low-rank factors", r.factors, style="dim")
+    row("framing (protobuf, gRPC prefixes)", r.framing)
+    row("signaling (acks, nacks, receipt)", r.signaling)
+    row("total on the wire (receipt)", r.total, style="bold")
+    row("planned, incl. HTTP/2 allowance", p.total_bytes, style="dim")
+    row("budget", p.budget_bytes, style="dim")
+    if result.transfer.resends:
+        row(f"  of which resent ({result.transfer.resends} chunks)", r.retransmitted_bytes, style="dim")
+    return table
+
+
+def timing_table(result: SendResult) -> Table:
+    table = Table(title="time per stage")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("seconds", justify="right")
+    for key, name in STAGES:
+        if key in result.timings:
+            table.add_row(name, f"{result.timings[key]:.3f}")
+    return table
+
+
+def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit: int = 30) -> Table:
+    """The planner's candidates, best expected quality first: the top ones and every one it encoded."""
+    shown = [c for i, c in enumerate(candidates) if c.note or i < 10][:limit]
+    table = Table(title=f"planner: {len(shown)} of {len(candidates)} candidates, best expected quality first")
+    table.add_column("config", no_wrap=True)
+    table.add_column("estimate", justify="right")
+    table.add_column("quality", justify="right")
+    table.add_column("encoded: exact bytes", no_wrap=True)
+    base = chosen.with_(zstd_level=0)
+    for c in shown:
+        style = "bold green" if c.config in (chosen, base) else None
+        exact = c.note.split(": ", 1)[-1] if c.note else ("fits" if c.fits else "over budget")
+        table.add_row(
+            c.config.label, f"{100 * c.fraction:.2f}%", f"{c.expected_quality:.3f}", exact, style=style
+        )
+    return table
+
+
+def print_result(console: Console, result: SendResult, explain: bool = False) -> None:
+    """The answer, the byte table and the timing table (and the planner's candidates)."""
+    if explain:
+        console.print(candidate_table(result.plan.candidates, result.plan.config))
+    console.print(byte_table(result))
+    console.print(timing_table(result))
+    a = result.answer
+    scores = (
+        f"  (F1 {a.f1:.2f}, EM {a.exact_match:.0f})" if a.f1 is not None and a.exact_match is not None else ""
+    )
+    console.print(f"[bold]answer:[/bold] {a.text}{scores}")
+    console.print(
+        f"{_n(result.receipt.total)} wire bytes = {100 * result.fraction:.2f}% of FP16 "
+        f"({_n(result.fp16_bytes)}), budget {100 * result.budget:.2f}%"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from client.sender import SendError, send_context
+    from kvlink import models
+    from kvlink.budget import BudgetError, parse_budget
+
+    err = Console(stderr=True)
+    out = Console()
+    try:
+        budget = parse_budget(args.budget)
+        constraints = constraints_from_args(args)
+        if not args.question.strip():
+            raise UsageError("the question is empty")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        context = read_context(args.context)
+    except (ValueError, UsageError) as exc:
+        print(f"kvlink-send: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with err.status(f"loading {args.model or 'the embedded model'}"):
+            lm = models.load_model(args.model, args.device)
+        with err.status(f"sending to {args.server}"):
+            result = asyncio.run(
+                send_context(
+                    args.server,
+                    context,
+                    args.question,
+                    budget,
+                    lm=lm,
+                    constraints=constraints,
+                    reference_answers=args.reference_answer,
+                    max_new_tokens=args.max_new_tokens,
+                    timeout=args.timeout,
+                )
+            )
+    except BudgetError as exc:
+        print(f"kvlink-send: error: {exc}", file=sys.stderr)
+        return 2
+    except SendError as exc:
+        print(f"kvlink-send: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"kvlink-send: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    if args.json:
+        data = result.as_dict()
+        if args.explain:
+            data["candidates"] = [
+                {"config": c.config.label, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
+                 "expected_quality": c.expected_quality, "fits": c.fits, "note": c.note}
+                for c in result.plan.candidates
+            ]  # fmt: skip
+        print(json.dumps(data, default=str))
+    else:
+        print_result(out, result, explain=args.explain)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

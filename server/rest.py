@@ -1,0 +1,149 @@
+"""The receiver's REST app (FastAPI, served by uvicorn in the kvlink-serve process).
+
+    GET /healthz                 liveness/readiness: model, fingerprint, cached sessions
+    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals
+    GET /v1/messages?limit=N     per-message records, newest first
+    GET /v1/messages/{id}        one record (404 if unknown)
+    GET /metrics                 Prometheus text format
+    GET /docs, /openapi.json     OpenAPI (FastAPI's defaults)
+
+The numbers come from the servicer's kvlink.metrics.MetricsRegistry; this
+module only serves them (and mirrors them into Prometheus collectors).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from kvlink.metrics import BYTE_CATEGORIES, AskRecord, MessageRecord
+from server.service import KVLinkService
+
+_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class PrometheusExporter:
+    """kvlink.metrics listener that keeps Prometheus counters and histograms (own registry per app)."""
+
+    def __init__(self, service: KVLinkService) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("kvlink_messages", "Messages received completely", ["config"], registry=r)
+        self.bytes = Counter(
+            "kvlink_wire_bytes",
+            "Wire bytes of received messages by category",
+            ["category", "config"],
+            registry=r,
+        )
+        self.fp16_bytes = Counter(
+            "kvlink_fp16_bytes",
+            "FP16 size of the full context KV of received messages",
+            ["config"],
+            registry=r,
+        )
+        self.retransmits = Counter("kvlink_retransmits", "Chunks received more than once", registry=r)
+        self.questions = Counter("kvlink_questions", "Questions answered", ["config"], registry=r)
+        self.errors = Counter("kvlink_errors", "Refused requests by error code", ["code", "rpc"], registry=r)
+        self.decode_seconds = Histogram(
+            "kvlink_decode_seconds", "Receiver decode time per message", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.receive_seconds = Histogram(
+            "kvlink_receive_seconds", "First to last frame of a message", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.answer_seconds = Histogram(
+            "kvlink_answer_seconds", "Answer time per question", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        cached = Gauge("kvlink_cached_messages", "Decoded contexts held", registry=r)
+        cached.set_function(lambda: service.store.stats().messages)
+        cached_bytes = Gauge("kvlink_cached_bytes", "Bytes of decoded contexts held", registry=r)
+        cached_bytes.set_function(lambda: service.store.stats().bytes)
+        in_flight = Gauge("kvlink_transfers_in_flight", "Transfer calls in progress", registry=r)
+        in_flight.set_function(lambda: service.in_flight)
+
+    def on_message(self, record: MessageRecord) -> None:
+        label = record.config_label
+        self.messages.labels(label).inc()
+        for category in BYTE_CATEGORIES:
+            self.bytes.labels(category, label).inc(getattr(record, category))
+        self.fp16_bytes.labels(label).inc(record.fp16_bytes)
+        self.retransmits.inc(record.retransmits)
+        if "decode_s" in record.timings:
+            self.decode_seconds.observe(record.timings["decode_s"])
+        if "receive_s" in record.timings:
+            self.receive_seconds.observe(record.timings["receive_s"])
+
+    def on_answer(self, record: MessageRecord, ask: AskRecord) -> None:
+        self.questions.labels(record.config_label).inc()
+        if "answer_s" in ask.timings:
+            self.answer_seconds.observe(ask.timings["answer_s"])
+
+    def on_error(self, code: str, rpc: str) -> None:
+        self.errors.labels(code, rpc).inc()
+
+
+def create_app(service: KVLinkService) -> FastAPI:
+    """The REST app over a servicer's metrics and session store."""
+    app = FastAPI(
+        title="kvlink receiver",
+        version="1.0",
+        description="Bandwidth and accuracy statistics of the KV caches this receiver was sent.",
+    )
+    exporter = PrometheusExporter(service)
+    service.metrics.add_listener(exporter)
+    app.state.exporter = exporter
+
+    @app.get("/healthz", summary="Liveness and readiness")
+    def healthz() -> JSONResponse:
+        store = service.store.stats()
+        body = {
+            "status": "serving" if service.serving else "stopping",
+            "model": service.lm.name,
+            "fingerprint": service.lm.fingerprint,
+            "device": str(service.lm.device),
+            "sessions": store.sessions,
+            "cached_messages": store.messages,
+            "cached_bytes": store.bytes,
+            "uptime_s": time.time() - service.started,
+        }
+        return JSONResponse(body, status_code=200 if service.serving else 503)
+
+    @app.get("/v1/stats", summary="Aggregates per codec config")
+    def stats() -> dict[str, Any]:
+        """Messages, bytes by category (payload / metadata / framing / signaling), compression ratio vs
+        FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label, plus totals."""
+        out = service.metrics.stats()
+        store = service.store.stats()
+        out["store"] = {
+            "sessions": store.sessions, "messages": store.messages, "bytes": store.bytes,
+            "max_bytes": store.max_bytes, "ttl_s": store.ttl_s, "evicted": store.evicted,
+            "expired": store.expired,
+        }  # fmt: skip
+        return out
+
+    @app.get("/v1/messages", summary="Per-message records, newest first")
+    def messages(limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in service.metrics.messages(limit)]
+
+    @app.get("/v1/messages/{message_id}", summary="One message's record")
+    def message(message_id: str) -> dict[str, Any]:
+        record = service.metrics.get(message_id)
+        if record is None:
+            raise HTTPException(status_code=404, detail=f"no record of message {message_id!r}")
+        return record.as_dict()
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(exporter.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

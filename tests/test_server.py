@@ -1,0 +1,698 @@
+"""kvlink-serve and kvlink-send end to end over loopback with the embedded model, plus the in-process parts.
+
+One receiver runs in a subprocess for the whole module (`kvlink-serve` via `python -m server.main`,
+free ports, a 16 MiB --max-message-bytes so that "over the limit" is cheap to provoke). The sender
+runs in this process through client.sender. Bytes are measured at the socket by a byte-counting TCP
+proxy that carries ONLY the Transfer call of a message (its own connection, so the count covers the
+whole connection: HTTP/2 preface, SETTINGS, HEADERS, DATA, WINDOW_UPDATE, PING, GOAWAY); Hello and
+Ask go directly to the receiver and are not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import client.main as client_main
+from client.sender import SendError, ask, hello, send_context, transfer
+from kvlink import wire
+from kvlink.budget import parse_budget
+from kvlink.cache import ContextKV, Observe, Prefill, prefill
+from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.eval.squad import QAExample, load_squad
+from kvlink.generate import greedy_answer
+from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry, aggregate, percentile
+from kvlink.models import Geometry, LoadedModel
+from kvlink.prompt import context_ids, question_ids
+from server.rest import create_app
+from server.service import KVLinkService
+from server.store import SessionStore, kv_nbytes
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_MESSAGE_BYTES = 16 << 20
+ANSWER_TOKENS = 12
+EXAMPLE = 0  # SQuAD answerable question 0: 199 context tokens ("In what country is Normandy located?")
+
+
+# --- helpers: ports, the receiver process, the byte-counting proxy ---------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Receiver:
+    proc: subprocess.Popen[bytes]
+    target: str
+    rest: str
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _wait_ready(rx: Receiver, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not rx.alive():
+            pytest.fail(f"kvlink-serve exited with {rx.proc.returncode}:\n{rx.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{rx.rest}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    pytest.fail(f"kvlink-serve not healthy after {timeout} s:\n{rx.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    """kvlink-serve in a subprocess; stopped with SIGTERM at the end, which must exit 0."""
+    port, rest_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("serve") / "kvlink-serve.log"
+    cmd = [
+        sys.executable, "-m", "server.main", "--port", str(port), "--rest-port", str(rest_port),
+        "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-new-tokens", "32", "--log-level", "info",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    rx = Receiver(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{rest_port}", log)
+    try:
+        request.getfixturevalue("embedded")  # load the sender's copy while the receiver loads its own
+        _wait_ready(rx)
+        yield rx
+    finally:
+        if rx.alive():
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"kvlink-serve did not stop within 60 s of SIGTERM:\n{rx.log_tail()}")
+            assert rc == 0, f"kvlink-serve exited with {rc}:\n{rx.log_tail()}"
+            assert "kvlink-serve stopped" in rx.log.read_text(errors="replace")
+
+
+class ByteCountingProxy:
+    """A TCP proxy that counts the bytes each way (client->server, server->client)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.c2s = 0
+        self.s2c = 0
+        self.connections = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    @property
+    def total(self) -> int:
+        return self.c2s + self.s2c
+
+    async def __aenter__(self) -> ByteCountingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        # Let the last bytes (GOAWAY, FIN) through before the counts are read.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(reader, up_writer, "c2s"), self._pipe(up_reader, writer, "s2c"))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                setattr(self, direction, getattr(self, direction) + len(data))
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.close()
+
+
+# --- shared inputs -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def example() -> QAExample:
+    return load_squad()[EXAMPLE]
+
+
+@dataclass
+class Good:
+    """A known-good message (encoded once) and the answer the receiver must give from it."""
+
+    encoded: EncodedKV
+    question: str
+    tokens: list[int]
+    n_tokens: int = 4
+    seen: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def sender_prefill(embedded: LoadedModel, example: QAExample) -> tuple[Prefill, torch.Tensor]:
+    """The sender's own prefill of the example (with Q2C's observation) and the question ids."""
+    lm = embedded
+    ctx, q = context_ids(lm.tokenizer, example.context), question_ids(lm.tokenizer, example.question)
+    return prefill(lm.model, ctx, q, observe=Observe.QUESTION), q
+
+
+@pytest.fixture(scope="module")
+def good(embedded: LoadedModel, example: QAExample, sender_prefill: tuple[Prefill, torch.Tensor]) -> Good:
+    """Q2C 50% + INT4, encoded once; the answer is decoded locally from the same bytes (invariant 1)."""
+    pre, q = sender_prefill
+    codec = Codec(CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4), embedded.geometry)
+    encoded = codec.encode(pre)
+    local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
+    return Good(encoded, example.question, local.token_ids)
+
+
+def _frames(lm: LoadedModel, encoded: EncodedKV, message_id: str, session_id: str = "tests") -> list[Any]:
+    return wire.to_frames(encoded, session_id, message_id, lm.fingerprint, 1 << 20)
+
+
+@contextlib.asynccontextmanager
+async def _channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield channel
+
+
+async def _send_good(rx: Receiver, lm: LoadedModel, good: Good) -> None:
+    """A good message right after a bad one: it must still go through and be answered correctly."""
+    message_id = uuid.uuid4().hex
+    async with _channel(rx.target) as ch:
+        result = await transfer(ch, _frames(lm, good.encoded, message_id), timeout=60)
+        answer = await ask(ch, wire.Ask("tests", message_id, good.question, good.n_tokens), timeout=60)
+    assert result.receipt.message_id == message_id
+    assert list(answer.token_ids) == good.tokens, "the receiver must answer from exactly the bytes sent"
+    good.seen.append(message_id)
+
+
+async def _refused(
+    rx: Receiver, lm: LoadedModel, frames: list[Any], status: grpc.StatusCode, code: str, needle: str,
+    fault: Callable[[Any, int], Any] | None = None,
+) -> SendError:  # fmt: skip
+    """Send `frames` (through `fault`), expect a specific refusal, then check nothing was kept."""
+    async with _channel(rx.target) as ch:
+        with pytest.raises(SendError) as info:
+            await transfer(ch, frames, timeout=60, fault=fault)
+        err = info.value
+        assert (err.status, err.code) == (status, code), f"{err}"
+        assert needle in err.message, f"{needle!r} not in {err.message!r}"
+        header = frames[0].header if not isinstance(frames[0], bytes) else None
+        if header is not None and header.message_id:
+            with pytest.raises(SendError) as missing:
+                await ask(ch, wire.Ask(header.session_id, header.message_id, "Where?", 2), timeout=30)
+            assert missing.value.status == grpc.StatusCode.NOT_FOUND, "no partial cache may ever answer"
+    assert rx.alive(), f"kvlink-serve died:\n{rx.log_tail()}"
+    return err
+
+
+def _edited_header(frames: list[Any], edit: Callable[[Any], None]) -> list[Any]:
+    header = wire.parse_frame(frames[0].SerializeToString())
+    edit(header.header)
+    return [header, *frames[1:]]
+
+
+def _flip(chunk_id: int, times: int) -> Callable[[Any, int], Any]:
+    """Fault hook: flip one byte of chunk `chunk_id` on its first `times` sends."""
+
+    def hook(frame: Any, attempt: int) -> Any:
+        if frame.WhichOneof("frame") != "chunk" or frame.chunk.chunk_id != chunk_id or attempt >= times:
+            return frame
+        bad = wire.parse_frame(frame.SerializeToString())
+        data = bytearray(bad.chunk.data)
+        data[len(data) // 2] ^= 0x40
+        bad.chunk.data = bytes(data)
+        return bad
+
+    return hook
+
+
+# --- the receiver is up ----------------------------------------------------------------------------------
+def test_health_endpoints(server: Receiver, embedded: LoadedModel) -> None:
+    body = httpx.get(f"{server.rest}/healthz", timeout=10).json()
+    assert body["status"] == "serving" and body["fingerprint"] == embedded.fingerprint
+    with grpc.insecure_channel(server.target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", wire.SERVICE_NAME):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert httpx.get(f"{server.rest}/docs", timeout=10).status_code == 200
+    assert "/v1/stats" in httpx.get(f"{server.rest}/openapi.json", timeout=10).json()["paths"]
+
+
+# --- budgets, measured at the socket -------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["100%", "50%", "18.75%", "6.25%"])
+async def test_budget_holds_at_the_socket(
+    server: Receiver, embedded: LoadedModel, example: QAExample, sender_prefill: tuple[Prefill, torch.Tensor],
+    budget: str,
+) -> None:  # fmt: skip
+    lm = embedded
+    async with ByteCountingProxy(server.target) as proxy:
+        result = await send_context(
+            server.target, example.context, example.question, budget, lm=lm,
+            reference_answers=example.answers, max_new_tokens=ANSWER_TOKENS, transfer_target=proxy.address,
+        )  # fmt: skip
+    p, r = result.plan, result.receipt
+    fraction = parse_budget(budget)
+    budget_bytes = int(fraction * result.fp16_bytes)
+    assert result.fp16_bytes == lm.geometry.fp16_bytes(result.context_tokens)
+    assert proxy.connections == 1 and proxy.c2s > 0 and proxy.s2c > 0
+    # The receipt's categories add up, and it is what the sender put in frames (no resends here).
+    assert r.metadata == r.positions + r.scales + r.factors
+    assert r.payload + r.metadata + r.framing + r.signaling == r.total
+    assert r.payload + r.metadata + r.framing == result.transfer.bytes_sent
+    assert r.signaling == result.transfer.signaling_bytes
+    assert r.total <= p.total_bytes <= p.budget_bytes <= budget_bytes
+    # Bytes at the socket: the whole Transfer connection, both directions, within budget.
+    assert proxy.c2s >= r.payload + r.metadata + r.framing and proxy.s2c >= r.signaling
+    # The planner's HTTP/2 allowance must bound what the socket really carried.
+    assert proxy.total <= p.total_bytes, f"socket {proxy.total} > planned {p.total_bytes}"
+    assert proxy.total <= budget_bytes, (
+        f"{proxy.total} socket bytes (c2s {proxy.c2s}, s2c {proxy.s2c}) exceed {budget} of "
+        f"{result.fp16_bytes} = {budget_bytes}; the plan counted {p.total_bytes}"
+    )
+    print(
+        f"\n[{budget}] {p.config.label}: fp16 {result.fp16_bytes:,} B; budget {budget_bytes:,}; "
+        f"planned {p.total_bytes:,}; receipt {r.total:,} (payload {r.payload:,}, metadata {r.metadata:,}, "
+        f"framing {r.framing:,}, signaling {r.signaling:,}); socket c2s {proxy.c2s:,} + s2c {proxy.s2c:,} "
+        f"= {proxy.total:,} ({100 * proxy.total / result.fp16_bytes:.2f}% of FP16); answer {result.answer.text!r}; "
+        f"timings {', '.join(f'{k} {v:.2f}' for k, v in result.timings.items())}"
+    )
+    assert result.answer.f1 is not None and result.answer.exact_match is not None
+
+    if fraction == 1.0:  # lossless: the receiver's answer is the sender's own, token for token
+        assert (p.config.selector, p.config.k_format, p.config.v_format, p.config.lowrank) == (
+            "none", "fp16", "fp16", "none",
+        )  # fmt: skip
+        pre, q = sender_prefill  # the full context KV as the sender computed it, never compressed
+        local = greedy_answer(lm.model, lm.tokenizer, pre.kv, q, max_new_tokens=ANSWER_TOKENS)
+        assert list(result.answer.token_ids) == local.token_ids
+        assert result.answer.text == local.text
+
+    # REST reports the numbers of the message just sent.
+    record = httpx.get(f"{server.rest}/v1/messages/{result.message_id}", timeout=10).json()
+    assert record["bytes"] == {
+        "payload": r.payload, "metadata": r.metadata, "positions": r.positions, "scales": r.scales,
+        "factors": r.factors, "framing": r.framing, "signaling": r.signaling, "total": r.total,
+    }  # fmt: skip
+    assert record["fp16_bytes"] == result.fp16_bytes and record["config_label"] == p.config.label
+    assert record["asks"][-1]["answer"] == result.answer.text
+    assert record["asks"][-1]["f1"] == pytest.approx(result.answer.f1)
+    assert record["timings"]["prefill_s"] == pytest.approx(result.timings["prefill_s"])
+    stats = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
+    group = stats["configs"][p.config.label]
+    assert group["messages"] >= 1 and group["bytes"]["total"] >= r.total
+    assert group["f1_mean"] is not None and "decode_s" in group["timings"]
+
+
+# --- bad input: each refused specifically, each followed by a good message ---------------------------------
+async def test_truncated_stream(server: Receiver, embedded: LoadedModel, good: Good) -> None:
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+    half = (len(frames) - 2) // 2
+
+    def close_halfway(frame: Any, attempt: int) -> Any:
+        is_chunk = frame.WhichOneof("frame") == "chunk"
+        return None if (is_chunk and frame.chunk.chunk_id >= half) else frame
+
+    err = await _refused(
+        server, embedded, frames, grpc.StatusCode.ABORTED, "TRUNCATED", "before the trailer", close_halfway
+    )
+    assert f"after {half} of {len(frames) - 2} chunks" in err.message
+    await _send_good(server, embedded, good)
+
+
+async def test_cancel_frame_and_disconnect_discard_the_message(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+
+    def cancel_at_chunk_5(frame: Any, attempt: int) -> Any:
+        is_chunk = frame.WhichOneof("frame") == "chunk"
+        return wire.cancel_frame("user pressed ^C") if (is_chunk and frame.chunk.chunk_id == 5) else frame
+
+    await _refused(server, embedded, frames, grpc.StatusCode.CANCELLED, "CANCELLED", "^C", cancel_at_chunk_5)
+    # The sender goes away mid-stream without a word: the receiver drops what it had.
+    message_id = uuid.uuid4().hex
+    async with _channel(server.target) as ch:
+        call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(timeout=30)
+        for frame in _frames(embedded, good.encoded, message_id)[:6]:
+            await call.write(frame.SerializeToString())
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(SendError) as info:
+            await ask(ch, wire.Ask("tests", message_id, good.question, 2), timeout=30)
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+    assert server.alive()
+    await _send_good(server, embedded, good)
+
+
+async def test_flipped_byte_is_resent_and_succeeds(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    message_id = uuid.uuid4().hex
+    async with _channel(server.target) as ch:
+        result = await transfer(
+            ch, _frames(embedded, good.encoded, message_id), timeout=60, fault=_flip(3, 1)
+        )
+        answer = await ask(ch, wire.Ask("tests", message_id, good.question, good.n_tokens), timeout=60)
+    assert result.resends == 1 and result.nacks[0].chunk_id == 3 and "CRC32C" in result.nacks[0].reason
+    assert result.receipt.retransmits == 1 and result.receipt.retransmitted_bytes > 0
+    assert list(answer.token_ids) == good.tokens  # the resent chunk, not the damaged one, was used
+    await _send_good(server, embedded, good)
+
+
+async def test_chunk_corrupted_on_every_resend_is_data_loss(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.DATA_LOSS, "CORRUPT", "failed verification", _flip(2, 1000)
+    )
+    await _send_good(server, embedded, good)
+
+
+async def test_wrong_model_fingerprint(server: Receiver, embedded: LoadedModel, good: Good) -> None:
+    async with _channel(server.target) as ch:
+        with pytest.raises(SendError) as info:
+            await hello(ch, "0" * 64, timeout=30)
+    assert (info.value.status, info.value.code) == (grpc.StatusCode.FAILED_PRECONDITION, "FINGERPRINT")
+    assert "same weights and tokenizer" in info.value.message
+    frames = wire.to_frames(good.encoded, "tests", uuid.uuid4().hex, "0" * 64, 1 << 20)
+    await _refused(
+        server,
+        embedded,
+        frames,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "FINGERPRINT",
+        "model fingerprint '0000",
+    )
+    await _send_good(server, embedded, good)
+
+
+async def test_unknown_codec(server: Receiver, embedded: LoadedModel, good: Good) -> None:
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+    bad = _edited_header(frames, lambda h: setattr(h.config, "k_format", "int5"))
+    await _refused(server, embedded, bad, grpc.StatusCode.UNIMPLEMENTED, "UNKNOWN_CODEC", "'int5'")
+    await _send_good(server, embedded, good)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda h: h.tensors[2].shape.__setitem__(1, 7), "layer 1 k: shape"),
+        (lambda h: setattr(h.payload[0], "size", h.payload[0].size + 1), "chunks hold"),
+    ],
+    ids=["tensor-shape", "table-size"],
+)
+async def test_shape_or_size_mismatch_with_the_header(
+    server: Receiver, embedded: LoadedModel, good: Good, edit: Callable[[Any], None], needle: str
+) -> None:
+    bad = _edited_header(_frames(embedded, good.encoded, uuid.uuid4().hex), edit)
+    await _refused(server, embedded, bad, grpc.StatusCode.INVALID_ARGUMENT, "SHAPE", needle)
+    await _send_good(server, embedded, good)
+
+
+async def test_message_over_the_limit(server: Receiver, embedded: LoadedModel, good: Good) -> None:
+    async with _channel(server.target) as ch:
+        welcome = await hello(ch, embedded.fingerprint, timeout=30)
+    assert welcome.max_message_bytes == MAX_MESSAGE_BYTES
+    g = embedded.geometry
+    length = welcome.max_message_bytes // g.fp16_bytes(1) + 1  # FP16 of this many tokens is over the limit
+    shape = (g.kv_heads, length, g.head_dim)
+    kv = ContextKV(
+        [torch.zeros(shape) for _ in range(g.num_layers)], [torch.zeros(shape) for _ in range(g.num_layers)],
+        [torch.arange(length)] * g.num_layers, length,
+    )  # fmt: skip
+    encoded = Codec(CodecConfig(), g).encode_kv(kv)
+    frames = _frames(embedded, encoded, uuid.uuid4().hex)
+    stop_after_header = lambda frame, attempt: frame if frame.WhichOneof("frame") == "header" else None  # noqa: E731
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE",
+        f"the limit is {MAX_MESSAGE_BYTES}", stop_after_header,
+    )  # fmt: skip
+    await _send_good(server, embedded, good)
+
+
+async def test_malformed_protobuf(server: Receiver, embedded: LoadedModel, good: Good) -> None:
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+    junk_first = lambda frame, attempt: b"\xff\xff\xff" if frame.WhichOneof("frame") == "header" else frame  # noqa: E731
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED", "not a kvlink TransferFrame",
+        junk_first,
+    )  # fmt: skip
+    async with _channel(server.target) as ch:
+        for method in (wire.HELLO_METHOD, wire.ASK_METHOD):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary(method)(b"\x0a\x05ab", timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            err = wire.error_from_rpc(info.value)
+            assert err is not None and err.code == "MALFORMED" and "are not a kvlink" in err.message
+    await _send_good(server, embedded, good)
+
+
+async def test_ask_about_an_unknown_message_is_not_found(server: Receiver) -> None:
+    async with _channel(server.target) as ch:
+        with pytest.raises(SendError) as info:
+            await ask(ch, wire.Ask("nobody", "nothing", "Who?", 4), timeout=30)
+    assert info.value.status == grpc.StatusCode.NOT_FOUND and "'nothing'" in info.value.message
+
+
+async def test_budget_outside_the_range_is_a_value_error(server: Receiver, embedded: LoadedModel) -> None:
+    for bad in ("0%", "150%", "-5%", "1.5", "abc", "nan"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+    with pytest.raises(ValueError, match="budget"):
+        await send_context(server.target, "some context", "why?", 1.5, lm=embedded)
+
+
+def test_the_cli_refuses_a_bad_budget_with_exit_2(
+    server: Receiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    context = tmp_path / "context.txt"
+    context.write_text("Normandy is a region in France.")
+    argv = ["--server", server.target, "--context", str(context), "--question", "Where?"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.main", *argv, "--budget", "150%"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "budget must be in (0, 100%]" in proc.stderr and "Traceback" not in proc.stderr
+    for budget in ("0%", "-1", "1.01", "lots"):
+        assert client_main.main([*argv, "--budget", budget]) == 2
+        err = capsys.readouterr().err
+        assert "kvlink-send: error: budget" in err and "Traceback" not in err
+
+
+def test_the_cli_in_process(
+    server: Receiver, embedded: LoadedModel, example: QAExample, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """kvlink-send's main(): --json prints one object; an unsatisfiable budget exits 2 without a traceback."""
+    monkeypatch.setattr("kvlink.models.load_model", lambda *a, **k: embedded)
+    context = tmp_path / "context.txt"
+    context.write_text(example.context)
+    argv = ["--server", server.target, "--context", str(context), "--question", example.question,
+            "--max-new-tokens", "4", "--bits", "8"]  # fmt: skip
+    assert client_main.main([*argv, "--budget", "60%", "--json", "--explain"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["k_bits"] == data["config"]["v_bits"] == 8
+    assert data["receipt"]["total"] <= data["budget_bytes"] and data["candidates"]
+    assert set(data["timings"]) >= {"prefill_s", "quantize_s", "pack_s", "transfer_s", "decode_s", "answer_s"}
+    assert client_main.main([*argv, "--budget", "0.5%"]) == 2  # unsatisfiable: no config is that small
+    err = capsys.readouterr().err
+    assert "cannot be met: the smallest achievable message is" in err and "Traceback" not in err
+
+
+# --- REST reports what it was sent ---------------------------------------------------------------------------
+async def test_rest_reports_the_messages_and_errors(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    before = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
+    frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.DATA_LOSS, "CORRUPT", "failed verification", _flip(0, 99)
+    )
+    message_id = uuid.uuid4().hex
+    async with _channel(server.target) as ch:
+        sent = await transfer(ch, _frames(embedded, good.encoded, message_id), timeout=60)
+    r = sent.receipt
+    record = httpx.get(f"{server.rest}/v1/messages/{message_id}", timeout=10).json()
+    assert record["bytes"]["total"] == r.total and record["bytes"]["payload"] == r.payload
+    assert record["chunks"] == r.chunks and record["config_label"] == good.encoded.config.label
+    assert record["asks"] == []  # nobody asked yet
+    stats = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
+    assert stats["messages"] == before["messages"] + 1
+    assert stats["bytes"]["total"] == before["bytes"]["total"] + r.total
+    assert stats["errors"]["CORRUPT"] == before["errors"].get("CORRUPT", 0) + 1
+    group = stats["configs"][good.encoded.config.label]
+    assert group["messages"] >= 1 and group["percent_of_fp16"] == pytest.approx(
+        100 * group["bytes"]["total"] / group["fp16_bytes"]
+    )
+    listed = httpx.get(f"{server.rest}/v1/messages", params={"limit": 1}, timeout=10).json()
+    assert [m["message_id"] for m in listed] == [message_id]
+    assert httpx.get(f"{server.rest}/v1/messages/no-such-message", timeout=10).status_code == 404
+    metrics = httpx.get(f"{server.rest}/metrics", timeout=10).text
+    assert 'kvlink_errors_total{code="CORRUPT",rpc="Transfer"}' in metrics
+    assert "kvlink_decode_seconds_count" in metrics and "kvlink_wire_bytes_total" in metrics
+    assert server.alive()
+
+
+# --- in process: store, metrics, REST app ------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _small_kv(length: int = 10) -> ContextKV:
+    shape = (2, length, 4)
+    return ContextKV([torch.zeros(shape)], [torch.zeros(shape)], [torch.arange(length)], length)
+
+
+def test_store_ttl_and_lru_eviction() -> None:
+    one = kv_nbytes(_small_kv())
+    assert one == 2 * (2 * 10 * 4 * 4) + 10 * 8
+    clock = FakeClock()
+    store = SessionStore(ttl_s=60, max_bytes=2 * one, clock=clock)
+    store.put("s", "a", _small_kv())
+    clock.now += 10
+    store.put("s", "b", _small_kv())
+    clock.now += 10
+    assert store.get("s", "a") is not None  # a is now more recently used than b
+    assert store.put("t", "c", _small_kv()) == [("s", "b")]  # over the cap: the LRU entry goes
+    assert store.get("s", "b") is None and store.get("t", "c") is not None
+    clock.now += 30
+    assert store.get("t", "c") is not None
+    clock.now += 31
+    assert store.get("s", "a") is None  # not used for 61 s
+    assert store.get("t", "c") is not None  # used 31 s ago
+    stats = store.stats()
+    assert (stats.messages, stats.sessions, stats.bytes, stats.evicted, stats.expired) == (1, 1, one, 1, 1)
+    clock.now += 61
+    assert store.purge_expired() == 1 and len(store) == 0 and store.stats().bytes == 0
+    with pytest.raises(ValueError, match="exceeds the store's cap"):
+        SessionStore(max_bytes=one - 1).put("s", "big", _small_kv())
+    with pytest.raises(ValueError, match="ttl_s"):
+        SessionStore(ttl_s=0)
+
+
+def _record(message_id: str, label_config: CodecConfig, payload: int, decode_s: float) -> MessageRecord:
+    return MessageRecord(
+        message_id=message_id, session_id="s", config_label=label_config.label, config=label_config.to_dict(),
+        length=100, kept=50, fp16_bytes=10_000, payload=payload, positions=10, scales=100, factors=0,
+        framing=50, signaling=40, timings={"decode_s": decode_s},
+    )  # fmt: skip
+
+
+def test_metrics_aggregate_per_config() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5.0], 95) == 5.0
+    int4 = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    registry = MetricsRegistry(max_records=2)
+    registry.record_message(_record("m1", int4, 1000, 0.1))
+    registry.record_message(_record("m2", int4, 2000, 0.3))
+    assert registry.record_answer(
+        "m1", AskRecord("q", "Paris", f1=1.0, exact_match=1.0, timings={"answer_s": 2.0})
+    )
+    assert registry.record_answer("m2", AskRecord("q", "Lyon", timings={"answer_s": 4.0}), {"prefill_s": 0.5})
+    assert not registry.record_answer("missing", AskRecord("q", "x"))
+    group = aggregate(registry.messages())[int4.label]
+    assert group["messages"] == 2 and group["questions"] == 2 and group["scored_questions"] == 1
+    assert group["bytes"]["payload"] == 3000 and group["bytes"]["metadata"] == 220
+    assert group["bytes"]["total"] == 3000 + 220 + 100 + 80
+    assert group["compression_ratio"] == pytest.approx(20_000 / 3400)
+    assert group["timings"]["decode_s"]["mean"] == pytest.approx(0.2)
+    assert group["timings"]["decode_s"]["p50"] == pytest.approx(0.2)
+    assert group["timings"]["answer_s"]["p95"] == pytest.approx(3.9)
+    assert group["timings"]["prefill_s"]["n"] == 1
+    assert group["f1_mean"] == 1.0 and group["exact_match_mean"] == 1.0
+    registry.record_message(_record("m3", CodecConfig(), 9000, 0.2))  # m1 drops out of the history
+    registry.record_error("CORRUPT")
+    assert registry.get("m1") is None and registry.get("m3") is not None
+    stats = registry.stats()
+    assert stats["messages"] == 3 and stats["records_held"] == 2 and stats["errors"] == {"CORRUPT": 1}
+    assert stats["bytes"]["payload"] == 12_000  # totals keep what the history dropped
+
+
+def test_rest_app_in_process() -> None:
+    model = torch.nn.Linear(2, 2)
+    lm = LoadedModel(model, None, "fake", "f" * 64, Geometry(2, 1, 4, 2))
+    service = KVLinkService(lm, SessionStore(), MetricsRegistry())
+    app = create_app(service)
+    int8 = CodecConfig(k_bits=8, v_bits=8)
+    with TestClient(app) as http:
+        assert http.get("/healthz").json()["model"] == "fake"
+        assert http.get("/v1/stats").json()["messages"] == 0
+        service.metrics.record_message(_record("m1", int8, 5000, 0.05))
+        service.metrics.record_answer(
+            "m1", AskRecord("q", "a", f1=0.5, exact_match=0.0, timings={"answer_s": 1.0})
+        )
+        service.metrics.record_error("SHAPE")
+        one = http.get("/v1/messages/m1").json()
+        assert one["bytes"]["payload"] == 5000 and one["bytes"]["total"] == 5000 + 110 + 50 + 40
+        assert one["percent_of_fp16"] == pytest.approx(100 * 5200 / 10_000)
+        assert [m["message_id"] for m in http.get("/v1/messages").json()] == ["m1"]
+        assert http.get("/v1/messages/nope").status_code == 404
+        stats = http.get("/v1/stats").json()
+        assert stats["configs"][int8.label]["f1_mean"] == 0.5 and stats["errors"] == {"SHAPE": 1}
+        text = http.get("/metrics").text
+        assert f'kvlink_wire_bytes_total{{category="payload",config="{int8.label}"}} 5000.0' in text
+        assert 'kvlink_errors_total{code="SHAPE",rpc="Transfer"} 1.0' in text
+        assert "kvlink_answer_seconds_count 1.0" in text
+        assert http.get("/docs").status_code == 200
+        service.serving = False
+        assert http.get("/healthz").status_code == 503
+
+
+# --- the commands ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "needle"), [("server.main", "--max-message-bytes"), ("client.main", "--budget")]
+)
+def test_help(module: str, needle: str) -> None:
+    script = Path(sys.executable).parent / ("kvlink-serve" if module == "server.main" else "kvlink-send")
+    cmd = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", module, "--help"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert needle in proc.stdout
