@@ -174,6 +174,13 @@ def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
     return q_sel * q_bits * q_rank
 
 
+def default_quality_path(fingerprint: str) -> Path:
+    """Where `kvlink-bench calibrate` writes a model's QualityTable: <cache_dir>/quality/<fingerprint>.json."""
+    from kvlink.models import cache_dir
+
+    return cache_dir() / "quality" / f"{fingerprint}.json"
+
+
 @dataclass
 class QualityTable:
     """Expected quality per config key: measured entries first, the default prior otherwise."""
@@ -199,6 +206,16 @@ class QualityTable:
                 sort_keys=True,
             )
         )
+
+    @classmethod
+    def for_model(cls, fingerprint: str) -> QualityTable:
+        """The table `kvlink-bench calibrate` wrote for this model, or the built-in prior."""
+        path = default_quality_path(fingerprint)
+        if path.is_file():
+            table = cls.load(path)
+            logger.info("planner uses the measured quality table %s (%d configs)", path, len(table.entries))
+            return table
+        return cls()
 
     @classmethod
     def load(cls, path: str | Path) -> QualityTable:
@@ -293,7 +310,11 @@ def _estimate(codec: Codec, length: int) -> int:
     signaling = g.num_layers * 16 + wire.RECEIPT_ALLOWANCE
     frames = sizes.total + framing
     n_signals = g.num_layers + 2
-    return frames + signaling + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames, n_signals=n_signals)
+    return (
+        frames
+        + signaling
+        + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames, n_signals=n_signals)
+    )
 
 
 def plan(
@@ -318,7 +339,7 @@ def plan(
     message_id = message_id or uuid.uuid4().hex
     started = time.perf_counter()
     constraints = constraints or Constraints()
-    quality = quality or QualityTable()
+    quality = quality or QualityTable.for_model(fingerprint)
     length = prefill.kv.length
     fp16 = geometry.fp16_bytes(length)
     budget_bytes = math.floor(budget * fp16)

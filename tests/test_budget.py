@@ -136,3 +136,21 @@ def test_default_prior_orders_the_seed_findings() -> None:
     assert q(CodecConfig(k_bits=3, v_bits=3)) > q(CodecConfig(k_bits=2, v_bits=2))
     sel = {m: q(CodecConfig(selector=m, retention=0.5)) for m in ("q2c", "h2o", "snapkv", "random")}
     assert sel["q2c"] > sel["h2o"] > sel["snapkv"] > sel["random"]
+
+
+def test_plan_uses_the_calibrated_table_for_the_model(
+    prefilled: tuple[Any, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kvlink-bench calibrate` writes <cache>/quality/<fingerprint>.json; plan() picks it up by itself."""
+    from kvlink.budget import default_quality_path
+
+    lm, pre = prefilled
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path))
+    assert QualityTable.for_model(lm.fingerprint).entries == {}
+    configs = candidate_configs(lm.geometry, Constraints(zstd=False))
+    entries = {quality_key(c): (1.0 if c.k_format == c.v_format == "int3" else 0.01) for c in configs}
+    path = default_quality_path(lm.fingerprint)
+    path.parent.mkdir(parents=True)
+    QualityTable(model="tiny", entries=entries).save(path)
+    p = plan(pre, lm.geometry, lm.fingerprint, 0.5, constraints=Constraints(zstd=False))
+    assert p.config.k_format == p.config.v_format == "int3"

@@ -101,13 +101,6 @@ def _load(model: str | None, device: str, dtype: str) -> Any:
     return load_model(model, device=device, dtype=dtype)
 
 
-def default_quality_path(fingerprint: str) -> Path:
-    """Where `calibrate` writes a model's QualityTable: <cache_dir>/quality/<fingerprint>.json."""
-    from kvlink.models import cache_dir
-
-    return cache_dir() / "quality" / f"{fingerprint}.json"
-
-
 def _console() -> Any:
     from rich.console import Console
 
@@ -302,6 +295,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     task = args.task or ("squad" if "squad" in tasks else tasks[0])
     table = quality_table(results, task, args.quality)
     fingerprint = results.get("meta", {}).get("fingerprint")
+    from kvlink.budget import default_quality_path
+
     path = Path(args.out) if args.out else default_quality_path(fingerprint or "unknown")
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
