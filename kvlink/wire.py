@@ -131,6 +131,9 @@ ERROR_CODES: Final = (
     "ORDER",  # a frame the stream's state does not allow (chunk before header, duplicate, ...)
     "MALFORMED",  # not a valid protobuf, or fields that contradict the protocol
     "CANCELLED",  # the sender cancelled the message
+    "STALLED",  # no frame arrived within the receiver's stall timeout; the message was dropped
+    "BUSY",  # the receiver serves its maximum of concurrent calls (in all, or for this peer)
+    "UNAUTHENTICATED",  # the call lacks the receiver's bearer token
 )
 GRPC_STATUS: Final[dict[str, str]] = {
     "PROTOCOL": "FAILED_PRECONDITION",
@@ -143,6 +146,9 @@ GRPC_STATUS: Final[dict[str, str]] = {
     "ORDER": "FAILED_PRECONDITION",
     "MALFORMED": "INVALID_ARGUMENT",
     "CANCELLED": "CANCELLED",
+    "STALLED": "DEADLINE_EXCEEDED",
+    "BUSY": "RESOURCE_EXHAUSTED",  # like TOO_LARGE, but worth retrying later
+    "UNAUTHENTICATED": "UNAUTHENTICATED",
 }
 """WireError code -> grpc.StatusCode name. The server also sets ERROR_METADATA_KEY in the trailing
 metadata so that a client can tell codes that share a status apart (see error_from_rpc)."""
@@ -465,11 +471,7 @@ def http2_overhead(n_frames: int, total_bytes: int, rpcs: int = 1, n_signals: in
         )
     per_frame = HTTP2_FRAME_HEADER_BYTES + 2 * HTTP2_WINDOW_UPDATE_BYTES
     data_frames = n_frames + math.ceil(total_bytes / HTTP2_MAX_FRAME_BYTES)
-    return (
-        per_frame * (data_frames + n_signals)
-        + HTTP2_RPC_ALLOWANCE * rpcs
-        + HTTP2_CONNECTION_ALLOWANCE
-    )
+    return per_frame * (data_frames + n_signals) + HTTP2_RPC_ALLOWANCE * rpcs + HTTP2_CONNECTION_ALLOWANCE
 
 
 class _Tally:
@@ -567,7 +569,8 @@ def to_frames(
 
     Chunks follow the tensors' order (layer 0 K, layer 0 V, layer 1 K, ...) and, within a
     tensor, PART_ORDER; a part longer than `chunk_bytes` is split into consecutive chunks.
-    Chunk i is frames[i + 1], which is what a Nack for chunk i asks to be sent again.
+    Chunk i is frames[i + 1], which is what a Nack for chunk i asks to be sent again. The trailer
+    carries the CRC32C of the header frame's bytes, so the receiver verifies the header too.
     """
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 1 <= chunk_bytes < 1 << 32:
         raise ValueError(f"chunk_bytes must be an integer in [1, 2**32), got {chunk_bytes!r}")
@@ -621,12 +624,13 @@ def to_frames(
                         chunk=pb.Chunk(chunk_id=cid, data=piece, crc32c=crc),
                     )
                 )
-    trailer = pb.Trailer(chunk_count=len(chunks), payload_bytes=sum(e.size for e in header.payload))
-    return [
-        pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header),
-        *chunks,
-        pb.TransferFrame(protocol_version=PROTOCOL_VERSION, trailer=trailer),
-    ]
+    header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
+    trailer = pb.Trailer(
+        chunk_count=len(chunks),
+        payload_bytes=sum(e.size for e in header.payload),
+        header_crc32c=google_crc32c.value(header_frame.SerializeToString()),
+    )
+    return [header_frame, *chunks, pb.TransferFrame(protocol_version=PROTOCOL_VERSION, trailer=trailer)]
 
 
 def cancel_frame(reason: str) -> pb.TransferFrame:
@@ -1257,9 +1261,17 @@ class Assembler:
     The header is validated in full (fingerprint, codecs, geometry, counts, sizes and limits)
     before any chunk is kept. Each chunk's size and CRC32C are checked against the header's
     payload table: a bad chunk is Nacked (at most limits.max_chunk_retries times, then CORRUPT);
-    a layer is Acked once all its chunks are in. The message is complete when the trailer has
-    arrived and every chunk is verified (a Nacked chunk may come after the trailer). Any error is
-    raised as WireError, drops what was received, and sticks: later calls raise it again.
+    a layer is Acked once all its chunks are in. The trailer carries the CRC32C of the header
+    frame: a header damaged in transit is CORRUPT, so no unverified byte is ever used. The
+    message is complete when the trailer has arrived and every chunk is verified (a Nacked chunk
+    may come after the trailer). Any error is raised as WireError, drops what was received, and
+    sticks: later calls raise it again.
+
+    Order: chunks may arrive in any order between the header and the trailer (each is placed by
+    its id and verified by size and CRC32C, so order carries no information); a chunk that
+    arrived intact once and comes again is refused (ORDER), as is any chunk after the trailer
+    that was not Nacked. HTTP/2 delivers a stream's frames once and in order, so either means a
+    faulty sender.
     codecs/profile_hashes: what this receiver decodes (default: everything registered here;
     any profile hash).
     """
@@ -1295,6 +1307,8 @@ class Assembler:
         self._t_last = 0.0
         self._verify_s = 0.0
         self._validate_s = 0.0
+        self._header_crc: int | None = None
+        self._buffered = 0
 
     @property
     def message_id(self) -> str | None:
@@ -1307,6 +1321,11 @@ class Assembler:
     @property
     def config(self) -> CodecConfig | None:
         return self._plan.config if self._plan else None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Chunk data held so far (0 once the message failed or was assembled)."""
+        return self._buffered
 
     @property
     def complete(self) -> bool:
@@ -1327,10 +1346,14 @@ class Assembler:
         except WireError as err:
             self._fail(err)
             raise
-        return self.feed(frame)
+        return self._take(frame, raw)
 
     def feed(self, frame: pb.TransferFrame) -> list[pb.Signal]:
         """Take one frame; returns the signals to send back (Acks, Nacks). Raises WireError."""
+        return self._take(frame, None)
+
+    def _take(self, frame: pb.TransferFrame, raw: bytes | None) -> list[pb.Signal]:
+        """raw: the frame's bytes as received (the header's CRC32C is taken over them), if known."""
         if self._error is not None:
             raise self._error
         now = time.perf_counter()
@@ -1338,7 +1361,7 @@ class Assembler:
             self._t_first = now
         self._t_last = now
         try:
-            signals = self._feed(frame)
+            signals = self._feed(frame, raw)
         except WireError as err:
             self._fail(err)
             raise
@@ -1349,9 +1372,10 @@ class Assembler:
     def _fail(self, err: WireError) -> None:
         self._error = err
         self._data.clear()  # a partial message is never used
+        self._buffered = 0
         logger.info("message %s refused: %s", self.message_id, err)
 
-    def _feed(self, frame: pb.TransferFrame) -> list[pb.Signal]:
+    def _feed(self, frame: pb.TransferFrame, raw: bytes | None) -> list[pb.Signal]:
         _check_version(frame.protocol_version, "the sender")
         kind = frame.WhichOneof("frame")
         if kind is None:
@@ -1368,6 +1392,7 @@ class Assembler:
                 frame, self.fingerprint, self.geometry, self.limits, self.codecs, self.profile_hashes
             )
             self._validate_s = time.perf_counter() - t0
+            self._header_crc = google_crc32c.value(raw if raw is not None else frame.SerializeToString())
             self._plan = plan
             self._layer_left = {layer: len(ids) for layer, ids in plan.layer_chunks.items()}
             self._tally.header(frame)
@@ -1415,6 +1440,7 @@ class Assembler:
             logger.info("nack %s: %s (%d attempts left)", where, problem, left)
             return [_nack_signal(cid, problem, left)]
         self._data[cid] = chunk.data
+        self._buffered += len(chunk.data)
         self._awaiting.discard(cid)
         self._layer_left[entry.layer] -= 1
         if self._layer_left[entry.layer] == 0:
@@ -1425,6 +1451,12 @@ class Assembler:
         if self._trailer:
             raise WireError("ORDER", "a second trailer arrived")
         trailer = frame.trailer
+        if trailer.header_crc32c != self._header_crc:
+            raise WireError(
+                "CORRUPT",
+                f"the header frame's CRC32C {self._header_crc or 0:08x} does not match the trailer's "
+                f"{trailer.header_crc32c:08x}: the header (or the trailer) was damaged in transit",
+            )
         n = len(plan.entries)
         total = sum(e.size for e in plan.entries)
         if trailer.chunk_count != n or trailer.payload_bytes != total:
@@ -1481,6 +1513,7 @@ class Assembler:
                     parts[name] = Part(data, raw, zstd)
             tensors.append(replace(t, parts=parts))
         self._data.clear()
+        self._buffered = 0
         encoded = EncodedKV(
             config=plan.config,
             geometry=plan.geometry,
