@@ -40,6 +40,11 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Property-based fuzzing of the frame decoder and header validation (tests/test_fuzz.py): the "fuzz"
+# hypothesis profile (tests/conftest.py) runs 20k examples per property, over 100k in all.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics --timeout=14400
+
 demo: install
 	$(PY) -m kvlink.demo
 

@@ -1,6 +1,7 @@
 """kvlink-send: send a context's KV cache to a kvlink-serve receiver within a bandwidth budget, then ask.
 
     kvlink-send --server 127.0.0.1:50051 --budget 18.75% --context paper.txt --question "Who wrote it?"
+    kvlink-send --server rx.example:50051 --tls-ca ca.crt --auth-token-file token ...   # TLS + token
 
 Prefills the context locally, lets the budget planner (kvlink.budget) choose
 the best configuration whose exact wire size fits the budget, streams it,
@@ -96,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    p.add_argument(
+        "--attempts", type=int, default=3,
+        help="tries of the transfer, each on a new connection, when the connection breaks or the "
+        "message is damaged in transit",
+    )  # fmt: skip
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls", action="store_true", help="TLS, verifying the receiver with the system's CAs")
+    sec.add_argument("--tls-ca", metavar="PEM", default=None, help="TLS, verifying the receiver with this CA")
+    sec.add_argument("--tls-cert", metavar="PEM", default=None, help="client certificate for mutual TLS")
+    sec.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    sec.add_argument(
+        "--tls-server-name", metavar="NAME", default=None,
+        help="the name the receiver's certificate must carry, when it differs from --server's host",
+    )  # fmt: skip
+    sec.add_argument(
+        "--auth-token-file", metavar="FILE", default=None,
+        help="bearer token for the receiver; default: $KVLINK_AUTH_TOKEN if set",
+    )  # fmt: skip
     p.add_argument("--explain", action="store_true", help="print the configurations the planner weighed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
@@ -213,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from client.sender import SendError, send_context
+    from client.sender import ClientSecurity, SendError, send_context
     from kvlink import models
     from kvlink.budget import BudgetError, parse_budget
 
@@ -226,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("the question is empty")
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.attempts < 1:
+            raise UsageError(f"--attempts must be >= 1, got {args.attempts}")
+        security = ClientSecurity.from_files(
+            tls=args.tls, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+            token_file=args.auth_token_file, server_name=args.tls_server_name,
+        )  # fmt: skip
         context = read_context(args.context)
     except (ValueError, UsageError) as exc:
         print(f"kvlink-send: error: {exc}", file=sys.stderr)
@@ -245,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     reference_answers=args.reference_answer,
                     max_new_tokens=args.max_new_tokens,
                     timeout=args.timeout,
+                    security=security,
+                    attempts=args.attempts,
                 )
             )
     except BudgetError as exc:

@@ -8,7 +8,13 @@ kvlink.budget.plan); this module moves frames (kvlink.wire.to_frames, Outbox)
 over a grpc.aio bidi call while it reads the receiver's signals: a Nack gets
 exactly that chunk again, the Receipt ends the message. A failed call raises
 SendError with the gRPC status and, when the receiver sent one, its
-kvlink.wire error code.
+kvlink.wire error code. A transfer that fails in a way a fresh connection can
+cure (the connection broke, or a frame was damaged beyond what Nacks repair)
+is sent again, whole, on a new channel (transfer_with_retries).
+
+ClientSecurity opens the channels: TLS verified with a CA (or the system's
+roots), a client certificate for mutual TLS, and the bearer token sent as call
+metadata (`authorization: Bearer ...`), never logged.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +41,20 @@ from kvlink.prompt import context_ids, question_ids, question_rows
 logger = logging.getLogger(__name__)
 
 CLIENT_NAME = "kvlink-send 0.1.0"
+TOKEN_ENV = "KVLINK_AUTH_TOKEN"
+
+Metadata = tuple[tuple[str, str], ...]
+
+RETRYABLE: frozenset[grpc.StatusCode] = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # the connection broke or could not be made
+        grpc.StatusCode.INTERNAL,  # HTTP/2 or gRPC framing damaged in transit
+        grpc.StatusCode.DATA_LOSS,  # CORRUPT: a chunk or the header stayed damaged
+        grpc.StatusCode.ABORTED,  # TRUNCATED: the stream ended early
+    }
+)
+"""Transfer failures that a fresh connection can cure: the whole message is sent again on a new channel.
+Refusals of the message itself (shape, codec, fingerprint, size, auth, BUSY) are final."""
 
 FaultHook = Callable[["wire.pb.TransferFrame", int], "wire.pb.TransferFrame | bytes | None"]
 """Fault injection for tests and demos: called with (frame, attempt) before each frame is sent
@@ -118,6 +140,90 @@ class SendResult:
         }  # fmt: skip
 
 
+@dataclass(frozen=True, repr=False)
+class ClientSecurity:
+    """How the sender reaches a receiver. tls: verify the receiver's certificate (with root_ca, or the
+    system's roots when None). cert/key: a client certificate for mutual TLS. token: the bearer token.
+    server_name: the name to verify when it differs from the dialed host (dialing an IP, say)."""
+
+    tls: bool = False
+    root_ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        if (self.root_ca or self.cert or self.server_name) and not self.tls:
+            raise ValueError("a CA, client certificate or server name needs tls=True")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ValueError("the bearer token must be non-empty and contain no whitespace")
+
+    def __repr__(self) -> str:  # never shows the token or the key
+        mode = "mutual TLS" if self.cert else "TLS" if self.tls else "plaintext"
+        return f"ClientSecurity({mode}, token={'set' if self.token else 'none'})"
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        tls: bool = False,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token_file: str | None = None,
+        server_name: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ClientSecurity:
+        """Read PEM files and the token (token_file, else $KVLINK_AUTH_TOKEN); any of ca/cert/key implies
+        TLS. ValueError names the file, never its contents."""
+        environ = os.environ if environ is None else environ
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {what} {path!r}: {exc.strerror or exc}") from None
+
+        token: str | None = None
+        if token_file is not None:
+            raw = read(token_file, "the token file") or b""
+            token = raw.decode("utf-8", "replace").strip()
+            if not token:
+                raise ValueError(f"the token file {token_file!r} is empty")
+        elif environ.get(TOKEN_ENV, "").strip():
+            token = environ[TOKEN_ENV].strip()
+        return cls(
+            tls=tls or bool(ca or cert or key or server_name), root_ca=read(ca, "the CA file"),
+            cert=read(cert, "the client certificate"), key=read(key, "the client key"), token=token,
+            server_name=server_name,
+        )  # fmt: skip
+
+    @property
+    def metadata(self) -> Metadata:
+        """Call metadata: the bearer token, when there is one."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A new grpc.aio channel to `target` (use it as an async context manager)."""
+        opts = list(options)
+        if not self.tls:
+            return grpc.aio.insecure_channel(target, options=opts)
+        if self.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.root_ca, private_key=self.key, certificate_chain=self.cert
+        )
+        return grpc.aio.secure_channel(target, credentials, options=opts)
+
+
+PLAINTEXT = ClientSecurity()
+
+
 def _kept(p: Plan) -> int:
     return p.encoded.tensors[0].shape[1] if p.encoded.tensors else 0
 
@@ -132,15 +238,17 @@ async def transfer(
     *,
     timeout: float | None = 60.0,
     fault: FaultHook | None = None,
+    metadata: Metadata = (),
 ) -> TransferResult:
     """Stream one message's frames over a Transfer call and follow the receiver's signals.
 
     A Nack puts exactly that chunk back in the queue (kvlink.wire.Outbox); the Receipt ends the
-    message and half-closes the stream. Raises SendError when the call fails.
+    message and half-closes the stream. Raises SendError when the call fails. metadata: call
+    metadata (ClientSecurity.metadata carries the bearer token).
     """
     outbox = wire.Outbox(frames)
     call = channel.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
-        timeout=timeout
+        timeout=timeout, metadata=metadata or None
     )
     queue: asyncio.Queue[wire.pb.TransferFrame | None] = asyncio.Queue()
     for frame in outbox.frames:
@@ -195,13 +303,16 @@ async def transfer(
     )  # fmt: skip
 
 
-async def hello(channel: grpc.aio.Channel, fingerprint: str, *, timeout: float | None = 30.0) -> wire.Welcome:
+async def hello(
+    channel: grpc.aio.Channel, fingerprint: str, *, timeout: float | None = 30.0, metadata: Metadata = ()
+) -> wire.Welcome:
     """The handshake: the receiver refuses another model (FAILED_PRECONDITION); so do we."""
     stub = wire.KVLinkStub(channel)
     try:
         msg = await stub.Hello(
-            wire.hello_to_proto(wire.Hello(fingerprint, client=CLIENT_NAME)), timeout=timeout
-        )
+            wire.hello_to_proto(wire.Hello(fingerprint, client=CLIENT_NAME)), timeout=timeout,
+            metadata=metadata or None,
+        )  # fmt: skip
     except grpc.aio.AioRpcError as exc:
         raise SendError.from_rpc(exc, "Hello") from None
     try:
@@ -210,20 +321,63 @@ async def hello(channel: grpc.aio.Channel, fingerprint: str, *, timeout: float |
         raise SendError(err.status_code, err.message, err.code, "Hello") from None
 
 
-async def ask(channel: grpc.aio.Channel, request: wire.Ask, *, timeout: float | None = 120.0) -> wire.Answer:
+async def ask(
+    channel: grpc.aio.Channel, request: wire.Ask, *, timeout: float | None = 120.0, metadata: Metadata = ()
+) -> wire.Answer:
     """Ask about a transferred context; NOT_FOUND when the receiver holds no complete copy of it."""
     try:
-        msg = await wire.KVLinkStub(channel).Ask(wire.ask_to_proto(request), timeout=timeout)
+        msg = await wire.KVLinkStub(channel).Ask(
+            wire.ask_to_proto(request), timeout=timeout, metadata=metadata or None
+        )
     except grpc.aio.AioRpcError as exc:
         raise SendError.from_rpc(exc, "Ask") from None
     return wire.answer_from_proto(msg)
 
 
 def channel_options(max_message_bytes: int = 64 << 20) -> list[tuple[str, int]]:
+    """Options of the sender's channels. Each channel gets its own connection (grpc otherwise shares one
+    between channels to the same target), so that a retry on a new channel is one on a new connection."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.use_local_subchannel_pool", 1),
     ]
+
+
+async def transfer_with_retries(
+    open_channel: Callable[[], grpc.aio.Channel],
+    frames: Sequence[wire.pb.TransferFrame],
+    *,
+    attempts: int = 3,
+    backoff_s: float = 0.25,
+    timeout: float | None = 60.0,
+    fault: FaultHook | None = None,
+    metadata: Metadata = (),
+) -> tuple[TransferResult, grpc.aio.Channel]:
+    """transfer() on a channel from open_channel() per attempt. A failure in RETRYABLE (the connection
+    broke, framing or a frame was damaged in transit, the stream ended early) closes that channel and
+    sends the whole message again on a new one, up to `attempts` tries in all; any other failure, or
+    the last, raises SendError. Returns the result and the channel it succeeded on, still open (the
+    caller closes it, and asks on it: a new connection may reach another receiver replica)."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts!r}")
+    for attempt in range(1, attempts + 1):
+        channel = open_channel()
+        try:
+            return await transfer(channel, frames, timeout=timeout, fault=fault, metadata=metadata), channel
+        except SendError as err:
+            await channel.close()
+            if err.status not in RETRYABLE or attempt == attempts:
+                raise
+            logger.warning(
+                "transfer attempt %d of %d failed (%s); sending the message again on a new connection",
+                attempt, attempts, err,
+            )  # fmt: skip
+            await asyncio.sleep(backoff_s * attempt)
+        except BaseException:
+            await channel.close()
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def send_context(
@@ -241,13 +395,16 @@ async def send_context(
     session_id: str | None = None,
     transfer_target: str | None = None,
     fault: FaultHook | None = None,
+    security: ClientSecurity = PLAINTEXT,
+    attempts: int = 3,
 ) -> SendResult:
     """Send `context`'s KV cache to the receiver at `target` within `budget` and ask `question`.
 
     budget: a fraction in (0, 1] or text like "18.75%" (ValueError outside). lm: a loaded model
     (else `model` is loaded). transfer_target: connect the Transfer call there instead (a proxy
-    that counts bytes, say); Hello and Ask use `target`. Raises kvlink.budget.BudgetError when no
-    config fits, SendError when a call fails.
+    that counts bytes, say); Hello and Ask use `target`. security: TLS and bearer token of every
+    call. attempts: tries of the Transfer, each on a new connection (see transfer_with_retries).
+    Raises kvlink.budget.BudgetError when no config fits, SendError when a call fails.
     """
     fraction = parse_budget(budget)
     if lm is None:
@@ -255,11 +412,10 @@ async def send_context(
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
     timings: dict[str, float] = {}
+    meta = security.metadata
     async with contextlib.AsyncExitStack() as stack:
-        channel = await stack.enter_async_context(
-            grpc.aio.insecure_channel(target, options=channel_options())
-        )
-        welcome = await hello(channel, lm.fingerprint, timeout=timeout)
+        channel = await stack.enter_async_context(security.channel(target, channel_options()))
+        welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
 
         t0 = time.perf_counter()
@@ -284,19 +440,25 @@ async def send_context(
         frames = wire.to_frames(chosen.encoded, session_id, message_id, lm.fingerprint, chunk_bytes)
         timings["pack_s"] = time.perf_counter() - t0 + enc_t.get("zstd_s", 0.0)
 
-        if transfer_target is not None and transfer_target != target:
-            tchannel = await stack.enter_async_context(
-                grpc.aio.insecure_channel(transfer_target, options=channel_options())
-            )
-        else:
-            tchannel = channel
-        result = await transfer(tchannel, frames, timeout=timeout, fault=fault)
+        # The first try shares the Hello connection; a retry gets a connection of its own, and the
+        # question then follows the message there (one HTTP/2 connection reaches one replica).
+        direct = transfer_target is None or transfer_target == target
+        first = [channel] if direct else []
+
+        def open_channel() -> grpc.aio.Channel:
+            return first.pop() if first else security.channel(transfer_target or target, channel_options())
+
+        result, tchannel = await transfer_with_retries(
+            open_channel, frames, attempts=attempts, timeout=timeout, fault=fault, metadata=meta
+        )
+        if tchannel is not channel:
+            stack.push_async_callback(tchannel.close)
         timings["transfer_s"] = result.seconds
 
         request = wire.Ask(
             session_id, message_id, question, max_new_tokens, tuple(reference_answers), dict(timings)
         )
-        answer = await ask(channel, request, timeout=timeout)
+        answer = await ask(tchannel if direct else channel, request, timeout=timeout, metadata=meta)
     for key in ("decode_s", "receive_s"):
         if key in result.receipt.timings:
             timings[key] = result.receipt.timings[key]

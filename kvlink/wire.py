@@ -23,12 +23,14 @@ A message on the wire (one Transfer call): a Header (ids, fingerprint,
 geometry, T, codec config, kept positions, per-tensor entries, and a payload
 table with the size and CRC32C of every chunk), then the chunks layer by layer
 (K parts then V parts of each layer; a part longer than the chunk size spans
-several chunks), then a Trailer. The receiver validates the whole header
-against its model and its WireLimits before it keeps a single chunk byte, and
-checks every chunk's size and CRC32C against the table: a damaged chunk is
-asked for again (Nack) up to `max_chunk_retries` times. Only a complete,
-verified message becomes an EncodedKV; any failure raises WireError, whose
-code maps to a gRPC status (GRPC_STATUS).
+several chunks), then a Trailer (with the CRC32C of the header frame). The
+receiver validates the whole header against its model and its WireLimits
+before it keeps a single chunk byte, and checks every chunk's size and CRC32C
+against the table: a damaged chunk is asked for again (Nack) up to
+`max_chunk_retries` times; a damaged header fails the trailer's check
+(CORRUPT). Chunks may arrive in any order; one received intact twice is
+refused (ORDER). Only a complete, verified message becomes an EncodedKV; any
+failure raises WireError, whose code maps to a gRPC status (GRPC_STATUS).
 """
 
 from __future__ import annotations

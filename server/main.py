@@ -1,11 +1,21 @@
 """kvlink-serve: the receiver. gRPC (kvlink.v1.KVLink + grpc.health.v1) and the REST stats app, one process.
 
     kvlink-serve --model smollm2-135m-instruct --port 50051 --rest-port 8080 --device cuda
+    kvlink-serve --tls-cert tls.crt --tls-key tls.key [--tls-client-ca ca.crt] \
+                 --auth-token-file token --health-port 50052
 
 Loads the model (it must be the sender's: the fingerprint is compared in Hello
 and in every message header), then serves until SIGTERM/SIGINT: it stops
 accepting calls, lets the calls in flight finish within --grace seconds, and
 exits 0.
+
+Security: gRPC is TLS when --tls-cert/--tls-key are given, mutual TLS when
+--tls-client-ca is too; a bearer token (--auth-token-file, or the environment
+variable KVLINK_AUTH_TOKEN) is then required on every KVLink call and REST path
+but /healthz. Both listeners bind 127.0.0.1 unless --host/--rest-host say
+otherwise. --health-port adds a plaintext listener that serves grpc.health.v1
+and nothing else (the kubelet's gRPC probe cannot speak TLS). No secret is
+ever logged.
 """
 
 from __future__ import annotations
@@ -14,20 +24,27 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 if TYPE_CHECKING:  # torch, grpc and the library are imported when the server starts, not for --help
+    import grpc
+
     from server.store import SessionStore
 
 logger = logging.getLogger("kvlink.serve")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TOKEN_ENV = "KVLINK_AUTH_TOKEN"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _positive_int(text: str) -> int:
@@ -64,39 +81,153 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
-    p.add_argument("--rest-host", default="127.0.0.1", help="REST listen address")
+    p.add_argument(
+        "--rest-host", default="127.0.0.1",
+        help="REST listen address; anything but loopback exposes the stats (use --auth-token-file)",
+    )  # fmt: skip
     p.add_argument("--rest-port", type=int, default=8080, help="REST port")
+    p.add_argument(
+        "--health-port", type=int, default=None,
+        help="also serve grpc.health.v1 (and nothing else) in plaintext on this port, on --host: "
+        "for probes that cannot speak TLS, such as the kubelet's",
+    )  # fmt: skip
     p.add_argument(
         "--device", default="cpu", help="where the model runs and caches are decoded: cpu, cuda, cuda:1"
     )
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="model dtype")
-    p.add_argument(
-        "--session-ttl",
-        type=_positive_float,
-        default=600.0,
-        help="seconds a context is kept after its last use",
-    )
-    p.add_argument(
-        "--max-cached-bytes",
-        type=_positive_int,
-        default=2 << 30,
-        help="memory cap of decoded contexts (LRU eviction)",
-    )
-    p.add_argument(
-        "--max-message-bytes", type=_positive_int, default=512 << 20,
-        help="largest message (declared chunk data + positions) accepted",
+
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-cert", metavar="PEM", default=None, help="gRPC server certificate chain: TLS on")
+    sec.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+    sec.add_argument(
+        "--tls-client-ca", metavar="PEM", default=None,
+        help="mutual TLS: senders must present a certificate signed by this CA",
     )  # fmt: skip
-    p.add_argument(
-        "--max-new-tokens",
-        type=_positive_int,
-        default=64,
-        help="longest answer (longer requests are clamped)",
+    sec.add_argument(
+        "--auth-token-file", metavar="FILE", default=None,
+        help=f"bearer token senders must present (gRPC metadata 'authorization: Bearer ...', REST "
+        f"Authorization header; /healthz stays open); default: ${TOKEN_ENV} if set, else no token",
+    )  # fmt: skip
+
+    lim = p.add_argument_group(
+        "limits (a request past one gets a specific gRPC error; nothing else is affected)"
     )
+    lim.add_argument(
+        "--max-message-bytes", type=_positive_int, default=512 << 20,
+        help="largest message (declared chunk data + positions), refused from its header before "
+        "anything is allocated (RESOURCE_EXHAUSTED, TOO_LARGE)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-concurrent-sessions", type=_positive_int, default=64,
+        help="Transfer and Ask calls in progress over all senders; one more is refused "
+        "(RESOURCE_EXHAUSTED, BUSY)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--per-peer-concurrency", type=_positive_int, default=4,
+        help="Transfer and Ask calls in progress from one client address; one more is refused "
+        "(RESOURCE_EXHAUSTED, BUSY)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-cached-bytes", type=_positive_int, default=2 << 30,
+        help="memory cap of decoded contexts kept for questions: least recently used ones are "
+        "evicted (a later Ask gets NOT_FOUND); a context larger than the cap is refused",
+    )  # fmt: skip
+    lim.add_argument(
+        "--session-ttl", type=_positive_float, default=600.0,
+        help="seconds a decoded context is kept after its last use",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-new-tokens", type=_positive_int, default=64,
+        help="longest answer in tokens (longer requests are clamped)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--stall-timeout", type=_positive_float, default=30.0,
+        help="seconds a Transfer may go without a frame before it is dropped "
+        "(DEADLINE_EXCEEDED, STALLED)",
+    )  # fmt: skip
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds calls in flight get to finish at shutdown"
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return p
+
+
+@dataclass(frozen=True, repr=False)
+class Security:
+    """The security flags, read and checked before the model loads. repr() shows no secret."""
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    client_ca: bytes | None = None
+    token: str | None = None
+    token_source: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def __repr__(self) -> str:
+        mode = "mutual TLS" if self.client_ca else "TLS" if self.tls else "plaintext"
+        return f"Security({mode}, token={'from ' + self.token_source if self.token else 'none'})"
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """gRPC server credentials (None: plaintext)."""
+        if self.cert is None or self.key is None:
+            return None
+        import grpc
+
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )  # fmt: skip
+
+
+def _read_pem(path: str, flag: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {flag} {path!r}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{flag} {path!r} is not a PEM file")
+    return data
+
+
+def check_token(token: str, source: str) -> str:
+    """A usable bearer token (surrounding whitespace dropped) or ValueError, which never quotes it."""
+    token = token.strip()
+    if not token:
+        raise ValueError(f"the bearer token from {source} is empty")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ValueError(f"the bearer token from {source} must be printable ASCII without spaces")
+    return token
+
+
+def load_security(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Security:
+    """Read the TLS files and the token named by the flags (or $KVLINK_AUTH_TOKEN); ValueError says what is
+    wrong without quoting any secret."""
+    environ = dict(os.environ) if environ is None else environ
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    cert = _read_pem(args.tls_cert, "--tls-cert") if args.tls_cert else None
+    key = _read_pem(args.tls_key, "--tls-key") if args.tls_key else None
+    client_ca = _read_pem(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
+    token, source = None, ""
+    if args.auth_token_file:
+        source = "--auth-token-file"
+        try:
+            text = Path(args.auth_token_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise ValueError(f"cannot read --auth-token-file {args.auth_token_file!r}: {why}") from None
+        token = check_token(text, source)
+    elif TOKEN_ENV in environ:
+        source = f"${TOKEN_ENV}"
+        token = check_token(environ[TOKEN_ENV], source)
+    if args.health_port is not None and args.health_port in (args.port, args.rest_port):
+        raise ValueError(f"--health-port {args.health_port} must differ from --port and --rest-port")
+    return Security(cert, key, client_ca, token, source)
 
 
 class _RestServer(uvicorn.Server):
@@ -117,17 +248,26 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status."""
+async def serve(args: argparse.Namespace, security: Security | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status. security: load_security(args) by default."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from kvlink import wire
     from kvlink.metrics import MetricsRegistry
     from kvlink.models import load_model
+    from server.guard import Guard
     from server.rest import create_app
     from server.service import KVLinkService
     from server.store import SessionStore
+
+    security = security or load_security(args)
+    if security.token and not security.tls:
+        logger.warning("the bearer token travels in plaintext gRPC: add --tls-cert and --tls-key")
+    if args.rest_host not in LOOPBACK and not security.token:
+        logger.warning("REST is exposed on %s without a bearer token (--auth-token-file)", args.rest_host)
+    if args.host not in LOOPBACK and not security.tls:
+        logger.warning("gRPC is exposed on %s without TLS (--tls-cert, --tls-key)", args.host)
 
     limits = wire.WireLimits(
         max_message_bytes=args.max_message_bytes,
@@ -140,14 +280,26 @@ async def serve(args: argparse.Namespace) -> int:
         load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype
     )
     store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes)
-    service = KVLinkService(lm, store, MetricsRegistry(), limits, max_new_tokens=args.max_new_tokens)
+    guard = Guard(security.token, args.max_concurrent_sessions, args.per_peer_concurrency)
+    service = KVLinkService(
+        lm, store, MetricsRegistry(), limits, max_new_tokens=args.max_new_tokens, guard=guard,
+        stall_timeout_s=args.stall_timeout,
+    )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
 
     server = grpc.aio.server(options=limits.grpc_options())
     server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    credentials = security.server_credentials()
+    address = f"{args.host}:{args.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    health_server: grpc.aio.Server | None = None
+    if args.health_port is not None:  # the same servicer: one status on both listeners
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{args.host}:{args.health_port}")
+        await health_server.start()
     await server.start()
     for name in ("", wire.SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -164,8 +316,15 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     purge = asyncio.create_task(_purge_loop(store, min(args.session_ttl / 4, 30.0)))
     logger.info(
-        "kvlink-serve ready: model %s (fingerprint %s) on %s; gRPC %s:%d; REST http://%s:%d (docs at /docs)",
-        lm.name, lm.fingerprint[:12], lm.device, args.host, port, args.rest_host, rest_sock.getsockname()[1],
+        "kvlink-serve ready: model %s (fingerprint %s) on %s; gRPC %s:%d (%s, %s)%s; REST http://%s:%d "
+        "(docs at /docs); limits: %d calls, %d per peer, %d cached bytes, %d message bytes, "
+        "%d answer tokens, %g s stall timeout",
+        lm.name, lm.fingerprint[:12], lm.device, args.host, port,
+        "mutual TLS" if security.client_ca else "TLS" if security.tls else "plaintext",
+        f"bearer token from {security.token_source}" if security.token else "no token",
+        f"; health-only {args.host}:{args.health_port}" if health_server else "",
+        args.rest_host, rest_sock.getsockname()[1], args.max_concurrent_sessions, args.per_peer_concurrency,
+        args.max_cached_bytes, args.max_message_bytes, args.max_new_tokens, args.stall_timeout,
     )  # fmt: skip
 
     stop_task = asyncio.create_task(stop.wait())
@@ -180,6 +339,8 @@ async def serve(args: argparse.Namespace) -> int:
     service.serving = False
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace)
+    if health_server is not None:
+        await health_server.stop(None)
     rest.should_exit = True
     with contextlib.suppress(Exception):
         await rest_task
@@ -198,14 +359,19 @@ async def _purge_loop(store: SessionStore, every_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        security = load_security(args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exit 2
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(args, security))
     except (OSError, RuntimeError, ValueError) as exc:  # a port in use, an unknown model or device, ...
         print(f"kvlink-serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

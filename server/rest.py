@@ -1,7 +1,8 @@
 """The receiver's REST app (FastAPI, served by uvicorn in the kvlink-serve process).
 
-    GET /healthz                 liveness/readiness: model, fingerprint, cached sessions
-    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals
+    GET /healthz                 liveness/readiness: model, fingerprint, cached sessions (always open)
+    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals,
+                                 the session store, and the calls in progress
     GET /v1/messages?limit=N     per-message records, newest first
     GET /v1/messages/{id}        one record (404 if unknown)
     GET /metrics                 Prometheus text format
@@ -9,14 +10,18 @@
 
 The numbers come from the servicer's kvlink.metrics.MetricsRegistry; this
 module only serves them (and mirrors them into Prometheus collectors).
+
+When the receiver has a bearer token (server.guard), every path but /healthz
+answers 401 without `Authorization: Bearer <token>`; probes keep /healthz.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,7 +33,11 @@ from prometheus_client import (
 )
 
 from kvlink.metrics import BYTE_CATEGORIES, AskRecord, MessageRecord
+from server.guard import bearer_ok
 from server.service import KVLinkService
+
+OPEN_PATHS = frozenset({"/healthz"})
+"""Paths served without the bearer token: the probes' endpoint."""
 
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -70,6 +79,12 @@ class PrometheusExporter:
         cached_bytes.set_function(lambda: service.store.stats().bytes)
         in_flight = Gauge("kvlink_transfers_in_flight", "Transfer calls in progress", registry=r)
         in_flight.set_function(lambda: service.in_flight)
+        asks = Gauge("kvlink_asks_in_flight", "Ask calls in progress", registry=r)
+        asks.set_function(lambda: service.asks_in_flight)
+        buffered = Gauge(
+            "kvlink_buffered_bytes", "Chunk data held by transfers in progress (not yet decoded)", registry=r
+        )
+        buffered.set_function(lambda: service.call_stats()["buffered_bytes"] or 0)
 
     def on_message(self, record: MessageRecord) -> None:
         label = record.config_label
@@ -102,6 +117,22 @@ def create_app(service: KVLinkService) -> FastAPI:
     exporter = PrometheusExporter(service)
     service.metrics.add_listener(exporter)
     app.state.exporter = exporter
+    token = service.guard.token
+
+    if token is not None:
+
+        @app.middleware("http")
+        async def require_token(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            if request.url.path in OPEN_PATHS or bearer_ok(request.headers.get("authorization"), token):
+                return await call_next(request)
+            service.metrics.record_error("UNAUTHENTICATED", "REST")
+            return JSONResponse(
+                {"detail": "missing or invalid bearer token: send 'Authorization: Bearer <token>'"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="kvlink"'},
+            )
 
     @app.get("/healthz", summary="Liveness and readiness")
     def healthz() -> JSONResponse:
@@ -126,9 +157,10 @@ def create_app(service: KVLinkService) -> FastAPI:
         store = service.store.stats()
         out["store"] = {
             "sessions": store.sessions, "messages": store.messages, "bytes": store.bytes,
-            "max_bytes": store.max_bytes, "ttl_s": store.ttl_s, "evicted": store.evicted,
-            "expired": store.expired,
+            "peak_bytes": store.peak_bytes, "max_bytes": store.max_bytes, "ttl_s": store.ttl_s,
+            "evicted": store.evicted, "expired": store.expired,
         }  # fmt: skip
+        out["calls"] = service.call_stats()
         return out
 
     @app.get("/v1/messages", summary="Per-message records, newest first")

@@ -7,6 +7,11 @@ kvlink.codec decodes it, kvlink.generate answers from it. A message becomes a
 session entry only once it is complete, verified and decoded; any failure
 aborts the call with the WireError's gRPC status (its code in the trailing
 metadata) and leaves nothing behind, so no partial cache can ever answer.
+
+Before any of that, server.guard.Guard checks the bearer token (UNAUTHENTICATED)
+and admits the call: Transfer and Ask calls in progress are capped in all and
+per peer (RESOURCE_EXHAUSTED, code BUSY). A Transfer on which no frame arrives
+for `stall_timeout_s` ends with DEADLINE_EXCEEDED (code STALLED) and is dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from server.guard import Busy, Guard, Slot
 from server.store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -65,7 +71,9 @@ class KVLinkService:
     lm: the model (decode and answers run on its device). store: decoded caches by (session, message).
     metrics: per-message records for REST. limits: what a message may declare. max_new_tokens:
     answers are at most this long (a longer request is clamped). profile_hashes: calibrated low-rank
-    profiles held (none: "profile" messages are refused as UNKNOWN_CODEC).
+    profiles held (none: "profile" messages are refused as UNKNOWN_CODEC). guard: bearer token and
+    call admission (default: no token, 64 calls, 4 per peer). stall_timeout_s: longest wait for the
+    next frame of a Transfer (None: only the sender's deadline bounds it).
     """
 
     def __init__(
@@ -76,9 +84,13 @@ class KVLinkService:
         limits: wire.WireLimits | None = None,
         max_new_tokens: int = 64,
         profile_hashes: Collection[str] = (),
+        guard: Guard | None = None,
+        stall_timeout_s: float | None = 30.0,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0 or None, got {stall_timeout_s!r}")
         self.lm = lm
         self.store = store
         self.metrics = metrics
@@ -95,7 +107,41 @@ class KVLinkService:
         self.serving = True
         self.started = time.time()
         self._model_lock = asyncio.Lock()  # one model, one forward at a time
-        self.in_flight = 0
+        self.guard = guard or Guard()
+        self.stall_timeout_s = stall_timeout_s
+        self.in_flight = 0  # Transfer calls in progress
+        self.asks_in_flight = 0
+        self._assemblers: set[wire.Assembler] = set()
+
+    def call_stats(self) -> dict[str, int | float | None]:
+        """Calls in progress and what they hold: returns to 0 when every call has ended, however it ended."""
+        guard = self.guard.stats()
+        return {
+            "transfers_in_flight": self.in_flight, "asks_in_flight": self.asks_in_flight,
+            "buffered_bytes": sum(a.buffered_bytes for a in self._assemblers),
+            "calls": guard.calls, "peers": guard.peers, "busiest_peer_calls": guard.busiest_peer_calls,
+            "refused_busy": guard.refused_busy, "refused_unauthenticated": guard.refused_auth,
+            "max_concurrent_sessions": guard.max_calls, "per_peer_concurrency": guard.per_peer,
+            "stall_timeout_s": self.stall_timeout_s,
+        }  # fmt: skip
+
+    def _admit(self, context: grpc.aio.ServicerContext, rpc: str, slot: bool = True) -> Slot | None:
+        """Check the bearer token (UNAUTHENTICATED) and take a call slot (BUSY when none is free);
+        raises WireError, which the caller turns into the call's status."""
+        reason = self.guard.authorized(context.invocation_metadata())
+        err: wire.WireError | None = None
+        if reason is not None:
+            err = wire.WireError("UNAUTHENTICATED", reason)
+        elif slot:
+            try:
+                return self.guard.acquire(context.peer())
+            except Busy as busy:
+                err = wire.WireError("BUSY", busy.message)
+        if err is None:
+            return None
+        self.metrics.record_error(err.code, rpc)
+        logger.info("%s from %s refused: %s", rpc, context.peer(), err.message)
+        raise err
 
     def warm_up(self) -> float:
         """Run a tiny prefill, INT4 round trip and answer once (blocking), so that the first real
@@ -119,6 +165,10 @@ class KVLinkService:
     # --- Hello --------------------------------------------------------------------
     async def Hello(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Welcome:
         try:
+            self._admit(context, "Hello", slot=False)
+        except wire.WireError as err:
+            await _abort(context, err)
+        try:
             hello = wire.hello_from_proto(wire.parse_hello(request), self.lm.fingerprint)
         except wire.WireError as err:
             self.metrics.record_error(err.code, "Hello")
@@ -131,13 +181,21 @@ class KVLinkService:
     async def Transfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wire.pb.Signal]:
+        try:
+            slot = self._admit(context, "Transfer")
+        except wire.WireError as err:
+            # A signal first: a sender whose writes race this abort sees INTERNAL from grpc, not the status.
+            yield wire.error_signal(err)
+            await _abort(context, err)
         asm = wire.Assembler(
             self.lm.fingerprint, self.lm.geometry, self.limits, self.codecs, self.profile_hashes
         )
         self.in_flight += 1
+        self._assemblers.add(asm)
         stored: tuple[str, str] | None = None
         try:
-            async for raw in request_iterator:
+            frames = aiter(request_iterator)
+            while (raw := await self._next_frame(frames, asm)) is not None:
                 for signal in asm.feed_raw(raw):
                     yield signal
                 if asm.complete:
@@ -177,6 +235,22 @@ class KVLinkService:
             await context.abort(grpc.StatusCode.INTERNAL, f"receiver error: {type(exc).__name__}: {exc}")
         finally:
             self.in_flight -= 1
+            self._assemblers.discard(asm)
+            if slot is not None:
+                slot.release()
+
+    async def _next_frame(self, frames: AsyncIterator[bytes], asm: wire.Assembler) -> bytes | None:
+        """The next frame's bytes, None at the end of the stream; STALLED after stall_timeout_s of silence."""
+        try:
+            return await asyncio.wait_for(anext(frames), self.stall_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise wire.WireError(
+                "STALLED",
+                f"no frame arrived for {self.stall_timeout_s:g} s (the receiver's --stall-timeout); "
+                f"message {asm.message_id} dropped after {asm.buffered_bytes} bytes of chunk data",
+            ) from None
 
     async def _decode(self, encoded: EncodedKV) -> tuple[ContextKV, float]:
         """Decode on the model's device; refuses a cache the store could never hold."""
@@ -197,6 +271,19 @@ class KVLinkService:
 
     # --- Ask ----------------------------------------------------------------------
     async def Ask(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Answer:
+        try:
+            slot = self._admit(context, "Ask")
+        except wire.WireError as err:
+            await _abort(context, err)
+        self.asks_in_flight += 1
+        try:
+            return await self._ask(request, context)
+        finally:
+            self.asks_in_flight -= 1
+            if slot is not None:
+                slot.release()
+
+    async def _ask(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Answer:
         try:
             ask = wire.ask_from_proto(wire.parse_ask(request), self.limits)
         except wire.WireError as err:

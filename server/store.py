@@ -54,6 +54,7 @@ class StoreStats:
     ttl_s: float
     evicted: int
     expired: int
+    peak_bytes: int = 0  # the most bytes ever held at once (never above max_bytes)
 
 
 class SessionStore:
@@ -74,6 +75,7 @@ class SessionStore:
         self._bytes = 0
         self._evicted = 0
         self._expired = 0
+        self._peak = 0
 
     def fits(self, nbytes: int) -> bool:
         """Whether an entry of `nbytes` can be held at all (after evicting everything else)."""
@@ -99,6 +101,7 @@ class SessionStore:
                 evicted.append(victim)
             self._entries[key] = Entry(kv, nbytes, now, now, config_label)
             self._bytes += nbytes
+            self._peak = max(self._peak, self._bytes)
         for victim in evicted:
             logger.info("evicted session %s message %s (memory cap %d bytes)", *victim, self.max_bytes)
         return evicted
@@ -151,4 +154,5 @@ class SessionStore:
             return StoreStats(
                 sessions=len({s for s, _ in self._entries}), messages=len(self._entries), bytes=self._bytes,
                 max_bytes=self.max_bytes, ttl_s=self.ttl_s, evicted=self._evicted, expired=self._expired,
+                peak_bytes=self._peak,
             )  # fmt: skip

@@ -7,8 +7,30 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis profiles (tests/test_fuzz.py): "ci", the default, runs a few hundred examples in all,
+# derandomized so that `make test` is reproducible; "fuzz" (`make fuzz`, HYPOTHESIS_PROFILE=fuzz) runs
+# FUZZ_EXAMPLES per property, over 100k in all, with fresh randomness each run.
+CI_EXAMPLES, FUZZ_EXAMPLES = 50, 20_000
+settings.register_profile(
+    "ci",
+    max_examples=CI_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral")
 

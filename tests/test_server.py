@@ -14,11 +14,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry, aggregate, percentile
 from kvlink.models import Geometry, LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from netutil import Receiver, free_port, serving
 from server.rest import create_app
 from server.service import KVLinkService
 from server.store import SessionStore, kv_nbytes
@@ -54,65 +52,15 @@ EXAMPLE = 0  # SQuAD answerable question 0: 199 context tokens ("In what country
 
 
 # --- helpers: ports, the receiver process, the byte-counting proxy ---------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Receiver:
-    proc: subprocess.Popen[bytes]
-    target: str
-    rest: str
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-
-def _wait_ready(rx: Receiver, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not rx.alive():
-            pytest.fail(f"kvlink-serve exited with {rx.proc.returncode}:\n{rx.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{rx.rest}/healthz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    pytest.fail(f"kvlink-serve not healthy after {timeout} s:\n{rx.log_tail()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Receiver]:
     """kvlink-serve in a subprocess; stopped with SIGTERM at the end, which must exit 0."""
-    port, rest_port = _free_port(), _free_port()
-    log = tmp_path_factory.mktemp("serve") / "kvlink-serve.log"
-    cmd = [
-        sys.executable, "-m", "server.main", "--port", str(port), "--rest-port", str(rest_port),
-        "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-new-tokens", "32", "--log-level", "info",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    rx = Receiver(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{rest_port}", log)
-    try:
-        request.getfixturevalue("embedded")  # load the sender's copy while the receiver loads its own
-        _wait_ready(rx)
+    rx = Receiver(
+        args=["--max-message-bytes", str(MAX_MESSAGE_BYTES), "--max-new-tokens", "32", "--log-level", "info"],
+        log=tmp_path_factory.mktemp("serve") / "kvlink-serve.log", port=free_port(), rest_port=free_port(),
+    )  # fmt: skip
+    with serving(rx, request):
         yield rx
-    finally:
-        if rx.alive():
-            proc.send_signal(signal.SIGTERM)
-            try:
-                rc = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                pytest.fail(f"kvlink-serve did not stop within 60 s of SIGTERM:\n{rx.log_tail()}")
-            assert rc == 0, f"kvlink-serve exited with {rc}:\n{rx.log_tail()}"
-            assert "kvlink-serve stopped" in rx.log.read_text(errors="replace")
 
 
 class ByteCountingProxy:

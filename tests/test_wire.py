@@ -12,6 +12,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import grpc
 import pytest
 import torch
@@ -383,6 +384,37 @@ def test_duplicate_chunk_is_refused() -> None:
     asm = _asm()
     _feed_all(asm, frames[:3])
     _raises("ORDER", lambda: asm.feed(frames[2]), "chunk 1", "again")
+
+
+def test_out_of_order_chunks_are_accepted() -> None:
+    """Chunks are placed by id and verified by size and CRC32C: any order between header and trailer."""
+    encoded = _encode(CONFIGS["int3/nf4-layer-g8"])
+    frames = _frames(encoded, 64)
+    chunks = frames[1:-1]
+    asm = _asm()
+    signals = _feed_all(asm, [frames[0], *reversed(chunks), frames[-1]])
+    received, receipt = asm.finish()
+    _same(encoded, received)
+    assert receipt.retransmits == 0 and sorted(s.ack.layer for s in signals) == list(range(GEOM.num_layers))
+
+
+def test_header_damaged_in_transit_is_corrupt() -> None:
+    """A header that still validates (an unchecked field changed) fails the trailer's header CRC32C."""
+    encoded = _encode(CONFIGS["int4/int2-random-global"])
+    frames = _frames(encoded, 64)
+    assert frames[-1].trailer.header_crc32c == google_crc32c.value(frames[0].SerializeToString())
+    header = _copy(frames[0])
+    header.header.config.window += 1  # the selector's window: not used to decode, so not validated
+    asm = _asm()
+    _feed_all(asm, [header, *frames[1:-1]])
+    assert asm.buffered_bytes == sum(len(f.chunk.data) for f in frames[1:-1])
+    _raises("CORRUPT", lambda: asm.feed(frames[-1]), "header frame's CRC32C", "damaged in transit")
+    assert asm.buffered_bytes == 0  # dropped with the message
+    # The same bytes, as the server receives them (feed_raw): the CRC is taken over the raw frame.
+    asm = _asm()
+    for frame in frames:
+        asm.feed_raw(frame.SerializeToString())
+    _same(encoded, asm.finish()[0])
 
 
 def test_chunk_before_header_is_refused() -> None:
