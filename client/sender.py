@@ -427,7 +427,7 @@ async def send_context(
 
         t0 = time.perf_counter()
         chosen = await asyncio.to_thread(
-            plan, pre, lm.geometry, lm.fingerprint, fraction, constraints=constraints,
+            plan, pre, lm.geometry, lm.fingerprint, fraction, constraints=constraints, model_name=lm.name,
             session_id=session_id, message_id=message_id, chunk_bytes=chunk_bytes,
         )  # fmt: skip
         timings["plan_s"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -174,6 +175,16 @@ def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
     return q_sel * q_bits * q_rank
 
 
+SHIPPED_QUALITY_DIR = Path(__file__).parent / "data" / "quality"
+"""Quality tables measured by this project and shipped with the package, by model name."""
+
+
+def shipped_quality_path(model_name: str) -> Path:
+    """The shipped table of `model_name` (e.g. smollm2-135m-instruct): data/quality/<name>.json."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name.strip()).strip("-.") or "unnamed"
+    return SHIPPED_QUALITY_DIR / f"{slug}.json"
+
+
 def default_quality_path(fingerprint: str) -> Path:
     """Where `kvlink-bench calibrate` writes a model's QualityTable: <cache_dir>/quality/<fingerprint>.json."""
     from kvlink.models import cache_dir
@@ -208,13 +219,24 @@ class QualityTable:
         )
 
     @classmethod
-    def for_model(cls, fingerprint: str) -> QualityTable:
-        """The table `kvlink-bench calibrate` wrote for this model, or the built-in prior."""
-        path = default_quality_path(fingerprint)
-        if path.is_file():
-            table = cls.load(path)
-            logger.info("planner uses the measured quality table %s (%d configs)", path, len(table.entries))
-            return table
+    def for_model(cls, fingerprint: str, model_name: str = "") -> QualityTable:
+        """The model's measured table, else the built-in prior.
+
+        First the table `kvlink-bench calibrate` wrote on this machine for this exact
+        fingerprint; then the table shipped with kvlink for `model_name` (measured by
+        this project, `bench/results/`), which stands for the same weights under any
+        library version, whose fingerprint may differ.
+        """
+        for path in (
+            default_quality_path(fingerprint),
+            shipped_quality_path(model_name) if model_name else None,
+        ):
+            if path is not None and path.is_file():
+                table = cls.load(path)
+                logger.info(
+                    "planner uses the measured quality table %s (%d configs)", path, len(table.entries)
+                )
+                return table
         return cls()
 
     @classmethod
@@ -325,13 +347,15 @@ def plan(
     *,
     constraints: Constraints | None = None,
     quality: QualityTable | None = None,
+    model_name: str = "",
     session_id: str = "",
     message_id: str = "",
     chunk_bytes: int = 1 << 20,
 ) -> Plan:
     """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
 
-    The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
+    quality: expected quality per config (default: QualityTable.for_model(fingerprint,
+    model_name)). The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
     (read them back from `Plan.session_id` / `Plan.message_id` and send with those).
     """
     budget = parse_budget(budget)
@@ -339,7 +363,7 @@ def plan(
     message_id = message_id or uuid.uuid4().hex
     started = time.perf_counter()
     constraints = constraints or Constraints()
-    quality = quality or QualityTable.for_model(fingerprint)
+    quality = quality or QualityTable.for_model(fingerprint, model_name)
     length = prefill.kv.length
     fp16 = geometry.fp16_bytes(length)
     budget_bytes = math.floor(budget * fp16)

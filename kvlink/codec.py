@@ -400,7 +400,6 @@ class Codec:
         self, encoded: EncodedKV, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> ContextKV:
         """Rebuild a ContextKV (kept entries at their original positions) from an EncodedKV."""
-        from kvlink.kernels import dequantize_into
 
         g = encoded.geometry
         if len(encoded.tensors) != 2 * g.num_layers:
@@ -421,44 +420,91 @@ class Codec:
                 raise ValueError(f"{len(sets)} position sets for {g.num_layers} layers")
         else:
             sets = [torch.arange(encoded.length)] * g.num_layers
-        keys: list[Tensor] = []
-        values: list[Tensor] = []
         for t in encoded.tensors:
             if t.shape[1] != sets[t.layer].numel():
                 raise ValueError(
                     f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions"
                 )
-            x = self._decode_tensor(t, device, dtype, dequantize_into)
-            (keys if t.kind == "k" else values).append(x)
+        decoded = self._decode_tensors(encoded.tensors, device, dtype)
+        keys = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "k"]
+        values = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "v"]
         return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
 
-    def _decode_tensor(
-        self, t: EncodedTensor, device: torch.device | str, dtype: torch.dtype, dequantize_into: Any
-    ) -> Tensor:
+    def _decode_tensors(
+        self, tensors: list[EncodedTensor], device: torch.device | str, dtype: torch.dtype
+    ) -> list[Tensor]:
+        """Every tensor of a message -> (H, N, D) of `dtype` on `device`, in the order given.
+
+        Tensors quantized alike (same spec and stored shape, no low rank) are
+        decoded together: their packed streams, laid end to end, are the packed
+        stream of the (n*H, N, D) stack when each one ends on a byte boundary,
+        so one host-to-device copy per part and one dequantize launch serve them
+        all (the whole message, for a uniform config). The rest go one by one.
+        """
+        from kvlink.kernels import dequantize_into
+
+        parts = [self._checked_parts(t) for t in tensors]
+        out: list[Tensor | None] = [None] * len(tensors)
+        groups: dict[tuple[QuantSpec, tuple[int, int, int]], list[int]] = {}
+        for i, t in enumerate(tensors):
+            n = t.stored[0] * t.stored[1] * t.stored[2]
+            if t.lowrank == "none" and (n * t.spec.bits) % 8 == 0:
+                groups.setdefault((t.spec, t.stored), []).append(i)
+            else:
+                out[i] = self._decode_one(t, parts[i], device, dtype)
+        for (spec, (h, n, d)), members in groups.items():
+            stacked = _quantized(spec, (len(members) * h, n, d), [parts[i] for i in members], device)
+            x = dequantize_into(stacked, dtype).view(len(members), h, n, d)
+            for j, i in enumerate(members):
+                out[i] = x[j]
+        return out  # type: ignore[return-value]
+
+    def _checked_parts(self, t: EncodedTensor) -> dict[str, bytes]:
         parts = {name: _decompress(part) for name, part in t.parts.items()}
         expected = part_sizes(t.stored, t.spec)
         for name, n in expected.items():
             if name not in parts or len(parts[name]) != n:
                 got = len(parts[name]) if name in parts else "missing"
                 raise ValueError(f"layer {t.layer} {t.kind}: part {name!r} has {got} bytes, expected {n}")
-        from kvlink.quant import scale_shape
+        return parts
 
-        sshape = scale_shape(t.stored, t.spec)
-        q = QuantizedTensor(
-            spec=t.spec,
-            shape=t.stored,
-            codes=_from_bytes(parts["codes"], torch.uint8, (expected["codes"],), device),
-            scale=_from_bytes(parts["scale"], torch.float16, sshape, device) if "scale" in expected else None,
-            zero=_from_bytes(parts["zero"], torch.float16, sshape, device) if "zero" in expected else None,
-        )
+    def _decode_one(
+        self, t: EncodedTensor, parts: dict[str, bytes], device: torch.device | str, dtype: torch.dtype
+    ) -> Tensor:
+        from kvlink.kernels import dequantize_expand, dequantize_into
+
+        q = _quantized(t.spec, t.stored, [parts], device)
         if t.lowrank == "none":
-            return dequantize_into(q, dtype)  # type: ignore[no-any-return]
-        latent = dequantize_into(q, torch.float32)
+            return dequantize_into(q, dtype)
         if t.lowrank == "svd":
             h, r, d = t.stored[0], t.stored[2], t.shape[2]
-            basis = _from_bytes(parts["basis"], torch.float16, (h, r, d), device).float()
-            return torch.matmul(latent, basis).to(dtype)  # (H, N, r) @ (H, r, D)
-        return self.profile.expand(latent, t.layer, t.kind).to(dtype)  # type: ignore[union-attr,no-any-return]
+            basis = _from_bytes(parts["basis"], torch.float16, (h, r, d), device)
+            return dequantize_expand(q, basis, None, dtype)  # latent (H, N, r) @ basis (H, r, D), fused
+        basis, mean = self.profile.expand_factors(t.layer, t.kind, t.stored[2], device)  # type: ignore[union-attr]
+        return dequantize_expand(q, basis, mean, dtype)
+
+
+def _quantized(
+    spec: QuantSpec, shape: tuple[int, int, int], parts: list[dict[str, bytes]], device: torch.device | str
+) -> QuantizedTensor:
+    """A QuantizedTensor of `shape` on `device` from the parts of one tensor, or of several laid end to end."""
+    from kvlink.quant import scale_shape
+
+    expected = part_sizes(shape, spec)
+
+    def join(name: str, dtype: torch.dtype, part_shape: tuple[int, ...]) -> Tensor | None:
+        if name not in expected:
+            return None
+        data = parts[0][name] if len(parts) == 1 else b"".join(p[name] for p in parts)
+        return _from_bytes(data, dtype, part_shape, device)
+
+    sshape = scale_shape(shape, spec)
+    codes = join("codes", torch.uint8, (expected["codes"],))
+    assert codes is not None
+    return QuantizedTensor(
+        spec=spec, shape=shape, codes=codes,
+        scale=join("scale", torch.float16, sshape), zero=join("zero", torch.float16, sshape),
+    )  # fmt: skip
 
 
 def _compress(tensors: list[EncodedTensor], level: int) -> None:

@@ -222,6 +222,19 @@ class ModelProfile:
         b = basis[..., :rank].to(latent.device)  # (H, D, r)
         return torch.matmul(latent.float(), b.transpose(1, 2)) + mean.to(latent.device)[:, None, :]
 
+    def expand_factors(
+        self, layer: int, kind: str, rank: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
+        """(basis (H, rank, D), mean (H, D)) on `device`: expand(latent) = latent @ basis + mean.
+
+        The basis is a transposed view of the stored (H, D, r_max) projection, the
+        form `kvlink.kernels.dequantize_expand` takes to expand a quantized latent
+        in one fused pass.
+        """
+        rank = _check_rank(rank, self.r_max, "the profile's r_max")
+        basis, mean = self._entry(layer, kind)
+        return basis[..., :rank].to(device).transpose(1, 2), mean.to(device)
+
     def to(self, device: torch.device | str) -> ModelProfile:
         """The same profile (same hash) with its tensors on `device`."""
         moved = ModelProfile(

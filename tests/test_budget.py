@@ -154,3 +154,28 @@ def test_plan_uses_the_calibrated_table_for_the_model(
     QualityTable(model="tiny", entries=entries).save(path)
     p = plan(pre, lm.geometry, lm.fingerprint, 0.5, constraints=Constraints(zstd=False))
     assert p.config.k_format == p.config.v_format == "int3"
+
+
+def test_shipped_measured_table_is_found_by_model_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a calibrated table for the exact fingerprint, the table shipped for the model's name rules;
+    one calibrated on this machine for the fingerprint comes first; unknown models get the prior."""
+    from kvlink.budget import default_quality_path, shipped_quality_path
+
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path))
+    shipped = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    assert len(shipped.entries) >= 20 and shipped.entries["fp16"] == 1.0
+    table = QualityTable.for_model("f" * 64, "smollm2-135m-instruct")
+    assert table.entries == shipped.entries
+    assert QualityTable.for_model("f" * 64, "some/other-model").entries == {}  # the built-in prior
+
+    q2c50_int4 = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    assert (
+        table.expected(q2c50_int4) == shipped.entries[quality_key(q2c50_int4)] != default_quality(q2c50_int4)
+    )
+    mine = QualityTable(model="f" * 64, entries={"fp16": 0.5})
+    path = default_quality_path("f" * 64)
+    path.parent.mkdir(parents=True)
+    mine.save(path)
+    assert QualityTable.for_model("f" * 64, "smollm2-135m-instruct").entries == {"fp16": 0.5}

@@ -163,3 +163,50 @@ def test_rank_above_head_dim_is_refused() -> None:
         Codec(CodecConfig(lowrank="svd", k_rank=17), g)
     with pytest.raises(ValueError, match="needs a calibrated model profile"):
         Codec(CodecConfig(lowrank="profile", k_rank=4), g)
+
+
+@pytest.mark.parametrize(
+    ("config", "launches"),
+    [
+        (CodecConfig(k_bits=4, v_bits=4), 2),  # K per channel, V per token: one stack each
+        (CodecConfig(k_bits=4, v_bits=4, k_axis="token"), 1),  # K and V of every layer: one launch
+        (CodecConfig(k_bits=8, v_bits=2, k_axis="channel", v_axis="token"), 2),  # one stack per spec
+        (CodecConfig(k_bits=3, v_bits="nf4", group_size=8), 2),
+        (CodecConfig(lowrank="svd", k_rank=4, v_rank=None, k_bits=4, v_bits=4), 4),  # K: 3 fused expands
+    ],
+    ids=lambda v: v.label if isinstance(v, CodecConfig) else str(v),
+)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_stacks_alike_tensors_into_one_launch(
+    config: CodecConfig, launches: int, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message's tensors quantized alike decode as one (n*H, N, D) stack: same values as one by one."""
+    import kvlink.kernels as kernels
+    from kvlink.codec import _quantized
+
+    monkeypatch.setenv("KVLINK_KERNELS", backend)
+    g = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
+    torch.manual_seed(1)
+    kv = ContextKV([torch.randn(2, 21, 16) for _ in range(3)], [torch.randn(2, 21, 16) for _ in range(3)],
+                   [torch.arange(21)] * 3, 21)  # fmt: skip
+    codec = Codec(config, g)
+    encoded = codec.encode_kv(kv, None)
+    calls: list[str] = []
+    for name in ("dequantize_into", "dequantize_expand"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k)
+        )
+    decoded = codec.decode(encoded, dtype=torch.float16)
+    assert len(calls) == launches
+    for t in encoded.tensors:  # each tensor decoded on its own, through the same backend
+        parts = codec._checked_parts(t)
+        q = _quantized(t.spec, t.stored, [parts], "cpu")
+        if t.lowrank == "svd":
+            basis = torch.frombuffer(bytearray(parts["basis"]), dtype=torch.float16).view(2, t.stored[2], 16)
+            alone = kernels.dequantize_expand(q, basis, None, torch.float16)
+        else:
+            alone = kernels.dequantize_into(q, torch.float16)
+        got = (decoded.keys if t.kind == "k" else decoded.values)[t.layer]
+        assert got.dtype == torch.float16 and got.shape == t.shape
+        torch.testing.assert_close(got, alone, rtol=0, atol=0)

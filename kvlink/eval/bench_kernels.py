@@ -8,6 +8,9 @@ per layer tensor (H, T, D), with triton.testing.do_bench (median, L2 flushed):
 
 - `dequant`: INT8/4/3/2 (token and channel groups) and NF4 (token) packed
   bytes -> (H, T, D) in the output dtype, Triton vs `kvlink.kernels.reference`;
+- `dequant-msg`: the same cases on a whole message's K (or V) stack
+  (layers*H, T, D) in one launch, which is how `Codec.decode` runs them, with
+  its own copy baseline of the stack's size;
 - `expand`: fused dequantize + low-rank expand of an INT4 latent (H, T, D/4)
   with an fp16 basis (per-message SVD) and with an fp32 projection + mean
   (calibrated profile), vs the unfused reference (dequantize to fp32, matmul,
@@ -253,6 +256,8 @@ def _bench_shape(
         logger.info("dequant %s-%s: %.4f ms, %.0f%% of copy, %.1fx", fmt, axis, ms,
                     100 * rows[-1]["copy_fraction"], rows[-1]["speedup"])  # fmt: skip
 
+    rows.extend(_bench_message(shape, dev, dtype, group_size, rep_ms, flush))
+
     rank = max(1, round(d * rank_fraction))
     latent = torch.randn((h, t, rank), generator=gen, device=dev)  # (H, T, r)
     q = ref.quantize_pack(latent, QuantSpec("int4", group_size, "token"))
@@ -285,6 +290,55 @@ def _bench_shape(
         rows.append(_row("quantize", shape, f"{fmt}-{axis}", ms, ref_ms, moved, copy, check, graph_ms))
         logger.info("quantize %s-%s: %.4f ms, %.1fx", fmt, axis, ms, rows[-1]["speedup"])
     return copy, rows
+
+
+def _bench_message(
+    shape: BenchShape, dev: torch.device, dtype: torch.dtype, group_size: int, rep_ms: int, flush: Tensor
+) -> list[dict[str, Any]]:
+    """`dequant-msg` rows: every layer's K (or V) of one message in ONE launch, as the receiver decodes.
+
+    kvlink.codec.Codec.decode lays the packed streams of tensors quantized alike
+    end to end and dequantizes them as one (layers*H, T, D) stack; a uniform
+    config takes two launches per message (K per channel, V per token). The copy
+    baseline here is a copy of the same (layers*H, T, D) bytes, timed in this run.
+    """
+    from kvlink.kernels import dequant as tdq
+    from kvlink.kernels import reference as ref
+    from kvlink.quant import QuantSpec
+
+    h, t, d = shape.tensor_shape
+    stack = (shape.layers * h, t, d)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(stack, generator=gen, device=dev).to(dtype)
+    dst = torch.empty_like(x)
+    copy_ms = _bench(partial(dst.copy_, x), rep_ms)
+    copy_graph_ms = _graph_ms(partial(dst.copy_, x), flush)
+    moved = 2 * _nbytes(dst)
+    copy = {
+        "gbps": moved / (copy_ms * 1e-3) / 1e9,
+        "graph_gbps": moved / (copy_graph_ms * 1e-3) / 1e9 if copy_graph_ms else None,
+    }
+    del dst
+    logger.info("%s T=%d message stack %s: copy %.1f GB/s", shape.name, t, stack, copy["gbps"])
+    rows: list[dict[str, Any]] = []
+    for fmt, axis in DEQUANT_CASES:
+        q = ref.quantize_pack(x, QuantSpec(fmt, group_size, axis))
+        out = tdq.dequantize_into(q, dtype)
+        check = _value_check(out, ref.dequantize_into(q, dtype))
+        del out
+        ms = _bench(partial(tdq.dequantize_into, q, dtype), rep_ms)
+        graph_ms = _graph_ms(partial(tdq.dequantize_into, q, dtype), flush)
+        ref_ms = _bench(partial(ref.dequantize_into, q, dtype), rep_ms)
+        moved = _nbytes(q.codes, q.scale, q.zero) + x.numel() * x.element_size()
+        row = _row("dequant-msg", shape, f"{fmt}-{axis}", ms, ref_ms, moved, copy, check, graph_ms,
+                   copy_gbps=copy["gbps"], copy_graph_gbps=copy["graph_gbps"])  # fmt: skip
+        row["shape"], row["cache_ms"] = list(stack), 2 * ms  # K stack + V stack
+        rows.append(row)
+        logger.info("dequant-msg %s-%s: %.4f ms, %.0f%% of copy, %.1fx", fmt, axis, ms,
+                    100 * row["copy_fraction"], row["speedup"])  # fmt: skip
+        del q
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _unfused_triton(q: Any, basis: Tensor, mean: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -367,7 +421,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     """One line per row: time per layer tensor, GB/s, % of the same-run copy, speedup over the reference."""
     lines = [
         f"Device: {result['device']}; output dtype {result['dtype']}; group size {result['group_size']}; "
-        f"times per layer tensor (H, T, D), {result['timer']}. "
+        f"times per layer tensor (H, T, D), and for `dequant-msg` per message stack (layers*H, T, D): "
+        f"every layer's K (or V) in one launch, as the receiver decodes, against a copy of that stack; "
+        f"{result['timer']}. "
         "'GPU-only' columns: CUDA-graph replay with a cold L2 (no Python/launch overhead), "
         "kernel and copy alike.",
         "",
