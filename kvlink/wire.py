@@ -31,6 +31,8 @@ against the table: a damaged chunk is asked for again (Nack) up to
 (CORRUPT). Chunks may arrive in any order; one received intact twice is
 refused (ORDER). Only a complete, verified message becomes an EncodedKV; any
 failure raises WireError, whose code maps to a gRPC status (GRPC_STATUS).
+A header field this side's .proto does not define is refused (UNKNOWN_CODEC),
+never skipped: a newer sender's codec option must not be decoded without it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 import google_crc32c
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvlink import positions as pos_codec
 from kvlink.codec import KINDS, LOWRANK_MODES, CodecConfig, EncodedKV, EncodedTensor, Part
@@ -1077,6 +1080,32 @@ def _check_positions(
     return out, per_layer
 
 
+def _refuse_unknown_fields(msg: Any, path: str) -> None:
+    """UNKNOWN_CODEC for any field this side's .proto does not define, at any depth of `msg`.
+
+    protobuf keeps fields it does not know and parses on; for a header that
+    would mean decoding a newer sender's message without the option that
+    field carries (a rotation, say) and answering from the wrong cache. The
+    only safe reading of an unknown header field is a refusal.
+    """
+    unknown = UnknownFieldSet(msg)
+    if len(unknown):
+        numbers = sorted({field.field_number for field in unknown})  # type: ignore[attr-defined]
+        raise WireError(
+            "UNKNOWN_CODEC",
+            f"{path} carries field(s) {numbers} this receiver does not know (a newer kvlink sender?); "
+            "refused rather than decoded without them",
+        )
+    for descriptor, value in msg.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.is_repeated:
+            for i, item in enumerate(value):
+                _refuse_unknown_fields(item, f"{path}.{descriptor.name}[{i}]")
+        else:
+            _refuse_unknown_fields(value, f"{path}.{descriptor.name}")
+
+
 def _validate_header(
     frame: pb.TransferFrame,
     fingerprint: str,
@@ -1090,6 +1119,7 @@ def _validate_header(
     size = header.ByteSize()
     if size > limits.max_header_bytes:
         raise WireError("TOO_LARGE", f"header has {size} bytes, the limit is {limits.max_header_bytes}")
+    _refuse_unknown_fields(header, "header")
     _check_id("session_id", header.session_id, limits)
     _check_id("message_id", header.message_id, limits)
     if header.fingerprint != fingerprint:

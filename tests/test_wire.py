@@ -734,3 +734,19 @@ def test_errors_over_grpc_carry_status_and_code(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as info:
         wire.KVLinkStub(channel).Hello(wire.hello_to_proto(wire.Hello("b" * 64)), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("where", ["header", "config", "tensor-spec", "payload-entry"])
+def test_unknown_header_fields_are_refused(where: str) -> None:
+    """A field this receiver's .proto lacks (a newer sender's codec option) is refused, never ignored."""
+    extra = bytes([0xF8, 0x06, 0x01])  # field 111, varint 1: no kvlink message defines it
+    frames = _frames(_encode(CONFIGS["int4/int2-random-global"]))
+    header = frames[0].header
+    target = {"header": header, "config": header.config, "tensor-spec": header.tensors[3].spec,
+              "payload-entry": header.payload[2]}[where]  # fmt: skip
+    target.MergeFromString(extra)
+    tampered = wire.parse_frame(frames[0].SerializeToString())
+    err = _raises("UNKNOWN_CODEC", lambda: _asm().feed(tampered), "[111]", "newer kvlink sender")
+    assert err.status_code == grpc.StatusCode.UNIMPLEMENTED
+    good = _frames(_encode(CONFIGS["int4/int2-random-global"]))  # the same receiver config takes a good one
+    _feed_all(_asm(), good)
