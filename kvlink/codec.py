@@ -27,6 +27,7 @@ from kvlink import positions as pos_codec
 from kvlink.cache import ContextKV, Observe, Prefill
 from kvlink.models import Geometry
 from kvlink.quant import AXES, QuantizedTensor, QuantSpec, format_from_bits, part_sizes, quantize
+from kvlink.rotation import ROTATIONS, check_dim, hadamard, rotate, rotates, signs, unrotate
 from kvlink.select import SCOPES, get_selector, keep_count, registered_selectors
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class CodecConfig:
     k_bits/v_bits: 16, 8, 4, 3, 2 or "nf4". group_size and k_axis/v_axis: quantization groups.
     lowrank: "none", "svd" (per message) or "profile" (calibrated projection); k_rank/v_rank.
     zstd_level: 0 (off) or 1..22, applied per part only where it makes the part smaller.
+    rotate: "none", "k", "v" or "kv": a randomized Hadamard rotation along head_dim before
+    quantization (kvlink.rotation; no wire bytes; not combined with low rank on that tensor).
     """
 
     selector: str = "none"
@@ -62,6 +65,7 @@ class CodecConfig:
     zstd_level: int = 0
     window: int = 32
     seed: int = 0
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
         if self.selector != "none" and self.selector not in registered_selectors():
@@ -95,6 +99,13 @@ class CodecConfig:
             raise ValueError(f"zstd_level must be in [0, 22], got {self.zstd_level!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window!r}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        for kind in KINDS:
+            if rotates(self.rotate, kind) and self.lowrank != "none" and self.rank(kind) is not None:
+                raise ValueError(
+                    f"rotate {self.rotate!r} with lowrank {self.lowrank!r} on {kind}: choose one"
+                )
 
     @property
     def k_format(self) -> str:
@@ -113,11 +124,13 @@ class CodecConfig:
         return self.k_rank if kind == "k" else self.v_rank
 
     def validate_for(self, geometry: Geometry) -> None:
-        """Checks that need the model: ranks must not exceed head_dim."""
+        """Checks that need the model: ranks must not exceed head_dim; rotation needs a power-of-two one."""
         for kind in KINDS:
             rank = self.rank(kind)
             if rank is not None and rank > geometry.head_dim:
                 raise ValueError(f"{kind}_rank {rank!r} exceeds head_dim {geometry.head_dim}")
+        if self.rotate != "none":
+            check_dim(geometry.head_dim)
 
     @property
     def label(self) -> str:
@@ -134,6 +147,8 @@ class CodecConfig:
             parts.append("fp16")
         else:
             parts.append(f"k{kf}{self.k_axis[0]}/v{vf}{self.v_axis[0]}-g{self.group_size}")
+        if self.rotate != "none":
+            parts.append(f"rot-{self.rotate}")
         if self.zstd_level:
             parts.append(f"zstd{self.zstd_level}")
         return "+".join(parts)
@@ -386,6 +401,8 @@ class Codec:
             else:
                 stored = self.profile.project(x, layer, kind, rank)  # type: ignore[union-attr]
             mode = cfg.lowrank
+        elif rotates(cfg.rotate, kind):
+            stored = rotate(x, cfg.seed, layer, kind)
         q: QuantizedTensor = quantize(stored, spec)
         for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero)):
             if tensor is not None:
@@ -425,13 +442,17 @@ class Codec:
                 raise ValueError(
                     f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions"
                 )
-        decoded = self._decode_tensors(encoded.tensors, device, dtype)
+        decoded = self._decode_tensors(encoded.tensors, device, dtype, encoded.config)
         keys = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "k"]
         values = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "v"]
         return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
 
     def _decode_tensors(
-        self, tensors: list[EncodedTensor], device: torch.device | str, dtype: torch.dtype
+        self,
+        tensors: list[EncodedTensor],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        config: CodecConfig | None = None,
     ) -> list[Tensor]:
         """Every tensor of a message -> (H, N, D) of `dtype` on `device`, in the order given.
 
@@ -440,21 +461,30 @@ class Codec:
         stream of the (n*H, N, D) stack when each one ends on a byte boundary,
         so one host-to-device copy per part and one dequantize launch serve them
         all (the whole message, for a uniform config). The rest go one by one.
+        Rotated tensors are dequantized in float32 and rotated back, as a stack too.
         """
         from kvlink.kernels import dequantize_into
 
         parts = [self._checked_parts(t) for t in tensors]
         out: list[Tensor | None] = [None] * len(tensors)
-        groups: dict[tuple[QuantSpec, tuple[int, int, int]], list[int]] = {}
+        config = config or self.config
+        groups: dict[tuple[QuantSpec, tuple[int, int, int], bool], list[int]] = {}
         for i, t in enumerate(tensors):
             n = t.stored[0] * t.stored[1] * t.stored[2]
+            rotated = t.lowrank == "none" and rotates(config.rotate, t.kind)
             if t.lowrank == "none" and (n * t.spec.bits) % 8 == 0:
-                groups.setdefault((t.spec, t.stored), []).append(i)
+                groups.setdefault((t.spec, t.stored, rotated), []).append(i)
             else:
-                out[i] = self._decode_one(t, parts[i], device, dtype)
-        for (spec, (h, n, d)), members in groups.items():
+                x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
+                out[i] = unrotate(x, config.seed, t.layer, t.kind).to(dtype) if rotated else x
+        for (spec, (h, n, d), rotated), members in groups.items():
             stacked = _quantized(spec, (len(members) * h, n, d), [parts[i] for i in members], device)
-            x = dequantize_into(stacked, dtype).view(len(members), h, n, d)
+            x = dequantize_into(stacked, torch.float32 if rotated else dtype).view(len(members), h, n, d)
+            if rotated:  # (m, H, N, D) @ H/sqrt(D), times each member's signs
+                s = torch.stack(
+                    [signs(config.seed, tensors[i].layer, tensors[i].kind, d, x.device) for i in members]
+                )
+                x = ((x @ hadamard(d, x.device)) * s[:, None, None, :]).to(dtype)
             for j, i in enumerate(members):
                 out[i] = x[j]
         return out  # type: ignore[return-value]

@@ -55,6 +55,7 @@ from kvlink import positions as pos_codec
 from kvlink.codec import KINDS, LOWRANK_MODES, CodecConfig, EncodedKV, EncodedTensor, Part
 from kvlink.models import Geometry
 from kvlink.quant import AXES, BITS, QuantSpec, part_sizes, registered_formats
+from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, keep_count, registered_selectors
 
 logger = logging.getLogger(__name__)
@@ -282,6 +283,7 @@ class Codecs:
     selectors: tuple[str, ...]
     lowrank_modes: tuple[str, ...]
     zstd: bool = True
+    rotations: tuple[str, ...] = ("none",)
 
 
 def local_codecs() -> Codecs:
@@ -291,6 +293,7 @@ def local_codecs() -> Codecs:
         selectors=("none", *registered_selectors()),
         lowrank_modes=LOWRANK_MODES,
         zstd=True,
+        rotations=ROTATIONS,
     )
 
 
@@ -552,6 +555,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         k_axis=config.k_axis, v_axis=config.v_axis, lowrank=config.lowrank,
         zstd_level=config.zstd_level, window=config.window, seed=config.seed,
     )  # fmt: skip
+    if config.rotate != "none":  # absent otherwise: unrotated messages stay readable by older receivers
+        msg.rotate = config.rotate
     if config.k_rank is not None:
         msg.k_rank = config.k_rank
     if config.v_rank is not None:
@@ -754,11 +759,18 @@ def _check_version(version: int, what: str) -> None:
 
 # --- handshake, questions, signals: proto <-> plain --------------------------------------
 def _codecs_to_pb(c: Codecs) -> pb.Codecs:
-    return pb.Codecs(formats=c.formats, selectors=c.selectors, lowrank_modes=c.lowrank_modes, zstd=c.zstd)
+    return pb.Codecs(
+        formats=c.formats,
+        selectors=c.selectors,
+        lowrank_modes=c.lowrank_modes,
+        zstd=c.zstd,
+        rotations=c.rotations,
+    )
 
 
 def _codecs_from_pb(msg: pb.Codecs) -> Codecs:
-    return Codecs(tuple(msg.formats), tuple(msg.selectors), tuple(msg.lowrank_modes), msg.zstd)
+    rotations = tuple(msg.rotations) or ("none",)
+    return Codecs(tuple(msg.formats), tuple(msg.selectors), tuple(msg.lowrank_modes), msg.zstd, rotations)
 
 
 def hello_to_proto(hello: Hello) -> pb.Hello:
@@ -990,7 +1002,8 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
     """The receiver's CodecConfig. Bits travel as format names and come back as 16/8/4/3/2 or "nf4"."""
     known = {"selector": (msg.selector, codecs.selectors), "k_format": (msg.k_format, codecs.formats),
              "v_format": (msg.v_format, codecs.formats), "lowrank": (msg.lowrank, codecs.lowrank_modes),
-             "k_axis": (msg.k_axis, AXES), "v_axis": (msg.v_axis, AXES), "scope": (msg.scope, SCOPES)}  # fmt: skip
+             "k_axis": (msg.k_axis, AXES), "v_axis": (msg.v_axis, AXES), "scope": (msg.scope, SCOPES),
+             "rotate": (msg.rotate or "none", codecs.rotations)}  # fmt: skip
     for name, (value, supported) in known.items():
         if value not in supported:
             raise WireError(
@@ -1008,7 +1021,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             k_axis=msg.k_axis, v_axis=msg.v_axis, lowrank=msg.lowrank,
             k_rank=msg.k_rank if msg.HasField("k_rank") else None,
             v_rank=msg.v_rank if msg.HasField("v_rank") else None,
-            zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed,
+            zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

@@ -10,6 +10,7 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     g64                                                 quantization group size (default 32)
     ktok | kchan | vtok | vchan                         grouping axis of K / V (default kchan, vtok)
     zstd3                                               zstd level
+    rot | krot | vrot                                   Hadamard rotation of K and V / K / V
 
 e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
 
@@ -128,7 +129,7 @@ def family(config: CodecConfig) -> str:
     if config.lowrank != "none":
         parts.append("proj" if config.lowrank == "profile" else config.lowrank)
     if config.k_format != "fp16" or config.v_format != "fp16":
-        parts.append("quant")
+        parts.append("rot" if config.rotate != "none" else "quant")
     return "+".join(parts) or "fp16"
 
 
@@ -142,6 +143,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"g(\d+)"), "group"),
     (re.compile(r"([kv])(tok|chan)"), "axis"),
     (re.compile(r"zstd(\d+)"), "zstd"),
+    (re.compile(r"(k|v|kv)?rot"), "rotate"),
 )
 
 
@@ -178,6 +180,8 @@ def parse_name(name: str) -> CodecConfig:
                 fields[f"{m.group(1)}_axis"] = "token" if m.group(2) == "tok" else "channel"
             elif kind == "zstd":
                 fields["zstd_level"] = int(m.group(1))
+            elif kind == "rotate":
+                fields["rotate"] = m.group(1) or "kv"
             break
         else:
             raise ValueError(
