@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowrank", choices=("none", "svd"), default=None, help="low-rank projection of K/V")
     p.add_argument("--rank", type=int, default=None, help="low-rank rank (implies --lowrank svd)")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size")
+    p.add_argument(
+        "--rotate", choices=("none", "k", "v", "kv"), default=None,
+        help="Hadamard rotation of K/V before quantization (default: the planner decides)",
+    )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
     zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
@@ -131,7 +135,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
     try:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
-            rank=args.rank, zstd=args.zstd, group_size=args.group_size,
+            rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +380,18 @@ async def transfer_with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Constraints:
+    """The user's constraints narrowed to what the receiver decodes (its Welcome's codecs)."""
+    c = constraints or Constraints()
+    if c.rotate is not None and c.rotate not in codecs.rotations:
+        raise SendError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"the receiver does not decode rotation {c.rotate!r}; it lists {list(codecs.rotations)}",
+            code="UNKNOWN_CODEC", rpc="Hello",
+        )  # fmt: skip
+    return replace(c, rotations=tuple(r for r in c.rotations if r in codecs.rotations))
+
+
 async def send_context(
     target: str,
     context: str,
@@ -417,6 +429,7 @@ async def send_context(
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
         welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
+        constraints = _for_receiver(constraints, welcome.codecs)
 
         t0 = time.perf_counter()
         ctx_ids = context_ids(lm.tokenizer, context)

@@ -34,6 +34,7 @@ from kvlink.cache import Observe, Prefill
 from kvlink.codec import Codec, CodecConfig, EncodedKV
 from kvlink.models import Geometry
 from kvlink.quant import format_from_bits
+from kvlink.rotation import ROTATIONS
 from kvlink.select import get_selector
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ RETENTIONS: tuple[float, ...] = (
 )
 BIT_CHOICES: tuple[int | str, ...] = (16, 8, 4, "nf4", 3, 2)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+ROTATE_CHOICES: tuple[str, ...] = ("none", "v", "kv")
+"""Rotations the planner weighs for quantized configs (kvlink.rotation); a rotated config it has
+no measurement of ranks just below the same config unrotated, so only a measured table picks one."""
 RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
 ZSTD_LEVEL = 3
 MAX_ENCODE_TRIES = 8
@@ -108,6 +112,8 @@ class Constraints:
     zstd: bool | None = None
     group_size: int | None = None
     scope: str | None = None
+    rotate: str | None = None
+    rotations: tuple[str, ...] = ROTATE_CHOICES  # what the receiver decodes (its Welcome's codecs)
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
@@ -121,6 +127,12 @@ class Constraints:
             raise ValueError(f"the planner searches lowrank 'none' or 'svd', got {self.lowrank!r}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank!r}")
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.rotate is not None and self.rotate not in self.rotations:
+            raise ValueError(
+                f"rotate {self.rotate!r} is not one the receiver decodes: {list(self.rotations)}"
+            )
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
@@ -153,6 +165,9 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return pts[-1][1]
+
+
+UNMEASURED_ROTATION = 0.999
 
 
 def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
@@ -204,6 +219,8 @@ class QualityTable:
         key = quality_key(config)
         if key in self.entries:
             return self.entries[key]
+        if config.rotate != "none":  # unmeasured rotation: just below the same config unrotated
+            return UNMEASURED_ROTATION * self.expected(config.with_(rotate="none"), head_dim)
         return default_quality(config, head_dim)
 
     def is_measured(self, config: CodecConfig) -> bool:
@@ -301,10 +318,15 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
     v_bits = [c.v_bits] if c.v_bits is not None else list(BIT_CHOICES)
     groups = [c.group_size] if c.group_size is not None else list(GROUP_SIZES)
     ranks = _rank_options(geometry.head_dim, c)
+    rotations = [c.rotate] if c.rotate is not None else [r for r in ROTATE_CHOICES if r in c.rotations]
+    if geometry.head_dim & (geometry.head_dim - 1):
+        rotations = [r for r in rotations if r == "none"]  # Hadamard sizes are powers of two
     seen: set[CodecConfig] = set()
     out: list[CodecConfig] = []
-    for r, kb, vb, g, rank in itertools.product(retentions, k_bits, v_bits, groups, ranks):
+    for r, kb, vb, g, rank, rot in itertools.product(retentions, k_bits, v_bits, groups, ranks, rotations):
         both_fp16 = format_from_bits(kb) == format_from_bits(vb) == "fp16"
+        if rot != "none" and (both_fp16 or rank is not None):
+            continue  # rotation only serves quantization, and not of a low-rank latent
         config = CodecConfig(
             selector="none" if (r == 1.0 or method == "none") else method,
             retention=r if method != "none" else 1.0,
@@ -312,7 +334,7 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
             k_bits=kb, v_bits=vb,
             group_size=32 if both_fp16 else g,
             lowrank="svd" if rank is not None else "none",
-            k_rank=rank, v_rank=rank,
+            k_rank=rank, v_rank=rank, rotate=rot,
         )  # fmt: skip
         if config not in seen:
             seen.add(config)

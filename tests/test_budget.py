@@ -179,3 +179,33 @@ def test_shipped_measured_table_is_found_by_model_name(
     path.parent.mkdir(parents=True)
     mine.save(path)
     assert QualityTable.for_model("f" * 64, "smollm2-135m-instruct").entries == {"fp16": 0.5}
+
+
+def test_rotation_is_planned_only_where_measured_and_decodable(prefilled: tuple[Any, Any]) -> None:
+    """Unmeasured, a rotated config ranks just below itself unrotated; a table that measured it
+    better makes the planner pick it, unless the receiver does not decode rotations."""
+    lm, pre = prefilled
+    prior = plan(pre, lm.geometry, lm.fingerprint, 0.2)
+    assert prior.config.rotate == "none"
+    assert any(c.config.rotate != "none" for c in prior.candidates)  # weighed, not chosen
+    rotated = prior.config.with_(rotate="v", zstd_level=0)
+    table = QualityTable(entries={quality_key(rotated): 0.999})
+    picked = plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table)
+    assert picked.config.with_(zstd_level=0) == rotated
+    old_receiver = Constraints(rotations=("none",))
+    assert (
+        plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.rotate
+        == "none"
+    )
+    with pytest.raises(ValueError, match="receiver decodes"):
+        Constraints(rotate="kv", rotations=("none",))
+
+
+def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
+    from client.sender import SendError, _for_receiver
+
+    old = wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
+    assert _for_receiver(None, old).rotations == ("none",)
+    assert _for_receiver(Constraints(k_bits=4), wire.local_codecs()).rotations == ("none", "v", "kv")
+    with pytest.raises(SendError, match="does not decode rotation 'kv'"):
+        _for_receiver(Constraints(rotate="kv"), old)
