@@ -49,6 +49,8 @@ class CodecConfig:
     zstd_level: 0 (off) or 1..22, applied per part only where it makes the part smaller.
     rotate: "none", "k", "v" or "kv": a randomized Hadamard rotation along head_dim before
     quantization (kvlink.rotation; no wire bytes; not combined with low rank on that tensor).
+    hi_layers/hi_bits: the first `hi_layers` layers quantize K and V at `hi_bits` instead (early
+    layers are the most sensitive); fp16 tensors stay fp16. Each tensor's spec travels with it.
     """
 
     selector: str = "none"
@@ -66,6 +68,8 @@ class CodecConfig:
     window: int = 32
     seed: int = 0
     rotate: str = "none"
+    hi_layers: int = 0
+    hi_bits: int | str = 8
 
     def __post_init__(self) -> None:
         if self.selector != "none" and self.selector not in registered_selectors():
@@ -99,6 +103,11 @@ class CodecConfig:
             raise ValueError(f"zstd_level must be in [0, 22], got {self.zstd_level!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window!r}")
+        if isinstance(self.hi_layers, bool) or not isinstance(self.hi_layers, int) or self.hi_layers < 0:
+            raise ValueError(f"hi_layers must be a non-negative integer, got {self.hi_layers!r}")
+        format_from_bits(self.hi_bits)
+        if not self.hi_layers:
+            object.__setattr__(self, "hi_bits", 8)  # irrelevant then: one canonical form
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -115,10 +124,12 @@ class CodecConfig:
     def v_format(self) -> str:
         return format_from_bits(self.v_bits)
 
-    def spec(self, kind: str) -> QuantSpec:
-        if kind == "k":
-            return QuantSpec(self.k_format, self.group_size, self.k_axis)
-        return QuantSpec(self.v_format, self.group_size, self.v_axis)
+    def spec(self, kind: str, layer: int | None = None) -> QuantSpec:
+        """The quantization of `kind` tensors (of `layer`: hi_bits for the first hi_layers layers)."""
+        fmt, axis = (self.k_format, self.k_axis) if kind == "k" else (self.v_format, self.v_axis)
+        if layer is not None and layer < self.hi_layers and fmt != "fp16":
+            fmt = format_from_bits(self.hi_bits)
+        return QuantSpec(fmt, self.group_size, axis)
 
     def rank(self, kind: str) -> int | None:
         return self.k_rank if kind == "k" else self.v_rank
@@ -131,6 +142,8 @@ class CodecConfig:
                 raise ValueError(f"{kind}_rank {rank!r} exceeds head_dim {geometry.head_dim}")
         if self.rotate != "none":
             check_dim(geometry.head_dim)
+        if self.hi_layers > geometry.num_layers:
+            raise ValueError(f"hi_layers {self.hi_layers} exceeds the model's {geometry.num_layers} layers")
 
     @property
     def label(self) -> str:
@@ -147,6 +160,8 @@ class CodecConfig:
             parts.append("fp16")
         else:
             parts.append(f"k{kf}{self.k_axis[0]}/v{vf}{self.v_axis[0]}-g{self.group_size}")
+        if self.hi_layers:
+            parts.append(f"hi{self.hi_layers}@{format_from_bits(self.hi_bits)}")
         if self.rotate != "none":
             parts.append(f"rot-{self.rotate}")
         if self.zstd_level:
@@ -308,11 +323,12 @@ class Codec:
         sizes = Sizes()
         for kind in KINDS:
             stored = self.stored_shape(kind, n_kept)
-            for name, n in part_sizes(stored, cfg.spec(kind)).items():
-                if name == "codes":
-                    sizes.payload += n * g.num_layers
-                else:
-                    sizes.scales += n * g.num_layers
+            for layer in range(g.num_layers):
+                for name, n in part_sizes(stored, cfg.spec(kind, layer)).items():
+                    if name == "codes":
+                        sizes.payload += n
+                    else:
+                        sizes.scales += n
             if cfg.lowrank == "svd" and cfg.rank(kind) is not None:
                 sizes.factors += g.num_layers * g.kv_heads * stored[2] * g.head_dim * 2
         if cfg.selector != "none":
@@ -386,7 +402,7 @@ class Codec:
 
     def _encode_tensor(self, layer: int, kind: str, x: Tensor) -> EncodedTensor:
         cfg = self.config
-        spec = cfg.spec(kind)
+        spec = cfg.spec(kind, layer)
         rank = cfg.rank(kind) if cfg.lowrank != "none" else None
         parts: dict[str, Part] = {}
         stored = x

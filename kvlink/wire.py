@@ -54,7 +54,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from kvlink import positions as pos_codec
 from kvlink.codec import KINDS, LOWRANK_MODES, CodecConfig, EncodedKV, EncodedTensor, Part
 from kvlink.models import Geometry
-from kvlink.quant import AXES, BITS, QuantSpec, part_sizes, registered_formats
+from kvlink.quant import AXES, BITS, QuantSpec, format_from_bits, part_sizes, registered_formats
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, keep_count, registered_selectors
 
@@ -557,6 +557,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
     )  # fmt: skip
     if config.rotate != "none":  # absent otherwise: unrotated messages stay readable by older receivers
         msg.rotate = config.rotate
+    if config.hi_layers:  # likewise
+        msg.hi_layers, msg.hi_format = config.hi_layers, format_from_bits(config.hi_bits)
     if config.k_rank is not None:
         msg.k_rank = config.k_rank
     if config.v_rank is not None:
@@ -1003,7 +1005,8 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
     known = {"selector": (msg.selector, codecs.selectors), "k_format": (msg.k_format, codecs.formats),
              "v_format": (msg.v_format, codecs.formats), "lowrank": (msg.lowrank, codecs.lowrank_modes),
              "k_axis": (msg.k_axis, AXES), "v_axis": (msg.v_axis, AXES), "scope": (msg.scope, SCOPES),
-             "rotate": (msg.rotate or "none", codecs.rotations)}  # fmt: skip
+             "rotate": (msg.rotate or "none", codecs.rotations),
+             "hi_format": (msg.hi_format or "int8", codecs.formats)}  # fmt: skip
     for name, (value, supported) in known.items():
         if value not in supported:
             raise WireError(
@@ -1022,6 +1025,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             k_rank=msg.k_rank if msg.HasField("k_rank") else None,
             v_rank=msg.v_rank if msg.HasField("v_rank") else None,
             zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
+            hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

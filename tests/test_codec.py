@@ -87,6 +87,8 @@ SIZE_CONFIGS = [
     CodecConfig(selector="streaming", retention=0.3, scope="layer", k_bits=2, v_bits=8),
     CodecConfig(lowrank="svd", k_rank=8, v_rank=12, k_bits=4, v_bits=8),
     CodecConfig(selector="random", retention=0.5, lowrank="svd", k_rank=4, v_rank=None, v_bits=3),
+    CodecConfig(k_bits=2, v_bits=3, hi_layers=2, hi_bits=8),
+    CodecConfig(k_bits=16, v_bits=2, hi_layers=1, hi_bits="nf4", rotate="v"),
 ]
 
 
@@ -210,3 +212,34 @@ def test_decode_stacks_alike_tensors_into_one_launch(
         got = (decoded.keys if t.kind == "k" else decoded.values)[t.layer]
         assert got.dtype == torch.float16 and got.shape == t.shape
         torch.testing.assert_close(got, alone, rtol=0, atol=0)
+
+
+def test_hi_layers_quantize_the_first_layers_at_hi_bits_and_travel_by_wire() -> None:
+    """Mixed precision by layer: each tensor carries its own spec; the receiver decodes what came."""
+    from kvlink import wire
+
+    g = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
+    torch.manual_seed(2)
+    kv = ContextKV([torch.randn(2, 30, 16) for _ in range(3)], [torch.randn(2, 30, 16) for _ in range(3)],
+                   [torch.arange(30)] * 3, 30)  # fmt: skip
+    config = CodecConfig(k_bits=2, v_bits=16, hi_layers=1, hi_bits=8)
+    assert [config.spec("k", layer).format for layer in range(3)] == ["int8", "int2", "int2"]
+    assert config.spec("v", 0).format == "fp16"  # fp16 tensors stay fp16
+    encoded = Codec(config, g).encode_kv(kv)
+    assert [t.spec.format for t in encoded.tensors if t.kind == "k"] == ["int8", "int2", "int2"]
+    asm = wire.Assembler("f" * 64, g)
+    for frame in wire.to_frames(encoded, "s", "m", "f" * 64, 1 << 20):
+        asm.feed(frame)
+    received, _ = asm.finish()
+    assert received.config == config
+    got, want = Codec(config, g).decode(received), Codec(config, g).decode(encoded)
+    assert all(torch.equal(a, b) for a, b in zip(got.keys, want.keys, strict=True))
+    errors = [float((d - x).norm() / x.norm()) for d, x in zip(got.keys, kv.keys, strict=True)]
+    assert errors[0] < errors[1] / 10 and errors[0] < errors[2] / 10  # INT8 layer 0 vs INT2 layers
+    no_int8 = wire.Codecs(formats=("int2", "fp16"), selectors=("none",), lowrank_modes=("none",))
+    with pytest.raises(wire.WireError, match="hi_format 'int8'"):
+        wire.Assembler("f" * 64, g, codecs=no_int8).feed(
+            wire.to_frames(encoded, "s", "m", "f" * 64, 1 << 20)[0]
+        )
+    with pytest.raises(ValueError, match="hi_layers 4 exceeds"):
+        Codec(CodecConfig(k_bits=4, hi_layers=4), g)

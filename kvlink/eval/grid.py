@@ -11,6 +11,7 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     ktok | kchan | vtok | vchan                         grouping axis of K / V (default kchan, vtok)
     zstd3                                               zstd level
     rot | krot | vrot                                   Hadamard rotation of K and V / K / V
+    hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
 
 e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
 
@@ -144,6 +145,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"([kv])(tok|chan)"), "axis"),
     (re.compile(r"zstd(\d+)"), "zstd"),
     (re.compile(r"(k|v|kv)?rot"), "rotate"),
+    (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
 )
 
 
@@ -182,6 +184,9 @@ def parse_name(name: str) -> CodecConfig:
                 fields["zstd_level"] = int(m.group(1))
             elif kind == "rotate":
                 fields["rotate"] = m.group(1) or "kv"
+            elif kind == "hi":
+                fields["hi_layers"] = int(m.group(1))
+                fields["hi_bits"] = _bits(m.group(2)) if m.group(2) else 8
             break
         else:
             raise ValueError(
