@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="low-rank rank (implies --lowrank svd)")
     p.add_argument("--group-size", type=int, default=None, help="quantization group size")
     p.add_argument(
+        "--scope", choices=("global", "layer"), default=None,
+        help="one kept position set for all layers (default), or one per layer",
+    )  # fmt: skip
+    p.add_argument(
         "--rotate", choices=("none", "k", "v", "kv"), default=None,
         help="Hadamard rotation of K/V before quantization (default: the planner decides)",
     )  # fmt: skip
@@ -135,7 +139,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
     try:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
-            rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate,
+            rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

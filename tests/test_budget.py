@@ -209,3 +209,19 @@ def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
     assert _for_receiver(Constraints(k_bits=4), wire.local_codecs()).rotations == ("none", "v", "kv")
     with pytest.raises(SendError, match="does not decode rotation 'kv'"):
         _for_receiver(Constraints(rotate="kv"), old)
+
+
+def test_kvlink_send_flags_become_planner_constraints() -> None:
+    from client.main import build_parser, constraints_from_args
+
+    args = build_parser().parse_args(
+        ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q",
+         "--bits", "4", "--scope", "layer", "--rotate", "v", "--group-size", "64"]
+    )  # fmt: skip
+    c = constraints_from_args(args)
+    assert (c.k_bits, c.v_bits, c.scope, c.rotate, c.group_size) == (4, 4, "layer", "v", 64)
+    from kvlink.models import Geometry
+
+    configs = candidate_configs(Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1), c)
+    selective = [x for x in configs if x.selector != "none"]
+    assert selective and all((x.scope, x.rotate, x.k_format) == ("layer", "v", "int4") for x in selective)
