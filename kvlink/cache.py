@@ -283,25 +283,17 @@ def prefill_observations(
     capture: int | None = None if Observe.ALL in kinds else n_window
     cache = DynamicCache(config=model.config)
     positions = torch.arange(length, device=device)
+
+    def forward(ids: Tensor, pos: Tensor) -> None:  # extends `cache`; only the last logit is computed
+        model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos[None], logits_to_keep=1)
+
     context_queries: list[Tensor | None] = []
     if kinds & {Observe.ALL, Observe.WINDOW}:
         with capture_queries(model, keep_last=capture) as captured:
-            model(
-                input_ids=ctx,
-                past_key_values=cache,
-                use_cache=True,
-                position_ids=positions[None],
-                logits_to_keep=1,
-            )
-            context_queries = list(captured)
+            forward(ctx, positions)
+        context_queries = list(captured)
     else:
-        model(
-            input_ids=ctx,
-            past_key_values=cache,
-            use_cache=True,
-            position_ids=positions[None],
-            logits_to_keep=1,
-        )
+        forward(ctx, positions)
     kv = kv_from_cache(cache, length)
     attn0 = attention_modules(model)[0]
     scale = float(getattr(attn0, "scaling", kv.head_dim**-0.5))
@@ -328,13 +320,7 @@ def prefill_observations(
         qids = question_ids.reshape(1, -1).to(device)
         qpos = torch.arange(length, length + qids.shape[1], device=device)
         with capture_queries(model) as captured:
-            model(
-                input_ids=qids,
-                past_key_values=cache,
-                use_cache=True,
-                position_ids=qpos[None],
-                logits_to_keep=1,
-            )
+            forward(qids, qpos)
         lo, hi = question_rows if question_rows is not None else (0, qids.shape[1])
         if not (0 <= lo < hi <= qids.shape[1]):
             raise ValueError(f"question_rows {question_rows!r} outside the {qids.shape[1]} question tokens")

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,51 +100,25 @@ def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
     console.print(f"FP16 size of the full context KV: {lm.geometry.fp16_bytes(ctx_ids.numel()):,} bytes")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"the receiver exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
-            )
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the receiver was not healthy after {timeout:.0f} s; log: {log}")
-
-
 def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens: int = 24) -> int:
     """Receiver in a subprocess, sender here; returns the receiver's exit status."""
     import httpx
 
     from client.main import print_result
     from client.sender import send_context
+    from server.local import LocalReceiver
 
     console = Console()
-    port, rest_port = _free_port(), _free_port()
-    target, rest = f"127.0.0.1:{port}", f"http://127.0.0.1:{rest_port}"
     log = Path(tempfile.mkdtemp(prefix="kvlink-demo-")) / "kvlink-serve.log"
-    cmd = [sys.executable, "-m", "server.main", "--port", str(port), "--rest-port", str(rest_port)]
+    rx = LocalReceiver(log=log)
     console.print(
-        f"[bold]kvlink demo[/bold]: starting the receiver: kvlink-serve --port {port} --rest-port {rest_port}"
+        f"[bold]kvlink demo[/bold]: starting the receiver: kvlink-serve --port {rx.port} --rest-port {rx.rest_port}"
     )
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with rx:
         with console.status("loading the embedded model on both sides (the first run converts it, ~30 s)"):
             lm = load_model()
-            _wait_healthy(proc, rest, log)
+            rx.wait_healthy()
+        target, rest = rx.target, rx.rest
         console.print(f"receiver healthy: gRPC {target}, REST {rest} (OpenAPI docs at {rest}/docs)")
         example = load_squad()[example_index]
         console.print(f"context: {example.title!r} (SQuAD); question: {example.question!r}")
@@ -174,16 +145,8 @@ def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens
             f"(ratio {group['compression_ratio']:.2f}x), decode p50 {decode.get('p50', 0.0):.3f} s, "
             f"F1 mean {group['f1_mean']:.2f}, EM mean {group['exact_match_mean']:.2f}"
         )
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    console.print(f"receiver stopped (exit status {proc.returncode}); its log: {log}")
-    return int(proc.returncode or 0)
+    console.print(f"receiver stopped (exit status {rx.returncode}); its log: {log}")
+    return int(rx.returncode or 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,13 +19,9 @@ from typing import Any
 
 import httpx
 
+from server.local import free_port as free_port  # re-exported for the tests
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the receiver process ----------------------------------------------------------------------------------

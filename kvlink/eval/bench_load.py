@@ -22,11 +22,7 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -97,48 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- the receiver --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_receiver(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """kvlink-serve on free loopback ports, sized for the senders; yields (target, rest URL)."""
-    import httpx
+    from server.local import LocalReceiver
 
-    port, rest_port = _free_port(), _free_port()
     slots = str(max(64, 4 * args.senders))
-    cmd = [sys.executable, "-m", "server.main", "--port", str(port), "--rest-port", str(rest_port),
-           "--device", args.device, "--max-concurrent-sessions", slots, "--per-peer-concurrency", slots,
-           "--max-cached-bytes", str(args.max_cached_bytes), "--max-new-tokens", str(args.max_new_tokens),
-           "--log-level", "warning"]  # fmt: skip
-    log = tempfile.NamedTemporaryFile(prefix="kvlink-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2]
-    )
-    rest = f"http://127.0.0.1:{rest_port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvlink-serve exited with {proc.returncode}; log: {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{rest}/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvlink-serve did not become healthy; log: {log.name}")
-            time.sleep(0.25)
-        yield f"127.0.0.1:{port}", rest
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        os.unlink(log.name)
+    flags = ["--device", args.device, "--max-concurrent-sessions", slots, "--per-peer-concurrency", slots,
+             "--max-cached-bytes", str(args.max_cached_bytes), "--max-new-tokens", str(args.max_new_tokens),
+             "--log-level", "warning"]  # fmt: skip
+    with LocalReceiver(flags, keep_log=False) as rx:
+        rx.wait_healthy()
+        yield rx.target, rx.rest
 
 
 # --- the senders ----------------------------------------------------------------------------------------------

@@ -44,6 +44,53 @@ FORMAT_INT, FORMAT_NF4, FORMAT_FP16 = 0, 1, 2
 
 
 @triton.jit
+def _group_index(
+    u,
+    j,
+    e,
+    mask,
+    n_elem,
+    T,
+    NGT,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    UNIT_CODES: tl.constexpr,
+    CHANNEL: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """(index into scale/zero, its mask) of the codes of units `u` (elements e = u * UNIT_CODES + j).
+
+    Shared by the dequantize and the pack kernels, which walk the stream the same way.
+    """
+    if ALIGNED:
+        # A unit never straddles a row: one (h, t) row and a run of UNIT_CODES channels.
+        e0 = u * UNIT_CODES
+        row = e0 // D  # h * T + t
+        d0 = e0 - row * D
+        if CHANNEL:
+            h = row // T
+            t = row - h * T
+            gi = ((h * NGT + t // G) * D + d0)[:, None] + j[None, :]
+            gmask = mask
+        else:
+            # codes per unit divide the group (or the group is the whole row): one scale per unit
+            gi = (row * NG + d0 // G)[:, None]  # (units, 1)
+            gmask = (e0 < n_elem)[:, None]
+    else:
+        row = e // D
+        d = e - row * D
+        if CHANNEL:
+            h = row // T
+            t = row - h * T
+            gi = (h * NGT + t // G) * D + d
+        else:
+            gi = row * NG + d // G
+        gmask = mask
+    return gi, gmask
+
+
+@triton.jit
 def _dequant_kernel(
     codes_ptr,
     scale_ptr,
@@ -77,31 +124,7 @@ def _dequant_kernel(
     e = u[:, None] * UNIT_CODES + j[None, :]  # flat index into (H, T, D)
     mask = e < n_elem
 
-    if ALIGNED:
-        # A unit never straddles a row: one (h, t) row and a run of UNIT_CODES channels.
-        e0 = u * UNIT_CODES
-        row = e0 // D  # h * T + t
-        d0 = e0 - row * D
-        if CHANNEL:
-            h = row // T
-            t = row - h * T
-            gi = ((h * NGT + t // G) * D + d0)[:, None] + j[None, :]
-            gmask = mask
-        else:
-            # codes per unit divide the group (or the group is the whole row): one scale per unit
-            gi = (row * NG + d0 // G)[:, None]  # (units, 1)
-            gmask = (e0 < n_elem)[:, None]
-    else:
-        row = e // D
-        d = e - row * D
-        if CHANNEL:
-            h = row // T
-            t = row - h * T
-            gi = (h * NGT + t // G) * D + d
-        else:
-            gi = row * NG + d // G
-        gmask = mask
-
+    gi, gmask = _group_index(u, j, e, mask, n_elem, T, NGT, D, G, NG, UNIT_CODES, CHANNEL, ALIGNED)
     scale = tl.load(scale_ptr + gi, mask=gmask, other=1.0).to(tl.float32)
     if NF4:
         level = tl.load(lut_ptr + code, mask=mask, other=0.0)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kvlink.kernels._triton import HAS_TRITON, tl, triton
-from kvlink.kernels.dequant import BLOCK_ELEMS, UNITS, _layout, _unit_aligned
+from kvlink.kernels.dequant import BLOCK_ELEMS, UNITS, _group_index, _layout, _unit_aligned
 from kvlink.quant import QuantizedTensor, QuantSpec
 
 STATS_BLOCK_ELEMS = 4096  # elements loaded per program by the statistics kernels
@@ -293,30 +293,7 @@ def _pack_kernel(
     mask = e < n_elem
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
 
-    if ALIGNED:  # same group indexing as the dequantize kernel
-        e0 = u * UNIT_CODES
-        row = e0 // D
-        d0 = e0 - row * D
-        if CHANNEL:
-            h = row // T
-            t = row - h * T
-            gi = ((h * NGT + t // G) * D + d0)[:, None] + j[None, :]
-            gmask = mask
-        else:
-            # codes per unit divide the group (or the group is the whole row): one scale per unit
-            gi = (row * NG + d0 // G)[:, None]  # (units, 1)
-            gmask = (e0 < n_elem)[:, None]
-    else:
-        row = e // D
-        d = e - row * D
-        if CHANNEL:
-            h = row // T
-            t = row - h * T
-            gi = (h * NGT + t // G) * D + d
-        else:
-            gi = row * NG + d // G
-        gmask = mask
-
+    gi, gmask = _group_index(u, j, e, mask, n_elem, T, NGT, D, G, NG, UNIT_CODES, CHANNEL, ALIGNED)
     s = tl.load(scale_ptr + gi, mask=gmask, other=1.0).to(tl.float32)
     if NF4:
         z = s
