@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotate", choices=("none", "k", "v", "kv"), default=None,
         help="Hadamard rotation of K/V before quantization (default: the planner decides)",
     )  # fmt: skip
+    p.add_argument(
+        "--sink", type=int, default=None, metavar="N",
+        help="send the first N kept positions of every quantized tensor at fp16, outside the "
+        "quantization groups (attention sinks; default: the planner decides)",
+    )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
     zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
@@ -140,6 +145,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
             rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
+            sink=args.sink,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

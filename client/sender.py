@@ -389,7 +389,13 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
             f"the receiver does not decode rotation {c.rotate!r}; it lists {list(codecs.rotations)}",
             code="UNKNOWN_CODEC", rpc="Hello",
         )  # fmt: skip
-    return replace(c, rotations=tuple(r for r in c.rotations if r in codecs.rotations))
+    if c.sink and not codecs.sink:
+        raise SendError(
+            grpc.StatusCode.UNIMPLEMENTED, "the receiver does not read fp16 sink entries (--sink)",
+            code="UNKNOWN_CODEC", rpc="Hello",
+        )  # fmt: skip
+    rotations = tuple(r for r in c.rotations if r in codecs.rotations)
+    return replace(c, rotations=rotations, sinks=c.sinks and codecs.sink)
 
 
 async def send_context(

@@ -66,6 +66,9 @@ GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 ROTATE_CHOICES: tuple[str, ...] = ("none", "v", "kv")
 """Rotations the planner weighs for quantized configs (kvlink.rotation); a rotated config it has
 no measurement of ranks just below the same config unrotated, so only a measured table picks one."""
+SINK_CHOICES: tuple[int, ...] = (0, 1)
+"""fp16 sink entries the planner weighs for quantized configs (CodecConfig.sink); like a rotation,
+an unmeasured one ranks just below the same config without, so only a measured table picks one."""
 RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
 ZSTD_LEVEL = 3
 MAX_ENCODE_TRIES = 8
@@ -114,6 +117,8 @@ class Constraints:
     scope: str | None = None
     rotate: str | None = None
     rotations: tuple[str, ...] = ROTATE_CHOICES  # what the receiver decodes (its Welcome's codecs)
+    sink: int | None = None
+    sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
@@ -133,6 +138,10 @@ class Constraints:
             raise ValueError(
                 f"rotate {self.rotate!r} is not one the receiver decodes: {list(self.rotations)}"
             )
+        if self.sink is not None and (isinstance(self.sink, bool) or self.sink < 0):
+            raise ValueError(f"sink must be a non-negative integer, got {self.sink!r}")
+        if self.sink and not self.sinks:
+            raise ValueError(f"sink {self.sink} needs a receiver that reads fp16 sink entries")
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
@@ -168,6 +177,7 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
 
 
 UNMEASURED_ROTATION = 0.999
+"""Expected quality of an unmeasured rotated (or sink) config, relative to its plain twin."""
 
 
 def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
@@ -219,6 +229,8 @@ class QualityTable:
         key = quality_key(config)
         if key in self.entries:
             return self.entries[key]
+        if config.sink:  # unmeasured sink entries: just below the same config without
+            return UNMEASURED_ROTATION * self.expected(config.with_(sink=0), head_dim)
         if config.rotate != "none":  # unmeasured rotation: just below the same config unrotated
             return UNMEASURED_ROTATION * self.expected(config.with_(rotate="none"), head_dim)
         return default_quality(config, head_dim)
@@ -321,12 +333,16 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
     rotations = [c.rotate] if c.rotate is not None else [r for r in ROTATE_CHOICES if r in c.rotations]
     if geometry.head_dim & (geometry.head_dim - 1):
         rotations = [r for r in rotations if r == "none"]  # Hadamard sizes are powers of two
+    sinks = [c.sink] if c.sink is not None else [n for n in SINK_CHOICES if c.sinks or not n]
     seen: set[CodecConfig] = set()
     out: list[CodecConfig] = []
-    for r, kb, vb, g, rank, rot in itertools.product(retentions, k_bits, v_bits, groups, ranks, rotations):
+    axes = (retentions, k_bits, v_bits, groups, ranks, rotations, sinks)
+    for r, kb, vb, g, rank, rot, sink in itertools.product(*axes):
         both_fp16 = format_from_bits(kb) == format_from_bits(vb) == "fp16"
         if rot != "none" and (both_fp16 or rank is not None):
             continue  # rotation only serves quantization, and not of a low-rank latent
+        if sink and both_fp16:
+            continue  # sink entries only serve quantization
         config = CodecConfig(
             selector="none" if (r == 1.0 or method == "none") else method,
             retention=r if method != "none" else 1.0,
@@ -334,7 +350,7 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
             k_bits=kb, v_bits=vb,
             group_size=32 if both_fp16 else g,
             lowrank="svd" if rank is not None else "none",
-            k_rank=rank, v_rank=rank, rotate=rot,
+            k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
         )  # fmt: skip
         if config not in seen:
             seen.add(config)
@@ -347,7 +363,7 @@ def _estimate(codec: Codec, length: int) -> int:
     sizes = codec.predicted_sizes(length)
     g = codec.geometry
     n_tensors = 2 * g.num_layers
-    parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0)
+    parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0) + (1 if codec.config.sink else 0)
     # Frames: a header with one payload-table entry per part (~40 bytes each), one chunk frame per
     # part (~24 bytes of tags, ids and CRC), the trailer, acks and the receipt; then HTTP/2.
     framing = 1024 + n_tensors * parts_per_tensor * (40 + 24)

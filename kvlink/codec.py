@@ -5,8 +5,8 @@
     encoded = codec.encode(prefill)          # EncodedKV: raw little-endian parts per tensor
     kv = codec.decode(encoded)               # ContextKV with the ORIGINAL positions
 
-Pipeline per layer and per K/V: keep the selected positions -> optional
-low rank (per-message SVD, or a calibrated projection both sides hold) ->
+Pipeline per layer and per K/V: keep the selected positions -> set the first
+`sink` of them aside at fp16 (attention sinks) -> optional low rank (per-message SVD, or a calibrated projection both sides hold) ->
 quantize (INT8/4/3/2, NF4, or FP16) -> optional zstd per part. The size of
 every part is known before any byte is written (`Codec.predicted_sizes`);
 zstd, which depends on the data, is the only stage whose size is measured.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 LOWRANK_MODES: tuple[str, ...] = ("none", "svd", "profile")
 KINDS: tuple[str, ...] = ("k", "v")
-PAYLOAD_PARTS = frozenset({"codes"})
+PAYLOAD_PARTS = frozenset({"codes", "sink"})
 METADATA_PARTS = frozenset({"scale", "zero", "basis"})
 
 
@@ -51,6 +51,9 @@ class CodecConfig:
     quantization (kvlink.rotation; no wire bytes; not combined with low rank on that tensor).
     hi_layers/hi_bits: the first `hi_layers` layers quantize K and V at `hi_bits` instead (early
     layers are the most sensitive); fp16 tensors stay fp16. Each tensor's spec travels with it.
+    sink: the first `sink` kept entries of every quantized tensor travel at fp16 and stay out of
+    its quantization groups (attention sinks: a few huge key channels that would otherwise set
+    the scale of a whole per-channel group).
     """
 
     selector: str = "none"
@@ -70,6 +73,7 @@ class CodecConfig:
     rotate: str = "none"
     hi_layers: int = 0
     hi_bits: int | str = 8
+    sink: int = 0
 
     def __post_init__(self) -> None:
         if self.selector != "none" and self.selector not in registered_selectors():
@@ -108,6 +112,8 @@ class CodecConfig:
         format_from_bits(self.hi_bits)
         if not self.hi_layers:
             object.__setattr__(self, "hi_bits", 8)  # irrelevant then: one canonical form
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"sink must be a non-negative integer, got {self.sink!r}")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -133,6 +139,10 @@ class CodecConfig:
 
     def rank(self, kind: str) -> int | None:
         return self.k_rank if kind == "k" else self.v_rank
+
+    def sink_count(self, kind: str, n_kept: int) -> int:
+        """Entries of a `kind` tensor of `n_kept` that travel at fp16 as its sink part (none for fp16)."""
+        return 0 if self.spec(kind).format == "fp16" else min(self.sink, n_kept)
 
     def validate_for(self, geometry: Geometry) -> None:
         """Checks that need the model: ranks must not exceed head_dim; rotation needs a power-of-two one."""
@@ -162,6 +172,8 @@ class CodecConfig:
             parts.append(f"k{kf}{self.k_axis[0]}/v{vf}{self.v_axis[0]}-g{self.group_size}")
         if self.hi_layers:
             parts.append(f"hi{self.hi_layers}@{format_from_bits(self.hi_bits)}")
+        if self.sink:
+            parts.append(f"sink{self.sink}")
         if self.rotate != "none":
             parts.append(f"rot-{self.rotate}")
         if self.zstd_level:
@@ -197,8 +209,10 @@ class EncodedTensor:
     """One layer's K or V: shape (kv_heads, n_kept, head_dim) once decoded.
 
     `stored` is the quantized matrix's shape: (H, n_kept, head_dim), or the
-    latent (H, n_kept, rank) under low rank. Parts: codes, scale, zero
-    (quantization), basis (per-message SVD: (H, rank, head_dim) float16).
+    latent (H, n_kept - s, rank) under low rank, where the first s entries
+    travel at fp16 (CodecConfig.sink). Parts: codes, scale, zero (quantization),
+    basis (per-message SVD: (H, rank, head_dim) float16), sink ((H, s, head_dim)
+    float16).
     """
 
     layer: int
@@ -209,6 +223,11 @@ class EncodedTensor:
     lowrank: str
     parts: dict[str, Part]
 
+    @property
+    def sink(self) -> int:
+        """Entries that travel at fp16 ahead of the quantized ones."""
+        return self.shape[1] - self.stored[1]
+
     def nbytes(self) -> int:
         return sum(len(p.data) for p in self.parts.values())
 
@@ -217,7 +236,7 @@ class EncodedTensor:
 class Sizes:
     """Bytes of an encoded message by category (wire framing is added by kvlink.wire)."""
 
-    payload: int = 0  # quantized codes
+    payload: int = 0  # quantized codes and fp16 sink entries
     scales: int = 0  # scale + zero per group
     factors: int = 0  # low-rank bases sent with the message
     positions: int = 0  # kept-position sets
@@ -266,7 +285,7 @@ class EncodedKV:
         for t in self.tensors:
             for name, part in t.parts.items():
                 n = len(part.data)
-                if name == "codes":
+                if name in PAYLOAD_PARTS:
                     s.payload += n
                 elif name == "basis":
                     s.factors += n
@@ -312,9 +331,11 @@ class Codec:
 
     # --- sizes -------------------------------------------------------------
     def stored_shape(self, kind: str, n_kept: int) -> tuple[int, int, int]:
+        """Shape of the quantized matrix of a `kind` tensor with `n_kept` entries (sink entries excluded)."""
         g = self.geometry
         rank = self.config.rank(kind) if self.config.lowrank != "none" else None
-        return (g.kv_heads, n_kept, rank if rank is not None else g.head_dim)
+        n = n_kept - self.config.sink_count(kind, n_kept)
+        return (g.kv_heads, n, rank if rank is not None else g.head_dim)
 
     def predicted_sizes(self, length: int, kept: list[Tensor] | None = None) -> Sizes:
         """Exact sizes before zstd. Without `kept`, position bytes use the bitmap upper bound."""
@@ -323,6 +344,7 @@ class Codec:
         sizes = Sizes()
         for kind in KINDS:
             stored = self.stored_shape(kind, n_kept)
+            sizes.payload += g.num_layers * g.kv_heads * (n_kept - stored[1]) * g.head_dim * 2
             for layer in range(g.num_layers):
                 for name, n in part_sizes(stored, cfg.spec(kind, layer)).items():
                     if name == "codes":
@@ -405,6 +427,12 @@ class Codec:
         spec = cfg.spec(kind, layer)
         rank = cfg.rank(kind) if cfg.lowrank != "none" else None
         parts: dict[str, Part] = {}
+        shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
+        sink = cfg.sink_count(kind, shape[1])
+        if sink:
+            raw = _tensor_bytes(x[:, :sink].to(torch.float16))
+            parts["sink"] = Part(raw, len(raw))
+            x = x[:, sink:]
         stored = x
         mode = "none"
         if rank is not None:
@@ -424,7 +452,6 @@ class Codec:
             if tensor is not None:
                 raw = _tensor_bytes(tensor)
                 parts[name] = Part(raw, len(raw))
-        shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
         stored_shape = (int(stored.shape[0]), int(stored.shape[1]), int(stored.shape[2]))
         return EncodedTensor(layer, kind, shape, stored_shape, spec, mode, parts)
 
@@ -458,6 +485,11 @@ class Codec:
                 raise ValueError(
                     f"layer {t.layer} {t.kind}: {t.shape[1]} entries but {sets[t.layer].numel()} positions"
                 )
+            sink = encoded.config.sink_count(t.kind, t.shape[1])
+            if t.sink != sink:
+                raise ValueError(
+                    f"layer {t.layer} {t.kind}: {t.sink} fp16 sink entries, the config asks for {sink}"
+                )
         decoded = self._decode_tensors(encoded.tensors, device, dtype, encoded.config)
         keys = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "k"]
         values = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "v"]
@@ -478,6 +510,7 @@ class Codec:
         so one host-to-device copy per part and one dequantize launch serve them
         all (the whole message, for a uniform config). The rest go one by one.
         Rotated tensors are dequantized in float32 and rotated back, as a stack too.
+        A tensor's fp16 sink entries, if any, go in front of its dequantized ones.
         """
         from kvlink.kernels import dequantize_into
 
@@ -503,11 +536,17 @@ class Codec:
                 x = ((x @ hadamard(d, x.device)) * s[:, None, None, :]).to(dtype)
             for j, i in enumerate(members):
                 out[i] = x[j]
+        for i, t in enumerate(tensors):
+            if t.sink:
+                sink = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
+                out[i] = torch.cat([sink.to(dtype), out[i]], dim=1)  # type: ignore[list-item]
         return out  # type: ignore[return-value]
 
     def _checked_parts(self, t: EncodedTensor) -> dict[str, bytes]:
         parts = {name: _decompress(part) for name, part in t.parts.items()}
         expected = part_sizes(t.stored, t.spec)
+        if t.sink:
+            expected["sink"] = t.shape[0] * t.sink * t.shape[2] * 2
         for name, n in expected.items():
             if name not in parts or len(parts[name]) != n:
                 got = len(parts[name]) if name in parts else "missing"

@@ -162,13 +162,14 @@ ERROR_METADATA_KEY: Final = "kvlink-error-code"
 
 _KIND_TO_PB: Final = {"k": pb.TENSOR_KIND_K, "v": pb.TENSOR_KIND_V}
 _KIND_FROM_PB: Final = {v: k for k, v in _KIND_TO_PB.items()}
-PART_ORDER: Final = ("codes", "scale", "zero", "basis")
+PART_ORDER: Final = ("codes", "scale", "zero", "basis", "sink")
 """Order of an EncodedTensor's parts on the wire."""
 _PART_TO_PB: Final = {
     "codes": pb.PART_KIND_CODES,
     "scale": pb.PART_KIND_SCALE,
     "zero": pb.PART_KIND_ZERO,
     "basis": pb.PART_KIND_BASIS,
+    "sink": pb.PART_KIND_SINK,
 }
 _PART_FROM_PB: Final = {v: k for k, v in _PART_TO_PB.items()}
 _POS_TO_PB: Final = {
@@ -277,13 +278,15 @@ class WireLimits:
 # --- plain objects of the other messages -------------------------------------------
 @dataclass(frozen=True)
 class Codecs:
-    """Codec names one side supports (formats, selectors, low-rank modes) and whether it reads zstd."""
+    """Codec names one side supports (formats, selectors, low-rank modes, rotations) and whether it
+    reads zstd parts and fp16 sink entries."""
 
     formats: tuple[str, ...]
     selectors: tuple[str, ...]
     lowrank_modes: tuple[str, ...]
     zstd: bool = True
     rotations: tuple[str, ...] = ("none",)
+    sink: bool = False
 
 
 def local_codecs() -> Codecs:
@@ -294,6 +297,7 @@ def local_codecs() -> Codecs:
         lowrank_modes=LOWRANK_MODES,
         zstd=True,
         rotations=ROTATIONS,
+        sink=True,
     )
 
 
@@ -559,6 +563,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.rotate = config.rotate
     if config.hi_layers:  # likewise
         msg.hi_layers, msg.hi_format = config.hi_layers, format_from_bits(config.hi_bits)
+    if config.sink:  # likewise
+        msg.sink = config.sink
     if config.k_rank is not None:
         msg.k_rank = config.k_rank
     if config.v_rank is not None:
@@ -767,12 +773,15 @@ def _codecs_to_pb(c: Codecs) -> pb.Codecs:
         lowrank_modes=c.lowrank_modes,
         zstd=c.zstd,
         rotations=c.rotations,
+        sink=c.sink,
     )
 
 
 def _codecs_from_pb(msg: pb.Codecs) -> Codecs:
     rotations = tuple(msg.rotations) or ("none",)
-    return Codecs(tuple(msg.formats), tuple(msg.selectors), tuple(msg.lowrank_modes), msg.zstd, rotations)
+    return Codecs(
+        tuple(msg.formats), tuple(msg.selectors), tuple(msg.lowrank_modes), msg.zstd, rotations, msg.sink
+    )
 
 
 def hello_to_proto(hello: Hello) -> pb.Hello:
@@ -1005,14 +1014,17 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
     known = {"selector": (msg.selector, codecs.selectors), "k_format": (msg.k_format, codecs.formats),
              "v_format": (msg.v_format, codecs.formats), "lowrank": (msg.lowrank, codecs.lowrank_modes),
              "k_axis": (msg.k_axis, AXES), "v_axis": (msg.v_axis, AXES), "scope": (msg.scope, SCOPES),
-             "rotate": (msg.rotate or "none", codecs.rotations),
-             "hi_format": (msg.hi_format or "int8", codecs.formats)}  # fmt: skip
+             "rotate": (msg.rotate or "none", codecs.rotations)}  # fmt: skip
+    if msg.hi_layers or msg.hi_format:  # absent unless the first layers use a format of their own
+        known["hi_format"] = (msg.hi_format, codecs.formats)
     for name, (value, supported) in known.items():
         if value not in supported:
             raise WireError(
                 "UNKNOWN_CODEC",
                 f"codec config {name} {value!r} is not supported here; supported: {list(supported)}",
             )
+    if msg.sink and not codecs.sink:
+        raise WireError("UNKNOWN_CODEC", f"codec config sink {msg.sink}: this receiver reads no fp16 sink entries")
     if msg.k_format not in BITS or msg.v_format not in BITS:
         raise WireError(
             "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"
@@ -1026,6 +1038,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             v_rank=msg.v_rank if msg.HasField("v_rank") else None,
             zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
             hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
+            sink=msg.sink,
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None
@@ -1213,7 +1226,8 @@ def _validate_header(
         rank = config.rank(KINDS[kind]) if mode != "none" else None
         if mode != "none" and rank is None:
             raise WireError("MALFORMED", f"{want}: low-rank mode {mode!r} but the config has no rank for it")
-        stored = (g.kv_heads, n_kept[layer], rank if rank is not None else g.head_dim)
+        sink = config.sink_count(KINDS[kind], n_kept[layer])
+        stored = (g.kv_heads, n_kept[layer] - sink, rank if rank is not None else g.head_dim)
         if tuple(entry.stored_shape) != stored:
             raise WireError(
                 "SHAPE", f"{want}: stored shape {tuple(entry.stored_shape)} does not match {stored}"
@@ -1222,6 +1236,8 @@ def _validate_header(
             expected_parts[(layer, KINDS[kind], name)] = n
         if mode == "svd":
             expected_parts[(layer, KINDS[kind], "basis")] = g.kv_heads * stored[2] * g.head_dim * 2
+        if sink:
+            expected_parts[(layer, KINDS[kind], "sink")] = g.kv_heads * sink * g.head_dim * 2
         tensors.append(EncodedTensor(layer, KINDS[kind], shape, stored, spec, mode, {}))
 
     # Payload table: structure, then totals against the limits, then sizes against the tensors.

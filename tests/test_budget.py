@@ -201,6 +201,20 @@ def test_rotation_is_planned_only_where_measured_and_decodable(prefilled: tuple[
         Constraints(rotate="kv", rotations=("none",))
 
 
+def test_sink_entries_are_planned_only_where_measured_and_readable(prefilled: tuple[Any, Any]) -> None:
+    """Like a rotation: weighed, picked once a table measured it better, never for a receiver without."""
+    lm, pre = prefilled
+    prior = plan(pre, lm.geometry, lm.fingerprint, 0.2)
+    assert prior.config.sink == 0 and any(c.config.sink for c in prior.candidates)
+    with_sink = prior.config.with_(sink=1, zstd_level=0)
+    table = QualityTable(entries={quality_key(with_sink): 0.999})
+    picked = plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table)
+    assert picked.config.with_(zstd_level=0) == with_sink
+    assert picked.total_bytes <= picked.budget_bytes
+    old_receiver = Constraints(sinks=False)
+    assert plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.sink == 0
+
+
 def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
     from client.sender import SendError, _for_receiver
 

@@ -227,6 +227,9 @@ def test_config_names_presets_and_grids() -> None:
         v_axis="channel", zstd_level=3,
     )  # fmt: skip
     assert grid.parse_name("proj32-int4").lowrank == "profile"
+    assert grid.parse_name("q2c50-k4v3-vrot-sink4") == CodecConfig(
+        selector="q2c", retention=0.5, k_bits=4, v_bits=3, rotate="v", sink=4
+    )
     kivi = grid.parse_name("kivi2")
     assert (kivi.k_format, kivi.k_axis, kivi.v_axis, kivi.group_size) == ("int2", "channel", "token", 32)
     with pytest.raises(ValueError, match="unknown token 'q2x50'"):

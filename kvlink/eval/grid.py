@@ -12,6 +12,7 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     zstd3                                               zstd level
     rot | krot | vrot                                   Hadamard rotation of K and V / K / V
     hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
+    sink1 | sink4                                       first 1 / 4 kept entries at fp16, outside the groups
 
 e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
 
@@ -146,6 +147,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"zstd(\d+)"), "zstd"),
     (re.compile(r"(k|v|kv)?rot"), "rotate"),
     (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
+    (re.compile(r"sink(\d+)"), "sink"),
 )
 
 
@@ -187,11 +189,13 @@ def parse_name(name: str) -> CodecConfig:
             elif kind == "hi":
                 fields["hi_layers"] = int(m.group(1))
                 fields["hi_bits"] = _bits(m.group(2)) if m.group(2) else 8
+            elif kind == "sink":
+                fields["sink"] = int(m.group(1))
             break
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
