@@ -22,7 +22,8 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
                       full-precision residual window, so KIVI's recent-128 window is not modelled)
     streamingllm50/25 sinks + recent window at 50% / 25%
 
-Presets are lists of names: `reference` (the plain reference of issue 7), `seeds`, `kivi2`,
+Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
+`hi-layers`, `sink`, `layer-scope` and `beyond` (issue 7's techniques), `seeds`, `kivi2`,
 `streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
 seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
 combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
@@ -88,6 +89,17 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "reference": (
         "fp16", "int8", "int4", "int3", "int2", "q2c75", "q2c50", "h2o50", "snapkv50", "random50",
         "q2c75-int4", "q2c50-int4",
+    ),
+    # Issue 7's techniques, one preset each: Hadamard rotation, the first layers at INT8, fp16
+    # sink entries, per-layer kept sets, and the combinations measured against the reference.
+    "rotation": ("int4-rot", "int4-vrot", "int3-rot", "int3-vrot", "int2-rot", "int3-rot-g64"),
+    "hi-layers": ("int3-hi4", "int2-hi4", "int2-rot-hi4"),
+    "sink": ("int4-sink1", "int3-sink1", "k8v4-sink1", "k4v3-sink1", "k4v2-sink1"),
+    "layer-scope": ("q2c50-layer", "q2c25-layer", "q2c50-layer-int4"),
+    "beyond": (
+        "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
+        "k8v4-sink1", "k4v2-sink1", "q2c75-layer-int4-sink1", "q2c50-layer-int4-sink1",
+        "q2c37.5-layer-int4-sink1", "q2c25-layer-int4-sink1", "q2c75-layer-k4v3-sink1",
     ),
     "seeds": ("seed-q2c75-int4", "seed-q2c50-int8", "seed-svd32", "seed-svd64", "seed-kv-asym"),
     "kivi2": ("kivi2",),
