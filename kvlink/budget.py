@@ -35,7 +35,7 @@ from kvlink.codec import Codec, CodecConfig, EncodedKV
 from kvlink.models import Geometry
 from kvlink.quant import format_from_bits
 from kvlink.rotation import ROTATIONS
-from kvlink.select import get_selector
+from kvlink.select import SCOPES, get_selector
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def observe_for(constraints: Constraints | None) -> Observe:
 
 def quality_key(config: CodecConfig) -> str:
     """Key of a config in a quality table: its label without lossless stages (zstd)."""
-    return config.with_(zstd_level=0).label
+    return (config.with_(zstd_level=0) if config.zstd_level else config).label
 
 
 # Default expected quality (answer fidelity vs full KV, 0..1). Priors from the seed findings
@@ -177,7 +177,7 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
 
 
 UNMEASURED_ROTATION = 0.999
-"""Expected quality of an unmeasured rotated (or sink) config, relative to its plain twin."""
+"""Expected quality of an unmeasured rotated (or sink, or per-layer-set) config, relative to its plain twin."""
 
 
 def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
@@ -219,18 +219,30 @@ def default_quality_path(fingerprint: str) -> Path:
 
 @dataclass
 class QualityTable:
-    """Expected quality per config key: measured entries first, the default prior otherwise."""
+    """Expected quality per config key: measured entries first, the default prior otherwise.
+
+    Lookups are memoized: fill `entries` before the first `expected` call.
+    """
 
     model: str = "default"
     entries: dict[str, float] = field(default_factory=dict)
     source: str = "built-in prior"
+    _memo: dict[tuple[CodecConfig, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     def expected(self, config: CodecConfig, head_dim: int = 64) -> float:
+        memo = self._memo.get((config, head_dim))
+        if memo is None:
+            memo = self._memo[(config, head_dim)] = self._expected(config, head_dim)
+        return memo
+
+    def _expected(self, config: CodecConfig, head_dim: int) -> float:
         key = quality_key(config)
         if key in self.entries:
             return self.entries[key]
         if config.sink:  # unmeasured sink entries: just below the same config without
             return UNMEASURED_ROTATION * self.expected(config.with_(sink=0), head_dim)
+        if config.scope != "global":  # unmeasured per-layer kept sets: just below one global set
+            return UNMEASURED_ROTATION * self.expected(config.with_(scope="global"), head_dim)
         if config.rotate != "none":  # unmeasured rotation: just below the same config unrotated
             return UNMEASURED_ROTATION * self.expected(config.with_(rotate="none"), head_dim)
         return default_quality(config, head_dim)
@@ -334,10 +346,11 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
     if geometry.head_dim & (geometry.head_dim - 1):
         rotations = [r for r in rotations if r == "none"]  # Hadamard sizes are powers of two
     sinks = [c.sink] if c.sink is not None else [n for n in SINK_CHOICES if c.sinks or not n]
+    scopes = [c.scope] if c.scope is not None else list(SCOPES)
     seen: set[CodecConfig] = set()
     out: list[CodecConfig] = []
-    axes = (retentions, k_bits, v_bits, groups, ranks, rotations, sinks)
-    for r, kb, vb, g, rank, rot, sink in itertools.product(*axes):
+    axes = (retentions, k_bits, v_bits, groups, ranks, rotations, sinks, scopes)
+    for r, kb, vb, g, rank, rot, sink, scope in itertools.product(*axes):
         both_fp16 = format_from_bits(kb) == format_from_bits(vb) == "fp16"
         if rot != "none" and (both_fp16 or rank is not None):
             continue  # rotation only serves quantization, and not of a low-rank latent
@@ -346,7 +359,7 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
         config = CodecConfig(
             selector="none" if (r == 1.0 or method == "none") else method,
             retention=r if method != "none" else 1.0,
-            scope=c.scope or "global",
+            scope=scope if (r < 1.0 and method != "none") else "global",
             k_bits=kb, v_bits=vb,
             group_size=32 if both_fp16 else g,
             lowrank="svd" if rank is not None else "none",

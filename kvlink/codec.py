@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -122,11 +123,11 @@ class CodecConfig:
                     f"rotate {self.rotate!r} with lowrank {self.lowrank!r} on {kind}: choose one"
                 )
 
-    @property
+    @cached_property
     def k_format(self) -> str:
         return format_from_bits(self.k_bits)
 
-    @property
+    @cached_property
     def v_format(self) -> str:
         return format_from_bits(self.v_bits)
 
@@ -345,12 +346,15 @@ class Codec:
         for kind in KINDS:
             stored = self.stored_shape(kind, n_kept)
             sizes.payload += g.num_layers * g.kv_heads * (n_kept - stored[1]) * g.head_dim * 2
-            for layer in range(g.num_layers):
-                for name, n in part_sizes(stored, cfg.spec(kind, layer)).items():
+            hi = min(cfg.hi_layers, g.num_layers)
+            for spec, layers in ((cfg.spec(kind, 0), hi), (cfg.spec(kind), g.num_layers - hi)):
+                if not layers:
+                    continue
+                for name, n in part_sizes(stored, spec).items():
                     if name == "codes":
-                        sizes.payload += n
+                        sizes.payload += n * layers
                     else:
-                        sizes.scales += n
+                        sizes.scales += n * layers
             if cfg.lowrank == "svd" and cfg.rank(kind) is not None:
                 sizes.factors += g.num_layers * g.kv_heads * stored[2] * g.head_dim * 2
         if cfg.selector != "none":

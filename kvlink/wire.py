@@ -1024,7 +1024,9 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
                 f"codec config {name} {value!r} is not supported here; supported: {list(supported)}",
             )
     if msg.sink and not codecs.sink:
-        raise WireError("UNKNOWN_CODEC", f"codec config sink {msg.sink}: this receiver reads no fp16 sink entries")
+        raise WireError(
+            "UNKNOWN_CODEC", f"codec config sink {msg.sink}: this receiver reads no fp16 sink entries"
+        )
     if msg.k_format not in BITS or msg.v_format not in BITS:
         raise WireError(
             "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"

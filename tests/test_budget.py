@@ -212,7 +212,9 @@ def test_sink_entries_are_planned_only_where_measured_and_readable(prefilled: tu
     assert picked.config.with_(zstd_level=0) == with_sink
     assert picked.total_bytes <= picked.budget_bytes
     old_receiver = Constraints(sinks=False)
-    assert plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.sink == 0
+    assert (
+        plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.sink == 0
+    )
 
 
 def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:

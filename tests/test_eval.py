@@ -355,6 +355,18 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
     assert cli.main(["calibrate", str(path), "--out", str(out), "--json", str(tmp_path / "check.json")]) == 0
     assert QualityTable.load(out).entries == table.entries
     assert len(json.loads((tmp_path / "check.json").read_text())["checks"]) == 3
+    # a second run of the same model adds configs; a config in both keeps the row with more examples
+    second = [{**_row("squad", "int4", 0.32, 0.80), "n": 300}, _row("squad", "q2c50-int4-sink1", 0.16, 0.70)]
+    path2 = tmp_path / "second.json"
+    path2.write_text(json.dumps({"meta": {"fingerprint": "abc"}, "summary": second}))
+    merged = report.merge_results([path, path2])
+    assert len(merged["summary"]) == len(rows) + 1
+    assert cli.quality_table(merged).entries[grid.parse_name("int4").label] == 0.80
+    assert cli.main(["calibrate", str(path), str(path2), "--out", str(out)]) == 0
+    assert QualityTable.load(out).expected(grid.parse_name("q2c50-int4-sink1")) == 0.70
+    path2.write_text(json.dumps({"meta": {"fingerprint": "other"}, "summary": second}))
+    with pytest.raises(ValueError, match="different models"):
+        report.merge_results([path, path2])
 
 
 # --- tasks ---------------------------------------------------------------------------------------------
@@ -480,3 +492,29 @@ def test_e2e_example(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
     summary = cli.e2e_summary(rows)
     entry = next(e for e in summary if e["method"] == "q2c50-int4")
     assert entry["fp16_over_this"] > 0 and entry["text_over_this"] > 0
+
+
+# --- entropy coding bound ------------------------------------------------------------------------------
+def test_entropy_of_codes_is_measured_against_zstd() -> None:
+    from kvlink.cache import ContextKV
+    from kvlink.eval import entropy
+    from kvlink.models import Geometry
+
+    assert entropy.entropy_bits(torch.zeros(100)) == 0.0
+    assert entropy.entropy_bits(torch.arange(4).repeat(25)) == pytest.approx(200.0)  # 2 bits x 100
+    x = torch.tensor([0, 1, 0, 1, 0, 1])  # each symbol fixed by its predecessor: 0 bits given it
+    assert entropy.conditional_entropy_bits(x[1:], x[:-1], 2) == pytest.approx(0.0)
+    g = Geometry(num_layers=2, kv_heads=1, head_dim=8, q_heads=1)
+    torch.manual_seed(0)
+    noise = ContextKV([torch.rand(1, 64, 8) for _ in range(2)], [torch.rand(1, 64, 8) for _ in range(2)],
+                      [torch.arange(64)] * 2, 64)  # fmt: skip
+    smooth = ContextKV([torch.linspace(0, 1, 64).view(1, 64, 1).expand(1, 64, 8).contiguous()] * 2,
+                       [torch.ones(1, 64, 8)] * 2, [torch.arange(64)] * 2, 64)  # fmt: skip
+    config = CodecConfig(k_bits=4, v_bits=4)
+    a = entropy.code_statistics(noise, config, g)
+    b = entropy.code_statistics(smooth, config, g)
+    assert a["codes_bytes"] == b["codes_bytes"] == 4 * 64 * 8 // 2
+    assert a["order0_bytes"] > 0.9 * a["codes_bytes"]  # uniform noise: nothing to gain
+    assert b["order1_bytes"] < 0.5 * b["order0_bytes"] <= b["codes_bytes"]  # a ramp: predictable
+    s = entropy.summarize([a, b])
+    assert s["messages"] == 2 and 0 < s["codes_share"] < 1 and s["zstd_saving"] >= 0

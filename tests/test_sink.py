@@ -43,11 +43,15 @@ def test_sink_entries_are_exact_and_leave_the_groups(sink: int) -> None:
         assert t.sink == sink and t.stored == (2, 40 - sink, 16) and t.shape == (2, 40, 16)
         assert len(t.parts["sink"].data) == 2 * sink * 16 * 2
     decoded = codec.decode(_through_wire(encoded))
-    plain = Codec(CodecConfig(k_bits=4, v_bits=4), G).decode(Codec(CodecConfig(k_bits=4, v_bits=4), G).encode_kv(kv))
+    plain = Codec(CodecConfig(k_bits=4, v_bits=4), G).decode(
+        Codec(CodecConfig(k_bits=4, v_bits=4), G).encode_kv(kv)
+    )
     for layer in range(2):
         k, v = decoded.keys[layer], decoded.values[layer]
         want_k = kv.keys[layer][:, :sink].half().float()
-        assert torch.equal(k[:, :sink], want_k) and torch.equal(v[:, :sink], kv.values[layer][:, :sink].half().float())
+        assert torch.equal(k[:, :sink], want_k) and torch.equal(
+            v[:, :sink], kv.values[layer][:, :sink].half().float()
+        )
         # the rest is the plain quantization of the rest: the sink no longer sets the first group's scale
         rest = Codec(CodecConfig(k_bits=4, v_bits=4), G).encode_kv(
             ContextKV([x[:, sink:] for x in kv.keys], [x[:, sink:] for x in kv.values],

@@ -2,7 +2,7 @@
 
     kvlink-bench quality --task squad --task long:100 --task needle:100 --limit 300 --grid default \\
         --device cuda --out bench/results/quality
-    kvlink-bench calibrate bench/results/quality          # quality table + planner-on-frontier check
+    kvlink-bench calibrate bench/results/quality [more runs]   # quality table + planner-on-frontier check
     kvlink-bench e2e --task long --limit 3 --configs q2c50-int4,int4 --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
@@ -249,6 +249,54 @@ def _print_stage_times(console: Any, records: Sequence[dict[str, Any]]) -> None:
     )
 
 
+def cmd_entropy(args: argparse.Namespace) -> int:
+    """Entropy of the quantized codes vs zstd over real contexts (kvlink.eval.entropy)."""
+    import torch
+    from rich.table import Table
+
+    from kvlink.cache import prefill
+    from kvlink.eval import entropy, grid
+    from kvlink.eval.tasks import build_tasks
+
+    lm = _load(args.model, _device(args.device), args.dtype)
+    examples = build_tasks(lm.tokenizer, args.task or [("squad", 20)], args.data)
+    configs = grid.resolve(grid.expand_names(args.configs.split(",")), lm.geometry)
+    seen: set[str] = set()
+    rows: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    for example in examples:
+        if example.context in seen:  # SQuAD asks several questions about one paragraph
+            continue
+        seen.add(example.context)
+        kv = prefill(lm.model, example.encode(lm.tokenizer)[0]).kv.to("cpu", torch.float32)
+        for c in configs:
+            rows[c.name].append(entropy.code_statistics(kv, c.config, lm.geometry, args.level))
+    summary = {name: entropy.summarize(r) for name, r in rows.items()}
+    view = Table(
+        title=f"entropy coding vs zstd{args.level}, {len(seen)} contexts (savings in % of the message)"
+    )
+    for col in (
+        "config",
+        "codes % of msg",
+        "order-0 coder",
+        "order-1 bound",
+        f"zstd{args.level}",
+        "zstd ms/msg",
+    ):
+        view.add_column(col)
+    for name, s in summary.items():
+        view.add_row(
+            name, f"{100 * s['codes_share']:.1f}", f"{100 * s['order0_saving']:.1f}",
+            f"{100 * s['order1_saving']:.1f}", f"{100 * s['zstd_saving']:.1f}", f"{s['zstd_ms_per_message']:.1f}",
+        )  # fmt: skip
+    _console().print(view)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model": lm.name, "fingerprint": lm.fingerprint, "contexts": len(seen), "zstd_level": args.level,
+                "command": "kvlink-bench " + " ".join(sys.argv[1:])}  # fmt: skip
+        Path(args.out).write_text(json.dumps({"meta": meta, "summary": summary, "messages": rows}, indent=1))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from kvlink.eval import grid, report
 
@@ -290,7 +338,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvlink.budget import parse_budget
     from kvlink.eval import report
 
-    results = report.load_results(args.results)
+    results = report.merge_results(args.results)
     tasks = sorted({r["task"] for r in results["summary"]})
     task = args.task or ("squad" if "squad" in tasks else tasks[0])
     table = quality_table(results, task, args.quality)
@@ -725,7 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "calibrate", help="write the model's quality table; check the planner's picks are on the frontier"
     )
-    c.add_argument("results", help="results.json of a quality run (or its directory)")
+    c.add_argument(
+        "results", nargs="+",
+        help="results.json of a quality run (or its directory); several runs of one model merge",
+    )  # fmt: skip
     c.add_argument(
         "--task", default=None, help="task whose results define quality (default: squad if present)"
     )
@@ -748,6 +799,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     e.add_argument("--out", default="bench/results/e2e.json", help="JSON output path")
     e.set_defaults(func=cmd_e2e)
+
+    n = sub.add_parser("entropy", help="how much an entropy coder could save on the codes, vs zstd")
+    n.add_argument("--task", type=_task_spec, action="append", help="task[:N] (default squad:20)")
+    n.add_argument("--configs", default="int8,int4,int3,int2,int4-sink1", help="comma-separated config names")
+    n.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    n.add_argument("--model", default=None, help="model alias, HF id or local path (default: embedded)")
+    n.add_argument("--device", default=None)
+    n.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    n.add_argument("--data", default=None, help="SQuAD-format JSON (default: the packaged dev set)")
+    n.add_argument("--out", default=None, help="write the per-message rows and the summary as JSON")
+    n.set_defaults(func=cmd_entropy)
 
     r = sub.add_parser("report", help="rebuild results.json, results.md and plots from a run's samples.jsonl")
     r.add_argument("out", help="the quality run's output directory")

@@ -381,3 +381,26 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "summary" not in data:
         raise ValueError(f"{str(path)!r} is not a kvlink-bench quality results file (no 'summary')")
     return data
+
+
+def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Several quality runs of ONE model as one results object (summary rows only, no samples).
+
+    A config measured by several runs (same task and key) keeps the row with the most examples,
+    the first given on a tie. Runs of models with other fingerprints are refused.
+    """
+    if not paths:
+        raise ValueError("no quality results given")
+    runs = [load_results(p) for p in paths]
+    prints = {r.get("meta", {}).get("fingerprint") for r in runs}
+    if len(prints) > 1:
+        raise ValueError(
+            f"quality results of different models (fingerprints {sorted(map(str, prints))}) do not merge"
+        )
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs:
+        for row in run["summary"]:
+            key = (row["task"], row.get("key", row["config"]))
+            if key not in rows or row["n"] > rows[key]["n"]:
+                rows[key] = row
+    return {"meta": runs[0].get("meta", {}), "summary": list(rows.values())}
