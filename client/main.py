@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -207,6 +208,10 @@ def timing_table(result: SendResult) -> Table:
     return table
 
 
+def _quality(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
 def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit: int = 30) -> Table:
     """The planner's candidates, best expected quality first: the top ones and every one it encoded."""
     shown = [c for i, c in enumerate(candidates) if c.note or i < 10][:limit]
@@ -220,7 +225,7 @@ def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit:
         style = "bold green" if c.config in (chosen, base) else None
         exact = c.note.split(": ", 1)[-1] if c.note else ("fits" if c.fits else "over budget")
         table.add_row(
-            c.config.label, f"{100 * c.fraction:.2f}%", f"{c.expected_quality:.3f}", exact, style=style
+            c.config.label, f"{100 * c.fraction:.2f}%", _quality(c.expected_quality), exact, style=style
         )
     return table
 
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.explain:
             data["candidates"] = [
                 {"config": c.config.label, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
-                 "expected_quality": c.expected_quality, "fits": c.fits, "note": c.note}
+                 "expected_quality": None if math.isnan(c.expected_quality) else c.expected_quality,
+                 "fits": c.fits, "note": c.note}
                 for c in result.plan.candidates
             ]  # fmt: skip
         print(json.dumps(data, default=str))

@@ -24,8 +24,10 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -73,6 +75,9 @@ RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
 ZSTD_LEVEL = 3
 MAX_ENCODE_TRIES = 8
 MAX_ZSTD_TRIES = 3
+ZSTD_REACH = 1.25
+"""zstd is tried on candidates whose plain estimate is at most this many times the budget; quality
+is looked up only for those (the others can never be sent)."""
 
 
 def parse_budget(text: str | float) -> float:
@@ -230,22 +235,35 @@ class QualityTable:
     _memo: dict[tuple[CodecConfig, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     def expected(self, config: CodecConfig, head_dim: int = 64) -> float:
+        """The measured quality of `config`; else that of its closest measured plain twin (the
+        same config without sink entries, with one global kept set or unrotated) times
+        UNMEASURED_ROTATION per difference; else the built-in prior."""
         memo = self._memo.get((config, head_dim))
         if memo is None:
             memo = self._memo[(config, head_dim)] = self._expected(config, head_dim)
         return memo
 
     def _expected(self, config: CodecConfig, head_dim: int) -> float:
-        key = quality_key(config)
-        if key in self.entries:
-            return self.entries[key]
-        if config.sink:  # unmeasured sink entries: just below the same config without
-            return UNMEASURED_ROTATION * self.expected(config.with_(sink=0), head_dim)
-        if config.scope != "global":  # unmeasured per-layer kept sets: just below one global set
-            return UNMEASURED_ROTATION * self.expected(config.with_(scope="global"), head_dim)
-        if config.rotate != "none":  # unmeasured rotation: just below the same config unrotated
-            return UNMEASURED_ROTATION * self.expected(config.with_(rotate="none"), head_dim)
-        return default_quality(config, head_dim)
+        # A twin's key is the config's label less some of: its sink part, the "/layer" of its
+        # selection part, its rotation part (see CodecConfig.label); nothing is rebuilt. The
+        # closest measured twin (fewest parts dropped) answers.
+        parts = quality_key(config).split("+")
+        drops: list[Callable[[list[str]], list[str]]] = []
+        if config.sink:
+            drops.append(lambda p: [x for x in p if x != f"sink{config.sink}"])
+        if config.scope != "global":
+            drops.append(lambda p: [p[0].removesuffix("/layer"), *p[1:]])
+        if config.rotate != "none":
+            drops.append(lambda p: [x for x in p if x != f"rot-{config.rotate}"])
+        for n in range(len(drops) + 1):
+            for chosen in itertools.combinations(drops, n):
+                twin = parts
+                for drop in chosen:
+                    twin = drop(twin)
+                value = self.entries.get("+".join(twin))
+                if value is not None:
+                    return UNMEASURED_ROTATION**n * value
+        return UNMEASURED_ROTATION ** len(drops) * default_quality(config, head_dim)
 
     def is_measured(self, config: CodecConfig) -> bool:
         return quality_key(config) in self.entries
@@ -297,7 +315,7 @@ class Candidate:
     config: CodecConfig
     estimated_bytes: int
     fraction: float
-    expected_quality: float
+    expected_quality: float  # NaN: not looked up, its estimate is beyond ZSTD_REACH x the budget
     fits: bool
     note: str = ""
 
@@ -371,6 +389,18 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
     return out
 
 
+def _size_key(c: CodecConfig) -> tuple[Any, ...]:
+    """The fields that decide a config's predicted size (a rotation, the seed or the window do not)."""
+    return (c.selector != "none", c.retention, c.scope, c.k_bits, c.v_bits, c.group_size, c.k_axis, c.v_axis,
+            c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.zstd_level)  # fmt: skip
+
+
+def _rank(c: Candidate) -> tuple[bool, float, int]:
+    """Sort key: the best expected quality first, then the smaller message; the unreachable last."""
+    unknown = math.isnan(c.expected_quality)
+    return (unknown, 0.0 if unknown else -c.expected_quality, c.estimated_bytes)
+
+
 def _estimate(codec: Codec, length: int) -> int:
     """Upper bound of the wire bytes of `codec`'s message before encoding."""
     sizes = codec.predicted_sizes(length)
@@ -420,16 +450,18 @@ def plan(
     budget_bytes = math.floor(budget * fp16)
 
     candidates: list[Candidate] = []
+    estimates: dict[tuple[Any, ...], int] = {}
     for config in candidate_configs(geometry, constraints):
-        est = _estimate(Codec(config, geometry), length)
-        candidates.append(
-            Candidate(
-                config, est, est / fp16, quality.expected(config, geometry.head_dim), est <= budget_bytes
-            )
-        )
+        size_key = _size_key(config)
+        est = estimates.get(size_key)
+        if est is None:
+            est = estimates[size_key] = _estimate(Codec(config, geometry), length)
+        reachable = est <= budget_bytes * ZSTD_REACH
+        expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
+        candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
-    # Best quality first; among equals, the smaller message.
-    candidates.sort(key=lambda c: (-c.expected_quality, c.estimated_bytes))
+    # Best quality first; among equals, the smaller message; the unreachable ones last.
+    candidates.sort(key=_rank)
     search_s = time.perf_counter() - started
 
     kept_cache: dict[tuple[str, float, str], list[Tensor] | None] = {}
@@ -443,7 +475,7 @@ def plan(
             variants.append(cand.config)
             plain_tries += 1
         # zstd only shrinks parts: worth a try for a better candidate whose plain estimate is close.
-        if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * 1.25:
+        if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * ZSTD_REACH:
             variants.append(cand.config.with_(zstd_level=ZSTD_LEVEL))
             zstd_tries += 1
         for config in variants:

@@ -143,7 +143,9 @@ class CodecConfig:
 
     def sink_count(self, kind: str, n_kept: int) -> int:
         """Entries of a `kind` tensor of `n_kept` that travel at fp16 as its sink part (none for fp16)."""
-        return 0 if self.spec(kind).format == "fp16" else min(self.sink, n_kept)
+        if not self.sink:
+            return 0
+        return 0 if (self.k_format if kind == "k" else self.v_format) == "fp16" else min(self.sink, n_kept)
 
     def validate_for(self, geometry: Geometry) -> None:
         """Checks that need the model: ranks must not exceed head_dim; rotation needs a power-of-two one."""
@@ -347,9 +349,10 @@ class Codec:
             stored = self.stored_shape(kind, n_kept)
             sizes.payload += g.num_layers * g.kv_heads * (n_kept - stored[1]) * g.head_dim * 2
             hi = min(cfg.hi_layers, g.num_layers)
-            for spec, layers in ((cfg.spec(kind, 0), hi), (cfg.spec(kind), g.num_layers - hi)):
+            for layers, first in ((hi, 0), (g.num_layers - hi, hi)):
                 if not layers:
                     continue
+                spec = cfg.spec(kind, first)
                 for name, n in part_sizes(stored, spec).items():
                     if name == "codes":
                         sizes.payload += n * layers

@@ -138,3 +138,15 @@ def test_sender_narrows_sinks_to_the_receiver() -> None:
     args = build_parser().parse_args(["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q",
                                       "--sink", "4"])  # fmt: skip
     assert constraints_from_args(args).sink == 4
+
+
+def test_an_unmeasured_config_takes_its_closest_measured_twin() -> None:
+    from kvlink.budget import UNMEASURED_ROTATION, quality_key
+
+    layer_sink = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4, sink=1)
+    plain = layer_sink.with_(scope="global", sink=0)
+    table = QualityTable(entries={quality_key(layer_sink): 0.72, quality_key(plain): 0.70})
+    assert table.expected(layer_sink) == 0.72
+    assert table.expected(layer_sink.with_(rotate="kv")) == pytest.approx(0.72 * UNMEASURED_ROTATION)
+    assert table.expected(layer_sink.with_(sink=4)) == pytest.approx(0.70 * UNMEASURED_ROTATION**2)
+    assert table.expected(plain.with_(sink=1, rotate="v")) == pytest.approx(0.70 * UNMEASURED_ROTATION**2)
