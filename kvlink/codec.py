@@ -6,10 +6,11 @@
     kv = codec.decode(encoded)               # ContextKV with the ORIGINAL positions
 
 Pipeline per layer and per K/V: keep the selected positions -> set the first
-`sink` of them aside at fp16 (attention sinks) -> optional low rank (per-message SVD, or a calibrated projection both sides hold) ->
-quantize (INT8/4/3/2, NF4, or FP16) -> optional zstd per part. The size of
-every part is known before any byte is written (`Codec.predicted_sizes`);
-zstd, which depends on the data, is the only stage whose size is measured.
+`sink` of them aside at fp16 (attention sinks) -> optional low rank
+(per-message SVD, or a calibrated projection both sides hold) -> quantize
+(INT8/4/3/2, NF4, or FP16) -> optional zstd per part. The size of every part
+is known before any byte is written (`Codec.predicted_sizes`); zstd, which
+depends on the data, is the only stage whose size is measured.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ class Part:
 class EncodedTensor:
     """One layer's K or V: shape (kv_heads, n_kept, head_dim) once decoded.
 
-    `stored` is the quantized matrix's shape: (H, n_kept, head_dim), or the
-    latent (H, n_kept - s, rank) under low rank, where the first s entries
+    `stored` is the quantized matrix's shape: (H, n_kept - s, head_dim), or
+    the latent (H, n_kept - s, rank) under low rank, where the first s entries
     travel at fp16 (CodecConfig.sink). Parts: codes, scale, zero (quantization),
     basis (per-message SVD: (H, rank, head_dim) float16), sink ((H, s, head_dim)
     float16).

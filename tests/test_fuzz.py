@@ -55,6 +55,7 @@ CONFIGS = (
     CodecConfig(selector="random", retention=0.25, scope="layer", k_bits=3, v_bits="nf4", group_size=8),
     CodecConfig(k_bits=8, v_bits=8, zstd_level=3),
     CodecConfig(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=4),
+    CodecConfig(selector="random", retention=0.5, scope="layer", k_bits=4, v_bits=3, sink=2, rotate="v"),
 )
 
 
