@@ -518,36 +518,44 @@ class Codec:
         so one host-to-device copy per part and one dequantize launch serve them
         all (the whole message, for a uniform config). The rest go one by one.
         Rotated tensors are dequantized in float32 and rotated back, as a stack too.
-        A tensor's fp16 sink entries, if any, go in front of its dequantized ones.
+        fp16 sink entries go in front of the dequantized ones: for a stack, one copy
+        of its joined sink parts and one of its dequantized entries into the result.
         """
         from kvlink.kernels import dequantize_into
 
         parts = [self._checked_parts(t) for t in tensors]
         out: list[Tensor | None] = [None] * len(tensors)
         config = config or self.config
-        groups: dict[tuple[QuantSpec, tuple[int, int, int], bool], list[int]] = {}
+        groups: dict[tuple[QuantSpec, tuple[int, int, int], bool, int], list[int]] = {}
         for i, t in enumerate(tensors):
             n = t.stored[0] * t.stored[1] * t.stored[2]
             rotated = t.lowrank == "none" and rotates(config.rotate, t.kind)
             if t.lowrank == "none" and (n * t.spec.bits) % 8 == 0:
-                groups.setdefault((t.spec, t.stored, rotated), []).append(i)
-            else:
-                x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
-                out[i] = unrotate(x, config.seed, t.layer, t.kind).to(dtype) if rotated else x
-        for (spec, (h, n, d), rotated), members in groups.items():
-            stacked = _quantized(spec, (len(members) * h, n, d), [parts[i] for i in members], device)
-            x = dequantize_into(stacked, torch.float32 if rotated else dtype).view(len(members), h, n, d)
+                groups.setdefault((t.spec, t.stored, rotated, t.sink), []).append(i)
+                continue
+            x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
+            x = unrotate(x, config.seed, t.layer, t.kind).to(dtype) if rotated else x
+            if t.sink:
+                sink = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
+                x = torch.cat([sink.to(dtype), x], dim=1)
+            out[i] = x
+        for (spec, (h, n, d), rotated, sink), members in groups.items():
+            m = len(members)
+            stacked = _quantized(spec, (m * h, n, d), [parts[i] for i in members], device)
+            x = dequantize_into(stacked, torch.float32 if rotated else dtype).view(m, h, n, d)
             if rotated:  # (m, H, N, D) @ H/sqrt(D), times each member's signs
                 s = torch.stack(
                     [signs(config.seed, tensors[i].layer, tensors[i].kind, d, x.device) for i in members]
                 )
                 x = ((x @ hadamard(d, x.device)) * s[:, None, None, :]).to(dtype)
+            if sink:
+                full = torch.empty((m, h, sink + n, d), dtype=dtype, device=x.device)
+                joined = b"".join(parts[i]["sink"] for i in members)
+                full[:, :, :sink] = _from_bytes(joined, torch.float16, (m, h, sink, d), device)
+                full[:, :, sink:] = x
+                x = full
             for j, i in enumerate(members):
                 out[i] = x[j]
-        for i, t in enumerate(tensors):
-            if t.sink:
-                sink = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
-                out[i] = torch.cat([sink.to(dtype), out[i]], dim=1)  # type: ignore[list-item]
         return out  # type: ignore[return-value]
 
     def _checked_parts(self, t: EncodedTensor) -> dict[str, bytes]:

@@ -175,6 +175,8 @@ def test_rank_above_head_dim_is_refused() -> None:
         (CodecConfig(k_bits=8, v_bits=2, k_axis="channel", v_axis="token"), 2),  # one stack per spec
         (CodecConfig(k_bits=3, v_bits="nf4", group_size=8), 2),
         (CodecConfig(lowrank="svd", k_rank=4, v_rank=None, k_bits=4, v_bits=4), 4),  # K: 3 fused expands
+        (CodecConfig(k_bits=4, v_bits=4, k_axis="token", sink=2), 1),  # sink entries: copied around it
+        (CodecConfig(lowrank="svd", k_rank=4, k_bits=4, v_bits=4, sink=1), 4),  # and one by one
     ],
     ids=lambda v: v.label if isinstance(v, CodecConfig) else str(v),
 )
@@ -211,7 +213,9 @@ def test_decode_stacks_alike_tensors_into_one_launch(
             alone = kernels.dequantize_into(q, torch.float16)
         got = (decoded.keys if t.kind == "k" else decoded.values)[t.layer]
         assert got.dtype == torch.float16 and got.shape == t.shape
-        torch.testing.assert_close(got, alone, rtol=0, atol=0)
+        sink = (kv.keys if t.kind == "k" else kv.values)[t.layer][:, : t.sink].half()
+        torch.testing.assert_close(got[:, : t.sink], sink, rtol=0, atol=0)
+        torch.testing.assert_close(got[:, t.sink :], alone, rtol=0, atol=0)
 
 
 def test_hi_layers_quantize_the_first_layers_at_hi_bits_and_travel_by_wire() -> None:
