@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -307,27 +306,13 @@ def _tensor_bytes(t: Tensor) -> bytes:
 
 
 def _from_bytes(
-    data: bytes | Sequence[bytes], dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str
+    data: bytes, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str
 ) -> Tensor:
-    """`data` (or several buffers laid end to end) as a `shape` tensor of `dtype` on `device`.
-
-    One host copy, into pinned memory when the device is a GPU, then one asynchronous
-    copy to the device (the caching host allocator keeps the buffer until it is done).
-    """
-    chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    total = sum(len(c) for c in chunks)
-    if total != expected:
-        raise ValueError(f"buffer has {total} bytes, shape {shape} of {dtype} needs {expected}")
-    device = torch.device(device)
-    pin = device.type == "cuda" and torch.cuda.is_available()
-    host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    view, offset = host.numpy(), 0
-    for chunk in chunks:
-        view[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-        offset += len(chunk)
-    t = host.view(dtype).reshape(shape)
-    return t if device.type == "cpu" else t.to(device, non_blocking=pin)
+    if len(data) != expected:
+        raise ValueError(f"buffer has {len(data)} bytes, shape {shape} of {dtype} needs {expected}")
+    t = torch.frombuffer(bytearray(data), dtype=dtype) if expected else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).to(device)
 
 
 class Codec:
@@ -551,8 +536,8 @@ class Codec:
             x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
             x = unrotate(x, config.seed, t.layer, t.kind).to(dtype) if rotated else x
             if t.sink:
-                head = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
-                x = torch.cat([head.to(dtype), x], dim=1)
+                sink = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
+                x = torch.cat([sink.to(dtype), x], dim=1)
             out[i] = x
         for (spec, (h, n, d), rotated, sink), members in groups.items():
             m = len(members)
@@ -565,7 +550,7 @@ class Codec:
                 x = ((x @ hadamard(d, x.device)) * s[:, None, None, :]).to(dtype)
             if sink:
                 full = torch.empty((m, h, sink + n, d), dtype=dtype, device=x.device)
-                joined = [parts[i]["sink"] for i in members]
+                joined = b"".join(parts[i]["sink"] for i in members)
                 full[:, :, :sink] = _from_bytes(joined, torch.float16, (m, h, sink, d), device)
                 full[:, :, sink:] = x
                 x = full
@@ -611,7 +596,8 @@ def _quantized(
     def join(name: str, dtype: torch.dtype, part_shape: tuple[int, ...]) -> Tensor | None:
         if name not in expected:
             return None
-        return _from_bytes([p[name] for p in parts], dtype, part_shape, device)
+        data = parts[0][name] if len(parts) == 1 else b"".join(p[name] for p in parts)
+        return _from_bytes(data, dtype, part_shape, device)
 
     sshape = scale_shape(shape, spec)
     codes = join("codes", torch.uint8, (expected["codes"],))
