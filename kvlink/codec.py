@@ -536,8 +536,8 @@ class Codec:
             x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
             x = unrotate(x, config.seed, t.layer, t.kind).to(dtype) if rotated else x
             if t.sink:
-                sink = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
-                x = torch.cat([sink.to(dtype), x], dim=1)
+                head = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
+                x = torch.cat([head.to(dtype), x], dim=1)
             out[i] = x
         for (spec, (h, n, d), rotated, sink), members in groups.items():
             m = len(members)
