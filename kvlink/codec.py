@@ -232,6 +232,16 @@ class EncodedTensor:
         """Entries that travel at fp16 ahead of the quantized ones."""
         return self.shape[1] - self.stored[1]
 
+    def part_sizes(self) -> dict[str, int]:
+        """Exact raw bytes of every part this tensor must carry (before zstd)."""
+        h, _, d = self.shape
+        sizes = part_sizes(self.stored, self.spec)
+        if self.lowrank == "svd":
+            sizes["basis"] = h * self.stored[2] * d * 2
+        if self.sink:
+            sizes["sink"] = h * self.sink * d * 2
+        return sizes
+
     def nbytes(self) -> int:
         return sum(len(p.data) for p in self.parts.values())
 
@@ -560,10 +570,7 @@ class Codec:
 
     def _checked_parts(self, t: EncodedTensor) -> dict[str, bytes]:
         parts = {name: _decompress(part) for name, part in t.parts.items()}
-        expected = part_sizes(t.stored, t.spec)
-        if t.sink:
-            expected["sink"] = t.shape[0] * t.sink * t.shape[2] * 2
-        for name, n in expected.items():
+        for name, n in t.part_sizes().items():
             if name not in parts or len(parts[name]) != n:
                 got = len(parts[name]) if name in parts else "missing"
                 raise ValueError(f"layer {t.layer} {t.kind}: part {name!r} has {got} bytes, expected {n}")

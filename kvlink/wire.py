@@ -54,7 +54,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from kvlink import positions as pos_codec
 from kvlink.codec import KINDS, LOWRANK_MODES, CodecConfig, EncodedKV, EncodedTensor, Part
 from kvlink.models import Geometry
-from kvlink.quant import AXES, BITS, QuantSpec, format_from_bits, part_sizes, registered_formats
+from kvlink.quant import AXES, BITS, QuantSpec, format_from_bits, registered_formats
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, keep_count, registered_selectors
 
@@ -1234,13 +1234,10 @@ def _validate_header(
             raise WireError(
                 "SHAPE", f"{want}: stored shape {tuple(entry.stored_shape)} does not match {stored}"
             )
-        for name, n in part_sizes(stored, spec).items():
+        tensor = EncodedTensor(layer, KINDS[kind], shape, stored, spec, mode, {})
+        for name, n in tensor.part_sizes().items():
             expected_parts[(layer, KINDS[kind], name)] = n
-        if mode == "svd":
-            expected_parts[(layer, KINDS[kind], "basis")] = g.kv_heads * stored[2] * g.head_dim * 2
-        if sink:
-            expected_parts[(layer, KINDS[kind], "sink")] = g.kv_heads * sink * g.head_dim * 2
-        tensors.append(EncodedTensor(layer, KINDS[kind], shape, stored, spec, mode, {}))
+        tensors.append(tensor)
 
     # Payload table: structure, then totals against the limits, then sizes against the tensors.
     table = header.payload

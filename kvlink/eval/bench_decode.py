@@ -24,6 +24,7 @@ from kvlink.cache import ContextKV
 from kvlink.codec import Codec
 from kvlink.eval.grid import parse_name
 from kvlink.models import Geometry
+from kvlink.select import keep_count
 
 CONFIGS = ("int4", "int4-sink1", "int4-vrot", "int4-vrot-sink1", "k4v3-sink1", "q2c75-layer-k4v3-sink1")
 GEOMETRY = Geometry(num_layers=30, kv_heads=3, head_dim=64, q_heads=9)
@@ -48,7 +49,7 @@ def time_decode(name: str, length: int, device: torch.device, reps: int, seed: i
     codec = Codec(config, g)
     kept = None
     if config.selector != "none":  # a kept set per layer, as Q2C would choose: a seeded random one
-        n = max(1, round(config.retention * length))
+        n = keep_count(config.retention, length)
         kept = [torch.sort(torch.randperm(length, generator=gen)[:n]).values for _ in range(g.num_layers)]
     encoded = codec.encode_kv(kv, kept)
     codec.decode(encoded, device, torch.float16)  # warm-up: kernels compiled, caches filled
