@@ -1,19 +1,25 @@
 """CPU screen (issue 7), not part of the package: fake-quantized caches under candidate schemes; fidelity and KL on N SQuAD questions."""
 
 import json
+import os
 import sys
 import time
 
 import torch
 
-from kvlink.cache import ContextKV, prefill
+from kvlink.cache import ContextKV, Observe, prefill, prefill_observations
+from kvlink.prompt import question_rows
+from kvlink.rotation import rotate, unrotate
+from kvlink.select.q2c import Q2C
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import squad_examples
 from kvlink.models import load_model
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 torch.manual_seed(0)
-lm = load_model(None, "cpu", "fp32")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+torch.set_default_device(DEVICE)
+lm = load_model(None, DEVICE, "fp32")
 model, tok = lm.model, lm.tokenizer
 rot = model.model.rotary_emb
 
@@ -78,6 +84,166 @@ def ecsq(x, alpha):
     return q * step + mu, ent(q)
 
 
+def group_perm(D, c, rope_pairs):
+    """Channel order whose consecutive runs of c are coupled: RoPE pairs (i, i + D/2) together, or contiguous."""
+    if not rope_pairs:
+        return torch.arange(D)
+    half = D // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
+
+
+def kmeans(x, k, iters=int(os.environ.get("KMEANS_ITERS", 30))):
+    """Batched Lloyd: x (G, N, c) -> centroids (G, k, c)."""
+    G, N, c = x.shape
+    gen = torch.Generator().manual_seed(0)
+    C = x[:, torch.randperm(N, generator=gen, device="cpu")[:k].to(DEVICE)].clone()
+    for _ in range(iters):
+        a = assign(x, C)
+        S = torch.zeros(G, k, c).scatter_add_(1, a[..., None].expand(-1, -1, c), x)
+        n = torch.zeros(G, k).scatter_add_(1, a, torch.ones(G, N))
+        C = torch.where(n[..., None] > 0, S / n.clamp_min(1)[..., None], C)
+    return C
+
+
+def assign(x, C):
+    G, N, _ = x.shape
+    step = max(1, (1 << 28) // (G * C.shape[1]))
+    cc = (C * C).sum(-1)[:, None, :]
+    return torch.cat([(cc - 2 * torch.bmm(x[:, i : i + step], C.transpose(1, 2))).argmin(-1) for i in range(0, N, step)], 1)
+
+
+CODEBOOKS = {}
+
+
+def to_groups(x, perm, c):
+    """(H, T, D) -> (H * D/c, T, c)."""
+    H, T, D = x.shape
+    return x[..., perm].view(H, T, D // c, c).permute(0, 2, 1, 3).reshape(H * D // c, T, c)
+
+
+def from_groups(g, perm, H, T, D):
+    c = g.shape[-1]
+    y = g.view(H, D // c, T, c).permute(0, 2, 1, 3).reshape(H, T, D)
+    out = torch.empty_like(y)
+    out[..., perm] = y
+    return out
+
+
+def extra_calibration():
+    """CALIB_EXTRA=1: also the paragraphs of articles 4-7 (the first 300 questions use articles 1-3)."""
+    if os.environ.get("CALIB_EXTRA") != "1":
+        return []
+    from kvlink.eval.tasks import _articles
+
+    articles = list(_articles(None).values())
+    return [p for a in articles[3:7] for p in a]
+
+
+def train_codebooks(key, c, b, pre, rope_pairs):
+    """Per (layer, K/V, head, channel group) k-means on the reserved calibration paragraphs (sink excluded)."""
+    from kvlink.eval.tasks import calibration_texts
+    from kvlink.prompt import context_ids
+
+    if not hasattr(train_codebooks, "kvs"):
+        train_codebooks.kvs = [
+            prefill(model, context_ids(tok, t)).kv.to(dtype=torch.float16).to(dtype=torch.float32)
+            for t in calibration_texts(64) + extra_calibration()
+        ]
+    t0 = time.time()
+    books = []
+    for layer in range(model.config.num_hidden_layers):
+        pair = []
+        for which in ("k", "v"):
+            xs = []
+            for kv in train_codebooks.kvs:
+                x = (kv.keys if which == "k" else kv.values)[layer].float()
+                if which == "k" and pre:
+                    cos, sin = rope_cs(kv.length)
+                    x = x * cos - rotate_half(x) * sin
+                xs.append(x[:, 1:])
+            x = torch.cat(xs, 1)
+            H, T, D = x.shape
+            perm = group_perm(D, c, rope_pairs and which == "k")
+            pair.append(kmeans(to_groups(x, perm, c), 2**b))
+        books.append(pair)
+    print(f"codebooks {key}: {time.time() - t0:.0f}s on {T} tokens", flush=True)
+    CODEBOOKS[key] = books
+
+
+def vq(x, layer, which, c, b, pre, rope_pairs):
+    key = (c, b, pre, rope_pairs)
+    if key not in CODEBOOKS:
+        train_codebooks(key, c, b, pre, rope_pairs)
+    C = CODEBOOKS[key][layer][0 if which == "k" else 1]
+    H, T, D = x.shape
+    perm = group_perm(D, c, rope_pairs and which == "k")
+    g = to_groups(x, perm, c)
+    a = assign(g, C)
+    q = torch.gather(C, 1, a[..., None].expand(-1, -1, c))
+    return from_groups(q, perm, H, T, D)
+
+
+def gptq_keys(x, bits, g, hess, damp, act_order):
+    """x (H, T, D) keys, per-channel groups of g tokens; rounding that minimizes ||Q (k - k_hat)||^2 for the
+    observed queries Q (hess (H, D, D) = Q^T Q per KV head), one channel at a time (GPTQ)."""
+    H, T, D = x.shape
+    levels = 2**bits - 1
+    out = torch.empty_like(x)
+    pad = (-T) % g
+    for h in range(H):
+        Hm = hess[h].double().clone()
+        Hm += damp * Hm.diagonal().mean() * torch.eye(D, dtype=torch.float64)
+        order = torch.argsort(Hm.diagonal(), descending=True) if act_order else torch.arange(D)
+        Hm = Hm[order][:, order]
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)
+        X = x[h][:, order].double().clone()
+        for j in range(D):
+            col = X[:, j]
+            cp = torch.nn.functional.pad(col, (0, pad), value=float("nan")).view(-1, g)
+            lo = torch.nan_to_num(cp, nan=float("inf")).amin(1, keepdim=True)
+            hi = torch.nan_to_num(cp, nan=float("-inf")).amax(1, keepdim=True)
+            sc = ((hi - lo) / levels).clamp_min(1e-8)
+            qv = (torch.round((cp - lo) / sc).clamp(0, levels) * sc + lo).flatten()[:T]
+            err = (col - qv) / U[j, j]
+            X[:, j + 1 :] -= err[:, None] * U[j, j + 1 :][None, :]
+            X[:, j] = qv
+        out[h][:, order] = X.float()
+    return out
+
+
+def gptq_values(x, bits, g, hess, damp):
+    """x (H, T, D) values, per-token groups of g channels; rounding that minimizes the error of the observed
+    queries' attention outputs (hess (H, T, T) = P^T P per KV head), one token at a time (GPTQ over tokens)."""
+    H, T, D = x.shape
+    levels = 2**bits - 1
+    out = torch.empty_like(x)
+    for h in range(H):
+        Hm = hess[h].double().clone()
+        Hm += damp * Hm.diagonal().mean() * torch.eye(T, dtype=torch.float64)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)
+        X = x[h].double().clone()
+        for i in range(T):
+            row = X[i].view(-1, g)
+            lo, hi = row.amin(1, keepdim=True), row.amax(1, keepdim=True)
+            sc = ((hi - lo) / levels).clamp_min(1e-8)
+            qv = (torch.round((row - lo) / sc).clamp(0, levels) * sc + lo).flatten()
+            err = (X[i] - qv) / U[i, i]
+            X[i + 1 :] -= U[i, i + 1 :][:, None] * err[None, :]
+            X[i] = qv
+        out[h] = X.float()
+    return out
+
+
+def attn_probs(o, T, group):
+    """(kv_heads, n_q * group, T) attention probabilities of the observed queries over the context."""
+    q, k = o.queries.float(), o.keys.float()
+    k = k.repeat_interleave(group, 0)
+    logits = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+    vis = o.key_positions[None, :] <= o.query_positions[:, None]
+    p = torch.softmax(logits.masked_fill(~vis[None], float("-inf")), -1)[:, :, :T]
+    return p.view(k.shape[0] // group, -1, T)
+
+
 def scheme(name, kv, cs):
     """Returns (decoded ContextKV, bits per element)."""
     cos, sin = cs
@@ -118,8 +284,42 @@ def scheme(name, kv, cs):
                     b = int(bits_v)
                 axis = "channel" if which == "k" else "token"
                 g = min(int(opts.get("g", 32)), D) if axis == "token" else int(opts.get("g", 32))
-                yb = with_outliers(body, out_frac, lambda z: minmax(z, b, g, axis))
+                gq = opts.get("gq", "0")
+                if which == "k" and gq != "0":
+                    Q = OBS[gq][layer].queries.float()
+                    Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)  # queries of each KV group
+                    hess = Qh.transpose(1, 2) @ Qh
+                    yb = gptq_keys(body, b, g, hess, float(opts.get("damp", 0.01)), opts.get("ao", "1") == "1")
+                elif which == "v" and opts.get("gv", "0") != "0":
+                    o = OBS[opts["gv"]][layer]
+                    P = attn_probs(o, kv.length, o.queries.shape[0] // H)[:, :, sink:]
+                    hess = P.transpose(1, 2) @ P
+                    yb = gptq_values(body, b, g, hess, float(opts.get("dampv", 0.1)))
+                else:
+                    yb = with_outliers(body, out_frac, lambda z: minmax(z, b, g, axis))
                 bits = body.numel() * (b + 32 / g) + out_frac * body.numel() * 32
+            elif kind == "mix":
+                hi = HI[(float(opts["f"]), opts.get("scope", "global"))][layer][sink:] - sink
+                hb, lb, lg = int(opts["hb"]), int(opts["lb"]), int(opts.get("lg", 32))
+                lo_mask = torch.ones(body.shape[1], dtype=torch.bool)
+                lo_mask[hi] = False
+                axis = "channel" if which == "k" else "token"
+                rot = opts.get("rot", "0") == "1"
+                src = rotate(body, 0, layer, which) if rot else body
+                yb = torch.empty_like(src)
+                gh = 32 if axis == "channel" else min(32, D)
+                gl = lg if axis == "channel" else min(lg, D)
+                yb[:, ~lo_mask] = minmax(src[:, ~lo_mask], hb, gh, axis)
+                yb[:, lo_mask] = minmax(src[:, lo_mask], lb, gl, axis)
+                if rot:
+                    yb = unrotate(yb, 0, layer, which)
+                n_hi = int((~lo_mask).sum()) * H * D
+                bits = n_hi * (hb + 32 / gh) + (body.numel() - n_hi) * (lb + 32 / gl)
+            elif kind == "vq":
+                c = int(opts.get("c" + which, opts.get("c", 2)))
+                b = int(opts.get("b" + which, opts.get("b", 8)))
+                yb = vq(body, layer, which, c, b, pre, opts.get("rp", "0") == "1")
+                bits = body.numel() * b / c
             elif kind == "ecsq":
                 a = float(opts.get("a" + which, opts.get("a", 0.3)))
                 yb, bits = ecsq(body, a)
@@ -152,7 +352,22 @@ t0 = time.time()
 
 for i, ex in enumerate(examples):
     ctx, q = ex.encode(tok)
-    kv = prefill(model, ctx).kv.to(dtype=torch.float16).to(dtype=torch.float32)
+    kv, obs = prefill_observations(
+        model, ctx, q, {Observe.QUESTION, Observe.WINDOW}, 32, question_rows(tok, ex.question)
+    )
+    OBS = {"q": obs[Observe.QUESTION].layers, "w": obs[Observe.WINDOW].layers}
+    OBS["qw"] = [
+        type(a)(torch.cat([a.queries, b.queries], 1), a.query_positions, a.keys, a.key_positions)
+        for a, b in zip(OBS["q"], OBS["w"])
+    ]
+    kv = kv.to(dtype=torch.float16).to(dtype=torch.float32)
+    HI = {}
+    for s in SCHEMES:
+        if s.startswith("mix"):
+            o = dict(p.split("=") for p in s.split(",")[1:])
+            key = (float(o["f"]), o.get("scope", "global"))
+            if key not in HI:
+                HI[key] = Q2C().keep(obs[Observe.QUESTION], key[0], key[1])
     cs = rope_cs(kv.length)
     ref = fidelity.batched_answers(model, tok, [kv], q, (), 16)
     ref_tokens = ref.tokens[0]

@@ -26,9 +26,11 @@ import torch
 from torch import Tensor
 
 from kvlink import positions as pos_codec
-from kvlink.cache import ContextKV, Observe, Prefill
+from kvlink.cache import ContextKV, Observation, Observe, Prefill
 from kvlink.models import Geometry
 from kvlink.quant import AXES, QuantizedTensor, QuantSpec, format_from_bits, part_sizes, quantize
+from kvlink.quant.aware import query_hessian, round_query_aware
+from kvlink.quant.pack import pack_bits
 from kvlink.rotation import ROTATIONS, check_dim, hadamard, rotate, rotates, signs, unrotate
 from kvlink.select import SCOPES, get_selector, keep_count, registered_selectors
 
@@ -38,6 +40,7 @@ LOWRANK_MODES: tuple[str, ...] = ("none", "svd", "profile")
 KINDS: tuple[str, ...] = ("k", "v")
 PAYLOAD_PARTS = frozenset({"codes", "sink"})
 METADATA_PARTS = frozenset({"scale", "zero", "basis"})
+ROUNDINGS: tuple[str, ...] = ("nearest", "query")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class CodecConfig:
     sink: the first `sink` kept entries of every quantized tensor travel at fp16 and stay out of
     its quantization groups (attention sinks: a few huge key channels that would otherwise set
     the scale of a whole per-channel group).
+    round_k: "nearest" or "query": INT keys rounded for the question's attention logits instead of
+    to their nearest level (kvlink.quant.aware; the sender needs the prefill's observed queries;
+    same layout and bytes, nothing for the receiver to support).
     """
 
     selector: str = "none"
@@ -76,6 +82,7 @@ class CodecConfig:
     hi_layers: int = 0
     hi_bits: int | str = 8
     sink: int = 0
+    round_k: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.selector != "none" and self.selector not in registered_selectors():
@@ -116,6 +123,13 @@ class CodecConfig:
             object.__setattr__(self, "hi_bits", 8)  # irrelevant then: one canonical form
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"sink must be a non-negative integer, got {self.sink!r}")
+        if self.round_k not in ROUNDINGS:
+            raise ValueError(f"round_k must be one of {ROUNDINGS}, got {self.round_k!r}")
+        if self.round_k == "query":
+            if not self.k_format.startswith("int"):
+                raise ValueError(f"round_k 'query' needs INT keys, got k_bits {self.k_bits!r}")
+            if self.lowrank != "none" and self.k_rank is not None:
+                raise ValueError(f"round_k 'query' with lowrank {self.lowrank!r} on k: choose one")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -180,6 +194,8 @@ class CodecConfig:
             parts.append(f"sink{self.sink}")
         if self.rotate != "none":
             parts.append(f"rot-{self.rotate}")
+        if self.round_k != "nearest":
+            parts.append(f"round-{self.round_k}")
         if self.zstd_level:
             parts.append(f"zstd{self.zstd_level}")
         return "+".join(parts)
@@ -244,6 +260,23 @@ class EncodedTensor:
 
     def nbytes(self) -> int:
         return sum(len(p.data) for p in self.parts.values())
+
+
+@dataclass
+class _Prepared:
+    """A K or V tensor ready to quantize: `stored` (H, N, D or rank) and the parts made on the way."""
+
+    layer: int
+    kind: str
+    shape: tuple[int, int, int]
+    stored: Tensor
+    spec: QuantSpec
+    mode: str
+    parts: dict[str, Part]
+
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        return (int(self.stored.shape[0]), int(self.stored.shape[1]), int(self.stored.shape[2]))
 
 
 @dataclass
@@ -402,13 +435,28 @@ class Codec:
         started = time.perf_counter()
         kept = self.select(prefill)
         select_s = time.perf_counter() - started
-        encoded = self.encode_kv(prefill.kv, kept)
+        encoded = self.encode_kv(prefill.kv, kept, prefill.observation)
         encoded.timings["select_s"] = select_s
         return encoded
 
-    def encode_kv(self, kv: ContextKV, kept: list[Tensor] | None = None) -> EncodedKV:
-        """Encode `kv` keeping `kept[l]` positions of each layer (all when None)."""
+    def encode_kv(
+        self, kv: ContextKV, kept: list[Tensor] | None = None, observation: Observation | None = None
+    ) -> EncodedKV:
+        """Encode `kv` keeping `kept[l]` positions of each layer (all when None).
+
+        `observation`: the prefill's observed queries, needed by round_k "query" (any kind with queries).
+        """
         cfg, g = self.config, self.geometry
+        if cfg.round_k == "query" and (observation is None or len(observation.layers) != g.num_layers):
+            got = (
+                "none"
+                if observation is None
+                else f"{observation.kind.value!r} with {len(observation.layers)} layers"
+            )
+            raise ValueError(
+                f"round_k 'query' needs the observed queries of all {g.num_layers} layers "
+                f"(a prefill with observe='question'), got {got}"
+            )
         if (kv.num_layers, kv.kv_heads, kv.head_dim) != (g.num_layers, g.kv_heads, g.head_dim):
             raise ValueError(
                 f"KV cache geometry (layers={kv.num_layers}, kv_heads={kv.kv_heads}, head_dim={kv.head_dim}) "
@@ -424,14 +472,15 @@ class Codec:
             for p in sets:
                 enc, data = pos_codec.encode_positions(p, kv.length)
                 positions.append((enc, data, int(p.numel())))
-        tensors: list[EncodedTensor] = []
-        quant_s = 0.0
-        for layer in range(kv.num_layers):
-            for kind, x in (("k", kv.keys[layer]), ("v", kv.values[layer])):
-                tq = time.perf_counter()
-                tensors.append(self._encode_tensor(layer, kind, x.float()))
-                quant_s += time.perf_counter() - tq
-        timings["quantize_s"] = quant_s
+        tq = time.perf_counter()
+        preps = [
+            self._prepare(layer, kind, x.float())
+            for layer in range(kv.num_layers)
+            for kind, x in (("k", kv.keys[layer]), ("v", kv.values[layer]))
+        ]
+        aware = self._round_keys(preps, observation) if cfg.round_k == "query" else {}
+        tensors = [self._finish(p, aware.get(p.layer) if p.kind == "k" else None) for p in preps]
+        timings["quantize_s"] = time.perf_counter() - tq
         timings["encode_s"] = time.perf_counter() - t0
         if cfg.zstd_level:
             tz = time.perf_counter()
@@ -441,8 +490,12 @@ class Codec:
         return EncodedKV(cfg, g, kv.length, positions, tensors, profile_hash, timings)
 
     def _encode_tensor(self, layer: int, kind: str, x: Tensor) -> EncodedTensor:
+        """One layer's K or V (H, n_kept, D), rounded to nearest."""
+        return self._finish(self._prepare(layer, kind, x))
+
+    def _prepare(self, layer: int, kind: str, x: Tensor) -> _Prepared:
+        """Sink entries set aside, then the matrix to quantize: x, its rotation, or its low-rank latent."""
         cfg = self.config
-        spec = cfg.spec(kind, layer)
         rank = cfg.rank(kind) if cfg.lowrank != "none" else None
         parts: dict[str, Part] = {}
         shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
@@ -465,13 +518,52 @@ class Codec:
             mode = cfg.lowrank
         elif rotates(cfg.rotate, kind):
             stored = rotate(x, cfg.seed, layer, kind)
-        q: QuantizedTensor = quantize(stored, spec)
+        return _Prepared(layer, kind, shape, stored, cfg.spec(kind, layer), mode, parts)
+
+    def _round_keys(
+        self, preps: list[_Prepared], observation: Observation | None
+    ) -> dict[int, QuantizedTensor]:
+        """Query-aware rounding of every layer's INT keys: layers of one spec and shape in one batched call.
+
+        The Hessian of a layer is that of its observed queries, rotated like its keys when they are.
+        """
+        cfg = self.config
+        assert observation is not None  # encode_kv checked it
+        batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor]]] = {}
+        for p in preps:
+            if p.kind != "k" or not p.spec.format.startswith("int"):
+                continue
+            queries = observation.layers[p.layer].queries.to(p.stored.device)
+            if rotates(cfg.rotate, "k"):  # logits are invariant under one orthogonal map on both sides
+                queries = rotate(queries, cfg.seed, p.layer, "k")
+            batches.setdefault((p.spec, tuple(p.stored.shape)), []).append(
+                (p, query_hessian(queries, int(p.stored.shape[0])))
+            )
+        out: dict[int, QuantizedTensor] = {}
+        for (spec, shape), items in batches.items():
+            x = torch.cat([p.stored for p, _ in items])  # (L * H, N, D)
+            hessian = torch.cat([h for _, h in items])  # (L * H, D, D)
+            codes, scale, zero = round_query_aware(x, spec, hessian)
+            h = shape[0]
+            for i, (p, _) in enumerate(items):
+                rows = slice(i * h, (i + 1) * h)
+                out[p.layer] = QuantizedTensor(
+                    spec, p.stored_shape, pack_bits(codes[rows], spec.bits), scale[rows], zero[rows]
+                )
+        return out
+
+    def _finish(self, prep: _Prepared, q: QuantizedTensor | None = None) -> EncodedTensor:
+        """Quantize (unless `q` was rounded already) and collect the parts."""
+        if q is None:
+            q = quantize(prep.stored, prep.spec)
+        parts = dict(prep.parts)
         for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero)):
             if tensor is not None:
                 raw = _tensor_bytes(tensor)
                 parts[name] = Part(raw, len(raw))
-        stored_shape = (int(stored.shape[0]), int(stored.shape[1]), int(stored.shape[2]))
-        return EncodedTensor(layer, kind, shape, stored_shape, spec, mode, parts)
+        return EncodedTensor(
+            prep.layer, prep.kind, prep.shape, prep.stored_shape, prep.spec, prep.mode, parts
+        )
 
     # --- decode ------------------------------------------------------------
     def decode(

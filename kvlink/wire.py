@@ -565,6 +565,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.hi_layers, msg.hi_format = config.hi_layers, format_from_bits(config.hi_bits)
     if config.sink:  # likewise
         msg.sink = config.sink
+    if config.round_k != "nearest":  # informational: the receiver decodes the same layout either way
+        msg.round_k = config.round_k
     if config.k_rank is not None:
         msg.k_rank = config.k_rank
     if config.v_rank is not None:
@@ -1040,7 +1042,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             v_rank=msg.v_rank if msg.HasField("v_rank") else None,
             zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
             hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
-            sink=msg.sink,
+            sink=msg.sink, round_k=msg.round_k or "nearest",
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

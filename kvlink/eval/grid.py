@@ -13,6 +13,7 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     rot | krot | vrot                                   Hadamard rotation of K and V / K / V
     hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
     sink1 | sink4                                       first 1 / 4 kept entries at fp16, outside the groups
+    qround                                              INT keys rounded for the question's logits
 
 e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
 
@@ -23,7 +24,7 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
     streamingllm50/25 sinks + recent window at 50% / 25%
 
 Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
-`hi-layers`, `sink`, `layer-scope` and `beyond` (issue 7's techniques), `seeds`, `kivi2`,
+`hi-layers`, `sink`, `layer-scope`, `beyond` and `query-round` (issue 7's techniques), `seeds`, `kivi2`,
 `streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
 seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
 combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
@@ -55,7 +56,7 @@ import torch
 from torch import Tensor
 
 from kvlink import wire
-from kvlink.cache import ContextKV, Observe, Prefill, prefill_observations
+from kvlink.cache import ContextKV, Observation, Observe, Prefill, prefill_observations
 from kvlink.codec import Codec, CodecConfig, EncodedKV
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import Example
@@ -96,6 +97,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "hi-layers": ("int3-hi4", "int2-hi4", "int2-rot-hi4"),
     "sink": ("int4-sink1", "int3-sink1", "k8v4-sink1", "k4v3-sink1", "k4v2-sink1"),
     "layer-scope": ("q2c50-layer", "q2c25-layer", "q2c50-layer-int4"),
+    # Query-aware rounding of the keys (kvlink.quant.aware), each next to its nearest-rounding twin.
+    "query-round": (
+        "int4-sink1-qround", "int3-sink1-qround", "int3-g64-sink1", "int3-g64-sink1-qround",
+        "k4v3-sink1-qround", "int3-rot-sink1-qround", "int2-rot-sink1-qround",
+        "q2c75-layer-k4v3-sink1-qround", "q2c75-layer-int3-sink1", "q2c75-layer-int3-sink1-qround",
+        "q2c50-layer-int4-sink1-qround", "q2c25-layer-int4-sink1-qround",
+    ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
         "k8v4-sink1", "k4v2-sink1", "q2c75-layer-int4-sink1", "q2c50-layer-int4-sink1",
@@ -160,6 +168,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(k|v|kv)?rot"), "rotate"),
     (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
     (re.compile(r"sink(\d+)"), "sink"),
+    (re.compile(r"qround"), "round"),
 )
 
 
@@ -203,11 +212,13 @@ def parse_name(name: str) -> CodecConfig:
                 fields["hi_bits"] = _bits(m.group(2)) if m.group(2) else 8
             elif kind == "sink":
                 fields["sink"] = int(m.group(1))
+            elif kind == "round":
+                fields["round_k"] = "query"
             break
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
@@ -388,6 +399,14 @@ def _observes(config: CodecConfig) -> Observe:
     return get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
 
 
+def _queries_for(config: CodecConfig) -> Observe | None:
+    """The observation whose queries round_k "query" uses: the selector's when it has queries, else the question's."""
+    if config.round_k != "query":
+        return None
+    kind = _observes(config)
+    return kind if kind is not Observe.NONE else Observe.QUESTION
+
+
 def _kept_key(config: CodecConfig) -> tuple[str, float, str, int]:
     return (config.selector, float(config.retention), config.scope, config.seed)
 
@@ -415,6 +434,7 @@ class Evaluator:
         self.reference = Codec(CodecConfig(), lm.geometry)
         self.clock = _Clock(lm.device)
         self.select_s: dict[tuple[str, float, str, int], float] = {}  # of the last prefilled context
+        self.observations: dict[Observe, Observation] = {}  # of the last prefilled context
 
     # one context: prefill, reference, kept sets, then the configs in batches
     def _prefill(
@@ -425,7 +445,9 @@ class Evaluator:
         `rows`: the question's own tokens, the only Q2C observers (as the sender: kvlink.prompt.question_rows).
         """
         kinds = {_observes(c.config) for c in configs} | {Observe.NONE}
+        kinds |= {k for k in (_queries_for(c.config) for c in configs) if k is not None}
         kv, observations = prefill_observations(self.lm.model, ctx, q, kinds, self.settings.window, rows)
+        self.observations = observations
         kept: dict[tuple[str, float, str, int], list[Tensor] | None] = {}
         self.select_s.clear()
         for c in configs:
@@ -447,7 +469,8 @@ class Evaluator:
         lm, clock = self.lm, self.clock
         codec = self.codecs[c.name]
         t0 = clock()
-        encoded = codec.encode_kv(kv, kept)
+        queries = _queries_for(c.config)
+        encoded = codec.encode_kv(kv, kept, None if queries is None else self.observations[queries])
         t1 = clock()
         rec: dict[str, Any] = {"encode_s": t1 - t0}
         if sizes_too:

@@ -1,0 +1,196 @@
+"""Query-aware rounding of keys (CodecConfig.round_k = "query", kvlink.quant.aware)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvlink import wire
+from kvlink.cache import ContextKV, Observe, prefill
+from kvlink.codec import Codec, CodecConfig
+from kvlink.eval.grid import parse_name
+from kvlink.models import Geometry
+from kvlink.quant.aware import quantize_query_aware, query_hessian
+from kvlink.quant.base import QuantSpec, dequantize, quantize, scale_shape
+from kvlink.rotation import rotate
+from tests.conftest import random_ids
+
+FP = "f" * 64
+
+
+def _keys(h: int = 2, t: int = 45, d: int = 16, seed: int = 0) -> torch.Tensor:
+    """Keys with channels of very different spread, as real keys have."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h, t, d, generator=g) * torch.linspace(0.5, 8.0, d)
+
+
+def _queries(q_heads: int = 4, n: int = 12, d: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(q_heads, n, d, generator=g) * torch.linspace(6.0, 0.3, d)
+
+
+def _logit_error(x: torch.Tensor, x_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum over heads and tokens of e^T H e: the squared error of the observed queries' logits."""
+    e = (x - x_hat).double()
+    return float(torch.einsum("htd,hde,hte->", e, hessian, e))
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize(("fmt", "group"), [("int2", 8), ("int3", 32), ("int4", 7), ("int8", 16)])
+def test_identity_hessian_is_nearest_rounding_exactly(axis: str, fmt: str, group: int) -> None:
+    x = _keys()
+    spec = QuantSpec(fmt, group, axis)
+    plain = quantize(x, spec)
+    aware = quantize_query_aware(x, spec, 5.0 * torch.eye(16, dtype=torch.float64).expand(2, 16, 16))
+    assert torch.equal(aware.codes, plain.codes)
+    assert torch.equal(aware.scale, plain.scale) and torch.equal(aware.zero, plain.zero)
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize("fmt", ["int2", "int3", "int4"])
+def test_query_aware_rounding_lowers_the_logit_error(axis: str, fmt: str) -> None:
+    x, q = _keys(t=64), _queries()
+    hessian = query_hessian(q, 2)
+    spec = QuantSpec(fmt, 32 if axis == "channel" else 8, axis)
+    plain = dequantize(quantize(x, spec))
+    for damp, factor in ((0.1, 0.95), (0.01, 0.8)):
+        aware = quantize_query_aware(x, spec, hessian, damp=damp)
+        assert aware.codes.shape == quantize(x, spec).codes.shape
+        assert tuple(aware.scale.shape) == scale_shape(x.shape, spec)  # type: ignore[union-attr, arg-type]
+        got = _logit_error(x, dequantize(aware), hessian)
+        assert got < factor * _logit_error(x, plain, hessian), (damp, got)
+
+
+def test_channel_groups_follow_the_int_layout_rule() -> None:
+    """Each group's zero/scale is the INT rule on the values it held when rounded: no code is clamped.
+
+    So every decoded value lies inside its group's [zero, zero + (2^b - 1) * scale], and the
+    first channel rounded (largest query weight, nothing compensated into it yet) is plain rounding.
+    """
+    x, q = _keys(t=50), _queries()
+    hessian = query_hessian(q, 2)
+    spec = QuantSpec("int3", 16, "channel")
+    aware = quantize_query_aware(x, spec, hessian, damp=0.01)
+    plain = quantize(x, spec)
+    y, y_plain = dequantize(aware), dequantize(plain)
+    first = hessian.diagonal(dim1=1, dim2=2).argmax(dim=1)  # (H,)
+    for h in range(2):
+        assert torch.equal(y[h, :, first[h]], y_plain[h, :, first[h]])
+    assert not torch.equal(y, y_plain)
+
+
+def test_query_hessian_groups_query_heads_by_kv_head() -> None:
+    q = _queries(q_heads=4, n=3)
+    hessian = query_hessian(q, 2)
+    want = sum(q[i].double().T @ q[i].double() for i in (2, 3))  # q heads 2, 3 read KV head 1
+    assert torch.allclose(hessian[1], want)
+    with pytest.raises(ValueError, match="do not split into 3 KV groups"):
+        query_hessian(q, 3)
+    with pytest.raises(ValueError, match="hessian must be"):
+        quantize_query_aware(_keys(), QuantSpec("int4", 32, "channel"), hessian[:1])
+    with pytest.raises(ValueError, match="damp must be"):
+        quantize_query_aware(_keys(), QuantSpec("int4", 32, "channel"), hessian, damp=0.0)
+    with pytest.raises(ValueError, match="handles formats"):
+        quantize_query_aware(_keys(), QuantSpec("nf4", 32, "channel"), hessian)
+
+
+def test_config_validates_round_k() -> None:
+    assert CodecConfig(k_bits=4, v_bits=4, round_k="query").label.endswith("round-query")
+    assert parse_name("q2c75-layer-k4v3-sink1-qround") == CodecConfig(
+        selector="q2c", retention=0.75, scope="layer", k_bits=4, v_bits=3, sink=1, round_k="query"
+    )
+    with pytest.raises(ValueError, match="round_k must be one of"):
+        CodecConfig(k_bits=4, round_k="stochastic")
+    with pytest.raises(ValueError, match="needs INT keys"):
+        CodecConfig(k_bits=16, v_bits=4, round_k="query")
+    with pytest.raises(ValueError, match="needs INT keys"):
+        CodecConfig(k_bits="nf4", round_k="query")
+    with pytest.raises(ValueError, match="choose one"):
+        CodecConfig(k_bits=4, lowrank="svd", k_rank=8, round_k="query")
+    CodecConfig(k_bits=4, v_bits=4, lowrank="svd", v_rank=8, round_k="query")  # low rank on V only is fine
+
+
+def _prefilled(lm: Any, n_ctx: int = 48) -> Any:
+    return prefill(lm.model, random_ids(n_ctx, seed=5), random_ids(9, seed=6), observe=Observe.QUESTION)
+
+
+def _model_logit_error(pre: Any, decoded: ContextKV, geometry: Geometry) -> float:
+    total = 0.0
+    for layer, obs in enumerate(pre.observation.layers):
+        keys = pre.kv.keys[layer].float()[:, decoded.positions[layer]]
+        total += _logit_error(
+            keys, decoded.keys[layer].float(), query_hessian(obs.queries, geometry.kv_heads)
+        )
+    return total
+
+
+@pytest.mark.parametrize("name", ["int3", "int2-sink1", "q2c50-layer-int3-sink1", "int3-rot"])
+def test_codec_rounds_keys_for_the_question_same_bytes(tiny: Any, name: str) -> None:
+    pre = _prefilled(tiny)
+    nearest = parse_name(name)
+    aware = nearest.with_(round_k="query")
+    enc_n = Codec(nearest, tiny.geometry).encode(pre)
+    enc_a = Codec(aware, tiny.geometry).encode(pre)
+    # the same parts of the same sizes; values untouched; keys rounded differently
+    for tn, ta in zip(enc_n.tensors, enc_a.tensors):
+        assert {k: len(p.data) for k, p in tn.parts.items()} == {k: len(p.data) for k, p in ta.parts.items()}
+        if tn.kind == "v" or "sink" in tn.parts:
+            same = ("v",) if tn.kind == "v" else ()
+            for part in tn.parts:
+                if tn.kind in same or part == "sink":
+                    assert tn.parts[part].data == ta.parts[part].data
+    assert enc_n.sizes().as_dict() == enc_a.sizes().as_dict()
+    assert (
+        Codec(aware, tiny.geometry)
+        .predicted_sizes(pre.kv.length, Codec(aware, tiny.geometry).select(pre))
+        .total
+        == enc_a.sizes().total
+    )
+    dec_n = Codec(nearest, tiny.geometry).decode(enc_n)
+    asm = wire.Assembler(FP, tiny.geometry)
+    for frame in wire.to_frames(enc_a, "s", "m", FP, 1 << 20):
+        asm.feed(frame)
+    received = asm.finish()[0]
+    assert received.config.round_k == "query"  # travels, for the receiver's records
+    dec_a = Codec(received.config, tiny.geometry).decode(received)
+    for layer in range(tiny.geometry.num_layers):
+        assert torch.equal(dec_a.values[layer], dec_n.values[layer])
+        assert torch.equal(dec_a.positions[layer], dec_n.positions[layer])
+    assert _model_logit_error(pre, dec_a, tiny.geometry) < 0.9 * _model_logit_error(pre, dec_n, tiny.geometry)
+
+
+def test_rotated_keys_round_in_the_rotated_space(tiny: Any) -> None:
+    """With rotation the queries are rotated too: the Hessian must be the one of the stored keys."""
+    pre = _prefilled(tiny)
+    config = CodecConfig(k_bits=3, v_bits=3, rotate="k", round_k="query")
+    enc = Codec(config, tiny.geometry).encode(pre)
+    t = enc.tensors[0]
+    stored = rotate(pre.kv.keys[0].float(), config.seed, 0, "k")
+    hessian = query_hessian(
+        rotate(pre.observation.layers[0].queries, config.seed, 0, "k"), tiny.geometry.kv_heads
+    )
+    want = quantize_query_aware(stored, config.spec("k", 0), hessian)
+    assert t.parts["codes"].data == want.codes.numpy().tobytes()
+
+
+def test_query_rounding_needs_observed_queries(tiny: Any) -> None:
+    pre = prefill(tiny.model, random_ids(30, seed=5))  # no observation
+    codec = Codec(CodecConfig(k_bits=4, v_bits=4, round_k="query"), tiny.geometry)
+    with pytest.raises(ValueError, match="observe='question'"):
+        codec.encode(pre)
+    with pytest.raises(ValueError, match="observe='question'"):
+        codec.encode_kv(pre.kv)
+
+
+def test_receiver_rejects_an_unknown_rounding_as_malformed() -> None:
+    msg = wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4, round_k="query"))
+    assert msg.round_k == "query"
+    assert wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4)).round_k == ""  # absent: older receivers
+    msg.round_k = "dithered"
+    with pytest.raises(wire.WireError) as info:
+        wire._config_from_pb(
+            msg, wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
+        )
+    assert info.value.code == "MALFORMED" and "round_k" in str(info.value)
