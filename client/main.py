@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the first N kept positions of every quantized tensor at fp16, outside the "
         "quantization groups (attention sinks; default: the planner decides)",
     )  # fmt: skip
+    p.add_argument(
+        "--round-k", choices=("nearest", "query"), default=None,
+        help="round INT keys to their nearest level, or for the question's attention logits (same "
+        "bytes; default: query where the measured quality table says it helps)",
+    )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
     zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
@@ -146,7 +151,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
             rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
-            sink=args.sink,
+            sink=args.sink, round_k=args.round_k,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

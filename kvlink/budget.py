@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import ROUNDINGS, Codec, CodecConfig, EncodedKV
 from kvlink.models import Geometry
 from kvlink.quant import format_from_bits
 from kvlink.rotation import ROTATIONS
@@ -124,6 +124,7 @@ class Constraints:
     rotations: tuple[str, ...] = ROTATE_CHOICES  # what the receiver decodes (its Welcome's codecs)
     sink: int | None = None
     sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
+    round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
@@ -147,14 +148,24 @@ class Constraints:
             raise ValueError(f"sink must be a non-negative integer, got {self.sink!r}")
         if self.sink and not self.sinks:
             raise ValueError(f"sink {self.sink} needs a receiver that reads fp16 sink entries")
+        if self.round_k is not None and self.round_k not in ROUNDINGS:
+            raise ValueError(f"round_k must be one of {ROUNDINGS}, got {self.round_k!r}")
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
-    """The prefill observation the planner's selection method needs (Q2C by default)."""
+    """The prefill observation the planner's selection method needs (Q2C by default).
+
+    Without selection the question is still observed unless query-aware rounding is ruled out.
+    """
     method = (constraints.method if constraints else None) or "q2c"
     if method == "none":
-        return Observe.NONE
-    return get_selector(method).observes
+        return Observe.QUESTION if (constraints is None or constraints.round_k != "nearest") else Observe.NONE
+    observes = get_selector(method).observes
+    return (
+        Observe.QUESTION
+        if observes is Observe.NONE and constraints and constraints.round_k == "query"
+        else observes
+    )
 
 
 def quality_key(config: CodecConfig) -> str:
@@ -255,6 +266,8 @@ class QualityTable:
             drops.append(lambda p: [p[0].removesuffix("/layer"), *p[1:]])
         if config.rotate != "none":
             drops.append(lambda p: [x for x in p if x != f"rot-{config.rotate}"])
+        if config.round_k != "nearest":
+            drops.append(lambda p: [x for x in p if x != f"round-{config.round_k}"])
         for n in range(len(drops) + 1):
             for chosen in itertools.combinations(drops, n):
                 twin = parts
@@ -382,6 +395,7 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
             group_size=32 if both_fp16 else g,
             lowrank="svd" if rank is not None else "none",
             k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
+            round_k="query" if c.round_k == "query" and format_from_bits(kb).startswith("int") else "nearest",
         )  # fmt: skip
         if config not in seen:
             seen.add(config)
@@ -451,6 +465,7 @@ def plan(
 
     candidates: list[Candidate] = []
     estimates: dict[tuple[Any, ...], int] = {}
+    free_rounding = constraints.round_k is None and len(prefill.observation.layers) == geometry.num_layers
     for config in candidate_configs(geometry, constraints):
         size_key = _size_key(config)
         est = estimates.get(size_key)
@@ -458,6 +473,11 @@ def plan(
             est = estimates[size_key] = _estimate(Codec(config, geometry), length)
         reachable = est <= budget_bytes * ZSTD_REACH
         expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
+        if reachable and free_rounding and config.k_format.startswith("int"):
+            # Same bytes; taken only where the table measured it better (never from a prior).
+            twin = config.with_(round_k="query")
+            if quality.is_measured(twin) and quality.expected(twin, geometry.head_dim) > expected:
+                config, expected = twin, quality.expected(twin, geometry.head_dim)
         candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
     # Best quality first; among equals, the smaller message; the unreachable ones last.
@@ -486,7 +506,7 @@ def plan(
                 kept_cache[key] = codec.select(prefill)
                 select_s[key] = time.perf_counter() - t_sel
             t0 = time.perf_counter()
-            encoded = codec.encode_kv(prefill.kv, kept_cache[key])
+            encoded = codec.encode_kv(prefill.kv, kept_cache[key], prefill.observation)
             encode_s = time.perf_counter() - t0
             size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
             n_frames = 2 + sum(

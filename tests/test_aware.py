@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import random_ids
 from kvlink import wire
 from kvlink.cache import ContextKV, Observe, prefill
 from kvlink.codec import Codec, CodecConfig
@@ -15,7 +16,6 @@ from kvlink.models import Geometry
 from kvlink.quant.aware import quantize_query_aware, query_hessian
 from kvlink.quant.base import QuantSpec, dequantize, quantize, scale_shape
 from kvlink.rotation import rotate
-from tests.conftest import random_ids
 
 FP = "f" * 64
 

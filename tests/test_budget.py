@@ -241,3 +241,48 @@ def test_kvlink_send_flags_become_planner_constraints() -> None:
     configs = candidate_configs(Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1), c)
     selective = [x for x in configs if x.selector != "none"]
     assert selective and all((x.scope, x.rotate, x.k_format) == ("layer", "v", "int4") for x in selective)
+
+
+def test_query_rounding_is_planned_only_where_measured_better(prefilled: tuple[Any, Any]) -> None:
+    """Same bytes as nearest rounding: taken when the table measured it better, never from a prior."""
+    lm, pre = prefilled
+    int4 = Constraints(k_bits=4, v_bits=4)
+
+    def planned(quality: QualityTable | None = None, round_k: str | None = None) -> Any:
+        c = Constraints(k_bits=4, v_bits=4, round_k=round_k)
+        return plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=quality, constraints=c)
+
+    prior = plan(pre, lm.geometry, lm.fingerprint, 0.2, constraints=int4)
+    assert prior.config.round_k == "nearest"
+    nearest = prior.config.with_(zstd_level=0)
+    aware = nearest.with_(round_k="query")
+    worse = QualityTable(entries={quality_key(nearest): 0.999, quality_key(aware): 0.99})
+    assert planned(worse).config.round_k == "nearest"
+    better = QualityTable(entries={quality_key(nearest): 0.99, quality_key(aware): 0.999})
+    picked = planned(better)
+    assert picked.config.with_(zstd_level=0) == aware
+    assert picked.encoded.config.round_k == "query" and picked.total_bytes <= picked.budget_bytes
+    # the same bytes as the nearest-rounded message of the same config
+    twin = planned(better, "nearest")
+    assert twin.config.with_(zstd_level=0) == nearest
+    assert picked.encoded.sizes().as_dict() == twin.encoded.sizes().as_dict()
+    assert [t.parts.keys() for t in picked.encoded.tensors] == [t.parts.keys() for t in twin.encoded.tensors]
+    # pinned: every INT-key candidate rounds for the queries (unmeasured ones rank just below their twin)
+    pinned = planned(round_k="query")
+    assert pinned.config.round_k == "query"
+    assert all(c.config.round_k == "query" for c in pinned.candidates if c.config.k_format != "fp16")
+
+
+def test_round_k_constraint_and_observation() -> None:
+    from client.main import build_parser, constraints_from_args
+
+    with pytest.raises(ValueError, match="round_k must be one of"):
+        Constraints(round_k="stochastic")
+    args = build_parser().parse_args(
+        ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q", "--round-k", "query"]
+    )  # fmt: skip
+    assert constraints_from_args(args).round_k == "query"
+    assert observe_for(Constraints(method="none")) is Observe.QUESTION  # the queries round the keys
+    assert observe_for(Constraints(method="none", round_k="nearest")) is Observe.NONE
+    assert observe_for(Constraints(method="random", round_k="query")) is Observe.QUESTION
+    assert observe_for(Constraints(method="snapkv", round_k="query")) is Observe.WINDOW
