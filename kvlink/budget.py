@@ -474,10 +474,11 @@ def plan(
         reachable = est <= budget_bytes * ZSTD_REACH
         expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
         if reachable and free_rounding and config.k_format.startswith("int"):
-            # Same bytes; taken only where the table measured it better (never from a prior).
-            twin = config.with_(round_k="query")
-            if quality.is_measured(twin) and quality.expected(twin, geometry.head_dim) > expected:
-                config, expected = twin, quality.expected(twin, geometry.head_dim)
+            # Same bytes; taken only where the table measured it better (never from a prior). The
+            # twin's key is this one's plus its last label part (quality keys carry no zstd part).
+            measured = quality.entries.get(quality_key(config) + "+round-query")
+            if measured is not None and measured > expected:
+                config, expected = config.with_(round_k="query"), measured
         candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
     # Best quality first; among equals, the smaller message; the unreachable ones last.
