@@ -16,6 +16,7 @@ depends on the data, is the only stage whose size is measured.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
@@ -41,6 +42,7 @@ KINDS: tuple[str, ...] = ("k", "v")
 PAYLOAD_PARTS = frozenset({"codes", "sink"})
 METADATA_PARTS = frozenset({"scale", "zero", "basis"})
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
+ROUND_BATCH_ELEMENTS = 1 << 25  # key entries rounded in one batched call (~256 MiB of float64 work)
 
 
 @dataclass(frozen=True)
@@ -473,13 +475,14 @@ class Codec:
                 enc, data = pos_codec.encode_positions(p, kv.length)
                 positions.append((enc, data, int(p.numel())))
         tq = time.perf_counter()
-        preps = [
-            self._prepare(layer, kind, x.float())
-            for layer in range(kv.num_layers)
-            for kind, x in (("k", kv.keys[layer]), ("v", kv.values[layer]))
-        ]
-        aware = self._round_keys(preps, observation) if cfg.round_k == "query" else {}
-        tensors = [self._finish(p, aware.get(p.layer) if p.kind == "k" else None) for p in preps]
+        aware = self._round_keys(kv, observation) if cfg.round_k == "query" else {}
+        tensors: list[EncodedTensor] = []
+        for layer in range(kv.num_layers):
+            if layer in aware:
+                tensors.append(self._finish(*aware.pop(layer)))
+            else:
+                tensors.append(self._encode_tensor(layer, "k", kv.keys[layer].float()))
+            tensors.append(self._encode_tensor(layer, "v", kv.values[layer].float()))
         timings["quantize_s"] = time.perf_counter() - tq
         timings["encode_s"] = time.perf_counter() - t0
         if cfg.zstd_level:
@@ -521,35 +524,39 @@ class Codec:
         return _Prepared(layer, kind, shape, stored, cfg.spec(kind, layer), mode, parts)
 
     def _round_keys(
-        self, preps: list[_Prepared], observation: Observation | None
-    ) -> dict[int, QuantizedTensor]:
-        """Query-aware rounding of every layer's INT keys: layers of one spec and shape in one batched call.
+        self, kv: ContextKV, observation: Observation | None
+    ) -> dict[int, tuple[_Prepared, QuantizedTensor]]:
+        """Query-aware rounding of every layer's INT keys, layers of one spec and shape batched.
 
-        The Hessian of a layer is that of its observed queries, rotated like its keys when they are.
+        The Hessian of a layer is that of its observed queries, rotated like its keys when they
+        are. A batch holds at most ROUND_BATCH_ELEMENTS entries (the rounding works in float64).
         """
         cfg = self.config
         assert observation is not None  # encode_kv checked it
         batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor]]] = {}
-        for p in preps:
-            if p.kind != "k" or not p.spec.format.startswith("int"):
-                continue
-            queries = observation.layers[p.layer].queries.to(p.stored.device)
+        for layer in range(kv.num_layers):
+            p = self._prepare(layer, "k", kv.keys[layer].float())
+            if not p.spec.format.startswith("int"):
+                continue  # an fp16 first layer of a hi_layers config
+            queries = observation.layers[layer].queries.to(p.stored.device)
             if rotates(cfg.rotate, "k"):  # logits are invariant under one orthogonal map on both sides
-                queries = rotate(queries, cfg.seed, p.layer, "k")
+                queries = rotate(queries, cfg.seed, layer, "k")
             batches.setdefault((p.spec, tuple(p.stored.shape)), []).append(
                 (p, query_hessian(queries, int(p.stored.shape[0])))
             )
-        out: dict[int, QuantizedTensor] = {}
+        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
         for (spec, shape), items in batches.items():
-            x = torch.cat([p.stored for p, _ in items])  # (L * H, N, D)
-            hessian = torch.cat([h for _, h in items])  # (L * H, D, D)
-            codes, scale, zero = round_query_aware(x, spec, hessian)
             h = shape[0]
-            for i, (p, _) in enumerate(items):
-                rows = slice(i * h, (i + 1) * h)
-                out[p.layer] = QuantizedTensor(
-                    spec, p.stored_shape, pack_bits(codes[rows], spec.bits), scale[rows], zero[rows]
-                )
+            step = max(1, ROUND_BATCH_ELEMENTS // max(1, math.prod(shape)))
+            for start in range(0, len(items), step):
+                chunk = items[start : start + step]
+                x = torch.cat([p.stored for p, _ in chunk])  # (layers * H, N, D)
+                hessian = torch.cat([hs for _, hs in chunk])  # (layers * H, D, D)
+                codes, scale, zero = round_query_aware(x, spec, hessian)
+                for i, (p, _) in enumerate(chunk):
+                    rows = slice(i * h, (i + 1) * h)
+                    packed = pack_bits(codes[rows], spec.bits)
+                    out[p.layer] = (p, QuantizedTensor(spec, p.stored_shape, packed, scale[rows], zero[rows]))
         return out
 
     def _finish(self, prep: _Prepared, q: QuantizedTensor | None = None) -> EncodedTensor:

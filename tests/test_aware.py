@@ -194,3 +194,17 @@ def test_receiver_rejects_an_unknown_rounding_as_malformed() -> None:
             msg, wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
         )
     assert info.value.code == "MALFORMED" and "round_k" in str(info.value)
+
+
+def test_batched_rounding_equals_layer_by_layer(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are independent: all layers in one call or one layer per call give the same bytes."""
+    import kvlink.codec as codec_module
+
+    pre = _prefilled(tiny)
+    config = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, round_k="query")
+    together = Codec(config, tiny.geometry).encode(pre)
+    monkeypatch.setattr(codec_module, "ROUND_BATCH_ELEMENTS", 1)
+    one_by_one = Codec(config, tiny.geometry).encode(pre)
+    for a, b in zip(together.tensors, one_by_one.tensors):
+        assert (a.layer, a.kind) == (b.layer, b.kind)
+        assert {k: p.data for k, p in a.parts.items()} == {k: p.data for k, p in b.parts.items()}
