@@ -477,12 +477,15 @@ def test_paced_link_paces() -> None:
 
 
 def test_e2e_example(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
-    configs = grid.resolve(["q2c50-int4"], text_lm.geometry)
+    configs = grid.resolve(["q2c50-int4", "int4-qround"], text_lm.geometry)
     started = time.perf_counter()
     rows = cli.e2e_example(text_lm, squad2[0], configs, [1e9], repeats=1)
     assert time.perf_counter() - started < 30
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"q2c50-int4", "fp16-kv", "text"}
+    assert set(by) == {"q2c50-int4", "int4-qround", "fp16-kv", "text"}
+    assert (
+        by["q2c50-int4"]["bytes"] < by["int4-qround"]["bytes"] < by["fp16-kv"]["bytes"]
+    )  # observed queries, no selection
     assert (
         by["q2c50-int4"]["bytes"] < by["fp16-kv"]["bytes"] and by["text"]["bytes"] < by["q2c50-int4"]["bytes"]
     )

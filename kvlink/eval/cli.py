@@ -471,7 +471,7 @@ def e2e_example(
     from kvlink import wire
     from kvlink.cache import Prefill, prefill, prefill_observations
     from kvlink.codec import Codec, CodecConfig
-    from kvlink.eval.grid import GridConfig, _observes
+    from kvlink.eval.grid import GridConfig, _observes, _queries_for
     from kvlink.generate import greedy_answer
     from kvlink.prompt import context_ids, question_ids, question_rows
 
@@ -479,6 +479,7 @@ def e2e_example(
     ctx, q = example.encode(tok)
     methods = [*configs, GridConfig("fp16-kv", CodecConfig())]
     kinds = {_observes(c.config) for c in methods}
+    kinds |= {k for k in (_queries_for(c.config) for c in methods) if k is not None}
     kv, observations = prefill_observations(model, ctx, q, kinds, 32, question_rows(tok, example.question))
 
     def send_kv(c: Any) -> tuple[list[bytes], float, int]:
@@ -486,7 +487,8 @@ def e2e_example(
         _sync(device)
         t0 = time.perf_counter()
         kept = codec.select(Prefill(kv, observations[_observes(c.config)], ctx, q))
-        encoded = codec.encode_kv(kv, kept)
+        queries = _queries_for(c.config)
+        encoded = codec.encode_kv(kv, kept, None if queries is None else observations[queries])
         frames = wire.to_frames(encoded, "0" * 32, "1" * 32, lm.fingerprint, 1 << 20)
         blobs = [f.SerializeToString() for f in frames]
         return blobs, time.perf_counter() - t0, int(encoded.fp16_bytes())
