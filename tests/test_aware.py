@@ -208,3 +208,38 @@ def test_batched_rounding_equals_layer_by_layer(tiny: Any, monkeypatch: pytest.M
     for a, b in zip(together.tensors, one_by_one.tensors):
         assert (a.layer, a.kind) == (b.layer, b.kind)
         assert {k: p.data for k, p in a.parts.items()} == {k: p.data for k, p in b.parts.items()}
+
+
+def _obq_reference(x: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The update from its definition, channel by channel in descending order of H's diagonal: round
+    channel j, then move its error onto the channels F not rounded yet by -err * inv(H_FF)[j, F] /
+    inv(H_FF)[j, j] (no Cholesky shortcut). Channel-axis groups: stats of the column when rounded."""
+    h, t, d = x.shape
+    g = spec.group_size
+    out = torch.empty(h, t, d, dtype=torch.float64)
+    for head in range(h):
+        hm = hessian[head].double()
+        hm = hm + damp * hm.diagonal().mean() * torch.eye(d, dtype=torch.float64)
+        order = torch.argsort(hessian[head].diagonal(), descending=True).tolist()
+        w = x[head].double().clone()
+        for step, j in enumerate(order):
+            rest = order[step:]
+            inv = torch.linalg.inv(hm[rest][:, rest])
+            col = quantize(w[:, j].float().view(1, t, 1), QuantSpec(spec.format, g, "channel"))
+            rounded = dequantize(col).view(t).double()
+            err = w[:, j] - rounded
+            w[:, rest[1:]] -= err[:, None] * (inv[0, 1:] / inv[0, 0])[None, :]
+            w[:, j] = rounded
+        out[head] = w
+    return out
+
+
+def test_channel_order_rounding_matches_the_update_from_its_definition() -> None:
+    """The Cholesky factor must be the one of H permuted into the rounding order."""
+    x, q = _keys(t=40, d=8), _queries(d=8)[:, :, [3, 0, 6, 1, 7, 2, 5, 4]]  # weights out of channel order
+    hessian = query_hessian(q, 2)
+    assert not torch.equal(hessian[0].diagonal().argsort(descending=True), torch.arange(8))
+    spec = QuantSpec("int3", 16, "channel")
+    got = dequantize(quantize_query_aware(x, spec, hessian, damp=0.01)).double()
+    want = _obq_reference(x, spec, hessian, 0.01)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -105,14 +105,16 @@ def round_query_aware(
     if not (damp > 0 and math.isfinite(damp)):
         raise ValueError(f"damp must be a positive finite number, got {damp!r}")
     qmax, g = (1 << spec.bits) - 1, spec.group_size
-    u = _inverse_factor(hessian.to(x.device), damp)
+    hessian = hessian.to(x.device)
     if spec.axis == "channel":
-        order = torch.argsort(hessian.diagonal(dim1=1, dim2=2), dim=1, descending=True).to(x.device)  # (H, D)
+        order = torch.argsort(hessian.diagonal(dim1=1, dim2=2), dim=1, descending=True)  # (H, D)
     else:  # groups of channels: they must be rounded in their wire order
         order = torch.arange(d, device=x.device).expand(h, d)
-    u = torch.gather(
-        torch.gather(u, 1, order[:, :, None].expand(h, d, d)), 2, order[:, None, :].expand(h, d, d)
+    # The factor belongs to the rounding order: permute H first (a permuted Cholesky factor is not one).
+    permuted = torch.gather(
+        torch.gather(hessian, 1, order[:, :, None].expand(h, d, d)), 2, order[:, None, :].expand(h, d, d)
     )
+    u = _inverse_factor(permuted, damp)
     work = torch.gather(
         x.double(), 2, order[:, None, :].expand(h, t, d)
     ).clone()  # (H, T, D) in rounding order
