@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kvlink.quant.base import QuantizedTensor, QuantSpec
-from kvlink.quant.intq import IntQuantizer, check_input, fp16_round
+from kvlink.quant.intq import IntQuantizer, check_input, group_view, scale_zero
 from kvlink.quant.pack import pack_bits
 
 __all__ = ["DAMP", "quantize_query_aware", "query_hessian", "round_query_aware"]
@@ -58,22 +58,6 @@ def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
     h = torch.where((hessian.diagonal(dim1=1, dim2=2).sum(1) > 0)[:, None, None], hessian, eye)
     h = h + damp * level[:, None, None] * eye
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-
-def _stats(groups: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Per-group float16 (scale, zero) of the INT layout from groups (..., G): min down, step up."""
-    lo, hi = groups.amin(dim=-1).float(), groups.amax(dim=-1).float()
-    zero = fp16_round(lo, down=True)
-    scale = fp16_round((hi - zero.float()) / torch.full_like(hi, qmax), down=False)
-    return torch.where(scale == 0, torch.ones_like(scale), scale), zero
-
-
-def _pad_groups(x: Tensor, g: int) -> Tensor:
-    """(..., L) -> (..., ceil(L/G), G), the last group padded by repeating its last value (as group_view)."""
-    pad = math.ceil(x.shape[-1] / g) * g - x.shape[-1]
-    if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    return x.reshape(*x.shape[:-1], -1, g)
 
 
 def quantize_query_aware(x: Tensor, spec: QuantSpec, hessian: Tensor, damp: float = DAMP) -> QuantizedTensor:
@@ -128,13 +112,15 @@ def round_query_aware(
     for j in range(d):
         col = work[:, :, j]  # (H, T)
         if spec.axis == "channel":
-            s, z = _stats(_pad_groups(col, g), qmax)  # (H, ceil(T/G)) for channel order[:, j]
+            s, z = scale_zero(
+                group_view(col[:, :, None], spec)[:, 0], qmax
+            )  # (H, ceil(T/G)), channel order[:, j]
             scale.scatter_(2, order[:, None, j : j + 1].expand(h, s.shape[1], 1), s[:, :, None])
             zero.scatter_(2, order[:, None, j : j + 1].expand(h, s.shape[1], 1), z[:, :, None])
             s_el = s.float().repeat_interleave(g, dim=1)[:, :t]  # (H, T)
             z_el = z.float().repeat_interleave(g, dim=1)[:, :t]
         elif j % g == 0:  # entering a group of channels: its stats from the values as they are now
-            s, z = _stats(work[:, :, j : j + g], qmax)  # (H, T)
+            s, z = scale_zero(work[:, :, j : j + g], qmax)  # (H, T)
             scale[:, :, j // g], zero[:, :, j // g] = s, z
             s_el, z_el = s.float(), z.float()
         code = torch.clamp(torch.round((col.float() - z_el) / s_el), 0, qmax)  # (H, T)

@@ -35,6 +35,7 @@ __all__ = [
     "expand_groups",
     "group_stats_layout",
     "group_view",
+    "scale_zero",
 ]
 
 
@@ -123,6 +124,17 @@ def fp16_round(x: Tensor, down: bool) -> Tensor:
     return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
+def scale_zero(groups: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Float16 (scale, zero) of each group (..., G) -> (...): zero = min rounded down, scale =
+    (max - zero) / qmax rounded up (1 for a constant group)."""
+    lo, hi = groups.amin(dim=-1).float(), groups.amax(dim=-1).float()
+    zero = fp16_round(lo, down=True)
+    # Divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply,
+    # which would make GPU and CPU senders emit different scale bytes.
+    scale = fp16_round((hi - zero.float()) / torch.full_like(hi, qmax), down=False)
+    return torch.where(scale == 0, torch.ones_like(scale), scale), zero
+
+
 @dataclass(frozen=True)
 class IntQuantizer(Quantizer):
     """Asymmetric min/max quantization to b-bit unsigned codes with a float16 scale and zero per group."""
@@ -135,12 +147,7 @@ class IntQuantizer(Quantizer):
         qmax = (1 << spec.bits) - 1
         xf = x.float()
         groups = group_view(xf, spec)  # (H, A, n_groups, G)
-        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (H, A, n_groups)
-        zero = fp16_round(lo, down=True)
-        # Divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply,
-        # which would make GPU and CPU senders emit different scale bytes.
-        scale = fp16_round((hi - zero.float()) / torch.full_like(hi, qmax), down=False)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group -> scale 1
+        scale, zero = scale_zero(groups, qmax)  # (H, A, n_groups)
         scale, zero = group_stats_layout(scale, spec), group_stats_layout(zero, spec)
         s = expand_groups(scale.float(), shape, spec)  # (H, T, D)
         z = expand_groups(zero.float(), shape, spec)  # (H, T, D)
