@@ -12,6 +12,7 @@ scores never need the whole model to run with eager attention.
 from __future__ import annotations
 
 import enum
+import inspect
 import sys
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -235,6 +236,22 @@ def prefill(
     )
 
 
+_CACHE_PARAM: dict[type[Any], str] = {}  # model class -> the keyword its forward takes the cache under
+
+
+def cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword under which `model`'s forward takes a KV cache, bound to `cache`.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40);
+    earlier versions, and models with their own forward, take `past_key_values`.
+    """
+    kind: type[Any] = type(model)
+    if kind not in _CACHE_PARAM:
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_PARAM[kind] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_PARAM[kind]: cache}
+
+
 def build_cache(model: Any, kv: ContextKV) -> Any:
     """A transformers DynamicCache holding exactly the entries of `kv` (batch of one), in model dtype."""
     from transformers import DynamicCache
@@ -283,9 +300,10 @@ def prefill_observations(
     capture: int | None = None if Observe.ALL in kinds else n_window
     cache = DynamicCache(config=model.config)
     positions = torch.arange(length, device=device)
+    cache_kw = cache_arg(model, cache)
 
     def forward(ids: Tensor, pos: Tensor) -> None:  # extends `cache`; only the last logit is computed
-        model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos[None], logits_to_keep=1)
+        model(input_ids=ids, **cache_kw, use_cache=True, position_ids=pos[None], logits_to_keep=1)
 
     context_queries: list[Tensor | None] = []
     if kinds & {Observe.ALL, Observe.WINDOW}:

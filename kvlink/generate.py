@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvlink.cache import ContextKV, build_cache
+from kvlink.cache import ContextKV, build_cache, cache_arg
 
 
 @dataclass
@@ -119,7 +119,7 @@ def greedy_answer(
         mask = attention_mask(key_positions, query_positions, dtype, window)
         out = model(
             input_ids=ids,
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
             position_ids=query_positions[None],
             cache_position=query_positions,
@@ -164,7 +164,7 @@ def teacher_forced_logits(model: Any, kv: ContextKV, question_ids: Tensor, answe
     mask = attention_mask(key_positions, query_positions, dtype, _sliding_window(model.config))
     out = model(
         input_ids=seq[None],
-        past_key_values=cache,
+        **cache_arg(model, cache),
         use_cache=True,
         position_ids=query_positions[None],
         cache_position=query_positions,

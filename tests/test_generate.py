@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 import torch
 
 from conftest import random_ids
-from kvlink.cache import prefill
+from kvlink.cache import cache_arg, prefill
 from kvlink.generate import attention_mask, greedy_answer, teacher_forced_logits
 
 
@@ -86,3 +87,25 @@ def test_bad_arguments_raise(tiny: Any) -> None:
         greedy_answer(tiny.model, tiny.tokenizer, pre.kv, torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="context is empty"):
         prefill(tiny.model, torch.tensor([], dtype=torch.long))
+
+
+def test_cache_is_passed_under_the_name_forward_takes(tiny: Any) -> None:
+    """transformers 5.24 renamed past_key_values to cache: prefill, decoding and teacher forcing warn under none."""
+    ctx, q = random_ids(20, seed=8), random_ids(4, seed=9)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        pre = prefill(tiny.model, ctx, q)
+        answer = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=3, stop_at_eos=False)
+        teacher_forced_logits(tiny.model, pre.kv, q, answer.token_ids)
+    assert len(answer.token_ids) == 3
+
+
+def test_cache_arg_follows_the_forward_signature() -> None:
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids: Any, cache: Any = None) -> None: ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids: Any, past_key_values: Any = None) -> None: ...
+
+    assert cache_arg(Renamed(), "c") == {"cache": "c"}
+    assert cache_arg(Older(), "c") == {"past_key_values": "c"}

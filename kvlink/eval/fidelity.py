@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvlink.cache import ContextKV
+from kvlink.cache import ContextKV, cache_arg
 from kvlink.eval.squad import best_scores, exact_match, f1_score
 from kvlink.eval.tasks import needle_found
 from kvlink.generate import _eos_ids, _sliding_window
@@ -275,7 +275,7 @@ def batched_answers(
     ]
     out = model(
         input_ids=seq[None].expand(rows, -1),
-        past_key_values=cache,
+        **cache_arg(model, cache),
         use_cache=True,
         position_ids=pos[None].expand(rows, -1),
         cache_position=pos,
@@ -313,7 +313,7 @@ def batched_answers(
         step_out = model(
             logits_to_keep=1,
             input_ids=next_token[:, None],
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
             position_ids=query,
             cache_position=query[0],
