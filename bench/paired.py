@@ -1,0 +1,88 @@
+"""Paired comparison of two quality runs on the same questions (issue 7), not part of the package.
+
+usage: python bench/paired.py BASE_DIR [BASE_DIR ...] --against RUN_DIR --suffix -qround --out PAIRED.json
+
+For every config C of RUN_DIR that ends in SUFFIX and whose twin C-without-SUFFIX was measured in a
+BASE_DIR, the answer fidelity of the two is compared question by question: mean difference and a 95%
+bootstrap interval (2000 resamples of the questions, seed 0). Configs present in both (anchors) are
+(configs without SUFFIX) checked for identical answers, which says whether the two runs are comparable at all.
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def load(run_dir: Path) -> dict[str, dict[str, dict]]:
+    """config -> eid -> sample, from a `kvlink-bench quality` results.json."""
+    samples = json.loads((run_dir / "results.json").read_text())["samples"]
+    by_config: dict[str, dict[str, dict]] = {}
+    for s in samples:
+        by_config.setdefault(s["config"], {})[s["eid"]] = s
+    return by_config
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def bootstrap_ci(diffs: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    means = sorted(mean([diffs[rng.randrange(len(diffs))] for _ in diffs]) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", nargs="+", type=Path)
+    ap.add_argument("--against", type=Path, required=True)
+    ap.add_argument("--suffix", default="-qround")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    base: dict[str, dict[str, dict]] = {}
+    for d in args.base:
+        for config, samples in load(d).items():
+            base.setdefault(config, samples)
+    run = load(args.against)
+
+    lines, out = [], {"anchors": {}, "pairs": {}}
+    for config in sorted(c for c in set(run) & set(base) if not c.endswith(args.suffix)):
+        eids = sorted(set(run[config]) & set(base[config]))
+        same = sum(run[config][e]["answer"] == base[config][e]["answer"] for e in eids)
+        out["anchors"][config] = {"n": len(eids), "identical_answers": same}
+        lines.append(f"anchor {config}: {same}/{len(eids)} answers identical across the runs")
+    lines.append(f"{'config':<28} {'fid base':>8} {'fid run':>8} {'delta [95% CI]':>24} {'KL base':>8} {'KL run':>8} {'wire%':>6}")
+    for config in run:
+        twin = config.removesuffix(args.suffix)
+        if twin == config or twin not in base:
+            continue
+        eids = sorted(set(run[config]) & set(base[twin]))
+        a = [base[twin][e] for e in eids]
+        b = [run[config][e] for e in eids]
+        diffs = [y["fidelity"] - x["fidelity"] for x, y in zip(a, b)]
+        lo, hi = bootstrap_ci(diffs)
+        row = {
+            "n": len(eids),
+            "fid_base": mean([x["fidelity"] for x in a]),
+            "fid_run": mean([y["fidelity"] for y in b]),
+            "delta": mean(diffs),
+            "ci": [lo, hi],
+            "kl_base": mean([x["kl"] for x in a]),
+            "kl_run": mean([y["kl"] for y in b]),
+            "wire_pct": 100 * mean([y["wire_frac"] for y in b]),
+        }
+        out["pairs"][config] = row
+        lines.append(
+            f"{twin:<28} {row['fid_base']:8.3f} {row['fid_run']:8.3f} "
+            f"{row['delta']:+7.3f} [{lo:+.3f}, {hi:+.3f}] {row['kl_base']:8.4f} {row['kl_run']:8.4f} {row['wire_pct']:6.1f}"
+        )
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
