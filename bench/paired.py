@@ -4,14 +4,15 @@ usage: python bench/paired.py BASE_DIR [BASE_DIR ...] --against RUN_DIR --suffix
 
 For every config C of RUN_DIR that ends in SUFFIX and whose twin C-without-SUFFIX was measured in a
 BASE_DIR, the answer fidelity of the two is compared question by question: mean difference and a 95%
-bootstrap interval (2000 resamples of the questions, seed 0). Configs present in both (anchors) are
-(configs without SUFFIX) checked for identical answers, which says whether the two runs are comparable at all.
+bootstrap interval (kvlink.eval.report.bootstrap_ci: resamples of the questions, seed 0). Configs without
+SUFFIX present in both (anchors) are checked for identical answers, which says whether the runs are comparable.
 """
 
 import argparse
 import json
-import random
 from pathlib import Path
+
+from kvlink.eval.report import bootstrap_ci
 
 
 def load(run_dir: Path) -> dict[str, dict[str, dict]]:
@@ -25,12 +26,6 @@ def load(run_dir: Path) -> dict[str, dict[str, dict]]:
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
-
-
-def bootstrap_ci(diffs: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    means = sorted(mean([diffs[rng.randrange(len(diffs))] for _ in diffs]) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def main() -> int:
@@ -61,13 +56,12 @@ def main() -> int:
         eids = sorted(set(run[config]) & set(base[twin]))
         a = [base[twin][e] for e in eids]
         b = [run[config][e] for e in eids]
-        diffs = [y["fidelity"] - x["fidelity"] for x, y in zip(a, b)]
-        lo, hi = bootstrap_ci(diffs)
+        delta, lo, hi = bootstrap_ci(y["fidelity"] - x["fidelity"] for x, y in zip(a, b))
         row = {
             "n": len(eids),
             "fid_base": mean([x["fidelity"] for x in a]),
             "fid_run": mean([y["fidelity"] for y in b]),
-            "delta": mean(diffs),
+            "delta": delta,
             "ci": [lo, hi],
             "kl_base": mean([x["kl"] for x in a]),
             "kl_run": mean([y["kl"] for y in b]),

@@ -112,6 +112,7 @@ def greedy_answer(
     tokens: list[int] = []
     step_logits: list[Tensor] = []
     first_token_s = 0.0
+    cache_kw = cache_arg(model, cache)
     for step in range(max_new_tokens):
         n = ids.shape[1]
         query_positions = torch.arange(next_pos, next_pos + n, device=device)
@@ -119,7 +120,7 @@ def greedy_answer(
         mask = attention_mask(key_positions, query_positions, dtype, window)
         out = model(
             input_ids=ids,
-            **cache_arg(model, cache),
+            **cache_kw,
             use_cache=True,
             position_ids=query_positions[None],
             cache_position=query_positions,

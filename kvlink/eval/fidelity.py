@@ -273,9 +273,10 @@ def batched_answers(
     keep = [n_q - 1] + [
         i for cont, start in zip(continuations, starts) for i in range(start, start + len(cont) - 1)
     ]
+    cache_kw = cache_arg(model, cache)
     out = model(
         input_ids=seq[None].expand(rows, -1),
-        **cache_arg(model, cache),
+        **cache_kw,
         use_cache=True,
         position_ids=pos[None].expand(rows, -1),
         cache_position=pos,
@@ -313,7 +314,7 @@ def batched_answers(
         step_out = model(
             logits_to_keep=1,
             input_ids=next_token[:, None],
-            **cache_arg(model, cache),
+            **cache_kw,
             use_cache=True,
             position_ids=query,
             cache_position=query[0],
