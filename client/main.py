@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="round INT keys to their nearest level, or for the question's attention logits (same "
         "bytes; default: query where the measured quality table says it helps)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-layer-bits", dest="layer_bits", action="store_false",
+        help="one bit width per K/V for all layers (default: bits per layer from the model's sensitivity "
+        "profile where the measured quality table says they help)",
+    )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
     zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
@@ -151,7 +156,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
             rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
-            sink=args.sink, round_k=args.round_k,
+            sink=args.sink, round_k=args.round_k, layer_bits=args.layer_bits,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -395,7 +395,9 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
             code="UNKNOWN_CODEC", rpc="Hello",
         )  # fmt: skip
     rotations = tuple(r for r in c.rotations if r in codecs.rotations)
-    return replace(c, rotations=rotations, sinks=c.sinks and codecs.sink)
+    return replace(
+        c, rotations=rotations, sinks=c.sinks and codecs.sink, layer_bits=c.layer_bits and codecs.layer_bits
+    )
 
 
 async def send_context(

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +33,8 @@ from torch import Tensor
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
 from kvlink.codec import ROUNDINGS, Codec, CodecConfig, EncodedKV
-from kvlink.models import Geometry
+from kvlink.layerbits import Sensitivity
+from kvlink.models import Geometry, model_slug
 from kvlink.quant import format_from_bits
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, get_selector
@@ -71,6 +71,9 @@ no measurement of ranks just below the same config unrotated, so only a measured
 SINK_CHOICES: tuple[int, ...] = (0, 1)
 """fp16 sink entries the planner weighs for quantized configs (CodecConfig.sink); like a rotation,
 an unmeasured one ranks just below the same config without, so only a measured table picks one."""
+MIX_AVERAGES: tuple[float, ...] = (3.0, 3.5)
+"""Mean bits per entry of the per-layer allocations the planner weighs when the model has a
+sensitivity profile (kvlink.layerbits); only a measured table picks one (no prior guesses them)."""
 RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
 ZSTD_LEVEL = 3
 MAX_ENCODE_TRIES = 8
@@ -125,6 +128,7 @@ class Constraints:
     sink: int | None = None
     sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
     round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
+    layer_bits: bool = True  # bits per layer from the model's sensitivity profile, where measured better
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
@@ -222,8 +226,7 @@ SHIPPED_QUALITY_DIR = Path(__file__).parent / "data" / "quality"
 
 def shipped_quality_path(model_name: str) -> Path:
     """The shipped table of `model_name` (e.g. smollm2-135m-instruct): data/quality/<name>.json."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name.strip()).strip("-.") or "unnamed"
-    return SHIPPED_QUALITY_DIR / f"{slug}.json"
+    return SHIPPED_QUALITY_DIR / f"{model_slug(model_name)}.json"
 
 
 def default_quality_path(fingerprint: str) -> Path:
@@ -362,8 +365,14 @@ def _rank_options(head_dim: int, constraints: Constraints) -> list[int | None]:
     return [*sorted({max(1, int(head_dim * f)) for f in RANK_FRACTIONS}, reverse=True)]
 
 
-def candidate_configs(geometry: Geometry, constraints: Constraints | None = None) -> list[CodecConfig]:
-    """Every config of the search space allowed by `constraints` (deduplicated)."""
+def candidate_configs(
+    geometry: Geometry, constraints: Constraints | None = None, sensitivity: Sensitivity | None = None
+) -> list[CodecConfig]:
+    """Every config of the search space allowed by `constraints` (deduplicated).
+
+    With a `sensitivity` profile of the model, also the per-layer allocations at MIX_AVERAGES
+    mean bits (unrotated, no low rank), unless bits are pinned or `constraints.layer_bits` is off.
+    """
     c = constraints or Constraints()
     method = c.method or "q2c"
     retentions = [c.retention] if c.retention is not None else list(RETENTIONS)
@@ -400,13 +409,54 @@ def candidate_configs(geometry: Geometry, constraints: Constraints | None = None
         if config not in seen:
             seen.add(config)
             out.append(config)
+    mixes = _mixes(geometry, c, sensitivity)
+    for (k_mix, v_mix), r, g, sink, scope in itertools.product(mixes, retentions, groups, sinks, scopes):
+        selected = r < 1.0 and method != "none"
+        config = CodecConfig(
+            selector=method if selected else "none", retention=r if selected else 1.0,
+            scope=scope if selected else "global", group_size=g, sink=sink,
+            k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
+        )  # fmt: skip
+        if config not in seen:
+            seen.add(config)
+            out.append(config)
     return out
+
+
+def _mixes(
+    geometry: Geometry, c: Constraints, sensitivity: Sensitivity | None
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The per-layer allocations the planner weighs: none without a matching profile or when ruled out."""
+    if sensitivity is None or not c.layer_bits or sensitivity.num_layers != geometry.num_layers:
+        return []
+    if c.k_bits is not None or c.v_bits is not None or c.lowrank == "svd" or c.rotate not in (None, "none"):
+        return []
+    return [sensitivity.allocate(average) for average in MIX_AVERAGES]
+
+
+def _mix_quality(
+    quality: QualityTable, config: CodecConfig, free_rounding: bool
+) -> tuple[CodecConfig, float] | None:
+    """A per-layer allocation's measured quality, with its query-rounded twin where that measured
+    better and rounding is free; None when the table measured neither."""
+    key = quality_key(config)
+    best = (config, quality.entries[key]) if key in quality.entries else None
+    rounded = quality.entries.get(key + "+round-query")
+    if (
+        rounded is not None
+        and free_rounding
+        and config.round_k == "nearest"
+        and (best is None or rounded > best[1])
+    ):
+        best = (config.with_(round_k="query"), rounded)
+    return best
 
 
 def _size_key(c: CodecConfig) -> tuple[Any, ...]:
     """The fields that decide a config's predicted size (a rotation, the seed or the window do not)."""
     return (c.selector != "none", c.retention, c.scope, c.k_bits, c.v_bits, c.group_size, c.k_axis, c.v_axis,
-            c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.zstd_level)  # fmt: skip
+            c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.k_layer_bits, c.v_layer_bits,
+            c.zstd_level)  # fmt: skip
 
 
 def _rank(c: Candidate) -> tuple[bool, float, int]:
@@ -442,6 +492,7 @@ def plan(
     *,
     constraints: Constraints | None = None,
     quality: QualityTable | None = None,
+    sensitivity: Sensitivity | None = None,
     model_name: str = "",
     session_id: str = "",
     message_id: str = "",
@@ -450,7 +501,9 @@ def plan(
     """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
 
     quality: expected quality per config (default: QualityTable.for_model(fingerprint,
-    model_name)). The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
+    model_name)). sensitivity: the profile per-layer bits are allocated from (default:
+    Sensitivity.for_model(fingerprint, model_name)); those configs are weighed only where `quality`
+    measured them. The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
     (read them back from `Plan.session_id` / `Plan.message_id` and send with those).
     """
     budget = parse_budget(budget)
@@ -459,6 +512,8 @@ def plan(
     started = time.perf_counter()
     constraints = constraints or Constraints()
     quality = quality or QualityTable.for_model(fingerprint, model_name)
+    if sensitivity is None and constraints.layer_bits:
+        sensitivity = Sensitivity.for_model(fingerprint, model_name)
     length = prefill.kv.length
     fp16 = geometry.fp16_bytes(length)
     budget_bytes = math.floor(budget * fp16)
@@ -466,14 +521,24 @@ def plan(
     candidates: list[Candidate] = []
     estimates: dict[tuple[Any, ...], int] = {}
     free_rounding = constraints.round_k is None and len(prefill.observation.layers) == geometry.num_layers
-    for config in candidate_configs(geometry, constraints):
+    for config in candidate_configs(geometry, constraints, sensitivity):
+        mixed = bool(config.k_layer_bits or config.v_layer_bits)
+        mix_quality = math.nan
+        if mixed:
+            measured_mix = _mix_quality(quality, config, free_rounding)
+            if measured_mix is None:
+                continue  # no prior for an allocation: only a measurement weighs it
+            config, mix_quality = measured_mix
         size_key = _size_key(config)
         est = estimates.get(size_key)
         if est is None:
             est = estimates[size_key] = _estimate(Codec(config, geometry), length)
         reachable = est <= budget_bytes * ZSTD_REACH
-        expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
-        if reachable and free_rounding and config.k_format.startswith("int"):
+        if mixed:
+            expected = mix_quality if reachable else math.nan
+        else:
+            expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
+        if reachable and not mixed and free_rounding and config.k_format.startswith("int"):
             # Same bytes; taken only where the table measured it better (never from a prior). The
             # twin's key is this one's plus its last label part (quality keys carry no zstd part).
             measured = quality.entries.get(quality_key(config) + "+round-query")

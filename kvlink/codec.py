@@ -15,6 +15,7 @@ depends on the data, is the only stage whose size is measured.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -42,7 +43,18 @@ KINDS: tuple[str, ...] = ("k", "v")
 PAYLOAD_PARTS = frozenset({"codes", "sink"})
 METADATA_PARTS = frozenset({"scale", "zero", "basis"})
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
+LAYER_BITS: tuple[int, ...] = (8, 4, 3, 2)  # the INT widths a per-layer allocation may give a tensor
 ROUND_BATCH_ELEMENTS = 1 << 25  # key entries rounded in one batched call (~256 MiB of float64 work)
+
+
+def _mean(values: tuple[int, ...]) -> float:
+    return sum(values) / len(values)
+
+
+def layer_bits_id(k_bits: tuple[int, ...], v_bits: tuple[int, ...]) -> str:
+    """A short stable id of a per-layer allocation (8 hex digits), for labels and quality-table keys."""
+    text = ",".join(map(str, k_bits)) + ";" + ",".join(map(str, v_bits))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,9 @@ class CodecConfig:
     round_k: "nearest" or "query": INT keys rounded for the question's attention logits instead of
     to their nearest level (kvlink.quant.aware; the sender needs the prefill's observed queries;
     same layout and bytes, nothing for the receiver to support).
+    k_layer_bits/v_layer_bits: INT bits (8, 4, 3 or 2) of each layer's K (V) tensor, one per layer,
+    e.g. allocated from a measured sensitivity profile (kvlink.layerbits); empty = k_bits (v_bits)
+    in every layer. When given, k_bits (v_bits) is set to their largest entry (one canonical form).
     """
 
     selector: str = "none"
@@ -85,8 +100,12 @@ class CodecConfig:
     hi_bits: int | str = 8
     sink: int = 0
     round_k: str = "nearest"
+    k_layer_bits: tuple[int, ...] = ()
+    v_layer_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for kind in KINDS:
+            self._check_layer_bits(kind)
         if self.selector != "none" and self.selector not in registered_selectors():
             raise ValueError(
                 f"unknown selection method {self.selector!r}; registered: {['none', *registered_selectors()]}"
@@ -140,6 +159,28 @@ class CodecConfig:
                     f"rotate {self.rotate!r} with lowrank {self.lowrank!r} on {kind}: choose one"
                 )
 
+    def _check_layer_bits(self, kind: str) -> None:
+        """Validate and canonicalize `{kind}_layer_bits` (a tuple; `{kind}_bits` becomes its largest entry)."""
+        name = f"{kind}_layer_bits"
+        bits = getattr(self, name)
+        if isinstance(bits, (str, bytes)) or not hasattr(bits, "__iter__"):
+            raise ValueError(f"{name} must be a sequence of bit widths, got {bits!r}")
+        bits = tuple(bits)
+        for b in bits:
+            if isinstance(b, bool) or b not in LAYER_BITS:
+                raise ValueError(f"{name} entries must be one of {LAYER_BITS}, got {b!r}")
+        object.__setattr__(self, name, bits)
+        if not bits:
+            return
+        if self.hi_layers:
+            raise ValueError(f"{name} and hi_layers both set the bits of layers: choose one")
+        if self.lowrank != "none":
+            raise ValueError(f"{name} with lowrank {self.lowrank!r}: choose one")
+        object.__setattr__(self, f"{kind}_bits", max(bits))
+
+    def layer_bits(self, kind: str) -> tuple[int, ...]:
+        return self.k_layer_bits if kind == "k" else self.v_layer_bits
+
     @cached_property
     def k_format(self) -> str:
         return format_from_bits(self.k_bits)
@@ -153,6 +194,9 @@ class CodecConfig:
         fmt, axis = (self.k_format, self.k_axis) if kind == "k" else (self.v_format, self.v_axis)
         if layer is not None and layer < self.hi_layers and fmt != "fp16":
             fmt = format_from_bits(self.hi_bits)
+        per_layer = self.layer_bits(kind)
+        if layer is not None and per_layer:
+            fmt = format_from_bits(per_layer[layer])
         return QuantSpec(fmt, self.group_size, axis)
 
     def rank(self, kind: str) -> int | None:
@@ -174,6 +218,12 @@ class CodecConfig:
             check_dim(geometry.head_dim)
         if self.hi_layers > geometry.num_layers:
             raise ValueError(f"hi_layers {self.hi_layers} exceeds the model's {geometry.num_layers} layers")
+        for kind in KINDS:
+            per_layer = self.layer_bits(kind)
+            if per_layer and len(per_layer) != geometry.num_layers:
+                raise ValueError(
+                    f"{kind}_layer_bits has {len(per_layer)} entries, the model has {geometry.num_layers} layers"
+                )
 
     @property
     def label(self) -> str:
@@ -186,10 +236,16 @@ class CodecConfig:
         if self.lowrank != "none":
             parts.append(f"{self.lowrank}-r{self.k_rank or 'full'}/{self.v_rank or 'full'}")
         kf, vf = self.k_format, self.v_format
+        if self.k_layer_bits:
+            kf = f"mix{_mean(self.k_layer_bits):.3g}"
+        if self.v_layer_bits:
+            vf = f"mix{_mean(self.v_layer_bits):.3g}"
         if kf == vf == "fp16":
             parts.append("fp16")
         else:
             parts.append(f"k{kf}{self.k_axis[0]}/v{vf}{self.v_axis[0]}-g{self.group_size}")
+        if self.k_layer_bits or self.v_layer_bits:
+            parts.append(f"bits-{layer_bits_id(self.k_layer_bits, self.v_layer_bits)}")
         if self.hi_layers:
             parts.append(f"hi{self.hi_layers}@{format_from_bits(self.hi_bits)}")
         if self.sink:
@@ -203,7 +259,10 @@ class CodecConfig:
         return "+".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for kind in KINDS:  # JSON-friendly; from_dict turns them back into tuples
+            out[f"{kind}_layer_bits"] = list(out[f"{kind}_layer_bits"])
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CodecConfig:
@@ -394,11 +453,11 @@ class Codec:
         for kind in KINDS:
             stored = self.stored_shape(kind, n_kept)
             sizes.payload += g.num_layers * g.kv_heads * (n_kept - stored[1]) * g.head_dim * 2
-            hi = min(cfg.hi_layers, g.num_layers)
-            for layers, first in ((hi, 0), (g.num_layers - hi, hi)):
-                if not layers:
-                    continue
-                spec = cfg.spec(kind, first)
+            specs: dict[QuantSpec, int] = {}  # spec -> how many layers use it
+            for layer in range(g.num_layers):
+                spec = cfg.spec(kind, layer)
+                specs[spec] = specs.get(spec, 0) + 1
+            for spec, layers in specs.items():
                 for name, n in part_sizes(stored, spec).items():
                     if name == "codes":
                         sizes.payload += n * layers

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -94,6 +95,11 @@ def geometry_of(config: Any) -> Geometry:
     kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // q_heads
     return Geometry(int(config.num_hidden_layers), kv_heads, int(head_dim), q_heads)
+
+
+def model_slug(model_name: str) -> str:
+    """A file-name-safe form of a model name, for the per-model files shipped in kvlink/data/."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model_name.strip()).strip("-.") or "unnamed"
 
 
 def cache_dir() -> Path:

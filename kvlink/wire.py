@@ -52,7 +52,16 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvlink import positions as pos_codec
-from kvlink.codec import KINDS, LOWRANK_MODES, CodecConfig, EncodedKV, EncodedTensor, Part
+from kvlink.codec import (
+    KINDS,
+    LAYER_BITS,
+    LOWRANK_MODES,
+    PAYLOAD_PARTS,
+    CodecConfig,
+    EncodedKV,
+    EncodedTensor,
+    Part,
+)
 from kvlink.models import Geometry
 from kvlink.quant import AXES, BITS, QuantSpec, format_from_bits, registered_formats
 from kvlink.rotation import ROTATIONS
@@ -287,6 +296,7 @@ class Codecs:
     zstd: bool = True
     rotations: tuple[str, ...] = ("none",)
     sink: bool = False
+    layer_bits: bool = False
 
 
 def local_codecs() -> Codecs:
@@ -298,6 +308,7 @@ def local_codecs() -> Codecs:
         zstd=True,
         rotations=ROTATIONS,
         sink=True,
+        layer_bits=True,
     )
 
 
@@ -499,7 +510,7 @@ class _Tally:
 
     def chunk(self, frame: pb.TransferFrame, part: str | None) -> None:
         n = len(frame.chunk.data) if part is not None else 0
-        if part == "codes":
+        if part in PAYLOAD_PARTS:  # codes and fp16 sink entries: the data itself, as Codec sizes count it
             self.payload += n
         elif part == "basis":
             self.factors += n
@@ -567,6 +578,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.sink = config.sink
     if config.round_k != "nearest":  # informational: the receiver decodes the same layout either way
         msg.round_k = config.round_k
+    msg.k_layer_bits.extend(config.k_layer_bits)  # empty unless bits vary by layer
+    msg.v_layer_bits.extend(config.v_layer_bits)
     if config.k_rank is not None:
         msg.k_rank = config.k_rank
     if config.v_rank is not None:
@@ -776,13 +789,20 @@ def _codecs_to_pb(c: Codecs) -> pb.Codecs:
         zstd=c.zstd,
         rotations=c.rotations,
         sink=c.sink,
+        layer_bits=c.layer_bits,
     )
 
 
 def _codecs_from_pb(msg: pb.Codecs) -> Codecs:
     rotations = tuple(msg.rotations) or ("none",)
     return Codecs(
-        tuple(msg.formats), tuple(msg.selectors), tuple(msg.lowrank_modes), msg.zstd, rotations, msg.sink
+        tuple(msg.formats),
+        tuple(msg.selectors),
+        tuple(msg.lowrank_modes),
+        msg.zstd,
+        rotations,
+        msg.sink,
+        msg.layer_bits,
     )
 
 
@@ -1029,6 +1049,18 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
         raise WireError(
             "UNKNOWN_CODEC", f"codec config sink {msg.sink}: this receiver reads no fp16 sink entries"
         )
+    if (msg.k_layer_bits or msg.v_layer_bits) and not codecs.layer_bits:
+        raise WireError(
+            "UNKNOWN_CODEC", "codec config has bits per layer; this receiver reads one width per K/V"
+        )
+    for name in ("k_layer_bits", "v_layer_bits"):
+        for bits in getattr(msg, name):
+            if bits not in LAYER_BITS or f"int{bits}" not in codecs.formats:
+                widths = [b for b in LAYER_BITS if f"int{b}" in codecs.formats]
+                raise WireError(
+                    "UNKNOWN_CODEC",
+                    f"codec config {name} has a {bits}-bit layer; supported widths: {widths}",
+                )
     if msg.k_format not in BITS or msg.v_format not in BITS:
         raise WireError(
             "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"
@@ -1043,6 +1075,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
             hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
             sink=msg.sink, round_k=msg.round_k or "nearest",
+            k_layer_bits=tuple(msg.k_layer_bits), v_layer_bits=tuple(msg.v_layer_bits),
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None
@@ -1211,6 +1244,11 @@ def _validate_header(
                 "SHAPE", f"{want}: group_size {spec_msg.group_size} outside [1, {limits.max_group_size}]"
             )
         spec = QuantSpec(spec_msg.format, spec_msg.group_size, spec_msg.axis)
+        if spec != config.spec(KINDS[kind], layer):
+            raise WireError(
+                "MALFORMED",
+                f"{want}: spec {spec} does not match the codec config's {config.spec(KINDS[kind], layer)}",
+            )
         mode = entry.lowrank
         if mode not in codecs.lowrank_modes:
             raise WireError(

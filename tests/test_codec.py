@@ -89,6 +89,10 @@ SIZE_CONFIGS = [
     CodecConfig(selector="random", retention=0.5, lowrank="svd", k_rank=4, v_rank=None, v_bits=3),
     CodecConfig(k_bits=2, v_bits=3, hi_layers=2, hi_bits=8),
     CodecConfig(k_bits=16, v_bits=2, hi_layers=1, hi_bits="nf4", rotate="v"),
+    CodecConfig(group_size=16, sink=1, k_layer_bits=(8, 2, 4), v_layer_bits=(3, 3, 2)),
+    CodecConfig(
+        selector="random", retention=0.5, scope="layer", k_layer_bits=(2, 3, 8), v_bits=4, rotate="kv"
+    ),
 ]
 
 

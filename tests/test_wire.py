@@ -119,6 +119,8 @@ CONFIGS = {
     "int8-zstd": CodecConfig(k_bits=8, v_bits=8, zstd_level=3),
     "fp16/int2-zstd": CodecConfig(selector="random", retention=0.5, k_bits=16, v_bits=2, zstd_level=19),
     "svd-k8-int4": CodecConfig(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=8),
+    "layer-bits-sink": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+                                   k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2)),
 }  # fmt: skip
 
 
@@ -498,7 +500,6 @@ def _bump_raw(h: Any) -> None:
         (lambda h: h.tensors[3].stored_shape.__setitem__(2, 8), "stored shape"),
         (_bump_size, "chunks hold"),
         (_bump_raw, "raw size"),
-        (lambda h: setattr(h.tensors[0].spec, "group_size", 16), "part"),
         (lambda h: h.positions[0].__setattr__("count", 3), "declares 3 positions"),
         (lambda h: h.positions[0].__setattr__("data", h.positions[0].data[:-1]), "position set 0"),
         (lambda h: setattr(h, "length", T + 8), "position set 0"),
@@ -506,12 +507,25 @@ def _bump_raw(h: Any) -> None:
         (lambda h: setattr(h.geometry, "kv_heads", 4), "does not match the receiver's model"),
         (lambda h: h.payload.pop(), "missing from the payload table"),
     ],
-    ids=["shape", "stored-shape", "table-size", "raw-size", "group-size", "position-count",
+    ids=["shape", "stored-shape", "table-size", "raw-size", "position-count",
          "position-bytes", "length", "tensor-count", "geometry", "table-row-missing"],
 )  # fmt: skip
 def test_shape_and_size_mismatch_with_header(edit: Callable[[Any], None], needle: str) -> None:
     frames = _tampered(CONFIGS["int4/int2-random-global"], edit)
     err = _raises("SHAPE", lambda: _asm().feed(frames[0]), needle)
+    assert err.status_code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("group_size", 16), ("format", "int8"), ("axis", "token")],
+    ids=["group", "format", "axis"],
+)
+def test_tensor_spec_must_follow_the_codec_config(field: str, value: Any) -> None:
+    frames = _tampered(CONFIGS["int4/int2-random-global"], lambda h: setattr(h.tensors[0].spec, field, value))
+    err = _raises(
+        "MALFORMED", lambda: _asm().feed(frames[0]), "layer 0 k: spec", "does not match the codec config"
+    )
     assert err.status_code == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -3,6 +3,7 @@
     kvlink-bench quality --task squad --task long:100 --task needle:100 --limit 300 --grid default \\
         --device cuda --out bench/results/quality
     kvlink-bench calibrate bench/results/quality [more runs]   # quality table + planner-on-frontier check
+    kvlink-bench sensitivity --limit 16                   # KL per layer and K/V at INT2: bits per layer (mix3.5)
     kvlink-bench e2e --task long --limit 3 --configs q2c50-int4,int4 --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
@@ -27,6 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from kvlink.layerbits import Sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +148,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     lm = _load(args.model, device, args.dtype)
     # No --grid and no --configs: the default grid. --configs alone: only those (and the full KV).
     chosen_grid = args.grid or (None if args.configs else "default")
-    configs = grid.select_configs(chosen_grid, args.configs or (), lm.geometry)
+    sensitivity = Sensitivity.for_model(lm.fingerprint, lm.name)
+    configs = grid.select_configs(chosen_grid, args.configs or (), lm.geometry, sensitivity)
     if args.list_configs:
         for c in configs:
             alias = f" (= {', '.join(c.aliases)})" if c.aliases else ""
@@ -169,14 +173,21 @@ def cmd_quality(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or n) // n))
     meta = _run_meta(args, lm, settings)
     run_file = out / "run.json"
+    # Every config measured into this directory, with its codec (a mix<bits> name alone does not
+    # say which bits: the report and calibrate read them from here).
+    by_name = {}
     if args.resume and run_file.is_file():
         old = json.loads(run_file.read_text())
+        by_name = {c["name"]: c for c in old.get("configs", [])}
         changed = [k for k in _RESUME_KEYS if old.get(k) != meta.get(k)]
         if changed:
             raise SystemExit(
                 f"--resume: {run_file} was written with other settings ({', '.join(changed)}: "
                 f"{[old.get(k) for k in changed]} vs {[meta.get(k) for k in changed]}); use another --out"
             )
+    for c in configs:
+        by_name[c.name] = {"name": c.name, "aliases": list(c.aliases), **c.config.to_dict()}
+    meta["configs"] = list(by_name.values())
     run_file.write_text(json.dumps(meta, indent=1))
 
     specs = [
@@ -221,7 +232,6 @@ def cmd_quality(args: argparse.Namespace) -> int:
         )
         return 0
     meta["stats"] = stats
-    meta["configs"] = [{"name": c.name, "aliases": list(c.aliases), **c.config.to_dict()} for c in configs]
     run_file.write_text(json.dumps(meta, indent=1))
     result = report.write_report(records, out, meta, aliases)
     print(report.markdown(result["summary"], aliases))
@@ -260,7 +270,8 @@ def cmd_entropy(args: argparse.Namespace) -> int:
 
     lm = _load(args.model, _device(args.device), args.dtype)
     examples = build_tasks(lm.tokenizer, args.task or [("squad", 20)], args.data)
-    configs = grid.resolve(grid.expand_names(args.configs.split(",")), lm.geometry)
+    sensitivity = Sensitivity.for_model(lm.fingerprint, lm.name)
+    configs = grid.resolve(grid.expand_names(args.configs.split(",")), lm.geometry, sensitivity)
     seen: set[str] = set()
     rows: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
     for example in examples:
@@ -294,6 +305,40 @@ def cmd_entropy(args: argparse.Namespace) -> int:
         meta = {"model": lm.name, "fingerprint": lm.fingerprint, "contexts": len(seen), "zstd_level": args.level,
                 "command": "kvlink-bench " + " ".join(sys.argv[1:])}  # fmt: skip
         Path(args.out).write_text(json.dumps({"meta": meta, "summary": summary, "messages": rows}, indent=1))
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """KL per layer and K/V at low bits on held-out questions: the profile `mix<bits>` configs allocate from."""
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from kvlink.eval import sensitivity
+    from kvlink.layerbits import default_path
+
+    lm = _load(args.model, _device(args.device), args.dtype)
+    examples = sensitivity.held_out_examples(args.limit, args.data)
+    bar = tqdm(total=len(examples), desc="sensitivity", unit="ex", disable=args.no_progress)
+
+    def advance(_: int) -> None:
+        bar.update()
+
+    profile = sensitivity.measure(
+        lm, examples, args.bits, args.group_size, args.sink, batch=args.batch, on_example=advance
+    )
+    bar.close()
+    out = Path(args.out) if args.out else default_path(lm.fingerprint)
+    profile.save(out)
+    view = Table(title=f"KL of each tensor alone at INT{args.bits} (rest INT8), {profile.examples} questions")
+    for col in ("layer", "K", "V"):
+        view.add_column(col, justify="right")
+    for layer, (k, v) in enumerate(zip(profile.k, profile.v, strict=True)):
+        view.add_row(str(layer), f"{k:.4f}", f"{v:.4f}")
+    _console().print(view)
+    for average in (3.0, 3.5):
+        kb, vb = profile.allocate(average)
+        print(f"mix{average:g}: K {list(kb)}  V {list(vb)}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -812,6 +857,24 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--data", default=None, help="SQuAD-format JSON (default: the packaged dev set)")
     n.add_argument("--out", default=None, help="write the per-message rows and the summary as JSON")
     n.set_defaults(func=cmd_entropy)
+
+    s = sub.add_parser(
+        "sensitivity", help="KL per layer and K/V at low bits on held-out questions (for mix<bits> configs)"
+    )
+    s.add_argument("--model", default=None, help="model alias, HF id or local path (default: embedded)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    s.add_argument("--data", default=None, help="SQuAD-format JSON (default: the packaged dev set)")
+    s.add_argument("--limit", type=int, default=16, help="held-out questions (default 16)")
+    s.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="width of the tensor under test")
+    s.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    s.add_argument("--sink", type=int, default=1, help="fp16 sink entries per tensor (default 1)")
+    s.add_argument("--batch", type=int, default=16, help="variant caches per forward (default 16)")
+    s.add_argument(
+        "--out", default=None, help="profile path (default <cache_dir>/sensitivity/<fingerprint>.json)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sensitivity)
 
     r = sub.add_parser("report", help="rebuild results.json, results.md and plots from a run's samples.jsonl")
     r.add_argument("out", help="the quality run's output directory")

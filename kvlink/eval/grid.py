@@ -14,6 +14,8 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
     sink1 | sink4                                       first 1 / 4 kept entries at fp16, outside the groups
     qround                                              INT keys rounded for the question's logits
+    mix3.5                                              INT bits per layer and K/V, 3.5 on average, allocated
+                                                        from the model's sensitivity profile (kvlink.layerbits)
 
 e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
 
@@ -24,7 +26,7 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
     streamingllm50/25 sinks + recent window at 50% / 25%
 
 Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
-`hi-layers`, `sink`, `layer-scope`, `beyond` and `query-round` (issue 7's techniques), `seeds`, `kivi2`,
+`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round` and `layer-bits` (issue 7's techniques), `seeds`, `kivi2`,
 `streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
 seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
 combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
@@ -60,6 +62,7 @@ from kvlink.cache import ContextKV, Observation, Observe, Prefill, prefill_obser
 from kvlink.codec import Codec, CodecConfig, EncodedKV
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import Example
+from kvlink.layerbits import Sensitivity
 from kvlink.lowrank import ModelProfile, calibrate_profile
 from kvlink.models import Geometry, LoadedModel, cache_dir
 from kvlink.prompt import encode_text, question_rows
@@ -103,6 +106,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "k4v3-sink1-qround", "int3-rot-sink1-qround", "int2-rot-sink1-qround",
         "q2c75-layer-k4v3-sink1-qround", "q2c75-layer-int3-sink1", "q2c75-layer-int3-sink1-qround",
         "q2c50-layer-int4-sink1-qround", "q2c25-layer-int4-sink1-qround",
+    ),
+    # Bits per layer and K/V from the model's sensitivity profile, next to their uniform twins of the same mean.
+    "layer-bits": (
+        "k4v3-g64-sink1", "mix3.5-g64-sink1", "int3-g64-sink1", "mix3-g64-sink1",
+        "q2c90-layer-mix3.5-g64-sink1-qround", "q2c60-layer-mix3.5-g64-sink1-qround",
+        "q2c40-layer-mix3.5-g64-sink1-qround",
     ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
@@ -169,6 +178,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
     (re.compile(r"sink(\d+)"), "sink"),
     (re.compile(r"qround"), "round"),
+    (re.compile(r"mix(\d+(?:\.\d+)?)"), "mix"),
 )
 
 
@@ -176,8 +186,11 @@ def _bits(token: str) -> int | str:
     return token if token == "nf4" else int(token)
 
 
-def parse_name(name: str) -> CodecConfig:
-    """The CodecConfig a config name describes (see the module docstring); aliases are resolved."""
+def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig:
+    """The CodecConfig a config name describes (see the module docstring); aliases are resolved.
+
+    A `mix` token needs the model's `sensitivity` profile (`kvlink-bench sensitivity` measures one).
+    """
     name = ALIASES.get(name, name)
     fields: dict[str, object] = {}
     for token in name.split("-"):
@@ -214,11 +227,18 @@ def parse_name(name: str) -> CodecConfig:
                 fields["sink"] = int(m.group(1))
             elif kind == "round":
                 fields["round_k"] = "query"
+            elif kind == "mix":
+                if sensitivity is None:
+                    raise ValueError(
+                        f"config {name!r}: {token!r} allocates bits per layer from the model's sensitivity "
+                        "profile, and there is none for this model; measure one with kvlink-bench sensitivity"
+                    )
+                fields["k_layer_bits"], fields["v_layer_bits"] = sensitivity.allocate(float(m.group(1)))
             break
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, mix3.5"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
@@ -257,7 +277,9 @@ def grid_names(grid: str, head_dim: int = 64) -> list[str]:
     raise ValueError(f"unknown grid {grid!r}; known: {GRIDS}")
 
 
-def resolve(names: Sequence[str], geometry: Geometry | None = None) -> list[GridConfig]:
+def resolve(
+    names: Sequence[str], geometry: Geometry | None = None, sensitivity: Sensitivity | None = None
+) -> list[GridConfig]:
     """Distinct configs for `names` (aliases and presets resolved; duplicates merged, first name wins).
 
     Configs that do not fit the model (a rank above head_dim) are dropped with a warning.
@@ -265,7 +287,7 @@ def resolve(names: Sequence[str], geometry: Geometry | None = None) -> list[Grid
     by_config: dict[CodecConfig, GridConfig] = {}
     for name in expand_names(names):
         canonical = ALIASES.get(name, name)
-        config = parse_name(canonical)
+        config = parse_name(canonical, sensitivity)
         if geometry is not None:
             try:
                 config.validate_for(geometry)
@@ -281,7 +303,10 @@ def resolve(names: Sequence[str], geometry: Geometry | None = None) -> list[Grid
 
 
 def select_configs(
-    grid: str | None, configs: Sequence[str] = (), geometry: Geometry | None = None
+    grid: str | None,
+    configs: Sequence[str] = (),
+    geometry: Geometry | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> list[GridConfig]:
     """The configs of a run: the grid's (when given) and the named ones, with the full KV always first."""
     head_dim = geometry.head_dim if geometry is not None else 64
@@ -289,7 +314,7 @@ def select_configs(
     if grid is not None:
         names += grid_names(grid, head_dim)
     names += list(configs)
-    return resolve(names, geometry)
+    return resolve(names, geometry, sensitivity)
 
 
 def needs_profile(configs: Iterable[GridConfig]) -> int:

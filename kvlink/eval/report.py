@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from kvlink.codec import CodecConfig
 from kvlink.eval.grid import family, parse_name
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,12 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 # --- summaries ---------------------------------------------------------------------------
-def _config_facts(name: str) -> dict[str, Any]:
+def _config_facts(name: str, codec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Family, label and quality-table key of config `name`: from the run's codec dict when known
+    (a `mix` name needs the profile its bits were allocated from), else parsed from the name."""
     try:
-        config = parse_name(name)
-    except ValueError:
+        config = CodecConfig.from_dict(codec) if codec is not None else parse_name(name)
+    except (TypeError, ValueError):
         return {"family": "other", "label": name, "key": name}
     from kvlink.budget import quality_key
 
@@ -132,8 +135,15 @@ def _config_facts(name: str) -> dict[str, Any]:
     }
 
 
-def summarize(records: Sequence[dict[str, Any]], seed: int = 0, n_boot: int = N_BOOT) -> list[dict[str, Any]]:
+def summarize(
+    records: Sequence[dict[str, Any]],
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+    codecs: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (task, config), plus task "all" when the records hold several tasks.
+
+    `codecs`: config name -> CodecConfig.to_dict() as the run used it (run.json's "configs").
 
     Each row: task, config, family, label, key, n (examples), for every CI metric
     {"mean", "lo", "hi"}, f1_pct_full / em_pct_full (ratio of means vs the full KV, with CI),
@@ -158,7 +168,8 @@ def summarize(records: Sequence[dict[str, Any]], seed: int = 0, n_boot: int = N_
             recs = groups.get((task, name))
             if not recs:
                 continue
-            row: dict[str, Any] = {"task": task, "config": name, "n": len(recs), **_config_facts(name)}
+            facts = _config_facts(name, (codecs or {}).get(name))
+            row: dict[str, Any] = {"task": task, "config": name, "n": len(recs), **facts}
             for metric in CI_METRICS:
                 mean, lo, hi = bootstrap_ci((r.get(metric) for r in recs), n_boot, seed)
                 row[metric] = {"mean": mean, "lo": lo, "hi": hi}
@@ -188,6 +199,11 @@ def frontier_names(summary: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 # --- planner check ---------------------------------------------------------------------------
+def _row_config(row: dict[str, Any]) -> CodecConfig:
+    """A summary row's codec: as the run used it when recorded, else parsed from its name."""
+    return CodecConfig.from_dict(row["codec"]) if "codec" in row else parse_name(row["config"])
+
+
 def planner_check(
     summary: Sequence[dict[str, Any]],
     table: Any,
@@ -216,13 +232,13 @@ def planner_check(
             result.update(pick=None, on_frontier=False, note="no measured config fits this budget")
             out.append(result)
             continue
-        pick = max(fits, key=lambda r: (table.expected(parse_name(r["config"])), -r["wire_frac"]["mean"]))
+        pick = max(fits, key=lambda r: (table.expected(_row_config(r)), -r["wire_frac"]["mean"]))
         best = max(fits, key=lambda r: (r[quality]["mean"], -r["wire_frac"]["mean"]))
         result.update(
             pick=pick["config"],
             pick_fraction=pick["wire_frac"]["mean"],
             pick_quality=pick[quality]["mean"],
-            expected_quality=table.expected(parse_name(pick["config"])),
+            expected_quality=table.expected(_row_config(pick)),
             on_frontier=pick["config"] in on,
             best=best["config"],
             best_quality=best[quality]["mean"],
@@ -351,7 +367,7 @@ def write_report(
     """Write results.json, results.md and pareto-<task>.png into `out_dir`; returns the JSON object."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(records, seed=seed)
+    summary = summarize(records, seed=seed, codecs=run_codecs(meta or {}))
     result = {
         "meta": meta or {},
         "aliases": aliases or {},
@@ -367,6 +383,14 @@ def write_report(
     result["plots"] = plots
     logger.info("wrote %s, %s and %d plots", out / "results.json", out / "results.md", len(plots))
     return result
+
+
+def run_codecs(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Config name -> codec dict from a run's meta ("configs", as kvlink-bench quality writes it)."""
+    out = {}
+    for entry in meta.get("configs", []):
+        out[entry["name"]] = {k: v for k, v in entry.items() if k not in ("name", "aliases")}
+    return out
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
