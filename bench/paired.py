@@ -1,11 +1,13 @@
 """Paired comparison of two quality runs on the same questions (issue 7), not part of the package.
 
 usage: python bench/paired.py BASE_DIR [BASE_DIR ...] --against RUN_DIR --suffix -qround --out PAIRED.json
+       python bench/paired.py BASE_DIR ... --against RUN_DIR --suffix "" --replace mix3.5=k4v3 --out PAIRED.json
 
 For every config C of RUN_DIR that ends in SUFFIX and whose twin C-without-SUFFIX was measured in a
 BASE_DIR, the answer fidelity of the two is compared question by question: mean difference and a 95%
 bootstrap interval (kvlink.eval.report.bootstrap_ci: resamples of the questions, seed 0). Configs without
 SUFFIX present in both (anchors) are checked for identical answers, which says whether the runs are comparable.
+With --replace OLD=NEW (repeatable) a config's twin is its name with OLD replaced by NEW instead.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def main() -> int:
     ap.add_argument("base", nargs="+", type=Path)
     ap.add_argument("--against", type=Path, required=True)
     ap.add_argument("--suffix", default="-qround")
+    ap.add_argument("--replace", action="append", default=[], metavar="OLD=NEW")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -41,16 +44,23 @@ def main() -> int:
         for config, samples in load(d).items():
             base.setdefault(config, samples)
     run = load(args.against)
+    replacements = [tuple(r.split("=", 1)) for r in args.replace]
+
+    def twin_of(config: str) -> str:
+        for old, new in replacements:
+            if old in config:
+                return config.replace(old, new)
+        return config.removesuffix(args.suffix) if args.suffix else config
 
     lines, out = [], {"anchors": {}, "pairs": {}}
-    for config in sorted(c for c in set(run) & set(base) if not c.endswith(args.suffix)):
+    for config in sorted(c for c in set(run) & set(base) if twin_of(c) == c):
         eids = sorted(set(run[config]) & set(base[config]))
         same = sum(run[config][e]["answer"] == base[config][e]["answer"] for e in eids)
         out["anchors"][config] = {"n": len(eids), "identical_answers": same}
         lines.append(f"anchor {config}: {same}/{len(eids)} answers identical across the runs")
     lines.append(f"{'config':<28} {'fid base':>8} {'fid run':>8} {'delta [95% CI]':>24} {'KL base':>8} {'KL run':>8} {'wire%':>6}")
     for config in run:
-        twin = config.removesuffix(args.suffix)
+        twin = twin_of(config)
         if twin == config or twin not in base:
             continue
         eids = sorted(set(run[config]) & set(base[twin]))
