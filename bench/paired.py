@@ -14,12 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from kvlink.eval.report import bootstrap_ci
+from kvlink.eval.report import bootstrap_ci, load_results
 
 
 def load(run_dir: Path) -> dict[str, dict[str, dict]]:
     """config -> eid -> sample, from a `kvlink-bench quality` results.json."""
-    samples = json.loads((run_dir / "results.json").read_text())["samples"]
+    samples = load_results(run_dir)["samples"]
     by_config: dict[str, dict[str, dict]] = {}
     for s in samples:
         by_config.setdefault(s["config"], {})[s["eid"]] = s

@@ -369,6 +369,21 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
         report.merge_results([path, path2])
 
 
+def test_gzipped_results_read_like_plain_ones(tmp_path: Path) -> None:
+    import gzip
+
+    results = {"meta": {"fingerprint": "abc"}, "summary": [_row("squad", "int4", 0.32, 0.76)], "samples": []}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json.gz").write_bytes(gzip.compress(json.dumps(results).encode()))
+    assert report.load_results(run) == results == report.load_results(run / "results.json.gz")
+    out = tmp_path / "quality.json"
+    assert cli.main(["calibrate", str(run), "--out", str(out), "--budgets", "50%"]) == 0
+    (run / "results.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="cannot read quality results"):
+        report.load_results(run)
+
+
 # --- tasks ---------------------------------------------------------------------------------------------
 def test_needle_is_deterministic_and_present(tokenizer: Any) -> None:
     a = tasks.needle_examples(tokenizer, 3, seed=7, min_tokens=300, max_tokens=600)

@@ -4,6 +4,7 @@ Input: the per-sample records of a quality run (kvlink.eval.grid.run_quality), o
 (example, config). Output of `write_report(records, out_dir)`:
 
     results.json   {"meta", "summary": [...], "frontier": {task: [names]}, "samples": [...]}
+                   (read back gzip'd too, as results.json.gz: how bench/results/ keeps large runs)
     results.md     one Markdown table per task (and "all" when several tasks ran)
     pareto-<task>.png  quality (answer fidelity) vs wire bytes (% of FP16), one marker per
                    method family, the measured frontier drawn
@@ -15,6 +16,7 @@ same intervals). "F1 % of full" is a ratio of means, bootstrapped over examples 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -394,13 +396,15 @@ def run_codecs(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
-    """A results.json (or the directory holding it)."""
+    """A results.json, gzip'd or not (results.json.gz), or the directory holding one."""
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json"
+        plain = path / "results.json"
+        path = plain if plain.is_file() or not (path / "results.json.gz").is_file() else path / "results.json.gz"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read quality results {str(path)!r}: {exc}") from None
     if not isinstance(data, dict) or "summary" not in data:
         raise ValueError(f"{str(path)!r} is not a kvlink-bench quality results file (no 'summary')")
