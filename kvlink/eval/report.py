@@ -400,7 +400,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         plain = path / "results.json"
-        path = plain if plain.is_file() or not (path / "results.json.gz").is_file() else path / "results.json.gz"
+        path = (
+            plain if plain.is_file() or not (path / "results.json.gz").is_file() else path / "results.json.gz"
+        )
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         data = json.loads(raw)
