@@ -478,6 +478,43 @@ def test_cli_quality_report_calibrate(
         cli.main([*argv[:-2], "--ppl-tokens", "5", "--resume"])
 
 
+def test_cli_sensitivity_then_mix_configs(
+    text_lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kvlink-bench sensitivity writes the model's profile where `quality` finds it for mix<bits> names."""
+    from kvlink.layerbits import Sensitivity, default_path
+
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    text_lm.model.save_pretrained(model_dir)
+    text_lm.tokenizer.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--device", "cpu", "--no-progress"]
+    argv = [
+        "quality",
+        *common,
+        "--task",
+        "squad:1",
+        "--configs",
+        "mix3-g16-sink1",
+        "--out",
+        str(tmp_path / "q"),
+    ]
+    with pytest.raises(ValueError, match="kvlink-bench sensitivity"):
+        cli.main(argv)  # no profile for this model yet
+    assert cli.main(["sensitivity", *common, "--limit", "2", "--group-size", "16", "--batch", "3"]) == 0
+    [path] = (tmp_path / "cache" / "sensitivity").iterdir()  # <cache>/sensitivity/<fingerprint>.json
+    assert path == default_path(path.stem)
+    profile = Sensitivity.load(path)
+    assert profile.examples == 2 and profile.num_layers == 2 and profile.group_size == 16
+    assert "mix3:" in capsys.readouterr().out
+    assert cli.main(argv) == 0
+    meta = json.loads((tmp_path / "q" / "run.json").read_text())
+    mix = next(c for c in meta["configs"] if c["name"] == "mix3-g16-sink1")
+    assert (tuple(mix["k_layer_bits"]), tuple(mix["v_layer_bits"])) == profile.allocate(3.0)
+    row = next(r for r in report.load_results(tmp_path / "q")["summary"] if r["config"] == "mix3-g16-sink1")
+    assert "+bits-" in row["key"] and row["family"] == "quant"
+
+
 # --- e2e ---------------------------------------------------------------------------------------------
 def test_paced_link_paces() -> None:
     link = cli.PacedLink(8e6)  # 1 MB/s
