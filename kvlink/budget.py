@@ -47,6 +47,7 @@ RETENTIONS: tuple[float, ...] = (
     0.8,
     0.75,
     0.7,
+    0.65,
     0.6,
     0.5,
     0.4,
@@ -355,6 +356,24 @@ class Plan:
     @property
     def fraction(self) -> float:
         return self.total_bytes / self.fp16_bytes
+
+
+def plannable(config: CodecConfig) -> bool:
+    """Whether the planner's search space (candidate_configs without constraints) holds `config`'s
+    shape: a measured config outside it can be in a quality table but never be planned. Low-rank
+    ranks depend on head_dim and per-layer bits on the profile, so those are not checked here."""
+    selected = config.selector != "none"
+    uniform = not (config.k_layer_bits or config.v_layer_bits)
+    return (
+        (not selected or config.retention in RETENTIONS)
+        and (not uniform or (config.k_bits in BIT_CHOICES and config.v_bits in BIT_CHOICES))
+        and (config.group_size in GROUP_SIZES or config.k_format == config.v_format == "fp16")
+        and config.rotate in ROTATE_CHOICES
+        and config.sink in SINK_CHOICES
+        and config.lowrank in ("none", "svd")
+        and config.hi_layers == 0
+        and (config.k_axis, config.v_axis) == ("channel", "token")
+    )
 
 
 def _rank_options(head_dim: int, constraints: Constraints) -> list[int | None]:

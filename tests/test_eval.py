@@ -369,6 +369,18 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
         report.merge_results([path, path2])
 
 
+def test_planner_check_picks_only_what_the_planner_can_send() -> None:
+    """A measured config outside the planner's search space (a retention it never tries) is not its pick."""
+    from kvlink.budget import plannable
+
+    rows = [_row("squad", "q2c42.5-int4", 0.14, 0.70), _row("squad", "q2c40-int4", 0.13, 0.65)]
+    assert not plannable(grid.parse_name("q2c42.5-int4")) and plannable(grid.parse_name("q2c40-int4"))
+    assert not plannable(grid.parse_name("int4-hi4")) and not plannable(grid.parse_name("int4-ktok"))
+    table = cli.quality_table({"meta": {}, "summary": rows}, "squad")
+    check = report.planner_check(rows, table, (0.15,), "squad")[0]
+    assert (check["pick"], check["best"]) == ("q2c40-int4", "q2c42.5-int4")
+
+
 def test_gzipped_results_read_like_plain_ones(tmp_path: Path) -> None:
     import gzip
 

@@ -215,12 +215,14 @@ def planner_check(
 ) -> list[dict[str, Any]]:
     """For each budget: the planner's pick among the measured configs and whether it is on the frontier.
 
-    The pick mirrors kvlink.budget.plan: among the configs whose measured mean wire fraction
-    fits the budget, the highest expected quality from `table` (a QualityTable; ties go to
+    The pick mirrors kvlink.budget.plan: among the configs of the planner's search space
+    (kvlink.budget.plannable) whose measured mean wire fraction fits the budget, the highest expected quality from `table` (a QualityTable; ties go to
     the smaller message). The frontier is the measured one (mean `quality` vs mean wire
     fraction over all configs of `task`). Each result: budget, pick, its fraction and
     measured quality, on_frontier, and the best measured config that fits (for comparison).
     """
+    from kvlink.budget import plannable
+
     rows = [r for r in summary if r["task"] == task]
     if not rows:
         raise ValueError(f"no summary rows for task {task!r}; tasks: {sorted({r['task'] for r in summary})}")
@@ -230,11 +232,12 @@ def planner_check(
     for budget in budgets:
         fits = [r for r in rows if math.isfinite(r["wire_frac"]["mean"]) and r["wire_frac"]["mean"] <= budget]
         result: dict[str, Any] = {"budget": budget, "fits": len(fits)}
-        if not fits:
-            result.update(pick=None, on_frontier=False, note="no measured config fits this budget")
+        planned = [r for r in fits if plannable(_row_config(r))]  # the planner never sends the others
+        if not planned:
+            result.update(pick=None, on_frontier=False, note="no measured config the planner weighs fits")
             out.append(result)
             continue
-        pick = max(fits, key=lambda r: (table.expected(_row_config(r)), -r["wire_frac"]["mean"]))
+        pick = max(planned, key=lambda r: (table.expected(_row_config(r)), -r["wire_frac"]["mean"]))
         best = max(fits, key=lambda r: (r[quality]["mean"], -r["wire_frac"]["mean"]))
         result.update(
             pick=pick["config"],
