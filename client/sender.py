@@ -37,6 +37,7 @@ from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
 from kvlink.cache import prefill
 from kvlink.models import LoadedModel, load_model
 from kvlink.prompt import context_ids, question_ids, question_rows
+from kvlink.quant import format_from_bits
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +390,13 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
             f"the receiver does not decode rotation {c.rotate!r}; it lists {list(codecs.rotations)}",
             code="UNKNOWN_CODEC", rpc="Hello",
         )  # fmt: skip
+    for bits in (c.k_bits, c.v_bits):
+        if bits is not None and format_from_bits(bits) not in codecs.formats:
+            raise SendError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the receiver does not decode {format_from_bits(bits)}; it lists {list(codecs.formats)}",
+                code="UNKNOWN_CODEC", rpc="Hello",
+            )  # fmt: skip
     if c.sink and not codecs.sink:
         raise SendError(
             grpc.StatusCode.UNIMPLEMENTED, "the receiver does not read fp16 sink entries (--sink)",
@@ -396,8 +404,9 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
         )  # fmt: skip
     rotations = tuple(r for r in c.rotations if r in codecs.rotations)
     return replace(
-        c, rotations=rotations, sinks=c.sinks and codecs.sink, layer_bits=c.layer_bits and codecs.layer_bits
-    )
+        c, rotations=rotations, sinks=c.sinks and codecs.sink, layer_bits=c.layer_bits and codecs.layer_bits,
+        formats=tuple(codecs.formats),
+    )  # fmt: skip
 
 
 async def send_context(

@@ -130,6 +130,9 @@ class Constraints:
     sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
     round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
     layer_bits: bool = True  # bits per layer from the model's sensitivity profile, where measured better
+    formats: tuple[str, ...] | None = (
+        None  # what the receiver decodes (its Welcome's codecs); None: every one
+    )
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
@@ -155,6 +158,15 @@ class Constraints:
             raise ValueError(f"sink {self.sink} needs a receiver that reads fp16 sink entries")
         if self.round_k is not None and self.round_k not in ROUNDINGS:
             raise ValueError(f"round_k must be one of {ROUNDINGS}, got {self.round_k!r}")
+        for bits in (self.k_bits, self.v_bits):
+            if bits is not None and not self.decodes(format_from_bits(bits)):
+                raise ValueError(
+                    f"{format_from_bits(bits)} is not a format the receiver decodes: {list(self.formats or ())}"
+                )
+
+    def decodes(self, fmt: str) -> bool:
+        """Whether the receiver decodes quantization format `fmt`."""
+        return self.formats is None or fmt in self.formats
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
@@ -397,8 +409,12 @@ def candidate_configs(
     retentions = [c.retention] if c.retention is not None else list(RETENTIONS)
     if method == "none":
         retentions = [1.0]
-    k_bits = [c.k_bits] if c.k_bits is not None else list(BIT_CHOICES)
-    v_bits = [c.v_bits] if c.v_bits is not None else list(BIT_CHOICES)
+    k_bits = (
+        [c.k_bits] if c.k_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_from_bits(b))]
+    )
+    v_bits = (
+        [c.v_bits] if c.v_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_from_bits(b))]
+    )
     groups = [c.group_size] if c.group_size is not None else list(GROUP_SIZES)
     ranks = _rank_options(geometry.head_dim, c)
     rotations = [c.rotate] if c.rotate is not None else [r for r in ROTATE_CHOICES if r in c.rotations]
@@ -450,7 +466,8 @@ def _mixes(
         return []
     if c.k_bits is not None or c.v_bits is not None or c.lowrank == "svd" or c.rotate not in (None, "none"):
         return []
-    return [sensitivity.allocate(average) for average in MIX_AVERAGES]
+    mixes = [sensitivity.allocate(average) for average in MIX_AVERAGES]
+    return [m for m in mixes if all(c.decodes(f"int{b}") for b in {*m[0], *m[1]})]
 
 
 def _mix_quality(

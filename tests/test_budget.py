@@ -227,6 +227,32 @@ def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
         _for_receiver(Constraints(rotate="kv"), old)
 
 
+def test_planner_sends_only_formats_the_receiver_decodes(prefilled: tuple[Any, Any]) -> None:
+    from client.sender import SendError, _for_receiver
+
+    lm, pre = prefilled
+    no_int3 = wire.Codecs(
+        formats=("fp16", "int8", "int4", "int2"), selectors=("none", "q2c"), lowrank_modes=("none",)
+    )
+    c = _for_receiver(None, no_int3)
+    assert c.formats == ("fp16", "int8", "int4", "int2")
+    configs = candidate_configs(lm.geometry, c)
+    assert configs and not any(
+        "int3" in (x.k_format, x.v_format) or "nf4" in (x.k_format, x.v_format) for x in configs
+    )
+    # an int3 table entry cannot make the planner send int3 to this receiver
+    int3 = CodecConfig(selector="q2c", retention=0.5, k_bits=3, v_bits=3)
+    table = QualityTable(entries={quality_key(int3): 0.999})
+    assert (
+        plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table, constraints=c).config.k_format != "int3"
+    )
+    assert plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table).config.with_(zstd_level=0) == int3
+    with pytest.raises(SendError, match="does not decode int3"):
+        _for_receiver(Constraints(k_bits=3), no_int3)
+    with pytest.raises(ValueError, match="not a format the receiver decodes"):
+        Constraints(v_bits=3, formats=("int4",))
+
+
 def test_kvlink_send_flags_become_planner_constraints() -> None:
     from client.main import build_parser, constraints_from_args
 

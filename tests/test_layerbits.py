@@ -253,6 +253,10 @@ def test_planner_weighs_allocations_only_where_measured(prefilled: tuple[Any, An
     assert mixed and {c.k_layer_bits for c in mixed} == {profile.allocate(a)[0] for a in (3.0, 3.5)}
     assert not [c for c in candidate_configs(lm.geometry, Constraints(k_bits=4), profile) if c.k_layer_bits]
     assert not [c for c in candidate_configs(lm.geometry, None, None) if c.k_layer_bits]
+    assert any(2 in c.v_layer_bits for c in mixed)
+    no_int2 = Constraints(formats=("fp16", "int8", "int4", "int3"))
+    kept = [c for c in candidate_configs(lm.geometry, no_int2, profile) if c.k_layer_bits]
+    assert all(2 not in (*c.k_layer_bits, *c.v_layer_bits) for c in kept)
     unmeasured = plan(pre, lm.geometry, lm.fingerprint, 0.3, sensitivity=profile)
     assert not unmeasured.config.k_layer_bits
     assert not any(c.config.k_layer_bits for c in unmeasured.candidates)
