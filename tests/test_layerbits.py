@@ -329,6 +329,16 @@ def test_measure_finds_the_sensitive_layer() -> None:
     kind, layer, config = configs[lm.geometry.num_layers + 1]  # V of layer 1
     assert (kind, layer) == ("v", 1) and config.v_layer_bits[1] == 2
     assert set(config.v_layer_bits[:1] + config.v_layer_bits[2:]) == {8} and set(config.k_layer_bits) == {8}
+    # measure swaps one tensor into two whole-cache encodes: bit for bit the cache of each variant's config
+    kv = prefill(lm.model, random_ids(40, seed=7)).kv.to(dtype=torch.float16)
+    swapped = list(sensitivity.variant_caches(kv, lm, 2, 16, 1))
+    assert [(k, layer) for k, layer, _ in swapped] == [(k, layer) for k, layer, _ in configs]
+    for (_, _, cache), (_, _, config) in zip(swapped, configs, strict=True):
+        codec = Codec(config, lm.geometry)
+        want = codec.decode(codec.encode_kv(kv), lm.device, lm.dtype)
+        assert all(
+            torch.equal(a, b) for a, b in zip(cache.keys + cache.values, want.keys + want.values, strict=True)
+        )
 
 
 def test_report_and_calibrate_key_mix_configs_by_the_bits_the_run_used() -> None:

@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvlink.layerbits import Sensitivity
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = "bench/results/quality"
@@ -141,6 +139,7 @@ _RESUME_KEYS = (
 
 def cmd_quality(args: argparse.Namespace) -> int:
     from kvlink.eval import grid, report, tasks
+    from kvlink.layerbits import Sensitivity
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,6 +266,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     from kvlink.cache import prefill
     from kvlink.eval import entropy, grid
     from kvlink.eval.tasks import build_tasks
+    from kvlink.layerbits import Sensitivity
 
     lm = _load(args.model, _device(args.device), args.dtype)
     examples = build_tasks(lm.tokenizer, args.task or [("squad", 20)], args.data)

@@ -216,8 +216,8 @@ def planner_check(
     """For each budget: the planner's pick among the measured configs and whether it is on the frontier.
 
     The pick mirrors kvlink.budget.plan: among the configs of the planner's search space
-    (kvlink.budget.plannable) whose measured mean wire fraction fits the budget, the highest expected quality from `table` (a QualityTable; ties go to
-    the smaller message). The frontier is the measured one (mean `quality` vs mean wire
+    (kvlink.budget.plannable) whose measured mean wire fraction fits the budget, the highest
+    expected quality from `table` (a QualityTable; ties go to the smaller message). The frontier is the measured one (mean `quality` vs mean wire
     fraction over all configs of `task`). Each result: budget, pick, its fraction and
     measured quality, on_frontier, and the best measured config that fits (for comparison).
     """
@@ -402,10 +402,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
     """A results.json, gzip'd or not (results.json.gz), or the directory holding one."""
     path = Path(path)
     if path.is_dir():
-        plain = path / "results.json"
-        path = (
-            plain if plain.is_file() or not (path / "results.json.gz").is_file() else path / "results.json.gz"
-        )
+        candidates = (path / "results.json", path / "results.json.gz")
+        path = next((p for p in candidates if p.is_file()), candidates[0])
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         data = json.loads(raw)

@@ -2,21 +2,23 @@
 
 For each held-out question (SQuAD questions on the reserved last article, never
 evaluated): prefill the context, answer greedily from the full KV, then for every
-(K/V, layer) encode the cache with the real codec at INT8 everywhere except that
-one tensor at `bits` (groups of `group_size`, `sink` fp16 entries), decode it, and
-score the full-KV answer teacher-forced: the mean KL of the next-token
-distributions against the full KV (`batch` variant caches per forward). The profile is the mean over questions
+(K/V, layer) take the cache the real codec decodes at INT8 everywhere except that
+one tensor at `bits` (groups of `group_size`, `sink` fp16 entries; `variant_configs`)
+and score the full-KV answer teacher-forced: the mean KL of the next-token
+distributions against the full KV (`batch` variant caches per forward). The codec
+encodes each tensor on its own, so the cache is encoded twice (all INT8, all at
+`bits`) and each variant swaps one tensor (`variant_caches`). The profile is the mean over questions
 (kvlink.layerbits.Sensitivity; `kvlink-bench sensitivity` writes it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from kvlink.cache import prefill
+from kvlink.cache import ContextKV, prefill
 from kvlink.codec import Codec, CodecConfig
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import Example, reserved_contexts, squad_examples
@@ -50,6 +52,22 @@ def variant_configs(
     return out
 
 
+def variant_caches(
+    kv: ContextKV, lm: LoadedModel, bits: int = 2, group_size: int = 64, sink: int = 1
+) -> Iterator[tuple[str, int, ContextKV]]:
+    """(kind, layer, decoded cache) of each variant_configs entry, in its order: two encodes in all."""
+    decoded = []
+    for width in (8, bits):
+        codec = Codec(CodecConfig(k_bits=width, v_bits=width, group_size=group_size, sink=sink), lm.geometry)
+        decoded.append(codec.decode(codec.encode_kv(kv), lm.device, lm.dtype))
+    rest, low = decoded
+    for kind in ("k", "v"):
+        for layer in range(rest.num_layers):
+            keys, values = list(rest.keys), list(rest.values)
+            (keys if kind == "k" else values)[layer] = (low.keys if kind == "k" else low.values)[layer]
+            yield kind, layer, ContextKV(keys, values, rest.positions, rest.length)
+
+
 def measure(
     lm: LoadedModel,
     examples: Sequence[Example],
@@ -64,8 +82,6 @@ def measure(
     if not examples:
         raise ValueError("sensitivity needs at least one example")
     g = lm.geometry
-    variants = variant_configs(g.num_layers, bits, group_size, sink)
-    codecs = [Codec(config, g) for _, _, config in variants]
     totals = torch.zeros(2, g.num_layers, dtype=torch.float64)
     used = 0
     for i, ex in enumerate(examples):
@@ -77,13 +93,13 @@ def measure(
             logger.warning("%s: empty full-KV answer, skipped", ex.eid)
             continue
         used += 1
-        for start in range(0, len(codecs), batch):
-            chunk = list(enumerate(codecs[start : start + batch], start=start))
-            decoded = [c.decode(c.encode_kv(kv), lm.device, lm.dtype) for _, c in chunk]
-            out = fidelity.batched_answers(lm.model, lm.tokenizer, [full, *decoded], q, [answer], 0)
+        variants = list(variant_caches(kv, lm, bits, group_size, sink))
+        for start in range(0, len(variants), batch):
+            chunk = variants[start : start + batch]
+            caches = [cache for _, _, cache in chunk]
+            out = fidelity.batched_answers(lm.model, lm.tokenizer, [full, *caches], q, [answer], 0)
             forced = out.forced[0]  # (1 + len(chunk), len(answer), vocab); row 0 is the full KV
-            for row, (j, _) in enumerate(chunk, start=1):
-                kind, layer, _ = variants[j]
+            for row, (kind, layer, _) in enumerate(chunk, start=1):
                 totals[0 if kind == "k" else 1, layer] += fidelity.mean_kl(forced[0], forced[row])
         if on_example is not None:
             on_example(i)
