@@ -183,10 +183,42 @@ def vq(x, layer, which, c, b, pre, rope_pairs):
     return from_groups(q, perm, H, T, D)
 
 
+def channel_bits(x, w, mean_bits, g, top=8):
+    """Per-channel key widths (H, D) at the given mean: greedy on sum_i w_i * range_i^2 * 4^-b_i, where w_i is the
+    queries' mean square in channel i and range_i the channel's mean min/max range over groups of g tokens."""
+    H, T, D = x.shape
+    pad = (-T) % g
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan")).view(H, -1, g, D)
+    rng = torch.nan_to_num(xp, nan=float("-inf")).amax(2) - torch.nan_to_num(xp, nan=float("inf")).amin(2)
+    e = (w * (rng**2).mean(1)).double()
+    b = torch.zeros(H, D, dtype=torch.long)
+    for _ in range(int(round(mean_bits * D))):
+        gain = e * (4.0 ** -b - 4.0 ** -(b + 1))
+        gain[b >= top] = -1
+        b[torch.arange(H), gain.argmax(1)] += 1
+    return b
+
+
+def minmax_channels(x, bits, g):
+    """Keys (H, T, D), groups of g tokens per channel, channel (h, i) at bits[h, i] (0: the group's midpoint)."""
+    H, T, D = x.shape
+    pad = (-T) % g
+    xg = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan")).view(H, -1, g, D)
+    lo = torch.nan_to_num(xg, nan=float("inf")).amin(2, keepdim=True)
+    hi = torch.nan_to_num(xg, nan=float("-inf")).amax(2, keepdim=True)
+    levels = (2.0 ** bits - 1).to(x.dtype)[:, None, None, :]
+    s = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-8)
+    y = torch.round((xg - lo) / s).clamp_min(0)
+    y = torch.minimum(y, levels) * s + lo
+    y = torch.where(levels == 0, (lo + hi) / 2, y)
+    return y.view(H, -1, D)[:, :T]
+
+
 def gptq_keys(x, bits, g, hess, damp, act_order):
     """x (H, T, D) keys, per-channel groups of g tokens; rounding that minimizes ||Q (k - k_hat)||^2 for the
     observed queries Q (hess (H, D, D) = Q^T Q per KV head), one channel at a time (GPTQ)."""
     H, T, D = x.shape
+    per_channel = torch.is_tensor(bits)
     levels = 2**bits - 1
     out = torch.empty_like(x)
     pad = (-T) % g
@@ -202,8 +234,12 @@ def gptq_keys(x, bits, g, hess, damp, act_order):
             cp = torch.nn.functional.pad(col, (0, pad), value=float("nan")).view(-1, g)
             lo = torch.nan_to_num(cp, nan=float("inf")).amin(1, keepdim=True)
             hi = torch.nan_to_num(cp, nan=float("-inf")).amax(1, keepdim=True)
-            sc = ((hi - lo) / levels).clamp_min(1e-8)
-            qv = (torch.round((cp - lo) / sc).clamp(0, levels) * sc + lo).flatten()[:T]
+            lv = int(levels[h, order[j]]) if per_channel else levels
+            if lv == 0:
+                qv = ((lo + hi) / 2).expand_as(cp).flatten()[:T]
+            else:
+                sc = ((hi - lo) / lv).clamp_min(1e-8)
+                qv = (torch.round((cp - lo) / sc).clamp(0, lv) * sc + lo).flatten()[:T]
             err = (col - qv) / U[j, j]
             X[:, j + 1 :] -= err[:, None] * U[j, j + 1 :][None, :]
             X[:, j] = qv
@@ -285,11 +321,18 @@ def scheme(name, kv, cs):
                 axis = "channel" if which == "k" else "token"
                 g = min(int(opts.get("g", 32)), D) if axis == "token" else int(opts.get("g", 32))
                 gq = opts.get("gq", "0")
+                kbits = b
+                if which == "k" and opts.get("ka", "0") != "0":
+                    Q = OBS[opts["ka"]][layer].queries.float()
+                    Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)
+                    kbits = channel_bits(body, (Qh**2).mean(1), float(opts.get("kmean", b)), g)
                 if which == "k" and gq != "0":
                     Q = OBS[gq][layer].queries.float()
                     Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)  # queries of each KV group
                     hess = Qh.transpose(1, 2) @ Qh
-                    yb = gptq_keys(body, b, g, hess, float(opts.get("damp", 0.01)), opts.get("ao", "1") == "1")
+                    yb = gptq_keys(body, kbits, g, hess, float(opts.get("damp", 0.01)), opts.get("ao", "1") == "1")
+                elif which == "k" and torch.is_tensor(kbits):
+                    yb = minmax_channels(body, kbits, g)
                 elif which == "v" and opts.get("gv", "0") != "0":
                     o = OBS[opts["gv"]][layer]
                     P = attn_probs(o, kv.length, o.queries.shape[0] // H)[:, :, sink:]
@@ -297,7 +340,8 @@ def scheme(name, kv, cs):
                     yb = gptq_values(body, b, g, hess, float(opts.get("dampv", 0.1)))
                 else:
                     yb = with_outliers(body, out_frac, lambda z: minmax(z, b, g, axis))
-                bits = body.numel() * (b + 32 / g) + out_frac * body.numel() * 32
+                mean_b = float(kbits.double().mean()) if torch.is_tensor(kbits) else b
+                bits = body.numel() * (mean_b + 32 / g) + out_frac * body.numel() * 32
             elif kind == "mix":
                 hi = HI[(float(opts["f"]), opts.get("scope", "global"))][layer][sink:] - sink
                 hb, lb, lg = int(opts["hb"]), int(opts["lb"]), int(opts.get("lg", 32))

@@ -30,9 +30,25 @@ from torch import Tensor
 from kvlink import positions as pos_codec
 from kvlink.cache import ContextKV, Observation, Observe, Prefill
 from kvlink.models import Geometry
-from kvlink.quant import AXES, QuantizedTensor, QuantSpec, format_from_bits, part_sizes, quantize
-from kvlink.quant.aware import query_hessian, round_query_aware
+from kvlink.quant import (
+    AXES,
+    WIDTH_FORMATS,
+    QuantizedTensor,
+    QuantSpec,
+    format_from_bits,
+    part_sizes,
+    quantize,
+)
+from kvlink.quant.aware import query_hessian, round_query_aware, saliency
 from kvlink.quant.pack import pack_bits
+from kvlink.quant.widths import (
+    allocate_widths,
+    channel_weights,
+    pack_codes,
+    pack_widths,
+    quantize_widths,
+    unpack_widths,
+)
 from kvlink.rotation import ROTATIONS, check_dim, hadamard, rotate, rotates, signs, unrotate
 from kvlink.select import SCOPES, get_selector, keep_count, registered_selectors
 
@@ -41,8 +57,10 @@ logger = logging.getLogger(__name__)
 LOWRANK_MODES: tuple[str, ...] = ("none", "svd", "profile")
 KINDS: tuple[str, ...] = ("k", "v")
 PAYLOAD_PARTS = frozenset({"codes", "sink"})
-METADATA_PARTS = frozenset({"scale", "zero", "basis"})
+METADATA_PARTS = frozenset({"scale", "zero", "basis", "widths"})
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
+KEY_WIDTHS: tuple[str, ...] = ("uniform", "query")
+WIDTH_OF: dict[str, str] = {"int4": "int4w", "int3": "int3w", "int2": "int2w"}  # uniform -> per-channel
 LAYER_BITS: tuple[int, ...] = (8, 4, 3, 2)  # the INT widths a per-layer allocation may give a tensor
 ROUND_BATCH_ELEMENTS = 1 << 25  # key entries rounded in one batched call (~256 MiB of float64 work)
 
@@ -79,6 +97,10 @@ class CodecConfig:
     k_layer_bits/v_layer_bits: INT bits (8, 4, 3 or 2) of each layer's K (V) tensor, one per layer,
     e.g. allocated from a measured sensitivity profile (kvlink.layerbits); empty = k_bits (v_bits)
     in every layer. When given, k_bits (v_bits) is set to their largest entry (one canonical form).
+    k_widths: "uniform" or "query": INT2/3/4 keys get a bit width per channel, allocated from the
+    question's queries at the tensor's bits as the mean (kvlink.quant.widths; formats int4w/int3w/
+    int2w, the same codes bytes plus 4 bits per channel and head; INT8 tensors stay uniform; the
+    sender needs the prefill's observed queries, the receiver must decode the format).
     """
 
     selector: str = "none"
@@ -102,6 +124,7 @@ class CodecConfig:
     round_k: str = "nearest"
     k_layer_bits: tuple[int, ...] = ()
     v_layer_bits: tuple[int, ...] = ()
+    k_widths: str = "uniform"
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -151,6 +174,22 @@ class CodecConfig:
                 raise ValueError(f"round_k 'query' needs INT keys, got k_bits {self.k_bits!r}")
             if self.lowrank != "none" and self.k_rank is not None:
                 raise ValueError(f"round_k 'query' with lowrank {self.lowrank!r} on k: choose one")
+        if self.k_widths not in KEY_WIDTHS:
+            raise ValueError(f"k_widths must be one of {KEY_WIDTHS}, got {self.k_widths!r}")
+        if self.k_widths != "uniform":
+            formats = {self.k_format, *(format_from_bits(b) for b in self.k_layer_bits)}
+            if not formats & set(WIDTH_OF):
+                raise ValueError(
+                    f"k_widths {self.k_widths!r} needs INT2/3/4 keys, got k_bits {self.k_bits!r}"
+                )
+            if self.k_axis != "channel":
+                raise ValueError(
+                    f"k_widths {self.k_widths!r} needs keys grouped on the channel axis, got {self.k_axis!r}"
+                )
+            if rotates(self.rotate, "k"):
+                raise ValueError(f"k_widths {self.k_widths!r} with rotate {self.rotate!r}: choose one")
+            if self.lowrank != "none" and self.k_rank is not None:
+                raise ValueError(f"k_widths {self.k_widths!r} with lowrank {self.lowrank!r} on k: choose one")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -197,6 +236,8 @@ class CodecConfig:
         per_layer = self.layer_bits(kind)
         if layer is not None and per_layer:
             fmt = format_from_bits(per_layer[layer])
+        if kind == "k" and self.k_widths != "uniform":
+            fmt = WIDTH_OF.get(fmt, fmt)
         return QuantSpec(fmt, self.group_size, axis)
 
     def rank(self, kind: str) -> int | None:
@@ -216,6 +257,10 @@ class CodecConfig:
                 raise ValueError(f"{kind}_rank {rank!r} exceeds head_dim {geometry.head_dim}")
         if self.rotate != "none":
             check_dim(geometry.head_dim)
+        if self.k_widths != "uniform" and geometry.head_dim % 8:
+            raise ValueError(
+                f"k_widths {self.k_widths!r} needs head_dim a multiple of 8, got {geometry.head_dim}"
+            )
         if self.hi_layers > geometry.num_layers:
             raise ValueError(f"hi_layers {self.hi_layers} exceeds the model's {geometry.num_layers} layers")
         for kind in KINDS:
@@ -254,6 +299,8 @@ class CodecConfig:
             parts.append(f"rot-{self.rotate}")
         if self.round_k != "nearest":
             parts.append(f"round-{self.round_k}")
+        if self.k_widths != "uniform":
+            parts.append(f"kwidths-{self.k_widths}")
         if self.zstd_level:
             parts.append(f"zstd{self.zstd_level}")
         return "+".join(parts)
@@ -345,7 +392,7 @@ class Sizes:
     """Bytes of an encoded message by category (wire framing is added by kvlink.wire)."""
 
     payload: int = 0  # quantized codes and fp16 sink entries
-    scales: int = 0  # scale + zero per group
+    scales: int = 0  # scale + zero per group, per-channel widths
     factors: int = 0  # low-rank bases sent with the message
     positions: int = 0  # kept-position sets
 
@@ -505,17 +552,19 @@ class Codec:
     ) -> EncodedKV:
         """Encode `kv` keeping `kept[l]` positions of each layer (all when None).
 
-        `observation`: the prefill's observed queries, needed by round_k "query" (any kind with queries).
+        `observation`: the prefill's observed queries, needed by round_k "query" and k_widths
+        "query" (any kind with queries).
         """
         cfg, g = self.config, self.geometry
-        if cfg.round_k == "query" and (observation is None or len(observation.layers) != g.num_layers):
+        if self._needs_queries and (observation is None or len(observation.layers) != g.num_layers):
             got = (
                 "none"
                 if observation is None
                 else f"{observation.kind.value!r} with {len(observation.layers)} layers"
             )
+            what = "round_k 'query'" if cfg.round_k == "query" else f"k_widths {cfg.k_widths!r}"
             raise ValueError(
-                f"round_k 'query' needs the observed queries of all {g.num_layers} layers "
+                f"{what} needs the observed queries of all {g.num_layers} layers "
                 f"(a prefill with observe='question'), got {got}"
             )
         if (kv.num_layers, kv.kv_heads, kv.head_dim) != (g.num_layers, g.kv_heads, g.head_dim):
@@ -534,7 +583,7 @@ class Codec:
                 enc, data = pos_codec.encode_positions(p, kv.length)
                 positions.append((enc, data, int(p.numel())))
         tq = time.perf_counter()
-        aware = self._round_keys(kv, observation) if cfg.round_k == "query" else {}
+        aware = self._query_keys(kv, observation) if self._needs_queries else {}
         tensors: list[EncodedTensor] = []
         for layer in range(kv.num_layers):
             if layer in aware:
@@ -582,40 +631,62 @@ class Codec:
             stored = rotate(x, cfg.seed, layer, kind)
         return _Prepared(layer, kind, shape, stored, cfg.spec(kind, layer), mode, parts)
 
-    def _round_keys(
+    @property
+    def _needs_queries(self) -> bool:
+        return self.config.round_k == "query" or self.config.k_widths != "uniform"
+
+    def _query_keys(
         self, kv: ContextKV, observation: Observation | None
     ) -> dict[int, tuple[_Prepared, QuantizedTensor]]:
-        """Query-aware rounding of every layer's INT keys, layers of one spec and shape batched.
+        """Keys quantized with the observed queries: per-channel widths allocated from them
+        (k_widths "query") and/or rounded for their logits (round_k "query").
 
         The Hessian of a layer is that of its observed queries, rotated like its keys when they
-        are. A batch holds at most ROUND_BATCH_ELEMENTS entries (the rounding works in float64).
+        are. Rounding works in batches of one spec and shape of at most ROUND_BATCH_ELEMENTS
+        entries (it works in float64).
         """
         cfg = self.config
         assert observation is not None  # encode_kv checked it
-        batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor]]] = {}
+        batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor, Tensor | None]]] = {}
+        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
         for layer in range(kv.num_layers):
             p = self._prepare(layer, "k", kv.keys[layer].float())
             if not p.spec.format.startswith("int"):
                 continue  # an fp16 first layer of a hi_layers config
+            widths_format = p.spec.format in WIDTH_FORMATS
+            if cfg.round_k != "query" and not widths_format:
+                continue  # an INT8 layer of a per-layer allocation: nothing query-aware to do
             queries = observation.layers[layer].queries.to(p.stored.device)
             if rotates(cfg.rotate, "k"):  # logits are invariant under one orthogonal map on both sides
                 queries = rotate(queries, cfg.seed, layer, "k")
-            batches.setdefault((p.spec, tuple(p.stored.shape)), []).append(
-                (p, query_hessian(queries, int(p.stored.shape[0])))
-            )
-        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
+            hessian = query_hessian(queries, int(p.stored.shape[0]))
+            widths = None
+            if widths_format:
+                weights = channel_weights(
+                    p.stored, saliency(hessian, cfg.round_k == "query"), p.spec.group_size
+                )
+                widths = allocate_widths(weights, WIDTH_FORMATS[p.spec.format])
+            if cfg.round_k != "query":
+                assert widths is not None
+                out[layer] = (p, quantize_widths(p.stored, p.spec, widths))
+                continue
+            batches.setdefault((p.spec, tuple(p.stored.shape)), []).append((p, hessian, widths))
         for (spec, shape), items in batches.items():
             h = shape[0]
             step = max(1, ROUND_BATCH_ELEMENTS // max(1, math.prod(shape)))
             for start in range(0, len(items), step):
                 chunk = items[start : start + step]
-                x = torch.cat([p.stored for p, _ in chunk])  # (layers * H, N, D)
-                hessian = torch.cat([hs for _, hs in chunk])  # (layers * H, D, D)
-                codes, scale, zero = round_query_aware(x, spec, hessian)
-                for i, (p, _) in enumerate(chunk):
+                x = torch.cat([p.stored for p, _, _ in chunk])  # (layers * H, N, D)
+                hessian = torch.cat([hs for _, hs, _ in chunk])  # (layers * H, D, D)
+                widths = torch.cat([w for _, _, w in chunk]) if spec.format in WIDTH_FORMATS else None  # type: ignore[misc]
+                codes, scale, zero = round_query_aware(x, spec, hessian, widths=widths)
+                for i, (p, _, w) in enumerate(chunk):
                     rows = slice(i * h, (i + 1) * h)
-                    packed = pack_bits(codes[rows], spec.bits)
-                    out[p.layer] = (p, QuantizedTensor(spec, p.stored_shape, packed, scale[rows], zero[rows]))
+                    packed = pack_bits(codes[rows], spec.bits) if w is None else pack_codes(codes[rows], w)
+                    out[p.layer] = (
+                        p,
+                        QuantizedTensor(spec, p.stored_shape, packed, scale[rows], zero[rows], w),
+                    )
         return out
 
     def _finish(self, prep: _Prepared, q: QuantizedTensor | None = None) -> EncodedTensor:
@@ -623,7 +694,8 @@ class Codec:
         if q is None:
             q = quantize(prep.stored, prep.spec)
         parts = dict(prep.parts)
-        for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero)):
+        widths = pack_widths(q.widths) if q.widths is not None else None
+        for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero), ("widths", widths)):
             if tensor is not None:
                 raw = _tensor_bytes(tensor)
                 parts[name] = Part(raw, len(raw))
@@ -767,9 +839,11 @@ def _quantized(
     sshape = scale_shape(shape, spec)
     codes = join("codes", torch.uint8, (expected["codes"],))
     assert codes is not None
+    packed_widths = join("widths", torch.uint8, (expected.get("widths", 0),))
     return QuantizedTensor(
         spec=spec, shape=shape, codes=codes,
         scale=join("scale", torch.float16, sshape), zero=join("zero", torch.float16, sshape),
+        widths=None if packed_widths is None else unpack_widths(packed_widths, shape[0], shape[2]),
     )  # fmt: skip
 
 

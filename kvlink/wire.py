@@ -63,7 +63,7 @@ from kvlink.codec import (
     Part,
 )
 from kvlink.models import Geometry
-from kvlink.quant import AXES, BITS, QuantSpec, format_from_bits, registered_formats
+from kvlink.quant import AXES, BITS, WIDTH_FORMATS, QuantSpec, format_from_bits, registered_formats
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, keep_count, registered_selectors
 
@@ -171,7 +171,7 @@ ERROR_METADATA_KEY: Final = "kvlink-error-code"
 
 _KIND_TO_PB: Final = {"k": pb.TENSOR_KIND_K, "v": pb.TENSOR_KIND_V}
 _KIND_FROM_PB: Final = {v: k for k, v in _KIND_TO_PB.items()}
-PART_ORDER: Final = ("codes", "scale", "zero", "basis", "sink")
+PART_ORDER: Final = ("codes", "scale", "zero", "basis", "sink", "widths")
 """Order of an EncodedTensor's parts on the wire."""
 _PART_TO_PB: Final = {
     "codes": pb.PART_KIND_CODES,
@@ -179,6 +179,7 @@ _PART_TO_PB: Final = {
     "zero": pb.PART_KIND_ZERO,
     "basis": pb.PART_KIND_BASIS,
     "sink": pb.PART_KIND_SINK,
+    "widths": pb.PART_KIND_WIDTHS,
 }
 _PART_FROM_PB: Final = {v: k for k, v in _PART_TO_PB.items()}
 _POS_TO_PB: Final = {
@@ -578,6 +579,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.sink = config.sink
     if config.round_k != "nearest":  # informational: the receiver decodes the same layout either way
         msg.round_k = config.round_k
+    if config.k_widths != "uniform":  # likewise (its tensors' formats say it too)
+        msg.k_widths = config.k_widths
     msg.k_layer_bits.extend(config.k_layer_bits)  # empty unless bits vary by layer
     msg.v_layer_bits.extend(config.v_layer_bits)
     if config.k_rank is not None:
@@ -1061,6 +1064,14 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
                     "UNKNOWN_CODEC",
                     f"codec config {name} has a {bits}-bit layer; supported widths: {widths}",
                 )
+    if msg.k_widths and msg.k_widths != "uniform":
+        missing = sorted(f for f in WIDTH_FORMATS if f not in codecs.formats)
+        if missing:
+            raise WireError(
+                "UNKNOWN_CODEC",
+                f"codec config k_widths {msg.k_widths!r}: this receiver reads one width per key channel "
+                f"(formats {missing} not supported)",
+            )
     if msg.k_format not in BITS or msg.v_format not in BITS:
         raise WireError(
             "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"
@@ -1076,6 +1087,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
             sink=msg.sink, round_k=msg.round_k or "nearest",
             k_layer_bits=tuple(msg.k_layer_bits), v_layer_bits=tuple(msg.v_layer_bits),
+            k_widths=msg.k_widths or "uniform",
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

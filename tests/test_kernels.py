@@ -302,3 +302,42 @@ def test_public_functions_dispatch(monkeypatch) -> None:
     assert_same_packed(results["triton"][0], q_ref)
     assert_values_close(results["triton"][1], results["reference"][1])
     assert_values_close(results["triton"][2], results["reference"][2], amax_tol=1e-5)
+
+
+# (H, T, D, group, format): per-channel widths (kvlink.quant.widths), odd T, D = 64 / 128 / 16.
+WIDTH_CASES = (
+    (2, 37, 64, 32, "int4w"),
+    (3, 129, 64, 64, "int3w"),
+    (1, 130, 128, 128, "int2w"),
+    (2, 1, 16, 32, "int3w"),
+)
+
+
+@pytest.mark.parametrize("case", WIDTH_CASES, ids=lambda c: f"{c[4]}-{c[0]}x{c[1]}x{c[2]}-g{c[3]}")
+def test_dequantize_widths_matches_reference(case) -> None:
+    from kvlink.quant.widths import WIDTH_FORMATS, quantize_widths
+
+    h, t, d, g, fmt = case
+    spec = QuantSpec(fmt, g, "channel")
+    x = _input((h, t, d), torch.float32)
+    widths = torch.full((h, d), WIDTH_FORMATS[fmt], dtype=torch.int64)
+    gen = torch.Generator().manual_seed(t)
+    for _ in range(40 * d):  # move bits between random channels: every width from 0 to 8 occurs
+        i, j = torch.randint(0, d, (2,), generator=gen).tolist()
+        row = int(torch.randint(0, h, (1,), generator=gen))
+        if widths[row, i] < 8 and widths[row, j] > 0:
+            widths[row, i] += 1
+            widths[row, j] -= 1
+    assert int(widths.min()) == 0 and int(widths.max()) == 8
+    ref_q = quantize_widths(x.cpu(), spec, widths.to(torch.uint8))
+    on_device = QuantizedTensor(
+        spec, ref_q.shape, ref_q.codes.to(DEVICE), ref_q.scale.to(DEVICE), ref_q.zero.to(DEVICE),  # type: ignore[union-attr]
+        ref_q.widths.to(DEVICE),  # type: ignore[union-attr]
+    )  # fmt: skip
+    want = reference.dequantize_into(on_device, torch.float32)
+    for dtype in DTYPES:
+        assert_values_close(dequant.dequantize_into(on_device, dtype), want.to(dtype))
+    assert_values_close(kernels.dequantize_into(on_device, torch.float16), want.to(torch.float16))
+    bad = QuantizedTensor(spec, ref_q.shape, on_device.codes, on_device.scale, on_device.zero, None)
+    with pytest.raises(ValueError, match="needs the tensor's widths"):
+        dequant.dequantize_into(bad)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from kvlink.quant import (
     FORMATS,
+    WIDTH_FORMATS,
     QuantizedTensor,
     QuantSpec,
     dequantize,
@@ -32,6 +33,10 @@ GROUP_SIZES = [32, 64, 7]
 # each do a few float32 operations (subtract, divide, round; multiply, add), each with
 # relative error <= 2^-24, so 2^-20 of the operand magnitudes is a comfortable cover.
 F32_SLACK = 2.0**-20
+
+# One width for a whole tensor. The per-channel-width formats (keys on the channel axis,
+# head_dim a multiple of 8) have their own tests: tests/test_widths.py.
+UNIFORM_FORMATS = [f for f in registered_formats() if f not in WIDTH_FORMATS]
 
 
 def _sample(shape: tuple[int, int, int], seed: int = 0) -> Tensor:
@@ -164,7 +169,7 @@ def test_every_format_is_registered() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("axis", ["token", "channel"])
-@pytest.mark.parametrize("fmt", registered_formats())
+@pytest.mark.parametrize("fmt", UNIFORM_FORMATS)
 def test_quantize_matrix(fmt: str, axis: str, group_size: int, shape: tuple[int, int, int]) -> None:
     spec = QuantSpec(format=fmt, group_size=group_size, axis=axis)
     x = _sample(shape, seed=group_size + len(fmt))
@@ -191,7 +196,7 @@ def test_quantize_matrix(fmt: str, axis: str, group_size: int, shape: tuple[int,
         _check_fp16(x, q, x_hat)
 
 
-@pytest.mark.parametrize("fmt", registered_formats())
+@pytest.mark.parametrize("fmt", UNIFORM_FORMATS)
 def test_empty_and_input_dtypes(fmt: str) -> None:
     for shape in [(2, 0, 64), (0, 5, 48)]:
         spec = QuantSpec(format=fmt, group_size=7, axis="channel")
@@ -210,7 +215,7 @@ def test_empty_and_input_dtypes(fmt: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fmt", registered_formats())
+@pytest.mark.parametrize("fmt", UNIFORM_FORMATS)
 @pytest.mark.parametrize("axis", ["token", "channel"])
 def test_cuda_matches_cpu(fmt: str, axis: str) -> None:
     spec = QuantSpec(format=fmt, group_size=7, axis=axis)
@@ -338,7 +343,7 @@ def test_spec_rejects_bad_values(kwargs: dict[str, object]) -> None:
         QuantSpec(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fmt", registered_formats())
+@pytest.mark.parametrize("fmt", UNIFORM_FORMATS)
 def test_quantizer_rejects_bad_input(fmt: str) -> None:
     spec = QuantSpec(format=fmt)
     quantizer = get_quantizer(fmt)

@@ -14,6 +14,8 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
     sink1 | sink4                                       first 1 / 4 kept entries at fp16, outside the groups
     qround                                              INT keys rounded for the question's logits
+    kw                                                  INT2/3/4 keys with a width per channel, allocated
+                                                        from the question's queries (kvlink.quant.widths)
     mix3.5                                              INT bits per layer and K/V, 3.5 on average, allocated
                                                         from the model's sensitivity profile (kvlink.layerbits)
 
@@ -178,6 +180,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
     (re.compile(r"sink(\d+)"), "sink"),
     (re.compile(r"qround"), "round"),
+    (re.compile(r"kw"), "widths"),
     (re.compile(r"mix(\d+(?:\.\d+)?)"), "mix"),
 )
 
@@ -227,6 +230,8 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
                 fields["sink"] = int(m.group(1))
             elif kind == "round":
                 fields["round_k"] = "query"
+            elif kind == "widths":
+                fields["k_widths"] = "query"
             elif kind == "mix":
                 if sensitivity is None:
                     raise ValueError(
@@ -238,7 +243,7 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, mix3.5"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, kw, mix3.5"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
@@ -425,8 +430,9 @@ def _observes(config: CodecConfig) -> Observe:
 
 
 def _queries_for(config: CodecConfig) -> Observe | None:
-    """The observation whose queries round_k "query" uses: the selector's when it has queries, else the question's."""
-    if config.round_k != "query":
+    """The observation whose queries round_k / k_widths "query" use: the selector's when it has queries,
+    else the question's."""
+    if config.round_k != "query" and config.k_widths == "uniform":
         return None
     kind = _observes(config)
     return kind if kind is not Observe.NONE else Observe.QUESTION

@@ -1,11 +1,12 @@
 """Quantizers (reference torch) and bit packing; importing this package registers every format."""
 
-from kvlink.quant import fp16, intq, nf4  # noqa: F401  (registration side effects)
+from kvlink.quant import fp16, intq, nf4, widths  # noqa: F401  (registration side effects)
 from kvlink.quant.base import (
     AXES,
     BITS,
     FORMATS,
     SUPPORTED_BITS,
+    WIDTH_FORMATS,
     QuantizedTensor,
     Quantizer,
     QuantSpec,
@@ -24,6 +25,7 @@ __all__ = [
     "BITS",
     "FORMATS",
     "SUPPORTED_BITS",
+    "WIDTH_FORMATS",
     "QuantSpec",
     "QuantizedTensor",
     "Quantizer",

@@ -21,6 +21,8 @@ for a low-rank latent D is the rank):
 - NF4: scale = absmax of the group (float16; 1 for an all-zero group), no
   zero; code = index of the nearest NF4 level to x / scale; x_hat = NF4[code] * scale.
 - FP16: no quantization; the codes are the float16 values' bytes (little-endian).
+- INT4W/INT3W/INT2W (keys, channel axis): INT with a bit width per channel, mean 4/3/2,
+  and a 'widths' part; see kvlink.quant.widths.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-FORMATS: tuple[str, ...] = ("fp16", "int8", "int4", "int3", "int2", "nf4")
-BITS: dict[str, int] = {"fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4}
+WIDTH_FORMATS: dict[str, int] = {"int4w": 4, "int3w": 3, "int2w": 2}  # a width per channel: the mean
+FORMATS: tuple[str, ...] = ("fp16", "int8", "int4", "int3", "int2", "nf4", *WIDTH_FORMATS)
+BITS: dict[str, int] = {"fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, **WIDTH_FORMATS}
 AXES: tuple[str, ...] = ("token", "channel")
 SUPPORTED_BITS: tuple[int | str, ...] = (16, 8, 4, 3, 2, "nf4")
 
@@ -100,6 +103,8 @@ def part_sizes(shape: tuple[int, int, int], spec: QuantSpec) -> dict[str, int]:
     """Exact bytes of each part ('codes', 'scale', 'zero') of a quantized (H, T, D) tensor."""
     n = shape[0] * shape[1] * shape[2]
     sizes = {"codes": packed_size(n, spec.bits)}
+    if spec.format in WIDTH_FORMATS:
+        sizes["widths"] = packed_size(shape[0] * shape[2], 4)
     if spec.has_scale:
         s = scale_shape(shape, spec)
         sizes["scale"] = 2 * s[0] * s[1] * s[2]
@@ -112,7 +117,8 @@ def part_sizes(shape: tuple[int, int, int], spec: QuantSpec) -> dict[str, int]:
 class QuantizedTensor:
     """A quantized (H, T, D) tensor in wire layout (see the module docstring).
 
-    codes: uint8 (n_bytes,); scale, zero: float16 of `scale_shape`, or None.
+    codes: uint8 (n_bytes,); scale, zero: float16 of `scale_shape`, or None;
+    widths: (H, D) uint8 bits per channel for the WIDTH_FORMATS, else None.
     """
 
     spec: QuantSpec
@@ -120,9 +126,12 @@ class QuantizedTensor:
     codes: Tensor
     scale: Tensor | None = None
     zero: Tensor | None = None
+    widths: Tensor | None = None
 
     def nbytes(self) -> dict[str, int]:
         out = {"codes": int(self.codes.numel())}
+        if self.widths is not None:
+            out["widths"] = packed_size(int(self.widths.numel()), 4)
         if self.scale is not None:
             out["scale"] = int(self.scale.numel()) * 2
         if self.zero is not None:
