@@ -32,11 +32,11 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
-from kvlink.codec import ROUNDINGS, Codec, CodecConfig, EncodedKV
+from kvlink.codec import KEY_WIDTHS, ROUNDINGS, WIDTH_OF, Codec, CodecConfig, EncodedKV
 from kvlink.layerbits import Sensitivity
 from kvlink.models import Geometry, model_slug
-from kvlink.quant import format_from_bits
-from kvlink.rotation import ROTATIONS
+from kvlink.quant import WIDTH_FORMATS, format_from_bits
+from kvlink.rotation import ROTATIONS, rotates
 from kvlink.select import SCOPES, get_selector
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class Constraints:
     sink: int | None = None
     sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
     round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
+    k_widths: str | None = None  # None: per-channel key widths wherever the quality table measured them
+    # better; "query": on every config they apply to (unrotated INT2/3/4 keys); "uniform": never
     layer_bits: bool = True  # bits per layer from the model's sensitivity profile, where measured better
     formats: tuple[str, ...] | None = (
         None  # what the receiver decodes (its Welcome's codecs); None: every one
@@ -158,6 +160,10 @@ class Constraints:
             raise ValueError(f"sink {self.sink} needs a receiver that reads fp16 sink entries")
         if self.round_k is not None and self.round_k not in ROUNDINGS:
             raise ValueError(f"round_k must be one of {ROUNDINGS}, got {self.round_k!r}")
+        if self.k_widths is not None and self.k_widths not in KEY_WIDTHS:
+            raise ValueError(f"k_widths must be one of {KEY_WIDTHS}, got {self.k_widths!r}")
+        if self.k_widths == "query" and not all(self.decodes(f) for f in WIDTH_FORMATS):
+            raise ValueError(f"k_widths 'query' needs a receiver that decodes {sorted(WIDTH_FORMATS)}")
         for bits in (self.k_bits, self.v_bits):
             if bits is not None and not self.decodes(format_from_bits(bits)):
                 raise ValueError(
@@ -168,19 +174,27 @@ class Constraints:
         """Whether the receiver decodes quantization format `fmt`."""
         return self.formats is None or fmt in self.formats
 
+    def queries_ruled_out(self) -> bool:
+        """Whether nothing the planner may send needs the question's queries (no selection counted)."""
+        return self.round_k == "nearest" and self.k_widths == "uniform"
+
+    def queries_pinned(self) -> bool:
+        return self.round_k == "query" or self.k_widths == "query"
+
 
 def observe_for(constraints: Constraints | None) -> Observe:
     """The prefill observation the planner's selection method needs (Q2C by default).
 
-    Without selection the question is still observed unless query-aware rounding is ruled out.
+    Without selection the question is still observed unless query-aware rounding and per-channel
+    key widths are both ruled out.
     """
     method = (constraints.method if constraints else None) or "q2c"
     if method == "none":
-        return Observe.QUESTION if (constraints is None or constraints.round_k != "nearest") else Observe.NONE
+        return Observe.QUESTION if (constraints is None or not constraints.queries_ruled_out()) else Observe.NONE
     observes = get_selector(method).observes
     return (
         Observe.QUESTION
-        if observes is Observe.NONE and constraints and constraints.round_k == "query"
+        if observes is Observe.NONE and constraints and constraints.queries_pinned()
         else observes
     )
 
@@ -284,6 +298,8 @@ class QualityTable:
             drops.append(lambda p: [x for x in p if x != f"rot-{config.rotate}"])
         if config.round_k != "nearest":
             drops.append(lambda p: [x for x in p if x != f"round-{config.round_k}"])
+        if config.k_widths != "uniform":
+            drops.append(lambda p: [x for x in p if x != f"kwidths-{config.k_widths}"])
         for n in range(len(drops) + 1):
             for chosen in itertools.combinations(drops, n):
                 twin = parts
@@ -383,6 +399,7 @@ def plannable(config: CodecConfig) -> bool:
         and config.rotate in ROTATE_CHOICES
         and config.sink in SINK_CHOICES
         and config.lowrank in ("none", "svd")
+        and (config.k_widths == "uniform" or config.lowrank == "none")
         and config.hi_layers == 0
         and (config.k_axis, config.v_axis) == ("channel", "token")
     )
@@ -441,6 +458,8 @@ def candidate_configs(
             k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
             round_k="query" if c.round_k == "query" and format_from_bits(kb).startswith("int") else "nearest",
         )  # fmt: skip
+        if c.k_widths == "query" and widths_apply(config):
+            config = config.with_(k_widths="query")
         if config not in seen:
             seen.add(config)
             out.append(config)
@@ -452,6 +471,8 @@ def candidate_configs(
             scope=scope if selected else "global", group_size=g, sink=sink,
             k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
         )  # fmt: skip
+        if c.k_widths == "query" and widths_apply(config):
+            config = config.with_(k_widths="query")
         if config not in seen:
             seen.add(config)
             out.append(config)
@@ -470,21 +491,41 @@ def _mixes(
     return [m for m in mixes if all(c.decodes(f"int{b}") for b in {*m[0], *m[1]})]
 
 
-def _mix_quality(
-    quality: QualityTable, config: CodecConfig, free_rounding: bool
+def widths_apply(config: CodecConfig) -> bool:
+    """Whether per-channel key widths can apply to `config` (INT2/3/4 keys on the channel axis,
+    unrotated, not a low-rank latent)."""
+    formats = {config.k_format, *(f"int{b}" for b in config.k_layer_bits)}
+    return (
+        bool(formats & set(WIDTH_OF))
+        and config.k_axis == "channel"
+        and not rotates(config.rotate, "k")
+        and (config.lowrank == "none" or config.k_rank is None)
+    )
+
+
+def _measured_best(
+    quality: QualityTable, config: CodecConfig, expected: float | None, free_rounding: bool, free_widths: bool
 ) -> tuple[CodecConfig, float] | None:
-    """A per-layer allocation's measured quality, with its query-rounded twin where that measured
-    better and rounding is free; None when the table measured neither."""
+    """The best of `config` (at `expected`, None when unknown) and its query-aware twins the table
+    measured: keys rounded for the question's logits (free: same bytes) and/or per-channel key widths
+    (4 bits per channel and head more), each only where allowed. None when nothing is known.
+
+    A twin's key is this one's plus its label parts (quality keys carry no zstd part)."""
     key = quality_key(config)
-    best = (config, quality.entries[key]) if key in quality.entries else None
-    rounded = quality.entries.get(key + "+round-query")
-    if (
-        rounded is not None
-        and free_rounding
-        and config.round_k == "nearest"
-        and (best is None or rounded > best[1])
-    ):
-        best = (config.with_(round_k="query"), rounded)
+    best = (config, expected) if expected is not None else None
+    twins: list[tuple[str, CodecConfig]] = []
+    rounds = free_rounding and config.round_k == "nearest" and config.k_format.startswith("int")
+    widens = free_widths and config.k_widths == "uniform" and widths_apply(config)
+    if rounds:
+        twins.append(("+round-query", config.with_(round_k="query")))
+    if widens:
+        twins.append(("+kwidths-query", config.with_(k_widths="query")))
+        if rounds:
+            twins.append(("+round-query+kwidths-query", config.with_(round_k="query", k_widths="query")))
+    for suffix, twin in twins:
+        measured = quality.entries.get(key + suffix)
+        if measured is not None and (best is None or measured > best[1]):
+            best = (twin, measured)
     return best
 
 
@@ -492,7 +533,7 @@ def _size_key(c: CodecConfig) -> tuple[Any, ...]:
     """The fields that decide a config's predicted size (a rotation, the seed or the window do not)."""
     return (c.selector != "none", c.retention, c.scope, c.k_bits, c.v_bits, c.group_size, c.k_axis, c.v_axis,
             c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.k_layer_bits, c.v_layer_bits,
-            c.zstd_level)  # fmt: skip
+            c.zstd_level, c.k_widths)  # fmt: skip
 
 
 def _rank(c: Candidate) -> tuple[bool, float, int]:
@@ -556,30 +597,38 @@ def plan(
 
     candidates: list[Candidate] = []
     estimates: dict[tuple[Any, ...], int] = {}
-    free_rounding = constraints.round_k is None and len(prefill.observation.layers) == geometry.num_layers
-    for config in candidate_configs(geometry, constraints, sensitivity):
-        mixed = bool(config.k_layer_bits or config.v_layer_bits)
-        mix_quality = math.nan
-        if mixed:
-            measured_mix = _mix_quality(quality, config, free_rounding)
-            if measured_mix is None:
-                continue  # no prior for an allocation: only a measurement weighs it
-            config, mix_quality = measured_mix
+    observed = len(prefill.observation.layers) == geometry.num_layers
+    free_rounding = constraints.round_k is None and observed
+    free_widths = constraints.k_widths is None and observed and all(constraints.decodes(f) for f in WIDTH_FORMATS)
+
+    def estimate(config: CodecConfig) -> int:
         size_key = _size_key(config)
         est = estimates.get(size_key)
         if est is None:
             est = estimates[size_key] = _estimate(Codec(config, geometry), length)
+        return est
+
+    for config in candidate_configs(geometry, constraints, sensitivity):
+        mixed = bool(config.k_layer_bits or config.v_layer_bits)
+        est = estimate(config)
         reachable = est <= budget_bytes * ZSTD_REACH
-        if mixed:
-            expected = mix_quality if reachable else math.nan
+        if mixed:  # no prior for an allocation: only a measurement weighs it
+            base = quality.entries.get(quality_key(config))
+            best = _measured_best(quality, config, base, free_rounding, free_widths)
+            if best is None:
+                continue
+            config, expected = best
+            est = estimate(config)
+            expected = expected if reachable else math.nan
+        elif reachable:
+            expected = quality.expected(config, geometry.head_dim)
+            # Twins are taken only where the table measured them better (never from a prior).
+            best = _measured_best(quality, config, expected, free_rounding, free_widths)
+            assert best is not None
+            config, expected = best
+            est = estimate(config)
         else:
-            expected = quality.expected(config, geometry.head_dim) if reachable else math.nan
-        if reachable and not mixed and free_rounding and config.k_format.startswith("int"):
-            # Same bytes; taken only where the table measured it better (never from a prior). The
-            # twin's key is this one's plus its last label part (quality keys carry no zstd part).
-            measured = quality.entries.get(quality_key(config) + "+round-query")
-            if measured is not None and measured > expected:
-                config, expected = config.with_(round_k="query"), measured
+            expected = math.nan
         candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
     # Best quality first; among equals, the smaller message; the unreachable ones last.

@@ -309,6 +309,47 @@ def test_round_k_constraint_and_observation() -> None:
     )  # fmt: skip
     assert constraints_from_args(args).round_k == "query"
     assert observe_for(Constraints(method="none")) is Observe.QUESTION  # the queries round the keys
-    assert observe_for(Constraints(method="none", round_k="nearest")) is Observe.NONE
+    assert observe_for(Constraints(method="none", round_k="nearest")) is Observe.QUESTION  # key widths may
+    assert observe_for(Constraints(method="none", round_k="nearest", k_widths="uniform")) is Observe.NONE
     assert observe_for(Constraints(method="random", round_k="query")) is Observe.QUESTION
+    assert observe_for(Constraints(method="random", k_widths="query")) is Observe.QUESTION
+    assert observe_for(Constraints(method="random")) is Observe.NONE
     assert observe_for(Constraints(method="snapkv", round_k="query")) is Observe.WINDOW
+
+
+def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tuple[Any, Any]) -> None:
+    """Per-channel key widths cost 4 bits per channel and head: taken only where the table measured the
+    twin better, never from a prior, never to a receiver without the formats, never when ruled out."""
+    from client.sender import SendError, _for_receiver
+
+    lm, pre = prefilled
+    base = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
+    widths = base.with_(k_widths="query")
+    both = base.with_(k_widths="query", round_k="query")
+
+    def picked(table: QualityTable, constraints: Constraints | None = None) -> CodecConfig:
+        return plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).config
+
+    unmeasured = QualityTable(entries={quality_key(base): 0.99})
+    assert picked(unmeasured).k_widths == "uniform"
+    table = QualityTable(entries={quality_key(base): 0.99, quality_key(widths): 0.995})
+    chosen = picked(table)
+    assert chosen.with_(zstd_level=0) == widths
+    result = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table)
+    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[0].spec.format == "int4w"
+    assert (
+        picked(QualityTable(entries={**table.entries, quality_key(both): 0.996})).with_(zstd_level=0) == both
+    )
+    assert picked(table, Constraints(k_widths="uniform")).k_widths == "uniform"
+    old = wire.Codecs(
+        formats=("fp16", "int8", "int4", "int3", "int2"), selectors=("none", "q2c"), lowrank_modes=("none",)
+    )
+    assert picked(table, _for_receiver(None, old)).k_widths == "uniform"
+    with pytest.raises(SendError, match="per-channel key widths"):
+        _for_receiver(Constraints(k_widths="query"), old)
+    with pytest.raises(ValueError, match="k_widths must be one of"):
+        Constraints(k_widths="always")
+    pinned = candidate_configs(lm.geometry, Constraints(k_widths="query", k_bits=3, v_bits=3))
+    unrotated = [c for c in pinned if c.rotate in ("none", "v")]
+    assert unrotated and all(c.k_widths == "query" for c in unrotated)  # rotated keys keep one width
+    assert all(c.k_widths == "uniform" for c in pinned if c.rotate in ("k", "kv"))
