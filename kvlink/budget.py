@@ -190,7 +190,9 @@ def observe_for(constraints: Constraints | None) -> Observe:
     """
     method = (constraints.method if constraints else None) or "q2c"
     if method == "none":
-        return Observe.QUESTION if (constraints is None or not constraints.queries_ruled_out()) else Observe.NONE
+        return (
+            Observe.QUESTION if (constraints is None or not constraints.queries_ruled_out()) else Observe.NONE
+        )
     observes = get_selector(method).observes
     return (
         Observe.QUESTION
@@ -599,7 +601,9 @@ def plan(
     estimates: dict[tuple[Any, ...], int] = {}
     observed = len(prefill.observation.layers) == geometry.num_layers
     free_rounding = constraints.round_k is None and observed
-    free_widths = constraints.k_widths is None and observed and all(constraints.decodes(f) for f in WIDTH_FORMATS)
+    free_widths = (
+        constraints.k_widths is None and observed and all(constraints.decodes(f) for f in WIDTH_FORMATS)
+    )
 
     def estimate(config: CodecConfig) -> int:
         size_key = _size_key(config)
