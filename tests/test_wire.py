@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvlink import wire
-from kvlink.cache import ContextKV
+from kvlink.cache import ContextKV, LayerObservation, Observation, Observe
 from kvlink.codec import Codec, CodecConfig, EncodedKV
 from kvlink.lowrank import ModelProfile
 from kvlink.models import Geometry
@@ -67,9 +67,27 @@ def _profile(r_max: int = 8) -> ModelProfile:
     return ModelProfile(FP, r_max, 0, bases, means)
 
 
+def _observation(length: int) -> Observation:
+    """Question queries for the configs that need them (per-channel key widths, query rounding)."""
+    g = torch.Generator().manual_seed(11)
+    layers = [
+        LayerObservation(
+            torch.randn(GEOM.q_heads, 5, GEOM.head_dim, generator=g) * torch.logspace(1, -1, GEOM.head_dim),
+            torch.arange(length, length + 5),
+            torch.zeros(GEOM.kv_heads, 0, GEOM.head_dim),
+            torch.arange(0),
+        )
+        for _ in range(GEOM.num_layers)
+    ]
+    return Observation(Observe.QUESTION, length, layers, num_layers=GEOM.num_layers)
+
+
 def _encode(config: CodecConfig, length: int = T, profile: Any = None) -> EncodedKV:
     kv = _kv(length, coarse=config.zstd_level > 0)
-    return Codec(config, GEOM, profile).encode_kv(kv, _kept(config, length))
+    observed = config.k_widths != "uniform" or config.round_k != "nearest"
+    return Codec(config, GEOM, profile).encode_kv(
+        kv, _kept(config, length), _observation(length) if observed else None
+    )
 
 
 def _frames(encoded: EncodedKV, chunk_bytes: int = 1 << 20) -> list[Any]:
@@ -121,6 +139,10 @@ CONFIGS = {
     "svd-k8-int4": CodecConfig(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=8),
     "layer-bits-sink": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
                                    k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2)),
+    "key-widths-mixed": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+                                    k_layer_bits=(8, 3, 2), v_layer_bits=(4, 4, 4), k_widths="query",
+                                    round_k="query"),
+    "key-widths-zstd": CodecConfig(k_bits=4, v_bits=3, k_widths="query", zstd_level=3),
 }  # fmt: skip
 
 

@@ -28,7 +28,7 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
     streamingllm50/25 sinks + recent window at 50% / 25%
 
 Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
-`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round` and `layer-bits` (issue 7's techniques), `seeds`, `kivi2`,
+`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round`, `layer-bits` and `key-widths` (issue 7's techniques), `seeds`, `kivi2`,
 `streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
 seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
 combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
@@ -114,6 +114,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "k4v3-g64-sink1", "mix3.5-g64-sink1", "int3-g64-sink1", "mix3-g64-sink1",
         "q2c90-layer-mix3.5-g64-sink1-qround", "q2c60-layer-mix3.5-g64-sink1-qround",
         "q2c40-layer-mix3.5-g64-sink1-qround",
+    ),
+    # Per-channel key widths from the question's queries (kvlink.quant.widths), next to their uniform twins.
+    "key-widths": (
+        "q2c90-layer-k4v3-g64-sink1-qround", "q2c90-layer-k4v3-g64-sink1-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw",
+        "q2c90-layer-k3v4-g64-sink1-qround", "q2c90-layer-k3v4-g64-sink1-kw", "q2c90-layer-k3v4-g64-sink1-qround-kw",
+        "k3v4-g64-sink1-kw", "q2c65-layer-k3v4-g64-sink1-qround-kw", "q2c40-layer-k3v4-g64-sink1-qround-kw",
     ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
