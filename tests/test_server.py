@@ -18,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from client.sender import SendError, ask, hello, send_context, transfer
 from kvlink import wire
 from kvlink.budget import parse_budget
 from kvlink.cache import ContextKV, Observe, Prefill, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, CodecConfig, EncodedKV, Part
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry, aggregate, percentile
@@ -382,6 +382,31 @@ async def test_unknown_codec(server: Receiver, embedded: LoadedModel, good: Good
     frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
     bad = _edited_header(frames, lambda h: setattr(h.config, "k_format", "int5"))
     await _refused(server, embedded, bad, grpc.StatusCode.UNIMPLEMENTED, "UNKNOWN_CODEC", "'int5'")
+    await _send_good(server, embedded, good)
+
+
+async def test_key_widths_are_answered_and_bad_widths_cost_one_error(
+    server: Receiver, embedded: LoadedModel, good: Good, sender_prefill: tuple[Prefill, torch.Tensor]
+) -> None:
+    """A message with per-channel key widths is answered from exactly its bytes; one whose widths do
+    not add up (well framed, CRCs right) is refused as MALFORMED and the receiver keeps serving."""
+    pre, q = sender_prefill
+    config = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64,
+                         sink=1, k_widths="query")  # fmt: skip
+    codec = Codec(config, embedded.geometry)
+    encoded = codec.encode(pre)
+    assert encoded.tensors[0].spec.format == "int3w"
+    local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
+    await _send_good(server, embedded, Good(encoded, good.question, local.token_ids))
+    t = encoded.tensors[0]
+    raw = bytearray(t.parts["widths"].data)
+    raw[0] = (raw[0] & 0xF0) | (((raw[0] & 0x0F) + 1) % 9)  # one more (or fewer) bit in head 0
+    bad = replace(encoded, tensors=[replace(t, parts={**t.parts, "widths": Part(bytes(raw), len(raw))}),
+                                    *encoded.tensors[1:]])  # fmt: skip
+    frames = _frames(embedded, bad, uuid.uuid4().hex)
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED", "widths of head 0"
+    )
     await _send_good(server, embedded, good)
 
 
