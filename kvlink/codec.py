@@ -647,30 +647,27 @@ class Codec:
         """
         cfg = self.config
         assert observation is not None  # encode_kv checked it
-        batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor, Tensor | None]]] = {}
-        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
+        prepared: list[tuple[_Prepared, Tensor]] = []
         for layer in range(kv.num_layers):
             p = self._prepare(layer, "k", kv.keys[layer].float())
             if not p.spec.format.startswith("int"):
                 continue  # an fp16 first layer of a hi_layers config
-            widths_format = p.spec.format in WIDTH_FORMATS
-            if cfg.round_k != "query" and not widths_format:
+            if cfg.round_k != "query" and p.spec.format not in WIDTH_FORMATS:
                 continue  # an INT8 layer of a per-layer allocation: nothing query-aware to do
             queries = observation.layers[layer].queries.to(p.stored.device)
             if rotates(cfg.rotate, "k"):  # logits are invariant under one orthogonal map on both sides
                 queries = rotate(queries, cfg.seed, layer, "k")
-            hessian = query_hessian(queries, int(p.stored.shape[0]))
-            widths = None
-            if widths_format:
-                weights = channel_weights(
-                    p.stored, saliency(hessian, cfg.round_k == "query"), p.spec.group_size
-                )
-                widths = allocate_widths(weights, WIDTH_FORMATS[p.spec.format])
+            prepared.append((p, query_hessian(queries, int(p.stored.shape[0]))))
+        widths = self._allocate(prepared)
+        batches: dict[tuple[QuantSpec, tuple[int, ...]], list[tuple[_Prepared, Tensor, Tensor | None]]] = {}
+        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
+        for p, hessian in prepared:
+            w = widths.get(p.layer)
             if cfg.round_k != "query":
-                assert widths is not None
-                out[layer] = (p, quantize_widths(p.stored, p.spec, widths))
-                continue
-            batches.setdefault((p.spec, tuple(p.stored.shape)), []).append((p, hessian, widths))
+                assert w is not None
+                out[p.layer] = (p, quantize_widths(p.stored, p.spec, w))
+            else:
+                batches.setdefault((p.spec, tuple(p.stored.shape)), []).append((p, hessian, w))
         for (spec, shape), items in batches.items():
             h = shape[0]
             step = max(1, ROUND_BATCH_ELEMENTS // max(1, math.prod(shape)))
@@ -678,8 +675,8 @@ class Codec:
                 chunk = items[start : start + step]
                 x = torch.cat([p.stored for p, _, _ in chunk])  # (layers * H, N, D)
                 hessian = torch.cat([hs for _, hs, _ in chunk])  # (layers * H, D, D)
-                widths = torch.cat([w for _, _, w in chunk]) if spec.format in WIDTH_FORMATS else None  # type: ignore[misc]
-                codes, scale, zero = round_query_aware(x, spec, hessian, widths=widths)
+                stacked = torch.cat([w for _, _, w in chunk]) if spec.format in WIDTH_FORMATS else None  # type: ignore[misc]
+                codes, scale, zero = round_query_aware(x, spec, hessian, widths=stacked)
                 for i, (p, _, w) in enumerate(chunk):
                     rows = slice(i * h, (i + 1) * h)
                     packed = pack_bits(codes[rows], spec.bits) if w is None else pack_codes(codes[rows], w)
@@ -687,6 +684,24 @@ class Codec:
                         p,
                         QuantizedTensor(spec, p.stored_shape, packed, scale[rows], zero[rows], w),
                     )
+        return out
+
+    def _allocate(self, prepared: list[tuple[_Prepared, Tensor]]) -> dict[int, Tensor]:
+        """Per-channel widths of every key tensor of a per-channel format, by layer: one allocation
+        per mean width for all such layers' heads together (the rows are independent)."""
+        compensated = self.config.round_k == "query"
+        by_mean: dict[int, list[tuple[int, Tensor]]] = {}
+        for p, hessian in prepared:
+            if p.spec.format in WIDTH_FORMATS:
+                weights = channel_weights(p.stored, saliency(hessian, compensated), p.spec.group_size)
+                by_mean.setdefault(WIDTH_FORMATS[p.spec.format], []).append((p.layer, weights))
+        out: dict[int, Tensor] = {}
+        for mean, items in by_mean.items():
+            widths = allocate_widths(torch.cat([w for _, w in items]), mean)
+            start = 0
+            for layer, weights in items:
+                out[layer] = widths[start : start + weights.shape[0]]
+                start += weights.shape[0]
         return out
 
     def _finish(self, prep: _Prepared, q: QuantizedTensor | None = None) -> EncodedTensor:
