@@ -513,22 +513,26 @@ def _measured_best(
     (4 bits per channel and head more), each only where allowed. None when nothing is known.
 
     A twin's key is this one's plus its label parts (quality keys carry no zstd part)."""
-    key = quality_key(config)
-    best = (config, expected) if expected is not None else None
-    twins: list[tuple[str, CodecConfig]] = []
     rounds = free_rounding and config.round_k == "nearest" and config.k_format.startswith("int")
     widens = free_widths and config.k_widths == "uniform" and widths_apply(config)
+    if not (rounds or widens):
+        return (config, expected) if expected is not None else None
+    twins: list[tuple[str, dict[str, str]]] = []  # (key suffix, the fields that make the twin)
     if rounds:
-        twins.append(("+round-query", config.with_(round_k="query")))
+        twins.append(("+round-query", {"round_k": "query"}))
     if widens:
-        twins.append(("+kwidths-query", config.with_(k_widths="query")))
+        twins.append(("+kwidths-query", {"k_widths": "query"}))
         if rounds:
-            twins.append(("+round-query+kwidths-query", config.with_(round_k="query", k_widths="query")))
-    for suffix, twin in twins:
+            twins.append(("+round-query+kwidths-query", {"round_k": "query", "k_widths": "query"}))
+    key = quality_key(config)
+    best_value, best_fields = expected, None
+    for suffix, fields in twins:
         measured = quality.entries.get(key + suffix)
-        if measured is not None and (best is None or measured > best[1]):
-            best = (twin, measured)
-    return best
+        if measured is not None and (best_value is None or measured > best_value):
+            best_value, best_fields = measured, fields
+    if best_value is None:
+        return None
+    return (config.with_(**best_fields) if best_fields else config), best_value
 
 
 def _size_key(c: CodecConfig) -> tuple[Any, ...]:
@@ -613,18 +617,18 @@ def plan(
         return est
 
     for config in candidate_configs(geometry, constraints, sensitivity):
-        mixed = bool(config.k_layer_bits or config.v_layer_bits)
-        est = estimate(config)
-        reachable = est <= budget_bytes * ZSTD_REACH
-        if mixed:  # no prior for an allocation: only a measurement weighs it
+        if config.k_layer_bits or config.v_layer_bits:  # no prior for an allocation: only a measurement
             base = quality.entries.get(quality_key(config))
             best = _measured_best(quality, config, base, free_rounding, free_widths)
             if best is None:
                 continue
             config, expected = best
             est = estimate(config)
-            expected = expected if reachable else math.nan
-        elif reachable:
+            expected = expected if est <= budget_bytes * ZSTD_REACH else math.nan
+            candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
+            continue
+        est = estimate(config)
+        if est <= budget_bytes * ZSTD_REACH:
             expected = quality.expected(config, geometry.head_dim)
             # Twins are taken only where the table measured them better (never from a prior).
             best = _measured_best(quality, config, expected, free_rounding, free_widths)

@@ -501,9 +501,12 @@ class Codec:
             stored = self.stored_shape(kind, n_kept)
             sizes.payload += g.num_layers * g.kv_heads * (n_kept - stored[1]) * g.head_dim * 2
             specs: dict[QuantSpec, int] = {}  # spec -> how many layers use it
-            for layer in range(g.num_layers):
-                spec = cfg.spec(kind, layer)
-                specs[spec] = specs.get(spec, 0) + 1
+            if cfg.hi_layers or cfg.layer_bits(kind):
+                for layer in range(g.num_layers):
+                    spec = cfg.spec(kind, layer)
+                    specs[spec] = specs.get(spec, 0) + 1
+            else:  # one spec for every layer (the planner sizes thousands of these)
+                specs[cfg.spec(kind, 0)] = g.num_layers
             for spec, layers in specs.items():
                 for name, n in part_sizes(stored, spec).items():
                     if name == "codes":
