@@ -554,17 +554,14 @@ def _estimate(codec: Codec, length: int) -> int:
     g = codec.geometry
     n_tensors = 2 * g.num_layers
     parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0) + (1 if codec.config.sink else 0)
+    n_parts = n_tensors * parts_per_tensor + (g.num_layers if codec.config.k_widths != "uniform" else 0)
     # Frames: a header with one payload-table entry per part (~40 bytes each), one chunk frame per
     # part (~24 bytes of tags, ids and CRC), the trailer, acks and the receipt; then HTTP/2.
-    framing = 1024 + n_tensors * parts_per_tensor * (40 + 24)
+    framing = 1024 + n_parts * (40 + 24)
     signaling = g.num_layers * 16 + wire.RECEIPT_ALLOWANCE
     frames = sizes.total + framing
     n_signals = g.num_layers + 2
-    return (
-        frames
-        + signaling
-        + wire.http2_overhead(n_tensors * parts_per_tensor + 2, frames, n_signals=n_signals)
-    )
+    return frames + signaling + wire.http2_overhead(n_parts + 2, frames, n_signals=n_signals)
 
 
 def plan(

@@ -353,3 +353,29 @@ def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tup
     unrotated = [c for c in pinned if c.rotate in ("none", "v")]
     assert unrotated and all(c.k_widths == "query" for c in unrotated)  # rotated keys keep one width
     assert all(c.k_widths == "uniform" for c in pinned if c.rotate in ("k", "kv"))
+
+
+def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) -> None:
+    """The planner's pre-encoding estimate is an upper bound of the exact framed size it then checks."""
+    from kvlink.budget import _estimate
+    from kvlink.codec import Codec
+
+    lm, pre = prefilled
+    configs = [
+        CodecConfig(k_bits=4, v_bits=4),
+        CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1),
+        CodecConfig(selector="q2c", retention=0.9, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1,
+                    round_k="query", k_widths="query"),
+        CodecConfig(k_bits=2, v_bits=2, k_widths="query"),
+        CodecConfig(k_bits=8, v_bits=4, lowrank="svd", k_rank=8, v_rank=8),
+        CodecConfig(k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2), sink=1, k_widths="query"),
+    ]  # fmt: skip
+    for config in configs:
+        codec = Codec(config, lm.geometry)
+        encoded = codec.encode_kv(pre.kv, codec.select(pre), pre.observation)
+        size = wire.message_wire_size(encoded, "s" * 32, "m" * 32, lm.fingerprint, 1 << 20)
+        n_frames = 2 + sum(
+            max(1, -(-len(p.data) // (1 << 20))) for t in encoded.tensors for p in t.parts.values()
+        )
+        total = size.total + wire.http2_overhead(n_frames, size.frames, n_signals=lm.geometry.num_layers + 2)
+        assert total <= _estimate(codec, pre.kv.length), config.label
