@@ -32,11 +32,11 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
-from kvlink.codec import KEY_WIDTHS, ROUNDINGS, WIDTH_OF, Codec, CodecConfig, EncodedKV
+from kvlink.codec import KEY_WIDTHS, ROUNDINGS, Codec, CodecConfig, EncodedKV
 from kvlink.layerbits import Sensitivity
 from kvlink.models import Geometry, model_slug
 from kvlink.quant import WIDTH_FORMATS, format_from_bits
-from kvlink.rotation import ROTATIONS, rotates
+from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, get_selector
 
 logger = logging.getLogger(__name__)
@@ -496,13 +496,7 @@ def _mixes(
 def widths_apply(config: CodecConfig) -> bool:
     """Whether per-channel key widths can apply to `config` (INT2/3/4 keys on the channel axis,
     unrotated, not a low-rank latent)."""
-    formats = {config.k_format, *(f"int{b}" for b in config.k_layer_bits)}
-    return (
-        bool(formats & set(WIDTH_OF))
-        and config.k_axis == "channel"
-        and not rotates(config.rotate, "k")
-        and (config.lowrank == "none" or config.k_rank is None)
-    )
+    return config.widths_conflict() is None
 
 
 def _measured_best(

@@ -177,19 +177,9 @@ class CodecConfig:
         if self.k_widths not in KEY_WIDTHS:
             raise ValueError(f"k_widths must be one of {KEY_WIDTHS}, got {self.k_widths!r}")
         if self.k_widths != "uniform":
-            formats = {self.k_format, *(format_from_bits(b) for b in self.k_layer_bits)}
-            if not formats & set(WIDTH_OF):
-                raise ValueError(
-                    f"k_widths {self.k_widths!r} needs INT2/3/4 keys, got k_bits {self.k_bits!r}"
-                )
-            if self.k_axis != "channel":
-                raise ValueError(
-                    f"k_widths {self.k_widths!r} needs keys grouped on the channel axis, got {self.k_axis!r}"
-                )
-            if rotates(self.rotate, "k"):
-                raise ValueError(f"k_widths {self.k_widths!r} with rotate {self.rotate!r}: choose one")
-            if self.lowrank != "none" and self.k_rank is not None:
-                raise ValueError(f"k_widths {self.k_widths!r} with lowrank {self.lowrank!r} on k: choose one")
+            conflict = self.widths_conflict()
+            if conflict:
+                raise ValueError(f"k_widths {self.k_widths!r} {conflict}")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -197,6 +187,18 @@ class CodecConfig:
                 raise ValueError(
                     f"rotate {self.rotate!r} with lowrank {self.lowrank!r} on {kind}: choose one"
                 )
+
+    def widths_conflict(self) -> str | None:
+        """Why per-channel key widths cannot apply to this config's keys (None: they can)."""
+        if not {self.k_format, *(format_from_bits(b) for b in self.k_layer_bits)} & set(WIDTH_OF):
+            return f"needs INT2/3/4 keys, got k_bits {self.k_bits!r}"
+        if self.k_axis != "channel":
+            return f"needs keys grouped on the channel axis, got {self.k_axis!r}"
+        if rotates(self.rotate, "k"):
+            return f"with rotate {self.rotate!r}: choose one"
+        if self.lowrank != "none" and self.k_rank is not None:
+            return f"with lowrank {self.lowrank!r} on k: choose one"
+        return None
 
     def _check_layer_bits(self, kind: str) -> None:
         """Validate and canonicalize `{kind}_layer_bits` (a tuple; `{kind}_bits` becomes its largest entry)."""

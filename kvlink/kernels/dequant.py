@@ -341,19 +341,14 @@ def _dequant_plan(
 
 def dequantize_widths(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """A tensor of the per-channel-width formats -> (H, T, D) of `dtype`, one kernel launch."""
-    from kvlink.quant.widths import check_widths, mean_width, width_offsets
+    from kvlink.quant.widths import check_width_tensor, mean_width, width_offsets
 
     _require_triton()
-    h, t, d = q.shape
+    check_width_tensor(q)
+    check_packed(q)  # and on one device
+    assert q.widths is not None
+    _, t, d = q.shape
     mean = mean_width(q.spec)
-    if q.widths is None:
-        raise ValueError(f"format {q.spec.format!r} needs the tensor's widths, got None")
-    check_widths(q.widths, h, d, mean)
-    if q.spec.axis != "channel" or (d * mean) % 8:
-        raise ValueError(
-            f"per-channel widths need the channel axis and whole-byte rows, got {q.spec} with D={d}"
-        )
-    check_packed(q)
     out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
     n = out.numel()
     if n == 0:

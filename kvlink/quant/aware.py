@@ -59,23 +59,23 @@ def saliency(hessian: Tensor, compensated: bool, damp: float = DAMP) -> Tensor:
     """
     if not compensated:
         return hessian.diagonal(dim1=1, dim2=2).clone()
-    d = hessian.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=hessian.device)
-    level = hessian.diagonal(dim1=1, dim2=2).mean(dim=1)
-    level = torch.where(level > 0, level, torch.ones_like(level))
-    damped = hessian.double() + damp * level[:, None, None] * eye
-    return 1.0 / torch.linalg.inv(damped).diagonal(dim1=1, dim2=2)
+    return 1.0 / torch.linalg.inv(_damped(hessian, damp)).diagonal(dim1=1, dim2=2)
 
 
-def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, (H, D, D) float64."""
+def _damped(hessian: Tensor, damp: float) -> Tensor:
+    """H + damp * mean(diag H) * I per head, (H, D, D) float64; a head without queries gets I."""
     d = hessian.shape[-1]
     eye = torch.eye(d, dtype=torch.float64, device=hessian.device)
     level = hessian.diagonal(dim1=1, dim2=2).mean(dim=1)  # (H,)
     # No queries at all (or all-zero ones): H = I, which is exactly nearest rounding.
     level = torch.where(level > 0, level, torch.ones_like(level))
-    h = torch.where((hessian.diagonal(dim1=1, dim2=2).sum(1) > 0)[:, None, None], hessian, eye)
-    h = h + damp * level[:, None, None] * eye
+    h = torch.where((hessian.diagonal(dim1=1, dim2=2).sum(1) > 0)[:, None, None], hessian.double(), eye)
+    return h + damp * level[:, None, None] * eye
+
+
+def _inverse_factor(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, (H, D, D) float64."""
+    h = _damped(hessian, damp)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 

@@ -124,14 +124,18 @@ def fp16_round(x: Tensor, down: bool) -> Tensor:
     return torch.where(wrong, torch.nextafter(h, toward), h)
 
 
-def scale_zero(groups: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+def scale_zero(groups: Tensor, qmax: int | Tensor) -> tuple[Tensor, Tensor]:
     """Float16 (scale, zero) of each group (..., G) -> (...): zero = min rounded down, scale =
-    (max - zero) / qmax rounded up (1 for a constant group)."""
+    (max - zero) / qmax rounded up (1 for a constant group). qmax: one for all groups, or a
+    tensor broadcast to groups[..., 0] (per-channel widths, kvlink.quant.widths)."""
     lo, hi = groups.amin(dim=-1).float(), groups.amax(dim=-1).float()
     zero = fp16_round(lo, down=True)
     # Divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply,
     # which would make GPU and CPU senders emit different scale bytes.
-    scale = fp16_round((hi - zero.float()) / torch.full_like(hi, qmax), down=False)
+    divisor = (
+        torch.full_like(hi, qmax) if isinstance(qmax, int) else torch.broadcast_to(qmax, hi.shape).float()
+    )
+    scale = fp16_round((hi - zero.float()) / divisor, down=False)
     return torch.where(scale == 0, torch.ones_like(scale), scale), zero
 
 

@@ -38,11 +38,16 @@ from kvlink.quant.base import (
     QuantizedTensor,
     Quantizer,
     QuantSpec,
-    packed_size,
     register,
-    scale_shape,
 )
-from kvlink.quant.intq import check_input, expand_groups, fp16_round, group_stats_layout, group_view
+from kvlink.quant.intq import (
+    check_input,
+    check_quantized,
+    expand_groups,
+    group_stats_layout,
+    group_view,
+    scale_zero,
+)
 from kvlink.quant.pack import pack_bits, unpack_bits
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "WidthQuantizer",
     "allocate_widths",
     "channel_weights",
+    "check_width_tensor",
     "check_widths",
     "group_stats",
     "pack_codes",
@@ -109,6 +115,14 @@ def unpack_widths(packed: Tensor, h: int, d: int) -> Tensor:
     return unpack_bits(packed, 4, h * d).view(h, d)
 
 
+def _bit_positions(widths: Tensor, t: int, device: torch.device) -> tuple[Tensor, int]:
+    """(H, T, D) int64 stream position of each code's first bit, and the bits of one row."""
+    h = int(widths.shape[0])
+    row_bits = int(widths[0].long().sum()) if h else 0
+    rows = torch.arange(h * t, device=device, dtype=torch.int64).view(h, t, 1)
+    return rows * row_bits + width_offsets(widths).to(device)[:, None, :], row_bits
+
+
 def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
     """(H, T, D) integer codes, code (h, t, i) < 2^w[h, i] -> the variable-width stream (uint8).
 
@@ -116,18 +130,16 @@ def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
     so adding the shifted pieces into the bytes is the same as OR-ing them.
     """
     h, t = int(codes.shape[0]), int(codes.shape[1])
-    row_bits = int(widths[0].long().sum()) if h else 0
-    n_bytes = h * t * row_bits // 8
     device = codes.device
+    bit, row_bits = _bit_positions(widths, t, device)
+    n_bytes = h * t * row_bits // 8
     if n_bytes == 0:
         return torch.zeros(0, dtype=torch.uint8, device=device)
-    rows = torch.arange(h * t, device=device, dtype=torch.int64).view(h, t, 1)
-    bit = rows * row_bits + width_offsets(widths).to(device)[:, None, :]  # (H, T, D)
     value = codes.to(torch.int64) << (bit & 7)  # at most 15 bits
     byte = bit >> 3
     out = torch.zeros(
         n_bytes + 2, dtype=torch.int64, device=device
-    )  # a trailing width-0 code points past the end
+    )  # a last width-0 code points past the end
     out.index_add_(0, byte.reshape(-1), (value & 0xFF).reshape(-1))
     out.index_add_(0, (byte + 1).reshape(-1), (value >> 8).reshape(-1))
     return out[:n_bytes].to(torch.uint8)
@@ -136,13 +148,11 @@ def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
 def unpack_codes(packed: Tensor, widths: Tensor, t: int) -> Tensor:
     """Inverse of `pack_codes`: (H, T, D) uint8 codes from the stream and the (H, D) widths."""
     h, d = (int(s) for s in widths.shape)
-    row_bits = int(widths[0].long().sum()) if h else 0
     device = packed.device
     if h * t * d == 0:
         return torch.zeros(h, t, d, dtype=torch.uint8, device=device)
+    bit, _ = _bit_positions(widths, t, device)
     data = torch.cat([packed.to(torch.int64), packed.new_zeros(2, dtype=torch.int64)])
-    rows = torch.arange(h * t, device=device, dtype=torch.int64).view(h, t, 1)
-    bit = rows * row_bits + width_offsets(widths).to(device)[:, None, :]
     byte = bit >> 3
     word = data[byte] | (data[byte + 1] << 8)
     mask = (1 << widths.to(device=device, dtype=torch.int64)) - 1  # (H, D)
@@ -152,18 +162,14 @@ def unpack_codes(packed: Tensor, widths: Tensor, t: int) -> Tensor:
 def group_stats(groups: Tensor, qmax: Tensor) -> tuple[Tensor, Tensor]:
     """Float16 (scale, zero) of groups (..., G) under per-group qmax (broadcast to groups[..., 0]).
 
-    qmax >= 1: the INT rule (zero = min rounded down, scale = (max - zero) / qmax rounded
-    up, 1 for a constant group). qmax 0 (width 0): zero = the midpoint, scale 1.
+    qmax >= 1: the INT rule (kvlink.quant.intq.scale_zero). qmax 0 (width 0): zero = the
+    midpoint, scale 1.
     """
-    lo, hi = groups.amin(dim=-1).float(), groups.amax(dim=-1).float()
-    q = torch.broadcast_to(qmax, lo.shape).float()
-    zero = fp16_round(lo, down=True)
-    scale = fp16_round((hi - zero.float()) / q.clamp_min(1), down=False)
-    one = torch.ones_like(scale)
-    scale = torch.where(scale == 0, one, scale)
+    q = torch.broadcast_to(qmax, groups.shape[:-1])
+    scale, zero = scale_zero(groups, q.clamp_min(1))
     flat = q == 0
-    zero = torch.where(flat, ((lo + hi) / 2).to(torch.float16), zero)
-    return torch.where(flat, one, scale), zero
+    mid = ((groups.amin(dim=-1).float() + groups.amax(dim=-1).float()) / 2).to(torch.float16)
+    return torch.where(flat, torch.ones_like(scale), scale), torch.where(flat, mid, zero)
 
 
 def channel_weights(x: Tensor, query_diag: Tensor, group_size: int) -> Tensor:
@@ -264,25 +270,24 @@ class WidthQuantizer(Quantizer):
         return quantize_widths(x, spec, uniform)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        h, t, d = q.shape
-        _check_spec(q.spec, d)
-        if q.widths is None:
-            raise ValueError(f"format {q.spec.format!r} needs the tensor's widths, got None")
-        check_widths(q.widths, h, d, mean_width(q.spec))
-        n_bytes = packed_size(h * t * d, q.spec.bits)
-        if q.codes.dtype != torch.uint8 or q.codes.dim() != 1 or q.codes.numel() != n_bytes:
-            raise ValueError(f"codes must be a 1-D uint8 tensor of {n_bytes} bytes for shape {q.shape}")
-        sshape = scale_shape(q.shape, q.spec)
-        for name, part in (("scale", q.scale), ("zero", q.zero)):
-            if part is None or tuple(part.shape) != sshape:
-                got = None if part is None else tuple(part.shape)
-                raise ValueError(f"{name} must have shape {sshape}, got {got}")
-        assert q.scale is not None and q.zero is not None
+        check_width_tensor(q)
+        assert q.widths is not None and q.scale is not None and q.zero is not None  # checked
         device = q.codes.device
-        codes = unpack_codes(q.codes, q.widths.to(device), t)
+        codes = unpack_codes(q.codes, q.widths.to(device), q.shape[1])
         s = expand_groups(q.scale.to(device=device, dtype=torch.float32), q.shape, q.spec)
         z = expand_groups(q.zero.to(device=device, dtype=torch.float32), q.shape, q.spec)
         return (codes.float() * s + z).to(dtype)
+
+
+def check_width_tensor(q: QuantizedTensor) -> None:
+    """Validate a per-channel-width tensor before any decoder reads it: its codes, scale and
+    zero (kvlink.quant.intq.check_quantized), its spec, and widths that sum to the mean."""
+    check_quantized(q, tuple(WIDTH_FORMATS))
+    h, _, d = q.shape
+    _check_spec(q.spec, d)
+    if q.widths is None:
+        raise ValueError(f"format {q.spec.format!r} needs the tensor's widths, got None")
+    check_widths(q.widths, h, d, mean_width(q.spec))
 
 
 register(WidthQuantizer())
