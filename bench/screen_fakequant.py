@@ -280,6 +280,67 @@ def attn_probs(o, T, group):
     return p.view(k.shape[0] // group, -1, T)
 
 
+def token_bits(x, weight, mean_bits, top=8, floor=0):
+    """Per-token value widths (H, T) at about the given mean: Lagrangian on weight_t * range_t^2 * dist(w), where
+    dist(w) = 1/(2^w - 1)^2 (width 0, the midpoint, as width 1); bisection on the price of a bit per head."""
+    H, T, D = x.shape
+    rng2 = ((x.amax(-1) - x.amin(-1)) ** 2).double()  # (H, T)
+    e = weight.double() * rng2
+    dist = torch.tensor([1.0] + [1.0 / (2**w - 1) ** 2 for w in range(1, top + 1)], dtype=torch.float64)
+    dist[:floor] = float("inf")
+    widths = torch.arange(top + 1, dtype=torch.float64)
+    budget = mean_bits * T
+    lo = torch.full((H, 1), -60.0, dtype=torch.float64)
+    hi = torch.full((H, 1), 60.0, dtype=torch.float64)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        w = (e[..., None] * dist + (2.0**mid)[..., None] * widths).argmin(-1)
+        over = w.sum(1, keepdim=True) > budget
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    return (e[..., None] * dist + (2.0**hi)[..., None] * widths).argmin(-1)
+
+
+def joint_key_bits(kv, sink, g, mean_bits, mode, top=8):
+    """Key widths for every (layer, head, channel) at once, one price per bit (Lagrangian on
+    E[q_i^2] * mean group range_i^2 * dist(w)): layers and heads get what their weights ask for."""
+    es = []
+    for layer in range(kv.num_layers):
+        x = kv.keys[layer].float()[:, sink:]
+        H, T, D = x.shape
+        Q = OBS["q"][layer].queries.float()
+        Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)
+        pad = (-T) % g
+        xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan")).view(H, -1, g, D)
+        rng = torch.nan_to_num(xp, nan=float("-inf")).amax(2) - torch.nan_to_num(xp, nan=float("inf")).amin(2)
+        es.append(((Qh**2).mean(1) * (rng**2).mean(1)).double())
+    e = torch.stack(es)  # (L, H, D)
+    dist = torch.tensor([1.0] + [1.0 / (2**w - 1) ** 2 for w in range(1, top + 1)], dtype=torch.float64)
+    widths = torch.arange(top + 1, dtype=torch.float64)
+    per_row = mode == "h"  # "h": every (layer, head) spends mean * D; "1": one budget for all
+    shape = (*e.shape[:2], 1) if per_row else (1, 1, 1)
+    budget = mean_bits * (e.shape[-1] if per_row else e.numel())
+    lo = torch.full(shape, -80.0, dtype=torch.float64)
+    hi = torch.full(shape, 80.0, dtype=torch.float64)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        w = (e[..., None] * dist + (2.0**mid)[..., None] * widths).argmin(-1)
+        spent = w.sum(-1, keepdim=True) if per_row else w.sum().view(1, 1, 1)
+        over = spent > budget
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    return (e[..., None] * dist + (2.0**hi)[..., None] * widths).argmin(-1)
+
+
+def minmax_tokens(x, bits):
+    """Values (H, T, D), one group per token row at bits[h, t] (0: the row's midpoint)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    levels = (2.0**bits - 1).to(x.dtype)[..., None]
+    s = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-8)
+    y = torch.minimum(torch.round((x - lo) / s).clamp_min(0), levels) * s + lo
+    return torch.where(levels == 0, (lo + hi) / 2, y)
+
+
 def scheme(name, kv, cs):
     """Returns (decoded ContextKV, bits per element)."""
     cos, sin = cs
@@ -290,6 +351,8 @@ def scheme(name, kv, cs):
     pre = opts.get("pre", "0") == "1"
     g = int(opts.get("g", 32))
     keys, values, total_bits, n = [], [], 0.0, 0
+    if opts.get("kg", "0") != "0":
+        KG = joint_key_bits(kv, sink, int(opts.get("g", 32)), float(opts.get("kmean", opts.get("kb", 4))), opts["kg"])
     for layer in range(kv.num_layers):
         res = []
         for which, x in (("k", kv.keys[layer]), ("v", kv.values[layer])):
@@ -326,6 +389,8 @@ def scheme(name, kv, cs):
                     Q = OBS[opts["ka"]][layer].queries.float()
                     Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)
                     kbits = channel_bits(body, (Qh**2).mean(1), float(opts.get("kmean", b)), g)
+                if which == "k" and opts.get("kg", "0") != "0":
+                    kbits = KG[layer]
                 if which == "k" and gq != "0":
                     Q = OBS[gq][layer].queries.float()
                     Qh = Q.view(H, -1, *Q.shape[1:]).flatten(1, 2)  # queries of each KV group
@@ -338,10 +403,19 @@ def scheme(name, kv, cs):
                     P = attn_probs(o, kv.length, o.queries.shape[0] // H)[:, :, sink:]
                     hess = P.transpose(1, 2) @ P
                     yb = gptq_values(body, b, g, hess, float(opts.get("dampv", 0.1)))
+                elif which == "v" and opts.get("va", "0") != "0":
+                    o = OBS["q"][layer]
+                    P = attn_probs(o, kv.length, o.queries.shape[0] // H)[:, :, sink:]
+                    weight = (P**2).sum(1) if opts["va"] == "q" else P.sum(1)
+                    weight = weight + float(opts.get("veps", 0)) * weight.mean(1, keepdim=True)
+                    kbits = token_bits(body, weight, float(opts.get("vmean", b)), floor=int(opts.get("vmin", 0)))
+                    yb = minmax_tokens(body, kbits)
                 else:
                     yb = with_outliers(body, out_frac, lambda z: minmax(z, b, g, axis))
                 mean_b = float(kbits.double().mean()) if torch.is_tensor(kbits) else b
                 bits = body.numel() * (mean_b + 32 / g) + out_frac * body.numel() * 32
+                if which == "v" and opts.get("va", "0") != "0":
+                    bits += body.shape[0] * body.shape[1] * 4  # a 4-bit width per token row
             elif kind == "mix":
                 hi = HI[(float(opts["f"]), opts.get("scope", "global"))][layer][sink:] - sink
                 hb, lb, lg = int(opts["hb"]), int(opts["lb"]), int(opts.get("lg", 32))

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "quality table says it helps and the receiver decodes it)",
     )  # fmt: skip
     p.add_argument(
+        "--value-widths", dest="v_widths", choices=("uniform", "attention"), default=None,
+        help="one bit width for all token rows of an INT value tensor, or a width per row allocated from "
+        "the question's attention (4 bits per row and head more; default: attention where the measured "
+        "quality table says it helps and the receiver decodes it)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-layer-bits", dest="layer_bits", action="store_false",
         help="one bit width per K/V for all layers (default: bits per layer from the model's sensitivity "
         "profile where the measured quality table says they help)",
@@ -162,7 +168,8 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         return Constraints(
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
             rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
-            sink=args.sink, round_k=args.round_k, k_widths=args.k_widths, layer_bits=args.layer_bits,
+            sink=args.sink, round_k=args.round_k, k_widths=args.k_widths, v_widths=args.v_widths,
+            layer_bits=args.layer_bits,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -37,7 +37,7 @@ from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
 from kvlink.cache import prefill
 from kvlink.models import LoadedModel, load_model
 from kvlink.prompt import context_ids, question_ids, question_rows
-from kvlink.quant import WIDTH_FORMATS, format_from_bits
+from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS, format_from_bits
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,13 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
         raise SendError(
             grpc.StatusCode.UNIMPLEMENTED,
             f"the receiver does not decode per-channel key widths (--key-widths query): it lacks {missing}",
+            code="UNKNOWN_CODEC", rpc="Hello",
+        )  # fmt: skip
+    missing = [f for f in TOKEN_WIDTH_FORMATS if f not in codecs.formats]
+    if c.v_widths == "attention" and missing:
+        raise SendError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"the receiver does not decode per-token value widths (--value-widths attention): it lacks {missing}",
             code="UNKNOWN_CODEC", rpc="Hello",
         )  # fmt: skip
     if c.sink and not codecs.sink:

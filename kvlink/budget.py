@@ -32,10 +32,10 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
-from kvlink.codec import KEY_WIDTHS, ROUNDINGS, Codec, CodecConfig, EncodedKV
+from kvlink.codec import KEY_WIDTHS, ROUNDINGS, VALUE_WIDTHS, Codec, CodecConfig, EncodedKV
 from kvlink.layerbits import Sensitivity
 from kvlink.models import Geometry, model_slug
-from kvlink.quant import WIDTH_FORMATS, format_from_bits
+from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS, format_from_bits
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, get_selector
 
@@ -131,6 +131,7 @@ class Constraints:
     round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
     k_widths: str | None = None  # None: per-channel key widths wherever the quality table measured them
     # better; "query": on every config they apply to (unrotated INT2/3/4 keys); "uniform": never
+    v_widths: str | None = None  # likewise for per-token value widths ("attention": INT2/3/4 values)
     layer_bits: bool = True  # bits per layer from the model's sensitivity profile, where measured better
     formats: tuple[str, ...] | None = (
         None  # what the receiver decodes (its Welcome's codecs); None: every one
@@ -164,6 +165,12 @@ class Constraints:
             raise ValueError(f"k_widths must be one of {KEY_WIDTHS}, got {self.k_widths!r}")
         if self.k_widths == "query" and not all(self.decodes(f) for f in WIDTH_FORMATS):
             raise ValueError(f"k_widths 'query' needs a receiver that decodes {sorted(WIDTH_FORMATS)}")
+        if self.v_widths is not None and self.v_widths not in VALUE_WIDTHS:
+            raise ValueError(f"v_widths must be one of {VALUE_WIDTHS}, got {self.v_widths!r}")
+        if self.v_widths == "attention" and not all(self.decodes(f) for f in TOKEN_WIDTH_FORMATS):
+            raise ValueError(
+                f"v_widths 'attention' needs a receiver that decodes {sorted(TOKEN_WIDTH_FORMATS)}"
+            )
         for bits in (self.k_bits, self.v_bits):
             if bits is not None and not self.decodes(format_from_bits(bits)):
                 raise ValueError(
@@ -176,10 +183,10 @@ class Constraints:
 
     def queries_ruled_out(self) -> bool:
         """Whether nothing the planner may send needs the question's queries (no selection counted)."""
-        return self.round_k == "nearest" and self.k_widths == "uniform"
+        return self.round_k == "nearest" and self.k_widths == "uniform" and self.v_widths == "uniform"
 
     def queries_pinned(self) -> bool:
-        return self.round_k == "query" or self.k_widths == "query"
+        return self.round_k == "query" or self.k_widths == "query" or self.v_widths == "attention"
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
@@ -302,6 +309,8 @@ class QualityTable:
             drops.append(lambda p: [x for x in p if x != f"round-{config.round_k}"])
         if config.k_widths != "uniform":
             drops.append(lambda p: [x for x in p if x != f"kwidths-{config.k_widths}"])
+        if config.v_widths != "uniform":
+            drops.append(lambda p: [x for x in p if x != f"vwidths-{config.v_widths}"])
         for n in range(len(drops) + 1):
             for chosen in itertools.combinations(drops, n):
                 twin = parts
@@ -401,7 +410,7 @@ def plannable(config: CodecConfig) -> bool:
         and config.rotate in ROTATE_CHOICES
         and config.sink in SINK_CHOICES
         and config.lowrank in ("none", "svd")
-        and (config.k_widths == "uniform" or config.lowrank == "none")
+        and ((config.k_widths == config.v_widths == "uniform") or config.lowrank == "none")
         and config.hi_layers == 0
         and (config.k_axis, config.v_axis) == ("channel", "token")
     )
@@ -460,8 +469,7 @@ def candidate_configs(
             k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
             round_k="query" if c.round_k == "query" and format_from_bits(kb).startswith("int") else "nearest",
         )  # fmt: skip
-        if c.k_widths == "query" and widths_apply(config):
-            config = config.with_(k_widths="query")
+        config = _pinned_widths(config, c)
         if config not in seen:
             seen.add(config)
             out.append(config)
@@ -473,8 +481,7 @@ def candidate_configs(
             scope=scope if selected else "global", group_size=g, sink=sink,
             k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
         )  # fmt: skip
-        if c.k_widths == "query" and widths_apply(config):
-            config = config.with_(k_widths="query")
+        config = _pinned_widths(config, c)
         if config not in seen:
             seen.add(config)
             out.append(config)
@@ -493,6 +500,15 @@ def _mixes(
     return [m for m in mixes if all(c.decodes(f"int{b}") for b in {*m[0], *m[1]})]
 
 
+def _pinned_widths(config: CodecConfig, c: Constraints) -> CodecConfig:
+    """`config` with the key / value widths the constraints pin, wherever they apply."""
+    if c.k_widths == "query" and widths_apply(config):
+        config = config.with_(k_widths="query")
+    if c.v_widths == "attention" and config.value_widths_conflict() is None:
+        config = config.with_(v_widths="attention")
+    return config
+
+
 def widths_apply(config: CodecConfig) -> bool:
     """Whether per-channel key widths can apply to `config` (INT2/3/4 keys on the channel axis,
     unrotated, not a low-rank latent)."""
@@ -500,30 +516,30 @@ def widths_apply(config: CodecConfig) -> bool:
 
 
 def _measured_best(
-    quality: QualityTable, config: CodecConfig, expected: float | None, free_rounding: bool, free_widths: bool
+    quality: QualityTable, config: CodecConfig, expected: float | None, free: tuple[bool, bool, bool]
 ) -> tuple[CodecConfig, float] | None:
     """The best of `config` (at `expected`, None when unknown) and its query-aware twins the table
-    measured: keys rounded for the question's logits (free: same bytes) and/or per-channel key widths
-    (4 bits per channel and head more), each only where allowed. None when nothing is known.
+    measured: keys rounded for the question's logits (free: same bytes), per-channel key widths
+    (4 bits per channel and head more) and per-token value widths (4 bits per row and head more),
+    alone or together, each only where `free` (rounding, key widths, value widths) allows. None
+    when nothing is known.
 
-    A twin's key is this one's plus its label parts (quality keys carry no zstd part)."""
-    rounds = free_rounding and config.round_k == "nearest" and config.k_format.startswith("int")
-    widens = free_widths and config.k_widths == "uniform" and widths_apply(config)
-    if not (rounds or widens):
-        return (config, expected) if expected is not None else None
-    twins: list[tuple[str, dict[str, str]]] = []  # (key suffix, the fields that make the twin)
-    if rounds:
-        twins.append(("+round-query", {"round_k": "query"}))
-    if widens:
-        twins.append(("+kwidths-query", {"k_widths": "query"}))
-        if rounds:
-            twins.append(("+round-query+kwidths-query", {"round_k": "query", "k_widths": "query"}))
+    A twin's key is this one's plus its label parts in label order (quality keys carry no zstd part)."""
+    free_rounding, free_widths, free_vwidths = free
+    options: list[tuple[str, dict[str, str]]] = []  # (label part, the fields that make the twin)
+    if free_rounding and config.round_k == "nearest" and config.k_format.startswith("int"):
+        options.append(("+round-query", {"round_k": "query"}))
+    if free_widths and config.k_widths == "uniform" and widths_apply(config):
+        options.append(("+kwidths-query", {"k_widths": "query"}))
+    if free_vwidths and config.v_widths == "uniform" and config.value_widths_conflict() is None:
+        options.append(("+vwidths-attention", {"v_widths": "attention"}))
     key = quality_key(config)
     best_value, best_fields = expected, None
-    for suffix, fields in twins:
-        measured = quality.entries.get(key + suffix)
-        if measured is not None and (best_value is None or measured > best_value):
-            best_value, best_fields = measured, fields
+    for n in range(1, len(options) + 1):
+        for chosen in itertools.combinations(options, n):
+            measured = quality.entries.get(key + "".join(part for part, _ in chosen))
+            if measured is not None and (best_value is None or measured > best_value):
+                best_value, best_fields = measured, {k: v for _, f in chosen for k, v in f.items()}
     if best_value is None:
         return None
     return (config.with_(**best_fields) if best_fields else config), best_value
@@ -533,7 +549,7 @@ def _size_key(c: CodecConfig) -> tuple[Any, ...]:
     """The fields that decide a config's predicted size (a rotation, the seed or the window do not)."""
     return (c.selector != "none", c.retention, c.scope, c.k_bits, c.v_bits, c.group_size, c.k_axis, c.v_axis,
             c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.k_layer_bits, c.v_layer_bits,
-            c.zstd_level, c.k_widths)  # fmt: skip
+            c.zstd_level, c.k_widths, c.v_widths)  # fmt: skip
 
 
 def _rank(c: Candidate) -> tuple[bool, float, int]:
@@ -548,7 +564,10 @@ def _estimate(codec: Codec, length: int) -> int:
     g = codec.geometry
     n_tensors = 2 * g.num_layers
     parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0) + (1 if codec.config.sink else 0)
-    n_parts = n_tensors * parts_per_tensor + (g.num_layers if codec.config.k_widths != "uniform" else 0)
+    widths_parts = sum(
+        g.num_layers for kind in ("k_widths", "v_widths") if getattr(codec.config, kind) != "uniform"
+    )
+    n_parts = n_tensors * parts_per_tensor + widths_parts
     # Frames: a header with one payload-table entry per part (~40 bytes each), one chunk frame per
     # part (~24 bytes of tags, ids and CRC), the trailer, acks and the receipt; then HTTP/2.
     framing = 1024 + n_parts * (40 + 24)
@@ -595,9 +614,12 @@ def plan(
     candidates: list[Candidate] = []
     estimates: dict[tuple[Any, ...], int] = {}
     observed = len(prefill.observation.layers) == geometry.num_layers
-    free_rounding = constraints.round_k is None and observed
-    free_widths = (
-        constraints.k_widths is None and observed and all(constraints.decodes(f) for f in WIDTH_FORMATS)
+    free = (
+        constraints.round_k is None and observed,
+        constraints.k_widths is None and observed and all(constraints.decodes(f) for f in WIDTH_FORMATS),
+        constraints.v_widths is None
+        and observed
+        and all(constraints.decodes(f) for f in TOKEN_WIDTH_FORMATS),
     )
 
     def estimate(config: CodecConfig) -> int:
@@ -610,7 +632,7 @@ def plan(
     for config in candidate_configs(geometry, constraints, sensitivity):
         if config.k_layer_bits or config.v_layer_bits:  # no prior for an allocation: only a measurement
             base = quality.entries.get(quality_key(config))
-            best = _measured_best(quality, config, base, free_rounding, free_widths)
+            best = _measured_best(quality, config, base, free)
             if best is None:
                 continue
             config, expected = best
@@ -622,7 +644,7 @@ def plan(
         if est <= budget_bytes * ZSTD_REACH:
             expected = quality.expected(config, geometry.head_dim)
             # Twins are taken only where the table measured them better (never from a prior).
-            best = _measured_best(quality, config, expected, free_rounding, free_widths)
+            best = _measured_best(quality, config, expected, free)
             assert best is not None
             config, expected = best
             est = estimate(config)

@@ -32,25 +32,31 @@ from kvlink.cache import ContextKV, Observation, Observe, Prefill
 from kvlink.models import Geometry
 from kvlink.quant import (
     AXES,
+    TOKEN_WIDTH_FORMATS,
     WIDTH_FORMATS,
     QuantizedTensor,
     QuantSpec,
     format_from_bits,
     part_sizes,
     quantize,
+    widths_shape,
 )
 from kvlink.quant.aware import query_hessian, round_query_aware, saliency
 from kvlink.quant.pack import pack_bits
 from kvlink.quant.widths import (
+    allocate_token_widths,
     allocate_widths,
     channel_weights,
     pack_codes,
     pack_widths,
+    quantize_token_widths,
     quantize_widths,
+    token_weights,
     unpack_widths,
 )
 from kvlink.rotation import ROTATIONS, check_dim, hadamard, rotate, rotates, signs, unrotate
 from kvlink.select import SCOPES, get_selector, keep_count, registered_selectors
+from kvlink.select.base import attention_to_context
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ METADATA_PARTS = frozenset({"scale", "zero", "basis", "widths"})
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
 KEY_WIDTHS: tuple[str, ...] = ("uniform", "query")
 WIDTH_OF: dict[str, str] = {"int4": "int4w", "int3": "int3w", "int2": "int2w"}  # uniform -> per-channel
+VALUE_WIDTHS: tuple[str, ...] = ("uniform", "attention")
+TOKEN_WIDTH_OF: dict[str, str] = {"int4": "int4t", "int3": "int3t", "int2": "int2t"}  # uniform -> per-row
 LAYER_BITS: tuple[int, ...] = (8, 4, 3, 2)  # the INT widths a per-layer allocation may give a tensor
 ROUND_BATCH_ELEMENTS = 1 << 25  # key entries rounded in one batched call (~256 MiB of float64 work)
 
@@ -101,6 +109,10 @@ class CodecConfig:
     question's queries at the tensor's bits as the mean (kvlink.quant.widths; formats int4w/int3w/
     int2w, the same codes bytes plus 4 bits per channel and head; INT8 tensors stay uniform; the
     sender needs the prefill's observed queries, the receiver must decode the format).
+    v_widths: "uniform" or "attention": INT2/3/4 values get a bit width per token row, allocated
+    from the attention the question's queries give each row (mean = the tensor's bits, no row
+    below mean - 1; formats int4t/int3t/int2t: the same codes bytes plus 4 bits per row and head;
+    needs the values grouped per token, the observed queries, and a receiver of the format).
     """
 
     selector: str = "none"
@@ -125,6 +137,7 @@ class CodecConfig:
     k_layer_bits: tuple[int, ...] = ()
     v_layer_bits: tuple[int, ...] = ()
     k_widths: str = "uniform"
+    v_widths: str = "uniform"
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -180,6 +193,12 @@ class CodecConfig:
             conflict = self.widths_conflict()
             if conflict:
                 raise ValueError(f"k_widths {self.k_widths!r} {conflict}")
+        if self.v_widths not in VALUE_WIDTHS:
+            raise ValueError(f"v_widths must be one of {VALUE_WIDTHS}, got {self.v_widths!r}")
+        if self.v_widths != "uniform":
+            conflict = self.value_widths_conflict()
+            if conflict:
+                raise ValueError(f"v_widths {self.v_widths!r} {conflict}")
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
         for kind in KINDS:
@@ -198,6 +217,16 @@ class CodecConfig:
             return f"with rotate {self.rotate!r}: choose one"
         if self.lowrank != "none" and self.k_rank is not None:
             return f"with lowrank {self.lowrank!r} on k: choose one"
+        return None
+
+    def value_widths_conflict(self) -> str | None:
+        """Why per-token value widths cannot apply to this config's values (None: they can)."""
+        if not {self.v_format, *(format_from_bits(b) for b in self.v_layer_bits)} & set(TOKEN_WIDTH_OF):
+            return f"needs INT2/3/4 values, got v_bits {self.v_bits!r}"
+        if self.v_axis != "token":
+            return f"needs values grouped on the token axis, got {self.v_axis!r}"
+        if self.lowrank != "none" and self.v_rank is not None:
+            return f"with lowrank {self.lowrank!r} on v: choose one"
         return None
 
     def _check_layer_bits(self, kind: str) -> None:
@@ -240,6 +269,8 @@ class CodecConfig:
             fmt = format_from_bits(per_layer[layer])
         if kind == "k" and self.k_widths != "uniform":
             fmt = WIDTH_OF.get(fmt, fmt)
+        if kind == "v" and self.v_widths != "uniform":
+            fmt = TOKEN_WIDTH_OF.get(fmt, fmt)
         return QuantSpec(fmt, self.group_size, axis)
 
     def rank(self, kind: str) -> int | None:
@@ -259,10 +290,11 @@ class CodecConfig:
                 raise ValueError(f"{kind}_rank {rank!r} exceeds head_dim {geometry.head_dim}")
         if self.rotate != "none":
             check_dim(geometry.head_dim)
-        if self.k_widths != "uniform" and geometry.head_dim % 8:
-            raise ValueError(
-                f"k_widths {self.k_widths!r} needs head_dim a multiple of 8, got {geometry.head_dim}"
-            )
+        for name in ("k_widths", "v_widths"):
+            if getattr(self, name) != "uniform" and geometry.head_dim % 8:
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} needs head_dim a multiple of 8, got {geometry.head_dim}"
+                )
         if self.hi_layers > geometry.num_layers:
             raise ValueError(f"hi_layers {self.hi_layers} exceeds the model's {geometry.num_layers} layers")
         for kind in KINDS:
@@ -303,6 +335,8 @@ class CodecConfig:
             parts.append(f"round-{self.round_k}")
         if self.k_widths != "uniform":
             parts.append(f"kwidths-{self.k_widths}")
+        if self.v_widths != "uniform":
+            parts.append(f"vwidths-{self.v_widths}")
         if self.zstd_level:
             parts.append(f"zstd{self.zstd_level}")
         return "+".join(parts)
@@ -567,7 +601,13 @@ class Codec:
                 if observation is None
                 else f"{observation.kind.value!r} with {len(observation.layers)} layers"
             )
-            what = "round_k 'query'" if cfg.round_k == "query" else f"k_widths {cfg.k_widths!r}"
+            what = (
+                "round_k 'query'"
+                if cfg.round_k == "query"
+                else f"k_widths {cfg.k_widths!r}"
+                if cfg.k_widths != "uniform"
+                else f"v_widths {cfg.v_widths!r}"
+            )
             raise ValueError(
                 f"{what} needs the observed queries of all {g.num_layers} layers "
                 f"(a prefill with observe='question'), got {got}"
@@ -588,14 +628,18 @@ class Codec:
                 enc, data = pos_codec.encode_positions(p, kv.length)
                 positions.append((enc, data, int(p.numel())))
         tq = time.perf_counter()
-        aware = self._query_keys(kv, observation) if self._needs_queries else {}
+        aware = self._query_keys(kv, observation) if self._keys_need_queries else {}
+        attended = self._attended_values(kv, observation) if cfg.v_widths != "uniform" else {}
         tensors: list[EncodedTensor] = []
         for layer in range(kv.num_layers):
             if layer in aware:
                 tensors.append(self._finish(*aware.pop(layer)))
             else:
                 tensors.append(self._encode_tensor(layer, "k", kv.keys[layer].float()))
-            tensors.append(self._encode_tensor(layer, "v", kv.values[layer].float()))
+            if layer in attended:
+                tensors.append(self._finish(*attended.pop(layer)))
+            else:
+                tensors.append(self._encode_tensor(layer, "v", kv.values[layer].float()))
         timings["quantize_s"] = time.perf_counter() - tq
         timings["encode_s"] = time.perf_counter() - t0
         if cfg.zstd_level:
@@ -638,7 +682,30 @@ class Codec:
 
     @property
     def _needs_queries(self) -> bool:
+        return self._keys_need_queries or self.config.v_widths != "uniform"
+
+    @property
+    def _keys_need_queries(self) -> bool:
         return self.config.round_k == "query" or self.config.k_widths != "uniform"
+
+    def _attended_values(
+        self, kv: ContextKV, observation: Observation | None
+    ) -> dict[int, tuple[_Prepared, QuantizedTensor]]:
+        """Values of the per-token-width formats, each row's width allocated from the attention the
+        observed queries give its position (kvlink.quant.widths.allocate_token_widths)."""
+        assert observation is not None  # encode_kv checked it
+        out: dict[int, tuple[_Prepared, QuantizedTensor]] = {}
+        for layer in range(kv.num_layers):
+            p = self._prepare(layer, "v", kv.values[layer].float())
+            if p.spec.format not in TOKEN_WIDTH_FORMATS:
+                continue  # an INT8 layer of a per-layer allocation
+            sink = p.shape[1] - p.stored_shape[1]
+            mass = attention_to_context(observation.layers[layer], observation.length, observation.scale)
+            kept = kv.positions[layer][sink:].to(mass.device)
+            weights = token_weights(p.stored, mass[:, kept].to(p.stored.device), p.spec.group_size)
+            widths = allocate_token_widths(weights, TOKEN_WIDTH_FORMATS[p.spec.format])
+            out[layer] = (p, quantize_token_widths(p.stored, p.spec, widths))
+        return out
 
     def _query_keys(
         self, kv: ContextKV, observation: Observation | None
@@ -790,7 +857,10 @@ class Codec:
         for i, t in enumerate(tensors):
             n = t.stored[0] * t.stored[1] * t.stored[2]
             rotated = t.lowrank == "none" and rotates(config.rotate, t.kind)
-            if t.lowrank == "none" and (n * t.spec.bits) % 8 == 0:
+            whole = (n * t.spec.bits) % 8 == 0 and (
+                t.spec.format not in TOKEN_WIDTH_FORMATS or (t.stored[0] * t.stored[1]) % 2 == 0
+            )  # the parts of the members can be laid end to end (4-bit row widths: whole bytes too)
+            if t.lowrank == "none" and whole:
                 groups.setdefault((t.spec, t.stored, rotated, t.sink), []).append(i)
                 continue
             x = self._decode_one(t, parts[i], device, torch.float32 if rotated else dtype)
@@ -863,7 +933,7 @@ def _quantized(
     return QuantizedTensor(
         spec=spec, shape=shape, codes=codes,
         scale=join("scale", torch.float16, sshape), zero=join("zero", torch.float16, sshape),
-        widths=None if packed_widths is None else unpack_widths(packed_widths, shape[0], shape[2]),
+        widths=None if packed_widths is None else unpack_widths(packed_widths, *widths_shape(shape, spec)),
     )  # fmt: skip
 
 

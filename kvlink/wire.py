@@ -63,7 +63,15 @@ from kvlink.codec import (
     Part,
 )
 from kvlink.models import Geometry
-from kvlink.quant import AXES, BITS, WIDTH_FORMATS, QuantSpec, format_from_bits, registered_formats
+from kvlink.quant import (
+    AXES,
+    BITS,
+    TOKEN_WIDTH_FORMATS,
+    WIDTH_FORMATS,
+    QuantSpec,
+    format_from_bits,
+    registered_formats,
+)
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, keep_count, registered_selectors
 
@@ -581,6 +589,8 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.round_k = config.round_k
     if config.k_widths != "uniform":  # likewise (its tensors' formats say it too)
         msg.k_widths = config.k_widths
+    if config.v_widths != "uniform":  # likewise
+        msg.v_widths = config.v_widths
     msg.k_layer_bits.extend(config.k_layer_bits)  # empty unless bits vary by layer
     msg.v_layer_bits.extend(config.v_layer_bits)
     if config.k_rank is not None:
@@ -1072,6 +1082,14 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
                 f"codec config k_widths {msg.k_widths!r}: this receiver reads one width per key channel "
                 f"(formats {missing} not supported)",
             )
+    if msg.v_widths and msg.v_widths != "uniform":
+        missing = sorted(f for f in TOKEN_WIDTH_FORMATS if f not in codecs.formats)
+        if missing:
+            raise WireError(
+                "UNKNOWN_CODEC",
+                f"codec config v_widths {msg.v_widths!r}: this receiver reads one width per value tensor "
+                f"(formats {missing} not supported)",
+            )
     if msg.k_format not in BITS or msg.v_format not in BITS:
         raise WireError(
             "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"
@@ -1087,7 +1105,7 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
             sink=msg.sink, round_k=msg.round_k or "nearest",
             k_layer_bits=tuple(msg.k_layer_bits), v_layer_bits=tuple(msg.v_layer_bits),
-            k_widths=msg.k_widths or "uniform",
+            k_widths=msg.k_widths or "uniform", v_widths=msg.v_widths or "uniform",
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

@@ -310,7 +310,10 @@ def test_round_k_constraint_and_observation() -> None:
     assert constraints_from_args(args).round_k == "query"
     assert observe_for(Constraints(method="none")) is Observe.QUESTION  # the queries round the keys
     assert observe_for(Constraints(method="none", round_k="nearest")) is Observe.QUESTION  # key widths may
-    assert observe_for(Constraints(method="none", round_k="nearest", k_widths="uniform")) is Observe.NONE
+    assert (
+        observe_for(Constraints(method="none", round_k="nearest", k_widths="uniform", v_widths="uniform"))
+        is Observe.NONE
+    )
     assert observe_for(Constraints(method="random", round_k="query")) is Observe.QUESTION
     assert observe_for(Constraints(method="random", k_widths="query")) is Observe.QUESTION
     assert observe_for(Constraints(method="random")) is Observe.NONE
@@ -355,6 +358,48 @@ def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tup
     assert all(c.k_widths == "uniform" for c in pinned if c.rotate in ("k", "kv"))
 
 
+def test_planner_sends_value_widths_only_where_measured_and_decoded(prefilled: tuple[Any, Any]) -> None:
+    """Per-token value widths (4 bits per row and head): like key widths, taken only where the table
+    measured the twin better, alone or with the key twins, and never to a receiver without the formats."""
+    from client.main import build_parser, constraints_from_args
+    from client.sender import SendError, _for_receiver
+
+    lm, pre = prefilled
+    base = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3)
+    vw = base.with_(v_widths="attention")
+    all3 = base.with_(round_k="query", k_widths="query", v_widths="attention")
+
+    def picked(table: QualityTable, constraints: Constraints | None = None) -> CodecConfig:
+        config = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).config
+        return config.with_(zstd_level=0)
+
+    assert picked(QualityTable(entries={quality_key(base): 0.99})).v_widths == "uniform"
+    table = QualityTable(entries={quality_key(base): 0.99, quality_key(vw): 0.995})
+    assert picked(table) == vw
+    result = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table)
+    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[1].spec.format.endswith("t")
+    assert picked(QualityTable(entries={**table.entries, quality_key(all3): 0.999})) == all3
+    assert picked(table, Constraints(v_widths="uniform")).v_widths == "uniform"
+    old = wire.Codecs(
+        formats=("fp16", "int8", "int4", "int3", "int2", "int4w", "int3w", "int2w"),
+        selectors=("none", "q2c"), lowrank_modes=("none",),
+    )  # fmt: skip
+    assert picked(table, _for_receiver(None, old)).v_widths == "uniform"
+    with pytest.raises(SendError, match="per-token value widths"):
+        _for_receiver(Constraints(v_widths="attention"), old)
+    with pytest.raises(ValueError, match="v_widths must be one of"):
+        Constraints(v_widths="query")
+    assert observe_for(
+        Constraints(method="none", round_k="nearest", k_widths="uniform", v_widths="attention")
+    ) is (Observe.QUESTION)
+    pinned = candidate_configs(lm.geometry, Constraints(v_widths="attention", k_bits=4, v_bits=3))
+    assert pinned and all(c.v_widths == "attention" for c in pinned)
+    args = build_parser().parse_args(
+        ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q", "--value-widths", "attention"]
+    )  # fmt: skip
+    assert constraints_from_args(args).v_widths == "attention"
+
+
 def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) -> None:
     """The planner's pre-encoding estimate is an upper bound of the exact framed size it then checks."""
     from kvlink.budget import _estimate
@@ -369,6 +414,9 @@ def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) ->
         CodecConfig(k_bits=2, v_bits=2, k_widths="query"),
         CodecConfig(k_bits=8, v_bits=4, lowrank="svd", k_rank=8, v_rank=8),
         CodecConfig(k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2), sink=1, k_widths="query"),
+        CodecConfig(selector="q2c", retention=0.9, scope="layer", k_bits=4, v_bits=3, group_size=64, sink=1,
+                    round_k="query", k_widths="query", v_widths="attention"),
+        CodecConfig(k_bits=3, v_bits=2, v_widths="attention"),
     ]  # fmt: skip
     for config in configs:
         codec = Codec(config, lm.geometry)

@@ -341,3 +341,42 @@ def test_dequantize_widths_matches_reference(case) -> None:
     bad = QuantizedTensor(spec, ref_q.shape, on_device.codes, on_device.scale, on_device.zero, None)
     with pytest.raises(ValueError, match="needs the tensor's widths"):
         dequant.dequantize_into(bad)
+
+
+# (H, T, D, group, format): per-token-row widths of values, odd T and odd H * T (the 4-bit widths
+# stream then ends in half a byte), groups shorter than D.
+TOKEN_WIDTH_CASES = (
+    (2, 37, 64, 64, "int3t"),
+    (3, 129, 64, 32, "int4t"),
+    (1, 131, 128, 128, "int2t"),
+    (2, 1, 16, 8, "int3t"),
+)
+
+
+@pytest.mark.parametrize("case", TOKEN_WIDTH_CASES, ids=lambda c: f"{c[4]}-{c[0]}x{c[1]}x{c[2]}-g{c[3]}")
+def test_dequantize_token_widths_matches_reference(case) -> None:
+    from kvlink.quant.widths import TOKEN_WIDTH_FORMATS, quantize_token_widths
+
+    h, t, d, g, fmt = case
+    spec = QuantSpec(fmt, g, "token")
+    x = _input((h, t, d), torch.float32)
+    mean = TOKEN_WIDTH_FORMATS[fmt]
+    widths = torch.full((h, t), mean, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(t)
+    for _ in range(40 * t):  # move bits between random rows: every width from 0 to 8 occurs when t allows
+        i, j = torch.randint(0, t, (2,), generator=gen).tolist()
+        row = int(torch.randint(0, h, (1,), generator=gen))
+        if widths[row, i] < 8 and widths[row, j] > 0:
+            widths[row, i] += 1
+            widths[row, j] -= 1
+    assert t == 1 or (int(widths.min()) == 0 and int(widths.max()) == 8)
+    ref_q = quantize_token_widths(x.cpu(), spec, widths.to(torch.uint8))
+    on_device = QuantizedTensor(
+        spec, ref_q.shape, ref_q.codes.to(DEVICE), ref_q.scale.to(DEVICE), ref_q.zero.to(DEVICE),  # type: ignore[union-attr]
+        ref_q.widths.to(DEVICE),  # type: ignore[union-attr]
+    )  # fmt: skip
+    want = reference.dequantize_into(on_device, torch.float32)
+    assert float((want - x.to(DEVICE)).abs().max()) < float(x.abs().max())  # decodes near x, not garbage
+    for dtype in DTYPES:
+        assert_values_close(dequant.dequantize_into(on_device, dtype), want.to(dtype))
+    assert_values_close(kernels.dequantize_into(on_device, torch.float16), want.to(torch.float16))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kvlink.quant import (
     FORMATS,
-    WIDTH_FORMATS,
+    WIDTH_AXIS,
     QuantizedTensor,
     QuantSpec,
     dequantize,
@@ -34,9 +34,9 @@ GROUP_SIZES = [32, 64, 7]
 # relative error <= 2^-24, so 2^-20 of the operand magnitudes is a comfortable cover.
 F32_SLACK = 2.0**-20
 
-# One width for a whole tensor. The per-channel-width formats (keys on the channel axis,
-# head_dim a multiple of 8) have their own tests: tests/test_widths.py.
-UNIFORM_FORMATS = [f for f in registered_formats() if f not in WIDTH_FORMATS]
+# One width for a whole tensor. The widths formats (keys per channel, values per token row,
+# head_dim a multiple of 8) have their own tests: tests/test_widths.py, tests/test_value_widths.py.
+UNIFORM_FORMATS = [f for f in registered_formats() if f not in WIDTH_AXIS]
 
 
 def _sample(shape: tuple[int, int, int], seed: int = 0) -> Tensor:

@@ -68,14 +68,16 @@ def _profile(r_max: int = 8) -> ModelProfile:
 
 
 def _observation(length: int) -> Observation:
-    """Question queries for the configs that need them (per-channel key widths, query rounding)."""
+    """Question queries and the context keys they see, for the configs that need them (key and
+    value widths, query rounding)."""
     g = torch.Generator().manual_seed(11)
+    gk = torch.Generator().manual_seed(12)
     layers = [
         LayerObservation(
             torch.randn(GEOM.q_heads, 5, GEOM.head_dim, generator=g) * torch.logspace(1, -1, GEOM.head_dim),
             torch.arange(length, length + 5),
-            torch.zeros(GEOM.kv_heads, 0, GEOM.head_dim),
-            torch.arange(0),
+            torch.randn(GEOM.kv_heads, length, GEOM.head_dim, generator=gk),
+            torch.arange(length),
         )
         for _ in range(GEOM.num_layers)
     ]
@@ -84,7 +86,7 @@ def _observation(length: int) -> Observation:
 
 def _encode(config: CodecConfig, length: int = T, profile: Any = None) -> EncodedKV:
     kv = _kv(length, coarse=config.zstd_level > 0)
-    observed = config.k_widths != "uniform" or config.round_k != "nearest"
+    observed = config.k_widths != "uniform" or config.v_widths != "uniform" or config.round_k != "nearest"
     return Codec(config, GEOM, profile).encode_kv(
         kv, _kept(config, length), _observation(length) if observed else None
     )
@@ -143,6 +145,9 @@ CONFIGS = {
                                     k_layer_bits=(8, 3, 2), v_layer_bits=(4, 4, 4), k_widths="query",
                                     round_k="query"),
     "key-widths-zstd": CodecConfig(k_bits=4, v_bits=3, k_widths="query", zstd_level=3),
+    "value-widths-mixed": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+                                      k_bits=4, v_layer_bits=(8, 3, 2), k_widths="query", v_widths="attention"),
+    "value-widths-zstd": CodecConfig(k_bits=4, v_bits=3, v_widths="attention", zstd_level=3),
 }  # fmt: skip
 
 

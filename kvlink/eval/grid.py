@@ -16,6 +16,8 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
     qround                                              INT keys rounded for the question's logits
     kw                                                  INT2/3/4 keys with a width per channel, allocated
                                                         from the question's queries (kvlink.quant.widths)
+    vw                                                  INT2/3/4 values with a width per token row, allocated
+                                                        from the question's attention (kvlink.quant.widths)
     mix3.5                                              INT bits per layer and K/V, 3.5 on average, allocated
                                                         from the model's sensitivity profile (kvlink.layerbits)
 
@@ -28,7 +30,8 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
     streamingllm50/25 sinks + recent window at 50% / 25%
 
 Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
-`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round`, `layer-bits` and `key-widths` (issue 7's techniques), `seeds`, `kivi2`,
+`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round`, `layer-bits`, `key-widths` and `value-widths` (issue 7's
+techniques), `seeds`, `kivi2`,
 `streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
 seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
 combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
@@ -121,6 +124,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "q2c90-layer-k3v4-g64-sink1-qround", "q2c90-layer-k3v4-g64-sink1-kw", "q2c90-layer-k3v4-g64-sink1-qround-kw",
         "k3v4-g64-sink1-kw", "q2c65-layer-k3v4-g64-sink1-qround-kw", "q2c40-layer-k3v4-g64-sink1-qround-kw",
     ),
+    # Per-token value widths from the question's attention (kvlink.quant.widths), next to their twins and the
+    # key-widths incumbent at the same bytes (K3/V4).
+    "value-widths": (
+        "q2c90-layer-k4v3-g64-sink1-qround-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",
+        "q2c90-layer-k3v4-g64-sink1-qround-kw", "k4v3-g64-sink1-qround-kw-vw", "q2c65-layer-k4v3-g64-sink1-qround-kw-vw",
+        "q2c42.5-layer-k4v3-g64-sink1-qround-kw-vw", "q2c12.5-layer-k4v3-g64-sink1-qround-kw-vw",
+    ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
         "k8v4-sink1", "k4v2-sink1", "q2c75-layer-int4-sink1", "q2c50-layer-int4-sink1",
@@ -187,6 +197,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"sink(\d+)"), "sink"),
     (re.compile(r"qround"), "round"),
     (re.compile(r"kw"), "widths"),
+    (re.compile(r"vw"), "vwidths"),
     (re.compile(r"mix(\d+(?:\.\d+)?)"), "mix"),
 )
 
@@ -238,6 +249,8 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
                 fields["round_k"] = "query"
             elif kind == "widths":
                 fields["k_widths"] = "query"
+            elif kind == "vwidths":
+                fields["v_widths"] = "attention"
             elif kind == "mix":
                 if sensitivity is None:
                     raise ValueError(
@@ -249,7 +262,7 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, kw, mix3.5"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, kw, vw, mix3.5"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
@@ -438,7 +451,7 @@ def _observes(config: CodecConfig) -> Observe:
 def _queries_for(config: CodecConfig) -> Observe | None:
     """The observation whose queries round_k / k_widths "query" use: the selector's when it has queries,
     else the question's."""
-    if config.round_k != "query" and config.k_widths == "uniform":
+    if config.round_k != "query" and config.k_widths == "uniform" and config.v_widths == "uniform":
         return None
     kind = _observes(config)
     return kind if kind is not Observe.NONE else Observe.QUESTION

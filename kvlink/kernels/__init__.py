@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kvlink.kernels import reference
-from kvlink.quant import WIDTH_FORMATS, QuantizedTensor, QuantSpec
+from kvlink.quant import WIDTH_AXIS, QuantizedTensor, QuantSpec
 
 __all__ = [
     "BACKENDS",
@@ -99,10 +99,11 @@ def dequantize_expand(
 def quantize_pack(x: Tensor, spec: QuantSpec) -> QuantizedTensor:
     """Quantize and pack a (H, T, D) tensor into wire layout (sender side); same bytes on every backend.
 
-    The per-channel-width formats take the reference path (their widths come from an allocation:
-    kvlink.quant.widths.quantize_widths); without one every channel gets the mean width.
+    The widths formats take the reference path (their widths come from an allocation:
+    kvlink.quant.widths.quantize_widths / quantize_token_widths); without one every channel or
+    row gets the mean width.
     """
-    if backend_for(x.device) == "triton" and spec.format not in WIDTH_FORMATS:
+    if backend_for(x.device) == "triton" and spec.format not in WIDTH_AXIS:
         from kvlink.kernels import quant
 
         return quant.quantize_pack(x, spec)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from kvlink.kernels._triton import HAS_TRITON, tl, triton
-from kvlink.quant import WIDTH_FORMATS, QuantizedTensor, QuantSpec, packed_size, scale_shape
+from kvlink.quant import WIDTH_AXIS, QuantizedTensor, QuantSpec, packed_size, scale_shape
 
 # (bytes, codes) of one unit of the packed stream, by bit width.
 UNITS: dict[int, tuple[int, int]] = {8: (1, 1), 4: (1, 2), 2: (1, 4), 3: (3, 8)}
@@ -146,29 +146,36 @@ def _dequant_widths_kernel(
     n_elem,
     n_bytes,
     T,
-    NGT,
+    NG,
     ROW_BITS,
     D: tl.constexpr,
     G: tl.constexpr,
+    TOKEN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per-channel widths (kvlink.quant.widths): element (h, t, i) reads w[h, i] bits at bit
-    (h * T + t) * ROW_BITS + offset[h, i], which lie in two consecutive bytes (w <= 8)."""
+    """The widths formats (kvlink.quant.widths). Per channel (TOKEN false): element (h, t, i)
+    reads w[h, i] bits at bit (h * T + t) * ROW_BITS + offset[h, i]. Per token row (TOKEN):
+    w[h, t] bits at bit start[h, t] + i * w[h, t]. Either way within two bytes (w <= 8)."""
     pid = tl.program_id(0)
     e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < n_elem
     row = e // D  # h * T + t
     d = e - row * D
-    h = row // T
-    t = row - h * T
-    hd = h * D + d
-    w = tl.load(widths_ptr + hd, mask=mask, other=0).to(tl.int32)
-    bit = row * ROW_BITS + tl.load(offsets_ptr + hd, mask=mask, other=0)
+    if TOKEN:
+        w = tl.load(widths_ptr + row, mask=mask, other=0).to(tl.int32)
+        bit = tl.load(offsets_ptr + row, mask=mask, other=0) + d * w
+        gi = row * NG + d // G
+    else:
+        h = row // T
+        t = row - h * T
+        hd = h * D + d
+        w = tl.load(widths_ptr + hd, mask=mask, other=0).to(tl.int32)
+        bit = row * ROW_BITS + tl.load(offsets_ptr + hd, mask=mask, other=0)
+        gi = (h * NG + t // G) * D + d
     byte = bit >> 3
     lo = tl.load(codes_ptr + byte, mask=mask & (byte < n_bytes), other=0).to(tl.int32)
     hi = tl.load(codes_ptr + byte + 1, mask=mask & (byte + 1 < n_bytes), other=0).to(tl.int32)
     code = ((lo | (hi << 8)) >> (bit & 7).to(tl.int32)) & ((1 << w) - 1)
-    gi = (h * NGT + t // G) * D + d
     scale = tl.load(scale_ptr + gi, mask=mask, other=1.0).to(tl.float32)
     zero = tl.load(zero_ptr + gi, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + e, (code.to(tl.float32) * scale + zero).to(out_ptr.dtype.element_ty), mask=mask)
@@ -340,34 +347,40 @@ def _dequant_plan(
 
 
 def dequantize_widths(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A tensor of the per-channel-width formats -> (H, T, D) of `dtype`, one kernel launch."""
-    from kvlink.quant.widths import check_width_tensor, mean_width, width_offsets
+    """A tensor of the widths formats (per channel or per token row) -> (H, T, D) of `dtype`,
+    one kernel launch."""
+    from kvlink.quant.widths import check_width_tensor, mean_width, token_row_starts, width_offsets
 
     _require_triton()
     check_width_tensor(q)
     check_packed(q)  # and on one device
     assert q.widths is not None
     _, t, d = q.shape
-    mean = mean_width(q.spec)
     out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
     n = out.numel()
     if n == 0:
         return out
     widths = q.widths.to(device=q.codes.device, dtype=torch.uint8).contiguous()
-    offsets = width_offsets(widths).contiguous()  # int64 bit offset in the row
-    scale, zero = q.scale.contiguous(), q.zero.contiguous()  # type: ignore[union-attr]
+    token = WIDTH_AXIS[q.spec.format] == "token"
     g = q.spec.group_size
+    if token:
+        offsets = token_row_starts(widths, d).contiguous()  # int64 stream bit of each row
+        n_groups, row_bits = triton.cdiv(d, g), 0
+    else:
+        offsets = width_offsets(widths).contiguous()  # int64 bit offset in the row
+        n_groups, row_bits = triton.cdiv(t, g), d * mean_width(q.spec)
+    scale, zero = q.scale.contiguous(), q.zero.contiguous()  # type: ignore[union-attr]
     grid = (triton.cdiv(n, BLOCK_ELEMS),)
     _dequant_widths_kernel[grid](
-        q.codes, widths, offsets, scale, zero, out, n, q.codes.numel(), t, triton.cdiv(t, g), d * mean,
-        D=d, G=g, BLOCK=BLOCK_ELEMS, num_warps=4,
+        q.codes, widths, offsets, scale, zero, out, n, q.codes.numel(), t, n_groups, row_bits,
+        D=d, G=g, TOKEN=token, BLOCK=BLOCK_ELEMS, num_warps=4,
     )  # fmt: skip
     return out
 
 
 def dequantize_into(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Packed wire layout -> (H, T, D) of `dtype` on the codes' device, one kernel launch."""
-    if q.spec.format in WIDTH_FORMATS:
+    if q.spec.format in WIDTH_AXIS:
         return dequantize_widths(q, dtype)
     _require_triton()
     check_packed(q)

@@ -6,6 +6,8 @@ from kvlink.quant.base import (
     BITS,
     FORMATS,
     SUPPORTED_BITS,
+    TOKEN_WIDTH_FORMATS,
+    WIDTH_AXIS,
     WIDTH_FORMATS,
     QuantizedTensor,
     Quantizer,
@@ -18,6 +20,7 @@ from kvlink.quant.base import (
     quantize,
     registered_formats,
     scale_shape,
+    widths_shape,
 )
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "BITS",
     "FORMATS",
     "SUPPORTED_BITS",
+    "TOKEN_WIDTH_FORMATS",
+    "WIDTH_AXIS",
     "WIDTH_FORMATS",
     "QuantSpec",
     "QuantizedTensor",
@@ -37,4 +42,5 @@ __all__ = [
     "quantize",
     "registered_formats",
     "scale_shape",
+    "widths_shape",
 ]

@@ -22,7 +22,8 @@ for a low-rank latent D is the rank):
   zero; code = index of the nearest NF4 level to x / scale; x_hat = NF4[code] * scale.
 - FP16: no quantization; the codes are the float16 values' bytes (little-endian).
 - INT4W/INT3W/INT2W (keys, channel axis): INT with a bit width per channel, mean 4/3/2,
-  and a 'widths' part; see kvlink.quant.widths.
+  and a 'widths' part; INT4T/INT3T/INT2T (values, token axis): a bit width per token
+  row; see kvlink.quant.widths.
 """
 
 from __future__ import annotations
@@ -36,8 +37,23 @@ import torch
 from torch import Tensor
 
 WIDTH_FORMATS: dict[str, int] = {"int4w": 4, "int3w": 3, "int2w": 2}  # a width per channel: the mean
-FORMATS: tuple[str, ...] = ("fp16", "int8", "int4", "int3", "int2", "nf4", *WIDTH_FORMATS)
-BITS: dict[str, int] = {"fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, **WIDTH_FORMATS}
+TOKEN_WIDTH_FORMATS: dict[str, int] = {"int4t": 4, "int3t": 3, "int2t": 2}  # a width per token row
+FORMATS: tuple[str, ...] = (
+    "fp16",
+    "int8",
+    "int4",
+    "int3",
+    "int2",
+    "nf4",
+    *WIDTH_FORMATS,
+    *TOKEN_WIDTH_FORMATS,
+)
+BITS: dict[str, int] = {
+    "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, **WIDTH_FORMATS, **TOKEN_WIDTH_FORMATS,
+}  # fmt: skip
+WIDTH_AXIS: dict[str, str] = {
+    **dict.fromkeys(WIDTH_FORMATS, "channel"), **dict.fromkeys(TOKEN_WIDTH_FORMATS, "token"),
+}  # fmt: skip
 AXES: tuple[str, ...] = ("token", "channel")
 SUPPORTED_BITS: tuple[int | str, ...] = (16, 8, 4, 3, 2, "nf4")
 
@@ -99,12 +115,18 @@ def scale_shape(shape: tuple[int, int, int], spec: QuantSpec) -> tuple[int, int,
     return (h, t, math.ceil(d / g)) if spec.axis == "token" else (h, math.ceil(t / g), d)
 
 
+def widths_shape(shape: tuple[int, int, int], spec: QuantSpec) -> tuple[int, int]:
+    """(H, D) for a width per channel, (H, T) for a width per token row."""
+    h, t, d = shape
+    return (h, t) if WIDTH_AXIS[spec.format] == "token" else (h, d)
+
+
 def part_sizes(shape: tuple[int, int, int], spec: QuantSpec) -> dict[str, int]:
     """Exact bytes of each part ('codes', 'scale', 'zero') of a quantized (H, T, D) tensor."""
     n = shape[0] * shape[1] * shape[2]
     sizes = {"codes": packed_size(n, spec.bits)}
-    if spec.format in WIDTH_FORMATS:
-        sizes["widths"] = packed_size(shape[0] * shape[2], 4)
+    if spec.format in WIDTH_AXIS:
+        sizes["widths"] = packed_size(math.prod(widths_shape(shape, spec)), 4)
     if spec.has_scale:
         s = scale_shape(shape, spec)
         sizes["scale"] = 2 * s[0] * s[1] * s[2]
@@ -118,7 +140,8 @@ class QuantizedTensor:
     """A quantized (H, T, D) tensor in wire layout (see the module docstring).
 
     codes: uint8 (n_bytes,); scale, zero: float16 of `scale_shape`, or None;
-    widths: (H, D) uint8 bits per channel for the WIDTH_FORMATS, else None.
+    widths: uint8 bits per channel (H, D) for the WIDTH_FORMATS, per token row (H, T) for the
+    TOKEN_WIDTH_FORMATS, else None.
     """
 
     spec: QuantSpec

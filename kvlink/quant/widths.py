@@ -22,6 +22,25 @@ Layout of a (H, T, D) tensor (channel axis only; extends kvlink.quant.base):
   by the INT rule of kvlink.quant.intq with qmax = 2^w - 1 of the channel. A
   channel of width 0 has no code bits: zero is its group's midpoint (rounded to
   float16) and scale 1, so x_hat = zero.
+
+Values: formats 'int4t', 'int3t' and 'int2t' give every token row its own width
+(token axis). What the receiver's attention makes of a value row is p_t * v_t, and
+the question's attention mass p_t is as unequal over tokens as the queries are over
+key channels: a row's share of the output error is about p_t * range_t^2 * 4^-w_t.
+Widths are allocated from those weights with a floor of mean - 1 (the question is
+only a proxy for the answer's attention: no row falls far below the mean), which
+keeps the objective convex, so a greedy over the marginal gains is exact.
+
+Layout of a (H, T, D) value tensor (token axis):
+
+- widths: (H, T) integers in [0, 8], every head's summing to mean * T; on the wire
+  the same 4-bit stream (ceil(H*T/2) bytes).
+- codes: row (h, t) is D codes of w[h, t] bits; rows follow each other in C order
+  of (H, T) in one LSB-first stream, so code (h, t, i) starts at bit
+  D * S[h, t] + i * w[h, t], S the exclusive prefix sum of the widths in that
+  order; exactly n * mean / 8 bytes, the uniform format's size.
+- scale, zero: float16 per group of G channels of a row, (H, T, ceil(D/G)), by the
+  INT rule with qmax = 2^w - 1 of the row; a row of width 0 is its groups' midpoints.
 """
 
 from __future__ import annotations
@@ -34,11 +53,14 @@ import torch
 from torch import Tensor
 
 from kvlink.quant.base import (
+    TOKEN_WIDTH_FORMATS,
+    WIDTH_AXIS,
     WIDTH_FORMATS,
     QuantizedTensor,
     Quantizer,
     QuantSpec,
     register,
+    widths_shape,
 )
 from kvlink.quant.intq import (
     check_input,
@@ -52,17 +74,24 @@ from kvlink.quant.pack import pack_bits, unpack_bits
 
 __all__ = [
     "MAX_WIDTH",
+    "TOKEN_WIDTH_FORMATS",
     "WIDTH_FORMATS",
+    "TokenWidthQuantizer",
     "WidthQuantizer",
+    "allocate_token_widths",
     "allocate_widths",
     "channel_weights",
     "check_width_tensor",
     "check_widths",
     "group_stats",
     "pack_codes",
+    "pack_token_codes",
     "pack_widths",
+    "quantize_token_widths",
     "quantize_widths",
+    "token_weights",
     "unpack_codes",
+    "unpack_token_codes",
     "unpack_widths",
     "width_offsets",
 ]
@@ -71,11 +100,9 @@ MAX_WIDTH = 8
 
 
 def mean_width(spec: QuantSpec) -> int:
-    if spec.format not in WIDTH_FORMATS:
-        raise ValueError(
-            f"format {spec.format!r} has no per-channel widths; those are {tuple(WIDTH_FORMATS)}"
-        )
-    return WIDTH_FORMATS[spec.format]
+    if spec.format not in WIDTH_AXIS:
+        raise ValueError(f"format {spec.format!r} has no widths; those are {tuple(WIDTH_AXIS)}")
+    return WIDTH_FORMATS.get(spec.format) or TOKEN_WIDTH_FORMATS[spec.format]
 
 
 def check_widths(widths: Tensor, h: int, d: int, mean: int) -> None:
@@ -123,40 +150,74 @@ def _bit_positions(widths: Tensor, t: int, device: torch.device) -> tuple[Tensor
     return rows * row_bits + width_offsets(widths).to(device)[:, None, :], row_bits
 
 
-def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
-    """(H, T, D) integer codes, code (h, t, i) < 2^w[h, i] -> the variable-width stream (uint8).
+def _pack_at(codes: Tensor, bit: Tensor, n_bytes: int) -> Tensor:
+    """Codes (any shape) whose first bits lie at `bit` (same shape) -> a stream of n_bytes (uint8).
 
-    Every code lands in at most two bytes (w <= 8); codes of one row never share bits,
-    so adding the shifted pieces into the bytes is the same as OR-ing them.
+    Every code lands in at most two bytes (w <= 8) and no two codes share a bit, so adding
+    the shifted pieces into the bytes is the same as OR-ing them.
     """
-    h, t = int(codes.shape[0]), int(codes.shape[1])
-    device = codes.device
-    bit, row_bits = _bit_positions(widths, t, device)
-    n_bytes = h * t * row_bits // 8
     if n_bytes == 0:
-        return torch.zeros(0, dtype=torch.uint8, device=device)
+        return torch.zeros(0, dtype=torch.uint8, device=codes.device)
     value = codes.to(torch.int64) << (bit & 7)  # at most 15 bits
     byte = bit >> 3
     out = torch.zeros(
-        n_bytes + 2, dtype=torch.int64, device=device
-    )  # a last width-0 code points past the end
+        n_bytes + 2, dtype=torch.int64, device=codes.device
+    )  # width-0 codes may point past the end
     out.index_add_(0, byte.reshape(-1), (value & 0xFF).reshape(-1))
     out.index_add_(0, (byte + 1).reshape(-1), (value >> 8).reshape(-1))
     return out[:n_bytes].to(torch.uint8)
 
 
-def unpack_codes(packed: Tensor, widths: Tensor, t: int) -> Tensor:
-    """Inverse of `pack_codes`: (H, T, D) uint8 codes from the stream and the (H, D) widths."""
-    h, d = (int(s) for s in widths.shape)
-    device = packed.device
-    if h * t * d == 0:
-        return torch.zeros(h, t, d, dtype=torch.uint8, device=device)
-    bit, _ = _bit_positions(widths, t, device)
+def _unpack_at(packed: Tensor, bit: Tensor, width: Tensor) -> Tensor:
+    """Inverse of `_pack_at`: the codes of `width` bits (broadcast to `bit`) at `bit` (uint8)."""
     data = torch.cat([packed.to(torch.int64), packed.new_zeros(2, dtype=torch.int64)])
     byte = bit >> 3
     word = data[byte] | (data[byte + 1] << 8)
-    mask = (1 << widths.to(device=device, dtype=torch.int64)) - 1  # (H, D)
-    return ((word >> (bit & 7)) & mask[:, None, :]).to(torch.uint8)
+    return ((word >> (bit & 7)) & ((1 << width.to(torch.int64)) - 1)).to(torch.uint8)
+
+
+def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
+    """(H, T, D) integer codes, code (h, t, i) < 2^w[h, i] -> the variable-width stream (uint8)."""
+    h, t = int(codes.shape[0]), int(codes.shape[1])
+    bit, row_bits = _bit_positions(widths, t, codes.device)
+    return _pack_at(codes, bit, h * t * row_bits // 8)
+
+
+def unpack_codes(packed: Tensor, widths: Tensor, t: int) -> Tensor:
+    """Inverse of `pack_codes`: (H, T, D) uint8 codes from the stream and the (H, D) widths."""
+    h, d = (int(s) for s in widths.shape)
+    if h * t * d == 0:
+        return torch.zeros(h, t, d, dtype=torch.uint8, device=packed.device)
+    bit, _ = _bit_positions(widths, t, packed.device)
+    return _unpack_at(packed, bit, widths.to(packed.device)[:, None, :])
+
+
+def token_row_starts(widths: Tensor, d: int) -> Tensor:
+    """(H, T) widths of the token rows -> (H, T) int64 stream bit where each row's codes begin."""
+    w = widths.long().reshape(-1)
+    return ((torch.cumsum(w, dim=0) - w) * d).view(widths.shape)
+
+
+def _token_bit_positions(widths: Tensor, d: int, device: torch.device) -> Tensor:
+    w = widths.to(device=device, dtype=torch.int64)
+    channel = torch.arange(d, device=device, dtype=torch.int64)
+    return token_row_starts(w, d)[:, :, None] + channel * w[:, :, None]
+
+
+def pack_token_codes(codes: Tensor, widths: Tensor) -> Tensor:
+    """(H, T, D) integer codes, code (h, t, i) < 2^w[h, t] -> the per-row-width stream (uint8)."""
+    d = int(codes.shape[2])
+    bit = _token_bit_positions(widths, d, codes.device)
+    return _pack_at(codes, bit, int(widths.long().sum()) * d // 8)
+
+
+def unpack_token_codes(packed: Tensor, widths: Tensor, d: int) -> Tensor:
+    """Inverse of `pack_token_codes`: (H, T, D) uint8 codes from the stream and the (H, T) widths."""
+    h, t = (int(s) for s in widths.shape)
+    if h * t * d == 0:
+        return torch.zeros(h, t, d, dtype=torch.uint8, device=packed.device)
+    bit = _token_bit_positions(widths, d, packed.device)
+    return _unpack_at(packed, bit, widths.to(packed.device)[:, :, None])
 
 
 def group_stats(groups: Tensor, qmax: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,10 +312,77 @@ def quantize_widths(x: Tensor, spec: QuantSpec, widths: Tensor) -> QuantizedTens
 
 
 def _check_spec(spec: QuantSpec, d: int) -> None:
-    if spec.axis != "channel":
-        raise ValueError(f"per-channel widths need the channel axis, got axis {spec.axis!r}")
+    axis = WIDTH_AXIS[spec.format]
+    if spec.axis != axis:
+        what = "per-channel" if axis == "channel" else "per-token"
+        raise ValueError(f"{what} widths ({spec.format!r}) need the {axis} axis, got axis {spec.axis!r}")
     if (d * mean_width(spec)) % 8:
         raise ValueError(f"a row of {d} channels at mean width {mean_width(spec)} is not whole bytes")
+
+
+def token_weights(x: Tensor, mass: Tensor, group_size: int) -> Tensor:
+    """(H, T) float64 weight of each value row's rounding error in the attention outputs.
+
+    x: values (H, T, D) as they will be quantized; mass: (H, T) attention the observed queries
+    of KV head h give row t. Weight = mass * mean over the row's groups of G channels of
+    (max - min)^2.
+    """
+    h, t, d = (int(s) for s in x.shape)
+    if tuple(mass.shape) != (h, t):
+        raise ValueError(f"attention mass must be ({h}, {t}), got {tuple(mass.shape)}")
+    if t == 0 or d == 0:
+        return mass.double().clone()
+    groups = group_view(x.float(), QuantSpec("int8", group_size, "token"))  # (H, T, n_groups, G)
+    span = (groups.amax(dim=-1) - groups.amin(dim=-1)).double()
+    return mass.double().to(x.device) * (span**2).mean(dim=-1)
+
+
+def allocate_token_widths(weights: Tensor, mean: int, max_width: int = MAX_WIDTH) -> Tensor:
+    """(H, T) weights -> (H, T) uint8 widths in [mean - 1, max_width], each row summing to
+    mean * T, that minimize sum_t weights_t * distortion(w_t) exactly.
+
+    On [1, max_width] the distortion is convex, so the best allocation takes the largest
+    marginal gains weights_t * (distortion(w) - distortion(w + 1)) over all rows and steps;
+    a stable sort makes ties go to the earlier row and step. A head of zero weights gets the
+    uniform mean.
+    """
+    if not 2 <= mean < max_width:
+        raise ValueError(f"mean width of token rows must be in [2, {max_width - 1}], got {mean!r}")
+    h, t = (int(s) for s in weights.shape)
+    w = weights.double()
+    if not torch.isfinite(w).all() or bool((w < 0).any()):
+        raise ValueError("token weights must be finite and non-negative")
+    floor = mean - 1
+    steps = max_width - floor
+    drop = torch.tensor(
+        [distortion(b) - distortion(b + 1) for b in range(floor, max_width)],
+        dtype=torch.float64,
+        device=w.device,
+    )
+    gains = (w[:, :, None] * drop).reshape(h, t * steps)  # row-major: (row, step)
+    order = torch.sort(gains, dim=1, descending=True, stable=True).indices[:, :t]  # T extra bits per head
+    extra = torch.zeros(h, t, dtype=torch.int64, device=w.device)
+    extra.scatter_add_(1, order // steps, torch.ones_like(order))
+    widths = floor + extra
+    flat = (w.sum(dim=1) == 0)[:, None]
+    return torch.where(flat, torch.full_like(widths, mean), widths).to(torch.uint8)
+
+
+def quantize_token_widths(x: Tensor, spec: QuantSpec, widths: Tensor) -> QuantizedTensor:
+    """Values (H, T, D) -> codes, scale and zero in the token layout above, row (h, t) at widths[h, t] bits."""
+    shape = check_input(x, spec, TokenWidthQuantizer.formats)
+    h, t, d = shape
+    _check_spec(spec, d)
+    check_widths(widths, h, t, mean_width(spec))
+    widths = widths.to(device=x.device, dtype=torch.uint8)
+    qmax = ((1 << widths.long()) - 1)[:, :, None]  # (H, T, 1) against groups (H, T, n_groups)
+    xf = x.float()
+    scale, zero = group_stats(group_view(xf, spec), qmax)
+    scale, zero = group_stats_layout(scale, spec), group_stats_layout(zero, spec)
+    s = expand_groups(scale.float(), shape, spec)
+    z = expand_groups(zero.float(), shape, spec)
+    codes = torch.minimum(torch.clamp(torch.round((xf - z) / s), min=0), qmax.float())
+    return QuantizedTensor(spec, shape, pack_token_codes(codes.long(), widths), scale, zero, widths)
 
 
 @dataclass(frozen=True)
@@ -271,23 +399,47 @@ class WidthQuantizer(Quantizer):
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
         check_width_tensor(q)
-        assert q.widths is not None and q.scale is not None and q.zero is not None  # checked
-        device = q.codes.device
-        codes = unpack_codes(q.codes, q.widths.to(device), q.shape[1])
-        s = expand_groups(q.scale.to(device=device, dtype=torch.float32), q.shape, q.spec)
-        z = expand_groups(q.zero.to(device=device, dtype=torch.float32), q.shape, q.spec)
-        return (codes.float() * s + z).to(dtype)
+        assert q.widths is not None  # checked
+        codes = unpack_codes(q.codes, q.widths.to(q.codes.device), q.shape[1])
+        return _dequantize_codes(q, codes, dtype)
+
+
+@dataclass(frozen=True)
+class TokenWidthQuantizer(Quantizer):
+    """INT values, a width per token row. `quantize` alone gives every row the mean width
+    (`quantize_token_widths` takes an allocation); `dequantize` reads the tensor's widths."""
+
+    formats: ClassVar[tuple[str, ...]] = tuple(TOKEN_WIDTH_FORMATS)
+
+    def quantize(self, x: Tensor, spec: QuantSpec) -> QuantizedTensor:
+        h, t, _ = check_input(x, spec, self.formats)
+        uniform = torch.full((h, t), mean_width(spec), dtype=torch.uint8, device=x.device)
+        return quantize_token_widths(x, spec, uniform)
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        check_width_tensor(q)
+        assert q.widths is not None  # checked
+        codes = unpack_token_codes(q.codes, q.widths.to(q.codes.device), q.shape[2])
+        return _dequantize_codes(q, codes, dtype)
+
+
+def _dequantize_codes(q: QuantizedTensor, codes: Tensor, dtype: torch.dtype) -> Tensor:
+    assert q.scale is not None and q.zero is not None  # check_width_tensor
+    device = codes.device
+    s = expand_groups(q.scale.to(device=device, dtype=torch.float32), q.shape, q.spec)
+    z = expand_groups(q.zero.to(device=device, dtype=torch.float32), q.shape, q.spec)
+    return (codes.float() * s + z).to(dtype)
 
 
 def check_width_tensor(q: QuantizedTensor) -> None:
-    """Validate a per-channel-width tensor before any decoder reads it: its codes, scale and
+    """Validate a tensor of a widths format before any decoder reads it: its codes, scale and
     zero (kvlink.quant.intq.check_quantized), its spec, and widths that sum to the mean."""
-    check_quantized(q, tuple(WIDTH_FORMATS))
-    h, _, d = q.shape
-    _check_spec(q.spec, d)
+    check_quantized(q, tuple(WIDTH_AXIS))
+    _check_spec(q.spec, q.shape[2])
     if q.widths is None:
         raise ValueError(f"format {q.spec.format!r} needs the tensor's widths, got None")
-    check_widths(q.widths, h, d, mean_width(q.spec))
+    check_widths(q.widths, *widths_shape(q.shape, q.spec), mean_width(q.spec))
 
 
 register(WidthQuantizer())
+register(TokenWidthQuantizer())
