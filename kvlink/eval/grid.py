@@ -129,7 +129,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "value-widths": (
         "q2c90-layer-k4v3-g64-sink1-qround-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",
         "q2c90-layer-k3v4-g64-sink1-qround-kw", "k4v3-g64-sink1-qround-kw-vw", "q2c65-layer-k4v3-g64-sink1-qround-kw-vw",
-        "q2c42.5-layer-k4v3-g64-sink1-qround-kw-vw", "q2c12.5-layer-k4v3-g64-sink1-qround-kw-vw",
+        "q2c40-layer-k4v3-g64-sink1-qround-kw-vw", "q2c50-layer-int3-g64-sink1-qround-kw-vw",
+        "q2c20-layer-k4v3-g64-sink1-qround-kw-vw",
     ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
