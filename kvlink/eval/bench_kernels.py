@@ -81,6 +81,8 @@ DEQUANT_CASES: tuple[tuple[str, str], ...] = (
     ("int2", "token"),
     ("int2", "channel"),
     ("nf4", "token"),
+    ("int3w", "channel"),  # a width per key channel (kvlink.quant.widths; uniform widths here: the same work)
+    ("int3t", "token"),  # a width per value row
 )
 QUANT_CASES: tuple[tuple[str, str], ...] = (
     ("int8", "token"),
@@ -251,7 +253,7 @@ def _bench_shape(
         ms = _bench(partial(tdq.dequantize_into, q, dtype), rep_ms)
         graph_ms = _graph_ms(partial(tdq.dequantize_into, q, dtype), flush)
         ref_ms = _bench(partial(ref.dequantize_into, q, dtype), rep_ms)
-        moved = _nbytes(q.codes, q.scale, q.zero, out)
+        moved = _nbytes(q.codes, q.scale, q.zero, q.widths, out)
         rows.append(_row("dequant", shape, f"{fmt}-{axis}", ms, ref_ms, moved, copy, check, graph_ms))
         logger.info("dequant %s-%s: %.4f ms, %.0f%% of copy, %.1fx", fmt, axis, ms,
                     100 * rows[-1]["copy_fraction"], rows[-1]["speedup"])  # fmt: skip
