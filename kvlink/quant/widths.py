@@ -1,11 +1,13 @@
-"""INT keys with a bit width per channel: formats 'int4w', 'int3w' and 'int2w' (mean width 4, 3, 2).
+"""INT keys with a bit width per channel (formats 'int4w', 'int3w', 'int2w': mean width 4, 3, 2)
+and INT values with a bit width per token row ('int4t', 'int3t', 'int2t').
 
 Uniform INT keys give every channel the same bits, so every channel gets the same
 error relative to its range. What the receiver's attention sees is q . k_hat, and
 the question's queries weigh the channels very unequally: a channel's share of
-the logit error is about E[q_i^2] * range_i^2 * 4^-w_i. Given those weights, the
-widths w_i that minimize the sum at a fixed mean are found greedily (the
-objective is separable and convex in each w_i), and the message carries them:
+the logit error is about E[q_i^2] * range_i^2 / (2^w_i - 1)^2. Given those weights,
+the widths w_i that minimize the sum at a fixed mean are found exactly by a dynamic
+program (width 1 buys nothing over width 0, so a greedy would not do; see
+`allocate_widths`), and the message carries them:
 the same codes bytes as the uniform format at the mean width, plus the widths.
 On the embedded model this cuts the KL of a K4 cache about 3x on the CPU
 screen (bench/results/screen-cpu/run9-kchan-60q).
