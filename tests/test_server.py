@@ -410,6 +410,31 @@ async def test_key_widths_are_answered_and_bad_widths_cost_one_error(
     await _send_good(server, embedded, good)
 
 
+async def test_value_widths_are_answered_and_bad_widths_cost_one_error(
+    server: Receiver, embedded: LoadedModel, good: Good, sender_prefill: tuple[Prefill, torch.Tensor]
+) -> None:
+    """Likewise for a width per value row: answered from exactly its bytes; row widths that do not
+    add up are refused as MALFORMED and the receiver keeps serving."""
+    pre, q = sender_prefill
+    config = CodecConfig(selector="q2c", retention=0.65, scope="layer", k_bits=4, v_bits=3, group_size=64,
+                         sink=1, k_widths="query", v_widths="attention")  # fmt: skip
+    codec = Codec(config, embedded.geometry)
+    encoded = codec.encode(pre)
+    assert (encoded.tensors[0].spec.format, encoded.tensors[1].spec.format) == ("int4w", "int3t")
+    local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
+    await _send_good(server, embedded, Good(encoded, good.question, local.token_ids))
+    t = encoded.tensors[1]
+    raw = bytearray(t.parts["widths"].data)
+    raw[0] = (raw[0] & 0xF0) | (((raw[0] & 0x0F) + 1) % 9)  # one more (or fewer) bit in head 0
+    bad = replace(encoded, tensors=[encoded.tensors[0], replace(t, parts={**t.parts, "widths": Part(bytes(raw), len(raw))}),
+                                    *encoded.tensors[2:]])  # fmt: skip
+    frames = _frames(embedded, bad, uuid.uuid4().hex)
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED", "widths of head 0"
+    )
+    await _send_good(server, embedded, good)
+
+
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
