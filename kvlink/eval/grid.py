@@ -124,13 +124,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "q2c90-layer-k3v4-g64-sink1-qround", "q2c90-layer-k3v4-g64-sink1-kw", "q2c90-layer-k3v4-g64-sink1-qround-kw",
         "k3v4-g64-sink1-kw", "q2c65-layer-k3v4-g64-sink1-qround-kw", "q2c40-layer-k3v4-g64-sink1-qround-kw",
     ),
-    # Per-token value widths from the question's attention (kvlink.quant.widths), next to their twins and the
+    # Per-token value widths from the question's attention (kvlink.quant.widths), next to their K4/V3 twins and the
     # key-widths incumbent at the same bytes (K3/V4).
     "value-widths": (
         "q2c90-layer-k4v3-g64-sink1-qround-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",
-        "q2c90-layer-k3v4-g64-sink1-qround-kw", "k4v3-g64-sink1-qround-kw-vw", "q2c65-layer-k4v3-g64-sink1-qround-kw-vw",
-        "q2c40-layer-k4v3-g64-sink1-qround-kw-vw", "q2c50-layer-int3-g64-sink1-qround-kw-vw",
-        "q2c20-layer-k4v3-g64-sink1-qround-kw-vw",
+        "q2c90-layer-k3v4-g64-sink1-qround-kw", "q2c65-layer-k4v3-g64-sink1-qround-kw",
+        "q2c65-layer-k4v3-g64-sink1-qround-kw-vw", "q2c40-layer-k4v3-g64-sink1-qround-kw",
+        "q2c40-layer-k4v3-g64-sink1-qround-kw-vw",
     ),
     "beyond": (
         "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
