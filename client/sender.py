@@ -397,20 +397,16 @@ def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Const
                 f"the receiver does not decode {format_from_bits(bits)}; it lists {list(codecs.formats)}",
                 code="UNKNOWN_CODEC", rpc="Hello",
             )  # fmt: skip
-    missing = [f for f in WIDTH_FORMATS if f not in codecs.formats]
-    if c.k_widths == "query" and missing:
-        raise SendError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"the receiver does not decode per-channel key widths (--key-widths query): it lacks {missing}",
-            code="UNKNOWN_CODEC", rpc="Hello",
-        )  # fmt: skip
-    missing = [f for f in TOKEN_WIDTH_FORMATS if f not in codecs.formats]
-    if c.v_widths == "attention" and missing:
-        raise SendError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"the receiver does not decode per-token value widths (--value-widths attention): it lacks {missing}",
-            code="UNKNOWN_CODEC", rpc="Hello",
-        )  # fmt: skip
+    for pinned, formats, what in (
+        (c.k_widths == "query", WIDTH_FORMATS, "per-channel key widths (--key-widths query)"),
+        (c.v_widths == "attention", TOKEN_WIDTH_FORMATS, "per-token value widths (--value-widths attention)"),
+    ):
+        missing = [f for f in formats if f not in codecs.formats]
+        if pinned and missing:
+            raise SendError(
+                grpc.StatusCode.UNIMPLEMENTED, f"the receiver does not decode {what}: it lacks {missing}",
+                code="UNKNOWN_CODEC", rpc="Hello",
+            )  # fmt: skip
     if c.sink and not codecs.sink:
         raise SendError(
             grpc.StatusCode.UNIMPLEMENTED, "the receiver does not read fp16 sink entries (--sink)",

@@ -1074,20 +1074,16 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
                     "UNKNOWN_CODEC",
                     f"codec config {name} has a {bits}-bit layer; supported widths: {widths}",
                 )
-    if msg.k_widths and msg.k_widths != "uniform":
-        missing = sorted(f for f in WIDTH_FORMATS if f not in codecs.formats)
-        if missing:
+    for name, formats, what in (
+        ("k_widths", WIDTH_FORMATS, "key channel"),
+        ("v_widths", TOKEN_WIDTH_FORMATS, "value tensor"),
+    ):
+        value = getattr(msg, name)
+        missing = sorted(f for f in formats if f not in codecs.formats)
+        if value and value != "uniform" and missing:
             raise WireError(
                 "UNKNOWN_CODEC",
-                f"codec config k_widths {msg.k_widths!r}: this receiver reads one width per key channel "
-                f"(formats {missing} not supported)",
-            )
-    if msg.v_widths and msg.v_widths != "uniform":
-        missing = sorted(f for f in TOKEN_WIDTH_FORMATS if f not in codecs.formats)
-        if missing:
-            raise WireError(
-                "UNKNOWN_CODEC",
-                f"codec config v_widths {msg.v_widths!r}: this receiver reads one width per value tensor "
+                f"codec config {name} {value!r}: this receiver reads one width per {what} "
                 f"(formats {missing} not supported)",
             )
     if msg.k_format not in BITS or msg.v_format not in BITS:

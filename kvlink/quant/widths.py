@@ -298,19 +298,27 @@ def allocate_widths(weights: Tensor, mean: int, max_width: int = MAX_WIDTH) -> T
 
 def quantize_widths(x: Tensor, spec: QuantSpec, widths: Tensor) -> QuantizedTensor:
     """Keys (H, T, D) -> codes, scale and zero in the layout above, channel (h, i) at widths[h, i] bits."""
-    shape = check_input(x, spec, WidthQuantizer.formats)
-    h, _, d = shape
-    _check_spec(spec, d)
-    check_widths(widths, h, d, mean_width(spec))
+    return _quantize_with(x, spec, widths, WidthQuantizer.formats)
+
+
+def _quantize_with(x: Tensor, spec: QuantSpec, widths: Tensor, formats: tuple[str, ...]) -> QuantizedTensor:
+    """Either layout: widths (H, A) hold one width per row A of `group_view` (a channel of the
+    channel axis, a token of the token axis), which sets the qmax of all that row's groups."""
+    shape = check_input(x, spec, formats)
+    _check_spec(spec, shape[2])
+    check_widths(widths, *widths_shape(shape, spec), mean_width(spec))
     widths = widths.to(device=x.device, dtype=torch.uint8)
-    qmax = ((1 << widths.long()) - 1)[:, :, None]  # (H, D, 1) against groups (H, D, n_groups)
+    qmax = ((1 << widths.long()) - 1)[:, :, None]  # (H, A, 1) against groups (H, A, n_groups)
     xf = x.float()
     scale, zero = group_stats(group_view(xf, spec), qmax)
     scale, zero = group_stats_layout(scale, spec), group_stats_layout(zero, spec)
     s = expand_groups(scale.float(), shape, spec)
     z = expand_groups(zero.float(), shape, spec)
-    codes = torch.minimum(torch.clamp(torch.round((xf - z) / s), min=0), qmax.transpose(1, 2).float())
-    return QuantizedTensor(spec, shape, pack_codes(codes.long(), widths), scale, zero, widths)
+    token = spec.axis == "token"
+    per_element = qmax if token else qmax.transpose(1, 2)  # broadcast to (H, T, D)
+    codes = torch.minimum(torch.clamp(torch.round((xf - z) / s), min=0), per_element.float()).long()
+    packed = pack_token_codes(codes, widths) if token else pack_codes(codes, widths)
+    return QuantizedTensor(spec, shape, packed, scale, zero, widths)
 
 
 def _check_spec(spec: QuantSpec, d: int) -> None:
@@ -372,19 +380,7 @@ def allocate_token_widths(weights: Tensor, mean: int, max_width: int = MAX_WIDTH
 
 def quantize_token_widths(x: Tensor, spec: QuantSpec, widths: Tensor) -> QuantizedTensor:
     """Values (H, T, D) -> codes, scale and zero in the token layout above, row (h, t) at widths[h, t] bits."""
-    shape = check_input(x, spec, TokenWidthQuantizer.formats)
-    h, t, d = shape
-    _check_spec(spec, d)
-    check_widths(widths, h, t, mean_width(spec))
-    widths = widths.to(device=x.device, dtype=torch.uint8)
-    qmax = ((1 << widths.long()) - 1)[:, :, None]  # (H, T, 1) against groups (H, T, n_groups)
-    xf = x.float()
-    scale, zero = group_stats(group_view(xf, spec), qmax)
-    scale, zero = group_stats_layout(scale, spec), group_stats_layout(zero, spec)
-    s = expand_groups(scale.float(), shape, spec)
-    z = expand_groups(zero.float(), shape, spec)
-    codes = torch.minimum(torch.clamp(torch.round((xf - z) / s), min=0), qmax.float())
-    return QuantizedTensor(spec, shape, pack_token_codes(codes.long(), widths), scale, zero, widths)
+    return _quantize_with(x, spec, widths, TokenWidthQuantizer.formats)
 
 
 @dataclass(frozen=True)
