@@ -1,8 +1,10 @@
 """CPU screen (issue 7), not part of the package: Q2C per layer, the dropped positions merged into one
 summary entry per layer and KV head instead of dropped; fidelity and KL at fp16 on N SQuAD questions.
 
-usage: python bench/screen_merge.py N "scheme;scheme;..." out.json
-scheme: drop,r=0.4 | merge,r=0.4,k=mean|lse,lam=0.1
+usage: [START=k] python bench/screen_merge.py N "scheme;scheme;..." out.json   (questions k..N-1)
+scheme: drop,r=0.4[,obs=words|all|tail] | merge,r=0.4,k=mean|lse,lam=0.1
+  obs: the question rows Q2C observes: its own words (the sender's default), every question row (the chat
+  template around it too), or its words and every row after them (the assistant prompt the answer follows)
   merge: v* = the dropped values weighted by the question's attention mass on them;
   k=mean: k* = the same weighted mean of the dropped keys;
   k=lse: k* fitted so that s q.k* = logsumexp_j(s q.k_j) over the dropped j for the question's queries,
@@ -10,6 +12,7 @@ scheme: drop,r=0.4 | merge,r=0.4,k=mean|lse,lam=0.1
 """
 
 import json
+import os
 import sys
 import time
 
@@ -51,12 +54,13 @@ def summary(k, v, obs, scale, dropped, how, lam):
     return k_star[:, None], v_star[:, None]
 
 
-def scheme(name, kv, obs, kept_cache):
+def scheme(name, kv, observers, kept_cache):
     opts = dict(p.split("=") for p in name.split(",")[1:])
-    r = float(opts["r"])
-    if r not in kept_cache:
-        kept_cache[r] = Q2C().keep(obs, r, "layer")
-    kept = kept_cache[r]
+    r, seen = float(opts["r"]), opts.get("obs", "words")
+    obs = observers[seen]
+    if (r, seen) not in kept_cache:
+        kept_cache[r, seen] = Q2C().keep(obs, r, "layer")
+    kept = kept_cache[r, seen]
     keys, values, positions = [], [], []
     for layer in range(kv.num_layers):
         keep = kept[layer]
@@ -79,22 +83,23 @@ def scheme(name, kv, obs, kept_cache):
     return ContextKV(keys, values, positions, kv.length)
 
 
-examples = squad_examples(limit=N)
+examples = squad_examples(limit=N)[int(os.environ.get("START", 0)) :]  # START=k: skip the first k
 res = {s: {"fid": [], "kl": []} for s in SCHEMES}
 t0 = time.time()
 for i, ex in enumerate(examples):
     ctx, q = ex.encode(tok)
-    kv, observations = prefill_observations(
-        model, ctx, q, {Observe.QUESTION}, 32, question_rows(tok, ex.question)
-    )
-    obs = observations[Observe.QUESTION]
+    start, end = question_rows(tok, ex.question)
+    observers = {}
+    for seen, rows in (("words", (start, end)), ("all", (0, q.numel())), ("tail", (start, q.numel()))):
+        kv, observations = prefill_observations(model, ctx, q, {Observe.QUESTION}, 32, rows)
+        observers[seen] = observations[Observe.QUESTION]
     kv = kv.to(dtype=torch.float16).to(dtype=torch.float32)
     ref = fidelity.batched_answers(model, tok, [kv], q, (), 16)
     ref_tokens = ref.tokens[0]
     ref_text = fidelity.answer_text(tok, model, ref_tokens)
     ref_forced = fidelity.batched_answers(model, tok, [kv], q, [ref_tokens], 0).forced[0][0]
     kept_cache = {}
-    decs = [scheme(s, kv, obs, kept_cache) for s in SCHEMES]
+    decs = [scheme(s, kv, observers, kept_cache) for s in SCHEMES]
     out = fidelity.batched_answers(model, tok, decs, q, [ref_tokens], 16)
     for j, s in enumerate(SCHEMES):
         text = fidelity.answer_text(tok, model, out.tokens[j])
