@@ -127,20 +127,6 @@ class Observation:
     layers: list[LayerObservation] = field(default_factory=list)
     scale: float = 1.0  # softmax scale of the attention (1/sqrt(head_dim) for most models)
     num_layers: int = 0
-    # Observe.QUESTION captured with the turn (prefill(..., turn=True)): the number of leading rows that are
-    # the question's own words; the rows after them are the chat template's tokens that open the answer's
-    # turn. None: every row is the question's (captured without the turn).
-    words: int | None = None
-
-    def question_words(self) -> Observation:
-        """This observation with only the question's own words as observers (itself when it has no turn rows)."""
-        if self.words is None:
-            return self
-        n = self.words
-        layers = [
-            LayerObservation(o.queries[:, :n], o.query_positions[:n], o.keys, o.key_positions) for o in self.layers
-        ]
-        return Observation(self.kind, self.length, layers, self.scale, self.num_layers)
 
 
 @dataclass
@@ -230,7 +216,6 @@ def prefill(
     observe: Observe = Observe.NONE,
     window: int = 32,
     question_rows: tuple[int, int] | None = None,
-    turn: bool = False,
 ) -> Prefill:
     """Run the context through the model once and extract its KV cache.
 
@@ -238,12 +223,10 @@ def prefill(
     (run after the context at positions T, T+1, ...; the question's KV is then
     discarded), the last `window` context positions', or all of them.
     `question_rows` (start, end) restricts the question observation to those
-    rows of `question_ids` (the question's own words, not the chat template);
-    with `turn`, the rows after `end` observe too (Observation.words says where
-    the words end), for configs whose Q2C scores with them (CodecConfig.q2c_rows).
+    rows of `question_ids` (the question's own words, not the chat template).
     """
     kv, observations = prefill_observations(
-        model, context_ids, question_ids, (observe,), window, question_rows, turn
+        model, context_ids, question_ids, (observe,), window, question_rows
     )
     return Prefill(
         kv=kv,
@@ -290,7 +273,6 @@ def prefill_observations(
     kinds: Collection[Observe] = (Observe.NONE,),
     window: int = 32,
     question_rows: tuple[int, int] | None = None,
-    turn: bool = False,
 ) -> tuple[ContextKV, dict[Observe, Observation]]:
     """Read a context ONCE and capture what every selector in `kinds` needs.
 
@@ -300,9 +282,7 @@ def prefill_observations(
     context, as `prefill` does, and its KV is discarded. Each observation is
     the one `prefill(model, context_ids, question_ids, observe=kind, window)`
     would give (WINDOW is the last min(window, T) queries of the ALL capture).
-    `question_rows` (start, end) keeps only those question rows as observers;
-    with `turn` every row from `start` on, the question observation's `words`
-    counting the rows up to `end`.
+    `question_rows` (start, end) keeps only those question rows as observers.
     Returns the context's KV (kv_heads, T, head_dim per layer) and one
     Observation per asked kind.
     """
@@ -362,8 +342,6 @@ def prefill_observations(
         lo, hi = question_rows if question_rows is not None else (0, qids.shape[1])
         if not (0 <= lo < hi <= qids.shape[1]):
             raise ValueError(f"question_rows {question_rows!r} outside the {qids.shape[1]} question tokens")
-        if turn:
-            obs.words, hi = hi - lo, int(qids.shape[1])
         for layer, q in enumerate(captured):
             assert q is not None
             k, _ = _layer_kv(cache, layer)

@@ -65,7 +65,6 @@ KINDS: tuple[str, ...] = ("k", "v")
 PAYLOAD_PARTS = frozenset({"codes", "sink"})
 METADATA_PARTS = frozenset({"scale", "zero", "basis", "widths"})
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
-Q2C_ROWS: tuple[str, ...] = ("question", "question+turn")
 KEY_WIDTHS: tuple[str, ...] = ("uniform", "query")
 WIDTH_OF: dict[str, str] = {"int4": "int4w", "int3": "int3w", "int2": "int2w"}  # uniform -> per-channel
 VALUE_WIDTHS: tuple[str, ...] = ("uniform", "attention")
@@ -90,10 +89,6 @@ class CodecConfig:
 
     selector/retention: which positions travel ("none" keeps all; retention in (0, 1]).
     scope: "global" (one kept set for all layers) or "layer" (a set per layer).
-    q2c_rows: which question rows score positions for Q2C: "question" (its own words) or
-    "question+turn" (its words and the chat template's tokens after them, which open the turn
-    the answer follows; the prefill must capture them: kvlink.cache.prefill(..., turn=True)).
-    Selection only: query-aware rounding and widths use the question's words either way.
     k_bits/v_bits: 16, 8, 4, 3, 2 or "nf4". group_size and k_axis/v_axis: quantization groups.
     lowrank: "none", "svd" (per message) or "profile" (calibrated projection); k_rank/v_rank.
     zstd_level: 0 (off) or 1..22, applied per part only where it makes the part smaller.
@@ -143,7 +138,6 @@ class CodecConfig:
     v_layer_bits: tuple[int, ...] = ()
     k_widths: str = "uniform"
     v_widths: str = "uniform"
-    q2c_rows: str = "question"
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -158,10 +152,6 @@ class CodecConfig:
             raise ValueError(f"retention {self.retention!r} needs a selection method (selector is 'none')")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.q2c_rows not in Q2C_ROWS:
-            raise ValueError(f"q2c_rows must be one of {Q2C_ROWS}, got {self.q2c_rows!r}")
-        if self.q2c_rows != "question" and self.selector != "q2c":
-            raise ValueError(f"q2c_rows {self.q2c_rows!r} needs selector 'q2c', got {self.selector!r}")
         format_from_bits(self.k_bits)
         format_from_bits(self.v_bits)
         for axis in (self.k_axis, self.v_axis):
@@ -322,8 +312,6 @@ class CodecConfig:
             parts.append(
                 f"{self.selector}{self.retention * 100:g}%" + ("/layer" if self.scope == "layer" else "")
             )
-        if self.q2c_rows != "question":
-            parts.append("turn")
         if self.lowrank != "none":
             parts.append(f"{self.lowrank}-r{self.k_rank or 'full'}/{self.v_rank or 'full'}")
         kf, vf = self.k_format, self.v_format
@@ -582,21 +570,12 @@ class Codec:
         if cfg.selector == "random":
             kwargs["seed"] = cfg.seed
         selector = get_selector(cfg.selector, **kwargs)
-        observation = prefill.observation
-        if selector.observes is not Observe.NONE and observation.kind is not selector.observes:
+        if selector.observes is not Observe.NONE and prefill.observation.kind is not selector.observes:
             raise ValueError(
                 f"selector {cfg.selector!r} needs a prefill with observe={selector.observes.value!r}, "
-                f"got {observation.kind.value!r}"
+                f"got {prefill.observation.kind.value!r}"
             )
-        if cfg.q2c_rows == "question+turn":
-            if observation.words is None:
-                raise ValueError(
-                    "q2c_rows 'question+turn' scores with the rows after the question's words: "
-                    "prefill with turn=True (kvlink.cache.prefill)"
-                )
-        else:
-            observation = observation.question_words()
-        return selector.keep(observation, cfg.retention, cfg.scope)
+        return selector.keep(prefill.observation, cfg.retention, cfg.scope)
 
     def encode(self, prefill: Prefill) -> EncodedKV:
         """Select, reduce, quantize and pack a prefilled context."""
@@ -613,11 +592,9 @@ class Codec:
         """Encode `kv` keeping `kept[l]` positions of each layer (all when None).
 
         `observation`: the prefill's observed queries, needed by round_k "query" and k_widths
-        "query" (any kind with queries); of a question observation only the question's words.
+        "query" (any kind with queries).
         """
         cfg, g = self.config, self.geometry
-        if observation is not None:
-            observation = observation.question_words()
         if self._needs_queries and (observation is None or len(observation.layers) != g.num_layers):
             got = (
                 "none"

@@ -591,8 +591,6 @@ def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
         msg.k_widths = config.k_widths
     if config.v_widths != "uniform":  # likewise
         msg.v_widths = config.v_widths
-    if config.q2c_rows != "question":  # informational, like round_k
-        msg.q2c_rows = config.q2c_rows
     msg.k_layer_bits.extend(config.k_layer_bits)  # empty unless bits vary by layer
     msg.v_layer_bits.extend(config.v_layer_bits)
     if config.k_rank is not None:
@@ -1104,7 +1102,6 @@ def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
             sink=msg.sink, round_k=msg.round_k or "nearest",
             k_layer_bits=tuple(msg.k_layer_bits), v_layer_bits=tuple(msg.v_layer_bits),
             k_widths=msg.k_widths or "uniform", v_widths=msg.v_widths or "uniform",
-            q2c_rows=msg.q2c_rows or "question",
         )  # fmt: skip
     except ValueError as exc:
         raise WireError("MALFORMED", f"codec config: {exc}") from None

@@ -4,8 +4,6 @@ A config is named by dash-separated tokens, in any order (absent = no compressio
 
     q2c50 | snapkv25 | h2o75 | streaming50 | random25   selection method and retention in %
     layer                                               one kept set per layer (default: global)
-    turn                                                Q2C scored by the question's words and the chat
-                                                        template's tokens after them (CodecConfig.q2c_rows)
     fp16 | int8 | int4 | int3 | int2 | nf4              K and V bits
     k8v4 | knf4v8 | ...                                 K and V bits apart
     svd32 | proj16                                      per-message SVD / calibrated projection, rank
@@ -189,7 +187,6 @@ _BITS_TOKEN = r"(16|8|4|3|2|nf4)"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(q2c|snapkv|h2o|streaming|random)(\d+(?:\.\d+)?)"), "select"),
     (re.compile(r"layer"), "scope"),
-    (re.compile(r"turn"), "turn"),
     (re.compile(r"fp16|int8|int4|int3|int2|nf4"), "bits"),
     (re.compile(rf"k{_BITS_TOKEN}v{_BITS_TOKEN}"), "kvbits"),
     (re.compile(r"(svd|proj)(\d+)"), "rank"),
@@ -228,8 +225,6 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
                 fields["selector"], fields["retention"] = m.group(1), float(m.group(2)) / 100.0
             elif kind == "scope":
                 fields["scope"] = "layer"
-            elif kind == "turn":
-                fields["q2c_rows"] = "question+turn"
             elif kind == "bits":
                 bits = _bits({"fp16": "16"}.get(token, token.removeprefix("int")))
                 fields["k_bits"] = fields["v_bits"] = bits
@@ -268,7 +263,7 @@ def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig
         else:
             raise ValueError(
                 f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, turn, zstd3, rot, hi4, sink1, qround, kw, vw, mix3.5"
+                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, kw, vw, mix3.5"
             )
     return CodecConfig(**fields)  # type: ignore[arg-type]
 
@@ -463,11 +458,8 @@ def _queries_for(config: CodecConfig) -> Observe | None:
     return kind if kind is not Observe.NONE else Observe.QUESTION
 
 
-KeptKey = tuple[str, float, str, int, str]  # what decides a kept set: selector, retention, scope, seed, rows
-
-
-def _kept_key(config: CodecConfig) -> KeptKey:
-    return (config.selector, float(config.retention), config.scope, config.seed, config.q2c_rows)
+def _kept_key(config: CodecConfig) -> tuple[str, float, str, int]:
+    return (config.selector, float(config.retention), config.scope, config.seed)
 
 
 class Evaluator:
@@ -492,24 +484,22 @@ class Evaluator:
         self.codecs = {c.name: Codec(c.config, lm.geometry, profile) for c in self.configs}
         self.reference = Codec(CodecConfig(), lm.geometry)
         self.clock = _Clock(lm.device)
-        self.select_s: dict[KeptKey, float] = {}  # of the last prefilled context
+        self.select_s: dict[tuple[str, float, str, int], float] = {}  # of the last prefilled context
         self.observations: dict[Observe, Observation] = {}  # of the last prefilled context
 
     # one context: prefill, reference, kept sets, then the configs in batches
     def _prefill(
         self, ctx: Tensor, q: Tensor, configs: Sequence[GridConfig], rows: tuple[int, int] | None = None
-    ) -> tuple[ContextKV, dict[KeptKey, list[Tensor] | None]]:
+    ) -> tuple[ContextKV, dict[tuple[str, float, str, int], list[Tensor] | None]]:
         """Prefill once with every observation `configs` need; kept positions per selection.
 
-        `rows`: the question's own tokens, the Q2C observers (as the sender: kvlink.prompt.question_rows),
-        with the rows after them for configs that score with the turn too (q2c_rows "question+turn").
+        `rows`: the question's own tokens, the only Q2C observers (as the sender: kvlink.prompt.question_rows).
         """
         kinds = {_observes(c.config) for c in configs} | {Observe.NONE}
         kinds |= {k for k in (_queries_for(c.config) for c in configs) if k is not None}
-        turn = any(c.config.q2c_rows != "question" for c in configs)
-        kv, observations = prefill_observations(self.lm.model, ctx, q, kinds, self.settings.window, rows, turn)
+        kv, observations = prefill_observations(self.lm.model, ctx, q, kinds, self.settings.window, rows)
         self.observations = observations
-        kept: dict[KeptKey, list[Tensor] | None] = {}
+        kept: dict[tuple[str, float, str, int], list[Tensor] | None] = {}
         self.select_s.clear()
         for c in configs:
             key = _kept_key(c.config)
