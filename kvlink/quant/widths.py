@@ -384,49 +384,41 @@ def quantize_token_widths(x: Tensor, spec: QuantSpec, widths: Tensor) -> Quantiz
 
 
 @dataclass(frozen=True)
-class WidthQuantizer(Quantizer):
-    """INT keys, a width per channel. `quantize` alone gives every channel the mean width
-    (`quantize_widths` takes an allocation); `dequantize` reads the widths the tensor carries."""
-
-    formats: ClassVar[tuple[str, ...]] = tuple(WIDTH_FORMATS)
+class _WidthsQuantizer(Quantizer):
+    """Either layout: `quantize` alone gives every row of `group_view` (a channel, or a token row)
+    the mean width; `dequantize` reads the widths the tensor carries."""
 
     def quantize(self, x: Tensor, spec: QuantSpec) -> QuantizedTensor:
-        h, _, d = check_input(x, spec, self.formats)
-        uniform = torch.full((h, d), mean_width(spec), dtype=torch.uint8, device=x.device)
-        return quantize_widths(x, spec, uniform)
+        shape = check_input(x, spec, self.formats)
+        uniform = torch.full(widths_shape(shape, spec), mean_width(spec), dtype=torch.uint8, device=x.device)
+        return _quantize_with(x, spec, uniform, self.formats)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
         check_width_tensor(q)
         assert q.widths is not None  # checked
-        codes = unpack_codes(q.codes, q.widths.to(q.codes.device), q.shape[1])
-        return _dequantize_codes(q, codes, dtype)
+        widths = q.widths.to(q.codes.device)
+        if WIDTH_AXIS[q.spec.format] == "token":
+            codes = unpack_token_codes(q.codes, widths, q.shape[2])
+        else:
+            codes = unpack_codes(q.codes, widths, q.shape[1])
+        assert q.scale is not None and q.zero is not None  # check_width_tensor
+        s = expand_groups(q.scale.to(device=codes.device, dtype=torch.float32), q.shape, q.spec)
+        z = expand_groups(q.zero.to(device=codes.device, dtype=torch.float32), q.shape, q.spec)
+        return (codes.float() * s + z).to(dtype)
 
 
 @dataclass(frozen=True)
-class TokenWidthQuantizer(Quantizer):
-    """INT values, a width per token row. `quantize` alone gives every row the mean width
-    (`quantize_token_widths` takes an allocation); `dequantize` reads the tensor's widths."""
+class WidthQuantizer(_WidthsQuantizer):
+    """INT keys, a width per channel (`quantize_widths` takes an allocation)."""
+
+    formats: ClassVar[tuple[str, ...]] = tuple(WIDTH_FORMATS)
+
+
+@dataclass(frozen=True)
+class TokenWidthQuantizer(_WidthsQuantizer):
+    """INT values, a width per token row (`quantize_token_widths` takes an allocation)."""
 
     formats: ClassVar[tuple[str, ...]] = tuple(TOKEN_WIDTH_FORMATS)
-
-    def quantize(self, x: Tensor, spec: QuantSpec) -> QuantizedTensor:
-        h, t, _ = check_input(x, spec, self.formats)
-        uniform = torch.full((h, t), mean_width(spec), dtype=torch.uint8, device=x.device)
-        return quantize_token_widths(x, spec, uniform)
-
-    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        check_width_tensor(q)
-        assert q.widths is not None  # checked
-        codes = unpack_token_codes(q.codes, q.widths.to(q.codes.device), q.shape[2])
-        return _dequantize_codes(q, codes, dtype)
-
-
-def _dequantize_codes(q: QuantizedTensor, codes: Tensor, dtype: torch.dtype) -> Tensor:
-    assert q.scale is not None and q.zero is not None  # check_width_tensor
-    device = codes.device
-    s = expand_groups(q.scale.to(device=device, dtype=torch.float32), q.shape, q.spec)
-    z = expand_groups(q.zero.to(device=device, dtype=torch.float32), q.shape, q.spec)
-    return (codes.float() * s + z).to(dtype)
 
 
 def check_width_tensor(q: QuantizedTensor) -> None:
