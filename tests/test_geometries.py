@@ -245,7 +245,9 @@ def test_large_geometry_builds_fast_without_the_default_init(monkeypatch: pytest
     """One layer of Llama 3.1 8B (621M parameters, bf16, CPU) builds in seconds and runs a forward.
 
     transformers' `_init_weights` and torch's initializers are made to raise: the default init
-    (several seconds on this geometry even on a fast CPU) must not run at all.
+    (kaiming_uniform_ then normal_ over every matrix: 7.5 s on a 2-core CPU where this build
+    takes 1.1 s) must not run at all. Over 5 s (a loaded machine), the build must still take
+    less than half the time of the default one on the same machine.
     """
     from transformers import PreTrainedModel
 
@@ -261,7 +263,14 @@ def test_large_geometry_builds_fast_without_the_default_init(monkeypatch: pytest
     model = spec.build(config, "cpu", torch.bfloat16)
     elapsed = time.perf_counter() - started
     assert sum(p.numel() for p in model.parameters()) == spec.arch.param_count(SMALL_VOCAB, 1) == 620_769_280
-    assert elapsed < 5.0, f"building one 8B layer took {elapsed:.1f} s"
+    if elapsed >= 5.0:  # a loaded machine: time the default init there too, and beat it by far
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.undo()
+        started = time.perf_counter()
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        default = time.perf_counter() - started
+        assert elapsed < default / 2, f"one 8B layer: {elapsed:.1f} s, with the default init {default:.1f} s"
     w = model.model.layers[0].mlp.down_proj.weight  # (4096, 14336): 14 windows of the pool
     assert w.dtype == torch.bfloat16 and abs(w.float().std().item() - geometries.INIT_STD) < 1e-3
     with torch.inference_mode():
