@@ -7,6 +7,8 @@ cache must give it token for token, with the question at the ORIGINAL context le
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from kvlink.hfcache import KVLinkCache
 from kvlink.models import geometry_of
 from kvlink.prompt import context_ids, question_ids
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
 VARIANTS = ("full", "global", "layer", "codec")
 CODEC = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
 # Tiny models: no EOS stop (random weights would stop anywhere), so both sides run every step.
@@ -360,3 +363,19 @@ def test_embedded_stop_strings_and_batch(embedded: Any) -> None:
         got = batch[row, ids.shape[1] :].tolist()
         assert got[: len(alone.token_ids)] == alone.token_ids, row
         assert all(t == lm.tokenizer.pad_token_id for t in got[len(alone.token_ids) :])
+
+
+@pytest.mark.slow
+def test_docs_transformers_md_runs_as_written() -> None:
+    """Every ```python block of docs/transformers.md, in order, in one namespace; then its claims."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert blocks, f"no python block in {DOC}"
+    namespace: dict[str, Any] = {"__name__": "docs_transformers"}
+    exec(compile("\n".join(blocks), str(DOC), "exec"), namespace)
+    lm, kv = namespace["lm"], namespace["kv"]
+    assert isinstance(namespace["cache"], KVLinkCache) and namespace["answer"].strip()
+    for question, text in zip(namespace["questions"], namespace["answers"], strict=True):
+        from kvlink.prompt import question_ids as tokenize
+
+        alone = greedy_answer(lm.model, lm.tokenizer, kv, tokenize(lm.tokenizer, question), max_new_tokens=32)
+        assert text == alone.text
