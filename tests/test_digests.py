@@ -1,0 +1,177 @@
+"""The codec and the planner reproduce commit 12bfafe's output exactly: issue 19's proof.
+
+Issue 19 ("Architecture v2": the config becomes a pipeline of stage objects named by one grammar,
+the quality tables migrated) must keep behaviour exactly. tests/data/digests-12bfafe.json was made
+BEFORE it, with commit 12bfafe's code (bench/make_digests.py; tests/digests.py says what is
+recorded): for four fixed contexts (the first three distinct SQuAD contexts, and 808 tokens of the
+paragraphs after them) and every config of the shipped quality table (71, and the planner's zstd
+pick), the sha256 of every kind of encoded part, the exact wire size, the sha256 of the decoded
+K/V (float32, CPU) and positions; and the planner's picks at 25, 18.75, 12.5 and 6.25%. These tests
+recompute all of it with the current code and compare. Never regenerate the baseline to make them
+pass: a difference is a change of behaviour, and each message names the context, the config and the
+part that changed.
+
+What goes through the refactor: the baseline's configs are 12bfafe `CodecConfig.to_dict()`s, and
+`config_of` turns one into a current config. After the refactor that is the migration (old dict ->
+new config): `config_of` calls it, the picks are compared as migrated configs (not as dicts of
+field names), and a pick's 12bfafe label is compared with the name the migrated config has. The
+labels that key the baseline's configs are names only; nothing here parses them. The digests read
+the encoded message's parts (`EncodedKV.tensors[i].parts`); if the refactor moves them, adapt
+tests/digests.py to read the same bytes, never the baseline.
+
+The baseline holds for the model it was made with: a different embedded-model fingerprint (another
+transformers version may convert the GGUF differently) fails here with that message, not a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import digests
+import pytest
+import torch
+
+from kvlink.codec import CodecConfig
+
+pytestmark = pytest.mark.slow
+
+MAX_LINES = 40  # differences listed in a failure message
+
+
+def config_of(d: dict[str, Any]) -> CodecConfig:
+    """A 12bfafe `CodecConfig.to_dict()` as a current config: after issue 19, the migration."""
+    return CodecConfig.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> dict[str, Any]:
+    return json.loads(digests.BASELINE.read_text())["digests"]  # type: ignore[no-any-return]
+
+
+def _fingerprint_problem(lm: Any, baseline: dict[str, Any]) -> str | None:
+    env = baseline["environment"]
+    if lm.fingerprint == env["fingerprint"]:
+        return None
+    import transformers
+
+    return (
+        f"the embedded model's fingerprint is {lm.fingerprint}, the baseline was made with {env['fingerprint']} "
+        f"(transformers {env['transformers']}, torch {env['torch']}; now transformers {transformers.__version__}, "
+        f"torch {torch.__version__}): the digests cannot be compared. Install the baseline's versions; do not "
+        "regenerate tests/data/digests-12bfafe.json from changed code"
+    )
+
+
+@pytest.fixture(scope="module")
+def now(embedded: Any, baseline: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Everything recomputed with the current code, on the baseline's contexts and configs, on one thread."""
+    problem = _fingerprint_problem(embedded, baseline)
+    if problem:
+        pytest.fail(problem)
+    if (str(embedded.dtype), str(embedded.device)) != ("torch.float32", "cpu"):
+        pytest.fail(
+            f"the baseline was made on cpu in float32, the embedded model is {embedded.device} {embedded.dtype}"
+        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(digests.THREADS)
+    try:
+        table, sensitivity = digests.shipped_table_and_profile(embedded.name)
+        configs = {label: config_of(d) for label, d in baseline["configs"].items()}
+        specs = [
+            {k: c["facts"][k] for k in ("name", "title", "context", "question")} for c in baseline["contexts"]
+        ]
+        started = time.perf_counter()
+        budgets = [pick["budget"] for pick in baseline["contexts"][0]["picks"]]
+        result = digests.compute(embedded, specs, configs, table, sensitivity, budgets)
+        result["seconds"] = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    yield json.loads(json.dumps(result))  # the baseline's types: lists, not tuples
+
+
+def _report(what: str, lines: list[str], env: dict[str, Any], now_env: dict[str, Any]) -> str:
+    shown = "\n  ".join(lines[:MAX_LINES])
+    more = f"\n  ... {len(lines) - MAX_LINES} more" if len(lines) > MAX_LINES else ""
+    versions = "" if env == now_env else f"\n(environment was {env}, is {now_env})"
+    return f"{len(lines)} {what} differ from commit 12bfafe's:\n  {shown}{more}{versions}"
+
+
+def test_the_embedded_model_is_the_baselines(embedded: Any, baseline: dict[str, Any]) -> None:
+    problem = _fingerprint_problem(embedded, baseline)
+    assert problem is None, problem
+
+
+def test_the_contexts_and_their_prefills_are_the_baselines(
+    baseline: dict[str, Any], now: dict[str, Any]
+) -> None:
+    """The contexts tokenize alike and prefill to the same KV and observed queries (if not, every
+    digest after them differs too, and the cause is the model or torch, not the codec)."""
+    lines = []
+    for before, after in zip(baseline["contexts"], now["contexts"], strict=True):
+        name = before["facts"]["name"]
+        lines += [f"{name} facts{d}" for d in digests.differences(before["facts"], after["facts"])]
+        lines += [f"{name} prefill {d}" for d in digests.differences(before["prefills"], after["prefills"])]
+    assert not lines, _report("contexts or prefills", lines, baseline["environment"], now["environment"])
+
+
+def test_the_baselines_labels_name_the_configs_they_did(baseline: dict[str, Any]) -> None:
+    """Every baseline config is valid now and the planner's picks are among them."""
+    assert len(baseline["configs"]) == 72
+    configs = {label: config_of(d) for label, d in baseline["configs"].items()}
+    assert len(set(configs.values())) == len(configs)
+    for context in baseline["contexts"]:
+        for pick in context["picks"]:
+            assert config_of(pick["config"]) == configs[pick["label"]], pick["label"]
+
+
+def test_every_config_encodes_and_decodes_to_the_same_bytes(
+    baseline: dict[str, Any], now: dict[str, Any]
+) -> None:
+    """Per context and config: every part's sha256 (and the positions', the layout's, all of it),
+    the exact wire size and its split, and the decoded K, V and positions' sha256."""
+    lines = []
+    for before, after in zip(baseline["contexts"], now["contexts"], strict=True):
+        name = before["facts"]["name"]
+        assert set(after["configs"]) == set(before["configs"]), name
+        for label, expected in before["configs"].items():
+            lines += [f"{name} {label}: {d}" for d in digests.differences(expected, after["configs"][label])]
+    assert not lines, _report("config digests", lines, baseline["environment"], now["environment"])
+
+
+def test_the_planner_picks_the_same_configs_at_the_same_bytes(
+    baseline: dict[str, Any], now: dict[str, Any]
+) -> None:
+    """At 25, 18.75, 12.5 and 6.25% on every context: the same config (migrated, see the module),
+    the same label, the same exact and estimated bytes and the same encoded message."""
+    lines = []
+    for before, after in zip(baseline["contexts"], now["contexts"], strict=True):
+        name = before["facts"]["name"]
+        for expected, actual in zip(before["picks"], after["picks"], strict=True):
+            where = f"{name} at {expected['budget']}"
+            if "config" in expected and "config" in actual:
+                if config_of(expected["config"]) != config_of(actual["config"]):
+                    lines.append(f"{where}: picked {actual['label']!r}, was {expected['label']!r}")
+                    continue
+                rest = {k: v for k, v in expected.items() if k != "config"}
+                lines += [
+                    f"{where} ({expected['label']}): {d}"
+                    for d in digests.differences(rest, {k: v for k, v in actual.items() if k != "config"})
+                ]
+            else:
+                lines += [f"{where}: {d}" for d in digests.differences(expected, actual)]
+    assert not lines, _report("planner picks", lines, baseline["environment"], now["environment"])
+
+
+def test_the_shipped_table_rates_the_same_configs_alike(embedded: Any) -> None:
+    """The shipped quality table (migrated by issue 19) still holds 71 measured configs, and each
+    baseline config is expected at the quality 12bfafe's table measured for its label."""
+    doc = json.loads(digests.BASELINE.read_text())
+    entries, configs = doc["table"]["entries"], doc["digests"]["configs"]
+    table, _ = digests.shipped_table_and_profile(embedded.name)
+    assert len(table.entries) == len(entries) == 71
+    now = {label: table.expected(config_of(configs[label]), embedded.geometry.head_dim) for label in entries}
+    wrong = {label: (value, now[label]) for label, value in entries.items() if now[label] != value}
+    assert not wrong, f"expected quality (12bfafe's, now) differs for {wrong}"
