@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -869,7 +869,12 @@ class Codec:
                 head = _from_bytes(parts[i]["sink"], torch.float16, (t.shape[0], t.sink, t.shape[2]), device)
                 x = torch.cat([head.to(dtype), x], dim=1)
             out[i] = x
-        for (spec, (h, n, d), rotated, sink), members in groups.items():
+        batches: list[tuple[tuple[QuantSpec, tuple[int, int, int], bool, int], list[int]]] = []
+        for key, members in groups.items():
+            _, (h, n, d), _, sink = key
+            step = max(1, DECODE_STACK_BYTES // (h * (n + sink) * d * 4))
+            batches.extend((key, members[i : i + step]) for i in range(0, len(members), step))
+        for (spec, (h, n, d), rotated, sink), members in batches:
             m = len(members)
             stacked = _quantized(spec, (m * h, n, d), [parts[i] for i in members], device)
             x = dequantize_into(stacked, torch.float32 if rotated else dtype).view(m, h, n, d)
@@ -912,6 +917,27 @@ class Codec:
         return dequantize_expand(q, basis, mean, dtype)
 
 
+DECODE_STACK_BYTES = 32 << 20
+"""The most float32 bytes one stacked dequantize produces: it bounds the temporaries of a decode
+whatever the message's size (32 MiB: a launch of that size is bandwidth-bound on any GPU)."""
+
+
+def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
+    """An upper bound of the memory Codec.decode takes for `encoded` at its peak, in bytes: the
+    decoded cache in `dtype` (kept positions included), every part decompressed and joined, and the
+    temporaries of the stacked dequantizes (measured on the reference path at up to 4x the largest
+    stack; tests/test_codec.py checks the bound against the process's peak memory). A receiver admits
+    a decode against its memory budget with this."""
+    element = torch.empty((), dtype=dtype).element_size()
+    decoded = sum(t.shape[0] * t.shape[1] * t.shape[2] * element for t in encoded.tensors)
+    positions = 8 * (sum(n for _, _, n in encoded.positions) if encoded.positions else encoded.length)
+    raw = sum(p.raw_size for t in encoded.tensors for p in t.parts.values())
+    largest = max((4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors), default=0)
+    fp32 = sum(4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors)
+    working = 4 * max(min(DECODE_STACK_BYTES, fp32), largest)
+    return decoded + positions + 2 * raw + working
+
+
 def _quantized(
     spec: QuantSpec, shape: tuple[int, int, int], parts: list[dict[str, bytes]], device: torch.device | str
 ) -> QuantizedTensor:
@@ -949,14 +975,36 @@ def _compress(tensors: list[EncodedTensor], level: int) -> None:
 
 
 def _decompress(part: Part) -> bytes:
+    """The raw bytes of a part: at most `part.raw_size` of them are ever produced.
+
+    The cap is the part's size as the header declares it (validated against the tensor's shape),
+    never the size the zstd frame declares for itself: a frame that claims 1 GiB of content is read
+    through a streaming decoder that stops one byte past the cap, and its window is limited to the
+    cap too, so a decompression bomb costs a few kilobytes before it is refused.
+    """
     if not part.zstd:
         return part.data
     import zstandard
 
+    cap = part.raw_size
+    window = max(1 << 10, 1 << max(cap - 1, 1).bit_length())  # zstd's smallest window is 1 KiB
+    problem = None
+    data = bytearray(cap + 1)  # one byte of room past the cap tells "too long" from "exact"
+    n = 0
     try:
-        data = zstandard.ZstdDecompressor().decompress(part.data, max_output_size=part.raw_size)
+        with (
+            zstandard.ZstdDecompressor(max_window_size=window).stream_reader(part.data) as reader,
+            memoryview(data) as view,
+        ):
+            while n <= cap and (got := reader.readinto(view[n:])):
+                n += got
     except zstandard.ZstdError as exc:
-        raise ValueError(f"zstd part does not decompress: {exc}") from None
-    if len(data) != part.raw_size:
-        raise ValueError(f"zstd part decompressed to {len(data)} bytes, declared {part.raw_size}")
-    return data  # type: ignore[no-any-return]
+        problem = f"zstd part does not decompress: {exc}"
+    if problem is not None:  # raised outside the handler: the refusal keeps no decoder state alive
+        raise ValueError(problem)
+    if n > cap:
+        raise ValueError(f"zstd part decompresses to more than the {cap} bytes its header declares")
+    if n < cap:
+        raise ValueError(f"zstd part decompressed to {n} bytes, its header declares {cap}")
+    del data[cap:]
+    return cast(bytes, data)  # a bytearray: every reader takes it as bytes, without another copy

@@ -10,6 +10,7 @@ is actually cached, so attention covers exactly the kept entries.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,8 @@ def greedy_answer(
     max_new_tokens: int = 32,
     stop_at_eos: bool = True,
     mask_out: Tensor | None = None,
+    prefill_chunk: int = 512,
+    forward_lock: AbstractContextManager[Any] | None = None,
 ) -> Answer:
     """Answer `question_ids` from the cached context `kv` alone, greedily.
 
@@ -82,10 +85,16 @@ def greedy_answer(
     unless the model has no sliding window (then any per-layer set works: all
     cached context entries precede the question). `mask_out` (positions) hides
     cached entries from attention without removing them: the reference that
-    eviction must match.
+    eviction must match. A question longer than `prefill_chunk` tokens is
+    prefilled in forwards of that many, so its mask is at most
+    (prefill_chunk, cached + question) and no forward runs long. `forward_lock`,
+    when given, is held around each forward (and released between them), so that
+    answers sharing a model take turns step by step instead of answer by answer.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
     if question_ids.numel() == 0:
         raise ValueError("the question is empty")
     started = time.perf_counter()
@@ -113,26 +122,32 @@ def greedy_answer(
     step_logits: list[Tensor] = []
     first_token_s = 0.0
     cache_kw = cache_arg(model, cache)
+    turn = forward_lock if forward_lock is not None else nullcontext()
     for step in range(max_new_tokens):
-        n = ids.shape[1]
-        query_positions = torch.arange(next_pos, next_pos + n, device=device)
-        key_positions = torch.cat([key_positions, query_positions])
-        mask = attention_mask(key_positions, query_positions, dtype, window)
-        out = model(
-            input_ids=ids,
-            **cache_kw,
-            use_cache=True,
-            position_ids=query_positions[None],
-            cache_position=query_positions,
-            attention_mask=mask,
-        )
+        for start in range(0, ids.shape[1], prefill_chunk):  # one forward, but for a long question
+            piece = ids[:, start : start + prefill_chunk]
+            n = piece.shape[1]
+            query_positions = torch.arange(next_pos, next_pos + n, device=device)
+            key_positions = torch.cat([key_positions, query_positions])
+            mask = attention_mask(key_positions, query_positions, dtype, window)
+            with turn:
+                out = model(
+                    input_ids=piece,
+                    **cache_kw,
+                    use_cache=True,
+                    position_ids=query_positions[None],
+                    cache_position=query_positions,
+                    attention_mask=mask,
+                    # Only the last forward's logits are used; the earlier ones of a long question need none.
+                    **({} if start + n == ids.shape[1] else {"logits_to_keep": 1}),
+                )
+            next_pos += n
         logits = out.logits[0, -1].float()
         token = int(torch.argmax(logits))
         step_logits.append(logits.cpu())
         tokens.append(token)
         if step == 0:
             first_token_s = time.perf_counter() - started
-        next_pos += n
         if token in eos:
             break
         ids = torch.tensor([[token]], device=device)

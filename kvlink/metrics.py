@@ -13,8 +13,11 @@ low-rank factors), framing (every other byte of the frames) and signaling
 "_s": the sender's (prefill_s, select_s, quantize_s, pack_s, transfer_s, sent
 with the question) and the receiver's (receive_s, verify_s, decode_s,
 answer_s, ...). The registry is thread-safe; it keeps the last `max_records`
-messages for the per-message views and cumulative totals that are never
-dropped. No web code lives here: server/rest.py serves it.
+messages (and at most `max_bytes` of them: texts are stored cut to
+MAX_STORED_TEXT characters) for the per-message views, and cumulative totals
+that are never dropped. Records belong to an owner (the identity that sent the
+message, server.guard): message ids are unique per owner, and the views can be
+narrowed to one owner. No web code lives here: server/rest.py serves it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ BYTE_CATEGORIES: tuple[str, ...] = ("payload", "metadata", "framing", "signaling
 METADATA_SPLIT: tuple[str, ...] = ("positions", "scales", "factors")
 SENDER_STAGES: tuple[str, ...] = ("prefill_s", "select_s", "quantize_s", "pack_s", "plan_s", "transfer_s")
 """Sender stage timings an Ask may carry; anything else it sends is ignored."""
+MAX_STORED_TEXT = 2048
+"""Characters of a question, answer or reference answer kept in a record (scores use the whole text)."""
+MAX_STORED_ASKS = 64
+"""Answers kept per message record (the latest; the older ones are counted in `dropped_asks`)."""
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_STORED_TEXT else text[: MAX_STORED_TEXT - 1] + "…"
 
 
 @dataclass
@@ -54,6 +65,18 @@ class AskRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def stored(self) -> AskRecord:
+        """This record as the registry keeps it: every text cut to MAX_STORED_TEXT characters."""
+        return replace(
+            self, question=_cut(self.question), answer=_cut(self.answer),
+            reference_answers=[_cut(r) for r in self.reference_answers],
+        )  # fmt: skip
+
+    def nbytes(self) -> int:
+        """About what this record costs in memory (its texts and a fixed share for the rest)."""
+        texts = len(self.question) + len(self.answer) + sum(len(r) for r in self.reference_answers)
+        return 512 + 4 * texts + 8 * len(self.token_ids) + 64 * len(self.timings)
 
 
 @dataclass
@@ -83,6 +106,13 @@ class MessageRecord:
     timings: dict[str, float] = field(default_factory=dict)
     received_at: float = 0.0
     asks: list[AskRecord] = field(default_factory=list)
+    owner: str = ""
+    dropped_asks: int = 0  # answers beyond MAX_STORED_ASKS, no longer held
+
+    @property
+    def questions(self) -> int:
+        """Questions answered from this message, dropped ones included."""
+        return len(self.asks) + self.dropped_asks
 
     @classmethod
     def from_receipt(
@@ -94,6 +124,7 @@ class MessageRecord:
         kept: int,
         timings: Mapping[str, float] | None = None,
         received_at: float | None = None,
+        owner: str = "",
     ) -> MessageRecord:
         """The record of a sealed receipt (see kvlink.wire.receipt_signal)."""
         return cls(
@@ -104,7 +135,7 @@ class MessageRecord:
             chunks=receipt.chunks, retransmits=receipt.retransmits,
             retransmitted_bytes=receipt.retransmitted_bytes,
             timings=dict(receipt.timings if timings is None else timings),
-            received_at=time.time() if received_at is None else received_at,
+            received_at=time.time() if received_at is None else received_at, owner=owner,
         )  # fmt: skip
 
     @property
@@ -127,7 +158,7 @@ class MessageRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "message_id": self.message_id, "session_id": self.session_id,
+            "message_id": self.message_id, "session_id": self.session_id, "owner": self.owner,
             "config_label": self.config_label, "config": dict(self.config),
             "length": self.length, "kept": self.kept, "fp16_bytes": self.fp16_bytes,
             "bytes": {
@@ -140,6 +171,7 @@ class MessageRecord:
             "chunks": self.chunks, "retransmits": self.retransmits,
             "retransmitted_bytes": self.retransmitted_bytes, "timings": dict(self.timings),
             "received_at": self.received_at, "asks": [a.as_dict() for a in self.asks],
+            "questions": self.questions,
         }  # fmt: skip
 
 
@@ -192,7 +224,7 @@ def aggregate(records: Iterable[MessageRecord]) -> dict[str, dict[str, Any]]:
         out[label] = {
             "config": dict(group[-1].config),
             "messages": len(group),
-            "questions": len(asks),
+            "questions": sum(r.questions for r in group),
             "bytes": {**sums, "total": total},
             "bytes_per_message": {k: v / len(group) for k, v in {**sums, "total": total}.items()},
             "fp16_bytes": fp16,
@@ -227,16 +259,29 @@ class Totals:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class MetricsRegistry:
-    """Thread-safe store of MessageRecords (the last `max_records`) and cumulative totals."""
+RecordKey = tuple[str, str]  # (owner, message_id)
 
-    def __init__(self, max_records: int = 10_000, clock: Callable[[], float] = time.time) -> None:
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ValueError(f"max_records must be a positive integer, got {max_records!r}")
+
+def _record_nbytes(record: MessageRecord) -> int:
+    return 2048 + 64 * len(record.timings) + sum(a.nbytes() for a in record.asks)
+
+
+class MetricsRegistry:
+    """Thread-safe store of MessageRecords (the last `max_records`, at most about `max_bytes` of them)
+    and cumulative totals."""
+
+    def __init__(
+        self, max_records: int = 10_000, clock: Callable[[], float] = time.time, max_bytes: int = 64 << 20
+    ) -> None:
+        for name, value in (("max_records", max_records), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.max_records = max_records
+        self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._records: OrderedDict[str, MessageRecord] = OrderedDict()
+        self._records: OrderedDict[RecordKey, MessageRecord] = OrderedDict()
+        self._bytes = 0
         self._totals = Totals()
         self._listeners: list[MetricsListener] = []
 
@@ -250,15 +295,32 @@ class MetricsRegistry:
             except Exception:  # a broken exporter must not fail the RPC that recorded the event
                 logger.exception("metrics listener %r failed in %s", listener, method)
 
+    def _trim(self) -> None:
+        """Drop the oldest records past max_records or max_bytes (lock held); the newest stays."""
+        while len(self._records) > 1 and (
+            len(self._records) > self.max_records or self._bytes > self.max_bytes
+        ):
+            _, old = self._records.popitem(last=False)
+            self._bytes -= _record_nbytes(old)
+
+    def has(self, owner: str, message_id: str) -> bool:
+        """Whether a record of `owner`'s message `message_id` is held."""
+        with self._lock:
+            return (owner, message_id) in self._records
+
     def record_message(self, record: MessageRecord) -> None:
-        """Add a message the receiver accepted (replaces an earlier record with the same id)."""
+        """Add a message the receiver accepted (replaces an earlier record of the same owner and id)."""
         with self._lock:
             if not record.received_at:
                 record.received_at = self._clock()
-            self._records.pop(record.message_id, None)
-            self._records[record.message_id] = record
-            while len(self._records) > self.max_records:
-                self._records.popitem(last=False)
+            key = (record.owner, record.message_id)
+            old = self._records.pop(key, None)
+            if old is not None:
+                self._bytes -= _record_nbytes(old)
+            record.asks = [a.stored() for a in record.asks]
+            self._records[key] = record
+            self._bytes += _record_nbytes(record)
+            self._trim()
             t = self._totals
             t.messages += 1
             t.fp16_bytes += record.fp16_bytes
@@ -267,13 +329,18 @@ class MetricsRegistry:
         self._notify("on_message", record)
 
     def record_answer(
-        self, message_id: str, ask: AskRecord, sender_timings: Mapping[str, float] | None = None
+        self,
+        message_id: str,
+        ask: AskRecord,
+        sender_timings: Mapping[str, float] | None = None,
+        owner: str = "",
     ) -> bool:
-        """Attach an answer (and the sender's stage timings it reported) to its message.
+        """Attach an answer (and the sender's stage timings it reported) to `owner`'s message; its
+        texts are stored cut to MAX_STORED_TEXT characters.
 
         Returns False when the message has no record (dropped from the history)."""
         with self._lock:
-            record = self._records.get(message_id)
+            record = self._records.get((owner, message_id))
             if record is None:
                 return False
             if not ask.asked_at:
@@ -281,9 +348,15 @@ class MetricsRegistry:
             for key, value in (sender_timings or {}).items():
                 if key in SENDER_STAGES and math.isfinite(value) and value >= 0:
                     record.timings.setdefault(key, float(value))
-            record.asks.append(ask)
+            stored = ask.stored()
+            record.asks.append(stored)
+            self._bytes += stored.nbytes()
+            while len(record.asks) > MAX_STORED_ASKS:
+                self._bytes -= record.asks.pop(0).nbytes()
+                record.dropped_asks += 1
             self._totals.questions += 1
-        self._notify("on_answer", record, ask)
+            self._trim()
+        self._notify("on_answer", record, stored)
         return True
 
     def record_error(self, code: str, rpc: str = "Transfer") -> None:
@@ -292,16 +365,22 @@ class MetricsRegistry:
             self._totals.errors[code] = self._totals.errors.get(code, 0) + 1
         self._notify("on_error", code, rpc)
 
-    def get(self, message_id: str) -> MessageRecord | None:
-        """A copy of one message's record, or None."""
+    def get(self, message_id: str, owner: str | None = "") -> MessageRecord | None:
+        """A copy of `owner`'s record of a message, or None; owner None: the newest record with this
+        id whoever owns it (an operator's view)."""
         with self._lock:
-            record = self._records.get(message_id)
+            if owner is not None:
+                record = self._records.get((owner, message_id))
+            else:
+                record = next(
+                    (r for r in reversed(self._records.values()) if r.message_id == message_id), None
+                )
             return _copy(record) if record is not None else None
 
-    def messages(self, limit: int | None = None) -> list[MessageRecord]:
-        """Copies of the most recent records, newest first."""
+    def messages(self, limit: int | None = None, owner: str | None = None) -> list[MessageRecord]:
+        """Copies of the most recent records (of `owner` only, unless None), newest first."""
         with self._lock:
-            records = list(reversed(self._records.values()))
+            records = [r for r in reversed(self._records.values()) if owner is None or r.owner == owner]
             if limit is not None:
                 records = records[: max(limit, 0)]
             return [_copy(r) for r in records]
@@ -311,11 +390,12 @@ class MetricsRegistry:
             t = self._totals
             return Totals(t.messages, t.questions, dict(t.bytes), t.fp16_bytes, dict(t.errors))
 
-    def stats(self) -> dict[str, Any]:
-        """Totals since start and aggregate() of the records held."""
+    def stats(self, owner: str | None = None) -> dict[str, Any]:
+        """Totals since start and aggregate() of the records held; with `owner`, both over that
+        owner's records only (the totals then cover the records held, not all time)."""
         with self._lock:
-            records = [_copy(r) for r in self._records.values()]
-        totals = self.totals()
+            records = [_copy(r) for r in self._records.values() if owner is None or r.owner == owner]
+        totals = self.totals() if owner is None else _totals_of(records)
         wire_total = sum(totals.bytes.values())
         return {
             "messages": totals.messages,
@@ -327,6 +407,15 @@ class MetricsRegistry:
             "records_held": len(records),
             "configs": aggregate(records),
         }
+
+
+def _totals_of(records: Sequence[MessageRecord]) -> Totals:
+    totals = Totals(messages=len(records), questions=sum(r.questions for r in records))
+    for r in records:
+        totals.fp16_bytes += r.fp16_bytes
+        for c in BYTE_CATEGORIES:
+            totals.bytes[c] += getattr(r, c)
+    return totals
 
 
 def _copy(record: MessageRecord) -> MessageRecord:

@@ -26,6 +26,31 @@ def _varints(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
+MAX_VARINT_BYTES = 5
+"""Longest varint a position gap may take (35 bits); a longer one is refused."""
+
+
+def _read_varints(data: bytes, count: int) -> np.ndarray:
+    """The unsigned varints in `data` (int64), vectorized: no Python loop over bytes.
+
+    ValueError when the bytes do not hold whole varints, a varint is longer than MAX_VARINT_BYTES,
+    or there are more than `count` of them (so a hostile set costs O(len(data)), never more).
+    """
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(raw < 0x80)  # the last byte of every varint
+    if raw.size and (ends.size == 0 or ends[-1] != raw.size - 1):
+        raise ValueError("position varints end in the middle of a value")
+    if ends.size > count:
+        raise ValueError(f"position set holds more than the {count} positions the header declares")
+    starts = np.concatenate(([0], ends[:-1] + 1)) if ends.size else ends
+    if ends.size and int((ends - starts).max()) >= MAX_VARINT_BYTES:
+        raise ValueError("position varint is too long")
+    # Byte j of a varint that starts at s carries bits 7*(j-s) and up.
+    shift = 7 * (np.arange(raw.size) - np.repeat(starts, ends - starts + 1))
+    values = (raw & 0x7F).astype(np.int64) << shift
+    return np.add.reduceat(values, starts) if ends.size else np.zeros(0, dtype=np.int64)
+
+
 def bitmap_bytes(positions: Tensor, length: int) -> bytes:
     bits = np.zeros(length, dtype=np.uint8)
     bits[positions.cpu().numpy()] = 1
@@ -66,22 +91,7 @@ def decode_positions(encoding: str, data: bytes, length: int, count: int) -> Ten
             raise ValueError("position bitmap has bits set beyond the context length")
         pos = np.flatnonzero(bits[:length])
     elif encoding == DELTA_VARINT:
-        deltas: list[int] = []
-        value = shift = 0
-        for byte in data:
-            if shift > 35:
-                raise ValueError("position varint is too long")
-            value |= (byte & 0x7F) << shift
-            if byte & 0x80:
-                shift += 7
-                continue
-            deltas.append(value)
-            value = shift = 0
-            if len(deltas) > count:
-                break
-        if shift:
-            raise ValueError("position varints end in the middle of a value")
-        pos = np.cumsum(np.asarray(deltas, dtype=np.int64) + 1) - 1
+        pos = np.cumsum(_read_varints(data, count) + 1) - 1
         if pos.size and pos[-1] >= length:
             raise ValueError(f"decoded position {int(pos[-1])} is outside the context length {length}")
     else:

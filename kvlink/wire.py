@@ -157,6 +157,8 @@ ERROR_CODES: Final = (
     "STALLED",  # no frame arrived within the receiver's stall timeout; the message was dropped
     "BUSY",  # the receiver serves its maximum of concurrent calls (in all, or for this peer)
     "UNAUTHENTICATED",  # the call lacks the receiver's bearer token
+    "EXISTS",  # this identity already has a message with these ids: ids are never reused or overwritten
+    "DEADLINE",  # the message did not complete within the receiver's per-message deadline
 )
 GRPC_STATUS: Final[dict[str, str]] = {
     "PROTOCOL": "FAILED_PRECONDITION",
@@ -172,10 +174,22 @@ GRPC_STATUS: Final[dict[str, str]] = {
     "STALLED": "DEADLINE_EXCEEDED",
     "BUSY": "RESOURCE_EXHAUSTED",  # like TOO_LARGE, but worth retrying later
     "UNAUTHENTICATED": "UNAUTHENTICATED",
+    "EXISTS": "ALREADY_EXISTS",
+    "DEADLINE": "DEADLINE_EXCEEDED",
 }
 """WireError code -> grpc.StatusCode name. The server also sets ERROR_METADATA_KEY in the trailing
 metadata so that a client can tell codes that share a status apart (see error_from_rpc)."""
 ERROR_METADATA_KEY: Final = "kvlink-error-code"
+
+FRAME_ENVELOPE_BYTES: Final = 16
+"""TransferFrame bytes around its header, chunk, trailer or cancel: version and the oneof's tag and length."""
+_FRAME_FIELDS: Final = {2: "header", 3: "chunk", 4: "trailer", 5: "cancel"}
+"""TransferFrame's oneof `frame`, by field number (proto/kvlink/v1/kvlink.proto)."""
+_MAX_FRAME_FIELDS: Final = 8
+
+ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+=-")
+"""What a session or message id may contain: letters, digits and ._:@+=- (no space, no control
+character, nothing that could forge a log line or a path). A UUID's hex or its dashed form fits."""
 
 _KIND_TO_PB: Final = {"k": pb.TENSOR_KIND_K, "v": pb.TENSOR_KIND_V}
 _KIND_FROM_PB: Final = {v: k for k, v in _KIND_TO_PB.items()}
@@ -207,6 +221,12 @@ class WireError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+    def detached(self) -> WireError:
+        """A fresh copy of this error, never raised: no traceback, no exception chain. What keeps a
+        refusal (a message's sticky error, a call's status) must keep this copy, so that it holds
+        none of the frames, buffers or parsed headers that were alive where the error was raised."""
+        return WireError(self.code, self.message)
 
     @property
     def status_code(self) -> grpc.StatusCode:
@@ -245,25 +265,31 @@ class WireLimits:
     max_layers/max_heads/max_head_dim/max_length: geometry and context length T.
     max_chunks: payload table rows. max_group_size: quantization group.
     max_chunk_retries: Nacks per chunk before the message is refused as CORRUPT.
-    max_id_chars: session and message ids.
-    max_new_tokens, max_question_bytes, max_references: what an Ask may request.
+    max_id_chars: session and message ids (characters of ID_CHARS).
+    max_new_tokens, max_question_bytes, max_references, max_reference_bytes: what an Ask may
+    request (the last two bound the reference answers' count and their UTF-8 bytes in all).
+
+    A header is bounded twice before any walk over its rows: its bytes (max_header_bytes, checked
+    on the raw frame before it is parsed) and its row counts (max_chunks, position sets and tensor
+    entries against the geometry). Together they bound the validation's time and memory.
     """
 
     max_message_bytes: int = 512 << 20
     max_decoded_bytes: int = 4 << 30
     max_chunk_bytes: int = 1 << 20
-    max_header_bytes: int = 64 << 20
+    max_header_bytes: int = 16 << 20
     max_layers: int = 1024
     max_heads: int = 1024
     max_head_dim: int = 1024
     max_length: int = 1 << 21
-    max_chunks: int = 1 << 20
+    max_chunks: int = 1 << 16
     max_group_size: int = 1 << 16
     max_chunk_retries: int = 3
     max_id_chars: int = 128
     max_new_tokens: int = 4096
     max_question_bytes: int = 64 << 10
     max_references: int = 64
+    max_reference_bytes: int = 16 << 10
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -285,7 +311,17 @@ class WireLimits:
     @property
     def max_receive_bytes(self) -> int:
         """The gRPC max_receive_message_length a server should set: the largest frame it accepts."""
-        return max(self.max_header_bytes, self.max_chunk_bytes + 64, self.max_question_bytes + 64 * 1024)
+        ask = self.max_question_bytes + self.max_reference_bytes + self.max_references * 16 + 64 * 1024
+        return max(self.max_header_bytes + FRAME_ENVELOPE_BYTES, self.max_chunk_bytes + 64, ask)
+
+    def max_frame_bytes(self, kind: str) -> int:
+        """The largest TransferFrame of `kind` (header, chunk, trailer, cancel) accepted: a header
+        is not a chunk, and a trailer or cancel is a few bytes."""
+        if kind == "header":
+            return self.max_header_bytes + FRAME_ENVELOPE_BYTES
+        if kind == "chunk":
+            return self.max_chunk_bytes + 64
+        return 4 << 10
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options matching these limits."""
@@ -746,6 +782,56 @@ class Outbox:
 
 
 # --- parsing ----------------------------------------------------------------------
+def _not_a_frame(raw: bytes, why: str) -> WireError:
+    return WireError("MALFORMED", f"frame of {len(raw)} bytes is not a kvlink TransferFrame: {why}")
+
+
+def _varint(raw: bytes, at: int) -> tuple[int, int]:
+    """The varint at raw[at:] and the offset after it; MALFORMED past 10 bytes or the end."""
+    value = shift = 0
+    for i in range(at, min(at + 10, len(raw))):
+        byte = raw[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise _not_a_frame(raw, f"a broken varint at byte {at}")
+
+
+def frame_kind(raw: bytes) -> str:
+    """Which of header, chunk, trailer, cancel a serialized TransferFrame carries, read from its
+    top-level tags without parsing it (a few bytes are read, whatever the frame's size).
+
+    A valid frame has a version and one `frame` field; more than a handful of top-level fields,
+    two `frame` fields, or none is MALFORMED. This lets a receiver hold each kind to its own size
+    before it spends anything on parsing (WireLimits.max_frame_bytes).
+    """
+    kinds: list[str] = []
+    at = fields = 0
+    while at < len(raw):
+        fields += 1
+        if fields > _MAX_FRAME_FIELDS:
+            raise _not_a_frame(raw, f"more than {_MAX_FRAME_FIELDS} top-level fields")
+        tag, at = _varint(raw, at)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, at = _varint(raw, at)
+        elif wire_type == 2:
+            size, at = _varint(raw, at)
+            at += size
+        elif wire_type in (1, 5):
+            at += 8 if wire_type == 1 else 4
+        else:
+            raise _not_a_frame(raw, f"field {number} has wire type {wire_type}")
+        if number in _FRAME_FIELDS:
+            kinds.append(_FRAME_FIELDS[number])
+    if at > len(raw):
+        raise _not_a_frame(raw, "it ends inside a field")
+    if len(kinds) != 1:
+        raise _not_a_frame(raw, f"it carries {len(kinds)} of header, chunk, trailer, cancel, not one")
+    return kinds[0]
+
+
 def parse_frame(raw: bytes) -> pb.TransferFrame:
     """Parse one TransferFrame; bytes that are not one raise WireError("MALFORMED")."""
     frame = pb.TransferFrame()
@@ -869,8 +955,8 @@ def ask_from_proto(msg: pb.Ask, limits: WireLimits | None = None) -> Ask:
     """Check version and the request against `limits` (MALFORMED, TOO_LARGE)."""
     limits = limits or WireLimits()
     _check_version(msg.protocol_version, "the sender")
-    _check_id("session_id", msg.session_id, limits)
-    _check_id("message_id", msg.message_id, limits)
+    check_id("session_id", msg.session_id, limits)
+    check_id("message_id", msg.message_id, limits)
     if not msg.question.strip():
         raise WireError("MALFORMED", "the question is empty")
     size = len(msg.question.encode())
@@ -886,6 +972,12 @@ def ask_from_proto(msg: pb.Ask, limits: WireLimits | None = None) -> Ask:
         raise WireError(
             "TOO_LARGE",
             f"{len(msg.reference_answers)} reference answers, the limit is {limits.max_references}",
+        )
+    ref_bytes = sum(len(r.encode()) for r in msg.reference_answers)
+    if ref_bytes > limits.max_reference_bytes:
+        raise WireError(
+            "TOO_LARGE",
+            f"the reference answers have {ref_bytes} bytes in all, the limit is {limits.max_reference_bytes}",
         )
     return Ask(
         msg.session_id, msg.message_id, msg.question, msg.max_new_tokens,
@@ -1005,12 +1097,20 @@ def _fingerprint_message(sender: str, receiver: str) -> str:
     )
 
 
-def _check_id(name: str, value: str, limits: WireLimits) -> None:
+def check_id(name: str, value: str, limits: WireLimits | None = None) -> None:
+    """MALFORMED unless `value` is 1..max_id_chars characters of ID_CHARS (quoted escaped in the error)."""
+    limits = limits or WireLimits()
     if not value:
         raise WireError("MALFORMED", f"{name} is empty")
     if len(value) > limits.max_id_chars:
         raise WireError(
             "MALFORMED", f"{name} has {len(value)} characters, the limit is {limits.max_id_chars}"
+        )
+    if not ID_CHARS.issuperset(value):
+        bad = sorted(set(value) - ID_CHARS)[:4]
+        raise WireError(
+            "MALFORMED",
+            f"{name} {value[:64]!r} has characters outside letters, digits and ._:@+=- ({bad!r})",
         )
 
 
@@ -1173,6 +1273,26 @@ def _check_positions(
     return out, per_layer
 
 
+def _check_counts(header: pb.Header, limits: WireLimits, expected: Geometry | None) -> None:
+    """The header's row counts against the limits and the geometry, before any walk over the rows:
+    whatever a header holds, what its validation walks is bounded by these counts."""
+    layers = expected.num_layers if expected is not None else header.geometry.num_layers
+    if not 1 <= layers <= limits.max_layers:
+        raise WireError("TOO_LARGE", f"geometry num_layers {layers} is outside [1, {limits.max_layers}]")
+    if len(header.payload) > limits.max_chunks:
+        raise WireError(
+            "TOO_LARGE", f"payload table has {len(header.payload)} chunks, the limit is {limits.max_chunks}"
+        )
+    if len(header.tensors) != 2 * layers:
+        raise WireError(
+            "SHAPE", f"header has {len(header.tensors)} tensor entries, {layers} layers need {2 * layers}"
+        )
+    if len(header.positions) > layers:
+        raise WireError(
+            "SHAPE", f"header has {len(header.positions)} position sets, at most one per layer ({layers})"
+        )
+
+
 def _refuse_unknown_fields(msg: Any, path: str) -> None:
     """UNKNOWN_CODEC for any field this side's .proto does not define, at any depth of `msg`.
 
@@ -1212,9 +1332,10 @@ def _validate_header(
     size = header.ByteSize()
     if size > limits.max_header_bytes:
         raise WireError("TOO_LARGE", f"header has {size} bytes, the limit is {limits.max_header_bytes}")
+    _check_counts(header, limits, geometry)
     _refuse_unknown_fields(header, "header")
-    _check_id("session_id", header.session_id, limits)
-    _check_id("message_id", header.message_id, limits)
+    check_id("session_id", header.session_id, limits)
+    check_id("message_id", header.message_id, limits)
     if header.fingerprint != fingerprint:
         raise WireError("FINGERPRINT", _fingerprint_message(header.fingerprint, fingerprint))
     if not header.HasField("config"):
@@ -1422,6 +1543,7 @@ class Assembler:
         self.codecs = codecs or local_codecs()
         self.profile_hashes = profile_hashes
         self._plan: _Plan | None = None
+        self._ids: tuple[str, str] | None = None  # (session, message) of a validated header
         self._data: dict[int, bytes] = {}
         self._failures: dict[int, int] = {}
         self._awaiting: set[int] = set()  # Nacked, not yet received intact
@@ -1442,15 +1564,21 @@ class Assembler:
 
     @property
     def message_id(self) -> str | None:
-        return self._plan.header.message_id if self._plan else None
+        """The message's id once its header was validated (kept after a refusal, for the logs)."""
+        return self._ids[1] if self._ids else None
 
     @property
     def session_id(self) -> str | None:
-        return self._plan.header.session_id if self._plan else None
+        return self._ids[0] if self._ids else None
 
     @property
     def config(self) -> CodecConfig | None:
         return self._plan.config if self._plan else None
+
+    @property
+    def declared_bytes(self) -> int:
+        """Chunk data the validated header declares (0 before it): what this message will buffer."""
+        return sum(e.size for e in self._plan.entries) if self._plan is not None else 0
 
     @property
     def buffered_bytes(self) -> int:
@@ -1468,14 +1596,26 @@ class Assembler:
         )
 
     def feed_raw(self, raw: bytes) -> list[pb.Signal]:
-        """feed(parse_frame(raw)), with a parse failure counted as this message's error."""
+        """feed(parse_frame(raw)), with a parse failure counted as this message's error.
+
+        The frame's kind is read from its first bytes and its size held to that kind's limit
+        (WireLimits.max_frame_bytes) before it is parsed."""
         if self._error is not None:
-            raise self._error
+            raise self._error.detached()
         try:
+            kind = frame_kind(raw)
+            if kind == "header" and self._ids is not None:
+                raise WireError("ORDER", "a second header arrived; one Transfer carries one message")
+            if len(raw) > self.limits.max_frame_bytes(kind):
+                raise WireError(
+                    "TOO_LARGE",
+                    f"a {kind} frame of {len(raw)} bytes; the limit for a {kind} is "
+                    f"{self.limits.max_frame_bytes(kind)}",
+                )
             frame = parse_frame(raw)
         except WireError as err:
             self._fail(err)
-            raise
+            raise err.detached() from None
         return self._take(frame, raw)
 
     def feed(self, frame: pb.TransferFrame) -> list[pb.Signal]:
@@ -1485,7 +1625,7 @@ class Assembler:
     def _take(self, frame: pb.TransferFrame, raw: bytes | None) -> list[pb.Signal]:
         """raw: the frame's bytes as received (the header's CRC32C is taken over them), if known."""
         if self._error is not None:
-            raise self._error
+            raise self._error.detached()
         now = time.perf_counter()
         if self._t_first is None:
             self._t_first = now
@@ -1494,16 +1634,20 @@ class Assembler:
             signals = self._feed(frame, raw)
         except WireError as err:
             self._fail(err)
-            raise
+            raise err.detached() from None
         for s in signals:
             self._tally.signaling += signal_size(s)
         return signals
 
     def _fail(self, err: WireError) -> None:
-        self._error = err
+        """Refuse the message for good. What stays of a refusal holds none of its frames or buffers:
+        the sticky error is a fresh copy, and `err` loses its traceback (the frames it was raised in)."""
+        err.__traceback__ = None
+        self._error = err.detached()  # sticky, so it must hold nothing of what was refused
+        self._plan = None  # nor the parsed header
         self._data.clear()  # a partial message is never used
         self._buffered = 0
-        logger.info("message %s refused: %s", self.message_id, err)
+        logger.info("message %r refused: %s", self.message_id, err)
 
     def _feed(self, frame: pb.TransferFrame, raw: bytes | None) -> list[pb.Signal]:
         _check_version(frame.protocol_version, "the sender")
@@ -1524,6 +1668,7 @@ class Assembler:
             self._validate_s = time.perf_counter() - t0
             self._header_crc = google_crc32c.value(raw if raw is not None else frame.SerializeToString())
             self._plan = plan
+            self._ids = (plan.header.session_id, plan.header.message_id)
             self._layer_left = {layer: len(ids) for layer, ids in plan.layer_chunks.items()}
             self._tally.header(frame)
             return []
@@ -1608,7 +1753,7 @@ class Assembler:
     def finish(self) -> tuple[EncodedKV, Receipt]:
         """The complete message and its receipt (not sealed: see receipt_signal). TRUNCATED if incomplete."""
         if self._error is not None:
-            raise self._error
+            raise self._error.detached()
         if self._result is not None:
             return self._result
         plan = self._plan
@@ -1629,7 +1774,7 @@ class Assembler:
             self._result[1].timings["assemble_s"] = time.perf_counter() - t0
             return self._result
         self._fail(err)
-        raise err
+        raise err.detached()
 
     def _assemble(self, plan: _Plan) -> tuple[EncodedKV, Receipt]:
         tensors = []

@@ -11,11 +11,13 @@ exits 0.
 
 Security: gRPC is TLS when --tls-cert/--tls-key are given, mutual TLS when
 --tls-client-ca is too; a bearer token (--auth-token-file, or the environment
-variable KVLINK_AUTH_TOKEN) is then required on every KVLink call and REST path
-but /healthz. Both listeners bind 127.0.0.1 unless --host/--rest-host say
-otherwise. --health-port adds a plaintext listener that serves grpc.health.v1
-and nothing else (the kubelet's gRPC probe cannot speak TLS). No secret is
-ever logged.
+variable KVLINK_AUTH_TOKEN), or one token per tenant (--tenants-file), is then
+required on every KVLink call and REST path but /healthz. Each tenant (or, under
+mutual TLS without tokens, each client certificate's common name) owns the
+messages it sends and sees only its own (server.guard has the isolation model).
+Both listeners bind 127.0.0.1 unless --host/--rest-host say otherwise.
+--health-port adds a plaintext listener that serves grpc.health.v1 and nothing
+else (the kubelet's gRPC probe cannot speak TLS). No secret is ever logged.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import uvicorn
 if TYPE_CHECKING:  # torch, grpc and the library are imported when the server starts, not for --help
     import grpc
 
+    from server.guard import Guard, Identity
     from server.store import SessionStore
 
 logger = logging.getLogger("kvlink.serve")
@@ -108,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bearer token senders must present (gRPC metadata 'authorization: Bearer ...', REST "
         f"Authorization header; /healthz stays open); default: ${TOKEN_ENV} if set, else no token",
     )  # fmt: skip
+    sec.add_argument(
+        "--tenants-file", metavar="FILE", default=None,
+        help="one bearer token per tenant: lines 'NAME TOKEN' or 'NAME TOKEN operator'; each tenant "
+        "owns and sees only its own messages, an operator sees all (instead of --auth-token-file)",
+    )  # fmt: skip
+    sec.add_argument(
+        "--operator", metavar="NAME", action="append", default=[],
+        help="under mutual TLS without tokens, a client certificate common name that may see every "
+        "identity's messages (repeatable)",
+    )  # fmt: skip
 
     lim = p.add_argument_group(
         "limits (a request past one gets a specific gRPC error; nothing else is affected)"
@@ -124,13 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     lim.add_argument(
         "--per-peer-concurrency", type=_positive_int, default=4,
-        help="Transfer and Ask calls in progress from one client address; one more is refused "
-        "(RESOURCE_EXHAUSTED, BUSY)",
+        help="Transfer and Ask calls in progress from one sender (one identity with --tenants-file or "
+        "client certificates, else one client address); one more is refused (RESOURCE_EXHAUSTED, BUSY)",
     )  # fmt: skip
     lim.add_argument(
         "--max-cached-bytes", type=_positive_int, default=2 << 30,
         help="memory cap of decoded contexts kept for questions: least recently used ones are "
         "evicted (a later Ask gets NOT_FOUND); a context larger than the cap is refused",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-cached-bytes-per-identity", type=_positive_int, default=None,
+        help="what one identity's contexts (and its decodes in flight) may hold of --max-cached-bytes: "
+        "past it, its own least recently used contexts go first; default: half of it with several "
+        "identities (--tenants-file, client certificates), all of it otherwise",
     )  # fmt: skip
     lim.add_argument(
         "--session-ttl", type=_positive_float, default=600.0,
@@ -144,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-timeout", type=_positive_float, default=30.0,
         help="seconds a Transfer may go without a frame before it is dropped "
         "(DEADLINE_EXCEEDED, STALLED)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--message-deadline", type=_positive_float, default=600.0,
+        help="seconds a Transfer may take from its first frame to its last, however it trickles "
+        "(DEADLINE_EXCEEDED, DEADLINE)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-question-tokens", type=_positive_int, default=2048,
+        help="longest question in tokens (RESOURCE_EXHAUSTED, TOO_LARGE)",
+    )  # fmt: skip
+    lim.add_argument(
+        "--max-buffered-bytes", type=_positive_int, default=None,
+        help="chunk data all transfers in flight may hold together, reserved from each header; one more "
+        "is refused (RESOURCE_EXHAUSTED, BUSY); default: 2 x --max-message-bytes",
     )  # fmt: skip
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds calls in flight get to finish at shutdown"
@@ -161,14 +194,36 @@ class Security:
     client_ca: bytes | None = None
     token: str | None = None
     token_source: str = ""
+    tenants: dict[str, Identity] | None = None  # token -> tenant, from --tenants-file
+    operators: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
         return self.cert is not None
 
+    @property
+    def tokens(self) -> bool:
+        """Whether callers present bearer tokens (one, or one per tenant)."""
+        return bool(self.token or self.tenants)
+
+    def describe(self) -> str:
+        if self.tenants:
+            return f"{len(self.tenants)} tenant tokens from --tenants-file"
+        if self.token:
+            return f"bearer token from {self.token_source}"
+        return "client certificate names" if self.client_ca else "no token"
+
+    def guard(self, max_calls: int, per_peer: int) -> Guard:
+        from server.guard import Guard
+
+        return Guard(
+            self.token, max_calls, per_peer, tenants=self.tenants, client_certs=self.client_ca is not None,
+            operators=self.operators,
+        )  # fmt: skip
+
     def __repr__(self) -> str:
         mode = "mutual TLS" if self.client_ca else "TLS" if self.tls else "plaintext"
-        return f"Security({mode}, token={'from ' + self.token_source if self.token else 'none'})"
+        return f"Security({mode}, {self.describe()})"
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """gRPC server credentials (None: plaintext)."""
@@ -214,6 +269,17 @@ def load_security(args: argparse.Namespace, environ: dict[str, str] | None = Non
     key = _read_pem(args.tls_key, "--tls-key") if args.tls_key else None
     client_ca = _read_pem(args.tls_client_ca, "--tls-client-ca") if args.tls_client_ca else None
     token, source = None, ""
+    if args.tenants_file and (args.auth_token_file or TOKEN_ENV in environ):
+        raise ValueError(
+            f"--tenants-file gives every tenant its own token: drop --auth-token-file and ${TOKEN_ENV}"
+        )
+    tenants = None
+    if args.tenants_file:
+        from server.guard import read_tenants
+
+        tenants = read_tenants(args.tenants_file)
+    if args.operator and not args.tls_client_ca:
+        raise ValueError("--operator names client certificates: it needs --tls-client-ca (mutual TLS)")
     if args.auth_token_file:
         source = "--auth-token-file"
         try:
@@ -227,7 +293,7 @@ def load_security(args: argparse.Namespace, environ: dict[str, str] | None = Non
         token = check_token(environ[TOKEN_ENV], source)
     if args.health_port is not None and args.health_port in (args.port, args.rest_port):
         raise ValueError(f"--health-port {args.health_port} must differ from --port and --rest-port")
-    return Security(cert, key, client_ca, token, source)
+    return Security(cert, key, client_ca, token, source, tenants, tuple(args.operator))
 
 
 class _RestServer(uvicorn.Server):
@@ -256,15 +322,14 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     from kvlink import wire
     from kvlink.metrics import MetricsRegistry
     from kvlink.models import load_model
-    from server.guard import Guard
     from server.rest import create_app
     from server.service import KVLinkService
     from server.store import SessionStore
 
     security = security or load_security(args)
-    if security.token and not security.tls:
-        logger.warning("the bearer token travels in plaintext gRPC: add --tls-cert and --tls-key")
-    if args.rest_host not in LOOPBACK and not security.token:
+    if security.tokens and not security.tls:
+        logger.warning("bearer tokens travel in plaintext gRPC: add --tls-cert and --tls-key")
+    if args.rest_host not in LOOPBACK and not security.tokens:
         logger.warning("REST is exposed on %s without a bearer token (--auth-token-file)", args.rest_host)
     if args.host not in LOOPBACK and not security.tls:
         logger.warning("gRPC is exposed on %s without TLS (--tls-cert, --tls-key)", args.host)
@@ -279,11 +344,16 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     lm = await asyncio.to_thread(
         load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype
     )
-    store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes)
-    guard = Guard(security.token, args.max_concurrent_sessions, args.per_peer_concurrency)
+    guard = security.guard(args.max_concurrent_sessions, args.per_peer_concurrency)
+    share = args.max_cached_bytes_per_identity or (
+        args.max_cached_bytes // 2 if guard.mode in ("tenants", "certificates") else args.max_cached_bytes
+    )
+    store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes, owner_max_bytes=share)
     service = KVLinkService(
         lm, store, MetricsRegistry(), limits, max_new_tokens=args.max_new_tokens, guard=guard,
-        stall_timeout_s=args.stall_timeout,
+        stall_timeout_s=args.stall_timeout, message_deadline_s=args.message_deadline,
+        max_question_tokens=args.max_question_tokens,
+        max_buffered_bytes=args.max_buffered_bytes or 2 * args.max_message_bytes,
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
 
@@ -321,7 +391,7 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
         "%d answer tokens, %g s stall timeout",
         lm.name, lm.fingerprint[:12], lm.device, args.host, port,
         "mutual TLS" if security.client_ca else "TLS" if security.tls else "plaintext",
-        f"bearer token from {security.token_source}" if security.token else "no token",
+        security.describe(),
         f"; health-only {args.host}:{args.health_port}" if health_server else "",
         args.rest_host, rest_sock.getsockname()[1], args.max_concurrent_sessions, args.per_peer_concurrency,
         args.max_cached_bytes, args.max_message_bytes, args.max_new_tokens, args.stall_timeout,
@@ -370,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from server.memory import return_freed_memory_promptly
+
+    return_freed_memory_promptly()
     try:
         return asyncio.run(serve(args, security))
     except (OSError, RuntimeError, ValueError) as exc:  # a port in use, an unknown model or device, ...

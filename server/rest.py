@@ -1,18 +1,22 @@
 """The receiver's REST app (FastAPI, served by uvicorn in the kvlink-serve process).
 
-    GET /healthz                 liveness/readiness: model, fingerprint, cached sessions (always open)
-    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals,
-                                 the session store, and the calls in progress
-    GET /v1/messages?limit=N     per-message records, newest first
-    GET /v1/messages/{id}        one record (404 if unknown)
-    GET /metrics                 Prometheus text format
+    GET /healthz                 liveness/readiness only: {"status": "serving"} (always open)
+    GET /v1/info                 the model, its fingerprint, the device, uptime, and who is asking
+    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals and
+                                 the caller's cached contexts; an operator sees every identity's,
+                                 the whole session store and the calls in progress
+    GET /v1/messages?limit=N     per-message records, newest first (the caller's own; an operator's: all)
+    GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
+    GET /metrics                 Prometheus text format (operators only: it covers every identity)
     GET /docs, /openapi.json     OpenAPI (FastAPI's defaults)
 
 The numbers come from the servicer's kvlink.metrics.MetricsRegistry; this
 module only serves them (and mirrors them into Prometheus collectors).
 
-When the receiver has a bearer token (server.guard), every path but /healthz
-answers 401 without `Authorization: Bearer <token>`; probes keep /healthz.
+Every path but /healthz is answered for an identity (server.guard): with tokens,
+it is the one whose `Authorization: Bearer <token>` the request carries (401
+without one, with a wrong one, or with two Authorization headers, as on gRPC);
+without tokens, REST serves one anonymous operator (it binds loopback by default).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from prometheus_client import (
 )
 
 from kvlink.metrics import BYTE_CATEGORIES, AskRecord, MessageRecord
-from server.guard import bearer_ok
+from server.guard import Identity, Unauthorized
 from server.service import KVLinkService
 
 OPEN_PATHS = frozenset({"/healthz"})
@@ -107,6 +111,15 @@ class PrometheusExporter:
         self.errors.labels(code, rpc).inc()
 
 
+def _who(request: Request) -> Identity:
+    return request.state.who  # type: ignore[no-any-return]
+
+
+def _scope(who: Identity) -> str | None:
+    """The owner whose records a caller sees: its own, or everyone's (None) for an operator."""
+    return None if who.operator else who.name
+
+
 def create_app(service: KVLinkService) -> FastAPI:
     """The REST app over a servicer's metrics and session store."""
     app = FastAPI(
@@ -117,65 +130,73 @@ def create_app(service: KVLinkService) -> FastAPI:
     exporter = PrometheusExporter(service)
     service.metrics.add_listener(exporter)
     app.state.exporter = exporter
-    token = service.guard.token
+    guard = service.guard
 
-    if token is not None:
-
-        @app.middleware("http")
-        async def require_token(
-            request: Request, call_next: Callable[[Request], Awaitable[Response]]
-        ) -> Response:
-            if request.url.path in OPEN_PATHS or bearer_ok(request.headers.get("authorization"), token):
-                return await call_next(request)
+    @app.middleware("http")
+    async def identify(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        try:
+            request.state.who = guard.identify_bearer(request.headers.getlist("authorization"))
+        except Unauthorized as exc:
             service.metrics.record_error("UNAUTHENTICATED", "REST")
             return JSONResponse(
-                {"detail": "missing or invalid bearer token: send 'Authorization: Bearer <token>'"},
+                {"detail": f"{exc.message}: send one 'Authorization: Bearer <token>'"},
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="kvlink"'},
             )
+        return await call_next(request)
 
     @app.get("/healthz", summary="Liveness and readiness")
     def healthz() -> JSONResponse:
-        store = service.store.stats()
-        body = {
+        """Open to probes, so it says nothing but whether the receiver serves."""
+        status = "serving" if service.serving else "stopping"
+        return JSONResponse({"status": status}, status_code=200 if service.serving else 503)
+
+    @app.get("/v1/info", summary="The receiver's model and the caller's identity")
+    def info(request: Request) -> dict[str, Any]:
+        who = _who(request)
+        store = service.store.stats(_scope(who))
+        return {
             "status": "serving" if service.serving else "stopping",
-            "model": service.lm.name,
-            "fingerprint": service.lm.fingerprint,
-            "device": str(service.lm.device),
-            "sessions": store.sessions,
-            "cached_messages": store.messages,
-            "cached_bytes": store.bytes,
-            "uptime_s": time.time() - service.started,
-        }
-        return JSONResponse(body, status_code=200 if service.serving else 503)
+            "model": service.lm.name, "fingerprint": service.lm.fingerprint,
+            "device": str(service.lm.device), "uptime_s": time.time() - service.started,
+            "identity": who.name, "operator": who.operator, "auth": guard.mode,
+            "sessions": store.sessions, "cached_messages": store.messages, "cached_bytes": store.bytes,
+        }  # fmt: skip
 
     @app.get("/v1/stats", summary="Aggregates per codec config")
-    def stats() -> dict[str, Any]:
+    def stats(request: Request) -> dict[str, Any]:
         """Messages, bytes by category (payload / metadata / framing / signaling), compression ratio vs
-        FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label, plus totals."""
-        out = service.metrics.stats()
-        store = service.store.stats()
-        out["store"] = {
-            "sessions": store.sessions, "messages": store.messages, "bytes": store.bytes,
-            "peak_bytes": store.peak_bytes, "max_bytes": store.max_bytes, "ttl_s": store.ttl_s,
-            "evicted": store.evicted, "expired": store.expired,
-        }  # fmt: skip
-        out["calls"] = service.call_stats()
+        FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label, plus totals: of
+        the caller's messages, or of everyone's for an operator (with the store and the calls)."""
+        who = _who(request)
+        out = service.metrics.stats(_scope(who))
+        store = service.store.stats(_scope(who))
+        out["store"] = {"sessions": store.sessions, "messages": store.messages, "bytes": store.bytes}
+        if who.operator:
+            out["store"].update(
+                peak_bytes=store.peak_bytes, max_bytes=store.max_bytes, ttl_s=store.ttl_s, evicted=store.evicted,
+                expired=store.expired, reserved_bytes=store.reserved_bytes, refused_busy=store.refused_busy,
+            )  # fmt: skip
+            out["calls"] = service.call_stats()
         return out
 
     @app.get("/v1/messages", summary="Per-message records, newest first")
-    def messages(limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
-        return [r.as_dict() for r in service.metrics.messages(limit)]
+    def messages(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in service.metrics.messages(limit, owner=_scope(_who(request)))]
 
     @app.get("/v1/messages/{message_id}", summary="One message's record")
-    def message(message_id: str) -> dict[str, Any]:
-        record = service.metrics.get(message_id)
+    def message(request: Request, message_id: str) -> dict[str, Any]:
+        record = service.metrics.get(message_id, owner=_scope(_who(request)))
         if record is None:
-            raise HTTPException(status_code=404, detail=f"no record of message {message_id!r}")
+            raise HTTPException(status_code=404, detail=f"no record of message {message_id[:128]!r}")
         return record.as_dict()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        if not _who(request).operator:
+            raise HTTPException(status_code=403, detail="/metrics covers every identity: an operator's token")
         return Response(generate_latest(exporter.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

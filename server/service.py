@@ -8,34 +8,54 @@ session entry only once it is complete, verified and decoded; any failure
 aborts the call with the WireError's gRPC status (its code in the trailing
 metadata) and leaves nothing behind, so no partial cache can ever answer.
 
-Before any of that, server.guard.Guard checks the bearer token (UNAUTHENTICATED)
-and admits the call: Transfer and Ask calls in progress are capped in all and
-per peer (RESOURCE_EXHAUSTED, code BUSY). A Transfer on which no frame arrives
-for `stall_timeout_s` ends with DEADLINE_EXCEEDED (code STALLED) and is dropped.
+Before any of that, server.guard.Guard names the caller (UNAUTHENTICATED without
+a usable credential) and admits the call: Transfer and Ask calls in progress are
+capped in all and per peer (RESOURCE_EXHAUSTED, code BUSY). The caller's
+identity owns what it sends: message ids are its own (a reused one is refused,
+EXISTS), and only it can ask about them.
+
+What one hostile caller can cost the others is bounded:
+- time on the event loop: a header is parsed and validated in a worker thread
+  (its size and row counts are checked first), and so are decodes, answers and
+  answer scoring; chunks cost a CRC32C each;
+- memory: the chunk data of transfers in flight (declared by their headers,
+  reserved before the first chunk is kept: max_buffered_bytes) and the decoded
+  contexts plus the decodes in flight (SessionStore's budget, reserved with
+  kvlink.codec.decode_cost before a decode starts) are capped; past a cap the
+  call is refused BUSY before anything is allocated; a refused call keeps no
+  buffer (errors are detached from the frames they were raised in);
+- duration: a Transfer on which no frame arrives for `stall_timeout_s` ends
+  STALLED, and one that has not completed `message_deadline_s` after it began
+  ends DEADLINE, however it trickles;
+- the model: questions longer than `max_question_tokens` are refused, longer
+  ones than a chunk are prefilled in chunks, and answers take turns forward by
+  forward (server.guard.FairLock), so no answer waits for another to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Collection
-from dataclasses import replace
-from typing import NoReturn
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
 
 import grpc
 import torch
 
 from kvlink import wire
 from kvlink.cache import ContextKV, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, CodecConfig, EncodedKV, decode_cost
 from kvlink.eval.squad import best_scores
 from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
-from server.guard import Busy, Guard, Slot
-from server.store import SessionStore
+from server import memory
+from server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
+from server.store import Reservation, SessionStore, StoreBusy
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +80,44 @@ async def _abort(context: grpc.aio.ServicerContext, err: wire.WireError) -> NoRe
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-async def _abort_status(context: grpc.aio.ServicerContext, status: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(status, message)
-    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+class _Refused(Exception):
+    """An Ask refused with a gRPC status and a kvlink code (for the error counters)."""
+
+    def __init__(self, status: grpc.StatusCode, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    @classmethod
+    def of(cls, err: wire.WireError) -> _Refused:
+        return cls(err.status_code, err.code, err.message)
+
+
+@dataclass
+class _Call:
+    """What one Transfer call holds; released however the call ends."""
+
+    who: Identity
+    asm: wire.Assembler
+    slot: Slot | None = None
+    claimed: tuple[str, str] | None = None  # (owner, message id) taken by this call
+    buffered: Any = None  # the chunk bytes taken from the transfer budget
+    decoding: Reservation | None = None  # the decode's share of the store's budget
+    stored: bool = False
 
 
 class KVLinkService:
     """Receiver side of kvlink.v1.KVLink over a loaded model.
 
-    lm: the model (decode and answers run on its device). store: decoded caches by (session, message).
-    metrics: per-message records for REST. limits: what a message may declare. max_new_tokens:
-    answers are at most this long (a longer request is clamped). profile_hashes: calibrated low-rank
-    profiles held (none: "profile" messages are refused as UNKNOWN_CODEC). guard: bearer token and
-    call admission (default: no token, 64 calls, 4 per peer). stall_timeout_s: longest wait for the
-    next frame of a Transfer (None: only the sender's deadline bounds it).
+    lm: the model (decode and answers run on its device). store: decoded caches by (owner, message),
+    whose byte cap also covers decodes in flight. metrics: per-message records for REST. limits: what
+    a message may declare. max_new_tokens: answers are at most this long (a longer request is
+    clamped). profile_hashes: calibrated low-rank profiles held (none: "profile" messages are refused
+    as UNKNOWN_CODEC). guard: identities and call admission (default: no authentication, 64 calls, 4
+    per peer). stall_timeout_s: longest wait for the next frame of a Transfer; message_deadline_s:
+    longest a Transfer may take from its first frame to its last (None: only the sender's deadline
+    bounds either). max_question_tokens: longest question. max_buffered_bytes: chunk data all
+    transfers in flight may hold together. admission_wait_s: how long a complete message waits for
+    room in the store's budget before it is refused BUSY.
     """
 
     def __init__(
@@ -86,16 +130,29 @@ class KVLinkService:
         profile_hashes: Collection[str] = (),
         guard: Guard | None = None,
         stall_timeout_s: float | None = 30.0,
+        message_deadline_s: float | None = 600.0,
+        max_question_tokens: int = 2048,
+        max_buffered_bytes: int = 1 << 30,
+        admission_wait_s: float = 10.0,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
-        if stall_timeout_s is not None and not stall_timeout_s > 0:
-            raise ValueError(f"stall_timeout_s must be > 0 or None, got {stall_timeout_s!r}")
+        if max_question_tokens < 1:
+            raise ValueError(f"max_question_tokens must be >= 1, got {max_question_tokens!r}")
+        for name, value in (("stall_timeout_s", stall_timeout_s), ("message_deadline_s", message_deadline_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
         self.lm = lm
         self.store = store
         self.metrics = metrics
         self.limits = limits or wire.WireLimits()
+        if max_buffered_bytes < self.limits.max_message_bytes:
+            raise ValueError(
+                f"max_buffered_bytes {max_buffered_bytes} is below max_message_bytes "
+                f"{self.limits.max_message_bytes}: the largest message allowed could never be received"
+            )
         self.max_new_tokens = max_new_tokens
+        self.max_question_tokens = max_question_tokens
         self.profile_hashes = tuple(profile_hashes)
         local = wire.local_codecs()
         modes = (
@@ -106,12 +163,16 @@ class KVLinkService:
         self.codecs = replace(local, lowrank_modes=modes)
         self.serving = True
         self.started = time.time()
-        self._model_lock = asyncio.Lock()  # one model, one forward at a time
+        self.forwards = FairLock()  # one model: forwards take turns, in arrival order
         self.guard = guard or Guard()
         self.stall_timeout_s = stall_timeout_s
+        self.message_deadline_s = message_deadline_s
+        self.admission_wait_s = admission_wait_s
+        self.buffers = ByteBudget(max_buffered_bytes, "transfers", "--max-buffered-bytes")
         self.in_flight = 0  # Transfer calls in progress
         self.asks_in_flight = 0
         self._assemblers: set[wire.Assembler] = set()
+        self._claimed: set[tuple[str, str]] = set()  # (owner, message id) of transfers in flight
 
     def call_stats(self) -> dict[str, int | float | None]:
         """Calls in progress and what they hold: returns to 0 when every call has ended, however it ended."""
@@ -119,29 +180,39 @@ class KVLinkService:
         return {
             "transfers_in_flight": self.in_flight, "asks_in_flight": self.asks_in_flight,
             "buffered_bytes": sum(a.buffered_bytes for a in self._assemblers),
+            "reserved_buffer_bytes": self.buffers.held, "max_buffered_bytes": self.buffers.max_bytes,
             "calls": guard.calls, "peers": guard.peers, "busiest_peer_calls": guard.busiest_peer_calls,
-            "refused_busy": guard.refused_busy, "refused_unauthenticated": guard.refused_auth,
+            "refused_busy": guard.refused_busy + self.buffers.refused, "refused_unauthenticated": guard.refused_auth,
             "max_concurrent_sessions": guard.max_calls, "per_peer_concurrency": guard.per_peer,
-            "stall_timeout_s": self.stall_timeout_s,
+            "stall_timeout_s": self.stall_timeout_s, "message_deadline_s": self.message_deadline_s,
+            "max_question_tokens": self.max_question_tokens, "forwards_waiting": self.forwards.waiting,
         }  # fmt: skip
 
-    def _admit(self, context: grpc.aio.ServicerContext, rpc: str, slot: bool = True) -> Slot | None:
-        """Check the bearer token (UNAUTHENTICATED) and take a call slot (BUSY when none is free);
-        raises WireError, which the caller turns into the call's status."""
-        reason = self.guard.authorized(context.invocation_metadata())
-        err: wire.WireError | None = None
-        if reason is not None:
-            err = wire.WireError("UNAUTHENTICATED", reason)
-        elif slot:
-            try:
-                return self.guard.acquire(context.peer())
-            except Busy as busy:
-                err = wire.WireError("BUSY", busy.message)
-        if err is None:
-            return None
+    def _refuse(self, err: wire.WireError, rpc: str, peer: str) -> wire.WireError:
+        """Count and log a refusal; the error to answer with, a copy never raised (a raised error kept in a
+        local would tie the frames it went through, and what they hold, into a cycle only the cyclic
+        garbage collector frees, much later)."""
         self.metrics.record_error(err.code, rpc)
-        logger.info("%s from %s refused: %s", rpc, context.peer(), err.message)
-        raise err
+        logger.info("%s from %s refused: %s", rpc, peer, err.message)
+        return err.detached()
+
+    def _identify(self, context: grpc.aio.ServicerContext) -> Identity:
+        """The caller (WireError UNAUTHENTICATED when it has no usable credential)."""
+        try:
+            return self.guard.identify(context.invocation_metadata(), context.auth_context())
+        except Unauthorized as exc:
+            reason = exc.message
+        raise wire.WireError("UNAUTHENTICATED", reason)
+
+    def _admit(self, context: grpc.aio.ServicerContext, rpc: str) -> tuple[Identity, Slot] | wire.WireError:
+        """The caller and a call slot, or the error to refuse the call with (UNAUTHENTICATED, BUSY)."""
+        try:
+            who = self._identify(context)
+            return who, self.guard.acquire(context.peer(), who)
+        except wire.WireError as err:
+            return self._refuse(err, rpc, context.peer())
+        except Busy as busy:
+            return self._refuse(wire.WireError("BUSY", busy.message), rpc, context.peer())
 
     def warm_up(self) -> float:
         """Run a tiny prefill, INT4 round trip and answer once (blocking), so that the first real
@@ -164,16 +235,14 @@ class KVLinkService:
 
     # --- Hello --------------------------------------------------------------------
     async def Hello(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Welcome:
+        failure: wire.WireError | None = None
         try:
-            self._admit(context, "Hello", slot=False)
-        except wire.WireError as err:
-            await _abort(context, err)
-        try:
+            self._identify(context)
             hello = wire.hello_from_proto(wire.parse_hello(request), self.lm.fingerprint)
         except wire.WireError as err:
-            self.metrics.record_error(err.code, "Hello")
-            logger.info("Hello refused: %s", err)
-            await _abort(context, err)
+            failure = self._refuse(err, "Hello", context.peer())
+        if failure is not None:
+            await _abort(context, failure)
         logger.debug("Hello from %r", hello.client)
         return wire.welcome_to_proto(self.welcome)
 
@@ -181,148 +250,243 @@ class KVLinkService:
     async def Transfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[wire.pb.Signal]:
-        try:
-            slot = self._admit(context, "Transfer")
-        except wire.WireError as err:
+        admitted = self._admit(context, "Transfer")
+        if isinstance(admitted, wire.WireError):
             # A signal first: a sender whose writes race this abort sees INTERNAL from grpc, not the status.
-            yield wire.error_signal(err)
-            await _abort(context, err)
+            yield wire.error_signal(admitted)
+            await _abort(context, admitted)
+        who, slot = admitted
         asm = wire.Assembler(
             self.lm.fingerprint, self.lm.geometry, self.limits, self.codecs, self.profile_hashes
         )
+        call = _Call(who, asm, slot)
         self.in_flight += 1
         self._assemblers.add(asm)
-        stored: tuple[str, str] | None = None
+        failure: wire.WireError | None = None
+        frames = aiter(request_iterator)
         try:
-            frames = aiter(request_iterator)
-            while (raw := await self._next_frame(frames, asm)) is not None:
-                for signal in asm.feed_raw(raw):
-                    yield signal
-                if asm.complete:
-                    break
-            encoded, receipt = asm.finish()
-            kv, decode_s = await self._decode(encoded)
-            timings = {**receipt.timings, "decode_s": decode_s}
-            sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
-            session_id = asm.session_id or ""
-            self.store.put(session_id, sealed.message_id, kv, encoded.config.label)
-            stored = (session_id, sealed.message_id)
-            self.metrics.record_message(
-                MessageRecord.from_receipt(sealed, session_id, encoded.config, encoded.length, kv.kept(0))
-            )
-            logger.info(
-                "message %s (%s): %d wire bytes, %.1f%% of FP16, decoded in %.3f s",
-                sealed.message_id, encoded.config.label, sealed.total,
-                100 * sealed.total / max(sealed.fp16_bytes, 1), decode_s,
-            )  # fmt: skip
-            yield signal
+            async for signal in self._transfer(call, frames):
+                yield signal
         except wire.WireError as err:
-            self.metrics.record_error(err.code, "Transfer")
-            logger.info("Transfer of message %s refused: %s", asm.message_id, err)
-            yield wire.error_signal(err)
-            await _abort(context, err)
+            failure = self._refuse(err, "Transfer", context.peer())
         except asyncio.CancelledError:
             # The sender went away (or the server is stopping): nothing of the message is kept,
             # not even a complete one whose receipt could not be delivered.
-            if stored is not None:
-                self.store.discard(*stored)
+            if call.stored:
+                self.store.discard(who.name, asm.message_id or "")
             self.metrics.record_error("CANCELLED", "Transfer")
-            logger.info("Transfer of message %s cancelled; discarded", asm.message_id)
+            logger.info("Transfer of message %r cancelled; discarded", asm.message_id)
             raise
         except Exception as exc:  # a bug must cost one call, never the server
             self.metrics.record_error(INTERNAL, "Transfer")
-            logger.exception("Transfer of message %s failed", asm.message_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"receiver error: {type(exc).__name__}: {exc}")
+            logger.exception("Transfer of message %r failed", asm.message_id)
+            failure = wire.WireError("MALFORMED", f"receiver error: {type(exc).__name__}")
         finally:
-            self.in_flight -= 1
-            self._assemblers.discard(asm)
-            if slot is not None:
-                slot.release()
+            self._release(call)
+            # grpc's request stream is an async generator that holds the last frame it yielded until it
+            # is closed or collected: close it now, so that a large refused frame is freed at once.
+            aclose = getattr(frames, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+        if failure is not None:  # answered outside the handlers: the status chains no frame or buffer
+            await asyncio.to_thread(memory.trim)  # what the refused message held goes back to the system
+            yield wire.error_signal(failure)
+            await _abort(context, failure)
 
-    async def _next_frame(self, frames: AsyncIterator[bytes], asm: wire.Assembler) -> bytes | None:
-        """The next frame's bytes, None at the end of the stream; STALLED after stall_timeout_s of silence."""
+    def _release(self, call: _Call) -> None:
+        self.in_flight -= 1
+        self._assemblers.discard(call.asm)
+        if call.claimed is not None:
+            self._claimed.discard(call.claimed)
+        for held in (call.buffered, call.decoding, call.slot):
+            if held is not None:
+                held.release()
+
+    async def _transfer(self, call: _Call, frames: AsyncIterator[bytes]) -> AsyncIterator[wire.pb.Signal]:
+        """Receive, verify, decode and store one message; yields the signals. Raises WireError."""
+        asm = call.asm
+        deadline = None if self.message_deadline_s is None else time.monotonic() + self.message_deadline_s
+        while (raw := await self._next_frame(frames, asm, deadline)) is not None:
+            if asm.message_id is None:  # the header: parsed and validated off the event loop
+                signals = await asyncio.to_thread(asm.feed_raw, raw)
+                self._claim(call)
+            else:
+                signals = asm.feed_raw(raw)
+            for signal in signals:
+                yield signal
+            if asm.complete:
+                break
+        del raw
+        encoded, receipt = asm.finish()
+        if call.buffered is not None:
+            call.buffered.release()  # the chunks now live in `encoded`, which the decode reservation counts
+        kv, decode_s = await self._decode(call, encoded)
+        timings = {**receipt.timings, "decode_s": decode_s}
+        sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
+        session_id = asm.session_id or ""
         try:
-            return await asyncio.wait_for(anext(frames), self.stall_timeout_s)
+            self.store.put(
+                call.who.name, session_id, sealed.message_id, kv, encoded.config.label, call.decoding
+            )
+        except ValueError as exc:
+            raise wire.WireError("TOO_LARGE", str(exc)) from None
+        call.stored = True
+        self.metrics.record_message(
+            MessageRecord.from_receipt(
+                sealed, session_id, encoded.config, encoded.length, kv.kept(0), owner=call.who.name
+            )
+        )
+        logger.info(
+            "message %r (%s) of %s: %d wire bytes, %.1f%% of FP16, decoded in %.3f s",
+            sealed.message_id, encoded.config.label, call.who.name, sealed.total,
+            100 * sealed.total / max(sealed.fp16_bytes, 1), decode_s,
+        )  # fmt: skip
+        yield signal
+
+    def _claim(self, call: _Call) -> None:
+        """Once the header is valid: the message id must be new for its owner (EXISTS), and its chunk
+        data must fit the transfer budget (BUSY); both are held until the call ends."""
+        key = (call.who.name, call.asm.message_id or "")
+        if key in self._claimed or self.store.holds(*key) or self.metrics.has(*key):
+            raise wire.WireError(
+                "EXISTS",
+                f"message id {key[1]!r} is already in use by this sender: ids are never reused or overwritten",
+            )
+        self._claimed.add(key)
+        call.claimed = key
+        try:
+            call.buffered = self.buffers.take(call.asm.declared_bytes)
+        except Busy as busy:
+            reason = busy.message
+        else:
+            return
+        raise wire.WireError("BUSY", reason)
+
+    async def _next_frame(
+        self, frames: AsyncIterator[bytes], asm: wire.Assembler, deadline: float | None
+    ) -> bytes | None:
+        """The next frame's bytes, None at the end of the stream; STALLED after stall_timeout_s of
+        silence, DEADLINE once the message's deadline has passed."""
+        left = None if deadline is None else deadline - time.monotonic()
+        deadline_first = left is not None and (self.stall_timeout_s is None or left < self.stall_timeout_s)
+        wait = max(left or 0.0, 0.0) if deadline_first else self.stall_timeout_s
+        try:
+            return await asyncio.wait_for(anext(frames), wait)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
+            pass
+        if deadline_first:
             raise wire.WireError(
-                "STALLED",
-                f"no frame arrived for {self.stall_timeout_s:g} s (the receiver's --stall-timeout); "
-                f"message {asm.message_id} dropped after {asm.buffered_bytes} bytes of chunk data",
-            ) from None
+                "DEADLINE",
+                f"message {asm.message_id!r} did not complete within {self.message_deadline_s:g} s (the "
+                f"receiver's --message-deadline); dropped after {asm.buffered_bytes} bytes of chunk data",
+            )
+        raise wire.WireError(
+            "STALLED",
+            f"no frame arrived for {self.stall_timeout_s:g} s (the receiver's --stall-timeout); "
+            f"message {asm.message_id!r} dropped after {asm.buffered_bytes} bytes of chunk data",
+        )
 
-    async def _decode(self, encoded: EncodedKV) -> tuple[ContextKV, float]:
-        """Decode on the model's device; refuses a cache the store could never hold."""
-        need = decoded_nbytes(encoded, self.lm.dtype)
-        if not self.store.fits(need):
+    async def _decode(self, call: _Call, encoded: EncodedKV) -> tuple[ContextKV, float]:
+        """Decode on the model's device, within the store's memory budget: reserved first (TOO_LARGE if
+        the message could never fit; while decodes in flight leave too little, wait for them up to
+        admission_wait_s, then BUSY)."""
+        cost = decode_cost(encoded, self.lm.dtype)
+        if not self.store.fits(cost):
             raise wire.WireError(
                 "TOO_LARGE",
-                f"the decoded cache needs {need} bytes; this receiver caches at most {self.store.max_bytes}",
+                f"decoding this message takes up to {cost} bytes; this receiver holds at most "
+                f"{self.store.owner_max_bytes} for one sender's contexts (--max-cached-bytes)",
             )
+        give_up = time.monotonic() + self.admission_wait_s
+        while call.decoding is None:
+            try:
+                call.decoding = self.store.reserve(cost, call.who.name)
+            except StoreBusy as busy:
+                if time.monotonic() >= give_up:
+                    reason = f"{busy}; waited {self.admission_wait_s:g} s: retry later"
+                    raise wire.WireError("BUSY", reason) from None
+                await asyncio.sleep(0.02)  # decodes take milliseconds to seconds: room comes soon
         started = time.perf_counter()
+        problem = None
         try:
             kv = await asyncio.to_thread(
                 Codec(encoded.config, encoded.geometry).decode, encoded, self.lm.device, self.lm.dtype
             )
         except ValueError as exc:
-            raise wire.WireError("MALFORMED", f"the message does not decode: {exc}") from None
+            problem = f"the message does not decode: {exc}"
+        if problem is not None:  # raised outside the handler: the error chains no decoded buffer
+            raise wire.WireError("MALFORMED", problem)
+        if cost >= 64 << 20:  # the decode's temporaries, and the message's parts, go back to the system
+            await asyncio.to_thread(memory.trim)
         return kv, time.perf_counter() - started
 
     # --- Ask ----------------------------------------------------------------------
     async def Ask(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Answer:
-        try:
-            slot = self._admit(context, "Ask")
-        except wire.WireError as err:
-            await _abort(context, err)
+        admitted = self._admit(context, "Ask")
+        if isinstance(admitted, wire.WireError):
+            await _abort(context, admitted)
+        who, slot = admitted
         self.asks_in_flight += 1
         try:
-            return await self._ask(request, context)
+            return await self._ask(who, request)
+        except _Refused as exc:  # plain values out of it: the exception is not kept past this block
+            status, code, message = exc.status, exc.code, exc.message
         finally:
             self.asks_in_flight -= 1
-            if slot is not None:
-                slot.release()
+            slot.release()
+        self.metrics.record_error(code, "Ask")
+        logger.info("Ask from %s refused: %s", context.peer(), message)
+        await context.abort(status, message, trailing_metadata=((wire.ERROR_METADATA_KEY, code),))
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
-    async def _ask(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Answer:
+    async def _ask(self, who: Identity, request: bytes) -> wire.pb.Answer:
+        """Answer one Ask of `who` (raises _Refused)."""
         try:
             ask = wire.ask_from_proto(wire.parse_ask(request), self.limits)
         except wire.WireError as err:
-            self.metrics.record_error(err.code, "Ask")
-            await _abort(context, err)
-        kv = self.store.get(ask.session_id, ask.message_id)
+            raise _Refused.of(err) from None
+        kv = self.store.get(who.name, ask.session_id, ask.message_id)
         if kv is None:
-            self.metrics.record_error(NOT_FOUND, "Ask")
-            await _abort_status(
-                context,
-                grpc.StatusCode.NOT_FOUND,
+            raise _Refused(
+                grpc.StatusCode.NOT_FOUND, NOT_FOUND,
                 f"no context for session {ask.session_id!r} message {ask.message_id!r}: it was never "
-                "received completely, or it expired or was evicted",
-            )
-        q_ids = question_ids(self.lm.tokenizer, ask.question)
+                "received completely from this sender, or it expired or was evicted",
+            )  # fmt: skip
+        q_ids = await asyncio.to_thread(question_ids, self.lm.tokenizer, ask.question)
+        if q_ids.numel() > self.max_question_tokens:
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE",
+                f"the question has {q_ids.numel()} tokens, this receiver answers at most "
+                f"{self.max_question_tokens} (--max-question-tokens)",
+            )  # fmt: skip
         max_new = min(ask.max_new_tokens, self.max_new_tokens)
-        queued = time.perf_counter()
-        async with self._model_lock:
-            queue_s = time.perf_counter() - queued
-            try:
-                answer = await asyncio.to_thread(
-                    greedy_answer, self.lm.model, self.lm.tokenizer, kv, q_ids, max_new_tokens=max_new
-                )
-            except ValueError as exc:
-                self.metrics.record_error("INVALID_ARGUMENT", "Ask")
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot answer: {exc}")
+        problem = None
+        try:
+            answer = await asyncio.to_thread(
+                greedy_answer, self.lm.model, self.lm.tokenizer, kv, q_ids,
+                max_new_tokens=max_new, forward_lock=self.forwards,
+            )  # fmt: skip
+        except ValueError as exc:
+            problem = f"cannot answer: {exc}"
+        if problem is not None:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", problem)
         f1 = em = None
         if ask.reference_answers:
-            f1, em = best_scores(answer.text, list(ask.reference_answers))
+            f1, em = await asyncio.to_thread(best_scores, answer.text, list(ask.reference_answers))
         timings = {k: float(v) for k, v in answer.timings.items() if k.endswith("_s")}
-        timings["queue_s"] = queue_s
         record = AskRecord(
             question=ask.question, answer=answer.text, token_ids=list(answer.token_ids),
             reference_answers=list(ask.reference_answers), f1=f1, exact_match=em, timings=timings,
         )  # fmt: skip
-        self.metrics.record_answer(ask.message_id, record, ask.sender_timings)
+        self.metrics.record_answer(ask.message_id, record, ask.sender_timings, owner=who.name)
         logger.info(
-            "answered message %s in %.2f s: %r", ask.message_id, timings.get("answer_s", 0.0), answer.text
-        )
+            "answered message %r of %s in %.2f s (%d tokens)",
+            ask.message_id, who.name, timings.get("answer_s", 0.0), len(answer.token_ids),
+        )  # fmt: skip
+        logger.debug("answer to message %r: %r", ask.message_id, answer.text)
         return wire.answer_to_proto(
             wire.Answer(ask.message_id, answer.text, tuple(answer.token_ids), timings, f1, em)
         )

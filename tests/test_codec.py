@@ -251,3 +251,59 @@ def test_hi_layers_quantize_the_first_layers_at_hi_bits_and_travel_by_wire() -> 
         )
     with pytest.raises(ValueError, match="hi_layers 4 exceeds"):
         Codec(CodecConfig(k_bits=4, hi_layers=4), g)
+
+
+_PEAK_SCRIPT = """
+import sys, threading, time, psutil, torch
+from kvlink.cache import ContextKV
+from kvlink.codec import Codec, CodecConfig, decode_cost
+from kvlink.models import Geometry
+from server.memory import return_freed_memory_promptly
+return_freed_memory_promptly()  # as kvlink-serve does at start-up
+config, tokens = eval(sys.argv[1]), int(sys.argv[2])
+g = Geometry(num_layers=30, kv_heads=3, head_dim=64, q_heads=9)
+def kv(t):
+    torch.manual_seed(0)
+    return ContextKV([torch.randn(3, t, 64) for _ in range(30)], [torch.randn(3, t, 64) for _ in range(30)],
+                     [torch.arange(t)] * 30, t)
+codec = Codec(config, g)
+codec.decode(codec.encode_kv(kv(16)))  # first-call costs out of the way
+encoded = codec.encode_kv(kv(tokens))
+proc = psutil.Process()
+start = proc.memory_info().rss
+peak, done = [start], threading.Event()
+def poll():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.0002)
+watcher = threading.Thread(target=poll)
+watcher.start()
+decoded = codec.decode(encoded)
+done.set()
+watcher.join()
+print(peak[0] - start, decode_cost(encoded, torch.float32))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config",
+    ["CodecConfig(k_bits=2, v_bits=2, zstd_level=3)", "CodecConfig(k_bits=4, v_bits=4, rotate='kv', sink=1)",
+     "CodecConfig(k_bits='nf4', v_bits=3)"],
+)  # fmt: skip
+def test_decode_cost_bounds_the_decodes_peak_memory(config: str) -> None:
+    """The receiver admits a decode against its memory budget with decode_cost: it must be an upper bound of
+    what the decode really takes (resident memory sampled while it runs, in a fresh process)."""
+    import subprocess
+    import sys
+
+    for tokens in (300, 6000):  # a stack smaller than DECODE_STACK_BYTES, and several of them
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, config, str(tokens)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        rise, cost = map(int, out.stdout.split())
+        assert 0 < rise <= cost, (config, tokens, rise, cost)

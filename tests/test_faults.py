@@ -46,7 +46,9 @@ from server.store import kv_nbytes
 
 STALL_S = 3.0
 MAX_CALLS, PER_PEER = 24, 20
-CACHE_CAP = 12 << 20  # holds 3-5 of the load test's contexts: 16 of them force eviction
+CACHE_CAP = (
+    32 << 20
+)  # holds 8-13 of the load test's contexts, and fits one decode's working memory: 16 force eviction
 MAX_NEW_TOKENS = 8
 ANSWER_TOKENS = 4
 SENDERS = 16

@@ -60,6 +60,34 @@ def test_eviction_equals_masking_at_original_positions(tiny: Any) -> None:
     assert (a_full.prompt_logits - a_evicted.prompt_logits).abs().max() > 1e-3
 
 
+def test_a_long_question_is_prefilled_in_chunks(tiny: Any) -> None:
+    """Chunked question prefill gives the one-forward answer, and each forward holds the lock alone."""
+    ctx, q = random_ids(30, seed=8), random_ids(23, seed=9)
+    pre = prefill(tiny.model, ctx, None)
+    whole = greedy_answer(tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=5, stop_at_eos=False)
+
+    class CountingLock:
+        def __init__(self) -> None:
+            self.entered = self.held = 0
+
+        def __enter__(self) -> None:
+            assert self.held == 0  # released between forwards
+            self.entered += 1
+            self.held += 1
+
+        def __exit__(self, *exc: object) -> None:
+            self.held -= 1
+
+    lock = CountingLock()
+    chunked = greedy_answer(
+        tiny.model, tiny.tokenizer, pre.kv, q, max_new_tokens=5, stop_at_eos=False, prefill_chunk=7,
+        forward_lock=lock,
+    )  # fmt: skip
+    assert chunked.token_ids == whole.token_ids
+    torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    assert lock.entered == 4 + 4 and lock.held == 0  # ceil(23 / 7) question forwards, then 4 steps
+
+
 def test_teacher_forced_logits_match_the_loop(tiny: Any) -> None:
     ctx, q = random_ids(30, seed=6), random_ids(4, seed=7)
     pre = prefill(tiny.model, ctx, q)

@@ -11,6 +11,8 @@ import argparse
 import json
 import secrets
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,19 @@ from client.sender import ClientSecurity, SendError, ask, hello, transfer
 from kvlink import wire
 from kvlink.models import LoadedModel
 from netutil import Pki, Receiver, free_port, make_pki, serving
-from server.guard import Guard, bearer_ok, peer_host
+from server.guard import (
+    ANONYMOUS,
+    SINGLE,
+    Busy,
+    ByteBudget,
+    FairLock,
+    Guard,
+    Identity,
+    Unauthorized,
+    bearer_ok,
+    peer_host,
+    read_tenants,
+)
 from server.main import build_parser, load_security
 from server.main import main as serve_main
 
@@ -280,6 +294,84 @@ def test_guard_admission_and_token_check() -> None:
         Guard("  ")
     with pytest.raises(ValueError, match="per_peer"):
         Guard(per_peer=0)
+
+
+def test_tenants_identities_and_operators(tmp_path: Path) -> None:
+    tenants_file = tmp_path / "tenants"
+    tenants_file.write_text("# who may send\nalice tok-a\nops tok-o operator  # sees all\n\nbob tok-b\n")
+    tenants = read_tenants(tenants_file)
+    assert tenants == {"tok-a": Identity("alice"), "tok-o": Identity("ops", True), "tok-b": Identity("bob")}
+    guard = Guard(tenants=tenants)
+    assert guard.mode == "tenants" and "tok-" not in repr(guard)
+    assert guard.identify([("authorization", "Bearer tok-b")]) == Identity("bob")
+    assert guard.identify_bearer(["Bearer tok-o"]).operator
+    for values, needle in (
+        ([], "missing"),
+        (["Bearer nope"], "invalid"),
+        (["Bearer tok-a", "Bearer tok-b"], "2 authorization"),
+    ):
+        with pytest.raises(Unauthorized, match=needle):
+            guard.identify([("authorization", v) for v in values])
+        with pytest.raises(Unauthorized, match=needle):
+            guard.identify_bearer(values)
+    assert guard.stats().refused_auth == 6
+    # One token: its holder sees everything; no authentication: one anonymous user; REST refuses two
+    # Authorization headers in every mode, as gRPC does.
+    assert Guard("abc").identify([("authorization", "Bearer abc")]) == SINGLE
+    assert Guard().identify([]) == ANONYMOUS and Guard().identify_bearer([]) == ANONYMOUS
+    with pytest.raises(Unauthorized, match="2 authorization"):
+        Guard().identify_bearer(["Bearer a", "Bearer b"])
+    # Mutual TLS without tokens: the certificate's common name, an operator when listed.
+    certs = Guard(client_certs=True, operators=["root-ca-admin"])
+    assert certs.identify([], {"x509_common_name": [b"agent-7"]}) == Identity("agent-7")
+    assert certs.identify([], {"x509_common_name": [b"root-ca-admin"]}).operator
+    with pytest.raises(Unauthorized, match="common name"):
+        certs.identify([], {"x509_common_name": [b"bad name\n"]})
+    with pytest.raises(ValueError, match="either one bearer token or a tenants file"):
+        Guard("abc", tenants=tenants)
+    for text, needle in (
+        ("alice\n", "expected"),
+        ("al ice tok extra\n", "expected"),
+        ("a/b tok\n", "tenant name"),
+        ("a t1\na t2\n", "listed twice"),
+        ("a t\nb t\n", "same token"),
+        ("# none\n", "no tenant"),
+    ):
+        tenants_file.write_text(text)
+        with pytest.raises(ValueError, match=needle) as info:
+            read_tenants(tenants_file)
+        assert "t1" not in str(info.value) and "t2" not in str(info.value)
+    with pytest.raises(ValueError, match="--tenants-file gives every tenant"):
+        load_security(_args("--tenants-file", str(tenants_file)), environ={"KVLINK_AUTH_TOKEN": "x"})
+    with pytest.raises(ValueError, match="needs --tls-client-ca"):
+        load_security(_args("--operator", "root"), environ={})
+
+
+def test_byte_budget_and_fair_lock() -> None:
+    budget = ByteBudget(100, "transfers", "--max-buffered-bytes")
+    a = budget.take(60)
+    with pytest.raises(Busy, match="hold 60 of the receiver's 100 bytes"):
+        budget.take(41)
+    b = budget.take(40)
+    a.release()
+    a.release()  # idempotent
+    assert budget.held == 40 and budget.peak == 100 and budget.refused == 1
+    b.release()
+    assert budget.held == 0
+    # FairLock: threads get it in the order they asked, however the scheduler wakes them.
+    lock, order = FairLock(), []
+    lock.acquire()
+    threads = []
+    for i in range(5):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        while lock.waiting < i + 2:  # this one is queued before the next one starts
+            time.sleep(0.001)
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4] and lock.waiting == 0
 
 
 def test_client_security_from_files(pki: Pki, tmp_path: Path) -> None:

@@ -37,13 +37,21 @@ from kvlink.cache import ContextKV, Observe, Prefill, prefill
 from kvlink.codec import Codec, CodecConfig, EncodedKV, Part
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
-from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry, aggregate, percentile
+from kvlink.metrics import (
+    MAX_STORED_ASKS,
+    MAX_STORED_TEXT,
+    AskRecord,
+    MessageRecord,
+    MetricsRegistry,
+    aggregate,
+    percentile,
+)
 from kvlink.models import Geometry, LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from netutil import Receiver, free_port, serving
 from server.rest import create_app
 from server.service import KVLinkService
-from server.store import SessionStore, kv_nbytes
+from server.store import SessionStore, StoreBusy, kv_nbytes
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MESSAGE_BYTES = 16 << 20
@@ -217,8 +225,11 @@ def _flip(chunk_id: int, times: int) -> Callable[[Any, int], Any]:
 
 # --- the receiver is up ----------------------------------------------------------------------------------
 def test_health_endpoints(server: Receiver, embedded: LoadedModel) -> None:
-    body = httpx.get(f"{server.rest}/healthz", timeout=10).json()
-    assert body["status"] == "serving" and body["fingerprint"] == embedded.fingerprint
+    assert httpx.get(f"{server.rest}/healthz", timeout=10).json() == {"status": "serving"}  # liveness only
+    info = httpx.get(f"{server.rest}/v1/info", timeout=10).json()
+    assert (
+        info["fingerprint"] == embedded.fingerprint and info["identity"] == "anonymous" and info["operator"]
+    )
     with grpc.insecure_channel(server.target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for name in ("", wire.SERVICE_NAME):
@@ -595,26 +606,56 @@ def test_store_ttl_and_lru_eviction() -> None:
     assert one == 2 * (2 * 10 * 4 * 4) + 10 * 8
     clock = FakeClock()
     store = SessionStore(ttl_s=60, max_bytes=2 * one, clock=clock)
-    store.put("s", "a", _small_kv())
+    store.put("alice", "s", "a", _small_kv())
     clock.now += 10
-    store.put("s", "b", _small_kv())
+    store.put("alice", "s", "b", _small_kv())
     clock.now += 10
-    assert store.get("s", "a") is not None  # a is now more recently used than b
-    assert store.put("t", "c", _small_kv()) == [("s", "b")]  # over the cap: the LRU entry goes
-    assert store.get("s", "b") is None and store.get("t", "c") is not None
+    assert store.get("alice", "s", "a") is not None  # a is now more recently used than b
+    assert store.put("alice", "t", "c", _small_kv()) == [("alice", "b")]  # over the cap: the LRU entry goes
+    assert store.get("alice", "s", "b") is None and store.get("alice", "t", "c") is not None
     clock.now += 30
-    assert store.get("t", "c") is not None
+    assert store.get("alice", "t", "c") is not None
     clock.now += 31
-    assert store.get("s", "a") is None  # not used for 61 s
-    assert store.get("t", "c") is not None  # used 31 s ago
+    assert store.get("alice", "s", "a") is None  # not used for 61 s
+    assert store.get("alice", "t", "c") is not None  # used 31 s ago
     stats = store.stats()
     assert (stats.messages, stats.sessions, stats.bytes, stats.evicted, stats.expired) == (1, 1, one, 1, 1)
     clock.now += 61
     assert store.purge_expired() == 1 and len(store) == 0 and store.stats().bytes == 0
     with pytest.raises(ValueError, match="exceeds the store's cap"):
-        SessionStore(max_bytes=one - 1).put("s", "big", _small_kv())
+        SessionStore(max_bytes=one - 1).put("alice", "s", "big", _small_kv())
     with pytest.raises(ValueError, match="ttl_s"):
         SessionStore(ttl_s=0)
+
+
+def test_store_owners_ids_and_the_decode_budget() -> None:
+    one = kv_nbytes(_small_kv())
+    store = SessionStore(ttl_s=60, max_bytes=3 * one)
+    store.put("alice", "s", "m", _small_kv())
+    # Another owner's message, or the same owner's in another session, is not found; nothing is overwritten.
+    assert store.get("bob", "s", "m") is None and store.get("alice", "other", "m") is None
+    with pytest.raises(KeyError, match="already holds"):
+        store.put("alice", "s2", "m", _small_kv())
+    store.put("bob", "s", "m", _small_kv())  # ids are per owner
+    assert store.holds("alice", "m") and store.holds("bob", "m") and not store.holds("carol", "m")
+    assert store.stats("bob").messages == 1 and store.stats().messages == 2
+    # A decode's reservation counts against the cap: it evicts the LRU entry, and a second one that
+    # the decodes in flight alone would push over the cap is refused without evicting anything.
+    first = store.reserve(2 * one)
+    assert (
+        store.stats().reserved_bytes == 2 * one and not store.holds("alice", "m") and store.holds("bob", "m")
+    )
+    with pytest.raises(StoreBusy, match="decodes in flight"):
+        store.reserve(2 * one)
+    assert store.holds("bob", "m") and store.stats().refused_busy == 1
+    with pytest.raises(ValueError, match="exceed"):
+        store.reserve(4 * one)
+    # The decoded cache takes the reservation's place.
+    store.put("carol", "s", "x", _small_kv(), reservation=first)
+    stats = store.stats()
+    assert stats.reserved_bytes == 0 and stats.bytes == 2 * one and stats.peak_bytes == 3 * one
+    first.release()  # idempotent: the put released it already
+    assert store.stats().reserved_bytes == 0
 
 
 def _record(message_id: str, label_config: CodecConfig, payload: int, decode_s: float) -> MessageRecord:
@@ -654,6 +695,31 @@ def test_metrics_aggregate_per_config() -> None:
     assert stats["bytes"]["payload"] == 12_000  # totals keep what the history dropped
 
 
+def test_metrics_owners_and_a_bounded_history() -> None:
+    registry = MetricsRegistry(max_bytes=64 << 10)
+    int4 = CodecConfig(k_bits=4, v_bits=4)
+    registry.record_message(replace(_record("m", int4, 1000, 0.1), owner="alice"))
+    registry.record_message(replace(_record("m", int4, 3000, 0.1), owner="bob"))
+    assert registry.get("m", owner="alice").payload == 1000 and registry.get("m", owner="bob").payload == 3000
+    assert registry.get("m", owner="carol") is None and registry.get("m", owner=None).owner == "bob"
+    assert [r.owner for r in registry.messages(owner="alice")] == ["alice"]
+    assert (
+        registry.stats("alice")["bytes"]["payload"] == 1000 and registry.stats()["bytes"]["payload"] == 4000
+    )
+    # A huge question and references are scored whole but stored cut; the history stays under max_bytes.
+    big = AskRecord("q" * 100_000, "a", reference_answers=["r" * 50_000] * 3, f1=0.0)
+    for _ in range(MAX_STORED_ASKS + 6):
+        assert registry.record_answer("m", big, owner="bob")
+    kept = registry.get("m", owner="bob")
+    assert kept is not None and registry.get("m", owner="alice") is None  # the older record made room
+    assert len(kept.asks) == MAX_STORED_ASKS and kept.questions == MAX_STORED_ASKS + 6
+    assert all(
+        len(a.question) <= MAX_STORED_TEXT and len(a.reference_answers[0]) <= MAX_STORED_TEXT
+        for a in kept.asks
+    )
+    assert registry.stats()["questions"] == MAX_STORED_ASKS + 6
+
+
 def test_rest_app_in_process() -> None:
     model = torch.nn.Linear(2, 2)
     lm = LoadedModel(model, None, "fake", "f" * 64, Geometry(2, 1, 4, 2))
@@ -661,7 +727,8 @@ def test_rest_app_in_process() -> None:
     app = create_app(service)
     int8 = CodecConfig(k_bits=8, v_bits=8)
     with TestClient(app) as http:
-        assert http.get("/healthz").json()["model"] == "fake"
+        assert http.get("/healthz").json() == {"status": "serving"}
+        assert http.get("/v1/info").json()["model"] == "fake"
         assert http.get("/v1/stats").json()["messages"] == 0
         service.metrics.record_message(_record("m1", int8, 5000, 0.05))
         service.metrics.record_answer(

@@ -453,6 +453,64 @@ def test_chunk_before_header_is_refused() -> None:
     _raises("ORDER", lambda: _asm().feed(frames[-1]), "before the header")
 
 
+def test_frame_kind_is_read_from_the_tags_and_each_kind_has_its_own_size_cap() -> None:
+    frames = _frames(_encode(CONFIGS["fp16-full"]))
+    assert [wire.frame_kind(f.SerializeToString()) for f in (frames[0], frames[1], frames[-1])] == [
+        "header", "chunk", "trailer",
+    ]  # fmt: skip
+    assert wire.frame_kind(wire.cancel_frame("x").SerializeToString()) == "cancel"
+    two = frames[1].SerializeToString() + frames[-1].SerializeToString()  # protobuf would parse this
+    for raw, needle in (
+        (b"\xff\xff\xff", "broken varint"),
+        (two, "carries 2 of"),
+        (b"\x08\x01", "carries 0"),
+        (b"\x12\x7f", "ends inside"),
+        (b"\x08\x01" * 9, "top-level fields"),
+        (b"\x0b", "wire type 3"),
+    ):
+        err = _raises("MALFORMED", lambda raw=raw: wire.frame_kind(raw), needle)  # fmt: skip
+        assert "not a kvlink TransferFrame" in err.message
+    # A chunk frame is held to the chunk size, a trailer to a few bytes, before either is parsed.
+    limits = wire.WireLimits(max_chunk_bytes=1024, max_message_bytes=1 << 20)
+    asm = _asm(limits=limits)
+    asm.feed_raw(_frames(_encode(CONFIGS["fp16-full"]), chunk_bytes=1024)[0].SerializeToString())
+    big = wire.pb.TransferFrame(protocol_version=1, chunk=wire.pb.Chunk(chunk_id=0, data=bytes(4096)))
+    _raises("TOO_LARGE", lambda: asm.feed_raw(big.SerializeToString()), "chunk frame of", "limit for a chunk")
+    asm = _asm(limits=limits)
+    fat = wire.pb.TransferFrame(protocol_version=1, cancel=wire.pb.Cancel(reason="x" * 8192))
+    _raises("TOO_LARGE", lambda: asm.feed_raw(fat.SerializeToString()), "cancel frame of")
+    # A second header is refused from its tags, unparsed.
+    asm = _asm()
+    asm.feed_raw(frames[0].SerializeToString())
+    _raises("ORDER", lambda: asm.feed_raw(frames[0].SerializeToString()), "second header")
+
+
+def test_ids_are_letters_digits_and_a_few_marks() -> None:
+    for good in ("0f3c9e", "5e3b-uuid-with-dashes", "agent.7:job_2@host+x=y"):
+        wire.check_id("message_id", good)
+    for bad in ("a b", "m\nINFO forged", "../etc", "é", "tab\t"):
+        err = _raises("MALFORMED", lambda bad=bad: wire.check_id("message_id", bad), "outside letters")
+        assert "\n" not in err.message and "\t" not in err.message  # quoted escaped
+
+
+def test_a_refused_message_keeps_no_buffer() -> None:
+    """The sticky error is a fresh copy without traceback, and the plan (parsed header) is dropped."""
+    frames = _frames(_encode(CONFIGS["fp16-full"]))
+    asm = _asm()
+    asm.feed_raw(frames[0].SerializeToString())
+    bad = wire.pb.TransferFrame(protocol_version=1, chunk=wire.pb.Chunk(chunk_id=10**6, data=b"x"))
+    with pytest.raises(wire.WireError) as first:
+        asm.feed(bad)
+    assert asm._plan is None and asm._error is not None and asm._error.__traceback__ is None
+    assert (
+        asm._error is not first.value and first.value.__context__ is not None
+    )  # the raised copy chains it...
+    assert first.value.__context__.__traceback__ is None  # ...without the frames it was raised in
+    with pytest.raises(wire.WireError) as again:
+        asm.feed(frames[1])
+    assert again.value.code == first.value.code and asm.message_id == frames[0].header.message_id
+
+
 def test_frames_after_the_message_and_second_header_are_refused() -> None:
     frames = _frames(_encode(CONFIGS["fp16-full"]))
     asm = _asm()

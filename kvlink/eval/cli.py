@@ -882,6 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kvlink.eval import bench_kernels
 
+    sub.add_parser(
+        "abuse", help="good senders beside one hostile authenticated peer: what it costs them", add_help=False
+    )
     k = sub.add_parser("kernels", help="Triton kernels vs the torch reference (GPU)")
     bench_kernels.build_parser(k)
     k.set_defaults(func=None)
@@ -895,6 +898,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvlink.eval.bench_kernels import main_kernels
 
         return main_kernels(argv[1:])
+    if argv[:1] == ["abuse"]:  # its own parser: good senders beside one hostile peer, on a receiver it starts
+        from kvlink.eval.bench_abuse import main as main_abuse
+
+        return main_abuse(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
