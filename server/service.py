@@ -80,6 +80,27 @@ async def _abort(context: grpc.aio.ServicerContext, err: wire.WireError) -> NoRe
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
+BIG_DECODE_BYTES = 64 << 20
+"""A decode whose cost reaches this runs on one CPU thread (on a CPU receiver), leaving the others' cores to
+the rest of the receiver's work: one sender's large messages slow the others' answers less."""
+
+
+def _decode_politely(
+    encoded: EncodedKV, device: torch.device | str, dtype: torch.dtype, cost: int
+) -> ContextKV:
+    """Codec.decode, on one intra-op thread when the message is big and decodes on the CPU. (OpenMP's
+    thread count is per calling thread: this worker's, restored after; other threads keep theirs.)"""
+    decode = Codec(encoded.config, encoded.geometry).decode
+    if cost < BIG_DECODE_BYTES or torch.device(device).type != "cpu":
+        return decode(encoded, device, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return decode(encoded, device, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Refused(Exception):
     """An Ask refused with a gRPC status and a kvlink code (for the error counters)."""
 
@@ -412,9 +433,7 @@ class KVLinkService:
         started = time.perf_counter()
         problem = None
         try:
-            kv = await asyncio.to_thread(
-                Codec(encoded.config, encoded.geometry).decode, encoded, self.lm.device, self.lm.dtype
-            )
+            kv = await asyncio.to_thread(_decode_politely, encoded, self.lm.device, self.lm.dtype, cost)
         except ValueError as exc:
             problem = f"the message does not decode: {exc}"
         if problem is not None:  # raised outside the handler: the error chains no decoded buffer
