@@ -428,7 +428,9 @@ async def _purge_loop(store: SessionStore, every_s: float) -> None:
             logger.info("expired %d context(s)", n)
             from server.memory import trim
 
-            await asyncio.to_thread(trim)  # their memory goes back to the system now, not at the next big free
+            await asyncio.to_thread(
+                trim
+            )  # their memory goes back to the system now, not at the next big free
 
 
 def main(argv: list[str] | None = None) -> int:
