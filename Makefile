@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Python stubs are generated from the proto (never committed, never hand-edited).
-$(PROTO_OUT): proto/kvlink/v1/kvlink.proto $(STAMP)
+$(PROTO_OUT): proto/kvlink/v2/kvlink.proto $(STAMP)
 	$(PY) -m kvlink._proto.build
 
 proto: $(PROTO_OUT)

@@ -27,12 +27,13 @@ import httpx
 from client.sender import SendError, ask, channel_options, transfer
 from kvlink import wire
 from kvlink.cache import prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval.bench_abuse import bearer, bomb_frames, decode_bomb, positions_frames, rows_frames, send_raw
 from kvlink.eval.squad import load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import load_model
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
 from server.local import free_port
 
 MIB = 1 << 20
@@ -80,7 +81,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             pass
         time.sleep(0.25)
     me = bearer(TOKEN)
-    codec = Codec(CodecConfig(k_bits=4, v_bits=4), lm.geometry)
+    codec = Codec(build(k_bits=4, v_bits=4), lm.geometry)
     examples = []
     for e in load_squad():
         if e.context not in {x.context for x in examples}:

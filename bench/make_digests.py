@@ -6,7 +6,7 @@
 
 The kvlink package is imported from PYTHONPATH (any tree, 12bfafe on), the computation from this
 repository's tests/digests.py (see its docstring for what is recorded). Configs come from the
-tree's shipped quality table: its keys are CodecConfig labels, parsed back (digests.config_from_label)
+tree's shipped quality table: its keys are Recipe labels, parsed back (digests.config_from_label)
 with per-layer allocations from the tree's shipped sensitivity profile; each must label back to its
 key exactly. With --runs, the configs are also checked against the codec dicts that the calibration
 runs the table was made from recorded for the same keys (results.json.gz summary rows).
@@ -41,7 +41,7 @@ CALIBRATION_RUNS = (
 def check_runs(configs: dict[str, Any], runs_dir: Path) -> dict[str, list[str]]:
     """Label -> the runs whose summary rows recorded a codec dict for that key; raises when one of
     those dicts is not the parsed config (a missing field is its default: older runs lacked them)."""
-    from kvlink.codec import CodecConfig
+    from kvlink.recipe import Recipe
 
     seen: dict[str, list[str]] = {label: [] for label in configs}
     for run in CALIBRATION_RUNS:
@@ -51,7 +51,7 @@ def check_runs(configs: dict[str, Any], runs_dir: Path) -> dict[str, list[str]]:
             label = row.get("key")
             if row["task"] != "squad" or label not in configs or "codec" not in row:
                 continue
-            if CodecConfig.from_dict(row["codec"]) != configs[label]:
+            if Recipe.from_dict(row["codec"]) != configs[label]:
                 raise ValueError(f"{run}: {label!r} was measured as {row['codec']}, not {configs[label]}")
             if run not in seen[label]:
                 seen[label].append(run)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     import kvlink
-    from kvlink.codec import CodecConfig
+    from kvlink.recipe import Recipe
 
     started = time.perf_counter()
     lm = digests.load_lm()
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compare is not None:
         baseline = json.loads(args.compare.read_text())["digests"]
-        configs = {label: CodecConfig.from_dict(d) for label, d in baseline["configs"].items()}
+        configs = {label: Recipe.from_dict(d) for label, d in baseline["configs"].items()}
         contexts = [c["facts"] for c in baseline["contexts"]]
         specs = [{k: c[k] for k in ("name", "title", "context", "question")} for c in contexts]
         now = digests.compute(lm, specs, configs, table, sensitivity, progress=progress)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": {
             "source": "kvlink/" + table.source.rsplit("/kvlink/", 1)[-1],
             "entries": dict(sorted(table.entries.items())),
-            "config_from": "each key parsed back to the CodecConfig whose label it is (tests/digests.py "
+            "config_from": "each key parsed back to the Recipe whose label it is (tests/digests.py "
             "config_from_label; per-layer bits: the shipped sensitivity profile at budget.MIX_AVERAGES)",
             "measured_in": sources,
         },

@@ -8,12 +8,12 @@ import time
 import torch
 
 from kvlink.cache import ContextKV, Observe, prefill, prefill_observations
-from kvlink.prompt import question_rows
-from kvlink.rotation import rotate, unrotate
-from kvlink.select.q2c import Q2C
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import squad_examples
 from kvlink.models import load_model
+from kvlink.prompt import question_rows
+from kvlink.rotation import rotate, unrotate
+from kvlink.select.q2c import Q2C
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 torch.manual_seed(0)

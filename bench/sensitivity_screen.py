@@ -3,12 +3,17 @@ teacher-forced on the greedy full-KV answer of N held-out questions (the reserve
 
 usage: python bench/sensitivity_screen.py N BITS OUT.json
 """
-import sys, time, json, torch
+import json
+import sys
+import time
+
+import torch
 
 from kvlink.cache import ContextKV, prefill
 from kvlink.eval import fidelity
-from kvlink.eval.tasks import squad_examples, reserved_contexts
+from kvlink.eval.tasks import reserved_contexts, squad_examples
 from kvlink.models import load_model
+
 lm = load_model(None, "cpu", "fp32"); model, tok = lm.model, lm.tokenizer
 
 def minmax(x, bits, g, axis):
@@ -46,4 +51,4 @@ for i, ex in enumerate(exs):
     print(i, f"{time.time()-t0:.0f}s", flush=True)
 for which in (0, 1):
     print("KV"[which], " ".join(f"{v:.4f}" for v in kl[which].tolist()))
-json.dump(kl.tolist(), open(f"sys.argv[3]", "w"))
+json.dump(kl.tolist(), open("sys.argv[3]", "w"))

@@ -29,7 +29,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from client.sender import SendResult
     from kvlink.budget import Candidate, Constraints
-    from kvlink.codec import CodecConfig
+    from kvlink.recipe import Recipe
 
 STAGES: tuple[tuple[str, str], ...] = (
     ("prefill_s", "prefill (sender)"),
@@ -108,21 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
         "bytes; default: query where the measured quality table says it helps)",
     )  # fmt: skip
     p.add_argument(
-        "--key-widths", dest="k_widths", choices=("uniform", "query"), default=None,
+        "--key-widths", dest="k_widths", choices=("uniform", "question"), default=None,
         help="one bit width for all channels of an INT key tensor, or a width per channel allocated from "
-        "the question's queries (4 bits per channel and head more; default: query where the measured "
+        "the question's queries (4 bits per channel and head more; default: question where the measured "
         "quality table says it helps and the receiver decodes it)",
     )  # fmt: skip
     p.add_argument(
-        "--value-widths", dest="v_widths", choices=("uniform", "attention"), default=None,
+        "--value-widths", dest="v_widths", choices=("uniform", "question"), default=None,
         help="one bit width for all token rows of an INT value tensor, or a width per row allocated from "
-        "the question's attention (4 bits per row and head more; default: attention where the measured "
+        "the question's attention (4 bits per row and head more; default: question where the measured "
         "quality table says it helps and the receiver decodes it)",
     )  # fmt: skip
     p.add_argument(
         "--no-layer-bits", dest="layer_bits", action="store_false",
         help="one bit width per K/V for all layers (default: bits per layer from the model's sensitivity "
         "profile where the measured quality table says they help)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", dest="recipe", metavar="NAME", default=None,
+        help="send exactly this recipe, named in the config grammar (e.g. 'q2c50%%+kint4c/vint4t-g32'; "
+        "kvlink.recipe); it must fit the budget. Default: the planner chooses",
     )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def constraints_from_args(args: argparse.Namespace) -> Constraints:
     from kvlink.budget import Constraints
+    from kvlink.recipe import Recipe
 
     lowrank = args.lowrank
     if args.rank is not None and lowrank is None:
@@ -169,7 +175,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
             method=args.method, k_bits=k_bits, v_bits=v_bits, retention=args.retention, lowrank=lowrank,
             rank=args.rank, zstd=args.zstd, group_size=args.group_size, rotate=args.rotate, scope=args.scope,
             sink=args.sink, round_k=args.round_k, k_widths=args.k_widths, v_widths=args.v_widths,
-            layer_bits=args.layer_bits,
+            layer_bits=args.layer_bits, recipe=Recipe.from_name(args.recipe) if args.recipe else None,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -197,7 +203,7 @@ def byte_table(result: SendResult) -> Table:
     r, p = result.receipt, result.plan
     fp16 = result.fp16_bytes
     kept = p.encoded.tensors[0].shape[1] if p.encoded.tensors else 0
-    table = Table(title=f"{p.config.label}: {result.context_tokens} context tokens, {kept} kept")
+    table = Table(title=f"{p.recipe.name}: {result.context_tokens} context tokens, {kept} kept")
     table.add_column("wire bytes", no_wrap=True)
     table.add_column("bytes", justify="right")
     table.add_column("% of FP16", justify="right")
@@ -235,7 +241,7 @@ def _quality(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
 
-def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit: int = 30) -> Table:
+def candidate_table(candidates: Sequence[Candidate], chosen: Recipe, limit: int = 30) -> Table:
     """The planner's candidates, best expected quality first: the top ones and every one it encoded."""
     shown = [c for i, c in enumerate(candidates) if c.note or i < 10][:limit]
     table = Table(title=f"planner: {len(shown)} of {len(candidates)} candidates, best expected quality first")
@@ -243,12 +249,12 @@ def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit:
     table.add_column("estimate", justify="right")
     table.add_column("quality", justify="right")
     table.add_column("encoded: exact bytes", no_wrap=True)
-    base = chosen.with_(zstd_level=0)
+    base = chosen.with_zstd(None)
     for c in shown:
-        style = "bold green" if c.config in (chosen, base) else None
+        style = "bold green" if c.recipe in (chosen, base) else None
         exact = c.note.split(": ", 1)[-1] if c.note else ("fits" if c.fits else "over budget")
         table.add_row(
-            c.config.label, f"{100 * c.fraction:.2f}%", _quality(c.expected_quality), exact, style=style
+            c.recipe.name, f"{100 * c.fraction:.2f}%", _quality(c.expected_quality), exact, style=style
         )
     return table
 
@@ -256,7 +262,7 @@ def candidate_table(candidates: Sequence[Candidate], chosen: CodecConfig, limit:
 def print_result(console: Console, result: SendResult, explain: bool = False) -> None:
     """The answer, the byte table and the timing table (and the planner's candidates)."""
     if explain:
-        console.print(candidate_table(result.plan.candidates, result.plan.config))
+        console.print(candidate_table(result.plan.candidates, result.plan.recipe))
     console.print(byte_table(result))
     console.print(timing_table(result))
     a = result.answer
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         data = result.as_dict()
         if args.explain:
             data["candidates"] = [
-                {"config": c.config.label, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
+                {"config": c.recipe.name, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
                  "expected_quality": None if math.isnan(c.expected_quality) else c.expected_quality,
                  "fits": c.fits, "note": c.note}
                 for c in result.plan.candidates

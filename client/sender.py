@@ -35,9 +35,9 @@ import grpc
 from kvlink import wire
 from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
 from kvlink.cache import prefill
+from kvlink.capabilities import CapabilityError
 from kvlink.models import LoadedModel, load_model
 from kvlink.prompt import context_ids, question_ids, question_rows
-from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS, format_from_bits
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class SendResult:
             "session_id": self.session_id, "message_id": self.message_id,
             "answer": self.answer.text, "token_ids": list(self.answer.token_ids),
             "f1": self.answer.f1, "exact_match": self.answer.exact_match,
-            "config": p.config.to_dict(), "config_label": p.config.label,
+            "config": p.recipe.to_dict(), "config_label": p.recipe.name,
             "context_tokens": self.context_tokens, "kept_tokens": _kept(p),
             "budget": self.budget, "budget_bytes": p.budget_bytes, "fp16_bytes": p.fp16_bytes,
             "planned_bytes": p.total_bytes, "planned_http2_allowance": p.allowance,
@@ -381,42 +381,13 @@ async def transfer_with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _for_receiver(constraints: Constraints | None, codecs: wire.Codecs) -> Constraints:
-    """The user's constraints narrowed to what the receiver decodes (its Welcome's codecs)."""
-    c = constraints or Constraints()
-    if c.rotate is not None and c.rotate not in codecs.rotations:
-        raise SendError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"the receiver does not decode rotation {c.rotate!r}; it lists {list(codecs.rotations)}",
-            code="UNKNOWN_CODEC", rpc="Hello",
-        )  # fmt: skip
-    for bits in (c.k_bits, c.v_bits):
-        if bits is not None and format_from_bits(bits) not in codecs.formats:
-            raise SendError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"the receiver does not decode {format_from_bits(bits)}; it lists {list(codecs.formats)}",
-                code="UNKNOWN_CODEC", rpc="Hello",
-            )  # fmt: skip
-    for pinned, formats, what in (
-        (c.k_widths == "query", WIDTH_FORMATS, "per-channel key widths (--key-widths query)"),
-        (c.v_widths == "attention", TOKEN_WIDTH_FORMATS, "per-token value widths (--value-widths attention)"),
-    ):
-        missing = [f for f in formats if f not in codecs.formats]
-        if pinned and missing:
-            raise SendError(
-                grpc.StatusCode.UNIMPLEMENTED, f"the receiver does not decode {what}: it lacks {missing}",
-                code="UNKNOWN_CODEC", rpc="Hello",
-            )  # fmt: skip
-    if c.sink and not codecs.sink:
-        raise SendError(
-            grpc.StatusCode.UNIMPLEMENTED, "the receiver does not read fp16 sink entries (--sink)",
-            code="UNKNOWN_CODEC", rpc="Hello",
-        )  # fmt: skip
-    rotations = tuple(r for r in c.rotations if r in codecs.rotations)
-    return replace(
-        c, rotations=rotations, sinks=c.sinks and codecs.sink, layer_bits=c.layer_bits and codecs.layer_bits,
-        formats=tuple(codecs.formats),
-    )  # fmt: skip
+def _for_receiver(constraints: Constraints | None, capabilities: frozenset[str]) -> Constraints:
+    """The user's constraints narrowed to what the receiver decodes (its Welcome's capabilities); a pinned
+    option it does not decode is refused here, before anything is encoded (UNKNOWN_CODEC)."""
+    try:
+        return replace(constraints or Constraints(), capabilities=frozenset(capabilities))
+    except CapabilityError as exc:
+        raise SendError(grpc.StatusCode.UNIMPLEMENTED, str(exc), code="UNKNOWN_CODEC", rpc="Hello") from None
 
 
 async def send_context(
@@ -456,7 +427,7 @@ async def send_context(
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
         welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
-        constraints = _for_receiver(constraints, welcome.codecs)
+        constraints = _for_receiver(constraints, welcome.capabilities)
 
         t0 = time.perf_counter()
         ctx_ids = context_ids(lm.tokenizer, context)

@@ -6,10 +6,11 @@ message: payload, positions, scales/zeros, low-rank factors, protobuf framing
 and gRPC prefixes (exact, from kvlink.wire), plus HTTP/2 framing and the
 receiver's acks and receipt (upper bounds). Invariant 3 of DESIGN.md.
 
-Search: every combination of retention, K/V bits, group size (and rank when
-low rank is asked for) is sized analytically in microseconds; candidates are
-ranked by expected quality from a `QualityTable` (measured by `kvlink-bench
-calibrate`, or the built-in default below); the best ones are then really
+Search: every recipe of retention, K/V format, group size (and rank when low
+rank is asked for), with the built-in stages the receiver decodes, is sized
+analytically in microseconds; candidates are ranked by expected quality from a
+`QualityTable` (measured by `kvlink-bench calibrate`, or the built-in default
+below, keyed by recipe name: kvlink.recipe); the best ones are then really
 encoded, zstd tried where it could pay, and the first whose exact size fits
 wins. An unsatisfiable budget raises `BudgetError` naming the smallest
 achievable fraction.
@@ -32,12 +33,19 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import Observe, Prefill
-from kvlink.codec import KEY_WIDTHS, ROUNDINGS, VALUE_WIDTHS, Codec, CodecConfig, EncodedKV
-from kvlink.layerbits import Sensitivity
+from kvlink.capabilities import CapabilityError, decodes, missing
+from kvlink.codec import Codec, EncodedKV
+from kvlink.layerbits import ALLOCATION_AVERAGES, Sensitivity
 from kvlink.models import Geometry, model_slug
-from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS, format_from_bits
-from kvlink.rotation import ROTATIONS
+from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS
+from kvlink.recipe import Recipe, build, format_of, migrate_name
 from kvlink.select import SCOPES, get_selector
+from kvlink.stages import LowRank, Quantize, Select, Sink
+
+ROTATIONS: tuple[str, ...] = ("none", "k", "v", "kv")
+ROUNDINGS: tuple[str, ...] = ("nearest", "query")
+KEY_WIDTHS: tuple[str, ...] = ("uniform", "question")
+VALUE_WIDTHS: tuple[str, ...] = ("uniform", "question")
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +78,9 @@ ROTATE_CHOICES: tuple[str, ...] = ("none", "v", "kv")
 """Rotations the planner weighs for quantized configs (kvlink.rotation); a rotated config it has
 no measurement of ranks just below the same config unrotated, so only a measured table picks one."""
 SINK_CHOICES: tuple[int, ...] = (0, 1)
-"""fp16 sink entries the planner weighs for quantized configs (CodecConfig.sink); like a rotation,
+"""fp16 sink entries the planner weighs for quantized configs (the Sink stage); like a rotation,
 an unmeasured one ranks just below the same config without, so only a measured table picks one."""
-MIX_AVERAGES: tuple[float, ...] = (3.0, 3.5)
+MIX_AVERAGES: tuple[float, ...] = ALLOCATION_AVERAGES
 """Mean bits per entry of the per-layer allocations the planner weighs when the model has a
 sensitivity profile (kvlink.layerbits); only a measured table picks one (no prior guesses them)."""
 RANK_FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
@@ -125,24 +133,27 @@ class Constraints:
     group_size: int | None = None
     scope: str | None = None
     rotate: str | None = None
-    rotations: tuple[str, ...] = ROTATE_CHOICES  # what the receiver decodes (its Welcome's codecs)
     sink: int | None = None
-    sinks: bool = True  # whether the receiver reads fp16 sink entries (its Welcome's codecs)
     round_k: str | None = None  # None: query-aware rounding wherever the quality table measured it better
     k_widths: str | None = None  # None: per-channel key widths wherever the quality table measured them
-    # better; "query": on every config they apply to (unrotated INT2/3/4 keys); "uniform": never
-    v_widths: str | None = None  # likewise for per-token value widths ("attention": INT2/3/4 values)
+    # better; "question": on every config they apply to (unrotated INT2/3/4 keys); "uniform": never
+    v_widths: str | None = None  # likewise for per-row value widths ("question": INT2/3/4 values)
     layer_bits: bool = True  # bits per layer from the model's sensitivity profile, where measured better
-    formats: tuple[str, ...] | None = (
-        None  # what the receiver decodes (its Welcome's codecs); None: every one
+    capabilities: frozenset[str] | None = None  # what the receiver decodes (its Welcome); None: everything
+    recipe: Recipe | None = (
+        None  # send exactly this recipe (kvlink-send --config); the other fields then unused
     )
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != "none":
             get_selector(self.method)  # raises listing the registered methods
+        old_names = {"k_widths": "query", "v_widths": "attention"}  # the names of before 2026-12 still read
+        for name, old in old_names.items():
+            if getattr(self, name) == old:
+                object.__setattr__(self, name, "question")
         for bits in (self.k_bits, self.v_bits):
             if bits is not None:
-                format_from_bits(bits)
+                format_of(bits)
         if self.retention is not None and not (0.0 < self.retention <= 1.0):
             raise ValueError(f"retention must be in (0, 1], got {self.retention!r}")
         if self.lowrank not in (None, "none", "svd"):
@@ -151,42 +162,55 @@ class Constraints:
             raise ValueError(f"rank must be >= 1, got {self.rank!r}")
         if self.rotate is not None and self.rotate not in ROTATIONS:
             raise ValueError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
-        if self.rotate is not None and self.rotate not in self.rotations:
-            raise ValueError(
-                f"rotate {self.rotate!r} is not one the receiver decodes: {list(self.rotations)}"
-            )
         if self.sink is not None and (isinstance(self.sink, bool) or self.sink < 0):
             raise ValueError(f"sink must be a non-negative integer, got {self.sink!r}")
-        if self.sink and not self.sinks:
-            raise ValueError(f"sink {self.sink} needs a receiver that reads fp16 sink entries")
         if self.round_k is not None and self.round_k not in ROUNDINGS:
             raise ValueError(f"round_k must be one of {ROUNDINGS}, got {self.round_k!r}")
         if self.k_widths is not None and self.k_widths not in KEY_WIDTHS:
             raise ValueError(f"k_widths must be one of {KEY_WIDTHS}, got {self.k_widths!r}")
-        if self.k_widths == "query" and not all(self.decodes(f) for f in WIDTH_FORMATS):
-            raise ValueError(f"k_widths 'query' needs a receiver that decodes {sorted(WIDTH_FORMATS)}")
         if self.v_widths is not None and self.v_widths not in VALUE_WIDTHS:
             raise ValueError(f"v_widths must be one of {VALUE_WIDTHS}, got {self.v_widths!r}")
-        if self.v_widths == "attention" and not all(self.decodes(f) for f in TOKEN_WIDTH_FORMATS):
-            raise ValueError(
-                f"v_widths 'attention' needs a receiver that decodes {sorted(TOKEN_WIDTH_FORMATS)}"
-            )
+        lacking = self.lacking(self.capabilities)
+        if lacking:
+            raise CapabilityError(lacking, "the receiver")
+
+    def required(self) -> list[tuple[str, str]]:
+        """(capability, what it is for) of every option pinned here: what a receiver must decode."""
+        needed: list[tuple[str, str]] = []
+        if self.recipe is not None:
+            needed += [(cap, cap) for cap in sorted(self.recipe.capabilities())]
+        if self.rotate not in (None, "none"):
+            needed.append(("rotate", f"rotation {self.rotate!r} (--rotate)"))
+        if self.sink:
+            needed.append(("sink", "fp16 sink entries (--sink)"))
         for bits in (self.k_bits, self.v_bits):
-            if bits is not None and not self.decodes(format_from_bits(bits)):
-                raise ValueError(
-                    f"{format_from_bits(bits)} is not a format the receiver decodes: {list(self.formats or ())}"
-                )
+            if bits is not None:
+                needed.append((f"format:{format_of(bits)}", format_of(bits)))
+        if self.k_widths == "question":
+            needed += [
+                (f"format:{f}", "per-channel key widths (--key-widths question)") for f in WIDTH_FORMATS
+            ]
+        if self.v_widths == "question":
+            what = "per-row value widths (--value-widths question)"
+            needed += [(f"format:{f}", what) for f in TOKEN_WIDTH_FORMATS]
+        return needed
+
+    def lacking(self, capabilities: frozenset[str] | None) -> list[str]:
+        """What the pinned options need that a receiver decoding `capabilities` lacks (None: nothing)."""
+        if capabilities is None:
+            return []
+        return sorted({what for cap, what in self.required() if cap not in capabilities})
 
     def decodes(self, fmt: str) -> bool:
         """Whether the receiver decodes quantization format `fmt`."""
-        return self.formats is None or fmt in self.formats
+        return decodes(self.capabilities, f"format:{fmt}")
 
     def queries_ruled_out(self) -> bool:
         """Whether nothing the planner may send needs the question's queries (no selection counted)."""
         return self.round_k == "nearest" and self.k_widths == "uniform" and self.v_widths == "uniform"
 
     def queries_pinned(self) -> bool:
-        return self.round_k == "query" or self.k_widths == "query" or self.v_widths == "attention"
+        return self.round_k == "query" or self.k_widths == "question" or self.v_widths == "question"
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
@@ -208,9 +232,9 @@ def observe_for(constraints: Constraints | None) -> Observe:
     )
 
 
-def quality_key(config: CodecConfig) -> str:
-    """Key of a config in a quality table: its label without lossless stages (zstd)."""
-    return (config.with_(zstd_level=0) if config.zstd_level else config).label
+def quality_key(recipe: Recipe) -> str:
+    """Key of a recipe in a quality table: its name without lossless stages (zstd)."""
+    return (recipe.with_zstd(None) if recipe.zstd is not None else recipe).name
 
 
 # Default expected quality (answer fidelity vs full KV, 0..1). Priors from the seed findings
@@ -232,27 +256,31 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
     return pts[-1][1]
 
 
+GRAMMAR = 2
+"""Version of the recipe names a table is keyed by (kvlink.recipe); tables without it are migrated."""
+
 UNMEASURED_ROTATION = 0.999
 """Expected quality of an unmeasured rotated (or sink, or per-layer-set) config, relative to its plain twin."""
 
 
-def default_quality(config: CodecConfig, head_dim: int = 64) -> float:
+def default_quality(recipe: Recipe, head_dim: int = 64) -> float:
     """The built-in prior: product of a selection, a K/V precision and a rank factor."""
     q_sel = 1.0
-    if config.selector != "none" and config.retention < 1.0:
-        loss = 1.0 - _interp(_Q2C_RETENTION, config.retention)
-        q_sel = max(0.0, 1.0 - loss * _METHOD_LOSS.get(config.selector, 2.0))
-    group_penalty = 1.0 + 0.35 * math.log2(max(config.group_size, 1) / 32)
+    if recipe.select is not None and recipe.retention < 1.0:
+        loss = 1.0 - _interp(_Q2C_RETENTION, recipe.retention)
+        q_sel = max(0.0, 1.0 - loss * _METHOD_LOSS.get(recipe.method, 2.0))
+    group = recipe.quantizers("k")[0].group
+    group_penalty = 1.0 + 0.35 * math.log2(max(group, 1) / 32)
     per_tensor = []
-    for fmt in (config.k_format, config.v_format):
+    for fmt in (recipe.format("k"), recipe.format("v")):
         base = _BITS_QUALITY[fmt]
         per_tensor.append(1.0 if fmt == "fp16" else max(0.0, 1.0 - (1.0 - base) * group_penalty))
     q_bits = math.sqrt(per_tensor[0] * per_tensor[1])
     q_rank = 1.0
-    if config.lowrank != "none":
-        for rank in (config.k_rank, config.v_rank):
-            if rank is not None:
-                q_rank *= min(1.0, (rank / head_dim) ** 0.5)
+    for kind in ("k", "v"):
+        lowrank = next((s for s in recipe.pipeline(kind, 0) if isinstance(s, LowRank)), None)
+        if lowrank is not None:
+            q_rank *= min(1.0, (lowrank.rank / head_dim) ** 0.5)
     return q_sel * q_bits * q_rank
 
 
@@ -282,56 +310,56 @@ class QualityTable:
     model: str = "default"
     entries: dict[str, float] = field(default_factory=dict)
     source: str = "built-in prior"
-    _memo: dict[tuple[CodecConfig, int], float] = field(default_factory=dict, repr=False, compare=False)
+    fingerprints: tuple[str, ...] = ()  # the model fingerprints it was measured for
+    _memo: dict[tuple[Recipe, int], float] = field(default_factory=dict, repr=False, compare=False)
 
-    def expected(self, config: CodecConfig, head_dim: int = 64) -> float:
-        """The measured quality of `config`; else that of its closest measured plain twin (the
-        same config without sink entries, with one global kept set or unrotated) times
-        UNMEASURED_ROTATION per difference; else the built-in prior."""
-        memo = self._memo.get((config, head_dim))
+    def expected(self, recipe: Recipe, head_dim: int = 64) -> float:
+        """The measured quality of `recipe`; else that of its closest measured plain twin (the
+        same recipe without sink entries, with one global kept set, unrotated, rounded to nearest,
+        uniform widths) times UNMEASURED_ROTATION per difference; else the built-in prior."""
+        memo = self._memo.get((recipe, head_dim))
         if memo is None:
-            memo = self._memo[(config, head_dim)] = self._expected(config, head_dim)
+            memo = self._memo[(recipe, head_dim)] = self._expected(recipe, head_dim)
         return memo
 
-    def _expected(self, config: CodecConfig, head_dim: int) -> float:
-        # A twin's key is the config's label less some of: its sink part, the "/layer" of its
-        # selection part, its rotation part (see CodecConfig.label); nothing is rebuilt. The
-        # closest measured twin (fewest parts dropped) answers.
-        parts = quality_key(config).split("+")
-        drops: list[Callable[[list[str]], list[str]]] = []
-        if config.sink:
-            drops.append(lambda p: [x for x in p if x != f"sink{config.sink}"])
-        if config.scope != "global":
-            drops.append(lambda p: [p[0].removesuffix("/layer"), *p[1:]])
-        if config.rotate != "none":
-            drops.append(lambda p: [x for x in p if x != f"rot-{config.rotate}"])
-        if config.round_k != "nearest":
-            drops.append(lambda p: [x for x in p if x != f"round-{config.round_k}"])
-        if config.k_widths != "uniform":
-            drops.append(lambda p: [x for x in p if x != f"kwidths-{config.k_widths}"])
-        if config.v_widths != "uniform":
-            drops.append(lambda p: [x for x in p if x != f"vwidths-{config.v_widths}"])
+    def _expected(self, recipe: Recipe, head_dim: int) -> float:
+        # The twins: the recipe less some of these; the closest measured one (fewest dropped) answers.
+        drops: list[Callable[[Recipe], Recipe]] = []
+        if recipe.has("sink"):
+            drops.append(lambda r: r.without("sink"))
+        if recipe.scope != "global":
+            drops.append(lambda r: r.without("layer-scope"))
+        if recipe.has("rotate"):
+            drops.append(lambda r: r.without("rotate"))
+        if any(q.rounding != "nearest" for q in recipe.quantizers("k")):
+            drops.append(lambda r: r.without("round"))
+        if any(q.widths != "uniform" for q in recipe.quantizers("k")):
+            drops.append(lambda r: r.without("kwidths"))
+        if any(q.widths != "uniform" for q in recipe.quantizers("v")):
+            drops.append(lambda r: r.without("vwidths"))
         for n in range(len(drops) + 1):
             for chosen in itertools.combinations(drops, n):
-                twin = parts
+                twin = recipe
                 for drop in chosen:
                     twin = drop(twin)
-                value = self.entries.get("+".join(twin))
+                value = self.entries.get(quality_key(twin))
                 if value is not None:
                     return UNMEASURED_ROTATION**n * value
-        return UNMEASURED_ROTATION ** len(drops) * default_quality(config, head_dim)
+        return UNMEASURED_ROTATION ** len(drops) * default_quality(recipe, head_dim)
 
-    def is_measured(self, config: CodecConfig) -> bool:
-        return quality_key(config) in self.entries
+    def is_measured(self, recipe: Recipe) -> bool:
+        return quality_key(recipe) in self.entries
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(
-            json.dumps(
-                {"model": self.model, "source": self.source, "entries": self.entries},
-                indent=2,
-                sort_keys=True,
-            )
-        )
+        doc: dict[str, Any] = {
+            "model": self.model,
+            "source": self.source,
+            "grammar": GRAMMAR,
+            "entries": self.entries,
+        }
+        if self.fingerprints:
+            doc["fingerprints"] = list(self.fingerprints)
+        Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True))
 
     @classmethod
     def for_model(cls, fingerprint: str, model_name: str = "") -> QualityTable:
@@ -356,19 +384,29 @@ class QualityTable:
 
     @classmethod
     def load(cls, path: str | Path) -> QualityTable:
+        """A table written by save(); one keyed by the names of before 2026-12 (no "grammar") is
+        migrated on reading (kvlink.recipe.migrate_name)."""
         try:
             data = json.loads(Path(path).read_text())
             entries = {str(k): float(v) for k, v in data["entries"].items()}
+            fingerprints = tuple(str(f) for f in data.get("fingerprints", ()))
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read quality table {str(path)!r}: {exc}") from None
-        return cls(model=str(data.get("model", "unknown")), entries=entries, source=str(path))
+        if data.get("grammar") != GRAMMAR:
+            entries = {migrate_name(k): v for k, v in entries.items()}
+        return cls(
+            model=str(data.get("model", "unknown")),
+            entries=entries,
+            source=str(path),
+            fingerprints=fingerprints,
+        )
 
 
 @dataclass
 class Candidate:
-    """One configuration the planner weighed."""
+    """One recipe the planner weighed."""
 
-    config: CodecConfig
+    recipe: Recipe
     estimated_bytes: int
     fraction: float
     expected_quality: float  # NaN: not looked up, its estimate is beyond ZSTD_REACH x the budget
@@ -378,9 +416,9 @@ class Candidate:
 
 @dataclass
 class Plan:
-    """The chosen config, its encoded message and its exact size against the budget."""
+    """The chosen recipe, its encoded message and its exact size against the budget."""
 
-    config: CodecConfig
+    recipe: Recipe
     encoded: EncodedKV
     wire: wire.WireSize
     allowance: int  # HTTP/2 framing upper bound (signaling is inside wire.total)
@@ -397,22 +435,30 @@ class Plan:
         return self.total_bytes / self.fp16_bytes
 
 
-def plannable(config: CodecConfig) -> bool:
-    """Whether the planner's search space (candidate_configs without constraints) holds `config`'s
-    shape: a measured config outside it can be in a quality table but never be planned. Low-rank
+def plannable(recipe: Recipe) -> bool:
+    """Whether the planner's search space (candidate_recipes without constraints) holds `recipe`'s
+    shape: a measured recipe outside it can be in a quality table but never be planned. Low-rank
     ranks depend on head_dim and per-layer bits on the profile, so those are not checked here."""
-    selected = config.selector != "none"
-    uniform = not (config.k_layer_bits or config.v_layer_bits)
+    uniform = not (recipe.per_layer("k") or recipe.per_layer("v"))
+    bits = {"fp16": 16, "int8": 8, "int4": 4, "nf4": "nf4", "int3": 3, "int2": 2}
+    formats = (recipe.format("k"), recipe.format("v"))
+    groups = {q.group for kind in ("k", "v") for q in recipe.quantizers(kind)}
+    axes = (recipe.quantizers("k")[0].axis, recipe.quantizers("v")[0].axis)
+    sinks = {s.n for s in recipe.stages() if isinstance(s, Sink)}
+    transforms = {s.name for s in recipe.stages() if s.role == "transform"}
+    lowranks = {s.mode for s in recipe.stages() if isinstance(s, LowRank)}
+    widths = any(q.widths != "uniform" for kind in ("k", "v") for q in recipe.quantizers(kind))
+    rotated = "".join(kind for kind in ("k", "v") if recipe.has("rotate", kind)) or "none"
     return (
-        (not selected or config.retention in RETENTIONS)
-        and (not uniform or (config.k_bits in BIT_CHOICES and config.v_bits in BIT_CHOICES))
-        and (config.group_size in GROUP_SIZES or config.k_format == config.v_format == "fp16")
-        and config.rotate in ROTATE_CHOICES
-        and config.sink in SINK_CHOICES
-        and config.lowrank in ("none", "svd")
-        and ((config.k_widths == config.v_widths == "uniform") or config.lowrank == "none")
-        and config.hi_layers == 0
-        and (config.k_axis, config.v_axis) == ("channel", "token")
+        (recipe.select is None or recipe.retention in RETENTIONS)
+        and (not uniform or all(bits.get(f) in BIT_CHOICES for f in formats))
+        and (groups <= set(GROUP_SIZES) or set(formats) == {"fp16"})
+        and transforms <= {"sink", "rotate", "lowrank"}
+        and sinks <= set(SINK_CHOICES)
+        and rotated in ROTATE_CHOICES
+        and lowranks <= {"svd"}
+        and (not widths or not lowranks)
+        and axes == ("channel", "token")
     )
 
 
@@ -424,67 +470,79 @@ def _rank_options(head_dim: int, constraints: Constraints) -> list[int | None]:
     return [*sorted({max(1, int(head_dim * f)) for f in RANK_FRACTIONS}, reverse=True)]
 
 
-def candidate_configs(
+def candidate_recipes(
     geometry: Geometry, constraints: Constraints | None = None, sensitivity: Sensitivity | None = None
-) -> list[CodecConfig]:
-    """Every config of the search space allowed by `constraints` (deduplicated).
+) -> list[Recipe]:
+    """Every recipe of the search space allowed by `constraints` (deduplicated), only of stages the
+    receiver decodes (constraints.capabilities).
 
     With a `sensitivity` profile of the model, also the per-layer allocations at MIX_AVERAGES
     mean bits (unrotated, no low rank), unless bits are pinned or `constraints.layer_bits` is off.
     """
     c = constraints or Constraints()
+    if c.recipe is not None:
+        lacking = missing(c.recipe, c.capabilities)
+        if lacking:
+            raise ValueError(f"the receiver does not decode {', '.join(lacking)} of recipe {c.recipe.name!r}")
+        return [c.recipe]
     method = c.method or "q2c"
     retentions = [c.retention] if c.retention is not None else list(RETENTIONS)
     if method == "none":
         retentions = [1.0]
-    k_bits = (
-        [c.k_bits] if c.k_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_from_bits(b))]
-    )
-    v_bits = (
-        [c.v_bits] if c.v_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_from_bits(b))]
-    )
+    k_bits = [c.k_bits] if c.k_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_of(b))]
+    v_bits = [c.v_bits] if c.v_bits is not None else [b for b in BIT_CHOICES if c.decodes(format_of(b))]
     groups = [c.group_size] if c.group_size is not None else list(GROUP_SIZES)
     ranks = _rank_options(geometry.head_dim, c)
-    rotations = [c.rotate] if c.rotate is not None else [r for r in ROTATE_CHOICES if r in c.rotations]
+    rotations = (
+        [c.rotate] if c.rotate is not None
+        else [r for r in ROTATE_CHOICES if r == "none" or decodes(c.capabilities, "rotate")]
+    )  # fmt: skip
     if geometry.head_dim & (geometry.head_dim - 1):
         rotations = [r for r in rotations if r == "none"]  # Hadamard sizes are powers of two
-    sinks = [c.sink] if c.sink is not None else [n for n in SINK_CHOICES if c.sinks or not n]
+    sinks = (
+        [c.sink]
+        if c.sink is not None
+        else [n for n in SINK_CHOICES if not n or decodes(c.capabilities, "sink")]
+    )
     scopes = [c.scope] if c.scope is not None else list(SCOPES)
-    seen: set[CodecConfig] = set()
-    out: list[CodecConfig] = []
+    seen: set[Recipe] = set()
+    out: list[Recipe] = []
+
+    def add(recipe: Recipe) -> None:
+        recipe = _pinned_widths(recipe, c)
+        if recipe not in seen and not missing(recipe, c.capabilities):
+            seen.add(recipe)
+            out.append(recipe)
+
     axes = (retentions, k_bits, v_bits, groups, ranks, rotations, sinks, scopes)
     for r, kb, vb, g, rank, rot, sink, scope in itertools.product(*axes):
-        both_fp16 = format_from_bits(kb) == format_from_bits(vb) == "fp16"
+        both_fp16 = format_of(kb) == format_of(vb) == "fp16"
         if rot != "none" and (both_fp16 or rank is not None):
             continue  # rotation only serves quantization, and not of a low-rank latent
         if sink and both_fp16:
             continue  # sink entries only serve quantization
-        config = CodecConfig(
-            selector="none" if (r == 1.0 or method == "none") else method,
-            retention=r if method != "none" else 1.0,
-            scope=scope if (r < 1.0 and method != "none") else "global",
-            k_bits=kb, v_bits=vb,
-            group_size=32 if both_fp16 else g,
-            lowrank="svd" if rank is not None else "none",
-            k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
-            round_k="query" if c.round_k == "query" and format_from_bits(kb).startswith("int") else "nearest",
+        add(
+            build(
+                selector="none" if (r == 1.0 or method == "none") else method,
+                retention=r if method != "none" else 1.0,
+                scope=scope if (r < 1.0 and method != "none") else "global",
+                k_bits=kb, v_bits=vb,
+                group_size=32 if both_fp16 else g,
+                lowrank="svd" if rank is not None else "none",
+                k_rank=rank, v_rank=rank, rotate=rot, sink=sink,
+                round_k="query" if c.round_k == "query" and format_of(kb).startswith("int") else "nearest",
+            )
         )  # fmt: skip
-        config = _pinned_widths(config, c)
-        if config not in seen:
-            seen.add(config)
-            out.append(config)
     mixes = _mixes(geometry, c, sensitivity)
     for (k_mix, v_mix), r, g, sink, scope in itertools.product(mixes, retentions, groups, sinks, scopes):
         selected = r < 1.0 and method != "none"
-        config = CodecConfig(
-            selector=method if selected else "none", retention=r if selected else 1.0,
-            scope=scope if selected else "global", group_size=g, sink=sink,
-            k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
+        add(
+            build(
+                selector=method if selected else "none", retention=r if selected else 1.0,
+                scope=scope if selected else "global", group_size=g, sink=sink,
+                k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
+            )
         )  # fmt: skip
-        config = _pinned_widths(config, c)
-        if config not in seen:
-            seen.add(config)
-            out.append(config)
     return out
 
 
@@ -500,56 +558,86 @@ def _mixes(
     return [m for m in mixes if all(c.decodes(f"int{b}") for b in {*m[0], *m[1]})]
 
 
-def _pinned_widths(config: CodecConfig, c: Constraints) -> CodecConfig:
-    """`config` with the key / value widths the constraints pin, wherever they apply."""
-    if c.k_widths == "query" and widths_apply(config):
-        config = config.with_(k_widths="query")
-    if c.v_widths == "attention" and config.value_widths_conflict() is None:
-        config = config.with_(v_widths="attention")
-    return config
+def _pinned_widths(recipe: Recipe, c: Constraints) -> Recipe:
+    """`recipe` with the key / value widths the constraints pin, wherever they apply."""
+    if c.k_widths == "question":
+        recipe = with_widths(recipe, "k") or recipe
+    if c.v_widths == "question":
+        recipe = with_widths(recipe, "v") or recipe
+    return recipe
 
 
-def widths_apply(config: CodecConfig) -> bool:
-    """Whether per-channel key widths can apply to `config` (INT2/3/4 keys on the channel axis,
-    unrotated, not a low-rank latent)."""
-    return config.widths_conflict() is None
+def with_rounding(recipe: Recipe) -> Recipe | None:
+    """`recipe` with its INT keys rounded for the question's logits (None: no INT key, or low rank)."""
+    if recipe.has("lowrank", "k") or not any(q.format.startswith("int") for q in recipe.quantizers("k")):
+        return None
+    return _each_quantizer(recipe, "k", lambda q: q.format.startswith("int"), rounding="query")
+
+
+def with_widths(recipe: Recipe, kind: str) -> Recipe | None:
+    """`recipe` with a width per key channel / value row wherever its `kind` tensors are INT2/3/4 on their
+    axis (keys channel, values token), unrotated keys, no low rank (None: nowhere)."""
+    axis = "channel" if kind == "k" else "token"
+    qs = recipe.quantizers(kind)
+    if (
+        not any(q.format in ("int4", "int3", "int2") for q in qs)
+        or any(q.axis != axis for q in qs)
+        or recipe.has("lowrank", kind)
+        or (kind == "k" and recipe.has("rotate", "k"))
+    ):
+        return None
+    return _each_quantizer(recipe, kind, lambda q: q.format in ("int4", "int3", "int2"), widths="question")
+
+
+def _each_quantizer(recipe: Recipe, kind: str, where: Callable[[Quantize], bool], **changes: Any) -> Recipe:
+    from dataclasses import replace
+
+    layers = tuple(
+        (*p[:-1], replace(p[-1], **changes)) if where(p[-1]) else p  # type: ignore[arg-type, type-var]
+        for p in (recipe.k if kind == "k" else recipe.v)
+    )
+    return recipe.with_layers(kind, layers)
 
 
 def _measured_best(
-    quality: QualityTable, config: CodecConfig, expected: float | None, free: tuple[bool, bool, bool]
-) -> tuple[CodecConfig, float] | None:
-    """The best of `config` (at `expected`, None when unknown) and its query-aware twins the table
+    quality: QualityTable, recipe: Recipe, expected: float | None, free: tuple[bool, bool, bool]
+) -> tuple[Recipe, float] | None:
+    """The best of `recipe` (at `expected`, None when unknown) and its question-aware twins the table
     measured: keys rounded for the question's logits (free: same bytes), per-channel key widths
-    (4 bits per channel and head more) and per-token value widths (4 bits per row and head more),
+    (4 bits per channel and head more) and per-row value widths (4 bits per row and head more),
     alone or together, each only where `free` (rounding, key widths, value widths) allows. None
-    when nothing is known.
-
-    A twin's key is this one's plus its label parts in label order (quality keys carry no zstd part)."""
+    when nothing is known."""
     free_rounding, free_widths, free_vwidths = free
-    options: list[tuple[str, dict[str, str]]] = []  # (label part, the fields that make the twin)
-    if free_rounding and config.round_k == "nearest" and config.k_format.startswith("int"):
-        options.append(("+round-query", {"round_k": "query"}))
-    if free_widths and config.k_widths == "uniform" and widths_apply(config):
-        options.append(("+kwidths-query", {"k_widths": "query"}))
-    if free_vwidths and config.v_widths == "uniform" and config.value_widths_conflict() is None:
-        options.append(("+vwidths-attention", {"v_widths": "attention"}))
-    key = quality_key(config)
-    best_value, best_fields = expected, None
+    options: list[Callable[[Recipe], Recipe | None]] = []
+    keys = recipe.quantizers("k")
+    if free_rounding and all(q.rounding == "nearest" and q.format.startswith("int") for q in keys):
+        options.append(with_rounding)
+    if (
+        free_widths
+        and all(q.widths == "uniform" for q in recipe.quantizers("k"))
+        and with_widths(recipe, "k")
+    ):
+        options.append(lambda r: with_widths(r, "k"))
+    if (
+        free_vwidths
+        and all(q.widths == "uniform" for q in recipe.quantizers("v"))
+        and with_widths(recipe, "v")
+    ):
+        options.append(lambda r: with_widths(r, "v"))
+    best_value, best = expected, recipe
     for n in range(1, len(options) + 1):
         for chosen in itertools.combinations(options, n):
-            measured = quality.entries.get(key + "".join(part for part, _ in chosen))
+            twin: Recipe | None = recipe
+            for option in chosen:
+                twin = option(twin) if twin is not None else None
+            if twin is None:
+                continue
+            measured = quality.entries.get(quality_key(twin))
             if measured is not None and (best_value is None or measured > best_value):
-                best_value, best_fields = measured, {k: v for _, f in chosen for k, v in f.items()}
+                best_value, best = measured, twin
     if best_value is None:
         return None
-    return (config.with_(**best_fields) if best_fields else config), best_value
-
-
-def _size_key(c: CodecConfig) -> tuple[Any, ...]:
-    """The fields that decide a config's predicted size (a rotation, the seed or the window do not)."""
-    return (c.selector != "none", c.retention, c.scope, c.k_bits, c.v_bits, c.group_size, c.k_axis, c.v_axis,
-            c.lowrank, c.k_rank, c.v_rank, c.sink, c.hi_layers, c.hi_bits, c.k_layer_bits, c.v_layer_bits,
-            c.zstd_level, c.k_widths, c.v_widths)  # fmt: skip
+    return best, best_value
 
 
 def _rank(c: Candidate) -> tuple[bool, float, int]:
@@ -562,19 +650,25 @@ def _estimate(codec: Codec, length: int) -> int:
     """Upper bound of the wire bytes of `codec`'s message before encoding."""
     sizes = codec.predicted_sizes(length)
     g = codec.geometry
+    recipe = codec.recipe
     n_tensors = 2 * g.num_layers
-    parts_per_tensor = 3 + (1 if codec.config.lowrank == "svd" else 0) + (1 if codec.config.sink else 0)
+    svd = any(isinstance(s, LowRank) and s.mode == "svd" for s in recipe.stages())
+    parts_per_tensor = 3 + (1 if svd else 0) + (1 if recipe.has("sink") else 0)
     widths_parts = sum(
-        g.num_layers for kind in ("k_widths", "v_widths") if getattr(codec.config, kind) != "uniform"
+        g.num_layers for kind in ("k", "v") if any(q.widths != "uniform" for q in recipe.quantizers(kind))
     )
     n_parts = n_tensors * parts_per_tensor + widths_parts
     # Frames: a header with one payload-table entry per part (~40 bytes each), one chunk frame per
     # part (~24 bytes of tags, ids and CRC), the trailer, acks and the receipt; then HTTP/2.
-    framing = 1024 + n_parts * (40 + 24)
+    framing = HEADER_ALLOWANCE + n_parts * (40 + 24)
     signaling = g.num_layers * 16 + wire.RECEIPT_ALLOWANCE
     frames = sizes.total + framing
     n_signals = g.num_layers + 2
     return frames + signaling + wire.http2_overhead(n_parts + 2, frames, n_signals=n_signals)
+
+
+HEADER_ALLOWANCE = 1024
+"""Header bytes the estimate counts besides the payload table (ids, fingerprint, geometry, the recipe)."""
 
 
 def plan(
@@ -622,57 +716,57 @@ def plan(
         and all(constraints.decodes(f) for f in TOKEN_WIDTH_FORMATS),
     )
 
-    def estimate(config: CodecConfig) -> int:
-        size_key = _size_key(config)
+    def estimate(recipe: Recipe) -> int:
+        size_key = recipe.size_key()
         est = estimates.get(size_key)
         if est is None:
-            est = estimates[size_key] = _estimate(Codec(config, geometry), length)
+            est = estimates[size_key] = _estimate(Codec(recipe, geometry), length)
         return est
 
-    for config in candidate_configs(geometry, constraints, sensitivity):
-        if config.k_layer_bits or config.v_layer_bits:  # no prior for an allocation: only a measurement
-            base = quality.entries.get(quality_key(config))
-            best = _measured_best(quality, config, base, free)
+    for recipe in candidate_recipes(geometry, constraints, sensitivity):
+        if recipe.per_layer("k") or recipe.per_layer("v"):  # no prior for an allocation: only a measurement
+            base = quality.entries.get(quality_key(recipe))
+            best = _measured_best(quality, recipe, base, free)
             if best is None:
                 continue
-            config, expected = best
-            est = estimate(config)
+            recipe, expected = best
+            est = estimate(recipe)
             expected = expected if est <= budget_bytes * ZSTD_REACH else math.nan
-            candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
+            candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
             continue
-        est = estimate(config)
+        est = estimate(recipe)
         if est <= budget_bytes * ZSTD_REACH:
-            expected = quality.expected(config, geometry.head_dim)
+            expected = quality.expected(recipe, geometry.head_dim)
             # Twins are taken only where the table measured them better (never from a prior).
-            best = _measured_best(quality, config, expected, free)
+            best = _measured_best(quality, recipe, expected, free)
             assert best is not None
-            config, expected = best
-            est = estimate(config)
+            recipe, expected = best
+            est = estimate(recipe)
         else:
             expected = math.nan
-        candidates.append(Candidate(config, est, est / fp16, expected, est <= budget_bytes))
+        candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
     # Best quality first; among equals, the smaller message; the unreachable ones last.
     candidates.sort(key=_rank)
     search_s = time.perf_counter() - started
 
-    kept_cache: dict[tuple[str, float, str], list[Tensor] | None] = {}
-    select_s: dict[tuple[str, float, str], float] = {}
+    kept_cache: dict[Select | None, list[Tensor] | None] = {}
+    select_s: dict[Select | None, float] = {}
     plain_tries = zstd_tries = 0
     allow_plain = constraints.zstd is not True
     allow_zstd = constraints.zstd is not False
     for cand in candidates:
-        variants: list[CodecConfig] = []
+        variants: list[Recipe] = []
         if cand.fits and allow_plain and plain_tries < MAX_ENCODE_TRIES:
-            variants.append(cand.config)
+            variants.append(cand.recipe)
             plain_tries += 1
         # zstd only shrinks parts: worth a try for a better candidate whose plain estimate is close.
         if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * ZSTD_REACH:
-            variants.append(cand.config.with_(zstd_level=ZSTD_LEVEL))
+            variants.append(cand.recipe.with_zstd(ZSTD_LEVEL))
             zstd_tries += 1
-        for config in variants:
-            codec = Codec(config, geometry)
-            key = (config.selector, config.retention, config.scope)
+        for recipe in variants:
+            codec = Codec(recipe, geometry)
+            key = recipe.select
             if key not in kept_cache:
                 t_sel = time.perf_counter()
                 kept_cache[key] = codec.select(prefill)
@@ -687,14 +781,14 @@ def plan(
             n_signals = geometry.num_layers + 2  # acks per layer, receipt, a possible nack
             allowance = wire.http2_overhead(n_frames, size.frames, n_signals=n_signals)
             total = size.total + allowance
-            cand.note = f"{config.label}: {total:,} B ({total / fp16:.2%})"
-            logger.debug("tried %s: %d bytes (budget %d)", config.label, total, budget_bytes)
+            cand.note = f"{recipe.name}: {total:,} B ({total / fp16:.2%})"
+            logger.debug("tried %s: %d bytes (budget %d)", recipe.name, total, budget_bytes)
             if total <= budget_bytes:
                 encoded.timings["encode_s"] = encode_s
                 encoded.timings["select_s"] = select_s.get(key, 0.0)
                 timings = {"search_s": search_s, "plan_s": time.perf_counter() - started}
                 return Plan(
-                    config,
+                    recipe,
                     encoded,
                     size,
                     allowance,
@@ -708,4 +802,4 @@ def plan(
                 )
         if plain_tries >= MAX_ENCODE_TRIES:
             break
-    raise BudgetError(budget, smallest.fraction, f"with {smallest.config.label}")
+    raise BudgetError(budget, smallest.fraction, f"with {smallest.recipe.name}")

@@ -25,21 +25,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvlink.cache import Observe, prefill
-from kvlink.codec import Codec, CodecConfig
-from kvlink.eval.squad import best_scores, load_squad
+from kvlink.cache import prefill
+from kvlink.codec import Codec
+from kvlink.eval.squad import load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import load_model
 from kvlink.prompt import context_ids, question_ids, question_rows
-from kvlink.select import get_selector
+from kvlink.recipe import build
+from kvlink.scoring import best_scores
 
 DEMO_CONFIGS = (
-    CodecConfig(),
-    CodecConfig(k_bits=8, v_bits=8),
-    CodecConfig(k_bits=4, v_bits=4),
-    CodecConfig(selector="q2c", retention=0.5, k_bits=8, v_bits=8),
-    CodecConfig(selector="q2c", retention=0.75, k_bits=4, v_bits=4),
-    CodecConfig(selector="q2c", retention=0.25, k_bits=2, v_bits=2),
+    build(),
+    build(k_bits=8, v_bits=8),
+    build(k_bits=4, v_bits=4),
+    build(selector="q2c", retention=0.5, k_bits=8, v_bits=8),
+    build(selector="q2c", retention=0.75, k_bits=4, v_bits=4),
+    build(selector="q2c", retention=0.25, k_bits=2, v_bits=2),
 )
 
 
@@ -69,7 +70,7 @@ def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
     ):
         table.add_column(col, justify="left" if col in ("config", "answer") else "right")
     for config in DEMO_CONFIGS:
-        observe = get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
+        observe = config.needs()
         pre = prefill(
             lm.model,
             ctx_ids,
@@ -86,7 +87,7 @@ def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
         sizes = encoded.sizes()
         f1, _ = best_scores(answer.text, example.answers)
         table.add_row(
-            config.label,
+            config.name,
             answer.text,
             f"{f1:.2f}",
             f"{sizes.payload:,}",
@@ -137,10 +138,10 @@ def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens
             )
         print_result(console, result)
         stats = httpx.get(f"{rest}/v1/stats", timeout=10).json()
-        group = stats["configs"][result.plan.config.label]
+        group = stats["configs"][result.plan.recipe.name]
         decode = group["timings"].get("decode_s", {})
         console.print(
-            f"[bold]GET {rest}/v1/stats[/bold] {result.plan.config.label}: {group['messages']} message(s), "
+            f"[bold]GET {rest}/v1/stats[/bold] {result.plan.recipe.name}: {group['messages']} message(s), "
             f"{group['bytes']['total']:,} wire bytes = {group['percent_of_fp16']:.2f}% of FP16 "
             f"(ratio {group['compression_ratio']:.2f}x), decode p50 {decode.get('p50', 0.0):.3f} s, "
             f"F1 mean {group['f1_mean']:.2f}, EM mean {group['exact_match_mean']:.2f}"

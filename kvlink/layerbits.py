@@ -7,8 +7,8 @@ number per (K/V, layer): the mean KL of the next-token distributions over
 held-out answers when only that tensor is quantized at `bits` (the rest at
 INT8), as `kvlink-bench sensitivity` measures it (kvlink.eval.sensitivity).
 
-`Sensitivity.allocate(average)` turns it into a CodecConfig's k_layer_bits and
-v_layer_bits: every tensor starts at the smallest step, and the upgrade with
+`Sensitivity.allocate(average)` turns it into per-layer bits (k_layer_bits,
+v_layer_bits of kvlink.recipe.build): every tensor starts at the smallest step, and the upgrade with
 the largest predicted KL drop per added bit goes next until the mean reaches
 `average` bits per entry (K and V of a layer hold the same number of entries).
 The predicted KL of a tensor at b bits is its measured KL * 4^-(b - bits):
@@ -143,3 +143,21 @@ def shipped_path(model_name: str) -> Path:
 def default_path(fingerprint: str) -> Path:
     """Where `kvlink-bench sensitivity` writes a model's profile: <cache_dir>/sensitivity/<fingerprint>.json."""
     return cache_dir() / "sensitivity" / f"{fingerprint}.json"
+
+
+ALLOCATION_AVERAGES: tuple[float, ...] = (3.0, 3.5)
+"""Mean bits per entry of the per-layer allocations the planner weighs (and names resolve)."""
+
+
+def known_allocation(bits_id: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The per-layer allocation whose `bits-<id>` is `bits_id`, among those of the shipped sensitivity
+    profiles at ALLOCATION_AVERAGES (None when none has it)."""
+    from kvlink.recipe import layer_bits_id
+
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        profile = Sensitivity.load(path)
+        for average in ALLOCATION_AVERAGES:
+            allocation = profile.allocate(average)
+            if layer_bits_id(*allocation) == bits_id:
+                return allocation
+    return None

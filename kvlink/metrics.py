@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from kvlink.codec import CodecConfig
+from kvlink.recipe import Recipe
 from kvlink.wire import Receipt
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class MessageRecord:
         cls,
         receipt: Receipt,
         session_id: str,
-        config: CodecConfig,
+        config: Recipe,
         length: int,
         kept: int,
         timings: Mapping[str, float] | None = None,
@@ -128,7 +128,7 @@ class MessageRecord:
     ) -> MessageRecord:
         """The record of a sealed receipt (see kvlink.wire.receipt_signal)."""
         return cls(
-            message_id=receipt.message_id, session_id=session_id, config_label=config.label,
+            message_id=receipt.message_id, session_id=session_id, config_label=config.name,
             config=config.to_dict(), length=length, kept=kept, fp16_bytes=receipt.fp16_bytes,
             payload=receipt.payload, positions=receipt.positions, scales=receipt.scales,
             factors=receipt.factors, framing=receipt.framing, signaling=receipt.signaling,

@@ -1,6 +1,6 @@
 """The wire: protobuf framing, chunking, checksums and validation of one KV message.
 
-proto/kvlink/v1/kvlink.proto is the contract; this is the only module that
+proto/kvlink/v2/kvlink.proto is the contract; this is the only module that
 imports the stubs generated from it (they are generated on first import when a
 source checkout lacks them). Everything else, server/ and client/ included,
 works with the domain objects of kvlink.codec and the plain dataclasses below.
@@ -20,7 +20,7 @@ Primitives, and which side calls them:
     message_wire_size(encoded, ...), http2_overhead(...): exact bytes for the budget planner.
 
 A message on the wire (one Transfer call): a Header (ids, fingerprint,
-geometry, T, codec config, kept positions, per-tensor entries, and a payload
+geometry, T, the recipe as stages, kept positions, per-tensor entries, and a payload
 table with the size and CRC32C of every chunk), then the chunks layer by layer
 (K parts then V parts of each layer; a part longer than the chunk size spans
 several chunks), then a Trailer (with the CRC32C of the header frame). The
@@ -32,7 +32,10 @@ against the table: a damaged chunk is asked for again (Nack) up to
 refused (ORDER). Only a complete, verified message becomes an EncodedKV; any
 failure raises WireError, whose code maps to a gRPC status (GRPC_STATUS).
 A header field this side's .proto does not define is refused (UNKNOWN_CODEC),
-never skipped: a newer sender's codec option must not be decoded without it.
+never skipped: a newer sender's codec option must not be decoded without it; so
+is a stage this receiver does not decode (its capabilities, kvlink.capabilities).
+Protocol version 2 (2026-12) carries the recipe as stages; a version-1 peer is
+refused at its Hello with a readable PROTOCOL error (legacy_rpc_handler).
 """
 
 from __future__ import annotations
@@ -51,29 +54,15 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from kvlink import capabilities as caps
 from kvlink import positions as pos_codec
-from kvlink.codec import (
-    KINDS,
-    LAYER_BITS,
-    LOWRANK_MODES,
-    PAYLOAD_PARTS,
-    CodecConfig,
-    EncodedKV,
-    EncodedTensor,
-    Part,
-)
+from kvlink.codec import PAYLOAD_PARTS, EncodedKV, EncodedTensor, Part, stored_shape
+from kvlink.errors import NotRegistered
 from kvlink.models import Geometry
-from kvlink.quant import (
-    AXES,
-    BITS,
-    TOKEN_WIDTH_FORMATS,
-    WIDTH_FORMATS,
-    QuantSpec,
-    format_from_bits,
-    registered_formats,
-)
-from kvlink.rotation import ROTATIONS
-from kvlink.select import SCOPES, keep_count, registered_selectors
+from kvlink.quant import AXES, BITS, QuantSpec
+from kvlink.recipe import KINDS, Pipeline, Recipe
+from kvlink.select import keep_count
+from kvlink.stages import Quantize, Select, Stage, Zstd, stage_class
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +106,10 @@ else:
 
 
 # --- constants -----------------------------------------------------------------
-PROTOCOL_VERSION: Final = 1
-SERVICE_NAME: Final = "kvlink.v1.KVLink"
+PROTOCOL_VERSION: Final = 2
+SERVICE_NAME: Final = "kvlink.v2.KVLink"
+LEGACY_SERVICE_NAME: Final = "kvlink.v1.KVLink"
+"""Version 1's service: its Hello is answered with a PROTOCOL error that says what to upgrade."""
 HELLO_METHOD: Final = f"/{SERVICE_NAME}/Hello"
 TRANSFER_METHOD: Final = f"/{SERVICE_NAME}/Transfer"
 ASK_METHOD: Final = f"/{SERVICE_NAME}/Ask"
@@ -184,7 +175,7 @@ ERROR_METADATA_KEY: Final = "kvlink-error-code"
 FRAME_ENVELOPE_BYTES: Final = 16
 """TransferFrame bytes around its header, chunk, trailer or cancel: version and the oneof's tag and length."""
 _FRAME_FIELDS: Final = {2: "header", 3: "chunk", 4: "trailer", 5: "cancel"}
-"""TransferFrame's oneof `frame`, by field number (proto/kvlink/v1/kvlink.proto)."""
+"""TransferFrame's oneof `frame`, by field number (proto/kvlink/v2/kvlink.proto)."""
 _MAX_FRAME_FIELDS: Final = 8
 
 ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+=-")
@@ -290,6 +281,7 @@ class WireLimits:
     max_question_bytes: int = 64 << 10
     max_references: int = 64
     max_reference_bytes: int = 16 << 10
+    max_stages: int = 16
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -330,31 +322,9 @@ class WireLimits:
 
 
 # --- plain objects of the other messages -------------------------------------------
-@dataclass(frozen=True)
-class Codecs:
-    """Codec names one side supports (formats, selectors, low-rank modes, rotations) and whether it
-    reads zstd parts and fp16 sink entries."""
-
-    formats: tuple[str, ...]
-    selectors: tuple[str, ...]
-    lowrank_modes: tuple[str, ...]
-    zstd: bool = True
-    rotations: tuple[str, ...] = ("none",)
-    sink: bool = False
-    layer_bits: bool = False
-
-
-def local_codecs() -> Codecs:
-    """What this process can encode and decode: everything registered in kvlink."""
-    return Codecs(
-        formats=tuple(registered_formats()),
-        selectors=("none", *registered_selectors()),
-        lowrank_modes=LOWRANK_MODES,
-        zstd=True,
-        rotations=ROTATIONS,
-        sink=True,
-        layer_bits=True,
-    )
+def local_capabilities() -> frozenset[str]:
+    """What this process encodes and decodes: everything registered in kvlink (kvlink.capabilities)."""
+    return caps.local_capabilities()
 
 
 @dataclass(frozen=True)
@@ -362,16 +332,16 @@ class Hello:
     """The sender's handshake."""
 
     fingerprint: str
-    codecs: Codecs = field(default_factory=local_codecs)
+    capabilities: frozenset[str] = field(default_factory=local_capabilities)
     client: str = ""
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """The receiver's handshake answer: its model, codecs and limits."""
+    """The receiver's handshake answer: its model, capabilities and limits."""
 
     fingerprint: str
-    codecs: Codecs
+    capabilities: frozenset[str]
     max_message_bytes: int
     max_chunk_bytes: int
     profile_hashes: tuple[str, ...] = ()
@@ -603,36 +573,27 @@ def message_wire_size(
 
 
 # --- sender side ------------------------------------------------------------------
-def _bits_of(fmt: str) -> int | str:
-    """CodecConfig bits for a format name: 16/8/4/3/2, or "nf4"."""
-    return fmt if fmt == "nf4" else BITS[fmt]
+def _stage_to_pb(stage: Stage) -> pb.Stage:
+    return pb.Stage(name=stage.name, params=stage.params())
 
 
-def _config_to_pb(config: CodecConfig) -> pb.CodecConfig:
-    msg = pb.CodecConfig(
-        selector=config.selector, retention=float(config.retention), scope=config.scope,
-        k_format=config.k_format, v_format=config.v_format, group_size=config.group_size,
-        k_axis=config.k_axis, v_axis=config.v_axis, lowrank=config.lowrank,
-        zstd_level=config.zstd_level, window=config.window, seed=config.seed,
-    )  # fmt: skip
-    if config.rotate != "none":  # absent otherwise: unrotated messages stay readable by older receivers
-        msg.rotate = config.rotate
-    if config.hi_layers:  # likewise
-        msg.hi_layers, msg.hi_format = config.hi_layers, format_from_bits(config.hi_bits)
-    if config.sink:  # likewise
-        msg.sink = config.sink
-    if config.round_k != "nearest":  # informational: the receiver decodes the same layout either way
-        msg.round_k = config.round_k
-    if config.k_widths != "uniform":  # likewise (its tensors' formats say it too)
-        msg.k_widths = config.k_widths
-    if config.v_widths != "uniform":  # likewise
-        msg.v_widths = config.v_widths
-    msg.k_layer_bits.extend(config.k_layer_bits)  # empty unless bits vary by layer
-    msg.v_layer_bits.extend(config.v_layer_bits)
-    if config.k_rank is not None:
-        msg.k_rank = config.k_rank
-    if config.v_rank is not None:
-        msg.v_rank = config.v_rank
+def recipe_to_pb(recipe: Recipe) -> pb.Recipe:
+    """The recipe as stages: one TensorPipeline per distinct pipeline of each kind, with its layers."""
+    msg = pb.Recipe()
+    if recipe.select is not None:
+        msg.select.CopyFrom(_stage_to_pb(recipe.select))
+    for kind in KINDS:
+        layers = recipe.k if kind == "k" else recipe.v
+        if len(layers) == 1:
+            msg.pipelines.add(kind=_KIND_TO_PB[kind], stages=[_stage_to_pb(s) for s in layers[0]])
+            continue
+        served: dict[Pipeline, list[int]] = {}
+        for layer, pipeline in enumerate(layers):
+            served.setdefault(pipeline, []).append(layer)
+        for pipeline, ids in served.items():
+            msg.pipelines.add(kind=_KIND_TO_PB[kind], layers=ids, stages=[_stage_to_pb(s) for s in pipeline])
+    if recipe.zstd is not None:
+        msg.zstd.CopyFrom(_stage_to_pb(recipe.zstd))
     return msg
 
 
@@ -670,7 +631,7 @@ def to_frames(
         fingerprint=fingerprint,
         geometry=_geometry_to_pb(g),
         length=encoded.length,
-        config=_config_to_pb(encoded.config),
+        recipe=recipe_to_pb(encoded.recipe),
         profile_hash=encoded.profile_hash or "",
     )
     for enc, data, count in encoded.positions:
@@ -682,7 +643,6 @@ def to_frames(
         header.tensors.add(
             layer=t.layer, kind=_KIND_TO_PB[t.kind], shape=t.shape, stored_shape=t.stored,
             spec=pb.QuantSpec(format=t.spec.format, group_size=t.spec.group_size, axis=t.spec.axis),
-            lowrank=t.lowrank,
         )  # fmt: skip
         unknown = set(t.parts) - set(PART_ORDER)
         if unknown:
@@ -873,42 +833,19 @@ def parse_ask(raw: bytes) -> pb.Ask:
 
 def _check_version(version: int, what: str) -> None:
     if version != PROTOCOL_VERSION:
+        older = "it" if version < PROTOCOL_VERSION else "this side"
         raise WireError(
             "PROTOCOL",
-            f"{what} speaks kvlink protocol version {version}, this side speaks {PROTOCOL_VERSION}",
+            f"{what} speaks kvlink protocol version {version}, this side speaks {PROTOCOL_VERSION}: "
+            f"upgrade {older} (kvlink 2026-12 and later speak version 2)",
         )
 
 
 # --- handshake, questions, signals: proto <-> plain --------------------------------------
-def _codecs_to_pb(c: Codecs) -> pb.Codecs:
-    return pb.Codecs(
-        formats=c.formats,
-        selectors=c.selectors,
-        lowrank_modes=c.lowrank_modes,
-        zstd=c.zstd,
-        rotations=c.rotations,
-        sink=c.sink,
-        layer_bits=c.layer_bits,
-    )
-
-
-def _codecs_from_pb(msg: pb.Codecs) -> Codecs:
-    rotations = tuple(msg.rotations) or ("none",)
-    return Codecs(
-        tuple(msg.formats),
-        tuple(msg.selectors),
-        tuple(msg.lowrank_modes),
-        msg.zstd,
-        rotations,
-        msg.sink,
-        msg.layer_bits,
-    )
-
-
 def hello_to_proto(hello: Hello) -> pb.Hello:
     return pb.Hello(
         protocol_version=PROTOCOL_VERSION, fingerprint=hello.fingerprint,
-        codecs=_codecs_to_pb(hello.codecs), client=hello.client,
+        capabilities=sorted(hello.capabilities), client=hello.client,
     )  # fmt: skip
 
 
@@ -917,12 +854,13 @@ def hello_from_proto(msg: pb.Hello, fingerprint: str | None = None) -> Hello:
     _check_version(msg.protocol_version, "the sender")
     if fingerprint is not None and msg.fingerprint != fingerprint:
         raise WireError("FINGERPRINT", _fingerprint_message(msg.fingerprint, fingerprint))
-    return Hello(msg.fingerprint, _codecs_from_pb(msg.codecs), msg.client)
+    return Hello(msg.fingerprint, frozenset(msg.capabilities), msg.client)
 
 
 def welcome_to_proto(welcome: Welcome) -> pb.Welcome:
     msg = pb.Welcome(
-        protocol_version=PROTOCOL_VERSION, fingerprint=welcome.fingerprint, codecs=_codecs_to_pb(welcome.codecs),
+        protocol_version=PROTOCOL_VERSION, fingerprint=welcome.fingerprint,
+        capabilities=sorted(welcome.capabilities),
         max_message_bytes=welcome.max_message_bytes, max_chunk_bytes=welcome.max_chunk_bytes,
         profile_hashes=welcome.profile_hashes, model=welcome.model,
     )  # fmt: skip
@@ -937,7 +875,8 @@ def welcome_from_proto(msg: pb.Welcome, fingerprint: str | None = None) -> Welco
     if fingerprint is not None and msg.fingerprint != fingerprint:
         raise WireError("FINGERPRINT", _fingerprint_message(fingerprint, msg.fingerprint))
     return Welcome(
-        fingerprint=msg.fingerprint, codecs=_codecs_from_pb(msg.codecs), max_message_bytes=msg.max_message_bytes,
+        fingerprint=msg.fingerprint, capabilities=frozenset(msg.capabilities),
+        max_message_bytes=msg.max_message_bytes,
         max_chunk_bytes=msg.max_chunk_bytes, profile_hashes=tuple(msg.profile_hashes), model=msg.model,
         geometry=_geometry_from_pb(msg.geometry) if msg.HasField("geometry") else None,
     )  # fmt: skip
@@ -1135,7 +1074,7 @@ class _Plan:
     """A validated header: everything needed to verify chunks and build the EncodedKV."""
 
     header: pb.Header
-    config: CodecConfig
+    recipe: Recipe
     geometry: Geometry
     positions: list[tuple[str, bytes, int]]
     tensors: list[EncodedTensor]  # parts empty until finish()
@@ -1144,67 +1083,72 @@ class _Plan:
     parts: dict[tuple[int, str, str], tuple[list[int], int, bool]]  # -> (chunk ids, raw_size, zstd)
 
 
-def _config_from_pb(msg: pb.CodecConfig, codecs: Codecs) -> CodecConfig:
-    """The receiver's CodecConfig. Bits travel as format names and come back as 16/8/4/3/2 or "nf4"."""
-    known = {"selector": (msg.selector, codecs.selectors), "k_format": (msg.k_format, codecs.formats),
-             "v_format": (msg.v_format, codecs.formats), "lowrank": (msg.lowrank, codecs.lowrank_modes),
-             "k_axis": (msg.k_axis, AXES), "v_axis": (msg.v_axis, AXES), "scope": (msg.scope, SCOPES),
-             "rotate": (msg.rotate or "none", codecs.rotations)}  # fmt: skip
-    if msg.hi_layers or msg.hi_format:  # absent unless the first layers use a format of their own
-        known["hi_format"] = (msg.hi_format, codecs.formats)
-    for name, (value, supported) in known.items():
-        if value not in supported:
-            raise WireError(
-                "UNKNOWN_CODEC",
-                f"codec config {name} {value!r} is not supported here; supported: {list(supported)}",
-            )
-    if msg.sink and not codecs.sink:
-        raise WireError(
-            "UNKNOWN_CODEC", f"codec config sink {msg.sink}: this receiver reads no fp16 sink entries"
-        )
-    if (msg.k_layer_bits or msg.v_layer_bits) and not codecs.layer_bits:
-        raise WireError(
-            "UNKNOWN_CODEC", "codec config has bits per layer; this receiver reads one width per K/V"
-        )
-    for name in ("k_layer_bits", "v_layer_bits"):
-        for bits in getattr(msg, name):
-            if bits not in LAYER_BITS or f"int{bits}" not in codecs.formats:
-                widths = [b for b in LAYER_BITS if f"int{b}" in codecs.formats]
-                raise WireError(
-                    "UNKNOWN_CODEC",
-                    f"codec config {name} has a {bits}-bit layer; supported widths: {widths}",
-                )
-    for name, formats, what in (
-        ("k_widths", WIDTH_FORMATS, "key channel"),
-        ("v_widths", TOKEN_WIDTH_FORMATS, "value tensor"),
-    ):
-        value = getattr(msg, name)
-        missing = sorted(f for f in formats if f not in codecs.formats)
-        if value and value != "uniform" and missing:
-            raise WireError(
-                "UNKNOWN_CODEC",
-                f"codec config {name} {value!r}: this receiver reads one width per {what} "
-                f"(formats {missing} not supported)",
-            )
-    if msg.k_format not in BITS or msg.v_format not in BITS:
-        raise WireError(
-            "UNKNOWN_CODEC", f"formats {msg.k_format!r}/{msg.v_format!r} have no bit width in kvlink.quant"
-        )
+def _stage_from_pb(msg: pb.Stage, where: str, capabilities: frozenset[str] | None) -> Stage:
+    """One stage of a header's recipe: a registered name, parameters it parses and checks (MALFORMED)."""
     try:
-        return CodecConfig(
-            selector=msg.selector, retention=msg.retention, scope=msg.scope,
-            k_bits=_bits_of(msg.k_format), v_bits=_bits_of(msg.v_format), group_size=msg.group_size,
-            k_axis=msg.k_axis, v_axis=msg.v_axis, lowrank=msg.lowrank,
-            k_rank=msg.k_rank if msg.HasField("k_rank") else None,
-            v_rank=msg.v_rank if msg.HasField("v_rank") else None,
-            zstd_level=msg.zstd_level, window=msg.window, seed=msg.seed, rotate=msg.rotate or "none",
-            hi_layers=msg.hi_layers, hi_bits=_bits_of(msg.hi_format) if msg.hi_format else 8,
-            sink=msg.sink, round_k=msg.round_k or "nearest",
-            k_layer_bits=tuple(msg.k_layer_bits), v_layer_bits=tuple(msg.v_layer_bits),
-            k_widths=msg.k_widths or "uniform", v_widths=msg.v_widths or "uniform",
-        )  # fmt: skip
-    except ValueError as exc:
-        raise WireError("MALFORMED", f"codec config: {exc}") from None
+        cls = stage_class(msg.name)
+    except ValueError:
+        raise WireError(
+            "UNKNOWN_CODEC", f"{where}: stage {msg.name[:64]!r} is not one this receiver knows"
+        ) from None
+    try:
+        return cls.from_params(dict(msg.params))
+    except NotRegistered as exc:  # a newer sender's format, selection method or mode
+        raise WireError("UNKNOWN_CODEC", f"{where}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise WireError("MALFORMED", f"{where}: {exc}") from None
+
+
+def recipe_from_pb(msg: pb.Recipe, num_layers: int, capabilities: frozenset[str] | None = None) -> Recipe:
+    """The recipe of a header, every layer of each kind covered exactly once; UNKNOWN_CODEC for a stage
+    or format this receiver does not decode (`capabilities`, None: everything registered), MALFORMED
+    for one whose parameters or composition are invalid."""
+    if len(msg.pipelines) > 2 * num_layers:
+        raise WireError("TOO_LARGE", f"recipe has {len(msg.pipelines)} pipelines for {num_layers} layers")
+    select = _stage_from_pb(msg.select, "recipe select", capabilities) if msg.HasField("select") else None
+    zstd = _stage_from_pb(msg.zstd, "recipe zstd", capabilities) if msg.HasField("zstd") else None
+    if select is not None and not isinstance(select, Select):
+        raise WireError("MALFORMED", f"recipe select is a {select.name!r} stage")
+    if zstd is not None and not isinstance(zstd, Zstd):
+        raise WireError("MALFORMED", f"recipe zstd is a {zstd.name!r} stage")
+    layers: dict[str, list[Pipeline | None]] = {kind: [None] * num_layers for kind in KINDS}
+    whole: dict[str, Pipeline | None] = dict.fromkeys(KINDS)
+    for i, p in enumerate(msg.pipelines):
+        kind = _KIND_FROM_PB.get(p.kind)
+        if kind is None:
+            raise WireError("MALFORMED", f"recipe pipeline {i} has tensor kind {p.kind}")
+        if len(p.stages) > WireLimits().max_stages:
+            raise WireError("TOO_LARGE", f"recipe pipeline {i} has {len(p.stages)} stages")
+        stages = tuple(_stage_from_pb(s, f"recipe pipeline {i}", capabilities) for s in p.stages)
+        if not p.layers:
+            if whole[kind] is not None or any(x is not None for x in layers[kind]):
+                raise WireError("MALFORMED", f"recipe pipeline {i}: the {kind} layers are covered twice")
+            whole[kind] = stages
+            continue
+        for layer in p.layers:
+            if layer >= num_layers or layers[kind][layer] is not None or whole[kind] is not None:
+                raise WireError(
+                    "MALFORMED", f"recipe pipeline {i}: {kind} layer {layer} is out of range or covered twice"
+                )
+            layers[kind][layer] = stages
+    pipelines: dict[str, tuple[Pipeline, ...]] = {}
+    for kind in KINDS:
+        if whole[kind] is not None:
+            pipelines[kind] = (whole[kind],)  # type: ignore[assignment]
+        elif all(x is not None for x in layers[kind]):
+            pipelines[kind] = tuple(layers[kind])  # type: ignore[arg-type]
+        else:
+            raise WireError("SHAPE", f"recipe leaves {kind} layers without a pipeline")
+    try:
+        recipe = Recipe(select, pipelines["k"], pipelines["v"], zstd)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as exc:
+        raise WireError("MALFORMED", f"recipe: {exc}") from None
+    lacking = caps.missing(recipe, capabilities)
+    if lacking:
+        raise WireError(
+            "UNKNOWN_CODEC", f"the recipe needs {', '.join(lacking)}, which this receiver does not decode"
+        )
+    return recipe
 
 
 def _check_geometry(header: pb.Header, limits: WireLimits, expected: Geometry | None) -> Geometry:
@@ -1231,23 +1175,23 @@ def _check_geometry(header: pb.Header, limits: WireLimits, expected: Geometry | 
 
 
 def _check_positions(
-    header: pb.Header, config: CodecConfig, g: Geometry
+    header: pb.Header, recipe: Recipe, g: Geometry
 ) -> tuple[list[tuple[str, bytes, int]], list[int]]:
-    """Validate (and fully decode, O(T)) the kept-position sets; returns them and n_kept per layer."""
+    """Validate (and fully decode, O(T), vectorized) the kept-position sets; returns them and n_kept per layer."""
     t = header.length
     sets = header.positions
-    if config.selector == "none":
+    if recipe.select is None:
         if sets:
             raise WireError(
                 "SHAPE", f"selector 'none' keeps every position, but the header has {len(sets)} position sets"
             )
         return [], [t] * g.num_layers
-    expected_sets = 1 if config.scope == "global" else g.num_layers
+    expected_sets = 1 if recipe.scope == "global" else g.num_layers
     if len(sets) != expected_sets:
         raise WireError(
-            "SHAPE", f"scope {config.scope!r} needs {expected_sets} position sets, header has {len(sets)}"
+            "SHAPE", f"scope {recipe.scope!r} needs {expected_sets} position sets, header has {len(sets)}"
         )
-    n_keep = keep_count(config.retention, t)
+    n_keep = keep_count(recipe.retention, t)
     varint_max = max(1, math.ceil((t - 1).bit_length() / 7))
     out: list[tuple[str, bytes, int]] = []
     for i, p in enumerate(sets):
@@ -1257,7 +1201,7 @@ def _check_positions(
         if p.count != n_keep:
             raise WireError(
                 "SHAPE",
-                f"position set {i} declares {p.count} positions; retention {config.retention} of T={t} keeps {n_keep}",
+                f"position set {i} declares {p.count} positions; retention {recipe.retention} of T={t} keeps {n_keep}",
             )
         bound = (t + 7) // 8 if enc == pos_codec.BITMAP else p.count * varint_max
         if len(p.data) > bound:
@@ -1291,6 +1235,12 @@ def _check_counts(header: pb.Header, limits: WireLimits, expected: Geometry | No
         raise WireError(
             "SHAPE", f"header has {len(header.positions)} position sets, at most one per layer ({layers})"
         )
+    pipelines = header.recipe.pipelines
+    if len(pipelines) > 2 * layers or any(len(p.stages) > limits.max_stages for p in pipelines):
+        raise WireError(
+            "TOO_LARGE",
+            f"the recipe has {len(pipelines)} pipelines (at most {2 * layers}) or one of over {limits.max_stages} stages",
+        )
 
 
 def _refuse_unknown_fields(msg: Any, path: str) -> None:
@@ -1312,6 +1262,11 @@ def _refuse_unknown_fields(msg: Any, path: str) -> None:
     for descriptor, value in msg.ListFields():
         if descriptor.message_type is None:
             continue
+        if descriptor.message_type.GetOptions().map_entry:  # a map: its values, when they are messages
+            if descriptor.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    _refuse_unknown_fields(item, f"{path}.{descriptor.name}[{key!r}]")
+            continue
         if descriptor.is_repeated:
             for i, item in enumerate(value):
                 _refuse_unknown_fields(item, f"{path}.{descriptor.name}[{i}]")
@@ -1324,7 +1279,7 @@ def _validate_header(
     fingerprint: str,
     geometry: Geometry | None,
     limits: WireLimits,
-    codecs: Codecs,
+    capabilities: frozenset[str] | None,
     profile_hashes: Collection[str] | None,
 ) -> _Plan:
     """Every check of a header, in an order that costs nothing before the cheap checks pass."""
@@ -1338,20 +1293,23 @@ def _validate_header(
     check_id("message_id", header.message_id, limits)
     if header.fingerprint != fingerprint:
         raise WireError("FINGERPRINT", _fingerprint_message(header.fingerprint, fingerprint))
-    if not header.HasField("config"):
-        raise WireError("MALFORMED", "header has no codec config")
-    config = _config_from_pb(header.config, codecs)
+    if not header.HasField("recipe"):
+        raise WireError("MALFORMED", "header has no recipe")
     g = _check_geometry(header, limits, geometry)
+    recipe = recipe_from_pb(header.recipe, g.num_layers, capabilities)
     try:
-        config.validate_for(g)
+        recipe.check(g)
     except ValueError as exc:
         raise WireError("SHAPE", str(exc)) from None
-    if config.group_size > limits.max_group_size:
-        raise WireError(
-            "TOO_LARGE", f"group_size {config.group_size} exceeds the limit {limits.max_group_size}"
-        )
+    for tensor_kind in KINDS:
+        for q in recipe.quantizers(tensor_kind):
+            if q.group > limits.max_group_size:
+                raise WireError(
+                    "TOO_LARGE", f"group_size {q.group} exceeds the limit {limits.max_group_size}"
+                )
     profile_hash = header.profile_hash or None
-    if config.lowrank == "profile":
+    profiled = any(s.name == "lowrank" and getattr(s, "mode", "") == "profile" for s in recipe.stages())
+    if profiled:
         if profile_hash is None:
             raise WireError("MALFORMED", "lowrank 'profile' needs the profile hash in the header")
         if profile_hashes is not None and profile_hash not in profile_hashes:
@@ -1360,8 +1318,10 @@ def _validate_header(
                 f"calibrated profile {profile_hash!r} is not held here; held: {sorted(profile_hashes)}",
             )
     elif profile_hash is not None:
-        raise WireError("MALFORMED", f"profile hash {profile_hash!r} given with lowrank {config.lowrank!r}")
-    positions, n_kept = _check_positions(header, config, g)
+        raise WireError(
+            "MALFORMED", f"profile hash {profile_hash[:64]!r} given without a profile low-rank stage"
+        )
+    positions, n_kept = _check_positions(header, recipe, g)
 
     # Tensors: layer 0 K, layer 0 V, ... with shapes that follow from geometry and positions.
     if len(header.tensors) != 2 * g.num_layers:
@@ -1379,10 +1339,9 @@ def _validate_header(
                 "SHAPE", f"tensor entry {i} is layer {entry.layer} kind {entry.kind}, expected {want}"
             )
         spec_msg = entry.spec
-        if spec_msg.format not in codecs.formats or spec_msg.format not in BITS:
+        if spec_msg.format not in BITS or not caps.decodes(capabilities, f"format:{spec_msg.format}"):
             raise WireError(
-                "UNKNOWN_CODEC",
-                f"{want}: format {spec_msg.format!r} is not supported here; supported: {list(codecs.formats)}",
+                "UNKNOWN_CODEC", f"{want}: format {spec_msg.format[:32]!r} is not one this receiver decodes"
             )
         if spec_msg.axis not in AXES:
             raise WireError("UNKNOWN_CODEC", f"{want}: axis {spec_msg.axis!r} is not one of {AXES}")
@@ -1391,37 +1350,22 @@ def _validate_header(
                 "SHAPE", f"{want}: group_size {spec_msg.group_size} outside [1, {limits.max_group_size}]"
             )
         spec = QuantSpec(spec_msg.format, spec_msg.group_size, spec_msg.axis)
-        if spec != config.spec(KINDS[kind], layer):
-            raise WireError(
-                "MALFORMED",
-                f"{want}: spec {spec} does not match the codec config's {config.spec(KINDS[kind], layer)}",
-            )
-        mode = entry.lowrank
-        if mode not in codecs.lowrank_modes:
-            raise WireError(
-                "UNKNOWN_CODEC",
-                f"{want}: low-rank mode {mode!r} is not supported here; supported: {list(codecs.lowrank_modes)}",
-            )
-        if mode not in ("none", config.lowrank):
-            raise WireError(
-                "MALFORMED", f"{want}: low-rank mode {mode!r} under a config with lowrank {config.lowrank!r}"
-            )
+        pipeline = recipe.pipeline(KINDS[kind], layer)
+        quantize: Quantize = pipeline[-1]  # type: ignore[assignment]
+        if spec != quantize.spec:
+            raise WireError("MALFORMED", f"{want}: spec {spec} does not match its recipe's {quantize.spec}")
         shape = (g.kv_heads, n_kept[layer], g.head_dim)
         if tuple(entry.shape) != shape:
             raise WireError(
                 "SHAPE",
                 f"{want}: shape {tuple(entry.shape)} does not match (kv_heads, n_kept, head_dim) {shape}",
             )
-        rank = config.rank(KINDS[kind]) if mode != "none" else None
-        if mode != "none" and rank is None:
-            raise WireError("MALFORMED", f"{want}: low-rank mode {mode!r} but the config has no rank for it")
-        sink = config.sink_count(KINDS[kind], n_kept[layer])
-        stored = (g.kv_heads, n_kept[layer] - sink, rank if rank is not None else g.head_dim)
+        stored = stored_shape(pipeline, shape)
         if tuple(entry.stored_shape) != stored:
             raise WireError(
                 "SHAPE", f"{want}: stored shape {tuple(entry.stored_shape)} does not match {stored}"
             )
-        tensor = EncodedTensor(layer, KINDS[kind], shape, stored, spec, mode, {})
+        tensor = EncodedTensor(layer, KINDS[kind], shape, stored, spec, pipeline, {})
         for name, n in tensor.part_sizes().items():
             expected_parts[(layer, KINDS[kind], name)] = n
         tensors.append(tensor)
@@ -1452,7 +1396,9 @@ def _validate_header(
             raise WireError(
                 "TOO_LARGE", f"chunk {i} declares {row.size} bytes, the limit is {limits.max_chunk_bytes}"
             )
-        if row.zstd and not codecs.zstd:
+        if row.zstd and recipe.zstd is None:
+            raise WireError("MALFORMED", f"chunk {i} is zstd-compressed under a recipe without zstd")
+        if row.zstd and not caps.decodes(capabilities, "zstd"):
             raise WireError(
                 "UNKNOWN_CODEC", f"chunk {i} is zstd-compressed, which this receiver does not read"
             )
@@ -1496,7 +1442,7 @@ def _validate_header(
             raise WireError(
                 "SHAPE", f"{where}: {got} zstd bytes exceed the bound {zstd_bound(n)} for {n} raw bytes"
             )
-    return _Plan(header, config, g, positions, tensors, entries, layer_chunks, parts)
+    return _Plan(header, recipe, g, positions, tensors, entries, layer_chunks, parts)
 
 
 # --- receiver side: the assembler -----------------------------------------------------
@@ -1523,7 +1469,7 @@ class Assembler:
     arrived intact once and comes again is refused (ORDER), as is any chunk after the trailer
     that was not Nacked. HTTP/2 delivers a stream's frames once and in order, so either means a
     faulty sender.
-    codecs/profile_hashes: what this receiver decodes (default: everything registered here;
+    capabilities/profile_hashes: what this receiver decodes (default: everything registered here;
     any profile hash).
     """
 
@@ -1532,7 +1478,7 @@ class Assembler:
         fingerprint: str,
         geometry: Geometry | None = None,
         limits: WireLimits | None = None,
-        codecs: Codecs | None = None,
+        capabilities: frozenset[str] | None = None,
         profile_hashes: Collection[str] | None = None,
     ) -> None:
         if not fingerprint:
@@ -1540,7 +1486,7 @@ class Assembler:
         self.fingerprint = fingerprint
         self.geometry = geometry
         self.limits = limits or WireLimits()
-        self.codecs = codecs or local_codecs()
+        self.capabilities = capabilities if capabilities is not None else local_capabilities()
         self.profile_hashes = profile_hashes
         self._plan: _Plan | None = None
         self._ids: tuple[str, str] | None = None  # (session, message) of a validated header
@@ -1572,8 +1518,8 @@ class Assembler:
         return self._ids[0] if self._ids else None
 
     @property
-    def config(self) -> CodecConfig | None:
-        return self._plan.config if self._plan else None
+    def recipe(self) -> Recipe | None:
+        return self._plan.recipe if self._plan else None
 
     @property
     def declared_bytes(self) -> int:
@@ -1663,7 +1609,7 @@ class Assembler:
                 raise WireError("ORDER", "a second header arrived; one Transfer carries one message")
             t0 = time.perf_counter()
             plan = _validate_header(
-                frame, self.fingerprint, self.geometry, self.limits, self.codecs, self.profile_hashes
+                frame, self.fingerprint, self.geometry, self.limits, self.capabilities, self.profile_hashes
             )
             self._validate_s = time.perf_counter() - t0
             self._header_crc = google_crc32c.value(raw if raw is not None else frame.SerializeToString())
@@ -1790,7 +1736,7 @@ class Assembler:
         self._data.clear()
         self._buffered = 0
         encoded = EncodedKV(
-            config=plan.config,
+            recipe=plan.recipe,
             geometry=plan.geometry,
             length=plan.header.length,
             positions=plan.positions,
@@ -1841,6 +1787,26 @@ def raw_rpc_handler(servicer: Any) -> grpc.GenericRpcHandler:
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def legacy_rpc_handler() -> grpc.GenericRpcHandler:
+    """Answers version 1's Hello (kvlink.v1.KVLink) with FAILED_PRECONDITION, code PROTOCOL and a message
+    that says which side to upgrade, instead of gRPC's bare UNIMPLEMENTED; its other methods likewise."""
+
+    def refuse(request: Any, context: Any) -> Any:
+        message = (
+            f"this receiver speaks kvlink protocol version {PROTOCOL_VERSION} (service {SERVICE_NAME}); "
+            "the sender speaks version 1: upgrade the sender (kvlink 2026-12 and later speak version 2)"
+        )
+        return context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            message,
+            trailing_metadata=((ERROR_METADATA_KEY, "PROTOCOL"),),
+        )
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(refuse) for name in ("Hello", "Ask")}
+    handlers["Transfer"] = grpc.stream_stream_rpc_method_handler(refuse)  # type: ignore[assignment]
+    return grpc.method_handlers_generic_handler(LEGACY_SERVICE_NAME, handlers)
 
 
 def add_servicer(servicer: Any, server: Any) -> None:

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="cpu", help="where the model runs and caches are decoded: cpu, cuda, cuda:1"
     )
+    p.add_argument(
+        "--profile", metavar="FILE", action="append", default=[],
+        help="a calibrated low-rank projection of the model (kvlink.lowrank, .safetensors; repeatable): "
+        "messages projected with it are decoded, and its hash is advertised",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="model dtype")
 
     sec = p.add_argument_group("security")
@@ -349,16 +354,19 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
         args.max_cached_bytes // 2 if guard.mode in ("tenants", "certificates") else args.max_cached_bytes
     )
     store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes, owner_max_bytes=share)
+    from kvlink.lowrank import ModelProfile
+
+    profiles = [ModelProfile.load(path) for path in args.profile]
     service = KVLinkService(
         lm, store, MetricsRegistry(), limits, max_new_tokens=args.max_new_tokens, guard=guard,
         stall_timeout_s=args.stall_timeout, message_deadline_s=args.message_deadline,
         max_question_tokens=args.max_question_tokens,
-        max_buffered_bytes=args.max_buffered_bytes or 2 * args.max_message_bytes,
+        max_buffered_bytes=args.max_buffered_bytes or 2 * args.max_message_bytes, profiles=profiles,
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
 
     server = grpc.aio.server(options=limits.grpc_options())
-    server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
+    server.add_generic_rpc_handlers((wire.raw_rpc_handler(service), wire.legacy_rpc_handler()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     credentials = security.server_credentials()

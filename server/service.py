@@ -47,12 +47,14 @@ import torch
 
 from kvlink import wire
 from kvlink.cache import ContextKV, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV, decode_cost
-from kvlink.eval.squad import best_scores
+from kvlink.capabilities import local_capabilities
+from kvlink.codec import Codec, EncodedKV, decode_cost
 from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
+from kvlink.scoring import best_scores
 from server import memory
 from server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
 from server.store import Reservation, SessionStore, StoreBusy
@@ -86,11 +88,12 @@ the rest of the receiver's work: one sender's large messages slow the others' an
 
 
 def _decode_politely(
-    encoded: EncodedKV, device: torch.device | str, dtype: torch.dtype, cost: int
+    encoded: EncodedKV, device: torch.device | str, dtype: torch.dtype, cost: int, profile: Any = None
 ) -> ContextKV:
-    """Codec.decode, on one intra-op thread when the message is big and decodes on the CPU. (OpenMP's
-    thread count is per calling thread: this worker's, restored after; other threads keep theirs.)"""
-    decode = Codec(encoded.config, encoded.geometry).decode
+    """Codec.decode (with `profile`, the calibrated projection the message names, if any), on one intra-op
+    thread when the message is big and decodes on the CPU. (OpenMP's thread count is per calling thread:
+    this worker's, restored after; other threads keep theirs.)"""
+    decode = Codec(encoded.recipe, encoded.geometry, profile).decode
     if cost < BIG_DECODE_BYTES or torch.device(device).type != "cpu":
         return decode(encoded, device, dtype)
     threads = torch.get_num_threads()
@@ -132,7 +135,7 @@ class KVLinkService:
     lm: the model (decode and answers run on its device). store: decoded caches by (owner, message),
     whose byte cap also covers decodes in flight. metrics: per-message records for REST. limits: what
     a message may declare. max_new_tokens: answers are at most this long (a longer request is
-    clamped). profile_hashes: calibrated low-rank profiles held (none: "profile" messages are refused
+    clamped). profiles: calibrated low-rank projections held (kvlink.lowrank.ModelProfile; none: "profile" messages are refused
     as UNKNOWN_CODEC). guard: identities and call admission (default: no authentication, 64 calls, 4
     per peer). stall_timeout_s: longest wait for the next frame of a Transfer; message_deadline_s:
     longest a Transfer may take from its first frame to its last (None: only the sender's deadline
@@ -148,7 +151,7 @@ class KVLinkService:
         metrics: MetricsRegistry,
         limits: wire.WireLimits | None = None,
         max_new_tokens: int = 64,
-        profile_hashes: Collection[str] = (),
+        profiles: Collection[Any] = (),
         guard: Guard | None = None,
         stall_timeout_s: float | None = 30.0,
         message_deadline_s: float | None = 600.0,
@@ -174,14 +177,12 @@ class KVLinkService:
             )
         self.max_new_tokens = max_new_tokens
         self.max_question_tokens = max_question_tokens
-        self.profile_hashes = tuple(profile_hashes)
-        local = wire.local_codecs()
-        modes = (
-            local.lowrank_modes
-            if self.profile_hashes
-            else tuple(m for m in local.lowrank_modes if m != "profile")
-        )
-        self.codecs = replace(local, lowrank_modes=modes)
+        self.profiles = {p.hash: p.to(lm.device) for p in profiles}
+        for p in self.profiles.values():
+            p.check_fingerprint(lm.fingerprint)
+        self.profile_hashes = tuple(sorted(self.profiles))
+        # What it decodes: everything registered here, low rank by a profile only when it holds one.
+        self.capabilities = local_capabilities(profiles=bool(self.profile_hashes))
         self.serving = True
         self.started = time.time()
         self.forwards = FairLock()  # one model: forwards take turns, in arrival order
@@ -241,7 +242,7 @@ class KVLinkService:
         started = time.perf_counter()
         tok = self.lm.tokenizer
         pre = prefill(self.lm.model, context_ids(tok, "kvlink warm-up."), None)
-        codec = Codec(CodecConfig(k_bits=4, v_bits=4), self.lm.geometry)
+        codec = Codec(build(k_bits=4, v_bits=4), self.lm.geometry)
         kv = codec.decode(codec.encode(pre), self.lm.device, self.lm.dtype)
         greedy_answer(self.lm.model, tok, kv, question_ids(tok, "Ready?"), max_new_tokens=2)
         return time.perf_counter() - started
@@ -249,7 +250,7 @@ class KVLinkService:
     @property
     def welcome(self) -> wire.Welcome:
         return wire.Welcome(
-            fingerprint=self.lm.fingerprint, codecs=self.codecs,
+            fingerprint=self.lm.fingerprint, capabilities=self.capabilities,
             max_message_bytes=self.limits.max_message_bytes, max_chunk_bytes=self.limits.max_chunk_bytes,
             profile_hashes=self.profile_hashes, model=self.lm.name, geometry=self.lm.geometry,
         )  # fmt: skip
@@ -278,7 +279,7 @@ class KVLinkService:
             await _abort(context, admitted)
         who, slot = admitted
         asm = wire.Assembler(
-            self.lm.fingerprint, self.lm.geometry, self.limits, self.codecs, self.profile_hashes
+            self.lm.fingerprint, self.lm.geometry, self.limits, self.capabilities, self.profile_hashes
         )
         call = _Call(who, asm, slot)
         self.in_flight += 1
@@ -348,19 +349,19 @@ class KVLinkService:
         session_id = asm.session_id or ""
         try:
             self.store.put(
-                call.who.name, session_id, sealed.message_id, kv, encoded.config.label, call.decoding
+                call.who.name, session_id, sealed.message_id, kv, encoded.recipe.name, call.decoding
             )
         except ValueError as exc:
             raise wire.WireError("TOO_LARGE", str(exc)) from None
         call.stored = True
         self.metrics.record_message(
             MessageRecord.from_receipt(
-                sealed, session_id, encoded.config, encoded.length, kv.kept(0), owner=call.who.name
+                sealed, session_id, encoded.recipe, encoded.length, kv.kept(0), owner=call.who.name
             )
         )
         logger.info(
             "message %r (%s) of %s: %d wire bytes, %.1f%% of FP16, decoded in %.3f s",
-            sealed.message_id, encoded.config.label, call.who.name, sealed.total,
+            sealed.message_id, encoded.recipe.name, call.who.name, sealed.total,
             100 * sealed.total / max(sealed.fp16_bytes, 1), decode_s,
         )  # fmt: skip
         yield signal
@@ -433,7 +434,10 @@ class KVLinkService:
         started = time.perf_counter()
         problem = None
         try:
-            kv = await asyncio.to_thread(_decode_politely, encoded, self.lm.device, self.lm.dtype, cost)
+            profile = self.profiles.get(encoded.profile_hash or "")
+            kv = await asyncio.to_thread(
+                _decode_politely, encoded, self.lm.device, self.lm.dtype, cost, profile
+            )
         except ValueError as exc:
             problem = f"the message does not decode: {exc}"
         if problem is not None:  # raised outside the handler: the error chains no decoded buffer

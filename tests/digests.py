@@ -89,9 +89,10 @@ def encoded_digests(encoded: Any) -> dict[str, Any]:
     positions_hex = str(positions.hexdigest())
     _field(every, positions_hex)
     for t in encoded.tensors:
+        fmt = _FORMAT_BEFORE_2026_12.get(t.spec.format, t.spec.format)  # the baseline's names of the formats
         frame = (
             int(t.layer), t.kind, tuple(t.shape), tuple(t.stored),
-            (t.spec.format, int(t.spec.group_size), t.spec.axis), t.lowrank, tuple(t.parts),
+            (fmt, int(t.spec.group_size), t.spec.axis), t.lowrank, tuple(t.parts),
         )  # fmt: skip
         _field(layout, frame)
         _field(every, frame)
@@ -111,6 +112,12 @@ def encoded_digests(encoded: Any) -> dict[str, Any]:
         "positions": positions_hex,
         "profile_hash": encoded.profile_hash,
     }
+
+
+_FORMAT_BEFORE_2026_12 = {
+    "int4cw": "int4w", "int3cw": "int3w", "int2cw": "int2w", "int4rw": "int4t", "int3rw": "int3t", "int2rw": "int2t",
+}  # fmt: skip
+"""Formats renamed by issue 19 (the bytes are the same): the layout digest hashes the names it had."""
 
 
 def decoded_digests(kv: Any) -> dict[str, str]:
@@ -176,14 +183,15 @@ _AXES = {"c": "channel", "t": "token"}
 
 
 def config_from_label(label: str, allocations: Sequence[tuple[tuple[int, ...], tuple[int, ...]]] = ()) -> Any:
-    """The CodecConfig whose `label` (kvlink.codec.CodecConfig.label at 12bfafe) is `label`.
+    """The Recipe whose `label` (kvlink.codec.Recipe.name at 12bfafe) is `label`.
 
     The label names every field but `window` and `seed` (left at their defaults, as every measured
     config had them) and a per-layer allocation, which it names by `layer_bits_id`: `allocations`
     are the (k_layer_bits, v_layer_bits) it may be. Raises ValueError when the label does not parse
     or the config built does not label back to `label` exactly.
     """
-    from kvlink.codec import CodecConfig, layer_bits_id
+    from kvlink.codec import layer_bits_id
+    from kvlink.recipe import build
 
     parts = label.split("+")
     fields: dict[str, Any] = {}
@@ -233,9 +241,11 @@ def config_from_label(label: str, allocations: Sequence[tuple[tuple[int, ...], t
             raise ValueError(f"label {label!r}: unknown part {part!r}")
     if mix and "k_layer_bits" not in fields:
         raise ValueError(f"label {label!r}: {sorted(mix.values())} without a bits-<id> part")
-    config = CodecConfig(**fields)
-    if config.label != label:
-        raise ValueError(f"label {label!r} parses to a config labelled {config.label!r}")
+    from kvlink.recipe import migrate_name
+
+    config = build(**fields)
+    if config.name != migrate_name(label):
+        raise ValueError(f"label {label!r} parses to a recipe named {config.name!r}")
     return config
 
 
@@ -251,7 +261,7 @@ def shipped_table_and_profile(model_name: str) -> tuple[Any, Any]:
 
 
 def table_configs(table: Any, sensitivity: Any) -> dict[str, Any]:
-    """Label -> CodecConfig of every entry of a quality table (its keys are CodecConfig labels).
+    """Label -> Recipe of every entry of a quality table (its keys are Recipe labels).
 
     Per-layer allocations are those the planner and the grid make: the sensitivity profile's at
     kvlink.budget.MIX_AVERAGES mean bits.
@@ -264,18 +274,9 @@ def table_configs(table: Any, sensitivity: Any) -> dict[str, Any]:
 
 # --- computing -----------------------------------------------------------------------------
 def observe_for_config(config: Any) -> Any:
-    """The prefill observation `config` encodes from: its selector's; else the question's when its
-    keys or values use the question's queries (round_k, k_widths, v_widths); else none. As the
-    benchmark grid does (kvlink.eval.grid._queries_for)."""
-    from kvlink.cache import Observe
-    from kvlink.select import get_selector
-
-    if config.selector != "none":
-        observes = get_selector(config.selector).observes
-        if observes is not Observe.NONE:
-            return observes
-    queries = config.round_k != "nearest" or config.k_widths != "uniform" or config.v_widths != "uniform"
-    return Observe.QUESTION if queries else Observe.NONE
+    """The prefill observation `config` (a kvlink.recipe.Recipe) encodes from: its selector's; else the
+    question's when its keys or values use the question's queries; else none (Recipe.needs)."""
+    return config.needs()
 
 
 class Context:
@@ -330,8 +331,9 @@ def encode_decode(config: Any, context: Context, profile: Any = None) -> dict[st
     from kvlink.codec import Codec
 
     lm = context.lm
-    codec = Codec(config, lm.geometry, profile if config.lowrank == "profile" else None)
-    encoded = codec.encode(context.prefill(observe_for_config(config), config.window))
+    codec = Codec(config, lm.geometry, profile if uses_profile(config) else None)
+    window = config.select.window if config.select is not None else 32
+    encoded = codec.encode(context.prefill(observe_for_config(config), window))
     size = wire.message_wire_size(encoded, SESSION_ID, MESSAGE_ID, lm.fingerprint, CHUNK_BYTES)
     decoded = codec.decode(encoded, "cpu", torch.float32)
     return {
@@ -355,12 +357,12 @@ def planner_pick(context: Context, budget: str, table: Any, sensitivity: Any) ->
         )  # fmt: skip
     except BudgetError as exc:
         return {"budget": budget, "error": str(exc), "smallest_fraction": exc.smallest_fraction}
-    plain = p.config.with_(zstd_level=0)
-    chosen = [c for c in p.candidates if c.config in (p.config, plain)]
+    plain = p.recipe.with_zstd(None)
+    chosen = [c for c in p.candidates if c.recipe in (p.recipe, plain)]
     return {
         "budget": budget,
-        "label": p.config.label,
-        "config": p.config.to_dict(),
+        "label": p.recipe.name,
+        "config": p.recipe.to_dict(),
         "total_bytes": p.total_bytes,
         "budget_bytes": p.budget_bytes,
         "fp16_bytes": p.fp16_bytes,
@@ -370,6 +372,11 @@ def planner_pick(context: Context, budget: str, table: Any, sensitivity: Any) ->
         "allowance": p.allowance,
         "encoded": encoded_digests(p.encoded),
     }
+
+
+def uses_profile(recipe: Any) -> bool:
+    """Whether `recipe` projects with a calibrated profile."""
+    return any(getattr(s, "mode", None) == "profile" for s in recipe.stages())
 
 
 def calibrated_profile(lm: Any) -> Any:
@@ -415,21 +422,21 @@ def compute(
     budgets: Sequence[str] = BUDGETS,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Every digest for `contexts` x `configs` (label -> CodecConfig) and the planner's picks at
+    """Every digest for `contexts` x `configs` (label -> Recipe) and the planner's picks at
     `budgets`; the picks' configs are encoded too when the table lacks them (e.g. a zstd variant).
 
     Returns {"environment", "profile_hash", "contexts": [{facts, prefills, configs: {label: ...},
     picks: [...]}], "configs": {label: to_dict()}}.
     """
-    from kvlink.codec import CodecConfig
+    from kvlink.recipe import Recipe
 
-    needs_profile = any(c.lowrank == "profile" for c in configs.values())
+    needs_profile = any(uses_profile(c) for c in configs.values())
     profile = calibrated_profile(lm) if needs_profile else None
     all_configs = dict(configs)
     fixed = [Context(lm, spec) for spec in contexts]
     picks = [[planner_pick(c, budget, table, sensitivity) for budget in budgets] for c in fixed]
     for pick in (p for ps in picks for p in ps if "config" in p):
-        config = CodecConfig.from_dict(pick["config"])
+        config = Recipe.from_dict(pick["config"])
         if config in all_configs.values():
             continue
         if pick["label"] in all_configs:

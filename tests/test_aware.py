@@ -1,4 +1,4 @@
-"""Query-aware rounding of keys (CodecConfig.round_k = "query", kvlink.quant.aware)."""
+"""Query-aware rounding of keys (a key Quantize stage with rounding "query", kvlink.quant.aware)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import torch
 from conftest import random_ids
 from kvlink import wire
 from kvlink.cache import ContextKV, Observe, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval.grid import parse_name
 from kvlink.models import Geometry
 from kvlink.quant.aware import quantize_query_aware, query_hessian
 from kvlink.quant.base import QuantSpec, dequantize, quantize, scale_shape
+from kvlink.recipe import build
 from kvlink.rotation import rotate
+from kvlink.stages import Rotate
 
 FP = "f" * 64
 
@@ -97,19 +99,19 @@ def test_query_hessian_groups_query_heads_by_kv_head() -> None:
 
 
 def test_config_validates_round_k() -> None:
-    assert CodecConfig(k_bits=4, v_bits=4, round_k="query").label.endswith("round-query")
-    assert parse_name("q2c75-layer-k4v3-sink1-qround") == CodecConfig(
+    assert build(k_bits=4, v_bits=4, round_k="query").name.endswith("round-query")
+    assert parse_name("q2c75%/layer+kint4c/vint3t-g32+sink1+round-query") == build(
         selector="q2c", retention=0.75, scope="layer", k_bits=4, v_bits=3, sink=1, round_k="query"
     )
     with pytest.raises(ValueError, match="round_k must be one of"):
-        CodecConfig(k_bits=4, round_k="stochastic")
+        build(k_bits=4, round_k="stochastic")
     with pytest.raises(ValueError, match="needs INT keys"):
-        CodecConfig(k_bits=16, v_bits=4, round_k="query")
+        build(k_bits=16, v_bits=4, round_k="query")
     with pytest.raises(ValueError, match="needs INT keys"):
-        CodecConfig(k_bits="nf4", round_k="query")
+        build(k_bits="nf4", round_k="query")
     with pytest.raises(ValueError, match="choose one"):
-        CodecConfig(k_bits=4, lowrank="svd", k_rank=8, round_k="query")
-    CodecConfig(k_bits=4, v_bits=4, lowrank="svd", v_rank=8, round_k="query")  # low rank on V only is fine
+        build(k_bits=4, lowrank="svd", k_rank=8, round_k="query")
+    build(k_bits=4, v_bits=4, lowrank="svd", v_rank=8, round_k="query")  # low rank on V only is fine
 
 
 def _prefilled(lm: Any, n_ctx: int = 48) -> Any:
@@ -126,11 +128,19 @@ def _model_logit_error(pre: Any, decoded: ContextKV, geometry: Geometry) -> floa
     return total
 
 
-@pytest.mark.parametrize("name", ["int3", "int2-sink1", "q2c50-layer-int3-sink1", "int3-rot"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kint3c/vint3t-g32",
+        "kint2c/vint2t-g32+sink1",
+        "q2c50%/layer+kint3c/vint3t-g32+sink1",
+        "kint3c/vint3t-g32+rot",
+    ],
+)
 def test_codec_rounds_keys_for_the_question_same_bytes(tiny: Any, name: str) -> None:
     pre = _prefilled(tiny)
     nearest = parse_name(name)
-    aware = nearest.with_(round_k="query")
+    aware = nearest.with_quantize("k", rounding="query")
     enc_n = Codec(nearest, tiny.geometry).encode(pre)
     enc_a = Codec(aware, tiny.geometry).encode(pre)
     # the same parts of the same sizes; values untouched; keys rounded differently
@@ -153,8 +163,9 @@ def test_codec_rounds_keys_for_the_question_same_bytes(tiny: Any, name: str) -> 
     for frame in wire.to_frames(enc_a, "s", "m", FP, 1 << 20):
         asm.feed(frame)
     received = asm.finish()[0]
-    assert received.config.round_k == "query"  # travels, for the receiver's records
-    dec_a = Codec(received.config, tiny.geometry).decode(received)
+    assert received.recipe == aware  # travels, for the receiver's records
+    assert all(q.rounding == "query" for q in received.recipe.quantizers("k"))
+    dec_a = Codec(received.recipe, tiny.geometry).decode(received)
     for layer in range(tiny.geometry.num_layers):
         assert torch.equal(dec_a.values[layer], dec_n.values[layer])
         assert torch.equal(dec_a.positions[layer], dec_n.positions[layer])
@@ -164,20 +175,19 @@ def test_codec_rounds_keys_for_the_question_same_bytes(tiny: Any, name: str) -> 
 def test_rotated_keys_round_in_the_rotated_space(tiny: Any) -> None:
     """With rotation the queries are rotated too: the Hessian must be the one of the stored keys."""
     pre = _prefilled(tiny)
-    config = CodecConfig(k_bits=3, v_bits=3, rotate="k", round_k="query")
+    config = build(k_bits=3, v_bits=3, rotate="k", round_k="query")
     enc = Codec(config, tiny.geometry).encode(pre)
     t = enc.tensors[0]
-    stored = rotate(pre.kv.keys[0].float(), config.seed, 0, "k")
-    hessian = query_hessian(
-        rotate(pre.observation.layers[0].queries, config.seed, 0, "k"), tiny.geometry.kv_heads
-    )
-    want = quantize_query_aware(stored, config.spec("k", 0), hessian)
+    seed = next(s.seed for s in config.pipeline("k", 0) if isinstance(s, Rotate))
+    stored = rotate(pre.kv.keys[0].float(), seed, 0, "k")
+    hessian = query_hessian(rotate(pre.observation.layers[0].queries, seed, 0, "k"), tiny.geometry.kv_heads)
+    want = quantize_query_aware(stored, config.pipeline("k", 0)[-1].spec, hessian)
     assert t.parts["codes"].data == want.codes.numpy().tobytes()
 
 
 def test_query_rounding_needs_observed_queries(tiny: Any) -> None:
     pre = prefill(tiny.model, random_ids(30, seed=5))  # no observation
-    codec = Codec(CodecConfig(k_bits=4, v_bits=4, round_k="query"), tiny.geometry)
+    codec = Codec(build(k_bits=4, v_bits=4, round_k="query"), tiny.geometry)
     with pytest.raises(ValueError, match="observe='question'"):
         codec.encode(pre)
     with pytest.raises(ValueError, match="observe='question'"):
@@ -185,25 +195,28 @@ def test_query_rounding_needs_observed_queries(tiny: Any) -> None:
 
 
 def test_receiver_rejects_an_unknown_rounding_as_malformed() -> None:
-    msg = wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4, round_k="query"))
-    assert msg.round_k == "query"
-    assert wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4)).round_k == ""  # absent: older receivers
-    msg.round_k = "dithered"
+    def key_quantize(msg: Any) -> Any:
+        (pipeline,) = [p for p in msg.pipelines if p.kind == wire.pb.TENSOR_KIND_K]
+        assert pipeline.stages[-1].name == "quantize"
+        return pipeline.stages[-1]
+
+    msg = wire.recipe_to_pb(build(k_bits=4, v_bits=4, round_k="query"))
+    assert key_quantize(msg).params["rounding"] == "query"
+    assert key_quantize(wire.recipe_to_pb(build(k_bits=4, v_bits=4))).params["rounding"] == "nearest"
+    key_quantize(msg).params["rounding"] = "dithered"
     with pytest.raises(wire.WireError) as info:
-        wire._config_from_pb(
-            msg, wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
-        )
-    assert info.value.code == "MALFORMED" and "round_k" in str(info.value)
+        wire.recipe_from_pb(msg, 2, frozenset({"format:int4"}))
+    assert info.value.code == "MALFORMED" and "rounding" in str(info.value)
 
 
 def test_batched_rounding_equals_layer_by_layer(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are independent: all layers in one call or one layer per call give the same bytes."""
-    import kvlink.codec as codec_module
+    import kvlink.stages.quantize as quantize_module
 
     pre = _prefilled(tiny)
-    config = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, round_k="query")
+    config = build(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, round_k="query")
     together = Codec(config, tiny.geometry).encode(pre)
-    monkeypatch.setattr(codec_module, "ROUND_BATCH_ELEMENTS", 1)
+    monkeypatch.setattr(quantize_module, "ROUND_BATCH_ELEMENTS", 1)
     one_by_one = Codec(config, tiny.geometry).encode(pre)
     for a, b in zip(together.tensors, one_by_one.tensors):
         assert (a.layer, a.kind) == (b.layer, b.kind)

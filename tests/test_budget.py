@@ -12,15 +12,42 @@ from kvlink.budget import (
     BudgetError,
     Constraints,
     QualityTable,
-    candidate_configs,
+    candidate_recipes,
     default_quality,
     observe_for,
     parse_budget,
     plan,
     quality_key,
+    with_rounding,
+    with_widths,
 )
 from kvlink.cache import Observe, prefill
-from kvlink.codec import CodecConfig
+from kvlink.capabilities import formats, local_capabilities
+from kvlink.models import Geometry
+from kvlink.recipe import Recipe, build
+from kvlink.stages import Rotate, Sink
+
+
+def _old_receiver(fmts: tuple[str, ...], selectors: tuple[str, ...] = ()) -> frozenset[str]:
+    """The capabilities of a receiver that decodes `fmts` and `selectors`, zstd, and nothing else (no
+    rotation, no sink entries, no low rank)."""
+    return frozenset({*(f"format:{f}" for f in fmts), *(f"select:{m}" for m in selectors), "zstd"})
+
+
+def _rotation(recipe: Recipe) -> str:
+    """Which tensors the recipe rotates: "none", "k", "v" or "kv"."""
+    kinds = "".join(kind for kind in "kv" if recipe.has("rotate", kind))
+    return kinds or "none"
+
+
+def _round_k(recipe: Recipe) -> str:
+    """'query' when the recipe rounds (INT) keys for the question's logits, else 'nearest'."""
+    return "query" if any(q.rounding == "query" for q in recipe.quantizers("k")) else "nearest"
+
+
+def _widths(recipe: Recipe, kind: str) -> str:
+    """'question' when the recipe's `kind` tensors get a width per line, else 'uniform'."""
+    return "question" if any(q.widths == "question" for q in recipe.quantizers(kind)) else "uniform"
 
 
 @pytest.mark.parametrize(
@@ -58,23 +85,23 @@ def test_plan_fits_exactly_counted_bytes(prefilled: tuple[Any, Any], budget: flo
     assert p.total_bytes <= p.budget_bytes == int(budget * fp16)
     assert p.fraction <= budget
     # Better budgets never plan a worse expected quality.
-    assert p.candidates and p.config in {
-        c.config.with_(zstd_level=p.config.zstd_level) for c in p.candidates
-    } | {c.config for c in p.candidates}
+    assert p.candidates and p.recipe in {c.recipe.with_zstd(p.recipe.zstd_level) for c in p.candidates} | {
+        c.recipe for c in p.candidates
+    }
 
 
 def test_full_budget_keeps_everything_losslessly(prefilled: tuple[Any, Any]) -> None:
     lm, pre = prefilled
     p = plan(pre, lm.geometry, lm.fingerprint, 1.0)
-    assert p.config.selector == "none" and p.config.k_format == p.config.v_format == "fp16"
-    assert p.config.zstd_level > 0  # framing makes plain FP16 overflow 100%; zstd pays for it
+    assert p.recipe.select is None and p.recipe.format("k") == p.recipe.format("v") == "fp16"
+    assert p.recipe.zstd_level > 0  # framing makes plain FP16 overflow 100%; zstd pays for it
 
 
 def test_budget_quality_is_monotonic(prefilled: tuple[Any, Any]) -> None:
     lm, pre = prefilled
     table = QualityTable()
     qualities = [
-        table.expected(plan(pre, lm.geometry, lm.fingerprint, b).config) for b in (0.1, 0.2, 0.4, 0.8)
+        table.expected(plan(pre, lm.geometry, lm.fingerprint, b).recipe) for b in (0.1, 0.2, 0.4, 0.8)
     ]
     assert qualities == sorted(qualities)
 
@@ -92,7 +119,7 @@ def test_unsatisfiable_budget_names_the_smallest_fraction(prefilled: tuple[Any, 
 def test_constraints_are_honored(prefilled: tuple[Any, Any]) -> None:
     lm, pre = prefilled
     p = plan(pre, lm.geometry, lm.fingerprint, 0.3, constraints=Constraints(k_bits=8, v_bits=4, zstd=False))
-    assert (p.config.k_format, p.config.v_format, p.config.zstd_level) == ("int8", "int4", 0)
+    assert (p.recipe.format("k"), p.recipe.format("v"), p.recipe.zstd_level) == ("int8", "int4", 0)
     with pytest.raises(BudgetError):
         plan(
             pre,
@@ -102,7 +129,7 @@ def test_constraints_are_honored(prefilled: tuple[Any, Any]) -> None:
             constraints=Constraints(retention=1.0, k_bits=16, v_bits=16),
         )
     assert all(
-        c.selector in ("none", "random") for c in candidate_configs(lm.geometry, Constraints(method="random"))
+        c.method in ("none", "random") for c in candidate_recipes(lm.geometry, Constraints(method="random"))
     )
     assert observe_for(Constraints(method="snapkv")) is Observe.WINDOW
     with pytest.raises(ValueError, match="unknown selection method 'bogus'"):
@@ -114,27 +141,23 @@ def test_constraints_are_honored(prefilled: tuple[Any, Any]) -> None:
 def test_measured_quality_table_drives_the_choice(prefilled: tuple[Any, Any], tmp_path: Any) -> None:
     """With measurements saying INT2 is perfect and everything else useless, the planner picks INT2."""
     lm, pre = prefilled
-    configs = candidate_configs(lm.geometry, Constraints(zstd=False))
-    entries = {quality_key(c): (1.0 if c.k_format == c.v_format == "int2" else 0.01) for c in configs}
+    configs = candidate_recipes(lm.geometry, Constraints(zstd=False))
+    entries = {quality_key(c): (1.0 if c.format("k") == c.format("v") == "int2" else 0.01) for c in configs}
     table = QualityTable(model="tiny", entries=entries)
     table.save(tmp_path / "q.json")
     loaded = QualityTable.load(tmp_path / "q.json")
     assert loaded.entries == entries
     p = plan(pre, lm.geometry, lm.fingerprint, 0.5, quality=loaded, constraints=Constraints(zstd=False))
-    assert p.config.k_format == p.config.v_format == "int2"
+    assert p.recipe.format("k") == p.recipe.format("v") == "int2"
     with pytest.raises(ValueError, match="cannot read quality table"):
         QualityTable.load(tmp_path / "missing.json")
 
 
 def test_default_prior_orders_the_seed_findings() -> None:
     q = default_quality
-    assert (
-        q(CodecConfig(k_bits=8, v_bits=8))
-        > q(CodecConfig(k_bits=4, v_bits=4))
-        > q(CodecConfig(k_bits=3, v_bits=3))
-    )
-    assert q(CodecConfig(k_bits=3, v_bits=3)) > q(CodecConfig(k_bits=2, v_bits=2))
-    sel = {m: q(CodecConfig(selector=m, retention=0.5)) for m in ("q2c", "h2o", "snapkv", "random")}
+    assert q(build(k_bits=8, v_bits=8)) > q(build(k_bits=4, v_bits=4)) > q(build(k_bits=3, v_bits=3))
+    assert q(build(k_bits=3, v_bits=3)) > q(build(k_bits=2, v_bits=2))
+    sel = {m: q(build(selector=m, retention=0.5)) for m in ("q2c", "h2o", "snapkv", "random")}
     assert sel["q2c"] > sel["h2o"] > sel["snapkv"] > sel["random"]
 
 
@@ -147,13 +170,13 @@ def test_plan_uses_the_calibrated_table_for_the_model(
     lm, pre = prefilled
     monkeypatch.setenv("KVLINK_CACHE", str(tmp_path))
     assert QualityTable.for_model(lm.fingerprint).entries == {}
-    configs = candidate_configs(lm.geometry, Constraints(zstd=False))
-    entries = {quality_key(c): (1.0 if c.k_format == c.v_format == "int3" else 0.01) for c in configs}
+    configs = candidate_recipes(lm.geometry, Constraints(zstd=False))
+    entries = {quality_key(c): (1.0 if c.format("k") == c.format("v") == "int3" else 0.01) for c in configs}
     path = default_quality_path(lm.fingerprint)
     path.parent.mkdir(parents=True)
     QualityTable(model="tiny", entries=entries).save(path)
     p = plan(pre, lm.geometry, lm.fingerprint, 0.5, constraints=Constraints(zstd=False))
-    assert p.config.k_format == p.config.v_format == "int3"
+    assert p.recipe.format("k") == p.recipe.format("v") == "int3"
 
 
 def test_shipped_measured_table_is_found_by_model_name(
@@ -170,7 +193,7 @@ def test_shipped_measured_table_is_found_by_model_name(
     assert table.entries == shipped.entries
     assert QualityTable.for_model("f" * 64, "some/other-model").entries == {}  # the built-in prior
 
-    q2c50_int4 = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    q2c50_int4 = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
     assert (
         table.expected(q2c50_int4) == shipped.entries[quality_key(q2c50_int4)] != default_quality(q2c50_int4)
     )
@@ -186,43 +209,45 @@ def test_rotation_is_planned_only_where_measured_and_decodable(prefilled: tuple[
     better makes the planner pick it, unless the receiver does not decode rotations."""
     lm, pre = prefilled
     prior = plan(pre, lm.geometry, lm.fingerprint, 0.2)
-    assert prior.config.rotate == "none"
-    assert any(c.config.rotate != "none" for c in prior.candidates)  # weighed, not chosen
-    rotated = prior.config.with_(rotate="v", zstd_level=0)
+    assert not prior.recipe.has("rotate")
+    assert any(c.recipe.has("rotate") for c in prior.candidates)  # weighed, not chosen
+    rotated = prior.recipe.with_zstd(None).with_transform(Rotate(), kinds=("v",))
     table = QualityTable(entries={quality_key(rotated): 0.999})
     picked = plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table)
-    assert picked.config.with_(zstd_level=0) == rotated
-    old_receiver = Constraints(rotations=("none",))
-    assert (
-        plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.rotate
-        == "none"
-    )
-    with pytest.raises(ValueError, match="receiver decodes"):
-        Constraints(rotate="kv", rotations=("none",))
+    assert picked.recipe.with_zstd(None) == rotated
+    no_rotations = local_capabilities() - {"rotate"}
+    old_receiver = Constraints(capabilities=no_rotations)
+    assert not plan(
+        pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver
+    ).recipe.has("rotate")
+    with pytest.raises(ValueError, match="the receiver does not decode rotation"):
+        Constraints(rotate="kv", capabilities=no_rotations)
 
 
 def test_sink_entries_are_planned_only_where_measured_and_readable(prefilled: tuple[Any, Any]) -> None:
     """Like a rotation: weighed, picked once a table measured it better, never for a receiver without."""
     lm, pre = prefilled
     prior = plan(pre, lm.geometry, lm.fingerprint, 0.2)
-    assert prior.config.sink == 0 and any(c.config.sink for c in prior.candidates)
-    with_sink = prior.config.with_(sink=1, zstd_level=0)
+    assert not prior.recipe.has("sink") and any(c.recipe.has("sink") for c in prior.candidates)
+    with_sink = prior.recipe.with_zstd(None).with_transform(Sink(1))
     table = QualityTable(entries={quality_key(with_sink): 0.999})
     picked = plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table)
-    assert picked.config.with_(zstd_level=0) == with_sink
+    assert picked.recipe.with_zstd(None) == with_sink
     assert picked.total_bytes <= picked.budget_bytes
-    old_receiver = Constraints(sinks=False)
-    assert (
-        plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver).config.sink == 0
-    )
+    old_receiver = Constraints(capabilities=local_capabilities() - {"sink"})
+    assert not plan(
+        pre, lm.geometry, lm.fingerprint, 0.2, quality=table, constraints=old_receiver
+    ).recipe.has("sink")
 
 
 def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
     from client.sender import SendError, _for_receiver
 
-    old = wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
-    assert _for_receiver(None, old).rotations == ("none",)
-    assert _for_receiver(Constraints(k_bits=4), wire.local_codecs()).rotations == ("none", "v", "kv")
+    g = Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1)
+    old = _old_receiver(("int4",))
+    assert {_rotation(c) for c in candidate_recipes(g, _for_receiver(None, old))} == {"none"}
+    local = _for_receiver(Constraints(k_bits=4), wire.local_capabilities())
+    assert {_rotation(c) for c in candidate_recipes(g, local)} == {"none", "v", "kv"}
     with pytest.raises(SendError, match="does not decode rotation 'kv'"):
         _for_receiver(Constraints(rotate="kv"), old)
 
@@ -231,26 +256,25 @@ def test_planner_sends_only_formats_the_receiver_decodes(prefilled: tuple[Any, A
     from client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
-    no_int3 = wire.Codecs(
-        formats=("fp16", "int8", "int4", "int2"), selectors=("none", "q2c"), lowrank_modes=("none",)
-    )
+    no_int3 = _old_receiver(("fp16", "int8", "int4", "int2"), ("q2c",))
     c = _for_receiver(None, no_int3)
-    assert c.formats == ("fp16", "int8", "int4", "int2")
-    configs = candidate_configs(lm.geometry, c)
+    assert formats(c.capabilities) == sorted(("fp16", "int8", "int4", "int2"))
+    configs = candidate_recipes(lm.geometry, c)
     assert configs and not any(
-        "int3" in (x.k_format, x.v_format) or "nf4" in (x.k_format, x.v_format) for x in configs
+        "int3" in (x.format("k"), x.format("v")) or "nf4" in (x.format("k"), x.format("v")) for x in configs
     )
     # an int3 table entry cannot make the planner send int3 to this receiver
-    int3 = CodecConfig(selector="q2c", retention=0.5, k_bits=3, v_bits=3)
+    int3 = build(selector="q2c", retention=0.5, k_bits=3, v_bits=3)
     table = QualityTable(entries={quality_key(int3): 0.999})
     assert (
-        plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table, constraints=c).config.k_format != "int3"
+        plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table, constraints=c).recipe.format("k")
+        != "int3"
     )
-    assert plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table).config.with_(zstd_level=0) == int3
+    assert plan(pre, lm.geometry, lm.fingerprint, 0.45, quality=table).recipe.with_zstd(None) == int3
     with pytest.raises(SendError, match="does not decode int3"):
         _for_receiver(Constraints(k_bits=3), no_int3)
-    with pytest.raises(ValueError, match="not a format the receiver decodes"):
-        Constraints(v_bits=3, formats=("int4",))
+    with pytest.raises(ValueError, match="the receiver does not decode int3"):
+        Constraints(v_bits=3, capabilities=frozenset({"format:int4"}))
 
 
 def test_kvlink_send_flags_become_planner_constraints() -> None:
@@ -262,11 +286,11 @@ def test_kvlink_send_flags_become_planner_constraints() -> None:
     )  # fmt: skip
     c = constraints_from_args(args)
     assert (c.k_bits, c.v_bits, c.scope, c.rotate, c.group_size) == (4, 4, "layer", "v", 64)
-    from kvlink.models import Geometry
-
-    configs = candidate_configs(Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1), c)
-    selective = [x for x in configs if x.selector != "none"]
-    assert selective and all((x.scope, x.rotate, x.k_format) == ("layer", "v", "int4") for x in selective)
+    configs = candidate_recipes(Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1), c)
+    selective = [x for x in configs if x.select is not None]
+    assert selective and all(
+        (x.scope, _rotation(x), x.format("k")) == ("layer", "v", "int4") for x in selective
+    )
 
 
 def test_query_rounding_is_planned_only_where_measured_better(prefilled: tuple[Any, Any]) -> None:
@@ -279,24 +303,25 @@ def test_query_rounding_is_planned_only_where_measured_better(prefilled: tuple[A
         return plan(pre, lm.geometry, lm.fingerprint, 0.2, quality=quality, constraints=c)
 
     prior = plan(pre, lm.geometry, lm.fingerprint, 0.2, constraints=int4)
-    assert prior.config.round_k == "nearest"
-    nearest = prior.config.with_(zstd_level=0)
-    aware = nearest.with_(round_k="query")
+    assert _round_k(prior.recipe) == "nearest"
+    nearest = prior.recipe.with_zstd(None)
+    aware = with_rounding(nearest)
+    assert aware is not None
     worse = QualityTable(entries={quality_key(nearest): 0.999, quality_key(aware): 0.99})
-    assert planned(worse).config.round_k == "nearest"
+    assert _round_k(planned(worse).recipe) == "nearest"
     better = QualityTable(entries={quality_key(nearest): 0.99, quality_key(aware): 0.999})
     picked = planned(better)
-    assert picked.config.with_(zstd_level=0) == aware
-    assert picked.encoded.config.round_k == "query" and picked.total_bytes <= picked.budget_bytes
+    assert picked.recipe.with_zstd(None) == aware
+    assert _round_k(picked.encoded.recipe) == "query" and picked.total_bytes <= picked.budget_bytes
     # the same bytes as the nearest-rounded message of the same config
     twin = planned(better, "nearest")
-    assert twin.config.with_(zstd_level=0) == nearest
+    assert twin.recipe.with_zstd(None) == nearest
     assert picked.encoded.sizes().as_dict() == twin.encoded.sizes().as_dict()
     assert [t.parts.keys() for t in picked.encoded.tensors] == [t.parts.keys() for t in twin.encoded.tensors]
     # pinned: every INT-key candidate rounds for the queries (unmeasured ones rank just below their twin)
     pinned = planned(round_k="query")
-    assert pinned.config.round_k == "query"
-    assert all(c.config.round_k == "query" for c in pinned.candidates if c.config.k_format != "fp16")
+    assert _round_k(pinned.recipe) == "query"
+    assert all(_round_k(c.recipe) == "query" for c in pinned.candidates if c.recipe.format("k") != "fp16")
 
 
 def test_round_k_constraint_and_observation() -> None:
@@ -315,7 +340,7 @@ def test_round_k_constraint_and_observation() -> None:
         is Observe.NONE
     )
     assert observe_for(Constraints(method="random", round_k="query")) is Observe.QUESTION
-    assert observe_for(Constraints(method="random", k_widths="query")) is Observe.QUESTION
+    assert observe_for(Constraints(method="random", k_widths="question")) is Observe.QUESTION
     assert observe_for(Constraints(method="random")) is Observe.NONE
     assert observe_for(Constraints(method="snapkv", round_k="query")) is Observe.WINDOW
 
@@ -326,36 +351,34 @@ def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tup
     from client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
-    base = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
-    widths = base.with_(k_widths="query")
-    both = base.with_(k_widths="query", round_k="query")
+    base = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
+    widths = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4, k_widths="question")
+    both = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4, k_widths="question",
+                 round_k="query")  # fmt: skip
+    assert (widths, both) == (with_widths(base, "k"), with_rounding(widths))  # the planner's twins
 
-    def picked(table: QualityTable, constraints: Constraints | None = None) -> CodecConfig:
-        return plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).config
+    def picked(table: QualityTable, constraints: Constraints | None = None) -> Recipe:
+        return plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).recipe
 
     unmeasured = QualityTable(entries={quality_key(base): 0.99})
-    assert picked(unmeasured).k_widths == "uniform"
+    assert _widths(picked(unmeasured), "k") == "uniform"
     table = QualityTable(entries={quality_key(base): 0.99, quality_key(widths): 0.995})
     chosen = picked(table)
-    assert chosen.with_(zstd_level=0) == widths
+    assert chosen.with_zstd(None) == widths
     result = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table)
-    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[0].spec.format == "int4w"
-    assert (
-        picked(QualityTable(entries={**table.entries, quality_key(both): 0.996})).with_(zstd_level=0) == both
-    )
-    assert picked(table, Constraints(k_widths="uniform")).k_widths == "uniform"
-    old = wire.Codecs(
-        formats=("fp16", "int8", "int4", "int3", "int2"), selectors=("none", "q2c"), lowrank_modes=("none",)
-    )
-    assert picked(table, _for_receiver(None, old)).k_widths == "uniform"
+    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[0].spec.format == "int4cw"
+    assert picked(QualityTable(entries={**table.entries, quality_key(both): 0.996})).with_zstd(None) == both
+    assert _widths(picked(table, Constraints(k_widths="uniform")), "k") == "uniform"
+    old = _old_receiver(("fp16", "int8", "int4", "int3", "int2"), ("q2c",))
+    assert _widths(picked(table, _for_receiver(None, old)), "k") == "uniform"
     with pytest.raises(SendError, match="per-channel key widths"):
-        _for_receiver(Constraints(k_widths="query"), old)
+        _for_receiver(Constraints(k_widths="question"), old)
     with pytest.raises(ValueError, match="k_widths must be one of"):
         Constraints(k_widths="always")
-    pinned = candidate_configs(lm.geometry, Constraints(k_widths="query", k_bits=3, v_bits=3))
-    unrotated = [c for c in pinned if c.rotate in ("none", "v")]
-    assert unrotated and all(c.k_widths == "query" for c in unrotated)  # rotated keys keep one width
-    assert all(c.k_widths == "uniform" for c in pinned if c.rotate in ("k", "kv"))
+    pinned = candidate_recipes(lm.geometry, Constraints(k_widths="question", k_bits=3, v_bits=3))
+    unrotated = [c for c in pinned if _rotation(c) in ("none", "v")]
+    assert unrotated and all(_widths(c, "k") == "question" for c in unrotated)  # rotated keys keep one width
+    assert all(_widths(c, "k") == "uniform" for c in pinned if _rotation(c) in ("k", "kv"))
 
 
 def test_planner_sends_value_widths_only_where_measured_and_decoded(prefilled: tuple[Any, Any]) -> None:
@@ -365,39 +388,38 @@ def test_planner_sends_value_widths_only_where_measured_and_decoded(prefilled: t
     from client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
-    base = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3)
-    vw = base.with_(v_widths="attention")
-    all3 = base.with_(round_k="query", k_widths="query", v_widths="attention")
+    base = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3)
+    vw = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3, v_widths="question")
+    all3 = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3, round_k="query",
+                 k_widths="question", v_widths="question")  # fmt: skip
+    assert vw == with_widths(base, "v")  # the planner's twin
 
-    def picked(table: QualityTable, constraints: Constraints | None = None) -> CodecConfig:
-        config = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).config
-        return config.with_(zstd_level=0)
+    def picked(table: QualityTable, constraints: Constraints | None = None) -> Recipe:
+        recipe = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table, constraints=constraints).recipe
+        return recipe.with_zstd(None)
 
-    assert picked(QualityTable(entries={quality_key(base): 0.99})).v_widths == "uniform"
+    assert _widths(picked(QualityTable(entries={quality_key(base): 0.99})), "v") == "uniform"
     table = QualityTable(entries={quality_key(base): 0.99, quality_key(vw): 0.995})
     assert picked(table) == vw
     result = plan(pre, lm.geometry, lm.fingerprint, 0.4, quality=table)
-    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[1].spec.format.endswith("t")
+    assert result.total_bytes <= result.budget_bytes and result.encoded.tensors[1].spec.format.endswith("rw")
     assert picked(QualityTable(entries={**table.entries, quality_key(all3): 0.999})) == all3
-    assert picked(table, Constraints(v_widths="uniform")).v_widths == "uniform"
-    old = wire.Codecs(
-        formats=("fp16", "int8", "int4", "int3", "int2", "int4w", "int3w", "int2w"),
-        selectors=("none", "q2c"), lowrank_modes=("none",),
-    )  # fmt: skip
-    assert picked(table, _for_receiver(None, old)).v_widths == "uniform"
-    with pytest.raises(SendError, match="per-token value widths"):
-        _for_receiver(Constraints(v_widths="attention"), old)
+    assert _widths(picked(table, Constraints(v_widths="uniform")), "v") == "uniform"
+    old = _old_receiver(("fp16", "int8", "int4", "int3", "int2", "int4cw", "int3cw", "int2cw"), ("q2c",))
+    assert _widths(picked(table, _for_receiver(None, old)), "v") == "uniform"
+    with pytest.raises(SendError, match="per-row value widths"):
+        _for_receiver(Constraints(v_widths="question"), old)
     with pytest.raises(ValueError, match="v_widths must be one of"):
         Constraints(v_widths="query")
     assert observe_for(
-        Constraints(method="none", round_k="nearest", k_widths="uniform", v_widths="attention")
+        Constraints(method="none", round_k="nearest", k_widths="uniform", v_widths="question")
     ) is (Observe.QUESTION)
-    pinned = candidate_configs(lm.geometry, Constraints(v_widths="attention", k_bits=4, v_bits=3))
-    assert pinned and all(c.v_widths == "attention" for c in pinned)
+    pinned = candidate_recipes(lm.geometry, Constraints(v_widths="question", k_bits=4, v_bits=3))
+    assert pinned and all(_widths(c, "v") == "question" for c in pinned)
     args = build_parser().parse_args(
-        ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q", "--value-widths", "attention"]
+        ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q", "--value-widths", "question"]
     )  # fmt: skip
-    assert constraints_from_args(args).v_widths == "attention"
+    assert constraints_from_args(args).v_widths == "question"
 
 
 def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) -> None:
@@ -407,16 +429,16 @@ def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) ->
 
     lm, pre = prefilled
     configs = [
-        CodecConfig(k_bits=4, v_bits=4),
-        CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1),
-        CodecConfig(selector="q2c", retention=0.9, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1,
-                    round_k="query", k_widths="query"),
-        CodecConfig(k_bits=2, v_bits=2, k_widths="query"),
-        CodecConfig(k_bits=8, v_bits=4, lowrank="svd", k_rank=8, v_rank=8),
-        CodecConfig(k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2), sink=1, k_widths="query"),
-        CodecConfig(selector="q2c", retention=0.9, scope="layer", k_bits=4, v_bits=3, group_size=64, sink=1,
-                    round_k="query", k_widths="query", v_widths="attention"),
-        CodecConfig(k_bits=3, v_bits=2, v_widths="attention"),
+        build(k_bits=4, v_bits=4),
+        build(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1),
+        build(selector="q2c", retention=0.9, scope="layer", k_bits=3, v_bits=4, group_size=64, sink=1,
+                    round_k="query", k_widths="question"),
+        build(k_bits=2, v_bits=2, k_widths="question"),
+        build(k_bits=8, v_bits=4, lowrank="svd", k_rank=8, v_rank=8),
+        build(k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2), sink=1, k_widths="question"),
+        build(selector="q2c", retention=0.9, scope="layer", k_bits=4, v_bits=3, group_size=64, sink=1,
+                    round_k="query", k_widths="question", v_widths="question"),
+        build(k_bits=3, v_bits=2, v_widths="question"),
     ]  # fmt: skip
     for config in configs:
         codec = Codec(config, lm.geometry)
@@ -426,4 +448,4 @@ def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) ->
             max(1, -(-len(p.data) // (1 << 20))) for t in encoded.tensors for p in t.parts.values()
         )
         total = size.total + wire.http2_overhead(n_frames, size.frames, n_signals=lm.geometry.num_layers + 2)
-        assert total <= _estimate(codec, pre.kv.length), config.label
+        assert total <= _estimate(codec, pre.kv.length), config.name

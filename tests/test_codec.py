@@ -9,20 +9,20 @@ import torch
 
 from conftest import random_ids
 from kvlink.cache import ContextKV, Observe, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.generate import greedy_answer
 from kvlink.models import Geometry
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import Recipe, build
 from kvlink.select import get_selector
+from kvlink.stages import Quantize, Rotate
 
 
-def _observe(config: CodecConfig) -> Observe:
-    return get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
+def _observe(config: Recipe) -> Observe:
+    return config.needs()
 
 
-def _round_trip(
-    lm: Any, ctx: torch.Tensor, q: torch.Tensor, config: CodecConfig, n: int = 8
-) -> tuple[Any, Any]:
+def _round_trip(lm: Any, ctx: torch.Tensor, q: torch.Tensor, config: Recipe, n: int = 8) -> tuple[Any, Any]:
     """(sender's own answer from its full cache, receiver's answer from the decoded bytes)."""
     pre = prefill(lm.model, ctx, q, observe=_observe(config))
     sender = greedy_answer(lm.model, lm.tokenizer, pre.kv, q, max_new_tokens=n, stop_at_eos=False)
@@ -36,7 +36,7 @@ def _round_trip(
 def test_full_precision_round_trip_reproduces_the_sender(tiny: Any) -> None:
     """Invariant 1 on tiny Llama / Qwen2 (attention bias) / Mistral: same tokens, logits within fp16 rounding."""
     ctx, q = random_ids(64, seed=11), random_ids(6, seed=12)
-    sender, receiver = _round_trip(tiny, ctx, q, CodecConfig())
+    sender, receiver = _round_trip(tiny, ctx, q, build())
     assert receiver.token_ids == sender.token_ids
     torch.testing.assert_close(receiver.logits, sender.logits, atol=2e-2, rtol=1e-3)
 
@@ -44,7 +44,7 @@ def test_full_precision_round_trip_reproduces_the_sender(tiny: Any) -> None:
 def test_int2_quarter_round_trip_changes_the_logits(tiny: Any) -> None:
     """A heavily compressed transfer must change what the receiver computes."""
     ctx, q = random_ids(64, seed=13), random_ids(6, seed=14)
-    config = CodecConfig(selector="q2c", retention=0.25, k_bits=2, v_bits=2)
+    config = build(selector="q2c", retention=0.25, k_bits=2, v_bits=2)
     sender, receiver = _round_trip(tiny, ctx, q, config, n=1)
     assert (receiver.prompt_logits - sender.prompt_logits).abs().max() > 0.05
 
@@ -52,7 +52,7 @@ def test_int2_quarter_round_trip_changes_the_logits(tiny: Any) -> None:
 def test_receiver_reads_the_bytes_not_a_copy(tiny: Any) -> None:
     """Flipping payload bytes after encoding changes the decoded cache: there is no hidden full copy."""
     pre = prefill(tiny.model, random_ids(40, seed=15), None)
-    config = CodecConfig(k_bits=8, v_bits=8)
+    config = build(k_bits=8, v_bits=8)
     codec = Codec(config, tiny.geometry)
     encoded = codec.encode(pre)
     clean = codec.decode(encoded)
@@ -69,35 +69,34 @@ def test_embedded_model_full_precision_round_trip(embedded: Any) -> None:
     example = load_squad()[0]
     ctx = context_ids(embedded.tokenizer, example.context)
     q = question_ids(embedded.tokenizer, example.question)
-    sender, receiver = _round_trip(embedded, ctx, q, CodecConfig(), n=12)
+    sender, receiver = _round_trip(embedded, ctx, q, build(), n=12)
     assert receiver.token_ids == sender.token_ids
     torch.testing.assert_close(receiver.logits, sender.logits, atol=5e-2, rtol=1e-3)
-    _, crushed = _round_trip(
-        embedded, ctx, q, CodecConfig(selector="q2c", retention=0.25, k_bits=2, v_bits=2), n=1
-    )
+    _, crushed = _round_trip(embedded, ctx, q, build(selector="q2c", retention=0.25, k_bits=2, v_bits=2), n=1)
     assert (crushed.prompt_logits - sender.prompt_logits).abs().max() > 0.5
 
 
 SIZE_CONFIGS = [
-    CodecConfig(),
-    CodecConfig(k_bits=8, v_bits=4, group_size=16),
-    CodecConfig(k_bits=3, v_bits=2, k_axis="token", v_axis="channel", group_size=7),
-    CodecConfig(k_bits="nf4", v_bits="nf4"),
-    CodecConfig(selector="random", retention=0.4, k_bits=4, v_bits=4),
-    CodecConfig(selector="streaming", retention=0.3, scope="layer", k_bits=2, v_bits=8),
-    CodecConfig(lowrank="svd", k_rank=8, v_rank=12, k_bits=4, v_bits=8),
-    CodecConfig(selector="random", retention=0.5, lowrank="svd", k_rank=4, v_rank=None, v_bits=3),
-    CodecConfig(k_bits=2, v_bits=3, hi_layers=2, hi_bits=8),
-    CodecConfig(k_bits=16, v_bits=2, hi_layers=1, hi_bits="nf4", rotate="v"),
-    CodecConfig(group_size=16, sink=1, k_layer_bits=(8, 2, 4), v_layer_bits=(3, 3, 2)),
-    CodecConfig(
-        selector="random", retention=0.5, scope="layer", k_layer_bits=(2, 3, 8), v_bits=4, rotate="kv"
+    build(),
+    build(k_bits=8, v_bits=4, group_size=16),
+    build(k_bits=3, v_bits=2, k_axis="token", v_axis="channel", group_size=7),
+    build(k_bits="nf4", v_bits="nf4"),
+    build(selector="random", retention=0.4, k_bits=4, v_bits=4),
+    build(selector="streaming", retention=0.3, scope="layer", k_bits=2, v_bits=8),
+    build(lowrank="svd", k_rank=8, v_rank=12, k_bits=4, v_bits=8),
+    build(selector="random", retention=0.5, lowrank="svd", k_rank=4, v_rank=None, v_bits=3),
+    Recipe(  # a pipeline per layer: INT8 keys in the first two layers, INT2 after
+        k=((Quantize("int8", 32, "channel"),),) * 2 + ((Quantize("int2", 32, "channel"),),),
+        v=((Quantize("int3", 32, "token"),),),
     ),
+    Recipe(k=((Quantize("fp16", 32, "channel"),),), v=((Rotate(), Quantize("int2", 32, "token")),)),
+    build(group_size=16, sink=1, k_layer_bits=(8, 2, 4), v_layer_bits=(3, 3, 2)),
+    build(selector="random", retention=0.5, scope="layer", k_layer_bits=(2, 3, 8), v_bits=4, rotate="kv"),
 ]
 
 
-@pytest.mark.parametrize("config", SIZE_CONFIGS, ids=lambda c: c.label)
-def test_sizes_are_known_before_encoding(config: CodecConfig) -> None:
+@pytest.mark.parametrize("config", SIZE_CONFIGS, ids=lambda c: c.name)
+def test_sizes_are_known_before_encoding(config: Recipe) -> None:
     """predicted_sizes (no bytes written) equals what encode produces, part by part."""
     g = Geometry(num_layers=3, kv_heads=2, head_dim=32, q_heads=4)
     torch.manual_seed(0)
@@ -110,11 +109,11 @@ def test_sizes_are_known_before_encoding(config: CodecConfig) -> None:
     )
     codec = Codec(config, g)
     kept = None
-    if config.selector != "none":
+    if config.select is not None:
         from kvlink.cache import Observation
 
         obs = Observation(kind=Observe.NONE, length=length, num_layers=3)
-        kept = get_selector(config.selector).keep(obs, config.retention, config.scope)
+        kept = get_selector(config.method).keep(obs, config.retention, config.scope)
     predicted = codec.predicted_sizes(length, kept)
     encoded = codec.encode_kv(kv, kept)
     assert encoded.sizes().as_dict() == predicted.as_dict()
@@ -133,8 +132,8 @@ def test_zstd_is_lossless_and_only_used_where_it_pays() -> None:
         [torch.arange(40)] * 2,
         40,
     )
-    plain = Codec(CodecConfig(k_bits=4, v_bits=4), g)
-    packed = Codec(CodecConfig(k_bits=4, v_bits=4, zstd_level=3), g)
+    plain = Codec(build(k_bits=4, v_bits=4), g)
+    packed = Codec(build(k_bits=4, v_bits=4, zstd_level=3), g)
     a, b = plain.encode_kv(kv), packed.encode_kv(kv)
     assert b.tensors[0].parts["codes"].zstd  # all-zero keys compress
     assert b.sizes().total < a.sizes().total
@@ -160,33 +159,33 @@ def test_zstd_is_lossless_and_only_used_where_it_pays() -> None:
 )
 def test_bad_configs_raise_naming_the_value(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        CodecConfig(**kwargs)
+        build(**kwargs)
 
 
 def test_rank_above_head_dim_is_refused() -> None:
     g = Geometry(num_layers=1, kv_heads=1, head_dim=16, q_heads=1)
-    with pytest.raises(ValueError, match="k_rank 17 exceeds head_dim 16"):
-        Codec(CodecConfig(lowrank="svd", k_rank=17), g)
+    with pytest.raises(ValueError, match="rank 17 exceeds head_dim 16"):
+        Codec(build(lowrank="svd", k_rank=17), g)
     with pytest.raises(ValueError, match="needs a calibrated model profile"):
-        Codec(CodecConfig(lowrank="profile", k_rank=4), g)
+        Codec(build(lowrank="profile", k_rank=4), g)
 
 
 @pytest.mark.parametrize(
     ("config", "launches"),
     [
-        (CodecConfig(k_bits=4, v_bits=4), 2),  # K per channel, V per token: one stack each
-        (CodecConfig(k_bits=4, v_bits=4, k_axis="token"), 1),  # K and V of every layer: one launch
-        (CodecConfig(k_bits=8, v_bits=2, k_axis="channel", v_axis="token"), 2),  # one stack per spec
-        (CodecConfig(k_bits=3, v_bits="nf4", group_size=8), 2),
-        (CodecConfig(lowrank="svd", k_rank=4, v_rank=None, k_bits=4, v_bits=4), 4),  # K: 3 fused expands
-        (CodecConfig(k_bits=4, v_bits=4, k_axis="token", sink=2), 1),  # sink entries: copied around it
-        (CodecConfig(lowrank="svd", k_rank=4, k_bits=4, v_bits=4, sink=1), 4),  # and one by one
+        (build(k_bits=4, v_bits=4), 2),  # K per channel, V per token: one stack each
+        (build(k_bits=4, v_bits=4, k_axis="token"), 1),  # K and V of every layer: one launch
+        (build(k_bits=8, v_bits=2, k_axis="channel", v_axis="token"), 2),  # one stack per spec
+        (build(k_bits=3, v_bits="nf4", group_size=8), 2),
+        (build(lowrank="svd", k_rank=4, v_rank=None, k_bits=4, v_bits=4), 4),  # K: 3 fused expands
+        (build(k_bits=4, v_bits=4, k_axis="token", sink=2), 1),  # sink entries: copied around it
+        (build(lowrank="svd", k_rank=4, k_bits=4, v_bits=4, sink=1), 4),  # and one by one
     ],
-    ids=lambda v: v.label if isinstance(v, CodecConfig) else str(v),
+    ids=lambda v: v.name if isinstance(v, Recipe) else str(v),
 )
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_decode_stacks_alike_tensors_into_one_launch(
-    config: CodecConfig, launches: int, backend: str, monkeypatch: pytest.MonkeyPatch
+    config: Recipe, launches: int, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A message's tensors quantized alike decode as one (n*H, N, D) stack: same values as one by one."""
     import kvlink.kernels as kernels
@@ -222,41 +221,44 @@ def test_decode_stacks_alike_tensors_into_one_launch(
         torch.testing.assert_close(got[:, t.sink :], alone, rtol=0, atol=0)
 
 
-def test_hi_layers_quantize_the_first_layers_at_hi_bits_and_travel_by_wire() -> None:
-    """Mixed precision by layer: each tensor carries its own spec; the receiver decodes what came."""
+def test_a_pipeline_per_layer_travels_by_wire() -> None:
+    """Mixed precision by layer: each layer's pipeline is its own (here INT8 keys in layer 0, INT2 after),
+    each tensor carries its spec, and the receiver decodes what came; one that lacks INT8 refuses it."""
     from kvlink import wire
+    from kvlink.capabilities import local_capabilities
 
     g = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
     torch.manual_seed(2)
     kv = ContextKV([torch.randn(2, 30, 16) for _ in range(3)], [torch.randn(2, 30, 16) for _ in range(3)],
                    [torch.arange(30)] * 3, 30)  # fmt: skip
-    config = CodecConfig(k_bits=2, v_bits=16, hi_layers=1, hi_bits=8)
-    assert [config.spec("k", layer).format for layer in range(3)] == ["int8", "int2", "int2"]
-    assert config.spec("v", 0).format == "fp16"  # fp16 tensors stay fp16
+    int8, int2 = Quantize("int8", 32, "channel"), Quantize("int2", 32, "channel")
+    config = Recipe(k=((int8,), (int2,), (int2,)), v=((Quantize("fp16", 32, "token"),),))
+    assert [config.pipeline("k", layer)[-1].format for layer in range(3)] == ["int8", "int2", "int2"]
     encoded = Codec(config, g).encode_kv(kv)
     assert [t.spec.format for t in encoded.tensors if t.kind == "k"] == ["int8", "int2", "int2"]
     asm = wire.Assembler("f" * 64, g)
     for frame in wire.to_frames(encoded, "s", "m", "f" * 64, 1 << 20):
         asm.feed(frame)
     received, _ = asm.finish()
-    assert received.config == config
+    assert received.recipe == config
     got, want = Codec(config, g).decode(received), Codec(config, g).decode(encoded)
     assert all(torch.equal(a, b) for a, b in zip(got.keys, want.keys, strict=True))
     errors = [float((d - x).norm() / x.norm()) for d, x in zip(got.keys, kv.keys, strict=True)]
     assert errors[0] < errors[1] / 10 and errors[0] < errors[2] / 10  # INT8 layer 0 vs INT2 layers
-    no_int8 = wire.Codecs(formats=("int2", "fp16"), selectors=("none",), lowrank_modes=("none",))
-    with pytest.raises(wire.WireError, match="hi_format 'int8'"):
-        wire.Assembler("f" * 64, g, codecs=no_int8).feed(
+    no_int8 = local_capabilities() - {"format:int8"}
+    with pytest.raises(wire.WireError, match="format:int8"):
+        wire.Assembler("f" * 64, g, capabilities=no_int8).feed(
             wire.to_frames(encoded, "s", "m", "f" * 64, 1 << 20)[0]
         )
-    with pytest.raises(ValueError, match="hi_layers 4 exceeds"):
-        Codec(CodecConfig(k_bits=4, hi_layers=4), g)
+    with pytest.raises(ValueError, match="3 per-layer pipelines, the model has 4 layers"):
+        Codec(config, Geometry(num_layers=4, kv_heads=2, head_dim=16, q_heads=4))
 
 
 _PEAK_SCRIPT = """
 import sys, threading, time, psutil, torch
 from kvlink.cache import ContextKV
-from kvlink.codec import Codec, CodecConfig, decode_cost
+from kvlink.codec import Codec, decode_cost
+from kvlink.recipe import Recipe, build
 from kvlink.models import Geometry
 from server.memory import return_freed_memory_promptly
 return_freed_memory_promptly()  # as kvlink-serve does at start-up
@@ -288,8 +290,8 @@ print(peak[0] - start, decode_cost(encoded, torch.float32))
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
-    ["CodecConfig(k_bits=2, v_bits=2, zstd_level=3)", "CodecConfig(k_bits=4, v_bits=4, rotate='kv', sink=1)",
-     "CodecConfig(k_bits='nf4', v_bits=3)"],
+    ["build(k_bits=2, v_bits=2, zstd_level=3)", "build(k_bits=4, v_bits=4, rotate='kv', sink=1)",
+     "build(k_bits='nf4', v_bits=3)"],
 )  # fmt: skip
 def test_decode_cost_bounds_the_decodes_peak_memory(config: str) -> None:
     """The receiver admits a decode against its memory budget with decode_cost: it must be an upper bound of

@@ -18,11 +18,13 @@ import torch
 
 from conftest import ToyTokenizer, random_ids, tiny_model
 from kvlink.cache import ContextKV, Observe, prefill, prefill_observations
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval import cli, fidelity, grid, report, tasks
-from kvlink.eval.squad import best_scores, exact_match, f1_score, normalize_answer
 from kvlink.generate import greedy_answer, teacher_forced_logits
 from kvlink.models import LoadedModel, wrap
+from kvlink.recipe import Recipe, build
+from kvlink.scoring import best_scores, exact_match, f1_score, normalize_answer
+from kvlink.stages import LowRank
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_batched_answers_match_greedy_answer(toy_lm: LoadedModel) -> None:
     ctx, q = random_ids(48, seed=3), random_ids(5, seed=4)
     pre = prefill(model, ctx, q, observe=Observe.QUESTION)
     kvs = []
-    for config in (CodecConfig(), CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)):
+    for config in (build(), build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)):
         codec = Codec(config, g)
         kvs.append(codec.decode(codec.encode(pre)))
     singles = [greedy_answer(model, tok, kv, q, max_new_tokens=6, stop_at_eos=False) for kv in kvs]
@@ -170,9 +172,9 @@ def test_batched_answers_match_greedy_answer(toy_lm: LoadedModel) -> None:
 
 # --- the evaluator -------------------------------------------------------------------------------
 def test_fidelity_sanity_full_precision_and_int2(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
-    configs = grid.resolve(["fp16", "int2", "q2c50"], text_lm.geometry)
+    configs = grid.resolve(["fp16", "kint2c/vint2t-g32", "q2c50%+fp16"], text_lm.geometry)
     records = {r["config"]: r for r in grid.Evaluator(text_lm, configs, SMALL).evaluate(squad2[0])}
-    full, int2, q2c = records["fp16"], records["int2"], records["q2c50"]
+    full, int2, q2c = records["fp16"], records["kint2c/vint2t-g32"], records["q2c50%+fp16"]
     assert full["fidelity"] == 1.0 and full["agree"] == 1.0 and full["answer"] == full["ref_answer"]
     assert full["kl"] < 1e-6 and full["f1"] == full["ref_f1"]
     assert full["k_rel_err"] < 1e-3 and full["k_cos"] > 0.99999 and full["k_energy"] == 1.0
@@ -191,7 +193,10 @@ def test_kept_sets_are_the_senders(text_lm: LoadedModel, squad2: list[tasks.Exam
     """One prefill for all selectors gives each the kept set the sender would compute alone."""
     from kvlink.prompt import question_rows
 
-    configs = grid.resolve(["q2c50", "snapkv25", "h2o50", "streaming25", "random50-layer"], text_lm.geometry)
+    configs = grid.resolve(
+        ["q2c50%+fp16", "snapkv25%+fp16", "h2o50%+fp16", "streaming25%+fp16", "random50%/layer+fp16"],
+        text_lm.geometry,
+    )
     example = squad2[0]
     ctx, q = example.encode(text_lm.tokenizer)
     rows = question_rows(text_lm.tokenizer, example.question)
@@ -210,7 +215,7 @@ def test_wire_bytes_is_the_planners_count(text_lm: LoadedModel) -> None:
 
     ctx = random_ids(30, seed=5, high=1000)
     pre = prefill(text_lm.model, ctx)
-    encoded = Codec(CodecConfig(k_bits=4, v_bits=4), text_lm.geometry).encode(pre)
+    encoded = Codec(build(k_bits=4, v_bits=4), text_lm.geometry).encode(pre)
     counted = grid.wire_bytes(encoded, text_lm.fingerprint, 1 << 20)
     size = wire.message_wire_size(encoded, grid.SESSION_ID, grid.MESSAGE_ID, text_lm.fingerprint, 1 << 20)
     frames = wire.to_frames(encoded, grid.SESSION_ID, grid.MESSAGE_ID, text_lm.fingerprint, 1 << 20)
@@ -220,38 +225,54 @@ def test_wire_bytes_is_the_planners_count(text_lm: LoadedModel) -> None:
 
 # --- the grid ---------------------------------------------------------------------------------------
 def test_config_names_presets_and_grids() -> None:
-    assert grid.parse_name("q2c50-int4") == CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
-    assert grid.parse_name("seed-kv-asym") == CodecConfig(k_bits=8, v_bits=4)
-    assert grid.parse_name("h2o25-layer-knf4v8-g64-vchan-zstd3") == CodecConfig(
+    assert grid.parse_name("q2c50%+kint4c/vint4t-g32") == build(
+        selector="q2c", retention=0.5, k_bits=4, v_bits=4
+    )
+    assert grid.parse_name("seed-kv-asym") == build(k_bits=8, v_bits=4)
+    assert grid.parse_name("h2o25%/layer+knf4c/vint8c-g64+zstd3") == build(
         selector="h2o", retention=0.25, scope="layer", k_bits="nf4", v_bits=8, group_size=64,
         v_axis="channel", zstd_level=3,
     )  # fmt: skip
-    assert grid.parse_name("proj32-int4").lowrank == "profile"
-    assert grid.parse_name("q2c50-k4v3-vrot-sink4") == CodecConfig(
+    proj = grid.parse_name("profile-r32+kint4c/vint4t-g32")
+    assert {s.mode for s in proj.stages() if isinstance(s, LowRank)} == {"profile"}
+    assert grid.parse_name("q2c50%+kint4c/vint3t-g32+sink4+v-rot") == build(
         selector="q2c", retention=0.5, k_bits=4, v_bits=3, rotate="v", sink=4
     )
     kivi = grid.parse_name("kivi2")
-    assert (kivi.k_format, kivi.k_axis, kivi.v_axis, kivi.group_size) == ("int2", "channel", "token", 32)
-    with pytest.raises(ValueError, match="unknown token 'q2x50'"):
-        grid.parse_name("q2x50-int4")
+    (kq,), (vq,) = kivi.quantizers("k"), kivi.quantizers("v")
+    assert (kivi.format("k"), kq.axis, vq.axis, kq.group, vq.group) == ("int2", "channel", "token", 32, 32)
+    with pytest.raises(ValueError, match="unknown selection method 'q2x'"):
+        grid.parse_name("q2x50%+kint4c/vint4t-g32")
     default = grid.select_configs("default")
     assert 30 <= len(default) <= 45 and default[0].name == "fp16"
     names = {c.name for c in default}
     for sel in ("q2c", "snapkv", "h2o", "streaming", "random"):
-        assert {f"{sel}50", f"{sel}25"} <= names
-    assert {"int8", "int4", "int3", "int2", "nf4", "svd16", "svd32", "proj16", "proj32"} <= names
+        assert {f"{sel}50%+fp16", f"{sel}25%+fp16"} <= names
+    assert {
+        "kint8c/vint8t-g32", "kint4c/vint4t-g32", "kint3c/vint3t-g32", "kint2c/vint2t-g32", "knf4c/vnf4t-g32",
+        "svd-r16+fp16", "svd-r32+fp16", "profile-r16+fp16", "profile-r32+fp16",
+    } <= names  # fmt: skip
     by_name = {c.name: c for c in default}
-    assert "kivi2" in by_name["int2"].aliases and "seed-q2c75-int4" in by_name["q2c75-int4"].aliases
+    assert "kivi2" in by_name["kint2c/vint2t-g32"].aliases
+    assert "seed-q2c75-int4" in by_name["q2c75%+kint4c/vint4t-g32"].aliases
     tiny = grid.Geometry(2, 2, 16, 4)
-    assert all((c.config.k_rank or 0) <= 16 for c in grid.select_configs("default", geometry=tiny))
+    ranks = [
+        s.rank
+        for c in grid.select_configs("default", geometry=tiny)
+        for s in c.config.stages()
+        if isinstance(s, LowRank)
+    ]
+    assert ranks and all(rank <= 16 for rank in ranks)
     full = grid.select_configs("full")
     assert len(full) >= 16 * 6 * 5
-    assert [c.name for c in grid.select_configs(None, ["reference"])][:3] == ["fp16", "int8", "int4"]
-    assert grid.family(grid.parse_name("q2c50-proj32-int4")) == "q2c+proj+quant"
+    assert [c.name for c in grid.select_configs(None, ["reference"])][:3] == [
+        "fp16", "kint8c/vint8t-g32", "kint4c/vint4t-g32",
+    ]  # fmt: skip
+    assert grid.family(grid.parse_name("q2c50%+profile-r32+kint4c/vint4t-g32")) == "q2c+proj+quant"
 
 
 def test_resume_skips_done_pairs(text_lm: LoadedModel, squad2: list[tasks.Example], tmp_path: Path) -> None:
-    configs = grid.resolve(["fp16", "int4", "streaming50"], text_lm.geometry)
+    configs = grid.resolve(["fp16", "kint4c/vint4t-g32", "streaming50%+fp16"], text_lm.geometry)
     samples = tmp_path / "samples.jsonl"
     first, stats = grid.run_quality(text_lm, squad2, configs, samples, SMALL, resume=True, progress=False)
     assert stats["pairs_run"] == 6 and len(first) == 6
@@ -268,7 +289,7 @@ def test_resume_skips_done_pairs(text_lm: LoadedModel, squad2: list[tasks.Exampl
 
 
 def test_shards_merge_and_resume(text_lm: LoadedModel, squad2: list[tasks.Example], tmp_path: Path) -> None:
-    configs = grid.resolve(["fp16", "int4"], text_lm.geometry)
+    configs = grid.resolve(["fp16", "kint4c/vint4t-g32"], text_lm.geometry)
     settings = grid.RunSettings(max_new_tokens=3, batch=4, ppl_every=2, ppl_prefix=48, ppl_tokens=8)
     for k in (0, 1):
         path = grid.samples_file(tmp_path, (k, 2))
@@ -333,21 +354,24 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
     from kvlink.budget import QualityTable
 
     rows = [
-        _row("squad", "fp16", 1.0, 1.0), _row("squad", "int4", 0.32, 0.76), _row("squad", "int2", 0.19, 0.23),
-        _row("squad", "q2c75-int4", 0.235, 0.68), _row("squad", "q2c50-int4", 0.157, 0.61),
-        _row("squad", "q2c50-int2", 0.10, 0.45), _row("squad", "q2c25-int4", 0.08, 0.15),
-        _row("squad", "h2o50-int4", 0.157, 0.58), _row("squad", "q2c25-int3", 0.06, 0.30),
+        _row("squad", "fp16", 1.0, 1.0), _row("squad", "kint4c/vint4t-g32", 0.32, 0.76),
+        _row("squad", "kint2c/vint2t-g32", 0.19, 0.23), _row("squad", "q2c75%+kint4c/vint4t-g32", 0.235, 0.68),
+        _row("squad", "q2c50%+kint4c/vint4t-g32", 0.157, 0.61), _row("squad", "q2c50%+kint2c/vint2t-g32", 0.10, 0.45),
+        _row("squad", "q2c25%+kint4c/vint4t-g32", 0.08, 0.15), _row("squad", "h2o50%+kint4c/vint4t-g32", 0.157, 0.58),
+        _row("squad", "q2c25%+kint3c/vint3t-g32", 0.06, 0.30),
     ]  # fmt: skip
     results = {"meta": {"fingerprint": "abc"}, "summary": rows}
     table = cli.quality_table(results, "squad")
-    assert table.entries[grid.parse_name("q2c50-int4").label] == 0.61
+    assert table.entries[grid.parse_name("q2c50%+kint4c/vint4t-g32").name] == 0.61
     checks = report.planner_check(rows, table, (0.1875, 0.125, 0.0625), "squad")
-    assert [c["pick"] for c in checks] == ["q2c50-int4", "q2c50-int2", "q2c25-int3"]
+    assert [c["pick"] for c in checks] == [
+        "q2c50%+kint4c/vint4t-g32", "q2c50%+kint2c/vint2t-g32", "q2c25%+kint3c/vint3t-g32",
+    ]  # fmt: skip
     assert all(c["on_frontier"] for c in checks)
     assert [c["pick"] for c in checks] == [c["best"] for c in checks]
     # The built-in prior ranks by its own guesses: at 12.5% it picks a config the measurements dominate.
     prior = report.planner_check(rows, QualityTable(), (0.125,), "squad")[0]
-    assert prior["pick"] == "q2c25-int4" and not prior["on_frontier"]
+    assert prior["pick"] == "q2c25%+kint4c/vint4t-g32" and not prior["on_frontier"]
     assert report.planner_check(rows, table, (0.01,), "squad")[0]["pick"] is None
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
@@ -356,14 +380,17 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
     assert QualityTable.load(out).entries == table.entries
     assert len(json.loads((tmp_path / "check.json").read_text())["checks"]) == 3
     # a second run of the same model adds configs; a config in both keeps the row with more examples
-    second = [{**_row("squad", "int4", 0.32, 0.80), "n": 300}, _row("squad", "q2c50-int4-sink1", 0.16, 0.70)]
+    second = [
+        {**_row("squad", "kint4c/vint4t-g32", 0.32, 0.80), "n": 300},
+        _row("squad", "q2c50%+kint4c/vint4t-g32+sink1", 0.16, 0.70),
+    ]
     path2 = tmp_path / "second.json"
     path2.write_text(json.dumps({"meta": {"fingerprint": "abc"}, "summary": second}))
     merged = report.merge_results([path, path2])
     assert len(merged["summary"]) == len(rows) + 1
-    assert cli.quality_table(merged).entries[grid.parse_name("int4").label] == 0.80
+    assert cli.quality_table(merged).entries[grid.parse_name("kint4c/vint4t-g32").name] == 0.80
     assert cli.main(["calibrate", str(path), str(path2), "--out", str(out)]) == 0
-    assert QualityTable.load(out).expected(grid.parse_name("q2c50-int4-sink1")) == 0.70
+    assert QualityTable.load(out).expected(grid.parse_name("q2c50%+kint4c/vint4t-g32+sink1")) == 0.70
     path2.write_text(json.dumps({"meta": {"fingerprint": "other"}, "summary": second}))
     with pytest.raises(ValueError, match="different models"):
         report.merge_results([path, path2])
@@ -373,18 +400,27 @@ def test_planner_check_picks_only_what_the_planner_can_send() -> None:
     """A measured config outside the planner's search space (a retention it never tries) is not its pick."""
     from kvlink.budget import plannable
 
-    rows = [_row("squad", "q2c42.5-int4", 0.14, 0.70), _row("squad", "q2c40-int4", 0.13, 0.65)]
-    assert not plannable(grid.parse_name("q2c42.5-int4")) and plannable(grid.parse_name("q2c40-int4"))
-    assert not plannable(grid.parse_name("int4-hi4")) and not plannable(grid.parse_name("int4-ktok"))
+    rows = [
+        _row("squad", "q2c42.5%+kint4c/vint4t-g32", 0.14, 0.70),
+        _row("squad", "q2c40%+kint4c/vint4t-g32", 0.13, 0.65),
+    ]
+    assert not plannable(grid.parse_name("q2c42.5%+kint4c/vint4t-g32")) and plannable(
+        grid.parse_name("q2c40%+kint4c/vint4t-g32")
+    )
+    assert not plannable(grid.parse_name("kint4t/vint4t-g32"))  # keys per token: never searched
     table = cli.quality_table({"meta": {}, "summary": rows}, "squad")
     check = report.planner_check(rows, table, (0.15,), "squad")[0]
-    assert (check["pick"], check["best"]) == ("q2c40-int4", "q2c42.5-int4")
+    assert (check["pick"], check["best"]) == ("q2c40%+kint4c/vint4t-g32", "q2c42.5%+kint4c/vint4t-g32")
 
 
 def test_gzipped_results_read_like_plain_ones(tmp_path: Path) -> None:
     import gzip
 
-    results = {"meta": {"fingerprint": "abc"}, "summary": [_row("squad", "int4", 0.32, 0.76)], "samples": []}
+    results = {
+        "meta": {"fingerprint": "abc"},
+        "summary": [_row("squad", "kint4c/vint4t-g32", 0.32, 0.76)],
+        "samples": [],
+    }
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json.gz").write_bytes(gzip.compress(json.dumps(results).encode()))
@@ -434,9 +470,11 @@ def test_reserved_contexts_are_not_evaluated() -> None:
 
 # --- reports and the CLI ----------------------------------------------------------------------------
 def test_report_outputs_parse(text_lm: LoadedModel, squad2: list[tasks.Example], tmp_path: Path) -> None:
-    configs = grid.resolve(["fp16", "int3", "random50", "q2c25-int4"], text_lm.geometry)
+    configs = grid.resolve(
+        ["fp16", "kint3c/vint3t-g32", "random50%+fp16", "q2c25%+kint4c/vint4t-g32"], text_lm.geometry
+    )
     records, _ = grid.run_quality(text_lm, squad2, configs, tmp_path / "samples.jsonl", SMALL, progress=False)
-    result = report.write_report(records, tmp_path, {"model": "tiny"}, {"int3": ["three"]})
+    result = report.write_report(records, tmp_path, {"model": "tiny"}, {"kint3c/vint3t-g32": ["three"]})
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["samples"]) == 8 and {r["config"] for r in data["summary"]} == {c.name for c in configs}
     row = next(r for r in data["summary"] if r["config"] == "fp16")
@@ -445,7 +483,7 @@ def test_report_outputs_parse(text_lm: LoadedModel, squad2: list[tasks.Example],
     assert math.isnan(f1_pct) or f1_pct == pytest.approx(100.0)  # NaN when the full KV scores 0
     assert data["frontier"]["squad"] and all(isinstance(r["frontier"], bool) for r in data["summary"])
     md = (tmp_path / "results.md").read_text()
-    assert "| int3 (three) |" in md or "| *int3 (three) |" in md
+    assert "| kint3c/vint3t-g32 (three) |" in md or "| *kint3c/vint3t-g32 (three) |" in md
     png = tmp_path / "pareto-squad.png"
     assert result["plots"] == [str(png)] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -471,10 +509,12 @@ def test_cli_quality_report_calibrate(
     assert names[0] == "fp16" and len(names) == len(grid.select_configs("default", geometry=text_lm.geometry))
     assert cli.main([*listing, "--configs", "seeds"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
-    assert names == ["fp16", "q2c75-int4", "q2c50-int8", "k8v4"]  # svd32/svd64 exceed head_dim 16
+    # svd-r32/svd-r64 exceed head_dim 16
+    assert names == ["fp16", "q2c75%+kint4c/vint4t-g32", "q2c50%+kint8c/vint8t-g32", "kint8c/vint4t-g32"]
     argv = [
-        "quality", "--model", str(model_dir), "--task", "squad:2", "--configs", "int4,q2c50-int8", "--device",
-        "cpu", "--out", str(out), "--no-progress", "--max-new-tokens", "3", "--ppl-tokens", "4",
+        "quality", "--model", str(model_dir), "--task", "squad:2", "--device", "cpu",
+        "--configs", "kint4c/vint4t-g32,q2c50%+kint8c/vint8t-g32",
+        "--out", str(out), "--no-progress", "--max-new-tokens", "3", "--ppl-tokens", "4",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 6  # fp16 is always run
@@ -493,7 +533,8 @@ def test_cli_quality_report_calibrate(
 def test_cli_sensitivity_then_mix_configs(
     text_lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """kvlink-bench sensitivity writes the model's profile where `quality` finds it for mix<bits> names."""
+    """kvlink-bench sensitivity writes the model's profile where `quality` finds it for per-layer
+    (kmix.../vmix...+bits-<id>) names."""
     from kvlink.layerbits import Sensitivity, default_path
 
     monkeypatch.setenv("KVLINK_CACHE", str(tmp_path / "cache"))
@@ -501,29 +542,32 @@ def test_cli_sensitivity_then_mix_configs(
     text_lm.model.save_pretrained(model_dir)
     text_lm.tokenizer.save_pretrained(model_dir)
     common = ["--model", str(model_dir), "--device", "cpu", "--no-progress"]
-    argv = [
-        "quality",
-        *common,
-        "--task",
-        "squad:1",
-        "--configs",
-        "mix3-g16-sink1",
-        "--out",
-        str(tmp_path / "q"),
-    ]
-    with pytest.raises(ValueError, match="kvlink-bench sensitivity"):
-        cli.main(argv)  # no profile for this model yet
     assert cli.main(["sensitivity", *common, "--limit", "2", "--group-size", "16", "--batch", "3"]) == 0
     [path] = (tmp_path / "cache" / "sensitivity").iterdir()  # <cache>/sensitivity/<fingerprint>.json
     assert path == default_path(path.stem)
     profile = Sensitivity.load(path)
     assert profile.examples == 2 and profile.num_layers == 2 and profile.group_size == 16
     assert "mix3:" in capsys.readouterr().out
+    k_bits, v_bits = profile.allocate(3.0)
+    expected = build(group_size=16, sink=1, k_layer_bits=k_bits, v_layer_bits=v_bits)
+    # the recipe name of the allocation at 3 bits on average: its bits-<id> comes from the profile
+    name = expected.name
+    assert "+bits-" in name
+    argv = ["quality", *common, "--task", "squad:1", "--configs", name, "--out", str(tmp_path / "q")]
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ValueError, match="kvlink-bench sensitivity"):
+        cli.main(argv)  # no profile for this model here
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path / "cache"))
     assert cli.main(argv) == 0
     meta = json.loads((tmp_path / "q" / "run.json").read_text())
-    mix = next(c for c in meta["configs"] if c["name"] == "mix3-g16-sink1")
-    assert (tuple(mix["k_layer_bits"]), tuple(mix["v_layer_bits"])) == profile.allocate(3.0)
-    row = next(r for r in report.load_results(tmp_path / "q")["summary"] if r["config"] == "mix3-g16-sink1")
+    mix = next(c for c in meta["configs"] if c["name"] == name)
+    recorded = Recipe.from_dict(mix)
+    assert recorded == expected
+    bits = {
+        kind: tuple(int(q.format.removeprefix("int")) for q in recorded.quantizers(kind)) for kind in "kv"
+    }
+    assert (bits["k"], bits["v"]) == profile.allocate(3.0)
+    row = next(r for r in report.load_results(tmp_path / "q")["summary"] if r["config"] == name)
     assert "+bits-" in row["key"] and row["family"] == "quant"
 
 
@@ -541,23 +585,20 @@ def test_paced_link_paces() -> None:
 
 
 def test_e2e_example(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
-    configs = grid.resolve(["q2c50-int4", "int4-qround"], text_lm.geometry)
+    configs = grid.resolve(["q2c50%+kint4c/vint4t-g32", "kint4c/vint4t-g32+round-query"], text_lm.geometry)
     started = time.perf_counter()
     rows = cli.e2e_example(text_lm, squad2[0], configs, [1e9], repeats=1)
     assert time.perf_counter() - started < 30
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"q2c50-int4", "int4-qround", "fp16-kv", "text"}
-    assert (
-        by["q2c50-int4"]["bytes"] < by["int4-qround"]["bytes"] < by["fp16-kv"]["bytes"]
-    )  # observed queries, no selection
-    assert (
-        by["q2c50-int4"]["bytes"] < by["fp16-kv"]["bytes"] and by["text"]["bytes"] < by["q2c50-int4"]["bytes"]
-    )
+    q2c50, qround = "q2c50%+kint4c/vint4t-g32", "kint4c/vint4t-g32+round-query"
+    assert set(by) == {q2c50, qround, "fp16-kv", "text"}
+    assert by[q2c50]["bytes"] < by[qround]["bytes"] < by["fp16-kv"]["bytes"]  # observed queries, no selection
+    assert by[q2c50]["bytes"] < by["fp16-kv"]["bytes"] and by["text"]["bytes"] < by[q2c50]["bytes"]
     assert by["fp16-kv"]["token"] == by["text"]["token"]  # the full KV answers as a re-prefill does
     for r in rows:
         assert r["ttft_s"] > 0 and r["transfer_s"] > 0
     summary = cli.e2e_summary(rows)
-    entry = next(e for e in summary if e["method"] == "q2c50-int4")
+    entry = next(e for e in summary if e["method"] == q2c50)
     assert entry["fp16_over_this"] > 0 and entry["text_over_this"] > 0
 
 
@@ -577,7 +618,7 @@ def test_entropy_of_codes_is_measured_against_zstd() -> None:
                       [torch.arange(64)] * 2, 64)  # fmt: skip
     smooth = ContextKV([torch.linspace(0, 1, 64).view(1, 64, 1).expand(1, 64, 8).contiguous()] * 2,
                        [torch.ones(1, 64, 8)] * 2, [torch.arange(64)] * 2, 64)  # fmt: skip
-    config = CodecConfig(k_bits=4, v_bits=4)
+    config = build(k_bits=4, v_bits=4)
     a = entropy.code_statistics(noise, config, g)
     b = entropy.code_statistics(smooth, config, g)
     assert a["codes_bytes"] == b["codes_bytes"] == 4 * 64 * 8 // 2

@@ -36,11 +36,12 @@ import pytest
 from client.sender import SendError, TransferResult, ask, channel_options, transfer, transfer_with_retries
 from kvlink import wire
 from kvlink.cache import Observe, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, EncodedKV
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
 from netutil import Fault, FaultProxy, Receiver, can_bind, free_port, serving, settle
 from server.store import kv_nbytes
 
@@ -52,7 +53,7 @@ CACHE_CAP = (
 MAX_NEW_TOKENS = 8
 ANSWER_TOKENS = 4
 SENDERS = 16
-CONFIG = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+CONFIG = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
 DEFINED = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS,

@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 
 from kvlink import wire
 from kvlink.cache import ContextKV
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, EncodedKV
 from kvlink.models import Geometry
+from kvlink.recipe import Recipe, build
 from kvlink.select import keep_count
 
 GEOM = Geometry(num_layers=2, kv_heads=2, head_dim=8, q_heads=4)
@@ -50,12 +51,12 @@ HEAP_BOUND = 2 << 20
 """Python heap one transfer may take under LIMITS (the messages here are a few KB; a header may declare GBs)."""
 
 CONFIGS = (
-    CodecConfig(),
-    CodecConfig(selector="random", retention=0.5, k_bits=4, v_bits=2),
-    CodecConfig(selector="random", retention=0.25, scope="layer", k_bits=3, v_bits="nf4", group_size=8),
-    CodecConfig(k_bits=8, v_bits=8, zstd_level=3),
-    CodecConfig(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=4),
-    CodecConfig(selector="random", retention=0.5, scope="layer", k_bits=4, v_bits=3, sink=2, rotate="v"),
+    build(),
+    build(selector="random", retention=0.5, k_bits=4, v_bits=2),
+    build(selector="random", retention=0.25, scope="layer", k_bits=3, v_bits="nf4", group_size=8),
+    build(k_bits=8, v_bits=8, zstd_level=3),
+    build(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=4),
+    build(selector="random", retention=0.5, scope="layer", k_bits=4, v_bits=3, sink=2, rotate="v"),
 )
 
 
@@ -72,7 +73,7 @@ class Sample:
         return {i: raw for i, raw in enumerate(self.raws[1:-1])}
 
 
-def _sample(config: CodecConfig, seed: int) -> Sample:
+def _sample(config: Recipe, seed: int) -> Sample:
     g = torch.Generator().manual_seed(seed)
     shape = (GEOM.kv_heads, T, GEOM.head_dim)
     keys = [torch.randn(shape, generator=g) for _ in range(GEOM.num_layers)]
@@ -80,7 +81,7 @@ def _sample(config: CodecConfig, seed: int) -> Sample:
     if config.zstd_level:
         keys, values = [k.round() for k in keys], [v.round() for v in values]
     kept = None
-    if config.selector != "none":
+    if config.select is not None:
         n = keep_count(config.retention, T)
         one = lambda: torch.sort(torch.randperm(T, generator=g)[:n]).values  # noqa: E731
         kept = (
@@ -122,8 +123,8 @@ def deliver(raws: Sequence[bytes], resend: dict[int, bytes] | None = None) -> tu
 
 
 def same(a: EncodedKV, b: EncodedKV) -> None:
-    assert (b.config, b.geometry, b.length, b.positions, b.profile_hash) == (
-        a.config, a.geometry, a.length, a.positions, a.profile_hash,
+    assert (b.recipe, b.geometry, b.length, b.positions, b.profile_hash) == (
+        a.recipe, a.geometry, a.length, a.positions, a.profile_hash,
     )  # fmt: skip
     assert b.tensors == a.tensors, "a different message came out of a damaged one"
 
@@ -259,9 +260,17 @@ U64 = st.one_of(U32, st.sampled_from([2**32, 2**63, 2**64 - 1]), st.integers(0, 
 I64 = st.integers(-(2**63), 2**63 - 1)
 ENUM = st.one_of(st.integers(-2, 6), st.just(2**31 - 1))  # proto3 enums are open: unknown values parse
 NAMES = ("none", "q2c", "random", "snapkv", "global", "layer", "fp16", "int8", "int4", "int3", "int2", "nf4",
-         "token", "channel", "svd", "profile", "")  # fmt: skip
+         "int4cw", "int3rw", "token", "channel", "svd", "profile", "nearest", "query", "uniform", "question",
+         "select", "quantize", "sink", "rotate", "lowrank", "clamp", "zstd", "")  # fmt: skip
 TEXT = st.one_of(st.sampled_from(NAMES), st.text(max_size=12), st.text(min_size=100, max_size=300))
 F64 = st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True))
+PARAMS = ("method", "retention", "scope", "window", "seed", "format", "group", "axis", "rounding", "widths", "n",
+          "mode", "rank", "sigmas", "level")  # fmt: skip
+"""The parameter names of the registered stages (kvlink.stages): a Stage's params map carries them as text."""
+PARAM_TEXT = st.one_of(
+    TEXT, U32.map(str), I64.map(str), F64.map(repr), st.sampled_from(["", "0", "1", "-1", "1e9"])
+)
+"""Any value of a parameter's type, as text: names, integers of any width, floats (nan, inf), garbage."""
 
 
 def _pick(draw: st.DrawFn, seq: Any) -> int | None:
@@ -271,7 +280,7 @@ def _pick(draw: st.DrawFn, seq: Any) -> int | None:
 def _mutate_header(draw: st.DrawFn, h: Any) -> str:
     """Set one field (or add/remove one repeated entry) of a parsed Header to any value of its type."""
     area = draw(
-        st.sampled_from(["ids", "geometry", "length", "config", "positions", "tensors", "payload", "grow"])
+        st.sampled_from(["ids", "geometry", "length", "recipe", "positions", "tensors", "payload", "grow"])
     )
     if area == "ids":
         name = draw(st.sampled_from(["session_id", "message_id", "fingerprint", "profile_hash"]))
@@ -284,21 +293,8 @@ def _mutate_header(draw: st.DrawFn, h: Any) -> str:
     if area == "length":
         h.length = draw(U32)
         return "length"
-    if area == "config":
-        name = draw(st.sampled_from(["selector", "scope", "k_format", "v_format", "k_axis", "v_axis", "lowrank",
-                                     "retention", "group_size", "zstd_level", "window", "seed", "k_rank", "v_rank"]))  # fmt: skip
-        if name == "retention":
-            h.config.retention = draw(F64)
-        elif name == "seed":
-            h.config.seed = draw(I64)
-        elif name in ("group_size", "zstd_level", "window", "k_rank", "v_rank"):
-            if name.endswith("rank") and draw(st.booleans()):
-                h.config.ClearField(name)
-            else:
-                setattr(h.config, name, draw(U32))
-        else:
-            setattr(h.config, name, draw(TEXT))
-        return f"config.{name}"
+    if area == "recipe":
+        return _mutate_recipe(draw, h.recipe)
     if area == "positions":
         i = _pick(draw, h.positions)
         op = draw(st.sampled_from(["encoding", "count", "data", "add", "remove"]))
@@ -317,8 +313,8 @@ def _mutate_header(draw: st.DrawFn, h: Any) -> str:
         i = _pick(draw, h.tensors)
         assert i is not None
         t = h.tensors[i]
-        op = draw(st.sampled_from(["layer", "kind", "shape", "stored_shape", "format", "group", "axis", "lowrank",
-                                   "remove", "repeat"]))  # fmt: skip
+        op = draw(st.sampled_from(["layer", "kind", "shape", "stored_shape", "format", "group", "axis", "remove",
+                                   "repeat"]))  # fmt: skip
         if op == "layer":
             t.layer = draw(U32)
         elif op == "kind":
@@ -332,8 +328,6 @@ def _mutate_header(draw: st.DrawFn, h: Any) -> str:
             t.spec.group_size = draw(U32)
         elif op == "axis":
             t.spec.axis = draw(TEXT)
-        elif op == "lowrank":
-            t.lowrank = draw(TEXT)
         elif op == "remove":
             del h.tensors[i]
         else:
@@ -360,12 +354,91 @@ def _mutate_header(draw: st.DrawFn, h: Any) -> str:
         return f"payload[{i}] {op}"
     # grow: many repeated entries at once (the header-size and table limits)
     n = draw(st.sampled_from([50, 600, 2000]))
-    target = draw(st.sampled_from(["payload", "tensors", "positions"]))
-    entries = getattr(h, target)
+    target = draw(st.sampled_from(["payload", "tensors", "positions", "recipe.pipelines", "recipe.stages"]))
+    if target == "recipe.pipelines":
+        entries = h.recipe.pipelines
+    elif target == "recipe.stages":
+        entries = h.recipe.pipelines[0].stages if h.recipe.pipelines else []
+    else:
+        entries = getattr(h, target)
     if len(entries):
         for _ in range(n):
             entries.add().CopyFrom(entries[0])
     return f"grow {target} by {n}"
+
+
+def _mutate_stage(draw: st.DrawFn, stage: Any, where: str) -> str:
+    """Set a Stage's name, or one of its params (a known name or any text) to any text, or drop one."""
+    op = draw(st.sampled_from(["name", "param", "drop param", "clear params"]))
+    if op == "name":
+        stage.name = draw(TEXT)
+    elif op == "param":
+        key = draw(st.one_of(st.sampled_from(PARAMS), TEXT))
+        stage.params[key] = draw(PARAM_TEXT)
+        return f"{where}.params[{key[:16]!r}]"
+    elif op == "drop param" and stage.params:
+        del stage.params[draw(st.sampled_from(sorted(stage.params)))]
+    else:
+        op = "clear params"
+        stage.params.clear()
+    return f"{where} {op}"
+
+
+def _mutate_recipe(draw: st.DrawFn, r: Any) -> str:
+    """Set one field of the header's Recipe (its select and zstd stages, its pipelines' kinds, layers and
+    stages) to any value of its type, or add or remove one entry."""
+    area = draw(st.sampled_from(["select", "zstd", "pipeline"]))
+    if area in ("select", "zstd"):
+        op = draw(st.sampled_from(["mutate", "clear", "set"]))
+        if op == "clear":
+            r.ClearField(area)
+        elif op == "set" or not r.HasField(area):
+            getattr(r, area).CopyFrom(wire.pb.Stage(name=draw(TEXT), params={
+                draw(st.sampled_from(PARAMS)): draw(PARAM_TEXT) for _ in range(draw(st.integers(0, 3)))
+            }))  # fmt: skip
+        else:
+            return _mutate_stage(draw, getattr(r, area), f"recipe.{area}")
+        return f"recipe.{area} {op}"
+    i = _pick(draw, r.pipelines)
+    op = draw(st.sampled_from(["kind", "add layer", "set layer", "clear layers", "stage", "add stage",
+                               "remove stage", "swap stages", "remove", "repeat"]))  # fmt: skip
+    if i is None:
+        r.pipelines.add(kind=draw(ENUM), layers=draw(st.lists(U32, max_size=3)))
+        return "recipe.pipelines add"
+    p = r.pipelines[i]
+    j = _pick(draw, p.stages)
+    if op == "set layer" and not p.layers:
+        op = "add layer"
+    if (op in ("stage", "remove stage") and j is None) or (op == "swap stages" and len(p.stages) < 2):
+        op = "add stage"
+    if op == "kind":
+        p.kind = draw(ENUM)
+    elif op == "add layer":
+        p.layers.append(draw(U32))
+    elif op == "set layer":
+        p.layers[draw(st.integers(0, len(p.layers) - 1))] = draw(U32)
+    elif op == "clear layers":
+        del p.layers[:]
+    elif op == "stage":
+        return _mutate_stage(draw, p.stages[j], f"recipe.pipelines[{i}].stages[{j}]")
+    elif op == "add stage":
+        p.stages.add(name=draw(st.one_of(st.sampled_from(NAMES), TEXT)), params={
+            draw(st.sampled_from(PARAMS)): draw(PARAM_TEXT) for _ in range(draw(st.integers(0, 3)))
+        })  # fmt: skip
+    elif op == "remove stage":
+        del p.stages[j]
+    elif op == "swap stages":
+        a, b = p.stages[0], p.stages[len(p.stages) - 1]
+        first, last = type(a)(), type(b)()
+        first.CopyFrom(a)
+        last.CopyFrom(b)
+        a.CopyFrom(last)
+        b.CopyFrom(first)
+    elif op == "remove":
+        del r.pipelines[i]
+    else:
+        r.pipelines.add().CopyFrom(p)
+    return f"recipe.pipelines[{i}] {op}"
 
 
 @st.composite
@@ -404,7 +477,7 @@ def test_header_field_mutations_are_validated_before_allocation(
 def _decode_or_value_error(encoded: EncodedKV) -> str:
     """Decode as the server does; ValueError (answered as MALFORMED) is the only failure allowed."""
     try:
-        kv = Codec(encoded.config, encoded.geometry).decode(encoded)
+        kv = Codec(encoded.recipe, encoded.geometry).decode(encoded)
     except ValueError as exc:
         note(f"decode refused: {exc}")
         return "assembled; decode refused (ValueError -> MALFORMED)"

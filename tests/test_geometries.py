@@ -11,11 +11,12 @@ import torch
 
 from kvlink import geometries, models
 from kvlink.cache import prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.generate import greedy_answer
 from kvlink.geometries import ARCHITECTURES, RandomModel, parse
 from kvlink.models import Geometry, geometry_of, load_model
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
 
 SMALL_VOCAB = 49_152  # the embedded SmolLM2 tokenizer's, which every random model uses
 
@@ -229,8 +230,8 @@ def test_prefill_transfer_and_answer_on_a_random_model(name: str) -> None:
     pre = prefill(sender.model, ctx, q)
     assert pre.kv.num_layers == 2 and pre.kv.keys[0].shape == (2, ctx.numel(), 16)
     own = greedy_answer(sender.model, sender.tokenizer, pre.kv, q, max_new_tokens=6, stop_at_eos=False)
-    encoded = Codec(CodecConfig(), sender.geometry).encode(pre)
-    kv = Codec(CodecConfig(), receiver.geometry).decode(encoded)
+    encoded = Codec(build(), sender.geometry).encode(pre)
+    kv = Codec(build(), receiver.geometry).decode(encoded)
     answer = greedy_answer(receiver.model, receiver.tokenizer, kv, q, max_new_tokens=6, stop_at_eos=False)
     assert answer.token_ids == own.token_ids
     torch.testing.assert_close(answer.logits, own.logits, atol=1e-3, rtol=1e-3)

@@ -17,15 +17,16 @@ from transformers import AutoModelForCausalLM, DynamicCache, TextStreamer
 
 from conftest import TINY_FAMILIES, ToyTokenizer, random_ids, tiny_config, tiny_model
 from kvlink.cache import ContextKV, Observe, build_cache, cache_arg, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.generate import greedy_answer, teacher_forced_logits
 from kvlink.hfcache import KVLinkCache
 from kvlink.models import geometry_of
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "transformers.md"
 VARIANTS = ("full", "global", "layer", "codec")
-CODEC = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
+CODEC = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
 # Tiny models: no EOS stop (random weights would stop anywhere), so both sides run every step.
 NO_EOS: dict[str, Any] = {"eos_token_id": None, "pad_token_id": 0}
 

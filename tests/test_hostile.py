@@ -41,12 +41,13 @@ import torch
 from client.sender import SendError, ask, channel_options, transfer
 from kvlink import wire
 from kvlink.cache import Observe, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV, decode_cost
+from kvlink.codec import Codec, EncodedKV, decode_cost
 from kvlink.eval.bench_abuse import bearer, bomb_frames, decode_bomb, positions_frames, rows_frames
 from kvlink.eval.squad import load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import build
 from netutil import Receiver, free_port, serving
 
 TOKENS = {
@@ -104,7 +105,7 @@ def rss(rx: Receiver) -> int:
 
 
 # --- messages ----------------------------------------------------------------------------------------------
-CONFIG = CodecConfig(k_bits=4, v_bits=4)
+CONFIG = build(k_bits=4, v_bits=4)
 
 
 def good_message(lm: LoadedModel, index: int = 0) -> tuple[EncodedKV, str, list[int]]:

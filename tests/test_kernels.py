@@ -306,10 +306,10 @@ def test_public_functions_dispatch(monkeypatch) -> None:
 
 # (H, T, D, group, format): per-channel widths (kvlink.quant.widths), odd T, D = 64 / 128 / 16.
 WIDTH_CASES = (
-    (2, 37, 64, 32, "int4w"),
-    (3, 129, 64, 64, "int3w"),
-    (1, 130, 128, 128, "int2w"),
-    (2, 1, 16, 32, "int3w"),
+    (2, 37, 64, 32, "int4cw"),
+    (3, 129, 64, 64, "int3cw"),
+    (1, 130, 128, 128, "int2cw"),
+    (2, 1, 16, 32, "int3cw"),
 )
 
 
@@ -346,10 +346,10 @@ def test_dequantize_widths_matches_reference(case) -> None:
 # (H, T, D, group, format): per-token-row widths of values, odd T and odd H * T (the 4-bit widths
 # stream then ends in half a byte), groups shorter than D.
 TOKEN_WIDTH_CASES = (
-    (2, 37, 64, 64, "int3t"),
-    (3, 129, 64, 32, "int4t"),
-    (1, 131, 128, 128, "int2t"),
-    (2, 1, 16, 8, "int3t"),
+    (2, 37, 64, 64, "int3rw"),
+    (3, 129, 64, 32, "int4rw"),
+    (1, 131, 128, 128, "int2rw"),
+    (2, 1, 16, 8, "int3rw"),
 )
 
 

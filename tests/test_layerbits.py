@@ -1,4 +1,4 @@
-"""Bits per layer and per K/V (kvlink.layerbits, CodecConfig.k_layer_bits/v_layer_bits): the
+"""Bits per layer and per K/V (kvlink.layerbits; a recipe with one pipeline per layer): the
 allocation, the codec, the wire, the planner, the benchmark's `mix` token and the measurement."""
 
 from __future__ import annotations
@@ -12,14 +12,40 @@ import torch
 
 from conftest import random_ids
 from kvlink import wire
-from kvlink.budget import Constraints, QualityTable, candidate_configs, observe_for, plan, quality_key
+from kvlink.budget import (
+    Constraints,
+    QualityTable,
+    candidate_recipes,
+    observe_for,
+    plan,
+    quality_key,
+    with_rounding,
+)
 from kvlink.cache import ContextKV, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.capabilities import local_capabilities
+from kvlink.codec import Codec
 from kvlink.layerbits import STEPS, Sensitivity
 from kvlink.models import Geometry
+from kvlink.quant.formats import format_spec
+from kvlink.recipe import Recipe, build, layer_bits_id
+from kvlink.stages import Sink
 
 G = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
 FP = "f" * 64
+
+
+def _layer_bits(recipe: Recipe, kind: str) -> tuple[int, ...]:
+    """Bits of each layer's `kind` tensors when the recipe has one pipeline per layer, else ()."""
+    if not recipe.per_layer(kind):
+        return ()
+    return tuple(format_spec(q.format).bits for q in recipe.quantizers(kind))
+
+
+def _mix(profile: Sensitivity, average: float, group: int = 64) -> str:
+    """The formats token and bits-<id> of `profile`'s allocation at `average` bits (the name grammar)."""
+    k_bits, v_bits = profile.allocate(average)
+    k_mean, v_mean = sum(k_bits) / len(k_bits), sum(v_bits) / len(v_bits)
+    return f"kmix{k_mean:.3g}c/vmix{v_mean:.3g}t-g{group}+bits-{layer_bits_id(k_bits, v_bits)}"
 
 
 def _profile(
@@ -137,15 +163,15 @@ def _kv(length: int = 40) -> ContextKV:
 
 def test_each_layer_is_quantized_at_its_own_width() -> None:
     kv = _kv()
-    config = CodecConfig(k_layer_bits=(8, 2, 4), v_layer_bits=(2, 8, 3), group_size=8)
-    assert (config.k_bits, config.v_bits) == (8, 8)  # canonical: the widest entry
+    config = build(k_layer_bits=(8, 2, 4), v_layer_bits=(2, 8, 3), group_size=8)
+    assert (config.format("k"), config.format("v")) == ("int8", "int8")  # canonical: the widest entry
     codec = Codec(config, G)
     encoded = codec.encode_kv(kv)
     assert [t.spec.format for t in encoded.tensors] == ["int8", "int2", "int2", "int8", "int4", "int3"]
     decoded = codec.decode(encoded)
-    for layer, (kb, vb) in enumerate(zip(config.k_layer_bits, config.v_layer_bits, strict=True)):
+    for layer, (kb, vb) in enumerate(zip(_layer_bits(config, "k"), _layer_bits(config, "v"), strict=True)):
         for kind, bits in (("k", kb), ("v", vb)):
-            uniform = Codec(CodecConfig(k_bits=bits, v_bits=bits, group_size=8), G)
+            uniform = Codec(build(k_bits=bits, v_bits=bits, group_size=8), G)
             alone = uniform.decode(uniform.encode_kv(kv))
             got, ref = (decoded.keys, alone.keys) if kind == "k" else (decoded.values, alone.values)
             assert torch.equal(got[layer], ref[layer])  # bit for bit the uniform codec at that width
@@ -160,36 +186,35 @@ def test_each_layer_is_quantized_at_its_own_width() -> None:
         ({"k_layer_bits": (4, 16, 4)}, "entries must be one of"),
         ({"v_layer_bits": (4, True, 4)}, "entries must be one of"),
         ({"k_layer_bits": "444"}, "sequence of bit widths"),
-        ({"k_layer_bits": (4, 4, 4), "hi_layers": 1}, "choose one"),
         ({"v_layer_bits": (4, 4, 4), "lowrank": "svd", "v_rank": 4}, "choose one"),
     ],
 )
 def test_layer_bits_are_validated(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        CodecConfig(**kwargs)
+        build(**kwargs)
 
 
 def test_layer_bits_must_cover_every_layer() -> None:
-    with pytest.raises(ValueError, match="k_layer_bits has 2 entries, the model has 3 layers"):
-        CodecConfig(k_layer_bits=(4, 4)).validate_for(G)
+    with pytest.raises(ValueError, match="k has 2 per-layer pipelines, the model has 3 layers"):
+        build(k_layer_bits=(4, 4)).check(G)
 
 
 def test_label_names_the_allocation_and_config_survives_json() -> None:
-    a = CodecConfig(k_layer_bits=(8, 2, 4), v_layer_bits=(2, 4, 3))
-    b = CodecConfig(k_layer_bits=(4, 2, 8), v_layer_bits=(2, 4, 3))
-    assert a.label.startswith("kmix4.67c/vmix3t-g32+bits-") and a.label != b.label
-    assert CodecConfig.from_dict(a.to_dict()) == a
-    assert CodecConfig(k_layer_bits=[8, 2, 4]) == CodecConfig(k_layer_bits=(8, 2, 4))  # type: ignore[arg-type]
+    a = build(k_layer_bits=(8, 2, 4), v_layer_bits=(2, 4, 3))
+    b = build(k_layer_bits=(4, 2, 8), v_layer_bits=(2, 4, 3))
+    assert a.name.startswith("kmix4.67c/vmix3t-g32+bits-") and a.name != b.name
+    assert Recipe.from_dict(a.to_dict()) == a
+    assert build(k_layer_bits=[8, 2, 4]) == build(k_layer_bits=(8, 2, 4))  # type: ignore[arg-type]
 
 
 # --- wire ----------------------------------------------------------------------------------------
-def _frames(config: CodecConfig) -> list[Any]:
+def _frames(config: Recipe) -> list[Any]:
     encoded = Codec(config, G).encode_kv(_kv())
     return wire.to_frames(encoded, "s", "m", FP, 1 << 20)
 
 
-def _refused(frames: list[Any], codecs: wire.Codecs | None = None) -> wire.WireError:
-    asm = wire.Assembler(FP, G, codecs=codecs) if codecs else wire.Assembler(FP, G)
+def _refused(frames: list[Any], capabilities: frozenset[str] | None = None) -> wire.WireError:
+    asm = wire.Assembler(FP, G, capabilities=capabilities)
     with pytest.raises(wire.WireError) as info:
         for frame in frames:
             asm.feed(frame)
@@ -197,38 +222,41 @@ def _refused(frames: list[Any], codecs: wire.Codecs | None = None) -> wire.WireE
 
 
 def test_a_receiver_without_layer_bits_refuses_them_by_name() -> None:
-    old = wire.Codecs(formats=("int8", "int4", "int2"), selectors=("none",), lowrank_modes=("none",))
-    err = _refused(_frames(CodecConfig(k_layer_bits=(8, 2, 4), v_bits=4)), old)
-    assert err.code == "UNKNOWN_CODEC" and "bits per layer" in err.message
-    no_int2 = wire.Codecs(
-        formats=("int8", "int4"), selectors=("none",), lowrank_modes=("none",), layer_bits=True
-    )
-    err = _refused(_frames(CodecConfig(k_layer_bits=(8, 2, 4), v_bits=4)), no_int2)
-    assert err.code == "UNKNOWN_CODEC" and "2-bit layer" in err.message and "[8, 4]" in err.message
+    no_int2 = frozenset({"format:int8", "format:int4", "zstd"})
+    err = _refused(_frames(build(k_layer_bits=(8, 2, 4), v_bits=4)), no_int2)
+    assert err.code == "UNKNOWN_CODEC" and "format:int2" in err.message
 
 
 def test_tampered_layer_bits_are_refused() -> None:
-    frames = _frames(CodecConfig(k_layer_bits=(8, 2, 4), v_bits=4))
+    frames = _frames(build(k_layer_bits=(8, 2, 4), v_bits=4))
+    keys = [p for p in frames[0].header.recipe.pipelines if p.kind == wire.pb.TENSOR_KIND_K]
+    assert [(list(p.layers), p.stages[-1].params["format"]) for p in keys] == [
+        ([0], "int8"), ([1], "int2"), ([2], "int4"),
+    ]  # fmt: skip
     short = wire.parse_frame(frames[0].SerializeToString())
-    del short.header.config.k_layer_bits[-1]
+    del short.header.recipe.pipelines[2]  # layer 2's keys without a pipeline
     err = _refused([short, *frames[1:]])
-    assert err.code == "SHAPE" and "k_layer_bits has 2 entries" in err.message
+    assert err.code == "SHAPE" and "k layers without a pipeline" in err.message
     swapped = wire.parse_frame(frames[0].SerializeToString())
-    swapped.header.config.k_layer_bits[:] = [2, 8, 4]  # the entries still say 8, 2, 4
+    swapped.header.recipe.pipelines[0].layers[:] = [1]  # the recipe says 2, 8, 4 bits;
+    swapped.header.recipe.pipelines[1].layers[:] = [0]  # the entries still say 8, 2, 4
     err = _refused([swapped, *frames[1:]])
     assert err.code == "MALFORMED" and "layer 0 k: spec" in err.message
     odd = wire.parse_frame(frames[0].SerializeToString())
-    odd.header.config.k_layer_bits[1] = 6
+    odd.header.recipe.pipelines[1].stages[-1].params["format"] = "int6"
     err = _refused([odd, *frames[1:]])
-    assert err.code == "UNKNOWN_CODEC" and "6-bit layer" in err.message
+    assert err.code == "UNKNOWN_CODEC" and "int6" in err.message
 
 
 def test_sender_drops_layer_bits_for_a_receiver_without_them() -> None:
     from client.sender import _for_receiver
 
-    old = wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
-    assert _for_receiver(None, old).layer_bits is False
-    assert _for_receiver(None, wire.local_codecs()).layer_bits is True
+    profile = _tiny_profile(G.num_layers)
+    old = frozenset({"format:int4", "zstd"})  # the widths of no allocation but INT4
+    narrowed = candidate_recipes(G, _for_receiver(None, old), profile)
+    assert narrowed and not any(c.per_layer("k") or c.per_layer("v") for c in narrowed)
+    local = candidate_recipes(G, _for_receiver(None, wire.local_capabilities()), profile)
+    assert any(c.per_layer("k") for c in local)
 
 
 # --- planner ---------------------------------------------------------------------------------------
@@ -249,34 +277,42 @@ def _tiny_profile(num_layers: int) -> Sensitivity:
 def test_planner_weighs_allocations_only_where_measured(prefilled: tuple[Any, Any]) -> None:
     lm, pre = prefilled
     profile = _tiny_profile(lm.geometry.num_layers)
-    mixed = [c for c in candidate_configs(lm.geometry, None, profile) if c.k_layer_bits]
-    assert mixed and {c.k_layer_bits for c in mixed} == {profile.allocate(a)[0] for a in (3.0, 3.5)}
-    assert not [c for c in candidate_configs(lm.geometry, Constraints(k_bits=4), profile) if c.k_layer_bits]
-    assert not [c for c in candidate_configs(lm.geometry, None, None) if c.k_layer_bits]
-    assert any(2 in c.v_layer_bits for c in mixed)
-    no_int2 = Constraints(formats=("fp16", "int8", "int4", "int3"))
-    kept = [c for c in candidate_configs(lm.geometry, no_int2, profile) if c.k_layer_bits]
-    assert all(2 not in (*c.k_layer_bits, *c.v_layer_bits) for c in kept)
+    mixed = [c for c in candidate_recipes(lm.geometry, None, profile) if _layer_bits(c, "k")]
+    assert mixed and {_layer_bits(c, "k") for c in mixed} == {profile.allocate(a)[0] for a in (3.0, 3.5)}
+    assert not [c for c in candidate_recipes(lm.geometry, Constraints(k_bits=4), profile) if c.per_layer("k")]
+    assert not [c for c in candidate_recipes(lm.geometry, None, None) if c.per_layer("k")]
+    assert any(2 in _layer_bits(c, "v") for c in mixed)
+    formats = {"format:fp16", "format:int8", "format:int4", "format:int3"}
+    no_int2 = Constraints(capabilities=frozenset({c for c in local_capabilities() if not c.startswith("format:")}
+                                                 | formats))  # fmt: skip
+    kept = [c for c in candidate_recipes(lm.geometry, no_int2, profile) if c.per_layer("k")]
+    assert all(2 not in (*_layer_bits(c, "k"), *_layer_bits(c, "v")) for c in kept)
     unmeasured = plan(pre, lm.geometry, lm.fingerprint, 0.3, sensitivity=profile)
-    assert not unmeasured.config.k_layer_bits
-    assert not any(c.config.k_layer_bits for c in unmeasured.candidates)
+    assert not unmeasured.recipe.per_layer("k")
+    assert not any(c.recipe.per_layer("k") for c in unmeasured.candidates)
     # measured (here: as the best config of all) -> planned, sent, and within the budget
-    target = next(c for c in mixed if c.selector == "q2c" and c.retention == 0.9 and c.group_size == 64)
+    target = next(
+        c for c in mixed if c.method == "q2c" and c.retention == 0.9 and c.quantizers("k")[0].group == 64
+    )
     table = QualityTable(entries={quality_key(target): 0.999})
     picked = plan(pre, lm.geometry, lm.fingerprint, 0.3, quality=table, sensitivity=profile)
-    assert picked.config.with_(zstd_level=0) == target
-    assert [t.spec.format for t in picked.encoded.tensors[::2]] == [f"int{b}" for b in target.k_layer_bits]
+    assert picked.recipe.with_zstd(None) == target
+    assert [t.spec.format for t in picked.encoded.tensors[::2]] == [
+        f"int{b}" for b in _layer_bits(target, "k")
+    ]
     assert picked.total_bytes <= picked.budget_bytes
     off = plan(pre, lm.geometry, lm.fingerprint, 0.3, quality=table, sensitivity=profile,
                constraints=Constraints(layer_bits=False))  # fmt: skip
-    assert not off.config.k_layer_bits
+    assert not off.recipe.per_layer("k")
     # only its query-rounded twin measured: planned with rounding, unless rounding is pinned to nearest
-    rounded = QualityTable(entries={quality_key(target.with_(round_k="query")): 0.999})
+    target_query = with_rounding(target)
+    assert target_query is not None
+    rounded = QualityTable(entries={quality_key(target_query): 0.999})
     aware = plan(pre, lm.geometry, lm.fingerprint, 0.3, quality=rounded, sensitivity=profile)
-    assert aware.config.with_(zstd_level=0) == target.with_(round_k="query")
+    assert aware.recipe.with_zstd(None) == target_query
     nearest = plan(pre, lm.geometry, lm.fingerprint, 0.3, quality=rounded, sensitivity=profile,
                    constraints=Constraints(round_k="nearest"))  # fmt: skip
-    assert not nearest.config.k_layer_bits
+    assert not nearest.recipe.per_layer("k")
 
 
 def test_kvlink_send_can_rule_out_layer_bits() -> None:
@@ -292,14 +328,17 @@ def test_mix_token_allocates_from_the_profile() -> None:
     from kvlink.eval.grid import parse_name, resolve
 
     profile = _profile()
-    config = parse_name("q2c90-layer-mix3.5-g64-sink1-qround", profile)
-    assert (config.k_layer_bits, config.v_layer_bits) == profile.allocate(3.5)
-    assert (config.retention, config.scope, config.group_size, config.sink, config.round_k) == (
-        0.9, "layer", 64, 1, "query",
+    config = parse_name(f"q2c90%/layer+{_mix(profile, 3.5)}+sink1+round-query", profile)
+    assert (_layer_bits(config, "k"), _layer_bits(config, "v")) == profile.allocate(3.5)
+    keys = config.quantizers("k")
+    sinks = {s.n for s in config.stages() if isinstance(s, Sink)}
+    rounding = {q.rounding for q in keys}
+    assert (config.retention, config.scope, {q.group for q in keys}, sinks, rounding) == (
+        0.9, "layer", {64}, {1}, {"query"},
     )  # fmt: skip
     with pytest.raises(ValueError, match="kvlink-bench sensitivity"):
-        parse_name("mix3-g64")
-    assert resolve(["mix3-g64"], G, profile)[0].config.k_layer_bits == profile.allocate(3.0)[0]
+        parse_name(_mix(profile, 3.0))  # without the profile its bits come from
+    assert _layer_bits(resolve([_mix(profile, 3.0)], G, profile)[0].config, "k") == profile.allocate(3.0)[0]
 
 
 def test_measure_finds_the_sensitive_layer() -> None:
@@ -327,8 +366,9 @@ def test_measure_finds_the_sensitive_layer() -> None:
     configs = sensitivity.variant_configs(lm.geometry.num_layers, 2, 16, 1)
     assert len(configs) == 2 * lm.geometry.num_layers
     kind, layer, config = configs[lm.geometry.num_layers + 1]  # V of layer 1
-    assert (kind, layer) == ("v", 1) and config.v_layer_bits[1] == 2
-    assert set(config.v_layer_bits[:1] + config.v_layer_bits[2:]) == {8} and set(config.k_layer_bits) == {8}
+    v_bits, k_bits = _layer_bits(config, "v"), _layer_bits(config, "k")
+    assert (kind, layer) == ("v", 1) and v_bits[1] == 2
+    assert set(v_bits[:1] + v_bits[2:]) == {8} and set(k_bits) == {8}
     # measure swaps one tensor into two whole-cache encodes: bit for bit the cache of each variant's config
     kv = prefill(lm.model, random_ids(40, seed=7)).kv.to(dtype=torch.float16)
     swapped = list(sensitivity.variant_caches(kv, lm, 2, 16, 1))
@@ -347,18 +387,20 @@ def test_report_and_calibrate_key_mix_configs_by_the_bits_the_run_used() -> None
     from kvlink.eval.grid import parse_name
 
     profile = _profile()
-    mix = parse_name("mix3.5-g64-sink1", profile)
-    meta = {"configs": [{"name": "mix3.5-g64-sink1", "aliases": [], **mix.to_dict()},
-                        {"name": "int4", "aliases": [], **CodecConfig(k_bits=4, v_bits=4).to_dict()}]}  # fmt: skip
+    name = f"{_mix(profile, 3.5)}+sink1"  # its bits-<id> is of this profile: no shipped one resolves it
+    mix = parse_name(name, profile)
+    int4 = build(k_bits=4, v_bits=4)
+    meta = {"configs": [{"name": name, "aliases": [], **mix.to_dict()},
+                        {"name": int4.name, "aliases": [], **int4.to_dict()}]}  # fmt: skip
     records = [
-        {"task": "squad", "config": name, "eid": f"e{i}", "fidelity": q, "wire_frac": frac}
+        {"task": "squad", "config": config, "eid": f"e{i}", "fidelity": q, "wire_frac": frac}
         for i in range(3)
-        for name, q, frac in (("mix3.5-g64-sink1", 0.9, 0.25), ("int4", 0.8, 0.32))
+        for config, q, frac in ((name, 0.9, 0.25), (int4.name, 0.8, 0.32))
     ]
     summary = report.summarize(records, n_boot=50, codecs=report.run_codecs(meta))
-    row = next(r for r in summary if r["config"] == "mix3.5-g64-sink1")
+    row = next(r for r in summary if r["config"] == name)
     assert row["key"] == quality_key(mix) and "bits-" in row["key"] and row["family"] == "quant"
     table = cli.quality_table({"meta": {"fingerprint": "abc"}, "summary": summary}, "squad")
     assert table.entries[quality_key(mix)] == pytest.approx(0.9)
     check = report.planner_check(summary, table, (0.3,), "squad")[0]
-    assert check["pick"] == "mix3.5-g64-sink1" and check["expected_quality"] == pytest.approx(0.9)
+    assert check["pick"] == name and check["expected_quality"] == pytest.approx(0.9)

@@ -7,8 +7,9 @@ import torch
 
 from kvlink import wire
 from kvlink.cache import ContextKV
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.models import Geometry
+from kvlink.recipe import Recipe, build
 from kvlink.rotation import hadamard, rotate, rotates, signs, unrotate
 
 
@@ -64,7 +65,7 @@ def _outlier_kv(length: int = 40) -> ContextKV:
     return ContextKV(keys, values, [torch.arange(length)] * 2, length)
 
 
-def _err(config: CodecConfig, kv: ContextKV) -> float:
+def _err(config: Recipe, kv: ContextKV) -> float:
     decoded = Codec(config, GEOM).decode(Codec(config, GEOM).encode_kv(kv))
     num = sum(float((d - x).norm() ** 2) for d, x in zip(decoded.keys, kv.keys, strict=True))
     return (num / sum(float(x.norm() ** 2) for x in kv.keys)) ** 0.5
@@ -73,8 +74,8 @@ def _err(config: CodecConfig, kv: ContextKV) -> float:
 def test_rotation_costs_no_bytes_and_round_trips_through_the_wire() -> None:
     kv = _outlier_kv()
     plain, rotated = (
-        CodecConfig(k_bits=4, v_bits=4, k_axis="token"),
-        CodecConfig(k_bits=4, v_bits=4, k_axis="token", rotate="kv"),
+        build(k_bits=4, v_bits=4, k_axis="token"),
+        build(k_bits=4, v_bits=4, k_axis="token", rotate="kv"),
     )
     a, b = Codec(plain, GEOM).encode_kv(kv), Codec(rotated, GEOM).encode_kv(kv)
     assert a.sizes().as_dict() == b.sizes().as_dict()
@@ -83,7 +84,7 @@ def test_rotation_costs_no_bytes_and_round_trips_through_the_wire() -> None:
     for frame in frames:
         asm.feed(frame)
     received, _ = asm.finish()
-    assert received.config.rotate == "kv"
+    assert received.recipe == rotated and all(received.recipe.has("rotate", kind) for kind in ("k", "v"))
     got, want = Codec(rotated, GEOM).decode(received), Codec(rotated, GEOM).decode(b)
     assert all(torch.equal(x, y) for x, y in zip(got.keys + got.values, want.keys + want.values, strict=True))
     # per-token INT4 of keys with an outlier channel: rotation more than halves the error (0.045 vs 0.115)
@@ -92,19 +93,17 @@ def test_rotation_costs_no_bytes_and_round_trips_through_the_wire() -> None:
 
 def test_full_precision_rotation_is_lossless_up_to_float_rounding() -> None:
     kv = _outlier_kv()
-    decoded = Codec(CodecConfig(rotate="kv"), GEOM).decode(
-        Codec(CodecConfig(rotate="kv"), GEOM).encode_kv(kv)
-    )
+    decoded = Codec(build(rotate="kv"), GEOM).decode(Codec(build(rotate="kv"), GEOM).encode_kv(kv))
     for got, want in zip(decoded.keys + decoded.values, kv.keys + kv.values, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=0.05)  # fp16 storage of the rotated values
 
 
 def test_a_receiver_without_rotation_refuses_it() -> None:
-    encoded = Codec(CodecConfig(k_bits=4, v_bits=4, rotate="k"), GEOM).encode_kv(_outlier_kv())
+    encoded = Codec(build(k_bits=4, v_bits=4, rotate="k"), GEOM).encode_kv(_outlier_kv())
     frames = wire.to_frames(encoded, "s", "m", "f" * 64, 1 << 20)
-    old = wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))  # rotations: none
+    old = frozenset({"format:int4"})  # decodes INT4, every position, no stage: no rotation
     with pytest.raises(wire.WireError) as info:
-        wire.Assembler("f" * 64, GEOM, codecs=old).feed(frames[0])
+        wire.Assembler("f" * 64, GEOM, capabilities=old).feed(frames[0])
     assert info.value.code == "UNKNOWN_CODEC" and "rotate" in info.value.message
 
 
@@ -117,9 +116,9 @@ def test_a_receiver_without_rotation_refuses_it() -> None:
 )
 def test_bad_rotation_configs(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        CodecConfig(**kwargs)  # type: ignore[arg-type]
+        build(**kwargs)  # type: ignore[arg-type]
 
 
 def test_rotation_needs_a_power_of_two_head_dim() -> None:
     with pytest.raises(ValueError, match="power-of-two"):
-        Codec(CodecConfig(rotate="kv"), Geometry(num_layers=1, kv_heads=1, head_dim=96, q_heads=1))
+        Codec(build(rotate="kv"), Geometry(num_layers=1, kv_heads=1, head_dim=96, q_heads=1))

@@ -159,13 +159,14 @@ def _tiny_frames(lm: LoadedModel) -> list[object]:
     import torch
 
     from kvlink.cache import ContextKV
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.codec import Codec
+    from kvlink.recipe import build
 
     g, n = lm.geometry, 4
     shape = (g.kv_heads, n, g.head_dim)
     kv = ContextKV([torch.zeros(shape)] * g.num_layers, [torch.zeros(shape)] * g.num_layers,
                    [torch.arange(n)] * g.num_layers, n)  # fmt: skip
-    encoded = Codec(CodecConfig(k_bits=4, v_bits=4), g).encode_kv(kv)
+    encoded = Codec(build(k_bits=4, v_bits=4), g).encode_kv(kv)
     return list(wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20))
 
 

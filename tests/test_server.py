@@ -34,7 +34,7 @@ from client.sender import SendError, ask, hello, send_context, transfer
 from kvlink import wire
 from kvlink.budget import parse_budget
 from kvlink.cache import ContextKV, Observe, Prefill, prefill
-from kvlink.codec import Codec, CodecConfig, EncodedKV, Part
+from kvlink.codec import Codec, EncodedKV, Part
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
 from kvlink.metrics import (
@@ -48,6 +48,7 @@ from kvlink.metrics import (
 )
 from kvlink.models import Geometry, LoadedModel
 from kvlink.prompt import context_ids, question_ids
+from kvlink.recipe import Recipe, build
 from netutil import Receiver, free_port, serving
 from server.rest import create_app
 from server.service import KVLinkService
@@ -155,7 +156,7 @@ def sender_prefill(embedded: LoadedModel, example: QAExample) -> tuple[Prefill, 
 def good(embedded: LoadedModel, example: QAExample, sender_prefill: tuple[Prefill, torch.Tensor]) -> Good:
     """Q2C 50% + INT4, encoded once; the answer is decoded locally from the same bytes (invariant 1)."""
     pre, q = sender_prefill
-    codec = Codec(CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4), embedded.geometry)
+    codec = Codec(build(selector="q2c", retention=0.5, k_bits=4, v_bits=4), embedded.geometry)
     encoded = codec.encode(pre)
     local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
     return Good(encoded, example.question, local.token_ids)
@@ -272,7 +273,7 @@ async def test_budget_holds_at_the_socket(
         f"{result.fp16_bytes} = {budget_bytes}; the plan counted {p.total_bytes}"
     )
     print(
-        f"\n[{budget}] {p.config.label}: fp16 {result.fp16_bytes:,} B; budget {budget_bytes:,}; "
+        f"\n[{budget}] {p.config.name}: fp16 {result.fp16_bytes:,} B; budget {budget_bytes:,}; "
         f"planned {p.total_bytes:,}; receipt {r.total:,} (payload {r.payload:,}, metadata {r.metadata:,}, "
         f"framing {r.framing:,}, signaling {r.signaling:,}); socket c2s {proxy.c2s:,} + s2c {proxy.s2c:,} "
         f"= {proxy.total:,} ({100 * proxy.total / result.fp16_bytes:.2f}% of FP16); answer {result.answer.text!r}; "
@@ -281,7 +282,7 @@ async def test_budget_holds_at_the_socket(
     assert result.answer.f1 is not None and result.answer.exact_match is not None
 
     if fraction == 1.0:  # lossless: the receiver's answer is the sender's own, token for token
-        assert (p.config.selector, p.config.k_format, p.config.v_format, p.config.lowrank) == (
+        assert (p.config.method, p.config.k_format, p.config.v_format, p.config.lowrank) == (
             "none", "fp16", "fp16", "none",
         )  # fmt: skip
         pre, q = sender_prefill  # the full context KV as the sender computed it, never compressed
@@ -295,12 +296,12 @@ async def test_budget_holds_at_the_socket(
         "payload": r.payload, "metadata": r.metadata, "positions": r.positions, "scales": r.scales,
         "factors": r.factors, "framing": r.framing, "signaling": r.signaling, "total": r.total,
     }  # fmt: skip
-    assert record["fp16_bytes"] == result.fp16_bytes and record["config_label"] == p.config.label
+    assert record["fp16_bytes"] == result.fp16_bytes and record["config_label"] == p.config.name
     assert record["asks"][-1]["answer"] == result.answer.text
     assert record["asks"][-1]["f1"] == pytest.approx(result.answer.f1)
     assert record["timings"]["prefill_s"] == pytest.approx(result.timings["prefill_s"])
     stats = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
-    group = stats["configs"][p.config.label]
+    group = stats["configs"][p.config.name]
     assert group["messages"] >= 1 and group["bytes"]["total"] >= r.total
     assert group["f1_mean"] is not None and "decode_s" in group["timings"]
 
@@ -391,9 +392,27 @@ async def test_wrong_model_fingerprint(server: Receiver, embedded: LoadedModel, 
 
 async def test_unknown_codec(server: Receiver, embedded: LoadedModel, good: Good) -> None:
     frames = _frames(embedded, good.encoded, uuid.uuid4().hex)
-    bad = _edited_header(frames, lambda h: setattr(h.config, "k_format", "int5"))
+    bad = _edited_header(frames, lambda h: setattr(h.tensors[0].spec, "format", "int5"))
     await _refused(server, embedded, bad, grpc.StatusCode.UNIMPLEMENTED, "UNKNOWN_CODEC", "'int5'")
+    unknown_stage = _edited_header(
+        frames, lambda h: setattr(h.recipe.pipelines[0].stages[-1], "name", "tucker")
+    )
+    await _refused(
+        server, embedded, unknown_stage, grpc.StatusCode.UNIMPLEMENTED, "UNKNOWN_CODEC", "'tucker'"
+    )
     await _send_good(server, embedded, good)
+
+
+def test_a_version_1_sender_is_refused_by_name_at_its_hello(server: Receiver) -> None:
+    """Protocol 2 carries recipes as stages; a version-1 sender's Hello (service kvlink.v1.KVLink) gets a
+    PROTOCOL error that says what to upgrade, not a bare UNIMPLEMENTED."""
+    with grpc.insecure_channel(server.target) as ch:
+        hello = ch.unary_unary("/kvlink.v1.KVLink/Hello")
+        with pytest.raises(grpc.RpcError) as info:
+            hello(b"\x08\x01\x12\x01x", timeout=10)  # protocol_version 1, fingerprint "x"
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    err = wire.error_from_rpc(info.value)
+    assert err is not None and err.code == "PROTOCOL" and "upgrade the sender" in err.message
 
 
 async def test_key_widths_are_answered_and_bad_widths_cost_one_error(
@@ -402,11 +421,11 @@ async def test_key_widths_are_answered_and_bad_widths_cost_one_error(
     """A message with per-channel key widths is answered from exactly its bytes; one whose widths do
     not add up (well framed, CRCs right) is refused as MALFORMED and the receiver keeps serving."""
     pre, q = sender_prefill
-    config = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64,
+    config = build(selector="q2c", retention=0.5, scope="layer", k_bits=3, v_bits=4, group_size=64,
                          sink=1, k_widths="query")  # fmt: skip
     codec = Codec(config, embedded.geometry)
     encoded = codec.encode(pre)
-    assert encoded.tensors[0].spec.format == "int3w"
+    assert encoded.tensors[0].spec.format == "int3cw"
     local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
     await _send_good(server, embedded, Good(encoded, good.question, local.token_ids))
     t = encoded.tensors[0]
@@ -427,11 +446,11 @@ async def test_value_widths_are_answered_and_bad_widths_cost_one_error(
     """Likewise for a width per value row: answered from exactly its bytes; row widths that do not
     add up are refused as MALFORMED and the receiver keeps serving."""
     pre, q = sender_prefill
-    config = CodecConfig(selector="q2c", retention=0.65, scope="layer", k_bits=4, v_bits=3, group_size=64,
+    config = build(selector="q2c", retention=0.65, scope="layer", k_bits=4, v_bits=3, group_size=64,
                          sink=1, k_widths="query", v_widths="attention")  # fmt: skip
     codec = Codec(config, embedded.geometry)
     encoded = codec.encode(pre)
-    assert (encoded.tensors[0].spec.format, encoded.tensors[1].spec.format) == ("int4w", "int3t")
+    assert (encoded.tensors[0].spec.format, encoded.tensors[1].spec.format) == ("int4cw", "int3rw")
     local = greedy_answer(embedded.model, embedded.tokenizer, codec.decode(encoded), q, max_new_tokens=4)
     await _send_good(server, embedded, Good(encoded, good.question, local.token_ids))
     t = encoded.tensors[1]
@@ -473,7 +492,7 @@ async def test_message_over_the_limit(server: Receiver, embedded: LoadedModel, g
         [torch.zeros(shape) for _ in range(g.num_layers)], [torch.zeros(shape) for _ in range(g.num_layers)],
         [torch.arange(length)] * g.num_layers, length,
     )  # fmt: skip
-    encoded = Codec(CodecConfig(), g).encode_kv(kv)
+    encoded = Codec(build(), g).encode_kv(kv)
     frames = _frames(embedded, encoded, uuid.uuid4().hex)
     stop_after_header = lambda frame, attempt: frame if frame.WhichOneof("frame") == "header" else None  # noqa: E731
     await _refused(
@@ -545,7 +564,14 @@ def test_the_cli_in_process(
             "--max-new-tokens", "4", "--bits", "8"]  # fmt: skip
     assert client_main.main([*argv, "--budget", "60%", "--json", "--explain"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["config"]["k_bits"] == data["config"]["v_bits"] == 8
+    assert {
+        q["format"]
+        for kind in ("k", "v")
+        for p in data["config"][kind]
+        for q in p
+        if q["stage"] == "quantize"
+    } == {"int8"}
+    assert data["config_label"] == data["config"]["name"] and "kint8c/vint8t" in data["config_label"]
     assert data["receipt"]["total"] <= data["budget_bytes"] and data["candidates"]
     assert set(data["timings"]) >= {"prefill_s", "quantize_s", "pack_s", "transfer_s", "decode_s", "answer_s"}
     assert client_main.main([*argv, "--budget", "0.5%"]) == 2  # unsatisfiable: no config is that small
@@ -568,13 +594,13 @@ async def test_rest_reports_the_messages_and_errors(
     r = sent.receipt
     record = httpx.get(f"{server.rest}/v1/messages/{message_id}", timeout=10).json()
     assert record["bytes"]["total"] == r.total and record["bytes"]["payload"] == r.payload
-    assert record["chunks"] == r.chunks and record["config_label"] == good.encoded.config.label
+    assert record["chunks"] == r.chunks and record["config_label"] == good.encoded.recipe.name
     assert record["asks"] == []  # nobody asked yet
     stats = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
     assert stats["messages"] == before["messages"] + 1
     assert stats["bytes"]["total"] == before["bytes"]["total"] + r.total
     assert stats["errors"]["CORRUPT"] == before["errors"].get("CORRUPT", 0) + 1
-    group = stats["configs"][good.encoded.config.label]
+    group = stats["configs"][good.encoded.recipe.name]
     assert group["messages"] >= 1 and group["percent_of_fp16"] == pytest.approx(
         100 * group["bytes"]["total"] / group["fp16_bytes"]
     )
@@ -658,9 +684,9 @@ def test_store_owners_ids_and_the_decode_budget() -> None:
     assert store.stats().reserved_bytes == 0
 
 
-def _record(message_id: str, label_config: CodecConfig, payload: int, decode_s: float) -> MessageRecord:
+def _record(message_id: str, label_config: Recipe, payload: int, decode_s: float) -> MessageRecord:
     return MessageRecord(
-        message_id=message_id, session_id="s", config_label=label_config.label, config=label_config.to_dict(),
+        message_id=message_id, session_id="s", config_label=label_config.name, config=label_config.to_dict(),
         length=100, kept=50, fp16_bytes=10_000, payload=payload, positions=10, scales=100, factors=0,
         framing=50, signaling=40, timings={"decode_s": decode_s},
     )  # fmt: skip
@@ -668,7 +694,7 @@ def _record(message_id: str, label_config: CodecConfig, payload: int, decode_s: 
 
 def test_metrics_aggregate_per_config() -> None:
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5.0], 95) == 5.0
-    int4 = CodecConfig(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    int4 = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
     registry = MetricsRegistry(max_records=2)
     registry.record_message(_record("m1", int4, 1000, 0.1))
     registry.record_message(_record("m2", int4, 2000, 0.3))
@@ -677,7 +703,7 @@ def test_metrics_aggregate_per_config() -> None:
     )
     assert registry.record_answer("m2", AskRecord("q", "Lyon", timings={"answer_s": 4.0}), {"prefill_s": 0.5})
     assert not registry.record_answer("missing", AskRecord("q", "x"))
-    group = aggregate(registry.messages())[int4.label]
+    group = aggregate(registry.messages())[int4.name]
     assert group["messages"] == 2 and group["questions"] == 2 and group["scored_questions"] == 1
     assert group["bytes"]["payload"] == 3000 and group["bytes"]["metadata"] == 220
     assert group["bytes"]["total"] == 3000 + 220 + 100 + 80
@@ -687,7 +713,7 @@ def test_metrics_aggregate_per_config() -> None:
     assert group["timings"]["answer_s"]["p95"] == pytest.approx(3.9)
     assert group["timings"]["prefill_s"]["n"] == 1
     assert group["f1_mean"] == 1.0 and group["exact_match_mean"] == 1.0
-    registry.record_message(_record("m3", CodecConfig(), 9000, 0.2))  # m1 drops out of the history
+    registry.record_message(_record("m3", build(), 9000, 0.2))  # m1 drops out of the history
     registry.record_error("CORRUPT")
     assert registry.get("m1") is None and registry.get("m3") is not None
     stats = registry.stats()
@@ -697,7 +723,7 @@ def test_metrics_aggregate_per_config() -> None:
 
 def test_metrics_owners_and_a_bounded_history() -> None:
     registry = MetricsRegistry(max_bytes=64 << 10)
-    int4 = CodecConfig(k_bits=4, v_bits=4)
+    int4 = build(k_bits=4, v_bits=4)
     registry.record_message(replace(_record("m", int4, 1000, 0.1), owner="alice"))
     registry.record_message(replace(_record("m", int4, 3000, 0.1), owner="bob"))
     assert registry.get("m", owner="alice").payload == 1000 and registry.get("m", owner="bob").payload == 3000
@@ -725,7 +751,7 @@ def test_rest_app_in_process() -> None:
     lm = LoadedModel(model, None, "fake", "f" * 64, Geometry(2, 1, 4, 2))
     service = KVLinkService(lm, SessionStore(), MetricsRegistry())
     app = create_app(service)
-    int8 = CodecConfig(k_bits=8, v_bits=8)
+    int8 = build(k_bits=8, v_bits=8)
     with TestClient(app) as http:
         assert http.get("/healthz").json() == {"status": "serving"}
         assert http.get("/v1/info").json()["model"] == "fake"
@@ -741,9 +767,9 @@ def test_rest_app_in_process() -> None:
         assert [m["message_id"] for m in http.get("/v1/messages").json()] == ["m1"]
         assert http.get("/v1/messages/nope").status_code == 404
         stats = http.get("/v1/stats").json()
-        assert stats["configs"][int8.label]["f1_mean"] == 0.5 and stats["errors"] == {"SHAPE": 1}
+        assert stats["configs"][int8.name]["f1_mean"] == 0.5 and stats["errors"] == {"SHAPE": 1}
         text = http.get("/metrics").text
-        assert f'kvlink_wire_bytes_total{{category="payload",config="{int8.label}"}} 5000.0' in text
+        assert f'kvlink_wire_bytes_total{{category="payload",config="{int8.name}"}} 5000.0' in text
         assert 'kvlink_errors_total{code="SHAPE",rpc="Transfer"} 1.0' in text
         assert "kvlink_answer_seconds_count 1.0" in text
         assert http.get("/docs").status_code == 200

@@ -1,4 +1,4 @@
-"""INT values with a bit width per token row (CodecConfig.v_widths = "attention", kvlink.quant.widths)."""
+"""INT values with a bit width per token row (a value Quantize stage with widths "question", kvlink.quant.widths)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import random_ids
 from kvlink import wire
 from kvlink.cache import Observe, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval.grid import parse_name
 from kvlink.models import Geometry
 from kvlink.quant import QuantSpec, dequantize, part_sizes, quantize
@@ -25,6 +25,7 @@ from kvlink.quant.widths import (
     unpack_token_codes,
     unpack_widths,
 )
+from kvlink.recipe import build
 from kvlink.select.base import attention_to_context
 
 FP = "f" * 64
@@ -61,7 +62,7 @@ def test_codes_pack_and_unpack_exactly_in_the_uniform_formats_bytes(
         assert int(bits[d * w0 : d * w0 + w1][::-1], 2) == int(codes[0, 1, 0])
 
 
-@pytest.mark.parametrize("fmt", ["int4t", "int3t", "int2t"])
+@pytest.mark.parametrize("fmt", ["int4rw", "int3rw", "int2rw"])
 def test_uniform_widths_are_the_int_layout_byte_for_byte(fmt: str) -> None:
     x = _values(2, 45, 16)
     spec = QuantSpec(fmt, 8, "token")
@@ -75,7 +76,7 @@ def test_uniform_widths_are_the_int_layout_byte_for_byte(fmt: str) -> None:
 
 def test_every_value_decodes_within_half_a_step_of_its_row() -> None:
     x = _values(3, 40, 32, seed=2)
-    spec = QuantSpec("int3t", 16, "token")
+    spec = QuantSpec("int3rw", 16, "token")
     widths = _uneven(3, 40, 3, seed=4)
     y = dequantize(quantize_token_widths(x, spec, widths))
     groups = x.view(3, 40, 2, 16)
@@ -116,7 +117,7 @@ def test_widths_from_the_attention_lower_the_output_error_at_the_same_bytes() ->
     x = _values(2, 64, 16, seed=7)
     g = torch.Generator().manual_seed(8)
     probs = torch.softmax(torch.randn(2, 5, 64, generator=g) * 3, dim=-1)  # (H, queries, T)
-    spec = QuantSpec("int3t", 16, "token")
+    spec = QuantSpec("int3rw", 16, "token")
     widths = allocate_token_widths(token_weights(x, probs.sum(1), 16), 3)
     aware = quantize_token_widths(x, spec, widths)
     uniform = quantize(x, spec)
@@ -130,26 +131,26 @@ def test_widths_from_the_attention_lower_the_output_error_at_the_same_bytes() ->
 
 def test_bad_widths_are_refused_by_name() -> None:
     x = _values(2, 10, 16)
-    spec = QuantSpec("int4t", 16, "token")
+    spec = QuantSpec("int4rw", 16, "token")
     with pytest.raises(ValueError, match="sum to"):
         quantize_token_widths(x, spec, torch.full((2, 10), 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"must be \(2, 10\)"):
         quantize_token_widths(x, spec, torch.full((2, 16), 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="need the token axis"):
-        quantize(x, QuantSpec("int4t", 16, "channel"))
+        quantize(x, QuantSpec("int4rw", 16, "channel"))
     with pytest.raises(ValueError, match=r"attention mass must be \(2, 10\)"):
         token_weights(x, torch.ones(2, 9), 16)
 
 
 def test_config_validation() -> None:
-    assert CodecConfig(k_bits=4, v_bits=3, v_widths="attention").spec("v").format == "int3t"
-    assert (
-        CodecConfig(k_bits=4, v_bits=8, v_layer_bits=(8, 3), v_widths="attention").spec("v", 0).format
-        == "int8"
-    )
-    assert parse_name("q2c90-layer-k4v3-g64-sink1-kw-vw") == CodecConfig(
+    recipe = build(k_bits=4, v_bits=3, v_widths="question")
+    assert recipe.pipeline("v", 0)[-1].spec.format == "int3rw"
+    assert build(k_bits=4, v_bits=3, v_widths="attention") == recipe  # the name of before 2026-12 still reads
+    mixed = build(k_bits=4, v_bits=8, v_layer_bits=(8, 3), v_widths="question")
+    assert [mixed.pipeline("v", i)[-1].spec.format for i in range(2)] == ["int8", "int3rw"]
+    assert parse_name("q2c90%/layer+kint4c/vint3t-g64+sink1+kwidths-question+vwidths-question") == build(
         selector="q2c", retention=0.9, scope="layer", k_bits=4, v_bits=3, group_size=64, sink=1,
-        k_widths="query", v_widths="attention",
+        k_widths="question", v_widths="question",
     )  # fmt: skip
     for kwargs, match in (
         (dict(k_bits=4, v_bits=8), "needs INT2/3/4 values"),
@@ -157,11 +158,11 @@ def test_config_validation() -> None:
         (dict(k_bits=4, v_bits=4, lowrank="svd", v_rank=8), "choose one"),
     ):
         with pytest.raises(ValueError, match=match):
-            CodecConfig(v_widths="attention", **kwargs)  # type: ignore[arg-type]
+            build(v_widths="question", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="v_widths must be one of"):
-        CodecConfig(k_bits=4, v_bits=4, v_widths="query")
+        build(k_bits=4, v_bits=4, v_widths="query")
     with pytest.raises(ValueError, match="multiple of 8"):
-        Codec(CodecConfig(k_bits=4, v_bits=4, v_widths="attention"), Geometry(2, 2, 12, 4))
+        Codec(build(k_bits=4, v_bits=4, v_widths="question"), Geometry(2, 2, 12, 4))
 
 
 def _prefilled(lm: Any, n_ctx: int = 48) -> Any:
@@ -188,12 +189,19 @@ def _through_the_wire(encoded: Any, geometry: Geometry) -> Any:
 
 
 @pytest.mark.parametrize(
-    "name", ["int3", "int2-sink1", "q2c50-layer-k4v3-sink1-kw", "int4-g8", "q2c50-k4v3-vrot"]
+    "name",
+    [
+        "kint3c/vint3t-g32",
+        "kint2c/vint2t-g32+sink1",
+        "q2c50%/layer+kint4c/vint3t-g32+sink1+kwidths-question",
+        "kint4c/vint4t-g8",
+        "q2c50%+kint4c/vint3t-g32+v-rot",
+    ],
 )
 def test_codec_sends_value_widths_from_the_question(tiny: Any, name: str) -> None:
     pre = _prefilled(tiny)
     uniform = parse_name(name)
-    config = uniform.with_(v_widths="attention")
+    config = uniform.with_quantize("v", widths="question")
     codec = Codec(config, tiny.geometry)
     enc_u, enc_w = Codec(uniform, tiny.geometry).encode(pre), codec.encode(pre)
     kept = enc_w.tensors[1].stored[1]  # value rows per head and layer after the sink
@@ -205,10 +213,10 @@ def test_codec_sends_value_widths_from_the_question(tiny: Any, name: str) -> Non
         if tw.kind == "k":
             assert {k: p.data for k, p in tu.parts.items()} == {k: p.data for k, p in tw.parts.items()}
         else:
-            assert tw.spec.format == tu.spec.format + "t" and "widths" in tw.parts
+            assert tw.spec.format == tu.spec.format + "rw" and "widths" in tw.parts
     received = _through_the_wire(enc_w, tiny.geometry)
-    assert received.config == config
-    dec_w = Codec(received.config, tiny.geometry).decode(received)
+    assert received.recipe == config
+    dec_w = Codec(received.recipe, tiny.geometry).decode(received)
     dec_u = Codec(uniform, tiny.geometry).decode(enc_u)
     for layer in range(tiny.geometry.num_layers):
         assert torch.equal(dec_w.keys[layer], dec_u.keys[layer])
@@ -218,24 +226,29 @@ def test_codec_sends_value_widths_from_the_question(tiny: Any, name: str) -> Non
 
 def test_value_widths_need_observed_queries(tiny: Any) -> None:
     pre = prefill(tiny.model, random_ids(30, seed=5))
-    with pytest.raises(ValueError, match="v_widths 'attention' needs the observed queries"):
-        Codec(CodecConfig(k_bits=4, v_bits=4, v_widths="attention"), tiny.geometry).encode(pre)
+    with pytest.raises(ValueError, match="widths 'question' needs the observed queries"):
+        Codec(build(k_bits=4, v_bits=4, v_widths="question"), tiny.geometry).encode(pre)
 
 
 def test_receiver_without_the_formats_refuses_by_name() -> None:
-    msg = wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4, v_widths="attention"))
-    assert msg.v_widths == "attention"
-    assert wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4)).v_widths == ""  # absent: older receivers
-    old = wire.Codecs(formats=("int4", "int4w"), selectors=("none",), lowrank_modes=("none",))
+    def value_quantize(msg: Any) -> Any:
+        (pipeline,) = [p for p in msg.pipelines if p.kind == wire.pb.TENSOR_KIND_V]
+        assert pipeline.stages[-1].name == "quantize"
+        return pipeline.stages[-1]
+
+    msg = wire.recipe_to_pb(build(k_bits=4, v_bits=4, v_widths="question"))
+    assert value_quantize(msg).params["widths"] == "question"
+    assert value_quantize(wire.recipe_to_pb(build(k_bits=4, v_bits=4))).params["widths"] == "uniform"
+    old = frozenset({"format:int4", "format:int4cw"})  # key widths, but no per-row value widths
     with pytest.raises(wire.WireError) as info:
-        wire._config_from_pb(msg, old)
-    assert info.value.code == "UNKNOWN_CODEC" and "one width per value tensor" in str(info.value)
+        wire.recipe_from_pb(msg, 2, old)
+    assert info.value.code == "UNKNOWN_CODEC" and "format:int4rw" in str(info.value)
 
 
 def test_a_tampered_widths_part_costs_one_error(tiny: Any) -> None:
     """Row widths that do not sum to the format's mean decode to a ValueError naming them, never garbage."""
     pre = _prefilled(tiny)
-    config = CodecConfig(k_bits=3, v_bits=3, v_widths="attention")
+    config = build(k_bits=3, v_bits=3, v_widths="question")
     enc = Codec(config, tiny.geometry).encode(pre)
     t = enc.tensors[1]
     h, n = t.stored[0], t.stored[1]

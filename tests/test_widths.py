@@ -1,4 +1,4 @@
-"""INT keys with a bit width per channel (CodecConfig.k_widths = "query", kvlink.quant.widths)."""
+"""INT keys with a bit width per channel (a key Quantize stage with widths "question", kvlink.quant.widths)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import random_ids
 from kvlink import wire
 from kvlink.cache import Observe, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval.grid import parse_name
 from kvlink.models import Geometry
 from kvlink.quant import QuantizedTensor, QuantSpec, dequantize, part_sizes, quantize
@@ -26,6 +26,7 @@ from kvlink.quant.widths import (
     unpack_codes,
     unpack_widths,
 )
+from kvlink.recipe import build
 
 FP = "f" * 64
 
@@ -61,11 +62,11 @@ def test_codes_pack_and_unpack_exactly_in_the_uniform_formats_bytes(
     assert int(packed[(h * t - 1) * row_bytes]) & ((1 << first) - 1) == int(codes[h - 1, t - 1, 0])
 
 
-@pytest.mark.parametrize("fmt", ["int4w", "int3w", "int2w"])
+@pytest.mark.parametrize("fmt", ["int4cw", "int3cw", "int2cw"])
 def test_uniform_widths_are_the_int_layout_byte_for_byte(fmt: str) -> None:
     x = _keys(t=50)
     spec = QuantSpec(fmt, 16, "channel")
-    plain = quantize(x, QuantSpec(fmt.removesuffix("w"), 16, "channel"))
+    plain = quantize(x, QuantSpec(fmt.removesuffix("cw"), 16, "channel"))
     mine = quantize(x, spec)  # no allocation: every channel at the mean
     assert torch.equal(mine.codes, plain.codes)
     assert torch.equal(mine.scale, plain.scale) and torch.equal(mine.zero, plain.zero)  # type: ignore[arg-type]
@@ -76,7 +77,7 @@ def test_uniform_widths_are_the_int_layout_byte_for_byte(fmt: str) -> None:
 
 def test_every_value_decodes_within_half_a_step_and_width_zero_to_the_midpoint() -> None:
     x = _keys(t=70)
-    spec = QuantSpec("int3w", 32, "channel")
+    spec = QuantSpec("int3cw", 32, "channel")
     widths = _widths(2, 16, 3, seed=3)
     q = quantize_widths(x, spec, widths)
     y = dequantize(q)
@@ -115,7 +116,7 @@ def test_distortion_is_the_min_max_step() -> None:
     t = 20001
     x = torch.rand(1, t, 1, generator=torch.Generator().manual_seed(0)).expand(1, t, 8).contiguous()
     widths = torch.tensor([[0, 1, 2, 3, 5, 5, 8, 8]], dtype=torch.uint8)  # 32 bits: mean 4
-    y = dequantize(quantize_widths(x, QuantSpec("int4w", t, "channel"), widths))
+    y = dequantize(quantize_widths(x, QuantSpec("int4cw", t, "channel"), widths))
     span = float(x.max() - x.min())
     for i, width in enumerate(widths[0].tolist()):
         mse = float(((y[0, :, i] - x[0, :, i]) ** 2).mean())
@@ -140,7 +141,7 @@ def test_widths_from_the_queries_lower_their_logit_error_at_the_same_bytes() -> 
     g = torch.Generator().manual_seed(2)
     queries = torch.randn(4, 12, 32, generator=g) * torch.logspace(1, -1.5, 32)
     hessian = query_hessian(queries, 2)
-    spec = QuantSpec("int3w", 32, "channel")
+    spec = QuantSpec("int3cw", 32, "channel")
     widths = allocate_widths(channel_weights(x, hessian.diagonal(dim1=1, dim2=2), 32), 3)
 
     def err(y: torch.Tensor) -> float:
@@ -161,14 +162,14 @@ def test_query_rounding_with_uniform_widths_is_the_uniform_rounding() -> None:
     x = _keys(t=40)
     hessian = query_hessian(torch.randn(4, 9, 16), 2)
     uniform = torch.full((2, 16), 4, dtype=torch.uint8)
-    a = quantize_query_aware(x, QuantSpec("int4w", 16, "channel"), hessian, widths=uniform)
+    a = quantize_query_aware(x, QuantSpec("int4cw", 16, "channel"), hessian, widths=uniform)
     b = quantize_query_aware(x, QuantSpec("int4", 16, "channel"), hessian)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)  # type: ignore[arg-type]
 
 
 def test_bad_widths_are_refused_by_name() -> None:
     x = _keys(t=20)
-    spec = QuantSpec("int3w", 8, "channel")
+    spec = QuantSpec("int3cw", 8, "channel")
     q = quantize_widths(x, spec, _widths(2, 16, 3, seed=5))
     assert q.widths is not None
     for widths, match in (
@@ -182,18 +183,23 @@ def test_bad_widths_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="needs the tensor's widths"):
         dequantize(QuantizedTensor(q.spec, q.shape, q.codes, q.scale, q.zero, None))
     with pytest.raises(ValueError, match="channel axis"):
-        quantize(x, QuantSpec("int3w", 8, "token"))
+        quantize(x, QuantSpec("int3cw", 8, "token"))
     with pytest.raises(ValueError, match="whole bytes"):
-        quantize(x[:, :, :12], QuantSpec("int3w", 8, "channel"))
+        quantize(x[:, :, :12], QuantSpec("int3cw", 8, "channel"))
 
 
 def test_config_validation() -> None:
-    assert CodecConfig(k_bits=3, v_bits=3, k_widths="query").spec("k", 0) == QuantSpec("int3w", 32, "channel")
-    assert CodecConfig(k_bits=3, v_bits=3, k_widths="query").spec("v", 0) == QuantSpec("int3", 32, "token")
-    mixed = CodecConfig(k_layer_bits=(8, 4, 2), v_layer_bits=(4, 4, 4), k_widths="query")
-    assert [mixed.spec("k", i).format for i in range(3)] == ["int8", "int4w", "int2w"]
-    assert "kwidths-query" in parse_name("q2c50-layer-int3-kw").label
-    assert parse_name("int4-kw-qround").k_widths == "query"
+    recipe = build(k_bits=3, v_bits=3, k_widths="question")
+    assert recipe.pipeline("k", 0)[-1].spec == QuantSpec("int3cw", 32, "channel")
+    assert recipe.pipeline("v", 0)[-1].spec == QuantSpec("int3", 32, "token")
+    assert build(k_bits=3, v_bits=3, k_widths="query") == recipe  # the name of before 2026-12 still reads
+    mixed = build(k_layer_bits=(8, 4, 2), v_layer_bits=(4, 4, 4), k_widths="question")
+    assert [mixed.pipeline("k", i)[-1].spec.format for i in range(3)] == ["int8", "int4cw", "int2cw"]
+    assert "kwidths-question" in parse_name("q2c50%/layer+kint3c/vint3t-g32+kwidths-question").name
+    assert all(
+        q.widths == "question"
+        for q in parse_name("kint4c/vint4t-g32+round-query+kwidths-question").quantizers("k")
+    )
     for kwargs, match in (
         (dict(k_bits=8, v_bits=4), "INT2/3/4 keys"),
         (dict(k_bits="nf4", v_bits=4), "INT2/3/4 keys"),
@@ -201,11 +207,11 @@ def test_config_validation() -> None:
         (dict(k_bits=4, v_bits=4, rotate="k"), "choose one"),
     ):
         with pytest.raises(ValueError, match=match):
-            CodecConfig(k_widths="query", **kwargs)  # type: ignore[arg-type]
+            build(k_widths="question", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k_widths must be one of"):
-        CodecConfig(k_bits=4, v_bits=4, k_widths="sometimes")
+        build(k_bits=4, v_bits=4, k_widths="sometimes")
     with pytest.raises(ValueError, match="multiple of 8"):
-        Codec(CodecConfig(k_bits=4, v_bits=4, k_widths="query"), Geometry(2, 2, 12, 4))
+        Codec(build(k_bits=4, v_bits=4, k_widths="question"), Geometry(2, 2, 12, 4))
 
 
 def _prefilled(lm: Any, n_ctx: int = 48) -> Any:
@@ -241,12 +247,19 @@ def _through_the_wire(encoded: Any, geometry: Geometry) -> Any:
 
 
 @pytest.mark.parametrize(
-    "name", ["int3", "int2-sink1", "q2c50-layer-k4v3-sink1", "int4-qround", "int3-g64-qround"]
+    "name",
+    [
+        "kint3c/vint3t-g32",
+        "kint2c/vint2t-g32+sink1",
+        "q2c50%/layer+kint4c/vint3t-g32+sink1",
+        "kint4c/vint4t-g32+round-query",
+        "kint3c/vint3t-g64+round-query",
+    ],
 )
 def test_codec_sends_widths_from_the_question(tiny: Any, name: str) -> None:
     pre = _prefilled(_skewed(tiny))
     uniform = parse_name(name)
-    config = uniform.with_(k_widths="query")
+    config = uniform.with_quantize("k", widths="question")
     codec = Codec(config, tiny.geometry)
     enc_u, enc_w = Codec(uniform, tiny.geometry).encode(pre), codec.encode(pre)
     # the same payload; the widths (4 bits per head and channel of every key tensor) on top
@@ -258,10 +271,10 @@ def test_codec_sends_widths_from_the_question(tiny: Any, name: str) -> None:
         if tw.kind == "v":
             assert {k: p.data for k, p in tu.parts.items()} == {k: p.data for k, p in tw.parts.items()}
         else:
-            assert tw.spec.format == tu.spec.format + "w" and "widths" in tw.parts
+            assert tw.spec.format == tu.spec.format + "cw" and "widths" in tw.parts
     received = _through_the_wire(enc_w, tiny.geometry)
-    assert received.config == config
-    dec_w = Codec(received.config, tiny.geometry).decode(received)
+    assert received.recipe == config
+    dec_w = Codec(received.recipe, tiny.geometry).decode(received)
     dec_u = Codec(uniform, tiny.geometry).decode(enc_u)
     for layer in range(tiny.geometry.num_layers):
         assert torch.equal(dec_w.values[layer], dec_u.values[layer])
@@ -271,24 +284,29 @@ def test_codec_sends_widths_from_the_question(tiny: Any, name: str) -> None:
 
 def test_widths_need_observed_queries(tiny: Any) -> None:
     pre = prefill(tiny.model, random_ids(30, seed=5))
-    with pytest.raises(ValueError, match="k_widths 'query' needs the observed queries"):
-        Codec(CodecConfig(k_bits=4, v_bits=4, k_widths="query"), tiny.geometry).encode(pre)
+    with pytest.raises(ValueError, match="widths 'question' needs the observed queries"):
+        Codec(build(k_bits=4, v_bits=4, k_widths="question"), tiny.geometry).encode(pre)
 
 
 def test_receiver_without_the_formats_refuses_by_name() -> None:
-    msg = wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4, k_widths="query"))
-    assert msg.k_widths == "query"
-    assert wire._config_to_pb(CodecConfig(k_bits=4, v_bits=4)).k_widths == ""  # absent: older receivers
-    old = wire.Codecs(formats=("int4",), selectors=("none",), lowrank_modes=("none",))
+    def key_quantize(msg: Any) -> Any:
+        (pipeline,) = [p for p in msg.pipelines if p.kind == wire.pb.TENSOR_KIND_K]
+        assert pipeline.stages[-1].name == "quantize"
+        return pipeline.stages[-1]
+
+    msg = wire.recipe_to_pb(build(k_bits=4, v_bits=4, k_widths="question"))
+    assert key_quantize(msg).params["widths"] == "question"
+    assert key_quantize(wire.recipe_to_pb(build(k_bits=4, v_bits=4))).params["widths"] == "uniform"
+    old = frozenset({"format:int4"})  # a receiver of INT4 without the per-channel-width formats
     with pytest.raises(wire.WireError) as info:
-        wire._config_from_pb(msg, old)
-    assert info.value.code == "UNKNOWN_CODEC" and "one width per key channel" in str(info.value)
+        wire.recipe_from_pb(msg, 2, old)
+    assert info.value.code == "UNKNOWN_CODEC" and "format:int4cw" in str(info.value)
 
 
 def test_a_tampered_widths_part_costs_one_error(tiny: Any) -> None:
     """Widths that do not sum to the format's mean decode to a ValueError naming them, never garbage."""
     pre = _prefilled(tiny)
-    config = CodecConfig(k_bits=3, v_bits=3, k_widths="query")
+    config = build(k_bits=3, v_bits=3, k_widths="question")
     enc = Codec(config, tiny.geometry).encode(pre)
     t = enc.tensors[0]
     widths = unpack_widths(torch.frombuffer(bytearray(t.parts["widths"].data), dtype=torch.uint8), 2, 16)

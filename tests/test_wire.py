@@ -19,9 +19,10 @@ import torch
 
 from kvlink import wire
 from kvlink.cache import ContextKV, LayerObservation, Observation, Observe
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, EncodedKV
 from kvlink.lowrank import ModelProfile
 from kvlink.models import Geometry
+from kvlink.recipe import Recipe, build
 from kvlink.select import keep_count
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,8 +43,8 @@ def _kv(length: int = T, seed: int = 0, geometry: Geometry = GEOM, coarse: bool 
     return ContextKV(keys, values, [torch.arange(length)] * geometry.num_layers, length)
 
 
-def _kept(config: CodecConfig, length: int, seed: int = 1) -> list[torch.Tensor] | None:
-    if config.selector == "none":
+def _kept(config: Recipe, length: int, seed: int = 1) -> list[torch.Tensor] | None:
+    if config.select is None:
         return None
     g = torch.Generator().manual_seed(seed)
     n = keep_count(config.retention, length)
@@ -84,9 +85,11 @@ def _observation(length: int) -> Observation:
     return Observation(Observe.QUESTION, length, layers, num_layers=GEOM.num_layers)
 
 
-def _encode(config: CodecConfig, length: int = T, profile: Any = None) -> EncodedKV:
+def _encode(config: Recipe, length: int = T, profile: Any = None) -> EncodedKV:
     kv = _kv(length, coarse=config.zstd_level > 0)
-    observed = config.k_widths != "uniform" or config.v_widths != "uniform" or config.round_k != "nearest"
+    observed = (config.needs() is not Observe.NONE and config.select is None) or any(
+        q.question_aware for kind in ("k", "v") for q in config.quantizers(kind)
+    )
     return Codec(config, GEOM, profile).encode_kv(
         kv, _kept(config, length), _observation(length) if observed else None
     )
@@ -113,7 +116,7 @@ def _feed_all(asm: wire.Assembler, frames: list[Any]) -> list[Any]:
 
 
 def _same(a: EncodedKV, b: EncodedKV) -> None:
-    assert b.config == a.config
+    assert b.recipe == a.recipe
     assert b.geometry == a.geometry
     assert b.length == a.length
     assert b.positions == a.positions
@@ -132,22 +135,22 @@ def _raises(code: str, fn: Callable[[], Any], *needles: str) -> wire.WireError:
 
 
 CONFIGS = {
-    "fp16-full": CodecConfig(),
-    "int4/int2-random-global": CodecConfig(selector="random", retention=0.5, k_bits=4, v_bits=2),
-    "int3/nf4-layer-g8": CodecConfig(selector="random", retention=0.25, scope="layer", k_bits=3, v_bits="nf4",
+    "fp16-full": build(),
+    "int4/int2-random-global": build(selector="random", retention=0.5, k_bits=4, v_bits=2),
+    "int3/nf4-layer-g8": build(selector="random", retention=0.25, scope="layer", k_bits=3, v_bits="nf4",
                                      group_size=8),
-    "int8-zstd": CodecConfig(k_bits=8, v_bits=8, zstd_level=3),
-    "fp16/int2-zstd": CodecConfig(selector="random", retention=0.5, k_bits=16, v_bits=2, zstd_level=19),
-    "svd-k8-int4": CodecConfig(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=8),
-    "layer-bits-sink": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+    "int8-zstd": build(k_bits=8, v_bits=8, zstd_level=3),
+    "fp16/int2-zstd": build(selector="random", retention=0.5, k_bits=16, v_bits=2, zstd_level=19),
+    "svd-k8-int4": build(selector="random", retention=0.75, k_bits=4, v_bits=4, lowrank="svd", k_rank=8),
+    "layer-bits-sink": build(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
                                    k_layer_bits=(8, 2, 4), v_layer_bits=(3, 4, 2)),
-    "key-widths-mixed": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
-                                    k_layer_bits=(8, 3, 2), v_layer_bits=(4, 4, 4), k_widths="query",
+    "key-widths-mixed": build(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+                                    k_layer_bits=(8, 3, 2), v_layer_bits=(4, 4, 4), k_widths="question",
                                     round_k="query"),
-    "key-widths-zstd": CodecConfig(k_bits=4, v_bits=3, k_widths="query", zstd_level=3),
-    "value-widths-mixed": CodecConfig(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
-                                      k_bits=4, v_layer_bits=(8, 3, 2), k_widths="query", v_widths="attention"),
-    "value-widths-zstd": CodecConfig(k_bits=4, v_bits=3, v_widths="attention", zstd_level=3),
+    "key-widths-zstd": build(k_bits=4, v_bits=3, k_widths="question", zstd_level=3),
+    "value-widths-mixed": build(selector="random", retention=0.5, scope="layer", group_size=8, sink=1,
+                                      k_bits=4, v_layer_bits=(8, 3, 2), k_widths="question", v_widths="question"),
+    "value-widths-zstd": build(k_bits=4, v_bits=3, v_widths="question", zstd_level=3),
 }  # fmt: skip
 
 
@@ -157,7 +160,7 @@ def test_generated_stubs_load_with_the_installed_protobuf_runtime() -> None:
 
     from kvlink._proto import kvlink_pb2, kvlink_pb2_grpc
 
-    assert kvlink_pb2.DESCRIPTOR.package == "kvlink.v1"
+    assert kvlink_pb2.DESCRIPTOR.package == "kvlink.v2"
     assert "KVLink" in kvlink_pb2.DESCRIPTOR.services_by_name
     frame = kvlink_pb2.TransferFrame(
         protocol_version=1, chunk=kvlink_pb2.Chunk(chunk_id=7, data=b"\x00\xff", crc32c=9)
@@ -185,7 +188,7 @@ def test_generate_into_a_tmp_dir_and_import(tmp_path: Path) -> None:
     assert {p.name for p in written} == {"kvlink_pb2.py", "kvlink_pb2.pyi", "kvlink_pb2_grpc.py"}
     code = textwrap.dedent("""
         from stubpkg import kvlink_pb2 as pb, kvlink_pb2_grpc
-        h = pb.Hello(protocol_version=1, fingerprint="x", codecs=pb.Codecs(formats=["int4"]))
+        h = pb.Hello(protocol_version=2, fingerprint="x", capabilities=["format:int4"])
         assert pb.Hello.FromString(h.SerializeToString()) == h
         assert kvlink_pb2_grpc.KVLinkStub
         print("ok")
@@ -210,7 +213,7 @@ def test_wire_generates_missing_stubs(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"
+    assert out.stdout.strip() == "2"
     assert stub.is_file() and (stub.parent / "kvlink_pb2_grpc.py").is_file()
 
 
@@ -244,7 +247,7 @@ def test_round_trip(name: str, chunk_bytes: int) -> None:
 
 def test_round_trip_with_a_calibrated_profile() -> None:
     profile = _profile()
-    config = CodecConfig(k_bits=4, v_bits=8, lowrank="profile", k_rank=4, v_rank=6)
+    config = build(k_bits=4, v_bits=8, lowrank="profile", k_rank=4, v_rank=6)
     encoded = _encode(config, profile=profile)
     assert encoded.profile_hash == profile.hash
     received, _ = _assemble(_frames(encoded), profile_hashes={profile.hash})
@@ -433,7 +436,9 @@ def test_header_damaged_in_transit_is_corrupt() -> None:
     frames = _frames(encoded, 64)
     assert frames[-1].trailer.header_crc32c == google_crc32c.value(frames[0].SerializeToString())
     header = _copy(frames[0])
-    header.header.config.window += 1  # the selector's window: not used to decode, so not validated
+    header.header.recipe.select.params["seed"] = (
+        "5"  # the selector's seed: not used to decode, so not validated
+    )
     asm = _asm()
     _feed_all(asm, [header, *frames[1:-1]])
     assert asm.buffered_bytes == sum(len(f.chunk.data) for f in frames[1:-1])
@@ -531,7 +536,7 @@ def test_cancel_drops_the_message() -> None:
 
 
 # --- bad headers ------------------------------------------------------------------
-def _tampered(config: CodecConfig, edit: Callable[[Any], None], chunk_bytes: int = 1 << 20) -> list[Any]:
+def _tampered(config: Recipe, edit: Callable[[Any], None], chunk_bytes: int = 1 << 20) -> list[Any]:
     frames = _frames(_encode(config), chunk_bytes)
     header = _copy(frames[0])
     edit(header.header)
@@ -548,26 +553,35 @@ def test_wrong_fingerprint() -> None:
     ("edit", "needle"),
     [
         (lambda h: setattr(h.tensors[0].spec, "format", "int5"), "'int5'"),
-        (lambda h: setattr(h.config, "k_format", "int5"), "'int5'"),
-        (lambda h: setattr(h.config, "selector", "magic"), "'magic'"),
-        (lambda h: setattr(h.tensors[1], "lowrank", "tucker"), "'tucker'"),
-        (lambda h: setattr(h.tensors[0].spec, "axis", "diagonal"), "'diagonal'"),
+        (lambda h: h.recipe.pipelines[0].stages[-1].params.__setitem__("format", "int5"), "'int5'"),
+        (lambda h: setattr(h.recipe.select, "name", "magic"), "'magic'"),
+        (lambda h: setattr(h.recipe.pipelines[1].stages[-1], "name", "tucker"), "'tucker'"),
+        (lambda h: h.recipe.pipelines[0].stages[-1].params.__setitem__("axis", "diagonal"), "'diagonal'"),
     ],
-    ids=["tensor-format", "config-format", "selector", "lowrank", "axis"],
+    ids=["tensor-format", "recipe-format", "stage-name", "stage-name-2", "axis"],
 )
 def test_unknown_codec(edit: Callable[[Any], None], needle: str) -> None:
+    """A stage or format this receiver does not know is UNKNOWN_CODEC; a known stage with parameters it
+    refuses is MALFORMED. Either way, nothing of the message is kept."""
     frames = _tampered(CONFIGS["int4/int2-random-global"], edit)
-    err = _raises("UNKNOWN_CODEC", lambda: _asm().feed(frames[0]), needle)
-    assert err.status_code == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(wire.WireError) as info:
+        _asm().feed(frames[0])
+    assert info.value.code in ("UNKNOWN_CODEC", "MALFORMED") and needle in info.value.message, info.value
+    expected = (
+        grpc.StatusCode.UNIMPLEMENTED
+        if info.value.code == "UNKNOWN_CODEC"
+        else grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert info.value.status_code == expected
 
 
 def test_codec_the_receiver_does_not_list() -> None:
     frames = _frames(_encode(CONFIGS["int3/nf4-layer-g8"]))
-    codecs = wire.Codecs(formats=("fp16", "int8"), selectors=("none", "random"), lowrank_modes=("none",))
-    _raises("UNKNOWN_CODEC", lambda: _asm(codecs=codecs).feed(frames[0]), "'int3'")
+    few = frozenset({"format:fp16", "format:int8", "select:random"})
+    _raises("UNKNOWN_CODEC", lambda: _asm(capabilities=few).feed(frames[0]), "format:int3")
     zstd_frames = _frames(_encode(CONFIGS["int8-zstd"]))
-    no_zstd = wire.Codecs(formats=("int8",), selectors=("none",), lowrank_modes=("none",), zstd=False)
-    _raises("UNKNOWN_CODEC", lambda: _asm(codecs=no_zstd).feed(zstd_frames[0]), "zstd")
+    no_zstd = wire.local_capabilities() - {"zstd"}
+    _raises("UNKNOWN_CODEC", lambda: _asm(capabilities=no_zstd).feed(zstd_frames[0]), "zstd")
 
 
 def _bump_size(h: Any) -> None:
@@ -606,11 +620,9 @@ def test_shape_and_size_mismatch_with_header(edit: Callable[[Any], None], needle
     [("group_size", 16), ("format", "int8"), ("axis", "token")],
     ids=["group", "format", "axis"],
 )
-def test_tensor_spec_must_follow_the_codec_config(field: str, value: Any) -> None:
+def test_tensor_spec_must_follow_the_recipe(field: str, value: Any) -> None:
     frames = _tampered(CONFIGS["int4/int2-random-global"], lambda h: setattr(h.tensors[0].spec, field, value))
-    err = _raises(
-        "MALFORMED", lambda: _asm().feed(frames[0]), "layer 0 k: spec", "does not match the codec config"
-    )
+    err = _raises("MALFORMED", lambda: _asm().feed(frames[0]), "layer 0 k: spec", "does not match its recipe")
     assert err.status_code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -669,8 +681,8 @@ def _copy_empty(frame: Any) -> Any:
 def test_wrong_protocol_version() -> None:
     frames = _frames(_encode(CONFIGS["fp16-full"]))
     old = _copy(frames[0])
-    old.protocol_version = 2
-    err = _raises("PROTOCOL", lambda: _asm().feed(old), "version 2")
+    old.protocol_version = 1
+    err = _raises("PROTOCOL", lambda: _asm().feed(old), "version 1", "upgrade it")
     assert err.status_code == grpc.StatusCode.FAILED_PRECONDITION
     asm = _asm()
     asm.feed(frames[0])
@@ -693,20 +705,24 @@ def test_trailer_disagreeing_with_the_header() -> None:
 
 # --- handshake, questions, errors ----------------------------------------------------
 def test_handshake_and_question_helpers_round_trip() -> None:
-    hello = wire.Hello(FP, wire.local_codecs(), "kvlink-send test")
+    hello = wire.Hello(FP, wire.local_capabilities(), "kvlink-send test")
     assert (
         wire.hello_from_proto(wire.parse_hello(wire.hello_to_proto(hello).SerializeToString()), FP) == hello
     )
     _raises("FINGERPRINT", lambda: wire.hello_from_proto(wire.hello_to_proto(hello), "b" * 64))
-    assert (
-        "int4" in hello.codecs.formats
-        and "q2c" in hello.codecs.selectors
-        and "svd" in hello.codecs.lowrank_modes
-    )
-    welcome = wire.Welcome(FP, wire.local_codecs(), 1 << 29, 1 << 20, ("abc",), "tiny", GEOM)
+    assert {
+        "format:int4",
+        "format:int4cw",
+        "select:q2c",
+        "lowrank:svd",
+        "sink",
+        "rotate",
+        "zstd",
+    } <= hello.capabilities
+    welcome = wire.Welcome(FP, wire.local_capabilities(), 1 << 29, 1 << 20, ("abc",), "tiny", GEOM)
     assert wire.welcome_from_proto(wire.welcome_to_proto(welcome), FP) == welcome
     assert (
-        wire.welcome_from_proto(wire.welcome_to_proto(wire.Welcome(FP, welcome.codecs, 1, 1))).geometry
+        wire.welcome_from_proto(wire.welcome_to_proto(wire.Welcome(FP, welcome.capabilities, 1, 1))).geometry
         is None
     )
     ask = wire.Ask("s", "m", "Who?", 16, ("Ann", "Ann B."), {"prefill_s": 0.5})
@@ -766,7 +782,9 @@ class _Servicer:
             hello = wire.hello_from_proto(wire.parse_hello(request), FP)
         except wire.WireError as err:
             _abort(context, err)
-        return wire.welcome_to_proto(wire.Welcome(hello.fingerprint, wire.local_codecs(), 1 << 29, 1 << 20))
+        return wire.welcome_to_proto(
+            wire.Welcome(hello.fingerprint, wire.local_capabilities(), 1 << 29, 1 << 20)
+        )
 
     def Transfer(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         asm = wire.Assembler(FP, GEOM)
@@ -835,14 +853,14 @@ def test_errors_over_grpc_carry_status_and_code(channel: grpc.Channel) -> None:
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-@pytest.mark.parametrize("where", ["header", "config", "tensor-spec", "payload-entry"])
+@pytest.mark.parametrize("where", ["header", "recipe", "stage", "tensor-spec", "payload-entry"])
 def test_unknown_header_fields_are_refused(where: str) -> None:
     """A field this receiver's .proto lacks (a newer sender's codec option) is refused, never ignored."""
     extra = bytes([0xF8, 0x06, 0x01])  # field 111, varint 1: no kvlink message defines it
     frames = _frames(_encode(CONFIGS["int4/int2-random-global"]))
     header = frames[0].header
-    target = {"header": header, "config": header.config, "tensor-spec": header.tensors[3].spec,
-              "payload-entry": header.payload[2]}[where]  # fmt: skip
+    target = {"header": header, "recipe": header.recipe, "stage": header.recipe.pipelines[0].stages[0],
+              "tensor-spec": header.tensors[3].spec, "payload-entry": header.payload[2]}[where]  # fmt: skip
     target.MergeFromString(extra)
     tampered = wire.parse_frame(frames[0].SerializeToString())
     err = _raises("UNKNOWN_CODEC", lambda: _asm().feed(tampered), "[111]", "newer kvlink sender")

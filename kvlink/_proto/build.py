@@ -1,4 +1,4 @@
-"""Generate the Python stubs of proto/kvlink/v1/kvlink.proto into this package.
+"""Generate the Python stubs of proto/kvlink/v2/kvlink.proto into this package.
 
 Run by `make proto` (and on demand by `kvlink.wire` when the stubs are missing
 in a source checkout). The stubs are never committed and never edited by hand.
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = PACKAGE_DIR.parent.parent / "proto"
-PROTO_FILE = PROTO_ROOT / "kvlink" / "v1" / "kvlink.proto"
+PROTO_FILE = PROTO_ROOT / "kvlink" / "v2" / "kvlink.proto"
 
 
 def generate(out_dir: Path = PACKAGE_DIR, proto_file: Path = PROTO_FILE) -> list[Path]:

@@ -55,10 +55,11 @@ def bomb_frames(lm: Any, message_id: str, claimed: int = 512 * MIB) -> list[Any]
 
     from kvlink import wire
     from kvlink.cache import prefill
-    from kvlink.codec import Codec, CodecConfig, Part
+    from kvlink.codec import Codec, Part
     from kvlink.prompt import context_ids
+    from kvlink.recipe import build
 
-    encoded = Codec(CodecConfig(), lm.geometry).encode(
+    encoded = Codec(build(), lm.geometry).encode(
         prefill(lm.model, context_ids(lm.tokenizer, "x " * 120), None)
     )
     bomb = zstandard.ZstdCompressor(level=19).compress(bytes(claimed))
@@ -88,13 +89,14 @@ def positions_frames(lm: Any, message_id: str, length: int = 900_000) -> list[An
     position set of length/2 delta varints per layer (~13 MB in all): validation must decode them."""
     from kvlink import wire
     from kvlink.cache import Observe, prefill
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.codec import Codec
     from kvlink.eval.squad import load_squad
     from kvlink.prompt import context_ids, question_ids
+    from kvlink.recipe import build
     from kvlink.select import keep_count
 
     example = load_squad()[0]
-    config = CodecConfig(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
+    config = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
     q = question_ids(lm.tokenizer, example.question)
     pre = prefill(lm.model, context_ids(lm.tokenizer, example.context), q, observe=Observe.QUESTION)
     frames = wire.to_frames(Codec(config, lm.geometry).encode(pre), "s", message_id, lm.fingerprint, 1 << 20)
@@ -111,12 +113,13 @@ def decode_bomb(lm: Any, tokens: int) -> Any:
     import torch
 
     from kvlink.cache import ContextKV
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.codec import Codec
+    from kvlink.recipe import build
 
     g = lm.geometry
     zeros = [torch.zeros(g.kv_heads, tokens, g.head_dim) for _ in range(g.num_layers)]
     kv = ContextKV(zeros, [z.clone() for z in zeros], [torch.arange(tokens)] * g.num_layers, tokens)
-    return Codec(CodecConfig(k_bits=2, v_bits=2, zstd_level=3), g).encode_kv(kv)
+    return Codec(build(k_bits=2, v_bits=2, zstd_level=3), g).encode_kv(kv)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -413,12 +416,13 @@ async def phase(run: Run, seconds: float, hostile: bool) -> dict[str, Any]:
 
 def prepare_goods(lm: Any, n: int, tokens: dict[str, str]) -> list[Good]:
     from kvlink.cache import prefill
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.codec import Codec
     from kvlink.eval.squad import load_squad
     from kvlink.generate import greedy_answer
     from kvlink.prompt import context_ids, question_ids
+    from kvlink.recipe import build
 
-    codec = Codec(CodecConfig(k_bits=4, v_bits=4), lm.geometry)
+    codec = Codec(build(k_bits=4, v_bits=4), lm.geometry)
     by_context: dict[str, Any] = {}
     for example in load_squad():
         by_context.setdefault(example.context, example)

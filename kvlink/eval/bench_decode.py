@@ -48,7 +48,7 @@ def time_decode(name: str, length: int, device: torch.device, reps: int, seed: i
     config = parse_name(name)
     codec = Codec(config, g)
     kept = None
-    if config.selector != "none":  # a kept set per layer, as Q2C would choose: a seeded random one
+    if config.select is not None:  # a kept set per layer, as Q2C would choose: a seeded random one
         n = keep_count(config.retention, length)
         kept = [torch.sort(torch.randperm(length, generator=gen)[:n]).values for _ in range(g.num_layers)]
     encoded = codec.encode_kv(kv, kept)
@@ -62,7 +62,7 @@ def time_decode(name: str, length: int, device: torch.device, reps: int, seed: i
         times.append(time.perf_counter() - t0)
     return {
         "config": name,
-        "label": config.label,
+        "label": config.name,
         "T": length,
         "encoded_bytes": encoded.sizes().total,
         "decode_ms": 1000 * statistics.median(times),

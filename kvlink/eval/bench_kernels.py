@@ -81,8 +81,11 @@ DEQUANT_CASES: tuple[tuple[str, str], ...] = (
     ("int2", "token"),
     ("int2", "channel"),
     ("nf4", "token"),
-    ("int3w", "channel"),  # a width per key channel (kvlink.quant.widths; uniform widths here: the same work)
-    ("int3t", "token"),  # a width per value row
+    (
+        "int3cw",
+        "channel",
+    ),  # a width per key channel (kvlink.quant.widths; uniform widths here: the same work)
+    ("int3rw", "token"),  # a width per value row
 )
 QUANT_CASES: tuple[tuple[str, str], ...] = (
     ("int8", "token"),

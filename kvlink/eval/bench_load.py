@@ -110,13 +110,14 @@ def local_receiver(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 # --- the senders ----------------------------------------------------------------------------------------------
 def prepare(lm: Any, n: int, config_name: str, max_new_tokens: int) -> list[Prepared]:
     """n distinct SQuAD contexts (shortest first), encoded once, with their own answers."""
-    from kvlink.cache import Observe, prefill
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.cache import prefill
+    from kvlink.codec import Codec
     from kvlink.eval.squad import load_squad
     from kvlink.generate import greedy_answer
     from kvlink.prompt import context_ids, question_ids
+    from kvlink.recipe import build
 
-    config = CodecConfig(**CONFIGS[config_name])  # type: ignore[arg-type]
+    config = build(**CONFIGS[config_name])  # type: ignore[arg-type]
     codec = Codec(config, lm.geometry)
     by_context: dict[str, Any] = {}
     for example in load_squad():
@@ -125,7 +126,7 @@ def prepare(lm: Any, n: int, config_name: str, max_new_tokens: int) -> list[Prep
     out = []
     for e in examples:
         ctx, q = context_ids(lm.tokenizer, e.context), question_ids(lm.tokenizer, e.question)
-        observe = Observe.QUESTION if config.selector == "q2c" else Observe.NONE
+        observe = config.needs()
         encoded = codec.encode(prefill(lm.model, ctx, q, observe=observe))
         kv = codec.decode(encoded, lm.device, lm.dtype)
         answer = greedy_answer(lm.model, lm.tokenizer, kv, q, max_new_tokens=max_new_tokens)

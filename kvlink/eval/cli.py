@@ -152,7 +152,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     if args.list_configs:
         for c in configs:
             alias = f" (= {', '.join(c.aliases)})" if c.aliases else ""
-            print(f"{c.name:24s} {c.family:18s} {c.config.label}{alias}")
+            print(f"{c.name:24s} {c.family:18s} {c.config.name}{alias}")
         return 0
     batch = args.batch or (64 if lm.device.type == "cuda" else 8)
     settings = grid.RunSettings(
@@ -185,7 +185,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
                 f"{[old.get(k) for k in changed]} vs {[meta.get(k) for k in changed]}); use another --out"
             )
     for c in configs:
-        by_name[c.name] = {"name": c.name, "aliases": list(c.aliases), **c.config.to_dict()}
+        by_name[c.name] = {**c.config.to_dict(), "name": c.name, "aliases": list(c.aliases)}
     meta["configs"] = list(by_name.values())
     run_file.write_text(json.dumps(meta, indent=1))
 
@@ -335,9 +335,12 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for layer, (k, v) in enumerate(zip(profile.k, profile.v, strict=True)):
         view.add_row(str(layer), f"{k:.4f}", f"{v:.4f}")
     _console().print(view)
+    from kvlink.recipe import build
+
     for average in (3.0, 3.5):
         kb, vb = profile.allocate(average)
-        print(f"mix{average:g}: K {list(kb)}  V {list(vb)}")
+        recipe = build(k_layer_bits=kb, v_layer_bits=vb, group_size=args.group_size, sink=args.sink)
+        print(f"mix{average:g}: K {list(kb)}  V {list(vb)}  name {recipe.name}")
     print(f"wrote {out}")
     return 0
 
@@ -515,14 +518,15 @@ def e2e_example(
     """
     from kvlink import wire
     from kvlink.cache import Prefill, prefill, prefill_observations
-    from kvlink.codec import Codec, CodecConfig
+    from kvlink.codec import Codec
     from kvlink.eval.grid import GridConfig, _observes, _queries_for
     from kvlink.generate import greedy_answer
     from kvlink.prompt import context_ids, question_ids, question_rows
+    from kvlink.recipe import build
 
     model, tok, device = lm.model, lm.tokenizer, lm.device
     ctx, q = example.encode(tok)
-    methods = [*configs, GridConfig("fp16-kv", CodecConfig())]
+    methods = [*configs, GridConfig("fp16-kv", build())]
     kinds = {_observes(c.config) for c in methods}
     kinds |= {k for k in (_queries_for(c.config) for c in methods) if k is not None}
     kv, observations = prefill_observations(model, ctx, q, kinds, 32, question_rows(tok, example.question))
@@ -549,7 +553,7 @@ def e2e_example(
             transfer = _transfer(link, blobs, asm.feed_raw)
         t1 = time.perf_counter()
         encoded, _ = asm.finish()
-        decoded = Codec(encoded.config, lm.geometry, profile).decode(encoded, device, lm.dtype)
+        decoded = Codec(encoded.recipe, lm.geometry, profile).decode(encoded, device, lm.dtype)
         _sync(device)
         t2 = time.perf_counter()
         answer = greedy_answer(model, tok, decoded, q, max_new_tokens=1)

@@ -1,6 +1,6 @@
 """How much an entropy coder could save on the quantized codes, against zstd, measured.
 
-    stats = code_statistics(kv, CodecConfig(k_bits=4, v_bits=4), geometry)
+    stats = code_statistics(kv, build(k_bits=4, v_bits=4), geometry)
 
 For every quantized tensor of a message: its packed codes (the payload), the
 order-0 empirical entropy of its symbols (what a static per-tensor arithmetic
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from kvlink.cache import ContextKV
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.models import Geometry
 from kvlink.quant import BITS
 from kvlink.quant.pack import unpack_bits
+from kvlink.recipe import Recipe
 
 
 def entropy_bits(symbols: Tensor) -> float:
@@ -41,11 +42,11 @@ def conditional_entropy_bits(symbols: Tensor, context: Tensor, alphabet: int) ->
     return entropy_bits(joint) - entropy_bits(context)
 
 
-def code_statistics(kv: ContextKV, config: CodecConfig, geometry: Geometry, level: int = 3) -> dict[str, Any]:
+def code_statistics(kv: ContextKV, config: Recipe, geometry: Geometry, level: int = 3) -> dict[str, Any]:
     """Bytes of the message and of its codes: raw, order-0 / order-1 entropy, zstd (see module doc)."""
     import zstandard
 
-    codec = Codec(config.with_(zstd_level=0), geometry)
+    codec = Codec(config.with_zstd(None), geometry)
     encoded = codec.encode_kv(kv)
     compressor = zstandard.ZstdCompressor(level=level)
     codes = order0 = order1 = zstd = 0.0
@@ -66,7 +67,7 @@ def code_statistics(kv: ContextKV, config: CodecConfig, geometry: Geometry, leve
         zstd_s += time.perf_counter() - t0
     total = encoded.sizes().total
     return {
-        "config": config.label,
+        "config": config.name,
         "message_bytes": total,
         "codes_bytes": int(codes),
         "order0_bytes": order0,

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvlink.cache import ContextKV, cache_arg
-from kvlink.eval.squad import best_scores, exact_match, f1_score
 from kvlink.eval.tasks import needle_found
 from kvlink.generate import _eos_ids, _sliding_window
+from kvlink.scoring import best_scores, exact_match, f1_score
 
 _HIDDEN = torch.iinfo(torch.int64).max  # position of a padding slot: no query ever reaches it
 

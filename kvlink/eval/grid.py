@@ -1,27 +1,10 @@
-"""The benchmark grid: named codec configs, presets for the published baselines, and grid subsets.
+"""The benchmark grid: configs named in the recipe grammar, presets for the published baselines, grid subsets.
 
-A config is named by dash-separated tokens, in any order (absent = no compression on that axis):
-
-    q2c50 | snapkv25 | h2o75 | streaming50 | random25   selection method and retention in %
-    layer                                               one kept set per layer (default: global)
-    fp16 | int8 | int4 | int3 | int2 | nf4              K and V bits
-    k8v4 | knf4v8 | ...                                 K and V bits apart
-    svd32 | proj16                                      per-message SVD / calibrated projection, rank
-    g64                                                 quantization group size (default 32)
-    ktok | kchan | vtok | vchan                         grouping axis of K / V (default kchan, vtok)
-    zstd3                                               zstd level
-    rot | krot | vrot                                   Hadamard rotation of K and V / K / V
-    hi4 | hi4b4                                         first 4 layers at INT8 / at INT4
-    sink1 | sink4                                       first 1 / 4 kept entries at fp16, outside the groups
-    qround                                              INT keys rounded for the question's logits
-    kw                                                  INT2/3/4 keys with a width per channel, allocated
-                                                        from the question's queries (kvlink.quant.widths)
-    vw                                                  INT2/3/4 values with a width per token row, allocated
-                                                        from the question's attention (kvlink.quant.widths)
-    mix3.5                                              INT bits per layer and K/V, 3.5 on average, allocated
-                                                        from the model's sensitivity profile (kvlink.layerbits)
-
-e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published recipes:
+Every config is a recipe name (kvlink.recipe: one grammar for the grid, the planner's quality tables,
+`kvlink-send --config` and the records), e.g. "q2c50%+kint4c/vint4t-g32", "h2o25%+kint8c/vint4t-g64",
+"profile-r32+kint4c/vint4t-g32", "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question".
+Per-layer allocations ("kmix3.43c/vmix2.57t-g64+bits-<id>") resolve from the model's sensitivity
+profile (kvlink.layerbits) at its allocation averages. Aliases name the published recipes:
 
     seed-q2c75-int4   Q2C 75% + INT4              seed-q2c50-int8   Q2C 50% + INT8
     seed-svd32/64     per-message SVD, rank 32/64 seed-kv-asym      K 8 bits / V 4 bits
@@ -29,21 +12,20 @@ e.g. "q2c50-int4", "h2o25-k8v4-g64", "proj32-int4". Aliases name the published r
                       full-precision residual window, so KIVI's recent-128 window is not modelled)
     streamingllm50/25 sinks + recent window at 50% / 25%
 
-Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`,
-`hi-layers`, `sink`, `layer-scope`, `beyond`, `query-round`, `layer-bits`, `key-widths` and `value-widths` (issue 7's
-techniques), `seeds`, `kivi2`,
-`streamingllm`, `default` (38 configs: every selector at 50% and 25%, every bit width alone, the
-seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection at two ranks each, and the
-combinations that land near the planner's budgets). `grid_names("full")` is the whole cross
-product selection x retention x bits x rank.
+Presets are lists of names: `reference` (the plain reference of issue 7), `rotation`, `sink`,
+`layer-scope`, `beyond`, `query-round`, `layer-bits`, `key-widths` and `value-widths` (issue 7's
+techniques), `seeds`, `kivi2`, `streamingllm`, `default` (38 configs: every selector at 50% and
+25%, every bit width alone, the seed recipes, KIVI-2, StreamingLLM, SVD and a calibrated projection
+at two ranks each, and the combinations that land near the planner's budgets). `grid_names("full")`
+is the whole cross product selection x retention x bits x rank.
 
 Running the grid (`run_quality`, `Evaluator`): per example the context is prefilled ONCE with
 every observation the selectors need (kvlink.cache.prefill_observations), the full-KV FP16
-reference answer and its logits are computed once, kept positions once per (selector,
-retention, scope); then per config: encode_kv, the exact wire size, decode, reconstruction
-error, and the configs are answered together in batches (kvlink.eval.fidelity.batched_answers:
-greedy decoding plus the teacher-forced reference and gold answers in one batch). One JSON line
-per (example, config) is appended as it goes, so a run can resume.
+reference answer and its logits are computed once, kept positions once per Select stage; then per
+config: encode_kv, the exact wire size, decode, reconstruction error, and the configs are answered
+together in batches (kvlink.eval.fidelity.batched_answers: greedy decoding plus the teacher-forced
+reference and gold answers in one batch). One JSON line per (example, config) is appended as it goes,
+so a run can resume.
 """
 
 from __future__ import annotations
@@ -51,7 +33,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,14 +45,16 @@ from torch import Tensor
 
 from kvlink import wire
 from kvlink.cache import ContextKV, Observation, Observe, Prefill, prefill_observations
-from kvlink.codec import Codec, CodecConfig, EncodedKV
+from kvlink.codec import Codec, EncodedKV
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import Example
-from kvlink.layerbits import Sensitivity
+from kvlink.layerbits import ALLOCATION_AVERAGES, Sensitivity
 from kvlink.lowrank import ModelProfile, calibrate_profile
 from kvlink.models import Geometry, LoadedModel, cache_dir
 from kvlink.prompt import encode_text, question_rows
-from kvlink.select import get_selector, registered_selectors
+from kvlink.recipe import Recipe, layer_bits_id
+from kvlink.select import registered_selectors
+from kvlink.stages import LowRank, Select
 
 logger = logging.getLogger(__name__)
 
@@ -83,77 +66,162 @@ GRIDS: tuple[str, ...] = ("default", "seeds", "full")
 ALIASES: dict[str, str] = {
     "reference-fp16": "fp16",
     "full-kv": "fp16",
-    "seed-q2c75-int4": "q2c75-int4",
-    "seed-q2c50-int8": "q2c50-int8",
-    "seed-svd32": "svd32",
-    "seed-svd64": "svd64",
-    "seed-kv-asym": "k8v4",
-    "kivi2": "int2",
-    "streamingllm50": "streaming50",
-    "streamingllm25": "streaming25",
+    "seed-q2c75-int4": "q2c75%+kint4c/vint4t-g32",
+    "seed-q2c50-int8": "q2c50%+kint8c/vint8t-g32",
+    "seed-svd32": "svd-r32+fp16",
+    "seed-svd64": "svd-r64+fp16",
+    "seed-kv-asym": "kint8c/vint4t-g32",
+    "kivi2": "kint2c/vint2t-g32",
+    "streamingllm50": "streaming50%+fp16",
+    "streamingllm25": "streaming25%+fp16",
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {
-    # Issue 7's plain reference: fake-quantized min/max groups of 32, K per channel, V per token.
     "reference": (
-        "fp16", "int8", "int4", "int3", "int2", "q2c75", "q2c50", "h2o50", "snapkv50", "random50",
-        "q2c75-int4", "q2c50-int4",
+        "fp16",
+        "kint8c/vint8t-g32",
+        "kint4c/vint4t-g32",
+        "kint3c/vint3t-g32",
+        "kint2c/vint2t-g32",
+        "q2c75%+fp16",
+        "q2c50%+fp16",
+        "h2o50%+fp16",
+        "snapkv50%+fp16",
+        "random50%+fp16",
+        "q2c75%+kint4c/vint4t-g32",
+        "q2c50%+kint4c/vint4t-g32",
     ),
-    # Issue 7's techniques, one preset each: Hadamard rotation, the first layers at INT8, fp16
-    # sink entries, per-layer kept sets, and the combinations measured against the reference.
-    "rotation": ("int4-rot", "int4-vrot", "int3-rot", "int3-vrot", "int2-rot", "int3-rot-g64"),
-    "hi-layers": ("int3-hi4", "int2-hi4", "int2-rot-hi4"),
-    "sink": ("int4-sink1", "int3-sink1", "k8v4-sink1", "k4v3-sink1", "k4v2-sink1"),
-    "layer-scope": ("q2c50-layer", "q2c25-layer", "q2c50-layer-int4"),
-    # Query-aware rounding of the keys (kvlink.quant.aware), each next to its nearest-rounding twin.
+    "rotation": (
+        "kint4c/vint4t-g32+rot",
+        "kint4c/vint4t-g32+v-rot",
+        "kint3c/vint3t-g32+rot",
+        "kint3c/vint3t-g32+v-rot",
+        "kint2c/vint2t-g32+rot",
+        "kint3c/vint3t-g64+rot",
+    ),
+    "sink": (
+        "kint4c/vint4t-g32+sink1",
+        "kint3c/vint3t-g32+sink1",
+        "kint8c/vint4t-g32+sink1",
+        "kint4c/vint3t-g32+sink1",
+        "kint4c/vint2t-g32+sink1",
+    ),
+    "layer-scope": (
+        "q2c50%/layer+fp16",
+        "q2c25%/layer+fp16",
+        "q2c50%/layer+kint4c/vint4t-g32",
+    ),
     "query-round": (
-        "int4-sink1-qround", "int3-sink1-qround", "int3-g64-sink1", "int3-g64-sink1-qround",
-        "k4v3-sink1-qround", "int3-rot-sink1-qround", "int2-rot-sink1-qround",
-        "q2c75-layer-k4v3-sink1-qround", "q2c75-layer-int3-sink1", "q2c75-layer-int3-sink1-qround",
-        "q2c50-layer-int4-sink1-qround", "q2c25-layer-int4-sink1-qround",
+        "kint4c/vint4t-g32+sink1+round-query",
+        "kint3c/vint3t-g32+sink1+round-query",
+        "kint3c/vint3t-g64+sink1",
+        "kint3c/vint3t-g64+sink1+round-query",
+        "kint4c/vint3t-g32+sink1+round-query",
+        "kint3c/vint3t-g32+sink1+rot+round-query",
+        "kint2c/vint2t-g32+sink1+rot+round-query",
+        "q2c75%/layer+kint4c/vint3t-g32+sink1+round-query",
+        "q2c75%/layer+kint3c/vint3t-g32+sink1",
+        "q2c75%/layer+kint3c/vint3t-g32+sink1+round-query",
+        "q2c50%/layer+kint4c/vint4t-g32+sink1+round-query",
+        "q2c25%/layer+kint4c/vint4t-g32+sink1+round-query",
     ),
-    # Bits per layer and K/V from the model's sensitivity profile, next to their uniform twins of the same mean.
     "layer-bits": (
-        "k4v3-g64-sink1", "mix3.5-g64-sink1", "int3-g64-sink1", "mix3-g64-sink1",
-        "q2c90-layer-mix3.5-g64-sink1-qround", "q2c60-layer-mix3.5-g64-sink1-qround",
-        "q2c40-layer-mix3.5-g64-sink1-qround",
+        "kint4c/vint3t-g64+sink1",
+        "kmix4.07c/vmix2.93t-g64+bits-98855c80+sink1",
+        "kint3c/vint3t-g64+sink1",
+        "kmix3.43c/vmix2.57t-g64+bits-4b19c4ef+sink1",
+        "q2c90%/layer+kmix4.07c/vmix2.93t-g64+bits-98855c80+sink1+round-query",
+        "q2c60%/layer+kmix4.07c/vmix2.93t-g64+bits-98855c80+sink1+round-query",
+        "q2c40%/layer+kmix4.07c/vmix2.93t-g64+bits-98855c80+sink1+round-query",
     ),
-    # Per-channel key widths from the question's queries (kvlink.quant.widths), next to their uniform twins.
     "key-widths": (
-        "q2c90-layer-k4v3-g64-sink1-qround", "q2c90-layer-k4v3-g64-sink1-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw",
-        "q2c90-layer-k3v4-g64-sink1-qround", "q2c90-layer-k3v4-g64-sink1-kw", "q2c90-layer-k3v4-g64-sink1-qround-kw",
-        "k3v4-g64-sink1-kw", "q2c65-layer-k3v4-g64-sink1-qround-kw", "q2c40-layer-k3v4-g64-sink1-qround-kw",
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query",
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+kwidths-question",
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question",
+        "q2c90%/layer+kint3c/vint4t-g64+sink1+round-query",
+        "q2c90%/layer+kint3c/vint4t-g64+sink1+kwidths-question",
+        "q2c90%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question",
+        "kint3c/vint4t-g64+sink1+kwidths-question",
+        "q2c65%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question",
+        "q2c40%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question",
     ),
-    # Per-token value widths from the question's attention (kvlink.quant.widths), next to their K4/V3 twins and the
-    # key-widths incumbent at the same bytes (K3/V4).
     "value-widths": (
-        "q2c90-layer-k4v3-g64-sink1-qround-kw", "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",
-        "q2c90-layer-k3v4-g64-sink1-qround-kw", "q2c65-layer-k4v3-g64-sink1-qround-kw",
-        "q2c65-layer-k4v3-g64-sink1-qround-kw-vw", "q2c40-layer-k4v3-g64-sink1-qround-kw",
-        "q2c40-layer-k4v3-g64-sink1-qround-kw-vw",
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question",
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
+        "q2c90%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question",
+        "q2c65%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question",
+        "q2c65%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
+        "q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question",
+        "q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
     ),
     "beyond": (
-        "int4-sink1", "int3-sink1", "k4v3-sink1", "k4v3-vrot-sink1", "int3-rot-sink1", "int2-rot-sink1",
-        "k8v4-sink1", "k4v2-sink1", "q2c75-layer-int4-sink1", "q2c50-layer-int4-sink1",
-        "q2c37.5-layer-int4-sink1", "q2c25-layer-int4-sink1", "q2c75-layer-k4v3-sink1",
+        "kint4c/vint4t-g32+sink1",
+        "kint3c/vint3t-g32+sink1",
+        "kint4c/vint3t-g32+sink1",
+        "kint4c/vint3t-g32+sink1+v-rot",
+        "kint3c/vint3t-g32+sink1+rot",
+        "kint2c/vint2t-g32+sink1+rot",
+        "kint8c/vint4t-g32+sink1",
+        "kint4c/vint2t-g32+sink1",
+        "q2c75%/layer+kint4c/vint4t-g32+sink1",
+        "q2c50%/layer+kint4c/vint4t-g32+sink1",
+        "q2c37.5%/layer+kint4c/vint4t-g32+sink1",
+        "q2c25%/layer+kint4c/vint4t-g32+sink1",
+        "q2c75%/layer+kint4c/vint3t-g32+sink1",
     ),
-    "seeds": ("seed-q2c75-int4", "seed-q2c50-int8", "seed-svd32", "seed-svd64", "seed-kv-asym"),
-    "kivi2": ("kivi2",),
-    "streamingllm": ("streamingllm50", "streamingllm25"),
+    "seeds": (
+        "seed-q2c75-int4",
+        "seed-q2c50-int8",
+        "seed-svd32",
+        "seed-svd64",
+        "seed-kv-asym",
+    ),
+    "kivi2": (
+        "kivi2",
+    ),
+    "streamingllm": (
+        "streamingllm50",
+        "streamingllm25",
+    ),
     "default": (
-        # the full KV and every bit width alone
-        "fp16", "int8", "int4", "int3", "kivi2", "nf4",
-        # every selector at 50% and 25% (StreamingLLM under its own name), and Q2C at 75%
-        "q2c50", "q2c25", "snapkv50", "snapkv25", "h2o50", "h2o25", "streamingllm50", "streamingllm25",
-        "random50", "random25", "q2c75",
-        # the seeds' recipes and issue 7's combinations
-        "seed-q2c75-int4", "seed-q2c50-int8", "seed-kv-asym", "q2c50-int4",
-        # low rank: per-message SVD and a calibrated projection at two ranks each
-        "svd16", "seed-svd32", "proj16", "proj32", "proj32-int4",
-        # combinations near the planner's budgets (18.75%, 12.5%, 6.25% of FP16)
-        "q2c25-int8", "q2c25-int4", "q2c50-int2", "q2c25-int3", "q2c25-int2", "q2c12.5-int4",
-        "h2o50-int4", "h2o25-int4",
-        "snapkv50-int4", "streaming50-int4", "random50-int4", "q2c50-proj32-int4",
+        "fp16",
+        "kint8c/vint8t-g32",
+        "kint4c/vint4t-g32",
+        "kint3c/vint3t-g32",
+        "kivi2",
+        "knf4c/vnf4t-g32",
+        "q2c50%+fp16",
+        "q2c25%+fp16",
+        "snapkv50%+fp16",
+        "snapkv25%+fp16",
+        "h2o50%+fp16",
+        "h2o25%+fp16",
+        "streamingllm50",
+        "streamingllm25",
+        "random50%+fp16",
+        "random25%+fp16",
+        "q2c75%+fp16",
+        "seed-q2c75-int4",
+        "seed-q2c50-int8",
+        "seed-kv-asym",
+        "q2c50%+kint4c/vint4t-g32",
+        "svd-r16+fp16",
+        "seed-svd32",
+        "profile-r16+fp16",
+        "profile-r32+fp16",
+        "profile-r32+kint4c/vint4t-g32",
+        "q2c25%+kint8c/vint8t-g32",
+        "q2c25%+kint4c/vint4t-g32",
+        "q2c50%+kint2c/vint2t-g32",
+        "q2c25%+kint3c/vint3t-g32",
+        "q2c25%+kint2c/vint2t-g32",
+        "q2c12.5%+kint4c/vint4t-g32",
+        "h2o50%+kint4c/vint4t-g32",
+        "h2o25%+kint4c/vint4t-g32",
+        "snapkv50%+kint4c/vint4t-g32",
+        "streaming50%+kint4c/vint4t-g32",
+        "random50%+kint4c/vint4t-g32",
+        "q2c50%+profile-r32+kint4c/vint4t-g32",
     ),
 }  # fmt: skip
 
@@ -163,7 +231,7 @@ class GridConfig:
     """One benchmarked configuration: its canonical name, the codec config, and the aliases it was asked by."""
 
     name: str
-    config: CodecConfig
+    config: Recipe
     aliases: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -171,101 +239,31 @@ class GridConfig:
         return family(self.config)
 
 
-def family(config: CodecConfig) -> str:
+def family(recipe: Recipe) -> str:
     """Method family for plots: selection method, low-rank mode and quantization, e.g. 'q2c+quant'."""
     parts = []
-    if config.selector != "none":
-        parts.append("streamingllm" if config.selector == "streaming" else config.selector)
-    if config.lowrank != "none":
-        parts.append("proj" if config.lowrank == "profile" else config.lowrank)
-    if config.k_format != "fp16" or config.v_format != "fp16":
-        parts.append("rot" if config.rotate != "none" else "quant")
+    if recipe.select is not None:
+        parts.append("streamingllm" if recipe.method == "streaming" else recipe.method)
+    modes = {s.mode for s in recipe.stages() if isinstance(s, LowRank)}
+    if modes:
+        parts.append("proj" if "profile" in modes else "svd")
+    if recipe.format("k") != "fp16" or recipe.format("v") != "fp16":
+        parts.append("rot" if recipe.has("rotate") else "quant")
     return "+".join(parts) or "fp16"
 
 
-_BITS_TOKEN = r"(16|8|4|3|2|nf4)"
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(q2c|snapkv|h2o|streaming|random)(\d+(?:\.\d+)?)"), "select"),
-    (re.compile(r"layer"), "scope"),
-    (re.compile(r"fp16|int8|int4|int3|int2|nf4"), "bits"),
-    (re.compile(rf"k{_BITS_TOKEN}v{_BITS_TOKEN}"), "kvbits"),
-    (re.compile(r"(svd|proj)(\d+)"), "rank"),
-    (re.compile(r"g(\d+)"), "group"),
-    (re.compile(r"([kv])(tok|chan)"), "axis"),
-    (re.compile(r"zstd(\d+)"), "zstd"),
-    (re.compile(r"(k|v|kv)?rot"), "rotate"),
-    (re.compile(rf"hi(\d+)(?:b{_BITS_TOKEN})?"), "hi"),
-    (re.compile(r"sink(\d+)"), "sink"),
-    (re.compile(r"qround"), "round"),
-    (re.compile(r"kw"), "widths"),
-    (re.compile(r"vw"), "vwidths"),
-    (re.compile(r"mix(\d+(?:\.\d+)?)"), "mix"),
-)
-
-
-def _bits(token: str) -> int | str:
-    return token if token == "nf4" else int(token)
-
-
-def parse_name(name: str, sensitivity: Sensitivity | None = None) -> CodecConfig:
-    """The CodecConfig a config name describes (see the module docstring); aliases are resolved.
-
-    A `mix` token needs the model's `sensitivity` profile (`kvlink-bench sensitivity` measures one).
-    """
+def parse_name(name: str, sensitivity: Sensitivity | None = None) -> Recipe:
+    """The recipe a config name (or alias) names; per-layer allocations from `sensitivity` (the model's
+    profile) when given, else from the shipped profiles."""
     name = ALIASES.get(name, name)
-    fields: dict[str, object] = {}
-    for token in name.split("-"):
-        for pattern, kind in _PATTERNS:
-            m = pattern.fullmatch(token)
-            if m is None:
-                continue
-            if kind == "select":
-                if "selector" in fields:
-                    raise ValueError(f"config {name!r} names two selection methods")
-                fields["selector"], fields["retention"] = m.group(1), float(m.group(2)) / 100.0
-            elif kind == "scope":
-                fields["scope"] = "layer"
-            elif kind == "bits":
-                bits = _bits({"fp16": "16"}.get(token, token.removeprefix("int")))
-                fields["k_bits"] = fields["v_bits"] = bits
-            elif kind == "kvbits":
-                fields["k_bits"], fields["v_bits"] = _bits(m.group(1)), _bits(m.group(2))
-            elif kind == "rank":
-                fields["lowrank"] = "svd" if m.group(1) == "svd" else "profile"
-                fields["k_rank"] = fields["v_rank"] = int(m.group(2))
-            elif kind == "group":
-                fields["group_size"] = int(m.group(1))
-            elif kind == "axis":
-                fields[f"{m.group(1)}_axis"] = "token" if m.group(2) == "tok" else "channel"
-            elif kind == "zstd":
-                fields["zstd_level"] = int(m.group(1))
-            elif kind == "rotate":
-                fields["rotate"] = m.group(1) or "kv"
-            elif kind == "hi":
-                fields["hi_layers"] = int(m.group(1))
-                fields["hi_bits"] = _bits(m.group(2)) if m.group(2) else 8
-            elif kind == "sink":
-                fields["sink"] = int(m.group(1))
-            elif kind == "round":
-                fields["round_k"] = "query"
-            elif kind == "widths":
-                fields["k_widths"] = "query"
-            elif kind == "vwidths":
-                fields["v_widths"] = "attention"
-            elif kind == "mix":
-                if sensitivity is None:
-                    raise ValueError(
-                        f"config {name!r}: {token!r} allocates bits per layer from the model's sensitivity "
-                        "profile, and there is none for this model; measure one with kvlink-bench sensitivity"
-                    )
-                fields["k_layer_bits"], fields["v_layer_bits"] = sensitivity.allocate(float(m.group(1)))
-            break
-        else:
-            raise ValueError(
-                f"cannot parse config {name!r}: unknown token {token!r}; known aliases {sorted(ALIASES)} "
-                f"and presets {sorted(PRESETS)}; tokens like q2c50, int4, k8v4, svd32, proj16, g64, layer, zstd3, rot, hi4, sink1, qround, kw, vw, mix3.5"
-            )
-    return CodecConfig(**fields)  # type: ignore[arg-type]
+    resolver = None
+    if sensitivity is not None:
+        allocations = {layer_bits_id(*a): a for a in map(sensitivity.allocate, ALLOCATION_AVERAGES)}
+        resolver = allocations.get
+    try:
+        return Recipe.from_name(name, resolver)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; aliases: {sorted(ALIASES)}; presets: {sorted(PRESETS)}") from None
 
 
 def expand_names(items: Iterable[str]) -> list[str]:
@@ -284,11 +282,12 @@ def expand_names(items: Iterable[str]) -> list[str]:
 
 def full_grid_names(head_dim: int = 64) -> list[str]:
     """The whole cube: selection x retention x bits x rank (full, SVD and projection at D/4 and D/2)."""
-    selections = ["", *(f"{s}{r}" for s in SELECTORS for r in RETENTIONS if r < 100)]
-    ranks = ["", *(f"{mode}{max(1, head_dim * f // 4)}" for mode in ("svd", "proj") for f in (1, 2))]
+    selections = ["", *(f"{s}{r}%" for s in SELECTORS for r in RETENTIONS if r < 100)]
+    ranks = ["", *(f"{mode}-r{max(1, head_dim * f // 4)}" for mode in ("svd", "profile") for f in (1, 2))]
     names = []
     for sel, bits, rank in itertools.product(selections, BITS, ranks):
-        names.append("-".join(x for x in (sel, rank, bits) if x))
+        quant = "fp16" if bits == "fp16" else f"k{bits}c/v{bits}t-g32"
+        names.append("+".join(x for x in (sel, rank, quant) if x))
     return names
 
 
@@ -309,13 +308,13 @@ def resolve(
 
     Configs that do not fit the model (a rank above head_dim) are dropped with a warning.
     """
-    by_config: dict[CodecConfig, GridConfig] = {}
+    by_config: dict[Recipe, GridConfig] = {}
     for name in expand_names(names):
         canonical = ALIASES.get(name, name)
         config = parse_name(canonical, sensitivity)
         if geometry is not None:
             try:
-                config.validate_for(geometry)
+                config.check(geometry)
             except ValueError as exc:
                 logger.warning("skipping config %s: %s", name, exc)
                 continue
@@ -345,13 +344,13 @@ def select_configs(
 def needs_profile(configs: Iterable[GridConfig]) -> int:
     """The largest calibrated-projection rank among `configs` (0 when none needs a profile)."""
     ranks = [
-        max(c.config.k_rank or 0, c.config.v_rank or 0) for c in configs if c.config.lowrank == "profile"
+        s.rank for c in configs for s in c.config.stages() if isinstance(s, LowRank) and s.mode == "profile"
     ]
     return max(ranks, default=0)
 
 
 def selectors_needed(configs: Iterable[GridConfig]) -> list[str]:
-    names = sorted({c.config.selector for c in configs if c.config.selector != "none"})
+    names = sorted({c.config.method for c in configs if c.config.select is not None})
     unknown = set(names) - set(registered_selectors())
     if unknown:
         raise ValueError(f"unknown selectors {sorted(unknown)}")
@@ -445,21 +444,21 @@ class _Clock:
         return time.perf_counter()
 
 
-def _observes(config: CodecConfig) -> Observe:
-    return get_selector(config.selector).observes if config.selector != "none" else Observe.NONE
+def _observes(config: Recipe) -> Observe:
+    return config.select.needs() if config.select is not None else Observe.NONE
 
 
-def _queries_for(config: CodecConfig) -> Observe | None:
-    """The observation whose queries round_k / k_widths "query" use: the selector's when it has queries,
-    else the question's."""
-    if config.round_k != "query" and config.k_widths == "uniform" and config.v_widths == "uniform":
+def _queries_for(config: Recipe) -> Observe | None:
+    """The observation whose queries question-aware quantization uses: the selector's when it has
+    queries, else the question's; None when the recipe has none."""
+    if not any(q.question_aware for kind in ("k", "v") for q in config.quantizers(kind)):
         return None
     kind = _observes(config)
     return kind if kind is not Observe.NONE else Observe.QUESTION
 
 
-def _kept_key(config: CodecConfig) -> tuple[str, float, str, int]:
-    return (config.selector, float(config.retention), config.scope, config.seed)
+def _kept_key(config: Recipe) -> Select | None:
+    return config.select
 
 
 class Evaluator:
@@ -482,15 +481,15 @@ class Evaluator:
         if needs_profile(self.configs) and profile is None:
             raise ValueError("configs with a calibrated projection (proj<r>) need a profile (bench_profile)")
         self.codecs = {c.name: Codec(c.config, lm.geometry, profile) for c in self.configs}
-        self.reference = Codec(CodecConfig(), lm.geometry)
+        self.reference = Codec(Recipe(), lm.geometry)
         self.clock = _Clock(lm.device)
-        self.select_s: dict[tuple[str, float, str, int], float] = {}  # of the last prefilled context
+        self.select_s: dict[Select | None, float] = {}  # of the last prefilled context
         self.observations: dict[Observe, Observation] = {}  # of the last prefilled context
 
     # one context: prefill, reference, kept sets, then the configs in batches
     def _prefill(
         self, ctx: Tensor, q: Tensor, configs: Sequence[GridConfig], rows: tuple[int, int] | None = None
-    ) -> tuple[ContextKV, dict[tuple[str, float, str, int], list[Tensor] | None]]:
+    ) -> tuple[ContextKV, dict[Select | None, list[Tensor] | None]]:
         """Prefill once with every observation `configs` need; kept positions per selection.
 
         `rows`: the question's own tokens, the only Q2C observers (as the sender: kvlink.prompt.question_rows).
@@ -499,7 +498,7 @@ class Evaluator:
         kinds |= {k for k in (_queries_for(c.config) for c in configs) if k is not None}
         kv, observations = prefill_observations(self.lm.model, ctx, q, kinds, self.settings.window, rows)
         self.observations = observations
-        kept: dict[tuple[str, float, str, int], list[Tensor] | None] = {}
+        kept: dict[Select | None, list[Tensor] | None] = {}
         self.select_s.clear()
         for c in configs:
             key = _kept_key(c.config)

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from kvlink.codec import CodecConfig
 from kvlink.eval.grid import family, parse_name
+from kvlink.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,14 @@ def _config_facts(name: str, codec: dict[str, Any] | None = None) -> dict[str, A
     """Family, label and quality-table key of config `name`: from the run's codec dict when known
     (a `mix` name needs the profile its bits were allocated from), else parsed from the name."""
     try:
-        config = CodecConfig.from_dict(codec) if codec is not None else parse_name(name)
+        config = Recipe.from_dict(codec) if codec is not None else parse_name(name)
     except (TypeError, ValueError):
         return {"family": "other", "label": name, "key": name}
     from kvlink.budget import quality_key
 
     return {
         "family": family(config),
-        "label": config.label,
+        "label": config.name,
         "key": quality_key(config),
         "codec": config.to_dict(),
     }
@@ -145,7 +145,7 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per (task, config), plus task "all" when the records hold several tasks.
 
-    `codecs`: config name -> CodecConfig.to_dict() as the run used it (run.json's "configs").
+    `codecs`: config name -> Recipe.to_dict() as the run used it (run.json's "configs").
 
     Each row: task, config, family, label, key, n (examples), for every CI metric
     {"mean", "lo", "hi"}, f1_pct_full / em_pct_full (ratio of means vs the full KV, with CI),
@@ -201,9 +201,9 @@ def frontier_names(summary: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 # --- planner check ---------------------------------------------------------------------------
-def _row_config(row: dict[str, Any]) -> CodecConfig:
+def _row_config(row: dict[str, Any]) -> Recipe:
     """A summary row's codec: as the run used it when recorded, else parsed from its name."""
-    return CodecConfig.from_dict(row["codec"]) if "codec" in row else parse_name(row["config"])
+    return Recipe.from_dict(row["codec"]) if "codec" in row else parse_name(row["config"])
 
 
 def planner_check(

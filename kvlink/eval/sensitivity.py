@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from kvlink.cache import ContextKV, prefill
-from kvlink.codec import Codec, CodecConfig
+from kvlink.codec import Codec
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import Example, reserved_contexts, squad_examples
 from kvlink.layerbits import Sensitivity
 from kvlink.models import LoadedModel
+from kvlink.recipe import Recipe, build
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def held_out_examples(limit: int | None = None, data: str | None = None) -> list
 
 def variant_configs(
     num_layers: int, bits: int = 2, group_size: int = 64, sink: int = 1
-) -> list[tuple[str, int, CodecConfig]]:
+) -> list[tuple[str, int, Recipe]]:
     """(kind, layer, config) for every tensor alone at `bits` with the rest at INT8."""
     out = []
     for kind in ("k", "v"):
@@ -47,7 +48,7 @@ def variant_configs(
             low = tuple(bits if i == layer else 8 for i in range(num_layers))
             rest = (8,) * num_layers
             k_bits, v_bits = (low, rest) if kind == "k" else (rest, low)
-            config = CodecConfig(group_size=group_size, sink=sink, k_layer_bits=k_bits, v_layer_bits=v_bits)
+            config = build(group_size=group_size, sink=sink, k_layer_bits=k_bits, v_layer_bits=v_bits)
             out.append((kind, layer, config))
     return out
 
@@ -58,7 +59,7 @@ def variant_caches(
     """(kind, layer, decoded cache) of each variant_configs entry, in its order: two encodes in all."""
     decoded = []
     for width in (8, bits):
-        codec = Codec(CodecConfig(k_bits=width, v_bits=width, group_size=group_size, sink=sink), lm.geometry)
+        codec = Codec(build(k_bits=width, v_bits=width, group_size=group_size, sink=sink), lm.geometry)
         decoded.append(codec.decode(codec.encode_kv(kv), lm.device, lm.dtype))
     rest, low = decoded
     for kind in ("k", "v"):

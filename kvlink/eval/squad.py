@@ -1,11 +1,8 @@
-"""SQuAD-format QA data and the standard F1/EM scoring (lower-case, no punctuation/articles, whitespace split)."""
+"""SQuAD-format QA data (its F1/EM scoring is kvlink.scoring, which the receiver uses too)."""
 
 from __future__ import annotations
 
 import json
-import re
-import string
-from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,36 +48,3 @@ def load_squad(path: str | Path | None = None, answerable_only: bool = True) -> 
                     )
                 )
     return out
-
-
-_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces (linear time)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_NO_PUNCTUATION))
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def f1_score(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = Counter(pred) & Counter(ref)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def best_scores(prediction: str, golds: tuple[str, ...] | list[str]) -> tuple[float, float]:
-    """(F1, EM) against the best-matching gold answer."""
-    if not golds:
-        return 0.0, 0.0
-    return max(f1_score(prediction, g) for g in golds), max(exact_match(prediction, g) for g in golds)

@@ -70,10 +70,23 @@ def backend_for(device: torch.device) -> str:
     return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
 
 
+def _kernel_for(fmt: str) -> bool:
+    """Whether a Triton dequantize kernel exists for `fmt` (kvlink.quant.formats); a format without one
+    is refused on the Triton path (never decoded as if it were another)."""
+    from kvlink.quant.formats import format_spec
+
+    return format_spec(fmt).kernel
+
+
 def dequantize_into(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Dequantize a packed tensor into cache layout (H, T, D) of `dtype`, on the codes' device."""
     if backend_for(q.codes.device) == "triton":
         from kvlink.kernels import dequant
+
+        if not _kernel_for(q.spec.format):
+            raise ValueError(
+                f"no Triton dequantize kernel for format {q.spec.format!r}: decode it with KVLINK_KERNELS=reference"
+            )
 
         return dequant.dequantize_into(q, dtype)
     return reference.dequantize_into(q, dtype)

@@ -21,9 +21,9 @@ for a low-rank latent D is the rank):
 - NF4: scale = absmax of the group (float16; 1 for an all-zero group), no
   zero; code = index of the nearest NF4 level to x / scale; x_hat = NF4[code] * scale.
 - FP16: no quantization; the codes are the float16 values' bytes (little-endian).
-- INT4W/INT3W/INT2W (keys, channel axis): INT with a bit width per channel, mean 4/3/2,
-  and a 'widths' part; INT4T/INT3T/INT2T (values, token axis): a bit width per token
-  row; see kvlink.quant.widths.
+- INT4CW/INT3CW/INT2CW (keys, channel axis): INT with a bit width per channel, mean 4/3/2,
+  and a 'widths' part; INT4RW/INT3RW/INT2RW (values, token axis): a bit width per token
+  row; see kvlink.quant.widths. kvlink.quant.formats lists every format (FormatSpec).
 """
 
 from __future__ import annotations
@@ -36,24 +36,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-WIDTH_FORMATS: dict[str, int] = {"int4w": 4, "int3w": 3, "int2w": 2}  # a width per channel: the mean
-TOKEN_WIDTH_FORMATS: dict[str, int] = {"int4t": 4, "int3t": 3, "int2t": 2}  # a width per token row
-FORMATS: tuple[str, ...] = (
-    "fp16",
-    "int8",
-    "int4",
-    "int3",
-    "int2",
-    "nf4",
-    *WIDTH_FORMATS,
-    *TOKEN_WIDTH_FORMATS,
-)
-BITS: dict[str, int] = {
-    "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, **WIDTH_FORMATS, **TOKEN_WIDTH_FORMATS,
-}  # fmt: skip
-WIDTH_AXIS: dict[str, str] = {
-    **dict.fromkeys(WIDTH_FORMATS, "channel"), **dict.fromkeys(TOKEN_WIDTH_FORMATS, "token"),
-}  # fmt: skip
+from kvlink.quant.formats import format_spec, registered_format_specs
+
+# Tables of the format registry (kvlink.quant.formats), for the code that dispatches on them.
+WIDTH_FORMATS: dict[str, int] = {
+    n: f.bits for n, f in registered_format_specs().items() if f.widths == "channel"
+}
+"""Formats with a width per channel (keys): name -> mean width."""
+TOKEN_WIDTH_FORMATS: dict[str, int] = {
+    n: f.bits for n, f in registered_format_specs().items() if f.widths == "token"
+}
+"""Formats with a width per token row (values): name -> mean width."""
+FORMATS: tuple[str, ...] = tuple(registered_format_specs())
+BITS: dict[str, int] = {n: f.bits for n, f in registered_format_specs().items()}
+WIDTH_AXIS: dict[str, str] = {n: f.widths for n, f in registered_format_specs().items() if f.widths}
 AXES: tuple[str, ...] = ("token", "channel")
 SUPPORTED_BITS: tuple[int | str, ...] = (16, 8, 4, 3, 2, "nf4")
 
@@ -92,15 +88,15 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return BITS[self.format]
+        return format_spec(self.format).bits
 
     @property
     def has_scale(self) -> bool:
-        return self.format != "fp16"
+        return format_spec(self.format).has_scale
 
     @property
     def has_zero(self) -> bool:
-        return self.format.startswith("int")
+        return format_spec(self.format).has_zero
 
 
 def packed_size(n: int, bits: int) -> int:

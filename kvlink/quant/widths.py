@@ -1,5 +1,5 @@
-"""INT keys with a bit width per channel (formats 'int4w', 'int3w', 'int2w': mean width 4, 3, 2)
-and INT values with a bit width per token row ('int4t', 'int3t', 'int2t').
+"""INT keys with a bit width per channel (formats 'int4cw', 'int3cw', 'int2cw': mean width 4, 3, 2)
+and INT values with a bit width per token row ('int4rw', 'int3rw', 'int2rw').
 
 Uniform INT keys give every channel the same bits, so every channel gets the same
 error relative to its range. What the receiver's attention sees is q . k_hat, and
@@ -25,7 +25,7 @@ Layout of a (H, T, D) tensor (channel axis only; extends kvlink.quant.base):
   channel of width 0 has no code bits: zero is its group's midpoint (rounded to
   float16) and scale 1, so x_hat = zero.
 
-Values: formats 'int4t', 'int3t' and 'int2t' give every token row its own width
+Values: formats 'int4rw', 'int3rw' and 'int2rw' give every token row its own width
 (token axis). What the receiver's attention makes of a value row is p_t * v_t, and
 the question's attention mass p_t is as unequal over tokens as the queries are over
 key channels: a row's share of the output error is about p_t * range_t^2 * 4^-w_t.

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kvlink.cache import LayerObservation, Observation, Observe
+from kvlink.errors import NotRegistered
 
 SCOPES: tuple[str, ...] = ("global", "layer")
 
@@ -138,7 +139,7 @@ def get_selector(name: str, **kwargs: object) -> Selector:
     try:
         cls = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown selection method {name!r}; registered: {sorted(_REGISTRY)}") from None
+        raise NotRegistered(f"unknown selection method {name!r}; registered: {sorted(_REGISTRY)}") from None
     return cls(**kwargs)  # type: ignore[arg-type]
 
 
