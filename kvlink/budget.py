@@ -34,7 +34,7 @@ from kvlink import wire
 from kvlink.cache import Observe, Prefill
 from kvlink.codec import KEY_WIDTHS, ROUNDINGS, VALUE_WIDTHS, Codec, CodecConfig, EncodedKV
 from kvlink.layerbits import Sensitivity
-from kvlink.models import Geometry, model_slug
+from kvlink.models import Geometry, calibration_name, model_slug
 from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS, format_from_bits
 from kvlink.rotation import ROTATIONS
 from kvlink.select import SCOPES, get_selector
@@ -338,13 +338,15 @@ class QualityTable:
         """The model's measured table, else the built-in prior.
 
         First the table `kvlink-bench calibrate` wrote on this machine for this exact
-        fingerprint; then the table shipped with kvlink for `model_name` (measured by
-        this project, `bench/results/`), which stands for the same weights under any
-        library version, whose fingerprint may differ.
+        fingerprint; then the table shipped with kvlink (measured by this project,
+        `bench/results/`) for the model the fingerprint names (kvlink.models.calibration_name:
+        a local copy under any path is found), else for `model_name`, which stands for the
+        same weights under any library version, whose fingerprint may differ.
         """
+        shipped = calibration_name(fingerprint, model_name)
         for path in (
             default_quality_path(fingerprint),
-            shipped_quality_path(model_name) if model_name else None,
+            shipped_quality_path(shipped) if shipped else None,
         ):
             if path is not None and path.is_file():
                 table = cls.load(path)
