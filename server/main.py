@@ -351,13 +351,15 @@ class PortInUse(OSError):
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
-    """PortInUse unless `port` can be bound on `host` right now. The probe sets neither SO_REUSEPORT
-    (which would let it share a port another process listens on, as grpc's own bind does by default)
-    nor SO_REUSEADDR, so any listener on the port refuses it."""
+    """PortInUse unless `port` can be bound on `host` right now. The probe does not set SO_REUSEPORT
+    (which would let it share a port another process listens on, as grpc's own bind does by default),
+    so any listener on the port refuses it; it sets SO_REUSEADDR, as the real bind does, so that the
+    closed connections of a receiver that just stopped (TIME_WAIT) do not."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
