@@ -55,7 +55,7 @@ from kvlink.cache import ContextKV, prefill
 from kvlink.codec import Codec, CodecConfig, EncodedKV, decode_cost
 from kvlink.eval.squad import best_scores
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
-from kvlink.models import LoadedModel
+from kvlink.models import LoadedModel, max_positions
 from kvlink.prompt import context_ids, question_ids
 from server import memory
 from server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
@@ -171,6 +171,12 @@ class KVLinkService:
         self.store = store
         self.metrics = metrics
         self.limits = limits or wire.WireLimits()
+        # A context longer than the model's positions could only be answered wrongly: its header is refused
+        # (TOO_LARGE), and an answer never runs past them (see _answer).
+        config = getattr(lm.model, "config", None)
+        self.max_positions = max_positions(config) if config is not None else None
+        if self.max_positions is not None and self.max_positions < self.limits.max_length:
+            self.limits = replace(self.limits, max_length=self.max_positions)
         if max_buffered_bytes < self.limits.max_message_bytes:
             raise ValueError(
                 f"max_buffered_bytes {max_buffered_bytes} is below max_message_bytes "
@@ -495,6 +501,15 @@ class KVLinkService:
                 f"the question has {q_ids.numel()} tokens, this receiver answers at most "
                 f"{self.max_question_tokens} (--max-question-tokens)",
             )  # fmt: skip
+        if self.max_positions is not None:
+            room = self.max_positions - kv.length - int(q_ids.numel())
+            if room < 1:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT",
+                    f"the context ({kv.length} tokens) and the question ({q_ids.numel()}) leave no room in the "
+                    f"model's {self.max_positions} positions for an answer",
+                )  # fmt: skip
+            options = options.clamped(room)
         problem = None
         try:
             answer = await asyncio.to_thread(

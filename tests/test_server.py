@@ -486,6 +486,19 @@ async def test_shape_or_size_mismatch_with_the_header(
     await _send_good(server, embedded, good)
 
 
+async def test_a_context_longer_than_the_models_positions_is_refused_from_its_header(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    """The embedded model has 8,192 positions: a header declaring more is refused before any chunk."""
+    frames = _edited_header(
+        _frames(embedded, good.encoded, uuid.uuid4().hex), lambda h: setattr(h, "length", 9000)
+    )
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE",
+        "context length 9000 exceeds the limit 8192",
+    )  # fmt: skip
+
+
 async def test_message_over_the_limit(server: Receiver, embedded: LoadedModel, good: Good) -> None:
     async with _channel(server.target) as ch:
         welcome = await hello(ch, embedded.fingerprint, timeout=30)
