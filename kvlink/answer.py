@@ -193,7 +193,7 @@ def _pad_id(model: Any, tokenizer: Any, eos: list[int]) -> int | None:
 
 
 def finish_reason(text: str, tokens: list[int], eos: set[int], options: GenerationOptions) -> str:
-    """ "eos", "stop" or "length" (see FINISH_REASONS)."""
+    """Why an answer ended: one of FINISH_REASONS ("eos", "stop" or "length")."""
     if tokens and tokens[-1] in eos:
         return "eos"
     if options.stop and any(s in text for s in options.stop):

@@ -219,15 +219,25 @@ async def test_a_header_of_too_many_rows_is_refused_without_blocking(
 async def test_position_sets_of_millions_are_decoded_without_blocking(
     rx: Receiver, embedded: LoadedModel
 ) -> None:
+    """A header claiming T = 900,000 with 30 sets of 450k varints. This receiver's model has 8,192
+    positions, so the header is refused at once on its length (issue 20), the sets never decoded; a
+    receiver whose limits allow such a length (WireLimits' default, 2M, as for a long-context model)
+    decodes them, vectorized, in well under a second and finds the tensors do not match (SHAPE)."""
     frames = positions_frames(embedded, uuid.uuid4().hex, length=900_000)  # 30 sets of 450k varints
     assert frames[0].ByteSize() < wire.WireLimits().max_header_bytes
     before = rss(rx)
     for _ in range(3):  # nothing accumulates: a refused header leaves nothing behind
         err, probe = await while_probing(rx, refused_raw(rx, frames))
-        assert err.code == "SHAPE", err  # positions decoded and valid; the tensors do not match them
+        assert err.code == "TOO_LARGE" and "context length 900000 exceeds the limit 8192" in err.message, err
         assert probe.worst < 0.5, probe.worst
     await asyncio.sleep(0.5)
     assert rss(rx) - before < 32 * MIB, (rss(rx) - before) / MIB
+    asm = wire.Assembler(embedded.fingerprint, embedded.geometry, wire.WireLimits())
+    started = time.perf_counter()
+    with pytest.raises(wire.WireError) as info:
+        asm.feed_raw(frames[0].SerializeToString())
+    assert info.value.code == "SHAPE", info.value  # positions decoded and valid; the tensors do not match
+    assert time.perf_counter() - started < 2.0
 
 
 # --- 3. reference answers ----------------------------------------------------------------------------------
