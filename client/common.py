@@ -8,6 +8,7 @@ unusable file or model, or an unsatisfiable budget.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,7 +130,8 @@ def read_text_file(source: str, what: str = "context") -> str:
 
 
 def report(prog: str, exc: BaseException, as_json: bool) -> int:
-    """Print a failure in one line (stderr, or JSON on stdout) and return its exit status."""
+    """Print a failure in one line (stderr, or JSON on stdout) and return its exit status; the traceback
+    goes to the log at debug level (--log-level debug)."""
     from client.sender import SendError
     from kvlink.budget import BudgetError
 
@@ -145,6 +147,7 @@ def report(prog: str, exc: BaseException, as_json: bool) -> int:
         message, status, code = str(exc), 2, "usage"
     else:
         message, status, code = f"{type(exc).__name__}: {exc}", 1, "error"
+    logging.getLogger(f"kvlink.{prog.removeprefix('kvlink-')}").debug("%s failed", prog, exc_info=exc)
     if as_json:
         print(json_error(message, status, code))
     else:
