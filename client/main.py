@@ -2,28 +2,50 @@
 
     kvlink-send --server 127.0.0.1:50051 --budget 18.75% --context paper.txt --question "Who wrote it?"
     kvlink-send --server rx.example:50051 --tls-ca ca.crt --auth-token-file token ...   # TLS + token
+    kvlink-ask --server 127.0.0.1:50051 --message MESSAGE_ID "And when?"                # a follow-up
 
-Prefills the context locally, lets the budget planner (kvlink.budget) choose
-the best configuration whose exact wire size fits the budget, streams it,
-asks the question, and prints the answer with the byte split and the time
-per stage. Exit status: 0 on success, 1 when a call fails, 2 for a bad
-argument or an unsatisfiable budget.
+Checks its arguments and that the receiver answers, loads the model, prefills
+the context locally, lets the budget planner (kvlink.budget) choose the best
+configuration whose exact wire size fits the budget, streams it, asks the
+question, and prints the answer, the session and message ids (for kvlink-ask),
+the byte split and the time per stage. The receiver keeps the context for
+follow-up questions until its --session-ttl (--no-keep frees it after the
+answer). On a terminal each stage shows while it runs; piped, the output is
+plain complete lines. Exit status: 0 on success, 1 when a call fails or the
+receiver cannot be reached, 2 for a bad argument or file, an unavailable model
+or an unsatisfiable budget (client.common); with --json, errors too are one JSON
+object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import logging
 import math
+import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+from client.common import (
+    LOG_LEVELS,
+    Failed,
+    UsageError,
+    add_connection_flags,
+    add_generation_flags,
+    explain_rows,
+    options_from_args,
+    read_text_file,
+    report,
+    security_from_args,
+    server_from_args,
+)
+from kvlink.cli import HelpFormatter, JsonErrorParser, configure_logging, consoles
 
 # torch and the library are imported when a command runs, not for --help.
 if TYPE_CHECKING:
@@ -44,10 +66,6 @@ STAGES: tuple[tuple[str, str], ...] = (
 )
 
 
-class UsageError(Exception):
-    """A bad argument: reported in one line, exit status 2."""
-
-
 def _bits(text: str) -> tuple[int | str, int | str]:
     parts = [p.strip().lower() for p in text.split(",")]
     if len(parts) not in (1, 2) or not all(parts):
@@ -64,23 +82,40 @@ def _int(text: str, flag: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = JsonErrorParser(
         prog="kvlink-send",
         description="Send a context's KV cache to a kvlink-serve receiver within a bandwidth budget "
         "(a fraction of the FP16 size of the full context KV that bounds every byte on the wire), "
         "then ask a question that the receiver answers from the transferred cache alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the receiver's gRPC address")
-    p.add_argument("--budget", required=True, help="e.g. 18.75%% or 0.1875; in (0, 100%%]")
-    p.add_argument("--context", required=True, metavar="FILE|-", help="context text file, or - for stdin")
+    add_connection_flags(p)
+    p.add_argument(
+        "--budget", required=True, help="a percentage like 18.75%%, or a fraction like 0.1875; in (0, 100%%]"
+    )
+    p.add_argument(
+        "--context", required=True, metavar="FILE|-", help="context text file (UTF-8), or - for stdin"
+    )
     p.add_argument("--question", required=True, help="the question the receiver answers")
     p.add_argument(
         "--model",
         default=None,
-        help="model alias, HF id or local path (the receiver's); default: the embedded model",
+        help="model alias, HF id or local path (the receiver's; default: the embedded SmolLM2-135M)",
     )
-    p.add_argument("--device", default="cpu", help="where the sender prefills")
+    p.add_argument(
+        "--download", action="store_true",
+        help="fetch an HF model id from the Hub when it is not in the local cache (off: fail at once)",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="where the sender prefills: cpu, cuda, cuda:N")
+    p.add_argument(
+        "--truncate", action="store_true",
+        help="cut a context longer than the model's positions to its first tokens that fit (off: refuse it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep", action=argparse.BooleanOptionalAction, default=True,
+        help="the receiver keeps the context for follow-up questions (kvlink-ask) until its --session-ttl; "
+        "--no-keep frees it right after the answer",
+    )  # fmt: skip
     p.add_argument("--method", default=None, help="position selection method (default: the planner's, q2c)")
     p.add_argument(
         "--bits", type=_bits, default=None, metavar="K[,V]", help="K/V precision: 16, 8, 4, 3, 2, nf4"
@@ -136,29 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-answer", action="append", default=[], metavar="TEXT",
         help="a gold answer (repeatable): the receiver records F1/EM",
     )  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    add_generation_flags(p)
     p.add_argument(
         "--attempts", type=int, default=3,
         help="tries of the transfer, each on a new connection, when the connection breaks or the "
         "message is damaged in transit",
     )  # fmt: skip
-    sec = p.add_argument_group("security")
-    sec.add_argument("--tls", action="store_true", help="TLS, verifying the receiver with the system's CAs")
-    sec.add_argument("--tls-ca", metavar="PEM", default=None, help="TLS, verifying the receiver with this CA")
-    sec.add_argument("--tls-cert", metavar="PEM", default=None, help="client certificate for mutual TLS")
-    sec.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
-    sec.add_argument(
-        "--tls-server-name", metavar="NAME", default=None,
-        help="the name the receiver's certificate must carry, when it differs from --server's host",
-    )  # fmt: skip
-    sec.add_argument(
-        "--auth-token-file", metavar="FILE", default=None,
-        help="bearer token for the receiver; default: $KVLINK_AUTH_TOKEN if set",
-    )  # fmt: skip
     p.add_argument("--explain", action="store_true", help="print the configurations the planner weighed")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+    p.add_argument(
+        "--explain-top", type=int, default=20, metavar="N",
+        help="with --explain: the N best candidates and every one the planner encoded (0: all of them)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (errors too)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="of the messages on stderr")
     return p
 
 
@@ -182,16 +207,7 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
 
 
 def read_context(source: str) -> str:
-    if source == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            text = Path(source).read_text()
-        except OSError as exc:
-            raise UsageError(f"cannot read the context file {source!r}: {exc.strerror or exc}") from None
-    if not text.strip():
-        raise UsageError("the context is empty")
-    return text
+    return read_text_file(source, "context")
 
 
 def _n(x: int) -> str:
@@ -241,9 +257,9 @@ def _quality(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.3f}"
 
 
-def candidate_table(candidates: Sequence[Candidate], chosen: Recipe, limit: int = 30) -> Table:
-    """The planner's candidates, best expected quality first: the top ones and every one it encoded."""
-    shown = [c for i, c in enumerate(candidates) if c.note or i < 10][:limit]
+def candidate_table(candidates: Sequence[Candidate], chosen: Recipe, top: int = 20) -> Table:
+    """The planner's candidates, best expected quality first: the `top` ones and every one it encoded."""
+    shown = explain_rows(candidates, top)
     table = Table(title=f"planner: {len(shown)} of {len(candidates)} candidates, best expected quality first")
     table.add_column("config", no_wrap=True)
     table.add_column("estimate", justify="right")
@@ -259,91 +275,158 @@ def candidate_table(candidates: Sequence[Candidate], chosen: Recipe, limit: int 
     return table
 
 
-def print_result(console: Console, result: SendResult, explain: bool = False) -> None:
-    """The answer, the byte table and the timing table (and the planner's candidates)."""
+def candidates_json(candidates: Sequence[Candidate], top: int) -> list[dict[str, Any]]:
+    return [
+        {"config": c.recipe.name, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
+         "expected_quality": None if math.isnan(c.expected_quality) else c.expected_quality,
+         "fits": c.fits, "note": c.note}
+        for c in explain_rows(candidates, top)
+    ]  # fmt: skip
+
+
+def print_answer(console: Console, answer: Any) -> None:
+    """The answer's text (never read as markup) and, when it did not end by itself, why it ended."""
+    from rich.markup import escape
+
+    scores = (
+        f"  (F1 {answer.f1:.2f}, EM {answer.exact_match:.0f})"
+        if answer.f1 is not None and answer.exact_match is not None
+        else ""
+    )
+    ended = {"length": "  [dim](cut at --max-new-tokens)[/dim]", "stop": "  [dim](at a --stop text)[/dim]"}
+    console.print(f"[bold]answer:[/bold] {escape(answer.text)}{scores}{ended.get(answer.finish_reason, '')}")
+
+
+def print_result(console: Console, result: SendResult, explain: bool = False, top: int = 20) -> None:
+    """The planner's candidates (with explain), the byte table, the timing table, the answer and the ids."""
     if explain:
-        console.print(candidate_table(result.plan.candidates, result.plan.recipe))
+        console.print(candidate_table(result.plan.candidates, result.plan.recipe, top))
     console.print(byte_table(result))
     console.print(timing_table(result))
-    a = result.answer
-    scores = (
-        f"  (F1 {a.f1:.2f}, EM {a.exact_match:.0f})" if a.f1 is not None and a.exact_match is not None else ""
-    )
-    console.print(f"[bold]answer:[/bold] {a.text}{scores}")
+    print_answer(console, result.answer)
     console.print(
         f"{_n(result.receipt.total)} wire bytes = {100 * result.fraction:.2f}% of FP16 "
         f"({_n(result.fp16_bytes)}), budget {100 * result.budget:.2f}%"
     )
+    if result.truncated_tokens:
+        console.print(f"the context was cut: its last {_n(result.truncated_tokens)} tokens were not sent")
+    console.print(f"session {result.session_id}  message {result.message_id}")
+    if result.kept_on_receiver:
+        console.print(
+            f'ask again: kvlink-ask --server {result.server} --message {result.message_id} "QUESTION"'
+        )
+    else:
+        console.print(f"released on the receiver ({_n(result.released_bytes or 0)} bytes)")
+
+
+def parse_budget_arg(text: str) -> float:
+    """The budget as a fraction; a bare number above 1 asks whether a percentage was meant."""
+    from kvlink.budget import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        bare = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*", text)
+        if bare and 1 < float(bare.group(1)) <= 100:
+            raise UsageError(
+                f"--budget {text.strip()}: a bare number is a fraction in (0, 1]; did you mean {text.strip()}%?"
+            ) from None
+        raise UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[Any]:
+    """A live status line on a terminal (`update(stage, detail)`), nothing otherwise."""
+    if not enabled:
+        yield lambda stage, detail: None
+        return
+    with console.status("starting") as status:
+
+        def update(stage: str, detail: str) -> None:
+            status.update(f"{stage}: {detail}")
+
+        yield update
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from client.sender import ClientSecurity, SendError, send_context
-    from kvlink import models
-    from kvlink.budget import BudgetError, parse_budget
+    configure_logging(args.log_level)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        report("kvlink-send", Failed("interrupted", 130, "interrupted"), args.json)
+        return 130
+    except Exception as exc:  # every failure is one line (or one JSON object), never a traceback
+        return report("kvlink-send", exc, args.json)
 
-    err = Console(stderr=True)
-    out = Console()
+
+def _run(args: argparse.Namespace) -> int:
+    from client.sender import probe, send_context
+    from kvlink import models
+
+    out, err = consoles()
+    # Everything that can be checked without the model, first.
+    target = server_from_args(args)
+    budget = parse_budget_arg(args.budget)
+    constraints = constraints_from_args(args)
+    if not args.question.strip():
+        raise UsageError("the question is empty")
+    options = options_from_args(args)
+    if args.attempts < 1:
+        raise UsageError(f"--attempts must be >= 1, got {args.attempts}")
+    if args.explain_top < 0:
+        raise UsageError(f"--explain-top must be >= 0, got {args.explain_top}")
+    security = security_from_args(args)
+    context = read_context(args.context)
     try:
-        budget = parse_budget(args.budget)
-        constraints = constraints_from_args(args)
-        if not args.question.strip():
-            raise UsageError("the question is empty")
-        if args.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if args.attempts < 1:
-            raise UsageError(f"--attempts must be >= 1, got {args.attempts}")
-        security = ClientSecurity.from_files(
-            tls=args.tls, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-            token_file=args.auth_token_file, server_name=args.tls_server_name,
-        )  # fmt: skip
-        context = read_context(args.context)
-    except (ValueError, UsageError) as exc:
-        print(f"kvlink-send: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with err.status(f"loading {args.model or 'the embedded model'}"):
-            lm = models.load_model(args.model, args.device)
-        with err.status(f"sending to {args.server}"):
-            result = asyncio.run(
-                send_context(
-                    args.server,
-                    context,
-                    args.question,
-                    budget,
-                    lm=lm,
-                    constraints=constraints,
-                    reference_answers=args.reference_answer,
-                    max_new_tokens=args.max_new_tokens,
-                    timeout=args.timeout,
-                    security=security,
-                    attempts=args.attempts,
-                )
+        models.check_device(args.device)
+        models.check_model(args.model, args.download)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with _progress(err, err.is_terminal and not args.json) as stage:
+        stage("connect", f"checking that the receiver at {target} answers")
+        try:
+            asyncio.run(probe(target, security, timeout=min(args.timeout, 15.0)))
+        except Exception as exc:
+            raise Failed(
+                f"cannot reach the receiver at {target}: {exc}; nothing was loaded or sent", 1, "UNREACHABLE"
+            ) from None
+        stage("load", f"tokenizer of {args.model or 'the embedded model'}")
+        tokenizer, limit = models.load_tokenizer(args.model, args.download)
+        _check_length(tokenizer, context, args, options.max_new_tokens, limit)
+        stage("load", f"{args.model or 'the embedded model'} on {args.device}")
+        lm = models.load_model(args.model, args.device, download=args.download)
+        result = asyncio.run(
+            send_context(
+                target, context, args.question, budget, lm=lm, constraints=constraints,
+                reference_answers=args.reference_answer, options=options, timeout=args.timeout,
+                security=security, attempts=args.attempts, keep=args.keep, truncate=args.truncate,
+                on_stage=stage,
             )
-    except BudgetError as exc:
-        print(f"kvlink-send: error: {exc}", file=sys.stderr)
-        return 2
-    except SendError as exc:
-        print(f"kvlink-send: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"kvlink-send: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
+        )  # fmt: skip
     if args.json:
         data = result.as_dict()
         if args.explain:
-            data["candidates"] = [
-                {"config": c.recipe.name, "estimated_bytes": c.estimated_bytes, "fraction": c.fraction,
-                 "expected_quality": None if math.isnan(c.expected_quality) else c.expected_quality,
-                 "fits": c.fits, "note": c.note}
-                for c in result.plan.candidates
-            ]  # fmt: skip
+            data["candidates"] = candidates_json(result.plan.candidates, args.explain_top)
+            data["candidates_total"] = len(result.plan.candidates)
         print(json.dumps(data, default=str))
     else:
-        print_result(out, result, explain=args.explain)
+        print_result(out, result, explain=args.explain, top=args.explain_top)
     return 0
+
+
+def _check_length(
+    tokenizer: Any, context: str, args: argparse.Namespace, max_new: int, limit: int | None
+) -> None:
+    """ContextTooLong (exit 2) before the model loads, unless --truncate (then send_context cuts it)."""
+    from client.sender import fit_context
+    from kvlink.prompt import context_ids, question_ids
+
+    if limit is None:
+        return
+    n_ctx = int(context_ids(tokenizer, context).numel())
+    fit_context(n_ctx, int(question_ids(tokenizer, args.question).numel()), max_new, limit, args.truncate)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ from typing import Any
 import grpc
 
 from kvlink import wire
+from kvlink.answer import GenerationOptions
 from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
 from kvlink.cache import prefill
 from kvlink.capabilities import CapabilityError
-from kvlink.models import LoadedModel, load_model
+from kvlink.models import LoadedModel, load_model, max_positions
 from kvlink.prompt import context_ids, question_ids, question_rows
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ class SendResult:
     welcome: wire.Welcome
     context_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    server: str = ""  # the receiver's address (Hello and Ask)
+    truncated_tokens: int = 0  # context tokens dropped from the end to fit the model (truncate=True)
+    released_bytes: int | None = None  # the receiver freed the context after the answer (keep=False)
+
+    @property
+    def kept_on_receiver(self) -> bool:
+        """Whether the receiver still holds the context for follow-up questions (until its TTL)."""
+        return self.released_bytes is None
 
     @property
     def receipt(self) -> wire.Receipt:
@@ -129,7 +138,9 @@ class SendResult:
         p = self.plan
         return {
             "session_id": self.session_id, "message_id": self.message_id,
+            "kept_on_receiver": self.kept_on_receiver, "released_bytes": self.released_bytes,
             "answer": self.answer.text, "token_ids": list(self.answer.token_ids),
+            "finish_reason": self.answer.finish_reason, "truncated_tokens": self.truncated_tokens,
             "f1": self.answer.f1, "exact_match": self.answer.exact_match,
             "config": p.recipe.to_dict(), "config_label": p.recipe.name,
             "context_tokens": self.context_tokens, "kept_tokens": _kept(p),
@@ -335,6 +346,24 @@ async def ask(
     return wire.answer_from_proto(msg)
 
 
+async def release(
+    channel: grpc.aio.Channel,
+    message_id: str,
+    session_id: str = "",
+    *,
+    timeout: float | None = 30.0,
+    metadata: Metadata = (),
+) -> wire.Released:
+    """Free a context this caller sent (NOT_FOUND when the receiver holds none by that id; UNIMPLEMENTED
+    from a receiver older than the Release call)."""
+    request = wire.release_to_proto(wire.Release(session_id, message_id))
+    try:
+        msg = await wire.KVLinkStub(channel).Release(request, timeout=timeout, metadata=metadata or None)
+    except grpc.aio.AioRpcError as exc:
+        raise SendError.from_rpc(exc, "Release") from None
+    return wire.released_from_proto(msg)
+
+
 def channel_options(max_message_bytes: int = 64 << 20) -> list[tuple[str, int]]:
     """Options of the sender's channels. Each channel gets its own connection (grpc otherwise shares one
     between channels to the same target), so that a retry on a new channel is one on a new connection."""
@@ -390,6 +419,38 @@ def _for_receiver(constraints: Constraints | None, capabilities: frozenset[str])
         raise SendError(grpc.StatusCode.UNIMPLEMENTED, str(exc), code="UNKNOWN_CODEC", rpc="Hello") from None
 
 
+class ContextTooLong(ValueError):
+    """The context, the question and the answer do not fit the model's positions."""
+
+
+def fit_context(
+    context_tokens: int, question_tokens: int, max_new_tokens: int, limit: int | None, truncate: bool = False
+) -> int:
+    """How many context tokens to send: all of them when context + question + answer fit in `limit`
+    positions (the model's max_position_embeddings; None: no limit), the first ones that fit with
+    `truncate`, else ContextTooLong with the numbers."""
+    if limit is None:
+        return context_tokens
+    need = context_tokens + question_tokens + max_new_tokens
+    room = limit - question_tokens - max_new_tokens
+    if need <= limit:
+        return context_tokens
+    if truncate and room >= 1:
+        return room
+    why = (
+        f"the context has {context_tokens:,} tokens; with the question ({question_tokens}) and up to "
+        f"{max_new_tokens} answer tokens that is {need:,} positions, and the model has {limit:,} "
+        "(max_position_embeddings)"
+    )
+    if room < 1:
+        raise ContextTooLong(f"{why}: even an empty context would not fit")
+    raise ContextTooLong(f"{why}: shorten it, or pass --truncate to send its first {room:,} tokens")
+
+
+Stage = Callable[[str, str], None]
+"""Progress callback: (stage, detail), stage one of connect, prefill, plan, transfer, answer, release."""
+
+
 async def send_context(
     target: str,
     context: str,
@@ -401,41 +462,68 @@ async def send_context(
     constraints: Constraints | None = None,
     reference_answers: Sequence[str] = (),
     max_new_tokens: int = 32,
+    options: GenerationOptions | None = None,
     timeout: float = 120.0,
     session_id: str | None = None,
     transfer_target: str | None = None,
     fault: FaultHook | None = None,
     security: ClientSecurity = PLAINTEXT,
     attempts: int = 3,
+    keep: bool = True,
+    truncate: bool = False,
+    on_stage: Stage | None = None,
 ) -> SendResult:
     """Send `context`'s KV cache to the receiver at `target` within `budget` and ask `question`.
 
     budget: a fraction in (0, 1] or text like "18.75%" (ValueError outside). lm: a loaded model
-    (else `model` is loaded). transfer_target: connect the Transfer call there instead (a proxy
-    that counts bytes, say); Hello and Ask use `target`. security: TLS and bearer token of every
-    call. attempts: tries of the Transfer, each on a new connection (see transfer_with_retries).
-    Raises kvlink.budget.BudgetError when no config fits, SendError when a call fails.
+    (else `model` is loaded). options: how to answer (default: greedy, `max_new_tokens` tokens).
+    transfer_target: connect the Transfer call there instead (a proxy that counts bytes, say); Hello
+    and Ask use `target`. security: TLS and bearer token of every call. attempts: tries of the
+    Transfer, each on a new connection (see transfer_with_retries). keep: the receiver keeps the
+    context for follow-up questions until its TTL (else it is released after the answer). truncate:
+    a context too long for the model is cut to fit (else ContextTooLong, before anything is sent).
+    on_stage: told when each stage begins. Raises kvlink.budget.BudgetError when no config fits,
+    SendError when a call fails.
     """
     fraction = parse_budget(budget)
+    options = options or GenerationOptions(max_new_tokens)
+    stage = on_stage or (lambda name, detail: None)
     if lm is None:
         lm = await asyncio.to_thread(load_model, model)
+    ctx_ids = context_ids(lm.tokenizer, context)
+    q_ids = question_ids(lm.tokenizer, question)
+    n_ctx = fit_context(
+        int(ctx_ids.numel()),
+        int(q_ids.numel()),
+        options.max_new_tokens,
+        max_positions(lm.model.config),
+        truncate,
+    )
+    truncated = int(ctx_ids.numel()) - n_ctx
+    if truncated:
+        logger.warning(
+            "the context is cut from %d to its first %d tokens to fit the model", ctx_ids.numel(), n_ctx
+        )
+        ctx_ids = ctx_ids[:n_ctx]
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
     timings: dict[str, float] = {}
     meta = security.metadata
+    released: int | None = None
     async with contextlib.AsyncExitStack() as stack:
+        stage("connect", target)
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
         welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
         constraints = _for_receiver(constraints, welcome.capabilities)
 
+        stage("prefill", f"{n_ctx:,} context tokens")
         t0 = time.perf_counter()
-        ctx_ids = context_ids(lm.tokenizer, context)
-        q_ids = question_ids(lm.tokenizer, question)
         rows = question_rows(lm.tokenizer, question)
         pre = await asyncio.to_thread(prefill, lm.model, ctx_ids, q_ids, observe_for(constraints), 32, rows)
         timings["prefill_s"] = time.perf_counter() - t0
 
+        stage("plan", f"within {100 * fraction:g}% of the FP16 size")
         t0 = time.perf_counter()
         chosen = await asyncio.to_thread(
             plan, pre, lm.geometry, lm.fingerprint, fraction, constraints=constraints, model_name=lm.name,
@@ -459,6 +547,7 @@ async def send_context(
         def open_channel() -> grpc.aio.Channel:
             return first.pop() if first else security.channel(transfer_target or target, channel_options())
 
+        stage("transfer", f"{chosen.total_bytes:,} bytes ({chosen.recipe.name})")
         result, tchannel = await transfer_with_retries(
             open_channel, frames, attempts=attempts, timeout=timeout, fault=fault, metadata=meta
         )
@@ -466,10 +555,18 @@ async def send_context(
             stack.push_async_callback(tchannel.close)
         timings["transfer_s"] = result.seconds
 
+        stage("answer", "waiting for the receiver's answer")
         request = wire.Ask(
-            session_id, message_id, question, max_new_tokens, tuple(reference_answers), dict(timings)
-        )
-        answer = await ask(tchannel if direct else channel, request, timeout=timeout, metadata=meta)
+            session_id, message_id, question, options.max_new_tokens, tuple(reference_answers), dict(timings),
+            options.temperature, options.top_p, options.stop,
+        )  # fmt: skip
+        asked = tchannel if direct else channel
+        answer = await ask(asked, request, timeout=timeout, metadata=meta)
+        if not keep:
+            stage("release", message_id)
+            released = (
+                await release(asked, message_id, session_id, timeout=timeout, metadata=meta)
+            ).freed_bytes
     for key in ("decode_s", "receive_s"):
         if key in result.receipt.timings:
             timings[key] = result.receipt.timings[key]
@@ -479,4 +576,22 @@ async def send_context(
     return SendResult(
         session_id=session_id, message_id=message_id, budget=fraction, plan=chosen, transfer=result,
         answer=answer, welcome=welcome, context_tokens=int(ctx_ids.numel()), timings=timings,
+        server=target, truncated_tokens=truncated, released_bytes=released,
     )  # fmt: skip
+
+
+async def probe(target: str, security: ClientSecurity = PLAINTEXT, timeout: float = 10.0) -> None:
+    """Check that a receiver answers at `target` (its gRPC health service, which needs no token), before
+    anything slow happens; SendError UNAVAILABLE (or the health call's status) otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with security.channel(target, channel_options()) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise SendError(exc.code(), exc.details() or "", None, "connect") from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        raise SendError(grpc.StatusCode.UNAVAILABLE, f"the receiver reports {status}", None, "connect")

@@ -36,7 +36,7 @@ from kvlink.cache import Observe, Prefill
 from kvlink.capabilities import CapabilityError, decodes, missing
 from kvlink.codec import Codec, EncodedKV
 from kvlink.layerbits import ALLOCATION_AVERAGES, Sensitivity
-from kvlink.models import Geometry, model_slug
+from kvlink.models import Geometry, calibration_name, model_slug
 from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS
 from kvlink.recipe import Recipe, build, format_of, migrate_name
 from kvlink.select import SCOPES, get_selector
@@ -366,13 +366,15 @@ class QualityTable:
         """The model's measured table, else the built-in prior.
 
         First the table `kvlink-bench calibrate` wrote on this machine for this exact
-        fingerprint; then the table shipped with kvlink for `model_name` (measured by
-        this project, `bench/results/`), which stands for the same weights under any
-        library version, whose fingerprint may differ.
+        fingerprint; then the table shipped with kvlink (measured by this project,
+        `bench/results/`) for the model the fingerprint names (kvlink.models.calibration_name:
+        a local copy under any path is found), else for `model_name`, which stands for the
+        same weights under any library version, whose fingerprint may differ.
         """
+        shipped = calibration_name(fingerprint, model_name)
         for path in (
             default_quality_path(fingerprint),
-            shipped_quality_path(model_name) if model_name else None,
+            shipped_quality_path(shipped) if shipped else None,
         ):
             if path is not None and path.is_file():
                 table = cls.load(path)

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from kvlink.cache import prefill
+from kvlink.cli import console as make_console
 from kvlink.codec import Codec
 from kvlink.eval.squad import load_squad
 from kvlink.generate import greedy_answer
@@ -45,7 +45,7 @@ DEMO_CONFIGS = (
 
 
 def run_inprocess(example_index: int = 0, max_new_tokens: int = 24) -> None:
-    console = Console()
+    console = make_console()  # piped (make demo in CI): complete lines, never cut to 80 columns
     console.print(
         "[bold]kvlink in-process demo[/bold]: loading the embedded model (first run converts it, ~30 s)"
     )
@@ -109,7 +109,7 @@ def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens
     from client.sender import send_context
     from server.local import LocalReceiver
 
-    console = Console()
+    console = make_console()  # piped (make demo in CI): complete lines, never cut to 80 columns
     log = Path(tempfile.mkdtemp(prefix="kvlink-demo-")) / "kvlink-serve.log"
     rx = LocalReceiver(log=log)
     console.print(
@@ -134,6 +134,7 @@ def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens
                     lm=lm,
                     reference_answers=example.answers,
                     max_new_tokens=max_new_tokens,
+                    keep=False,  # the receiver stops right after: no follow-up questions here
                 )
             )
         print_result(console, result)

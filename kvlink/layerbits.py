@@ -18,7 +18,8 @@ deterministic.
 
 Profiles are found like quality tables: the one measured on this machine for
 the model's fingerprint (<cache_dir>/sensitivity/<fingerprint>.json), else the
-one shipped with kvlink for the model's name (kvlink/data/sensitivity/).
+one shipped with kvlink (kvlink/data/sensitivity/) for the model its fingerprint
+names (kvlink.models.calibration_name), else for its name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlink.models import cache_dir, model_slug
+from kvlink.models import cache_dir, calibration_name, model_slug
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,10 @@ class Sensitivity:
 
     @classmethod
     def for_model(cls, fingerprint: str, model_name: str = "") -> Sensitivity | None:
-        """This machine's profile for the fingerprint, else the shipped one for `model_name`, else None."""
-        for path in (default_path(fingerprint), shipped_path(model_name) if model_name else None):
+        """This machine's profile for the fingerprint, else the shipped one for the model the fingerprint
+        names (a local copy under any path) or for `model_name`, else None."""
+        shipped = calibration_name(fingerprint, model_name)
+        for path in (default_path(fingerprint), shipped_path(shipped) if shipped else None):
             if path is not None and path.is_file():
                 profile = cls.load(path)
                 logger.info("per-layer bits from the sensitivity profile %s", path)

@@ -4,7 +4,7 @@
     registry.record_message(MessageRecord.from_receipt(receipt, session_id, config, length, kept))
     registry.record_answer(message_id, AskRecord(question, answer, ...), sender_timings)
     registry.record_error("CORRUPT")
-    registry.stats()        # aggregates per codec config label (see aggregate())
+    registry.stats()        # aggregates per codec config label and per context-length bucket (aggregate())
 
 Bytes are bytes on the wire as the receipt counts them (gRPC 5-byte prefixes
 included): payload (quantized codes), metadata (positions + scales/zeros +
@@ -44,6 +44,49 @@ MAX_STORED_TEXT = 2048
 """Characters of a question, answer or reference answer kept in a record (scores use the whole text)."""
 MAX_STORED_ASKS = 64
 """Answers kept per message record (the latest; the older ones are counted in `dropped_asks`)."""
+
+
+LENGTH_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+"""Upper bounds (inclusive) of the context-length buckets of /v1/stats; longer contexts share the last."""
+
+
+def length_bucket(length: int) -> str:
+    """The context-length bucket of T tokens: '1-256', '257-512', ..., '16385-32768', '>32768'."""
+    low = 1
+    for high in LENGTH_BUCKETS:
+        if length <= high:
+            return f"{low}-{high}"
+        low = high + 1
+    return f">{LENGTH_BUCKETS[-1]}"
+
+
+def config_family(config: Mapping[str, Any]) -> str:
+    """A config's family, a label of bounded cardinality (for Prometheus): which positions travel
+    (the selector, or "all"), low rank, and the K/V precisions in bits ("mixed" when they vary by
+    layer); not retention, groups, sinks, rotation, widths or seeds, which take unbounded values.
+    E.g. 'q2c/k4v4', 'all/fp16', 'snapkv/svd/k8v8', 'q2c/kmixedv4'. `config`: Recipe.to_dict()."""
+    from kvlink.quant.formats import format_spec
+    from kvlink.recipe import Recipe
+
+    try:
+        recipe = Recipe.from_dict(config)
+    except (ValueError, KeyError, TypeError):
+        return "other"
+
+    def bits(kind: str) -> str:
+        formats = {q.format for q in recipe.quantizers(kind)}
+        if len(formats) > 1:
+            return "mixed"
+        spec = format_spec(formats.pop())
+        return "nf4" if spec.family == "nf" else str(spec.bits)
+
+    parts = ["all" if recipe.select is None else recipe.method]
+    lowrank = [s for s in recipe.stages() if s.name == "lowrank"]
+    if lowrank:
+        parts.append(str(getattr(lowrank[0], "mode", "other")))
+    k, v = bits("k"), bits("v")
+    parts.append("fp16" if k == v == "16" else f"k{k}v{v}")
+    return "/".join(parts)
 
 
 def _cut(text: str) -> str:
@@ -143,6 +186,15 @@ class MessageRecord:
         return self.positions + self.scales + self.factors
 
     @property
+    def family(self) -> str:
+        """config_family of the record's config: a bounded label."""
+        return config_family(self.config)
+
+    @property
+    def length_bucket(self) -> str:
+        return length_bucket(self.length)
+
+    @property
     def total(self) -> int:
         return self.payload + self.metadata + self.framing + self.signaling
 
@@ -159,8 +211,8 @@ class MessageRecord:
     def as_dict(self) -> dict[str, Any]:
         return {
             "message_id": self.message_id, "session_id": self.session_id, "owner": self.owner,
-            "config_label": self.config_label, "config": dict(self.config),
-            "length": self.length, "kept": self.kept, "fp16_bytes": self.fp16_bytes,
+            "config_label": self.config_label, "config": dict(self.config), "family": self.family,
+            "length": self.length, "length_bucket": self.length_bucket, "kept": self.kept, "fp16_bytes": self.fp16_bytes,
             "bytes": {
                 "payload": self.payload, "metadata": self.metadata, "positions": self.positions,
                 "scales": self.scales, "factors": self.factors, "framing": self.framing,
@@ -200,13 +252,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def aggregate(records: Iterable[MessageRecord]) -> dict[str, dict[str, Any]]:
-    """Per codec config label: messages, bytes by category (sum and mean per message), compression
-    ratio vs FP16 (sum of FP16 bytes over sum of wire bytes), timings (mean/p50/p95 per stage,
-    answer timings included), and F1/EM means over the questions that came with reference answers."""
+def aggregate(
+    records: Iterable[MessageRecord], group_by: Callable[[MessageRecord], str] = lambda r: r.config_label
+) -> dict[str, dict[str, Any]]:
+    """Per codec config label (or per `group_by` of a record, e.g. its length bucket): messages, bytes by
+    category (sum and mean per message), compression ratio vs FP16 (sum of FP16 bytes over sum of
+    wire bytes), timings (mean/p50/p95 per stage, answer timings included), and F1/EM means over the
+    questions that came with reference answers. "config" is the group's last config."""
     groups: dict[str, list[MessageRecord]] = {}
     for r in records:
-        groups.setdefault(r.config_label, []).append(r)
+        groups.setdefault(group_by(r), []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for label, group in sorted(groups.items()):
         sums = {c: sum(getattr(r, c) for r in group) for c in (*BYTE_CATEGORIES, *METADATA_SPLIT)}
@@ -406,7 +461,16 @@ class MetricsRegistry:
             "errors": dict(sorted(totals.errors.items())),
             "records_held": len(records),
             "configs": aggregate(records),
+            "lengths": dict(
+                sorted(
+                    aggregate(records, lambda r: r.length_bucket).items(), key=lambda kv: _bucket_order(kv[0])
+                )
+            ),
         }
+
+
+def _bucket_order(bucket: str) -> int:
+    return int(bucket.lstrip(">").split("-")[0])
 
 
 def _totals_of(records: Sequence[MessageRecord]) -> Totals:

@@ -109,6 +109,22 @@ def model_slug(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model_name.strip()).strip("-.") or "unnamed"
 
 
+SHIPPED_FINGERPRINTS = Path(__file__).parent / "data" / "fingerprints.json"
+"""Fingerprint -> name of the shipped calibration files (quality table, sensitivity profile) it has."""
+
+
+def calibration_name(fingerprint: str, model_name: str = "") -> str:
+    """The name under which kvlink ships calibration for this model: the one its fingerprint is listed
+    with (a local copy, under any path, is the same model), else `model_name` (the same weights under a
+    library release that fingerprints them differently)."""
+    try:
+        known = json.loads(SHIPPED_FINGERPRINTS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    name = known.get(fingerprint) if isinstance(known, dict) else None
+    return name if isinstance(name, str) and name else model_name
+
+
 def cache_dir() -> Path:
     """Where converted models and profiles are kept: $KVLINK_CACHE or the user cache dir."""
     env = os.environ.get("KVLINK_CACHE")
@@ -189,6 +205,110 @@ def resolve_model_path(name: str | None) -> str:
     return name
 
 
+class ModelUnavailable(ValueError):
+    """A model that cannot be had: a local path that is not there or not a model, an HF id that is not
+    in the local cache (without download), or one that could not be downloaded. The message is one line."""
+
+
+_HF_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
+
+
+def is_local_path(name: str) -> bool:
+    """Whether `name` names a folder rather than an HF id (org/name): it exists, or it cannot be an id."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or not _HF_ID.fullmatch(name)
+
+
+def check_model(name: str | None, download: bool = False) -> str:
+    """Where `name` loads from (see resolve_model_path), checked without loading anything heavy.
+
+    A local path must be a folder with a config.json. An HF id must be in the local Hugging Face cache
+    unless `download` (then it is fetched on load). ModelUnavailable says what is wrong in one line.
+    """
+    from kvlink import geometries
+
+    if name is None or name.lower() in EMBEDDED_ALIASES or geometries.is_random(name):
+        return resolve_model_path(name) if not geometries.is_random(name) else str(name)
+    if is_local_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelUnavailable(f"model path {name!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelUnavailable(f"model path {name!r} is not a model folder: it has no config.json")
+        return str(path)
+    if not download:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelUnavailable(
+                f"model {name!r} is not in the local Hugging Face cache ({_hf_home()}); pass --download to "
+                "fetch it from the Hub, or give a local path"
+            )
+    return name
+
+
+def _hf_home() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (max_position_embeddings), if it says."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def load_tokenizer(name: str | None = None, download: bool = False) -> tuple[Any, int | None]:
+    """The tokenizer and max_positions of a model, without its weights (seconds at most): for checks
+    that should fail before a long load. ModelUnavailable as check_model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kvlink import geometries
+
+    if geometries.is_random(name):
+        lm_spec = geometries.parse(str(name))
+        tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+        return tokenizer, max_positions(lm_spec.config(tokenizer))
+    path = check_model(name, download)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not download)
+        config = AutoConfig.from_pretrained(path, local_files_only=not download)
+    except OSError as exc:
+        raise ModelUnavailable(f"model {name!r} could not be loaded: {_first_line(exc)}") from None
+    return tokenizer, max_positions(config)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, if this machine has it; ValueError in one line otherwise (before any load)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {str(device)!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            )
+            raise ValueError(
+                f"--device {str(device)!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"{build}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {str(device)!r}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {str(device)!r}: kvlink runs on cpu, cuda or mps")
+    return dev
+
+
 def _canonical_config(config: Any) -> dict[str, Any]:
     data = config.to_dict()
     return {k: v for k, v in sorted(data.items()) if k not in _VOLATILE_CONFIG_KEYS}
@@ -256,8 +376,12 @@ def load_model(
     name: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    download: bool = True,
 ) -> LoadedModel:
     """Load a model and tokenizer by alias, HF id or local path; fingerprint it; move it to `device`.
+
+    download: an HF id may be fetched from the Hub (else it must be in the local cache: the commands'
+    default, see check_model). A model that cannot be had raises ModelUnavailable, in one line.
 
     The fingerprint is computed on the weights as stored (before any dtype
     change), so a sender in fp32 on CPU and a receiver in fp16 on GPU agree.
@@ -272,10 +396,13 @@ def load_model(
     dtype = _parse_dtype(dtype)
     if geometries.is_random(name):
         return _load_random(geometries.parse(str(name)), device, dtype)
-    path = resolve_model_path(name)
+    path = check_model(name, download)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not download)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", local_files_only=not download)
+    except OSError as exc:
+        raise ModelUnavailable(f"model {name!r} could not be loaded: {_first_line(exc)}") from None
     model.eval()
     fp = fingerprint(model, tokenizer)
     model.to(device=torch.device(device), dtype=dtype or model.dtype)  # type: ignore[call-arg]

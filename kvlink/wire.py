@@ -17,6 +17,8 @@ Primitives, and which side calls them:
     outbox.receipt               ◄─receipt──   receipt, signal = receipt_signal(receipt)
     ask_to_proto(Ask)              ──Ask────►  ask_from_proto(msg, limits)
     answer_from_proto(msg)        ◄─Answer──   answer_to_proto(Answer)
+    release_to_proto(Release)     ──Release──► release_from_proto(msg, limits)
+    released_from_proto(msg)     ◄─Released──  released_to_proto(Released)
     message_wire_size(encoded, ...), http2_overhead(...): exact bytes for the budget planner.
 
 A message on the wire (one Transfer call): a Header (ids, fingerprint,
@@ -56,6 +58,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvlink import capabilities as caps
 from kvlink import positions as pos_codec
+from kvlink.answer import GenerationOptions
 from kvlink.codec import PAYLOAD_PARTS, EncodedKV, EncodedTensor, Part, stored_shape
 from kvlink.errors import NotRegistered
 from kvlink.models import Geometry
@@ -113,6 +116,7 @@ LEGACY_SERVICE_NAME: Final = "kvlink.v1.KVLink"
 HELLO_METHOD: Final = f"/{SERVICE_NAME}/Hello"
 TRANSFER_METHOD: Final = f"/{SERVICE_NAME}/Transfer"
 ASK_METHOD: Final = f"/{SERVICE_NAME}/Ask"
+RELEASE_METHOD: Final = f"/{SERVICE_NAME}/Release"
 
 GRPC_PREFIX_BYTES: Final = 5
 """gRPC length-prefixed message framing: 1 compressed-flag byte + 4 length bytes per message."""
@@ -351,7 +355,8 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Ask:
-    """A question about the context of `message_id`, sent after its transfer."""
+    """A question about the context of `message_id`, sent after its transfer (an empty session_id:
+    the message id alone names it), and how to answer it (greedy unless temperature > 0)."""
 
     session_id: str
     message_id: str
@@ -359,6 +364,14 @@ class Ask:
     max_new_tokens: int
     reference_answers: tuple[str, ...] = ()
     sender_timings: dict[str, float] = field(default_factory=dict)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> GenerationOptions:
+        """The generation options (ValueError when they make no sense)."""
+        return GenerationOptions(self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop))
 
 
 @dataclass(frozen=True)
@@ -371,6 +384,25 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     f1: float | None = None
     exact_match: float | None = None
+    finish_reason: str = (
+        ""  # "eos", "stop" or "length" (kvlink.answer.FINISH_REASONS); "" from older receivers
+    )
+
+
+@dataclass(frozen=True)
+class Release:
+    """Free the context of `message_id` (an empty session_id: the message id alone names it)."""
+
+    session_id: str
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """A context freed, and the bytes of decoded cache it gave back."""
+
+    message_id: str
+    freed_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -883,19 +915,28 @@ def welcome_from_proto(msg: pb.Welcome, fingerprint: str | None = None) -> Welco
 
 
 def ask_to_proto(ask: Ask) -> pb.Ask:
-    return pb.Ask(
+    msg = pb.Ask(
         protocol_version=PROTOCOL_VERSION, session_id=ask.session_id, message_id=ask.message_id,
         question=ask.question, max_new_tokens=ask.max_new_tokens, reference_answers=ask.reference_answers,
-        sender_timings=ask.sender_timings,
+        sender_timings=ask.sender_timings, temperature=ask.temperature, stop=ask.stop,
     )  # fmt: skip
+    if ask.top_p != 1.0:
+        msg.top_p = ask.top_p
+    return msg
+
+
+def _check_ids(session_id: str, message_id: str, limits: WireLimits) -> None:
+    """The message id must be valid; the session id too, unless empty (then the message id alone names it)."""
+    if session_id:
+        check_id("session_id", session_id, limits)
+    check_id("message_id", message_id, limits)
 
 
 def ask_from_proto(msg: pb.Ask, limits: WireLimits | None = None) -> Ask:
     """Check version and the request against `limits` (MALFORMED, TOO_LARGE)."""
     limits = limits or WireLimits()
     _check_version(msg.protocol_version, "the sender")
-    check_id("session_id", msg.session_id, limits)
-    check_id("message_id", msg.message_id, limits)
+    _check_ids(msg.session_id, msg.message_id, limits)
     if not msg.question.strip():
         raise WireError("MALFORMED", "the question is empty")
     size = len(msg.question.encode())
@@ -918,16 +959,22 @@ def ask_from_proto(msg: pb.Ask, limits: WireLimits | None = None) -> Ask:
             "TOO_LARGE",
             f"the reference answers have {ref_bytes} bytes in all, the limit is {limits.max_reference_bytes}",
         )
-    return Ask(
+    ask = Ask(
         msg.session_id, msg.message_id, msg.question, msg.max_new_tokens,
-        tuple(msg.reference_answers), dict(msg.sender_timings),
+        tuple(msg.reference_answers), dict(msg.sender_timings), msg.temperature,
+        msg.top_p if msg.HasField("top_p") else 1.0, tuple(msg.stop),
     )  # fmt: skip
+    try:
+        ask.options  # noqa: B018 (validates the generation options)
+    except ValueError as exc:
+        raise WireError("MALFORMED", f"generation options: {exc}") from None
+    return ask
 
 
 def answer_to_proto(answer: Answer) -> pb.Answer:
     msg = pb.Answer(
         protocol_version=PROTOCOL_VERSION, message_id=answer.message_id, text=answer.text,
-        token_ids=answer.token_ids, timings=answer.timings,
+        token_ids=answer.token_ids, timings=answer.timings, finish_reason=answer.finish_reason,
     )  # fmt: skip
     if answer.f1 is not None:
         msg.f1 = answer.f1
@@ -941,8 +988,36 @@ def answer_from_proto(msg: pb.Answer) -> Answer:
     return Answer(
         msg.message_id, msg.text, tuple(msg.token_ids), dict(msg.timings),
         msg.f1 if msg.HasField("f1") else None,
-        msg.exact_match if msg.HasField("exact_match") else None,
+        msg.exact_match if msg.HasField("exact_match") else None, msg.finish_reason,
     )  # fmt: skip
+
+
+def parse_release(raw: bytes) -> pb.Release:
+    return _parse(pb.Release, raw, "Release")  # type: ignore[no-any-return]
+
+
+def release_to_proto(release: Release) -> pb.Release:
+    return pb.Release(
+        protocol_version=PROTOCOL_VERSION, session_id=release.session_id, message_id=release.message_id
+    )
+
+
+def release_from_proto(msg: pb.Release, limits: WireLimits | None = None) -> Release:
+    """Check version and ids (PROTOCOL, MALFORMED)."""
+    _check_version(msg.protocol_version, "the sender")
+    _check_ids(msg.session_id, msg.message_id, limits or WireLimits())
+    return Release(msg.session_id, msg.message_id)
+
+
+def released_to_proto(released: Released) -> pb.Released:
+    return pb.Released(
+        protocol_version=PROTOCOL_VERSION, message_id=released.message_id, freed_bytes=released.freed_bytes
+    )
+
+
+def released_from_proto(msg: pb.Released) -> Released:
+    _check_version(msg.protocol_version, "the receiver")
+    return Released(msg.message_id, msg.freed_bytes)
 
 
 def _ack_signal(layer: int, chunk_ids: Iterable[int]) -> pb.Signal:
@@ -1773,7 +1848,8 @@ def raw_rpc_handler(servicer: Any) -> grpc.GenericRpcHandler:
     (parse_hello, parse_frame / Assembler.feed_raw, parse_ask) and malformed protobuf gets
     INVALID_ARGUMENT with a message instead of gRPC's generic deserialization failure.
     `servicer` has Hello(bytes, ctx) -> pb Welcome, Transfer(iterator of bytes, ctx) -> iterator of
-    pb Signal, Ask(bytes, ctx) -> pb Answer (sync or grpc.aio). Add with
+    pb Signal, Ask(bytes, ctx) -> pb Answer, Release(bytes, ctx) -> pb Released (sync or grpc.aio;
+    a servicer without Release answers it UNIMPLEMENTED). Add with
     server.add_generic_rpc_handlers((raw_rpc_handler(servicer),))."""
     handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
@@ -1786,6 +1862,10 @@ def raw_rpc_handler(servicer: Any) -> grpc.GenericRpcHandler:
             servicer.Ask, response_serializer=pb.Answer.SerializeToString
         ),
     }
+    if hasattr(servicer, "Release"):
+        handlers["Release"] = grpc.unary_unary_rpc_method_handler(
+            servicer.Release, response_serializer=pb.Released.SerializeToString
+        )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 

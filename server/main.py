@@ -4,10 +4,19 @@
     kvlink-serve --tls-cert tls.crt --tls-key tls.key [--tls-client-ca ca.crt] \
                  --auth-token-file token --health-port 50052
 
-Loads the model (it must be the sender's: the fingerprint is compared in Hello
-and in every message header), then serves until SIGTERM/SIGINT: it stops
-accepting calls, lets the calls in flight finish within --grace seconds, and
-exits 0.
+Checks its flags, the device, the model's files and that its ports are free
+(exit 2 for a bad flag, device or model, 1 for a port in use, each in one line,
+before anything loads), binds its ports exclusively, loads the model (it must
+be the sender's: the fingerprint is compared in Hello and in every message
+header), then serves until SIGTERM/SIGINT: it stops accepting calls, lets the
+calls in flight finish within --grace seconds, and exits 0.
+
+Settings: every flag can also come from an environment variable KVLINK_<FLAG>
+(`--max-cached-bytes` is KVLINK_MAX_CACHED_BYTES) or from a TOML file given by
+--config (or $KVLINK_CONFIG), e.g. `max-cached-bytes = "4GiB"`; a flag wins over
+the environment, which wins over the file (kvlink.cli). Byte sizes take units:
+4GiB, 512MiB, 1_000_000. An HF model id must be in the local Hugging Face cache
+unless --download is given.
 
 Security: gRPC is TLS when --tls-cert/--tls-key are given, mutual TLS when
 --tls-client-ca is too; a bearer token (--auth-token-file, or the environment
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -36,6 +46,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+
+from kvlink.cli import HelpFormatter, configure_logging, format_size, parse_size, parse_with_settings
 
 if TYPE_CHECKING:  # torch, grpc and the library are imported when the server starts, not for --help
     import grpc
@@ -75,13 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvlink-serve",
         description="Receive compressed KV caches over gRPC and answer questions from them; "
         "REST statistics on --rest-port.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog="Every flag can also be set by an environment variable KVLINK_<FLAG> (e.g. "
+        'KVLINK_MAX_CACHED_BYTES=4GiB) or in the --config file (max-cached-bytes = "4GiB"); '
+        "precedence: flag, environment, file, default.",
     )
+    p.add_argument(
+        "--config", metavar="FILE", default=None,
+        help="TOML file of settings: keys are the flags without dashes, e.g. port = 50051 (default: "
+        "$KVLINK_CONFIG if set)",
+    )  # fmt: skip
     p.add_argument(
         "--model",
         default=None,
-        help="model alias, HF id or local path (the sender's); default: the embedded model",
+        help="model alias, HF id or local path (the sender's; default: the embedded SmolLM2-135M)",
     )
+    p.add_argument(
+        "--download", action="store_true",
+        help="fetch an HF model id from the Hub when it is not in the local cache (off: fail at once)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
     p.add_argument(
@@ -131,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         "limits (a request past one gets a specific gRPC error; nothing else is affected)"
     )
     lim.add_argument(
-        "--max-message-bytes", type=_positive_int, default=512 << 20,
+        "--max-message-bytes", type=parse_size, metavar="SIZE", default=512 << 20,
         help="largest message (declared chunk data + positions), refused from its header before "
-        "anything is allocated (RESOURCE_EXHAUSTED, TOO_LARGE)",
+        "anything is allocated (RESOURCE_EXHAUSTED, TOO_LARGE); e.g. 512MiB",
     )  # fmt: skip
     lim.add_argument(
         "--max-concurrent-sessions", type=_positive_int, default=64,
@@ -146,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "client certificates, else one client address); one more is refused (RESOURCE_EXHAUSTED, BUSY)",
     )  # fmt: skip
     lim.add_argument(
-        "--max-cached-bytes", type=_positive_int, default=2 << 30,
+        "--max-cached-bytes", type=parse_size, metavar="SIZE", default=2 << 30,
         help="memory cap of decoded contexts kept for questions: least recently used ones are "
         "evicted (a later Ask gets NOT_FOUND); a context larger than the cap is refused",
     )  # fmt: skip
     lim.add_argument(
-        "--max-cached-bytes-per-identity", type=_positive_int, default=None,
+        "--max-cached-bytes-per-identity", type=parse_size, metavar="SIZE", default=None,
         help="what one identity's contexts (and its decodes in flight) may hold of --max-cached-bytes: "
         "past it, its own least recently used contexts go first; default: half of it with several "
         "identities (--tenants-file, client certificates), all of it otherwise",
@@ -179,14 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest question in tokens (RESOURCE_EXHAUSTED, TOO_LARGE)",
     )  # fmt: skip
     lim.add_argument(
-        "--max-buffered-bytes", type=_positive_int, default=None,
+        "--max-buffered-bytes", type=parse_size, metavar="SIZE", default=None,
         help="chunk data all transfers in flight may hold together, reserved from each header; one more "
         "is refused (RESOURCE_EXHAUSTED, BUSY); default: 2 x --max-message-bytes",
     )  # fmt: skip
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds calls in flight get to finish at shutdown"
     )
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info",
+        help="of the log on stderr; progress bars (model loading) show at info or debug, on a terminal",
+    )  # fmt: skip
     return p
 
 
@@ -309,14 +336,61 @@ class _RestServer(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, flag: str) -> socket.socket:
+    """A listening socket on host:port; OSError naming the address and the flag when it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise PortInUse(f"{flag} {port}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+class PortInUse(OSError):
+    """A port this receiver needs is taken (by another kvlink-serve, say): one line naming it."""
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """PortInUse unless `port` can be bound on `host` right now. The probe does not set SO_REUSEPORT
+    (which would let it share a port another process listens on, as grpc's own bind does by default),
+    so any listener on the port refuses it; it sets SO_REUSEADDR, as the real bind does, so that the
+    closed connections of a receiver that just stopped (TIME_WAIT) do not."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            why = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise PortInUse(f"{flag} {port}: {host}:{port} is {why}" if why == "in use" else
+                            f"{flag} {port}: cannot bind {host}:{port}: {why}") from None  # fmt: skip
+
+
+GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+"""A receiver's port is its own: without this, grpc binds with SO_REUSEPORT and a second kvlink-serve on
+the same port starts silently and takes part of the traffic."""
+
+
+def _bind_grpc(
+    server: grpc.aio.Server, address: str, flag: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Add a listening port (exclusively, see GRPC_SERVER_OPTIONS); PortInUse naming it if grpc cannot."""
+    try:
+        port = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise PortInUse(f"{flag}: cannot listen on {address} (in use, or not an address of this host)")
+    return int(port)
 
 
 async def serve(args: argparse.Namespace, security: Security | None = None) -> int:
@@ -343,11 +417,22 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
         max_message_bytes=args.max_message_bytes,
         max_chunk_bytes=min(wire.WireLimits().max_chunk_bytes, args.max_message_bytes),
     )
-    # Bind REST first so that a port in use fails before the model loads.
-    rest_sock = _listen(args.rest_host, args.rest_port)
+    # Every port first, exclusively, so that one in use fails before the model loads (and a second
+    # receiver on the same port cannot start): probes give a clean one-line error, then the real binds.
+    check_port_free(args.host, args.port, "--port")
+    if args.health_port is not None:
+        check_port_free(args.host, args.health_port, "--health-port")
+    rest_sock = _listen(args.rest_host, args.rest_port, "--rest-port")
+    server = grpc.aio.server(options=[*limits.grpc_options(), *GRPC_SERVER_OPTIONS])
+    port = _bind_grpc(server, f"{args.host}:{args.port}", "--port", security.server_credentials())
+    health_server: grpc.aio.Server | None = None
+    if args.health_port is not None:
+        health_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        _bind_grpc(health_server, f"{args.host}:{args.health_port}", "--health-port", None)
+
     logger.info("loading model %s on %s", args.model or "(embedded)", args.device)
     lm = await asyncio.to_thread(
-        load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype
+        load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype, args.download
     )
     guard = security.guard(args.max_concurrent_sessions, args.per_peer_concurrency)
     share = args.max_cached_bytes_per_identity or (
@@ -365,18 +450,11 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
 
-    server = grpc.aio.server(options=limits.grpc_options())
     server.add_generic_rpc_handlers((wire.raw_rpc_handler(service), wire.legacy_rpc_handler()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    credentials = security.server_credentials()
-    address = f"{args.host}:{args.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    health_server: grpc.aio.Server | None = None
-    if args.health_port is not None:  # the same servicer: one status on both listeners
-        health_server = grpc.aio.server()
+    if health_server is not None:  # the same servicer: one status on both listeners
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_server.add_insecure_port(f"{args.host}:{args.health_port}")
         await health_server.start()
     await server.start()
     for name in ("", wire.SERVICE_NAME):
@@ -395,14 +473,15 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     purge = asyncio.create_task(_purge_loop(store, min(args.session_ttl / 4, 30.0)))
     logger.info(
         "kvlink-serve ready: model %s (fingerprint %s) on %s; gRPC %s:%d (%s, %s)%s; REST http://%s:%d "
-        "(docs at /docs); limits: %d calls, %d per peer, %d cached bytes, %d message bytes, "
+        "(docs at /docs); limits: %d calls, %d per peer, %s cached, %s per message, "
         "%d answer tokens, %g s stall timeout",
         lm.name, lm.fingerprint[:12], lm.device, args.host, port,
         "mutual TLS" if security.client_ca else "TLS" if security.tls else "plaintext",
         security.describe(),
         f"; health-only {args.host}:{args.health_port}" if health_server else "",
         args.rest_host, rest_sock.getsockname()[1], args.max_concurrent_sessions, args.per_peer_concurrency,
-        args.max_cached_bytes, args.max_message_bytes, args.max_new_tokens, args.stall_timeout,
+        format_size(args.max_cached_bytes), format_size(args.max_message_bytes), args.max_new_tokens,
+        args.stall_timeout,
     )  # fmt: skip
 
     stop_task = asyncio.create_task(stop.wait())
@@ -443,22 +522,29 @@ async def _purge_loop(store: SessionStore, every_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_settings(parser, argv)
     try:
         security = load_security(args)
     except ValueError as exc:
         parser.error(str(exc))  # exit 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kvlink import models
+
+    try:  # before anything loads or binds: a device this machine lacks, a model that is not there
+        models.check_device(args.device)
+        models.check_model(args.model, args.download)
+    except ValueError as exc:
+        print(f"kvlink-serve: error: {exc}", file=sys.stderr)
+        return 2
     from server.memory import return_freed_memory_promptly
 
     return_freed_memory_promptly()
     try:
         return asyncio.run(serve(args, security))
-    except (OSError, RuntimeError, ValueError) as exc:  # a port in use, an unknown model or device, ...
+    except PortInUse as exc:
+        print(f"kvlink-serve: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:  # an unusable model, ...: one line, no traceback
         print(f"kvlink-serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

@@ -2,16 +2,25 @@
 
     GET /healthz                 liveness/readiness only: {"status": "serving"} (always open)
     GET /v1/info                 the model, its fingerprint, the device, uptime, and who is asking
-    GET /v1/stats                aggregates per codec config (kvlink.metrics.aggregate) + totals and
-                                 the caller's cached contexts; an operator sees every identity's,
-                                 the whole session store and the calls in progress
+    GET /v1/stats                aggregates per codec config and per context-length bucket
+                                 (kvlink.metrics.aggregate) + totals and the caller's cached contexts;
+                                 an operator sees every identity's, the whole store and the calls
     GET /v1/messages?limit=N     per-message records, newest first (the caller's own; an operator's: all)
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
+    POST /v1/messages/{id}/ask   a follow-up question about the caller's own context (as gRPC Ask)
+    DELETE /v1/messages/{id}     free the caller's own context now (as gRPC Release); the record stays
     GET /metrics                 Prometheus text format (operators only: it covers every identity)
-    GET /docs, /openapi.json     OpenAPI (FastAPI's defaults)
+    GET /docs, /redoc            Swagger UI and ReDoc, served from the installed package (no CDN)
+    GET /openapi.json            OpenAPI 3.1, with a typed model of every response (server.schemas)
 
 The numbers come from the servicer's kvlink.metrics.MetricsRegistry; this
-module only serves them (and mirrors them into Prometheus collectors).
+module only serves them (and mirrors them into Prometheus collectors, labelled
+by config family, never by full config label: a label's values stay few).
+Questions and releases go through the servicer's own `answer` and `release`,
+under the same rules as gRPC: only the identity that sent a context asks about
+it or frees it (another identity's attempt is 404, and frees nothing), the
+question counts against the same call limits and takes its turn on the model
+forward by forward.
 
 Every path but /healthz is answered for an identity (server.guard): with tokens,
 it is the one whose `Authorization: Bearer <token>` the request carries (401
@@ -23,10 +32,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,12 +49,41 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kvlink import wire
 from kvlink.metrics import BYTE_CATEGORIES, AskRecord, MessageRecord
-from server.guard import Identity, Unauthorized
-from server.service import KVLinkService
+from server import schemas
+from server.guard import Busy, Identity, Unauthorized
+from server.service import KVLinkService, Refused
 
 OPEN_PATHS = frozenset({"/healthz"})
 """Paths served without the bearer token: the probes' endpoint."""
+STATIC_PATH = "/static/docs"
+"""Where the Swagger UI and ReDoc assets are served from (the fastapi-offline package's copies)."""
+
+_HTTP_STATUS = {
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+
+
+def _http_status(status: grpc.StatusCode, code: str) -> int:
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 413 if code == "TOO_LARGE" else 429
+    return _HTTP_STATUS.get(status, 500)
+
+
+def docs_assets() -> Path | None:
+    """The folder of swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js and favicon.png."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
 
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -52,21 +94,25 @@ class PrometheusExporter:
     def __init__(self, service: KVLinkService) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages = Counter("kvlink_messages", "Messages received completely", ["config"], registry=r)
+        # Labels of bounded cardinality: the config family (kvlink.metrics.config_family) and the
+        # context-length bucket, never the full config label (retention, groups, ... are unbounded).
+        self.messages = Counter(
+            "kvlink_messages", "Messages received completely", ["family", "length"], registry=r
+        )
         self.bytes = Counter(
             "kvlink_wire_bytes",
             "Wire bytes of received messages by category",
-            ["category", "config"],
+            ["category", "family"],
             registry=r,
         )
         self.fp16_bytes = Counter(
             "kvlink_fp16_bytes",
             "FP16 size of the full context KV of received messages",
-            ["config"],
+            ["family"],
             registry=r,
         )
         self.retransmits = Counter("kvlink_retransmits", "Chunks received more than once", registry=r)
-        self.questions = Counter("kvlink_questions", "Questions answered", ["config"], registry=r)
+        self.questions = Counter("kvlink_questions", "Questions answered", ["family"], registry=r)
         self.errors = Counter("kvlink_errors", "Refused requests by error code", ["code", "rpc"], registry=r)
         self.decode_seconds = Histogram(
             "kvlink_decode_seconds", "Receiver decode time per message", buckets=_SECONDS_BUCKETS, registry=r
@@ -91,11 +137,11 @@ class PrometheusExporter:
         buffered.set_function(lambda: service.call_stats()["buffered_bytes"] or 0)
 
     def on_message(self, record: MessageRecord) -> None:
-        label = record.config_label
-        self.messages.labels(label).inc()
+        family = record.family
+        self.messages.labels(family, record.length_bucket).inc()
         for category in BYTE_CATEGORIES:
-            self.bytes.labels(category, label).inc(getattr(record, category))
-        self.fp16_bytes.labels(label).inc(record.fp16_bytes)
+            self.bytes.labels(category, family).inc(getattr(record, category))
+        self.fp16_bytes.labels(family).inc(record.fp16_bytes)
         self.retransmits.inc(record.retransmits)
         if "decode_s" in record.timings:
             self.decode_seconds.observe(record.timings["decode_s"])
@@ -103,7 +149,7 @@ class PrometheusExporter:
             self.receive_seconds.observe(record.timings["receive_s"])
 
     def on_answer(self, record: MessageRecord, ask: AskRecord) -> None:
-        self.questions.labels(record.config_label).inc()
+        self.questions.labels(record.family).inc()
         if "answer_s" in ask.timings:
             self.answer_seconds.observe(ask.timings["answer_s"])
 
@@ -125,16 +171,22 @@ def create_app(service: KVLinkService) -> FastAPI:
     app = FastAPI(
         title="kvlink receiver",
         version="1.0",
-        description="Bandwidth and accuracy statistics of the KV caches this receiver was sent.",
+        description="Bandwidth and accuracy statistics of the KV caches this receiver was sent, and "
+        "follow-up questions about them.",
+        docs_url=None,
+        redoc_url=None,
     )
     exporter = PrometheusExporter(service)
     service.metrics.add_listener(exporter)
     app.state.exporter = exporter
     guard = service.guard
+    _mount_docs(app)
 
     @app.middleware("http")
     async def identify(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path in OPEN_PATHS:
+        path = request.url.path
+        # The docs' scripts and styles are public files of a package (a browser sends no token for them).
+        if path in OPEN_PATHS or path.startswith(STATIC_PATH + "/"):
             return await call_next(request)
         try:
             request.state.who = guard.identify_bearer(request.headers.getlist("authorization"))
@@ -147,13 +199,15 @@ def create_app(service: KVLinkService) -> FastAPI:
             )
         return await call_next(request)
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Liveness and readiness", response_model=schemas.Health)
     def healthz() -> JSONResponse:
         """Open to probes, so it says nothing but whether the receiver serves."""
         status = "serving" if service.serving else "stopping"
         return JSONResponse({"status": status}, status_code=200 if service.serving else 503)
 
-    @app.get("/v1/info", summary="The receiver's model and the caller's identity")
+    @app.get(
+        "/v1/info", summary="The receiver's model and the caller's identity", response_model=schemas.Info
+    )
     def info(request: Request) -> dict[str, Any]:
         who = _who(request)
         store = service.store.stats(_scope(who))
@@ -165,11 +219,15 @@ def create_app(service: KVLinkService) -> FastAPI:
             "sessions": store.sessions, "cached_messages": store.messages, "cached_bytes": store.bytes,
         }  # fmt: skip
 
-    @app.get("/v1/stats", summary="Aggregates per codec config")
+    @app.get(
+        "/v1/stats", summary="Aggregates per codec config and per context length",
+        response_model=schemas.Stats, response_model_exclude_unset=True,
+    )  # fmt: skip
     def stats(request: Request) -> dict[str, Any]:
         """Messages, bytes by category (payload / metadata / framing / signaling), compression ratio vs
-        FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label, plus totals: of
-        the caller's messages, or of everyone's for an operator (with the store and the calls)."""
+        FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label and per
+        context-length bucket, plus totals: of the caller's messages, or of everyone's for an
+        operator (with the store and the calls)."""
         who = _who(request)
         out = service.metrics.stats(_scope(who))
         store = service.store.stats(_scope(who))
@@ -182,16 +240,80 @@ def create_app(service: KVLinkService) -> FastAPI:
             out["calls"] = service.call_stats()
         return out
 
-    @app.get("/v1/messages", summary="Per-message records, newest first")
+    @app.get(
+        "/v1/messages", summary="Per-message records, newest first", response_model=list[schemas.Message]
+    )
     def messages(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
         return [r.as_dict() for r in service.metrics.messages(limit, owner=_scope(_who(request)))]
 
-    @app.get("/v1/messages/{message_id}", summary="One message's record")
+    @app.get(
+        "/v1/messages/{message_id}", summary="One message's record", response_model=schemas.Message,
+        responses={404: {"model": schemas.Problem}},
+    )  # fmt: skip
     def message(request: Request, message_id: str) -> dict[str, Any]:
         record = service.metrics.get(message_id, owner=_scope(_who(request)))
         if record is None:
             raise HTTPException(status_code=404, detail=f"no record of message {message_id[:128]!r}")
         return record.as_dict()
+
+    @app.post(
+        "/v1/messages/{message_id}/ask", summary="Ask again about a context the caller sent",
+        response_model=schemas.AnswerView,
+        responses={code: {"model": schemas.Problem} for code in (400, 404, 413, 429)},
+    )  # fmt: skip
+    async def ask(request: Request, message_id: str, body: schemas.AskRequest) -> dict[str, Any]:
+        """The receiver answers from the transferred cache alone, as for gRPC Ask: only the identity that
+        sent the context may ask (another's message is 404), with the same limits and generation options."""
+        who = _who(request)
+        question = wire.Ask(
+            body.session_id, message_id, body.question, body.max_new_tokens, tuple(body.reference_answers),
+            {}, body.temperature, body.top_p, tuple(body.stop),
+        )  # fmt: skip
+        try:  # the gRPC request's checks, to the letter
+            question = wire.ask_from_proto(wire.ask_to_proto(question), service.limits)
+        except wire.WireError as err:
+            service.metrics.record_error(err.code, "REST")
+            raise HTTPException(_http_status(err.status_code, err.code), err.message) from None
+        try:
+            slot = guard.acquire(f"rest:{request.client.host if request.client else '?'}", who)
+        except Busy as busy:
+            service.metrics.record_error("BUSY", "REST")
+            raise HTTPException(429, busy.message) from None
+        service.asks_in_flight += 1
+        try:
+            answer = await service.answer(who, question, rpc="REST")
+        except Refused as refused:
+            raise HTTPException(_http_status(refused.status, refused.code), refused.message) from None
+        finally:
+            service.asks_in_flight -= 1
+            slot.release()
+        return {
+            "message_id": answer.message_id, "answer": answer.text, "token_ids": list(answer.token_ids),
+            "finish_reason": answer.finish_reason, "timings": answer.timings, "f1": answer.f1,
+            "exact_match": answer.exact_match,
+        }  # fmt: skip
+
+    @app.delete(
+        "/v1/messages/{message_id}", summary="Free a context the caller sent", response_model=schemas.Released,
+        responses={404: {"model": schemas.Problem}},
+    )  # fmt: skip
+    def release(
+        request: Request,
+        message_id: str,
+        session_id: str = Query("", description="optional: the message id alone names the context"),
+    ) -> dict[str, Any]:
+        """The decoded context is dropped now instead of at its TTL (later questions get 404); its record
+        stays in /v1/messages. Only the identity that sent it may free it: another's is 404."""
+        try:
+            wire.release_from_proto(
+                wire.release_to_proto(wire.Release(session_id, message_id)), service.limits
+            )
+            freed = service.release(_who(request), session_id, message_id, rpc="REST")
+        except wire.WireError as err:
+            raise HTTPException(_http_status(err.status_code, err.code), err.message) from None
+        except Refused as refused:
+            raise HTTPException(_http_status(refused.status, refused.code), refused.message) from None
+        return {"message_id": message_id, "freed_bytes": freed}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics(request: Request) -> Response:
@@ -200,3 +322,43 @@ def create_app(service: KVLinkService) -> FastAPI:
         return Response(generate_latest(exporter.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, whose scripts, styles and icon come from this server
+    (the installed fastapi-offline package), so the pages work without the internet; without that
+    package, /docs says how to get it and /openapi.json still serves the document."""
+    assets = docs_assets()
+    openapi = app.openapi_url or "/openapi.json"
+    if assets is None:
+
+        @app.get("/docs", include_in_schema=False)
+        def no_docs() -> HTMLResponse:
+            return HTMLResponse(
+                "<p>The API documentation pages need the fastapi-offline package (pip install "
+                f"fastapi-offline); the OpenAPI document is at <a href='{openapi}'>{openapi}</a>.</p>"
+            )
+
+        return
+    app.mount(STATIC_PATH, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi, title=f"{app.title}: API", oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{STATIC_PATH}/swagger-ui-bundle.js", swagger_css_url=f"{STATIC_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{STATIC_PATH}/favicon.png",
+            # No validator badge: it would fetch from validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )  # fmt: skip
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi, title=f"{app.title}: API", redoc_js_url=f"{STATIC_PATH}/redoc.standalone.js",
+            redoc_favicon_url=f"{STATIC_PATH}/favicon.png", with_google_fonts=False,
+        )  # fmt: skip

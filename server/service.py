@@ -1,9 +1,10 @@
-"""The receiver's gRPC servicer (grpc.aio): Hello, Transfer, Ask.
+"""The receiver's gRPC servicer (grpc.aio): Hello, Transfer, Ask, Release.
 
 Requests arrive as bytes (kvlink.wire.raw_rpc_handler) so that malformed
 protobuf is answered with INVALID_ARGUMENT and a readable message. Everything
 else is the library's: kvlink.wire validates and assembles a message,
-kvlink.codec decodes it, kvlink.generate answers from it. A message becomes a
+kvlink.codec decodes it, kvlink.answer answers from it (transformers' generate() over
+a kvlink.hfcache.KVLinkCache, with the Ask's generation options). A message becomes a
 session entry only once it is complete, verified and decoded; any failure
 aborts the call with the WireError's gRPC status (its code in the trailing
 metadata) and leaves nothing behind, so no partial cache can ever answer.
@@ -12,7 +13,10 @@ Before any of that, server.guard.Guard names the caller (UNAUTHENTICATED without
 a usable credential) and admits the call: Transfer and Ask calls in progress are
 capped in all and per peer (RESOURCE_EXHAUSTED, code BUSY). The caller's
 identity owns what it sends: message ids are its own (a reused one is refused,
-EXISTS), and only it can ask about them.
+EXISTS), and only it can ask about them or release them (Release frees a context
+before its TTL; another identity's attempt is NOT_FOUND and frees nothing). The
+REST app (server.rest) asks and releases through the same methods, `answer` and
+`release`, under the same rules.
 
 What one hostile caller can cost the others is bounded:
 - time on the event loop: a header is parsed and validated in a worker thread
@@ -46,12 +50,12 @@ import grpc
 import torch
 
 from kvlink import wire
+from kvlink.answer import GenerationOptions, generate_answer
 from kvlink.cache import ContextKV, prefill
 from kvlink.capabilities import local_capabilities
 from kvlink.codec import Codec, EncodedKV, decode_cost
-from kvlink.generate import greedy_answer
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
-from kvlink.models import LoadedModel
+from kvlink.models import LoadedModel, max_positions
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
 from kvlink.scoring import best_scores
@@ -104,15 +108,15 @@ def _decode_politely(
         torch.set_num_threads(threads)
 
 
-class _Refused(Exception):
-    """An Ask refused with a gRPC status and a kvlink code (for the error counters)."""
+class Refused(Exception):
+    """An Ask or Release refused: a gRPC status, a kvlink code (for the error counters) and why."""
 
     def __init__(self, status: grpc.StatusCode, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
     @classmethod
-    def of(cls, err: wire.WireError) -> _Refused:
+    def of(cls, err: wire.WireError) -> Refused:
         return cls(err.status_code, err.code, err.message)
 
 
@@ -170,6 +174,12 @@ class KVLinkService:
         self.store = store
         self.metrics = metrics
         self.limits = limits or wire.WireLimits()
+        # A context longer than the model's positions could only be answered wrongly: its header is refused
+        # (TOO_LARGE), and an answer never runs past them (see _answer).
+        config = getattr(lm.model, "config", None)
+        self.max_positions = max_positions(config) if config is not None else None
+        if self.max_positions is not None and self.max_positions < self.limits.max_length:
+            self.limits = replace(self.limits, max_length=self.max_positions)
         if max_buffered_bytes < self.limits.max_message_bytes:
             raise ValueError(
                 f"max_buffered_bytes {max_buffered_bytes} is below max_message_bytes "
@@ -244,7 +254,7 @@ class KVLinkService:
         pre = prefill(self.lm.model, context_ids(tok, "kvlink warm-up."), None)
         codec = Codec(build(k_bits=4, v_bits=4), self.lm.geometry)
         kv = codec.decode(codec.encode(pre), self.lm.device, self.lm.dtype)
-        greedy_answer(self.lm.model, tok, kv, question_ids(tok, "Ready?"), max_new_tokens=2)
+        generate_answer(self.lm.model, tok, kv, question_ids(tok, "Ready?"), GenerationOptions(2))
         return time.perf_counter() - started
 
     @property
@@ -454,48 +464,66 @@ class KVLinkService:
         who, slot = admitted
         self.asks_in_flight += 1
         try:
-            return await self._ask(who, request)
-        except _Refused as exc:  # plain values out of it: the exception is not kept past this block
+            try:
+                ask = wire.ask_from_proto(wire.parse_ask(request), self.limits)
+            except wire.WireError as err:
+                self.metrics.record_error(err.code, "Ask")
+                raise Refused.of(err) from None
+            return wire.answer_to_proto(await self.answer(who, ask))
+        except Refused as exc:  # plain values out of it: the exception is not kept past this block
             status, code, message = exc.status, exc.code, exc.message
         finally:
             self.asks_in_flight -= 1
             slot.release()
-        self.metrics.record_error(code, "Ask")
         logger.info("Ask from %s refused: %s", context.peer(), message)
         await context.abort(status, message, trailing_metadata=((wire.ERROR_METADATA_KEY, code),))
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
-    async def _ask(self, who: Identity, request: bytes) -> wire.pb.Answer:
-        """Answer one Ask of `who` (raises _Refused)."""
+    async def answer(self, who: Identity, ask: wire.Ask, rpc: str = "Ask") -> wire.Answer:
+        """Answer one question of `who` about one of its contexts (raises Refused, counted as an error
+        of `rpc`)."""
         try:
-            ask = wire.ask_from_proto(wire.parse_ask(request), self.limits)
-        except wire.WireError as err:
-            raise _Refused.of(err) from None
+            return await self._answer(who, ask)
+        except Refused as exc:
+            self.metrics.record_error(exc.code, rpc)
+            raise
+
+    async def _answer(self, who: Identity, ask: wire.Ask) -> wire.Answer:
         kv = self.store.get(who.name, ask.session_id, ask.message_id)
         if kv is None:
-            raise _Refused(
-                grpc.StatusCode.NOT_FOUND, NOT_FOUND,
-                f"no context for session {ask.session_id!r} message {ask.message_id!r}: it was never "
-                "received completely from this sender, or it expired or was evicted",
-            )  # fmt: skip
+            raise Refused(grpc.StatusCode.NOT_FOUND, NOT_FOUND, _not_found(ask.session_id, ask.message_id))
+        try:
+            options = ask.options.clamped(self.max_new_tokens)
+        except ValueError as exc:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED", f"generation options: {exc}"
+            ) from None
         q_ids = await asyncio.to_thread(question_ids, self.lm.tokenizer, ask.question)
         if q_ids.numel() > self.max_question_tokens:
-            raise _Refused(
+            raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE",
                 f"the question has {q_ids.numel()} tokens, this receiver answers at most "
                 f"{self.max_question_tokens} (--max-question-tokens)",
             )  # fmt: skip
-        max_new = min(ask.max_new_tokens, self.max_new_tokens)
+        if self.max_positions is not None:
+            room = self.max_positions - kv.length - int(q_ids.numel())
+            if room < 1:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT",
+                    f"the context ({kv.length} tokens) and the question ({q_ids.numel()}) leave no room in the "
+                    f"model's {self.max_positions} positions for an answer",
+                )  # fmt: skip
+            options = options.clamped(room)
         problem = None
         try:
             answer = await asyncio.to_thread(
-                greedy_answer, self.lm.model, self.lm.tokenizer, kv, q_ids,
-                max_new_tokens=max_new, forward_lock=self.forwards,
+                generate_answer, self.lm.model, self.lm.tokenizer, kv, q_ids, options,
+                forward_lock=self.forwards,
             )  # fmt: skip
         except ValueError as exc:
             problem = f"cannot answer: {exc}"
         if problem is not None:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", problem)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", problem)
         f1 = em = None
         if ask.reference_answers:
             f1, em = await asyncio.to_thread(best_scores, answer.text, list(ask.reference_answers))
@@ -506,10 +534,46 @@ class KVLinkService:
         )  # fmt: skip
         self.metrics.record_answer(ask.message_id, record, ask.sender_timings, owner=who.name)
         logger.info(
-            "answered message %r of %s in %.2f s (%d tokens)",
-            ask.message_id, who.name, timings.get("answer_s", 0.0), len(answer.token_ids),
+            "answered message %r of %s in %.2f s (%d tokens, %s)",
+            ask.message_id, who.name, timings.get("answer_s", 0.0), len(answer.token_ids), answer.finish_reason,
         )  # fmt: skip
         logger.debug("answer to message %r: %r", ask.message_id, answer.text)
-        return wire.answer_to_proto(
-            wire.Answer(ask.message_id, answer.text, tuple(answer.token_ids), timings, f1, em)
+        return wire.Answer(
+            ask.message_id, answer.text, tuple(answer.token_ids), timings, f1, em, answer.finish_reason
         )
+
+    # --- Release ------------------------------------------------------------------
+    async def Release(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Released:
+        refused: Refused | None = None
+        try:
+            who = self._identify(context)
+            release = wire.release_from_proto(wire.parse_release(request), self.limits)
+            freed = self.release(who, release.session_id, release.message_id)
+        except wire.WireError as err:
+            refused = Refused.of(self._refuse(err, "Release", context.peer()))
+        except Refused as exc:
+            refused = exc
+        if refused is None:
+            return wire.released_to_proto(wire.Released(release.message_id, freed))
+        await context.abort(
+            refused.status, refused.message, trailing_metadata=((wire.ERROR_METADATA_KEY, refused.code),)
+        )
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def release(self, who: Identity, session_id: str, message_id: str, rpc: str = "Release") -> int:
+        """Free `who`'s context (of `session_id`, unless empty): the bytes given back. Refused
+        NOT_FOUND when it holds none by that id; another identity's context is never touched."""
+        freed = self.store.discard(who.name, message_id, session_id)
+        if freed is None:
+            self.metrics.record_error(NOT_FOUND, rpc)
+            raise Refused(grpc.StatusCode.NOT_FOUND, NOT_FOUND, _not_found(session_id, message_id))
+        logger.info("released message %r of %s (%d bytes)", message_id, who.name, freed)
+        return freed
+
+
+def _not_found(session_id: str, message_id: str) -> str:
+    session = f"session {session_id!r} " if session_id else ""
+    return (
+        f"no context for {session}message {message_id!r}: it was never received completely from this "
+        "sender, or it was released, expired or evicted"
+    )

@@ -239,13 +239,13 @@ class SessionStore:
 
     def get(self, owner: str, session_id: str, message_id: str) -> ContextKV | None:
         """The cache of a message (refreshing its TTL and LRU rank), or None if unknown, another
-        owner's or session's, expired or evicted."""
+        owner's or (when `session_id` is not empty) another session's, expired or evicted."""
         key = (owner, message_id)
         with self._lock:
             now = self._clock()
             self._expire(now)
             entry = self._entries.get(key)
-            if entry is None or entry.session_id != session_id:
+            if entry is None or (session_id and entry.session_id != session_id):
                 return None
             entry.last_used = now
             self._entries.move_to_end(key)
@@ -256,14 +256,18 @@ class SessionStore:
         with self._lock:
             return (owner, message_id) in self._entries
 
-    def discard(self, owner: str, message_id: str) -> bool:
+    def discard(self, owner: str, message_id: str, session_id: str = "") -> int | None:
+        """Drop `owner`'s message (of `session_id`, unless empty): the bytes it held, or None when there
+        is no such entry (another owner's, another session's, expired or evicted: nothing is dropped)."""
         with self._lock:
-            entry = self._entries.pop((owner, message_id), None)
-            if entry is None:
-                return False
+            self._expire(self._clock())
+            entry = self._entries.get((owner, message_id))
+            if entry is None or (session_id and entry.session_id != session_id):
+                return None
+            del self._entries[(owner, message_id)]
             self._bytes -= entry.nbytes
             self._charge(owner, -entry.nbytes)
-            return True
+            return entry.nbytes
 
     def purge_expired(self) -> int:
         """Drop the entries not used for ttl_s; returns how many."""

@@ -204,6 +204,49 @@ def test_shipped_measured_table_is_found_by_model_name(
     assert QualityTable.for_model("f" * 64, "smollm2-135m-instruct").entries == {"fp16": 0.5}
 
 
+@pytest.mark.slow
+def test_a_local_copy_of_the_embedded_model_keeps_its_calibration(
+    embedded: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_pretrained of the embedded model and tokenizer, loaded from that folder (another name, the same
+    fingerprint): the shipped quality table and sensitivity profile are found by fingerprint, and the
+    planner picks the embedded model's config."""
+    from kvlink.budget import shipped_quality_path
+    from kvlink.eval.squad import load_squad
+    from kvlink.layerbits import Sensitivity, shipped_path
+    from kvlink.models import calibration_name, load_model
+    from kvlink.prompt import context_ids, question_ids
+
+    monkeypatch.setenv("KVLINK_CACHE", str(tmp_path / "cache"))  # nothing calibrated on this machine
+    folder = tmp_path / "my-smollm"
+    embedded.model.save_pretrained(folder)
+    embedded.tokenizer.save_pretrained(folder)
+    copy = load_model(str(folder), download=False)
+    assert copy.name == str(folder) and copy.fingerprint == embedded.fingerprint
+    assert calibration_name(copy.fingerprint, copy.name) == "smollm2-135m-instruct"
+    assert calibration_name("f" * 64, "some-name") == "some-name"  # unknown fingerprints: by name
+
+    table = QualityTable.for_model(copy.fingerprint, copy.name)
+    assert table.source == str(shipped_quality_path("smollm2-135m-instruct")) and table.entries
+    profile = Sensitivity.for_model(copy.fingerprint, copy.name)
+    assert profile is not None and profile.source == str(shipped_path("smollm2-135m-instruct"))
+
+    example = load_squad()[0]
+    q = question_ids(embedded.tokenizer, example.question)
+    pre = prefill(
+        embedded.model, context_ids(embedded.tokenizer, example.context), q, observe=observe_for(None)
+    )
+    chosen = [
+        plan(pre, embedded.geometry, fp, 0.1875, model_name=name, session_id="s", message_id="m").config
+        for fp, name in (
+            (embedded.fingerprint, embedded.name), (copy.fingerprint, copy.name), ("f" * 64, str(folder))
+        )
+    ]  # fmt: skip
+    # The copy plans what the embedded model plans: a config only a measured table picks (query-aware
+    # rounding is weighed only where measured), not what the prior would pick for an unknown model.
+    assert chosen[0] == chosen[1] != chosen[2] and chosen[0].round_k == "query" != chosen[2].round_k
+
+
 def test_rotation_is_planned_only_where_measured_and_decodable(prefilled: tuple[Any, Any]) -> None:
     """Unmeasured, a rotated config ranks just below itself unrotated; a table that measured it
     better makes the planner pick it, unless the receiver does not decode rotations."""

@@ -14,8 +14,9 @@ that the attack costs one specific error and nothing else:
 - concurrent decodes of small messages that decode to hundreds of MiB stay within the memory budget
   (--max-cached-bytes covers decodes in flight), and one tenant's flood evicts only its own contexts;
 - questions over --max-question-tokens are refused;
-- tenants cannot read, ask about or overwrite each other's messages; a reused id is refused (EXISTS);
-  REST shows a tenant only its own records and /metrics only to an operator;
+- tenants cannot read, ask about, release or overwrite each other's messages, over gRPC (Ask, Release)
+  or REST (POST .../ask, DELETE): another's id is 404/NOT_FOUND and frees nothing; a reused id is
+  refused (EXISTS); REST shows a tenant only its own records and /metrics only to an operator;
 - ids outside the documented character set (a newline that would forge a log line) are refused;
 - a transfer that trickles one frame at a time ends at the per-message deadline; REST refuses two
   Authorization headers as gRPC does; /healthz says nothing but whether the receiver serves.
@@ -38,7 +39,7 @@ import httpx
 import pytest
 import torch
 
-from client.sender import SendError, ask, channel_options, transfer
+from client.sender import SendError, ask, channel_options, release, transfer
 from kvlink import wire
 from kvlink.cache import Observe, prefill
 from kvlink.codec import Codec, EncodedKV, decode_cost
@@ -219,15 +220,25 @@ async def test_a_header_of_too_many_rows_is_refused_without_blocking(
 async def test_position_sets_of_millions_are_decoded_without_blocking(
     rx: Receiver, embedded: LoadedModel
 ) -> None:
+    """A header claiming T = 900,000 with 30 sets of 450k varints. This receiver's model has 8,192
+    positions, so the header is refused at once on its length (issue 20), the sets never decoded; a
+    receiver whose limits allow such a length (WireLimits' default, 2M, as for a long-context model)
+    decodes them, vectorized, in well under a second and finds the tensors do not match (SHAPE)."""
     frames = positions_frames(embedded, uuid.uuid4().hex, length=900_000)  # 30 sets of 450k varints
     assert frames[0].ByteSize() < wire.WireLimits().max_header_bytes
     before = rss(rx)
     for _ in range(3):  # nothing accumulates: a refused header leaves nothing behind
         err, probe = await while_probing(rx, refused_raw(rx, frames))
-        assert err.code == "SHAPE", err  # positions decoded and valid; the tensors do not match them
+        assert err.code == "TOO_LARGE" and "context length 900000 exceeds the limit 8192" in err.message, err
         assert probe.worst < 0.5, probe.worst
     await asyncio.sleep(0.5)
     assert rss(rx) - before < 32 * MIB, (rss(rx) - before) / MIB
+    asm = wire.Assembler(embedded.fingerprint, embedded.geometry, wire.WireLimits())
+    started = time.perf_counter()
+    with pytest.raises(wire.WireError) as info:
+        asm.feed_raw(frames[0].SerializeToString())
+    assert info.value.code == "SHAPE", info.value  # positions decoded and valid; the tensors do not match
+    assert time.perf_counter() - started < 2.0
 
 
 # --- 3. reference answers ----------------------------------------------------------------------------------
@@ -333,6 +344,44 @@ async def test_tenants_cannot_read_or_overwrite_each_other(rx: Receiver, embedde
     )
     assert get("/v1/stats", None).status_code == 401 and get("/v1/info", "nope").status_code == 401
     assert get("/v1/info", TOKENS["bob"]).json()["identity"] == "bob"
+
+
+async def test_tenants_cannot_ask_about_or_free_each_others_contexts(
+    rx: Receiver, embedded: LoadedModel
+) -> None:
+    """Mallory knows Alice's message id: REST ask and DELETE are 404, gRPC Release NOT_FOUND, the operator
+    cannot free it either (it is not the operator's), and Alice still gets her answer; then she frees it."""
+    lm = embedded
+    alice_msg, alice_q, alice_tokens = good_message(lm, 0)
+    message_id = uuid.uuid4().hex
+    await send(rx, frames_of(lm, alice_msg, message_id), "alice")
+    url = f"{rx.rest}/v1/messages/{message_id}"
+
+    def as_(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    before = rx.stats()["store"]["bytes"]
+    for token in (TOKENS["mallory"], OPS_TOKEN):
+        assert httpx.delete(url, headers=as_(token), timeout=10).status_code == 404
+        reply = httpx.post(f"{url}/ask", json={"question": alice_q}, headers=as_(token), timeout=60)
+        assert reply.status_code == 404 and alice_q not in reply.text
+    with pytest.raises(SendError) as info:
+        async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
+            await release(ch, message_id, metadata=bearer(TOKENS["mallory"]))
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
+    assert httpx.delete(url, timeout=10).status_code == 401  # no token: nobody
+    assert rx.stats()["store"]["bytes"] == before  # nothing was freed
+
+    mine = httpx.post(f"{url}/ask", json={"question": alice_q, "max_new_tokens": 4}, headers=as_(TOKENS["alice"]),
+                      timeout=120)  # fmt: skip
+    assert mine.status_code == 200 and mine.json()["token_ids"] == alice_tokens
+    assert list((await ask_as(rx, "alice", wire.Ask("", message_id, alice_q, 4))).token_ids) == alice_tokens
+    freed = httpx.delete(url, headers=as_(TOKENS["alice"]), timeout=10)
+    assert freed.status_code == 200 and freed.json()["freed_bytes"] > 0
+    assert rx.stats()["store"]["bytes"] == before - freed.json()["freed_bytes"]
+    with pytest.raises(SendError) as info:
+        await ask_as(rx, "alice", wire.Ask("s", message_id, alice_q, 4))
+    assert info.value.status == grpc.StatusCode.NOT_FOUND
 
 
 # --- 7. log forging -------------------------------------------------------------------------------------------

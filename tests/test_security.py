@@ -22,6 +22,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import client.ask as client_ask
 import client.main as client_main
 from client.sender import ClientSecurity, SendError, ask, hello, transfer
 from kvlink import wire
@@ -112,9 +113,23 @@ def test_send_over_mutual_tls_with_a_token(
     argv_env = [a for a in argv if a not in ("--auth-token-file", str(token_file))]
     assert client_main.main(argv_env) == 0
     capsys.readouterr()
-    # Without the token: exit 1, UNAUTHENTICATED, and the CLI says so without a traceback.
+    # kvlink-ask: a follow-up over the same TLS, client certificate and token flags, then --release.
+    security = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    follow = ["--server", secure.target, *security, "--message", data["message_id"], "--max-new-tokens", "4"]
+    assert client_ask.main([*follow, "--json", "Which river?"]) == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["answer"]
+    assert client_ask.main([*follow, "--release"]) == 0
+    assert f"released message {data['message_id']}" in capsys.readouterr().out
+    # Without the token: exit 1, UNAUTHENTICATED, and the CLI says so without a traceback (with --json as
+    # one JSON object on stdout; kvlink-ask likewise).
     monkeypatch.delenv("KVLINK_AUTH_TOKEN")
     assert client_main.main(argv_env) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["code"] == "UNAUTHENTICATED" and err == ""
+    assert client_main.main([a for a in argv_env if a != "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED" in err and "Traceback" not in err
+    assert client_ask.main([*follow, "Which river?"]) == 1
     err = capsys.readouterr().err
     assert "UNAUTHENTICATED" in err and "Traceback" not in err
 

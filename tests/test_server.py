@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -30,8 +31,9 @@ from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import client.main as client_main
-from client.sender import SendError, ask, hello, send_context, transfer
+from client.sender import SendError, ask, fit_context, hello, release, send_context, transfer
 from kvlink import wire
+from kvlink.answer import GenerationOptions
 from kvlink.budget import parse_budget
 from kvlink.cache import ContextKV, Observe, Prefill, prefill
 from kvlink.codec import Codec, EncodedKV, Part
@@ -240,6 +242,28 @@ def test_health_endpoints(server: Receiver, embedded: LoadedModel) -> None:
     assert "/v1/stats" in httpx.get(f"{server.rest}/openapi.json", timeout=10).json()["paths"]
 
 
+def test_docs_are_served_from_the_receiver_itself(server: Receiver) -> None:
+    """Swagger UI and ReDoc load nothing from another host (they work offline): every script, style and
+    icon the pages reference is a path of this server, and it serves them."""
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{server.rest}{page}", timeout=10).text
+        refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+        assert refs, html
+        assert all(ref.startswith("/") and not ref.startswith("//") for ref in refs), refs
+        for ref in refs:
+            reply = httpx.get(f"{server.rest}{ref}", timeout=10)
+            assert reply.status_code == 200 and len(reply.content) > 100, ref
+        external = re.findall(r"https?://[^\s\"'<>)]+", html)
+        assert not external, external
+    spec = httpx.get(f"{server.rest}/openapi.json", timeout=10).json()
+    schemas = spec["components"]["schemas"]
+    assert {"Info", "Stats", "Group", "Message", "AskRequest", "AnswerView", "Released"} <= set(schemas)
+    ok = spec["paths"]["/v1/stats"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/Stats"}
+    assert "lengths" in schemas["Stats"]["properties"] and "family" in schemas["Message"]["properties"]
+    assert set(spec["paths"]["/v1/messages/{message_id}"]) == {"get", "delete"}
+
+
 # --- budgets, measured at the socket -------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["100%", "50%", "18.75%", "6.25%"])
@@ -273,7 +297,7 @@ async def test_budget_holds_at_the_socket(
         f"{result.fp16_bytes} = {budget_bytes}; the plan counted {p.total_bytes}"
     )
     print(
-        f"\n[{budget}] {p.config.name}: fp16 {result.fp16_bytes:,} B; budget {budget_bytes:,}; "
+        f"\n[{budget}] {p.recipe.name}: fp16 {result.fp16_bytes:,} B; budget {budget_bytes:,}; "
         f"planned {p.total_bytes:,}; receipt {r.total:,} (payload {r.payload:,}, metadata {r.metadata:,}, "
         f"framing {r.framing:,}, signaling {r.signaling:,}); socket c2s {proxy.c2s:,} + s2c {proxy.s2c:,} "
         f"= {proxy.total:,} ({100 * proxy.total / result.fp16_bytes:.2f}% of FP16); answer {result.answer.text!r}; "
@@ -282,8 +306,8 @@ async def test_budget_holds_at_the_socket(
     assert result.answer.f1 is not None and result.answer.exact_match is not None
 
     if fraction == 1.0:  # lossless: the receiver's answer is the sender's own, token for token
-        assert (p.config.method, p.config.k_format, p.config.v_format, p.config.lowrank) == (
-            "none", "fp16", "fp16", "none",
+        assert (p.recipe.method, p.recipe.format("k"), p.recipe.format("v"), p.recipe.has("lowrank")) == (
+            "none", "fp16", "fp16", False,
         )  # fmt: skip
         pre, q = sender_prefill  # the full context KV as the sender computed it, never compressed
         local = greedy_answer(lm.model, lm.tokenizer, pre.kv, q, max_new_tokens=ANSWER_TOKENS)
@@ -296,12 +320,12 @@ async def test_budget_holds_at_the_socket(
         "payload": r.payload, "metadata": r.metadata, "positions": r.positions, "scales": r.scales,
         "factors": r.factors, "framing": r.framing, "signaling": r.signaling, "total": r.total,
     }  # fmt: skip
-    assert record["fp16_bytes"] == result.fp16_bytes and record["config_label"] == p.config.name
+    assert record["fp16_bytes"] == result.fp16_bytes and record["config_label"] == p.recipe.name
     assert record["asks"][-1]["answer"] == result.answer.text
     assert record["asks"][-1]["f1"] == pytest.approx(result.answer.f1)
     assert record["timings"]["prefill_s"] == pytest.approx(result.timings["prefill_s"])
     stats = httpx.get(f"{server.rest}/v1/stats", timeout=10).json()
-    group = stats["configs"][p.config.name]
+    group = stats["configs"][p.recipe.name]
     assert group["messages"] >= 1 and group["bytes"]["total"] >= r.total
     assert group["f1_mean"] is not None and "decode_s" in group["timings"]
 
@@ -481,6 +505,19 @@ async def test_shape_or_size_mismatch_with_the_header(
     await _send_good(server, embedded, good)
 
 
+async def test_a_context_longer_than_the_models_positions_is_refused_from_its_header(
+    server: Receiver, embedded: LoadedModel, good: Good
+) -> None:
+    """The embedded model has 8,192 positions: a header declaring more is refused before any chunk."""
+    frames = _edited_header(
+        _frames(embedded, good.encoded, uuid.uuid4().hex), lambda h: setattr(h, "length", 9000)
+    )
+    await _refused(
+        server, embedded, frames, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE",
+        "context length 9000 exceeds the limit 8192",
+    )  # fmt: skip
+
+
 async def test_message_over_the_limit(server: Receiver, embedded: LoadedModel, good: Good) -> None:
     async with _channel(server.target) as ch:
         welcome = await hello(ch, embedded.fingerprint, timeout=30)
@@ -546,10 +583,13 @@ def test_the_cli_refuses_a_bad_budget_with_exit_2(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "budget must be in (0, 100%]" in proc.stderr and "Traceback" not in proc.stderr
-    for budget in ("0%", "-1", "1.01", "lots"):
+    for budget in ("0%", "-1", "lots"):
         assert client_main.main([*argv, "--budget", budget]) == 2
         err = capsys.readouterr().err
         assert "kvlink-send: error: budget" in err and "Traceback" not in err
+    for budget in ("1.01", "18.75"):  # a bare number above 1 was surely meant as a percentage
+        assert client_main.main([*argv, "--budget", budget]) == 2
+        assert f"did you mean {budget}%?" in capsys.readouterr().err
 
 
 def test_the_cli_in_process(
@@ -573,10 +613,136 @@ def test_the_cli_in_process(
     } == {"int8"}
     assert data["config_label"] == data["config"]["name"] and "kint8c/vint8t" in data["config_label"]
     assert data["receipt"]["total"] <= data["budget_bytes"] and data["candidates"]
+    assert data["session_id"] and data["message_id"] and data["kept_on_receiver"] is True
+    # --explain --json is bounded: the 20 best and the ones encoded, not every candidate weighed.
+    encoded = sum(1 for c in data["candidates"] if c["note"])
+    assert len(data["candidates"]) <= 20 + encoded < data["candidates_total"]
+    assert client_main.main([*argv, "--budget", "60%", "--json", "--explain", "--explain-top", "0"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["candidates"]) == data["candidates_total"]
     assert set(data["timings"]) >= {"prefill_s", "quantize_s", "pack_s", "transfer_s", "decode_s", "answer_s"}
     assert client_main.main([*argv, "--budget", "0.5%"]) == 2  # unsatisfiable: no config is that small
     err = capsys.readouterr().err
     assert "cannot be met: the smallest achievable message is" in err and "Traceback" not in err
+
+
+def _cli(module: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """A kvlink command in a subprocess, its output piped (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --- follow-up questions: kvlink-ask, REST ask, releasing ---------------------------------------------------------
+async def test_follow_up_questions_over_grpc_and_rest_and_releasing(
+    server: Receiver, embedded: LoadedModel, example: QAExample
+) -> None:
+    """One send, then questions again without re-sending: kvlink-ask (real gRPC, any session or the right
+    one), REST POST /v1/messages/{id}/ask, the same greedy answer both ways; then DELETE frees it."""
+    sent = await send_context(
+        server.target, example.context, example.question, "50%", lm=embedded, max_new_tokens=8, timeout=120
+    )
+    assert sent.kept_on_receiver and sent.answer.finish_reason in ("eos", "length")
+    follow_up = "What is the capital of Normandy?"
+    proc = _cli("client.ask", "--server", server.target, "--message", sent.message_id, "--json",
+                "--max-new-tokens", "8", follow_up)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    by_grpc = json.loads(proc.stdout)
+    assert by_grpc["message_id"] == sent.message_id and by_grpc["answer"] and by_grpc["finish_reason"]
+    plain = _cli("client.ask", "--server", server.target, "--message", sent.message_id,
+                 "--session", sent.session_id, "--max-new-tokens", "8", follow_up)  # fmt: skip
+    assert plain.returncode == 0 and plain.stdout.startswith(f"answer: {by_grpc['answer']}"), plain
+    wrong_session = _cli("client.ask", "--server", server.target, "--message", sent.message_id,
+                         "--session", "another-session", follow_up)  # fmt: skip
+    assert wrong_session.returncode == 1 and "NOT_FOUND" in wrong_session.stderr
+
+    url = f"{server.rest}/v1/messages/{sent.message_id}"
+    by_rest = httpx.post(f"{url}/ask", json={"question": follow_up, "max_new_tokens": 8}, timeout=120)
+    assert by_rest.status_code == 200, by_rest.text
+    assert by_rest.json()["token_ids"] == by_grpc["token_ids"]  # greedy: the same answer both ways
+    assert httpx.post(f"{url}/ask", json={"question": "x", "top_p": 0.5}, timeout=30).status_code == 400
+    record = httpx.get(url, timeout=10).json()
+    assert record["questions"] == 4 and {a["question"] for a in record["asks"]} == {
+        example.question,
+        follow_up,
+    }
+
+    freed = httpx.delete(url, timeout=10)
+    assert freed.status_code == 200 and freed.json()["freed_bytes"] > 0
+    assert httpx.delete(url, timeout=10).status_code == 404
+    assert httpx.post(f"{url}/ask", json={"question": follow_up}, timeout=30).status_code == 404
+    gone = _cli("client.ask", "--server", server.target, "--message", sent.message_id, "--json", follow_up)
+    assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["code"] == "NOT_FOUND"
+    assert httpx.get(url, timeout=10).json()["message_id"] == sent.message_id  # the record stays
+
+
+async def test_no_keep_releases_and_answers_take_generation_options(
+    server: Receiver, embedded: LoadedModel, example: QAExample
+) -> None:
+    """--no-keep (keep=False) frees the context after the answer; a stop string ends an answer ("stop"),
+    sampling answers, and a Release by the Release RPC is NOT_FOUND once freed."""
+    greedy = await send_context(
+        server.target, example.context, example.question, "50%", lm=embedded, max_new_tokens=16, keep=False
+    )
+    assert greedy.released_bytes and not greedy.kept_on_receiver
+    async with _channel(server.target) as ch:
+        with pytest.raises(SendError) as info:
+            await ask(ch, wire.Ask("", greedy.message_id, example.question, 4), timeout=30)
+        assert info.value.status == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(SendError) as info:
+            await release(ch, greedy.message_id, timeout=30)
+        assert info.value.status == grpc.StatusCode.NOT_FOUND
+    word = greedy.answer.text.split()[0]
+    stopped = await send_context(
+        server.target, example.context, example.question, "50%", lm=embedded,
+        options=GenerationOptions(16, stop=(word,)), keep=False,
+    )  # fmt: skip
+    assert stopped.answer.finish_reason == "stop" and stopped.answer.text.endswith(word)
+    assert list(stopped.answer.token_ids) == list(greedy.answer.token_ids)[: len(stopped.answer.token_ids)]
+    sampled = await send_context(
+        server.target, example.context, example.question, "50%", lm=embedded,
+        options=GenerationOptions(8, temperature=1.5, top_p=0.95), keep=False,
+    )  # fmt: skip
+    assert sampled.answer.token_ids and sampled.released_bytes
+
+
+async def test_a_context_too_long_is_cut_only_when_asked(
+    server: Receiver, embedded: LoadedModel, example: QAExample, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The numbers in the refusal; with truncate=True, the first tokens that fit are sent."""
+    assert fit_context(100, 10, 5, 200) == 100 and fit_context(100, 10, 5, None) == 100
+    assert fit_context(300, 10, 5, 200, truncate=True) == 185
+    with pytest.raises(ValueError, match="the model has 200"):
+        fit_context(10, 190, 20, 200, truncate=True)  # even an empty context would not fit
+    monkeypatch.setattr("client.sender.max_positions", lambda config: 160)
+    with pytest.raises(ValueError, match=r"the context has 199 tokens; .* 160 \(max_position_embeddings\)"):
+        await send_context(server.target, example.context, example.question, "50%", lm=embedded)
+    cut = await send_context(
+        server.target, example.context, example.question, "50%", lm=embedded, truncate=True, max_new_tokens=8
+    )
+    n_q = int(question_ids(embedded.tokenizer, example.question).numel())
+    assert cut.context_tokens == 160 - n_q - 8 and cut.truncated_tokens == 199 - cut.context_tokens
+    assert (
+        httpx.get(f"{server.rest}/v1/messages/{cut.message_id}", timeout=10).json()["length"]
+        == cut.context_tokens
+    )
+
+
+def test_piped_output_is_complete_lines(
+    server: Receiver, embedded: LoadedModel, example: QAExample, tmp_path: Path
+) -> None:
+    """kvlink-send piped: no line cut to 80 columns, the --explain table's columns all there, the ids printed."""
+    context = tmp_path / "context.txt"
+    context.write_text(example.context)
+    proc = _cli("client.main", "--server", server.target, "--context", str(context), "--question",
+                example.question, "--budget", "18.75%", "--max-new-tokens", "4", "--explain")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) > 100 and "\x1b[" not in proc.stdout  # wide, no colors
+    header = next(line for line in lines if "config" in line and "estimate" in line)
+    assert "quality" in header and "encoded: exact bytes" in header
+    assert any(line.startswith("session ") and " message " in line for line in lines)
+    assert any(line.startswith("ask again: kvlink-ask --server") for line in lines)
+    assert proc.stderr == ""  # no spinner, no log noise when not on a terminal
 
 
 # --- REST reports what it was sent ---------------------------------------------------------------------------
@@ -769,7 +935,20 @@ def test_rest_app_in_process() -> None:
         stats = http.get("/v1/stats").json()
         assert stats["configs"][int8.name]["f1_mean"] == 0.5 and stats["errors"] == {"SHAPE": 1}
         text = http.get("/metrics").text
-        assert f'kvlink_wire_bytes_total{{category="payload",config="{int8.name}"}} 5000.0' in text
+        assert 'kvlink_wire_bytes_total{category="payload",family="all/k8v8"} 5000.0' in text
+        assert 'kvlink_messages_total{family="all/k8v8",length="1-256"} 1.0' in text
+        assert int8.name not in text  # labels of bounded cardinality: the family, not the full label
+        service.metrics.record_message(
+            replace(
+                _record("m2", int8.with_quantize("k", group=64).with_quantize("v", group=64), 100, 0.1),
+                length=3000,
+            )
+        )
+        stats = http.get("/v1/stats").json()
+        assert set(stats["lengths"]) == {"1-256", "2049-4096"} and len(stats["configs"]) == 2
+        assert stats["lengths"]["2049-4096"]["messages"] == 1
+        text = http.get("/metrics").text
+        assert 'kvlink_wire_bytes_total{category="payload",family="all/k8v8"} 5100.0' in text
         assert 'kvlink_errors_total{code="SHAPE",rpc="Transfer"} 1.0' in text
         assert "kvlink_answer_seconds_count 1.0" in text
         assert http.get("/docs").status_code == 200

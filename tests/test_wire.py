@@ -727,9 +727,26 @@ def test_handshake_and_question_helpers_round_trip() -> None:
     )
     ask = wire.Ask("s", "m", "Who?", 16, ("Ann", "Ann B."), {"prefill_s": 0.5})
     assert wire.ask_from_proto(wire.parse_ask(wire.ask_to_proto(ask).SerializeToString())) == ask
-    answer = wire.Answer("m", "Ann", (1, 2, 3), {"decode_s": 0.1}, f1=1.0, exact_match=0.0)
+    sampled = wire.Ask("", "m", "Who?", 16, temperature=0.7, top_p=0.9, stop=("\n", "."))
+    assert wire.ask_from_proto(wire.parse_ask(wire.ask_to_proto(sampled).SerializeToString())) == sampled
+    assert sampled.options.temperature == 0.7 and ask.options.greedy  # unset options: greedy
+    answer = wire.Answer(
+        "m", "Ann", (1, 2, 3), {"decode_s": 0.1}, f1=1.0, exact_match=0.0, finish_reason="eos"
+    )
     assert wire.answer_from_proto(wire.answer_to_proto(answer)) == answer
     assert wire.answer_from_proto(wire.answer_to_proto(wire.Answer("m", "x"))).f1 is None
+    release = wire.Release("", "m")
+    assert (
+        wire.release_from_proto(wire.parse_release(wire.release_to_proto(release).SerializeToString()))
+        == release
+    )
+    released = wire.Released("m", 1234)
+    assert wire.released_from_proto(wire.released_to_proto(released)) == released
+    _raises(
+        "MALFORMED",
+        lambda: wire.release_from_proto(wire.release_to_proto(wire.Release("s", ""))),
+        "message_id",
+    )
 
 
 @pytest.mark.parametrize(
@@ -739,8 +756,12 @@ def test_handshake_and_question_helpers_round_trip() -> None:
         ({"max_new_tokens": 0}, "MALFORMED", "max_new_tokens"),
         ({"max_new_tokens": 10**6}, "MALFORMED", "max_new_tokens"),
         ({"question": "x" * 70000}, "TOO_LARGE", "70000 bytes"),
-        ({"session_id": ""}, "MALFORMED", "session_id is empty"),
+        ({"session_id": "a b"}, "MALFORMED", "session_id"),
+        ({"message_id": ""}, "MALFORMED", "message_id is empty"),
         ({"reference_answers": ("a",) * 65}, "TOO_LARGE", "65 reference answers"),
+        ({"temperature": -1.0}, "MALFORMED", "temperature must be in"),
+        ({"top_p": 0.5}, "MALFORMED", "needs sampling"),
+        ({"stop": ("",)}, "MALFORMED", "stop string"),
     ],
 )
 def test_ask_is_validated(change: dict[str, Any], code: str, needle: str) -> None:
