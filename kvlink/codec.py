@@ -38,7 +38,6 @@ from kvlink.quant import (
     QuantSpec,
     format_from_bits,
     part_sizes,
-    quantize,
     widths_shape,
 )
 from kvlink.quant.aware import query_hessian, round_query_aware, saliency
@@ -778,8 +777,10 @@ class Codec:
 
     def _finish(self, prep: _Prepared, q: QuantizedTensor | None = None) -> EncodedTensor:
         """Quantize (unless `q` was rounded already) and collect the parts."""
-        if q is None:
-            q = quantize(prep.stored, prep.spec)
+        if q is None:  # Triton on a CUDA tensor, the reference elsewhere: the same bytes either way
+            from kvlink.kernels import quantize_pack
+
+            q = quantize_pack(prep.stored, prep.spec)
         parts = dict(prep.parts)
         widths = pack_widths(q.widths) if q.widths is not None else None
         for name, tensor in (("codes", q.codes), ("scale", q.scale), ("zero", q.zero), ("widths", widths)):
