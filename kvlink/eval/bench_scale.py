@@ -280,6 +280,39 @@ def read_context(lm: Any, ctx: Context) -> dict[str, Any]:
     return {"prefill_s": prefill_s, "device_held_bytes": held, "device_peak_bytes": peak, "kv_bytes": kv}
 
 
+def synthetic_read(lm: Any, ctx: Context, seed: int = 0) -> dict[str, Any]:
+    """A stand-in for read_context where a prefill costs too much (long contexts on a CPU): seeded random
+    keys and values of the model's geometry and dtype, and random question queries for Q2C. What is
+    sent, decoded and answered from is then not the model's own cache (answers mean nothing; random
+    weights' do not either), but it has its shape, size and dtype: the transfer path's costs are real."""
+    import torch
+
+    from kvlink.cache import ContextKV, LayerObservation, Observation, Observe, Prefill
+
+    g, n, q = lm.geometry, ctx.length, int(ctx.question_ids.numel())
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=gen).to(device=lm.device, dtype=lm.dtype)
+
+    t0 = time.perf_counter()
+    keys = [rand(g.kv_heads, n, g.head_dim) for _ in range(g.num_layers)]
+    values = [rand(g.kv_heads, n, g.head_dim) for _ in range(g.num_layers)]
+    positions = torch.arange(n, device=lm.device)
+    kv = ContextKV(keys, values, [positions] * g.num_layers, n)
+    qpos = torch.arange(n, n + q, device=lm.device)
+    observed = [LayerObservation(rand(g.q_heads, q, g.head_dim), qpos, k, positions) for k in keys]
+    observation = Observation(Observe.QUESTION, n, observed, g.head_dim**-0.5, g.num_layers)
+    ctx.read = Prefill(kv, observation, ctx.context_ids, ctx.question_ids)
+    kv_size = kv_bytes(g, n, torch.empty((), dtype=lm.dtype).element_size())
+    return {
+        "prefill_s": None,
+        "synthetic_s": time.perf_counter() - t0,
+        "kv_bytes": kv_size,
+        "synthetic": True,
+    }
+
+
 def planner_time(lm_meta: dict[str, Any], ctx: Context, budget: float = 0.125) -> dict[str, Any]:
     """The free planner (kvlink.budget.plan, default constraints) on this context: its time and tries."""
     from kvlink.budget import BudgetError, plan
@@ -525,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-paced-s", type=float, default=None,
                    help="extrapolate (from the unpaced cell) paced cells whose bytes alone take longer")  # fmt: skip
     p.add_argument("--planner", action="store_true", help="also time the free planner at 12.5%% per context")
+    p.add_argument(
+        "--synthetic-kv", action="store_true",
+        help="CPU stand-in: the sender's cache is seeded random keys and values of the model's geometry "
+        "(no prefill, no text method): the transfer path at lengths whose prefill the device cannot afford",
+    )  # fmt: skip
     p.add_argument("--receiver-ttl", type=float, default=1.0,
                    help="the receiver's --session-ttl: a cell's context expires this long after its answer")  # fmt: skip
     p.add_argument(
@@ -672,29 +710,31 @@ def run_model(run: Run, name: str, device: str) -> None:
     kv_keys = {c.tokens: [_key(lm.name, c.tokens, m.name, lab) for m in methods if not m.text for lab, _ in run.links]
                for c in contexts}  # fmt: skip
     todo = {t: [k for k in keys if k not in res.cells] for t, keys in kv_keys.items()}
-    # Warm-up on a short input: the first forward pays for kernel selection, not for the context.
-    reprefill(lm.model, contexts[0].context_ids[:256].to(lm.device))
-    _sync(lm.device)
+    if not args.synthetic_kv:  # a warm-up on a short input: the first forward pays for kernel selection
+        reprefill(lm.model, contexts[0].context_ids[:256].to(lm.device))
+        _sync(lm.device)
     for ctx in contexts:
         key = _key(lm.name, ctx.tokens, "text", "measure")
-        if key not in res.contexts:
+        if not args.synthetic_kv:
+            if key not in res.contexts:
+                run.check_time(30.0)
+                measured = measure_text(lm, ctx)
+                res.add_context({"key": key, "model": lm.name, "tokens": ctx.tokens, "context_tokens": ctx.length,
+                                 "random_weights": random_weights, "text": measured})  # fmt: skip
+            measured = res.contexts[key]["text"]
+            for label, rate in run.links:
+                row_key = _key(lm.name, ctx.tokens, "text", label)
+                if row_key not in res.cells:
+                    res.add_cell(_cell_base(row_key, lm.name, random_weights, ctx, "text", label, rate)
+                                 | text_cell(measured, rate, run.ceiling_bps))  # fmt: skip
+        planner_key = f"{key}:planner"
+        if todo[ctx.tokens] or (args.planner and planner_key not in res.contexts):
             run.check_time(30.0)
-            measured = measure_text(lm, ctx)
-            res.add_context({"key": key, "model": lm.name, "tokens": ctx.tokens, "context_tokens": ctx.length,
-                             "random_weights": random_weights, "text": measured})  # fmt: skip
-        measured = res.contexts[key]["text"]
-        for label, rate in run.links:
-            row_key = _key(lm.name, ctx.tokens, "text", label)
-            if row_key not in res.cells:
-                res.add_cell(_cell_base(row_key, lm.name, random_weights, ctx, "text", label, rate)
-                             | text_cell(measured, rate, run.ceiling_bps))  # fmt: skip
-        if todo[ctx.tokens] or (args.planner and f"{key}:planner" not in res.contexts):
-            run.check_time(30.0)
-            ctx.info = read_context(lm, ctx)
+            ctx.info = synthetic_read(lm, ctx) if args.synthetic_kv else read_context(lm, ctx)
             res.add_context({"key": _key(lm.name, ctx.tokens, "sender", "prefill"), "model": lm.name,
                              "tokens": ctx.tokens, "context_tokens": ctx.length, "sender": ctx.info})  # fmt: skip
-            if args.planner and f"{key}:planner" not in res.contexts:
-                res.add_context({"key": f"{key}:planner", "model": lm.name, "tokens": ctx.tokens,
+            if args.planner and planner_key not in res.contexts:
+                res.add_context({"key": planner_key, "model": lm.name, "tokens": ctx.tokens,
                                  "context_tokens": ctx.length, "planner": planner_time(meta, ctx)})  # fmt: skip
     if not any(todo.values()):
         return
@@ -801,6 +841,10 @@ def _fmt_rate(bps: float | None) -> str:
     return "–" if bps is None else rate_label(bps) + "bit/s"
 
 
+def _num(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def _gib(n: float | None) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
@@ -854,6 +898,25 @@ def markdown(result: dict[str, Any]) -> str:
             rate += " (extrapolated)"
         lines.append(f"| {c['model']} | {token_label(c['tokens'])} | {c['method']} | {rate} | "
                      f"{c.get('kv_fixed_s', math.nan):.3f} | {c.get('text_fixed_s', math.nan):.3f} |")  # fmt: skip
+    per: dict[tuple[str, int], dict[str, Any]] = {}
+    for c in result.get("contexts", []):
+        entry = per.setdefault((c["model"], c["tokens"]), {"context_tokens": c.get("context_tokens")})
+        for part in ("text", "sender", "planner"):
+            if part in c:
+                entry[part] = c[part]
+    if per:
+        lines += ["", "## Per context: the sender's read, the text method's re-prefill, the free planner at 12.5%", "",
+                  "| model | T | sender prefill (s) | text re-prefill (s) | re-prefill GPU peak GiB | planner (s) | "
+                  "of which search (s) | candidates encoded | planner's pick |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        for (model, _), e in per.items():
+            sender, text, planner = e.get("sender") or {}, e.get("text") or {}, e.get("planner") or {}
+            read = "synthetic" if sender.get("synthetic") else _num(sender.get("prefill_s"), 3)
+            lines.append(
+                f"| {model} | {e['context_tokens']} | {read} | {_num(text.get('prefill_s'), 3)} | "
+                f"{_gib(text.get('device_peak_bytes'))} | {_num(planner.get('plan_s'), 3)} | "
+                f"{_num(planner.get('search_s'), 3)} | {planner.get('encoded', '–')} | {planner.get('config', '–')} |"
+            )  # fmt: skip
     lines += ["", "## Every cell", "",
               "| model | T | method | link | TTFT | plan | pack | transfer | receive | decode | first token | ask | "
               "wire MB | encode GB/s | wire Gbit/s | rx GPU peak GiB (x decoded) | rx RSS peak GiB |",
@@ -872,15 +935,12 @@ def markdown(result: dict[str, Any]) -> str:
         def s(key: str, t: dict[str, Any] = t) -> str:
             return f"{t[key]:.3f}" if key in t else "–"
 
-        def num(value: float | None, digits: int) -> str:
-            return "–" if value is None else f"{value:.{digits}f}"
-
         first = s("first_token_s") if "first_token_s" in t else s("prefill_s")
         lines.append(
             f"| {c['model']} | {c['context_tokens']} | {c['method']} | {c['link']}{'*' if c.get('extrapolated') else ''} "
             f"| {c['ttft_s']:.3f} | {s('plan_s')} | {s('pack_s')} | {s('transfer_s')} | {s('receive_s')} "
             f"| {s('decode_s')} | {first} | {s('ask_s')} | {c.get('wire_bytes', 0) / 1e6:.1f} "
-            f"| {num(c.get('encode_gbps'), 1)} | {num(c.get('wire_gbps'), 2)} "
+            f"| {_num(c.get('encode_gbps'), 1)} | {_num(c.get('wire_gbps'), 2)} "
             f"| {_gib(rx.get('device_peak_bytes'))}{f' ({ratio:.2f}x)' if ratio else ''} | {_gib(rx.get('host_peak_bytes'))} |"
         )  # fmt: skip
     skipped = result["meta"].get("skipped") or []
