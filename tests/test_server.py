@@ -774,7 +774,9 @@ def test_auto_limits_are_sized_from_the_machine(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("server.memory.available_host_bytes", lambda: 1 << 30)
     assert server_main.auto_limits(torch.device("cpu"), None, None) == (512 << 20, 512 << 20)
     assert server_main.auto_limits(torch.device("cpu"), 7, 5) == (7, 5)
-    args = server_main.build_parser().parse_args(["--max-message-bytes", "auto", "--max-cached-bytes", "4096"])
+    args = server_main.build_parser().parse_args(
+        ["--max-message-bytes", "auto", "--max-cached-bytes", "4096"]
+    )
     assert (args.max_message_bytes, args.max_cached_bytes) == (None, 4096)
     # The FP16 KV of 32k tokens of an 8B GQA model fits a host with 16 GiB available.
     monkeypatch.setattr("server.memory.available_host_bytes", lambda: 16 << 30)
