@@ -80,10 +80,12 @@ ZSTD_LEVEL = 3
 MAX_ENCODE_TRIES = 8
 MAX_ZSTD_TRIES = 3
 ZSTD_REACH = 1.25
-ZSTD_HOPE = 0.99
-"""A zstd try is skipped when the message of the same K/V formats tried before would still miss the budget
-with 1% more saved: each try encodes and compresses a whole message, which grows with the context (three
-wasted tries took 80% of the planner's 9 s at 32k tokens of a 2-layer 8B stand-in on the CPU)."""
+ZSTD_SPREAD = 0.06
+"""After a zstd try missed the budget, another is made only for a candidate that needs at most this much
+more saving (of its plain estimate) than that try got, and never for codes as wide in a message as large:
+zstd saved 2.3% of INT4 messages and 8.1% of INT2 ones (bench/results/entropy-cpu.json), the spread between
+code widths. Each try encodes and compresses a whole message, which grows with the context: three tries that
+could not fit took 80% of the planner's 9 s at 32k tokens of a 2-layer 8B stand-in on the CPU."""
 """zstd is tried on candidates whose plain estimate is at most this many times the budget; quality
 is looked up only for those (the others can never be sent)."""
 
@@ -663,7 +665,8 @@ def plan(
     kept_cache: dict[tuple[str, float, str], list[Tensor] | None] = {}
     select_s: dict[tuple[str, float, str], float] = {}
     plain_tries = zstd_tries = 0
-    zstd_ratio: dict[tuple[str, str], float] = {}  # (K, V format) -> least zstd total / plain estimate seen
+    zstd_saved: float | None = None  # the most a zstd try that missed saved against its plain estimate
+    zstd_failed: dict[tuple[int, int], float] = {}  # (K, V bits) -> the smallest estimate zstd did not fit
     allow_plain = constraints.zstd is not True
     allow_zstd = constraints.zstd is not False
     for cand in candidates:
@@ -672,13 +675,16 @@ def plan(
             variants.append(cand.config)
             plain_tries += 1
         # zstd only shrinks parts: worth a try for a better candidate whose plain estimate is close, unless
-        # a try of the same formats already shrank its message too little for this one to fit.
-        formats = (cand.config.k_format, cand.config.v_format)
-        seen_ratio = zstd_ratio.get(formats)
-        hopeless = seen_ratio is not None and cand.estimated_bytes * seen_ratio * ZSTD_HOPE > budget_bytes
+        # an earlier try on this message says it cannot fit: codes as wide in a message at least as large
+        # did not, or it needs a saving well beyond the best a try got (ZSTD_SPREAD).
+        need = 1.0 - budget_bytes / cand.estimated_bytes
+        widths = (cand.config.spec("k").bits, cand.config.spec("v").bits)
+        hopeless = cand.estimated_bytes >= zstd_failed.get(widths, math.inf) or (
+            zstd_saved is not None and need > zstd_saved + ZSTD_SPREAD
+        )
         if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * ZSTD_REACH:
             if hopeless:
-                cand.note = "zstd not tried: its formats' first try saved too little"
+                cand.note = f"zstd not tried: needs {need:.1%}, tries saved at most {zstd_saved or 0.0:.1%}"
             else:
                 variants.append(cand.config.with_(zstd_level=ZSTD_LEVEL))
                 zstd_tries += 1
@@ -700,9 +706,10 @@ def plan(
             allowance = wire.http2_overhead(n_frames, size.frames, n_signals=n_signals)
             total = size.total + allowance
             cand.note = f"{config.label}: {total:,} B ({total / fp16:.2%})"
-            if config.zstd_level:
-                ratio = total / cand.estimated_bytes
-                zstd_ratio[formats] = min(ratio, zstd_ratio.get(formats, ratio))
+            if config.zstd_level and total > budget_bytes:
+                saved = 1.0 - total / cand.estimated_bytes
+                zstd_saved = saved if zstd_saved is None else max(saved, zstd_saved)
+                zstd_failed[widths] = min(cand.estimated_bytes, zstd_failed.get(widths, math.inf))
             logger.debug("tried %s: %d bytes (budget %d)", config.label, total, budget_bytes)
             if total <= budget_bytes:
                 encoded.timings["encode_s"] = encode_s

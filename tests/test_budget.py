@@ -10,6 +10,7 @@ import torch
 from conftest import random_ids
 from kvlink import wire
 from kvlink.budget import (
+    MAX_ZSTD_TRIES,
     BudgetError,
     Constraints,
     QualityTable,
@@ -433,9 +434,9 @@ def test_size_estimate_bounds_the_encoded_message(prefilled: tuple[Any, Any]) ->
         assert total <= _estimate(codec, pre.kv.length), config.label
 
 
-def test_zstd_is_not_tried_again_where_its_formats_saved_too_little() -> None:
-    """Noise does not compress: after one zstd try of a K/V format pair saved too little, the planner does
-    not encode and compress whole messages of those formats again for candidates that need more."""
+def test_zstd_is_not_tried_again_for_savings_no_try_came_near() -> None:
+    """Noise does not compress: after a zstd try saved too little, the planner does not encode and compress
+    whole messages again for candidates that need ZSTD_SPREAD more saving than any try got."""
     from kvlink.cache import ContextKV, LayerObservation, Observation, Prefill
 
     g = Geometry(2, 2, 16, 4)
@@ -456,7 +457,4 @@ def test_zstd_is_not_tried_again_where_its_formats_saved_too_little() -> None:
     tried = [c for c in p.candidates if c.note and "zstd3:" in c.note]
     skipped = [c for c in p.candidates if c.note.startswith("zstd not tried")]
     assert skipped, [c.note for c in p.candidates if c.note]
-    for c in skipped:  # each skipped one shares its formats with a zstd try made before it
-        assert any(
-            (t.config.k_format, t.config.v_format) == (c.config.k_format, c.config.v_format) for t in tried
-        )
+    assert len(tried) < MAX_ZSTD_TRIES  # the first try showed what zstd does to this message
