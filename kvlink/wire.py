@@ -1855,7 +1855,12 @@ class Assembler:
                 key = (t.layer, t.kind, name)
                 if key in plan.parts:
                     ids, raw, zstd = plan.parts[key]
-                    data = self._data[ids[0]] if len(ids) == 1 else b"".join(self._data[c] for c in ids)
+                    # Each part's chunks are let go as it is joined: the message is held once, not twice.
+                    data = (
+                        self._data.pop(ids[0])
+                        if len(ids) == 1
+                        else b"".join([self._data.pop(c) for c in ids])
+                    )
                     parts[name] = Part(data, raw, zstd)
             tensors.append(replace(t, parts=parts))
         self._data.clear()
