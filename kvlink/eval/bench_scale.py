@@ -324,7 +324,8 @@ def planner_time(lm_meta: dict[str, Any], ctx: Context, budget: float = 0.125) -
         return {"budget": budget, "error": str(exc), "plan_s": time.perf_counter() - t0}
     return {
         "budget": budget, "plan_s": time.perf_counter() - t0, "search_s": p.timings.get("search_s"),
-        "candidates": len(p.candidates), "encoded": sum(1 for c in p.candidates if c.note), "config": p.config.label,
+        "candidates": len(p.candidates), "encoded": sum(1 for c in p.candidates if " B (" in c.note),
+        "zstd_tries": sum(1 for c in p.candidates if "+zstd" in c.note and " B (" in c.note), "config": p.config.label,
         "fraction": p.fraction,
     }  # fmt: skip
 
@@ -690,7 +691,7 @@ def run_model(run: Run, name: str, device: str) -> None:
     budget_kv = 0
     for tokens in sorted(run.tokens):
         kv = kv_bytes(lm.geometry, tokens, element)
-        need = prefill_peak_bytes(weights, lm.model.config, kv, tokens)
+        need = 2 * kv if args.synthetic_kv else prefill_peak_bytes(weights, lm.model.config, kv, tokens)
         held_after = budget_kv + 3 * kv // 2  # what the sender keeps of each context read (K, V and K again)
         receiver_need = held_after + weights + 2 * kv + (2 * GIB if lm.device.type == "cuda" else 0)
         if need > 0.92 * total or receiver_need > 0.92 * total:
@@ -773,6 +774,7 @@ def run_model(run: Run, name: str, device: str) -> None:
                     logger.info("cell %s", key)
                     row = base | kv_cell(rx, meta, ctx, m, rate, args.cell_timeout)
                     res.add_cell(row)
+                    _progress(row, run)
                     if rate is None:
                         unpaced = row
     finally:
@@ -782,6 +784,18 @@ def run_model(run: Run, name: str, device: str) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _progress(row: dict[str, Any], run: Run) -> None:
+    """One line per measured cell on stderr (a long run on a remote machine shows where it is)."""
+    if "error" in row:
+        what = row["error"]
+    else:
+        t = row["timings"]
+        what = (f"TTFT {row['ttft_s']:.3f} s (plan {t['plan_s']:.3f}, pack {t['pack_s']:.3f}, transfer "
+                f"{t['transfer_s']:.3f}, ask {t['ask_s']:.3f}), {row['wire_bytes'] / 1e6:.0f} MB, "
+                f"{row.get('wire_gbps') or 0:.2f} Gbit/s")  # fmt: skip
+    print(f"[{time.perf_counter() - run.started:6.0f} s] {row['key']}: {what}", file=sys.stderr, flush=True)
 
 
 def _slug(name: str) -> str:
