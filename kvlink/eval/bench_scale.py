@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -392,12 +393,6 @@ class Receiver:
 
 
 # --- one KV cell -----------------------------------------------------------------------------------------------
-def _constraints_free() -> Any:
-    from kvlink.budget import Constraints
-
-    return Constraints()
-
-
 def kv_cell(
     rx: Receiver, meta: dict[str, Any], ctx: Context, m: Method, rate: float | None, timeout: float
 ) -> dict[str, Any]:
@@ -414,15 +409,13 @@ def kv_cell(
     gc.collect()
     _reset_peak(device)
     sender_before = _device_memory(device)
-    row: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         target = rx.target if rate is None else stack.enter_context(LocalLink(rx.target, rate)).target
         config = None if m.config is None else CodecConfig(**m.config)
         sending = send_prefilled(
             target, ctx.read, ctx.question, m.budget or 1.0, fingerprint=meta["fingerprint"],
-            geometry=meta["geometry"], model_name=meta["name"], config=config,
-            constraints=None if config is not None else _constraints_free(), max_new_tokens=1, timeout=timeout,
-            min_rate_bps=min(rate or 1e12, 1e9) / 4,
+            geometry=meta["geometry"], model_name=meta["name"], config=config, max_new_tokens=1, timeout=timeout,
+            min_rate_bps=(rate or 1e9) / 4,  # the Transfer's deadline: its bytes at a quarter of the link's rate
         )  # fmt: skip
         started = time.perf_counter()
         try:
@@ -441,7 +434,7 @@ def kv_cell(
     element = torch.empty((), dtype=meta["dtype"]).element_size()
     kept = result.as_dict().get("kept_tokens", ctx.length)
     decoded = kv_bytes(meta["geometry"], kept, element)
-    row.update(
+    row: dict[str, Any] = dict(
         config=result.plan.config.label, fp16_bytes=fp16, wire_bytes=wire, fraction=wire / fp16,
         kept_tokens=kept, timings={k: float(v) for k, v in t.items()}, wall_s=wall,
         ttft_s=t["plan_s"] + t["pack_s"] + t["transfer_s"] + t["ask_s"], encode_s=encode_s,
@@ -880,12 +873,15 @@ def markdown(result: dict[str, Any]) -> str:
     by: dict[tuple[str, int], dict[str, dict[str, dict[str, Any]]]] = {}
     for s in result["summary"]:
         by.setdefault((s["model"], s["tokens"]), {}).setdefault(s["method"], {})[s["link"]] = s
-    link_order = list(dict.fromkeys(c["link"] for c in result["cells"]))
-    for (model, tokens), methods in by.items():
+    rates = {c["link"]: c.get("rate_bps") or math.inf for c in result["cells"]}
+    link_order = sorted(rates, key=lambda link: -rates[link])  # unpaced, then the fastest link first
+    method_order = [*METHODS, *sorted({s["method"] for s in result["summary"]} - set(METHODS))]
+    for (model, tokens), methods in sorted(by.items()):
         lines += [f"### {model}, {token_label(tokens)} tokens", "",
                   "| method | wire % FP16 | " + " | ".join(link_order) + " |",
                   "|---|---:|" + "---:|" * len(link_order)]  # fmt: skip
-        for name, per_link in methods.items():
+        for name in (m for m in method_order if m in methods):
+            per_link = methods[name]
             frac = next((e["fraction"] for e in per_link.values() if e.get("fraction")), None)
             cells = []
             for link in link_order:
@@ -893,12 +889,9 @@ def markdown(result: dict[str, Any]) -> str:
                 if e is None:
                     cells.append("–")
                     continue
-                ratio = (
-                    f" ({e.get('text_over_this', math.nan):.2f}x, {e.get('fp16_over_this', math.nan):.2f}x)"
-                )
-                cells.append(
-                    f"{e['ttft_s']:.3f}{'*' if e['extrapolated'] else ''}" + ("" if name == "text" else ratio)
-                )
+                ratios = [f"{e[k]:.2f}x" if k in e else "–" for k in ("text_over_this", "fp16_over_this")]
+                ratio = "" if name in ("text", "fp16") else f" ({', '.join(ratios)})"
+                cells.append(f"{e['ttft_s']:.3f}{'*' if e['extrapolated'] else ''}{ratio}")
             lines.append(
                 f"| {name} | {'–' if frac is None else f'{100 * frac:.1f}%'} | " + " | ".join(cells) + " |"
             )
@@ -935,7 +928,9 @@ def markdown(result: dict[str, Any]) -> str:
               "| model | T | method | link | TTFT | plan | pack | transfer | receive | decode | first token | ask | "
               "wire MB | encode GB/s | wire Gbit/s | rx GPU peak GiB (x decoded) | rx RSS peak GiB |",
               "|---|---:|---|---|" + "---:|" * 13]  # fmt: skip
-    for c in result["cells"]:
+    order = {m: i for i, m in enumerate(method_order)}
+    for c in sorted(result["cells"], key=lambda c: (c["model"], c["tokens"], order.get(c["method"], 99),
+                                                    -(c.get("rate_bps") or math.inf))):  # fmt: skip
         t = c.get("timings", {})
         if "error" in c:
             lines.append(
@@ -1044,6 +1039,9 @@ def _meta(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (timeout, a device's limit) unwinds like ^C: the receiver and the link processes are stopped
+    # on the way out instead of holding their memory (a 32B receiver holds 60 GiB of the GPU) for the next run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
