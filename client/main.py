@@ -81,6 +81,19 @@ def _int(text: str, flag: str) -> int:
         raise argparse.ArgumentTypeError(f"{flag} takes integers, got {text!r}") from None
 
 
+def _rate(text: str) -> float:
+    """'100M', '1G', '2.5e9' -> bits per second."""
+    raw = text.strip().lower().removesuffix("bit/s").removesuffix("bps")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(raw[-1:], 1.0)
+    try:
+        value = float(raw[:-1] if scale != 1.0 else raw) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-rate takes a rate like 100M or 1G, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--min-rate must be a positive rate, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = JsonErrorParser(
         prog="kvlink-send",
@@ -172,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a gold answer (repeatable): the receiver records F1/EM",
     )  # fmt: skip
     add_generation_flags(p)
+    p.add_argument(
+        "--min-rate", type=_rate, default=100e6, metavar="BITS/S",
+        help="the slowest link the Transfer's deadline allows for, e.g. 100M, 1G (a 4 GB message at "
+        "1 Gbit/s takes 34 s)",
+    )  # fmt: skip
     p.add_argument(
         "--attempts", type=int, default=3,
         help="tries of the transfer, each on a new connection, when the connection breaks or the "
@@ -402,7 +420,7 @@ def _run(args: argparse.Namespace) -> int:
                 target, context, args.question, budget, lm=lm, constraints=constraints,
                 reference_answers=args.reference_answer, options=options, timeout=args.timeout,
                 security=security, attempts=args.attempts, keep=args.keep, truncate=args.truncate,
-                on_stage=stage,
+                on_stage=stage, min_rate_bps=args.min_rate,
             )
         )  # fmt: skip
     if args.json:

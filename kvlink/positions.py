@@ -17,13 +17,18 @@ ENCODINGS = (BITMAP, DELTA_VARINT)
 
 
 def _varints(values: np.ndarray) -> bytes:
-    out = bytearray()
-    for value in values.tolist():
-        while value >= 0x80:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        out.append(value)
-    return bytes(out)
+    """LEB128 of non-negative integers below 2**53, vectorized (the Python loop it replaces took ~0.3 s
+    for the per-layer sets of 128k tokens of a 32-layer model)."""
+    v = np.asarray(values, dtype=np.int64)
+    if v.size == 0 or int(v.max()) < 0x80:  # every gap fits one byte: the common case
+        return v.astype(np.uint8).tobytes()
+    _, exponent = np.frexp(v.astype(np.float64))  # v = m * 2**e, 0.5 <= m < 1: e = v's bit length
+    sizes = np.maximum(1, (exponent + 6) // 7)  # bytes of each varint: 7 bits a byte
+    owner = np.repeat(np.arange(v.size), sizes)  # the value each output byte belongs to
+    index = np.arange(owner.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # its byte within the value
+    low = (v[owner] >> (7 * index)) & 0x7F
+    more = (index < sizes[owner] - 1).astype(np.int64) << 7  # the continuation bit, but on the last byte
+    return (low | more).astype(np.uint8).tobytes()
 
 
 MAX_VARINT_BYTES = 5

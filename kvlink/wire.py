@@ -46,7 +46,7 @@ import importlib
 import logging
 import math
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -555,15 +555,22 @@ class _Tally:
         self.positions += positions
         self.framing += frame_size(frame) - positions
 
-    def chunk(self, frame: pb.TransferFrame, part: str | None) -> None:
-        n = len(frame.chunk.data) if part is not None else 0
+    def chunk(
+        self, frame: pb.TransferFrame | None, part: str | None, sizes: tuple[int, int] | None = None
+    ) -> None:
+        """sizes: (frame bytes on the wire, data bytes) when the caller knows them (no re-serializing)."""
+        if sizes is None:
+            assert frame is not None
+            sizes = (frame_size(frame), len(frame.chunk.data))
+        wire_bytes, data = sizes
+        n = data if part is not None else 0
         if part in PAYLOAD_PARTS:  # codes and fp16 sink entries: the data itself, as Codec sizes count it
             self.payload += n
         elif part == "basis":
             self.factors += n
         elif part is not None:
             self.scales += n
-        self.framing += frame_size(frame) - n
+        self.framing += wire_bytes - n
 
     def other(self, frame: pb.TransferFrame) -> None:
         self.framing += frame_size(frame)
@@ -597,11 +604,47 @@ def frames_wire_size(frames: Sequence[pb.TransferFrame]) -> WireSize:
     return WireSize(tally.payload, tally.positions, tally.scales, tally.factors, tally.framing, signaling)
 
 
+CRC_PLACEHOLDER: Final = 0xFFFFFFFF
+"""A nonzero CRC32C stand-in for sizing: a fixed32 field takes 5 bytes unless it is 0 (proto3 omits zeros)."""
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def chunk_frame_size(chunk_id: int, n: int, crc32c: int = CRC_PLACEHOLDER) -> int:
+    """Bytes on the wire (gRPC prefix included) of the TransferFrame carrying chunk `chunk_id` of `n`
+    data bytes: what frame_size() of to_frames' frame gives, without building it. Every field number
+    here is below 16 (one-byte tags) and proto3 leaves out zero values."""
+    inner = (1 + _varint_size(chunk_id) if chunk_id else 0) + (1 + _varint_size(n) + n if n else 0)
+    inner += 5 if crc32c else 0
+    version = 1 + _varint_size(PROTOCOL_VERSION) if PROTOCOL_VERSION else 0
+    return GRPC_PREFIX_BYTES + version + 1 + _varint_size(inner) + inner
+
+
 def message_wire_size(
     encoded: EncodedKV, session_id: str, message_id: str, fingerprint: str, chunk_bytes: int
 ) -> WireSize:
-    """Exact bytes of `encoded` on the wire as to_frames would send it (see WireSize)."""
-    return frames_wire_size(to_frames(encoded, session_id, message_id, fingerprint, chunk_bytes))
+    """Bytes of `encoded` on the wire as to_frames would send it (see WireSize), computed without
+    building the chunk frames: no copy of the data and no checksum, so sizing a message costs the
+    header alone whatever its length (the planner sizes every candidate it encodes). Exact, but
+    for a chunk (or header) whose CRC32C is 0, which proto3 leaves out: the real frames are then 5
+    bytes smaller (1 chance in 2^32 per chunk), never larger."""
+    header, pieces = _header(encoded, session_id, message_id, fingerprint, chunk_bytes, None)
+    header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
+    tally = _Tally()
+    tally.header(header_frame)
+    for cid, (_, name, _, n) in enumerate(pieces):
+        size = chunk_frame_size(cid, n)
+        tally.chunk(None, name, (size, n))
+    payload = sum(n for _, _, _, n in pieces)
+    trailer = pb.TransferFrame(
+        protocol_version=PROTOCOL_VERSION,
+        trailer=pb.Trailer(chunk_count=len(pieces), payload_bytes=payload, header_crc32c=CRC_PLACEHOLDER),
+    )
+    tally.other(trailer)
+    signaling = sum(signal_size(s) for s in ack_signals(header)) + RECEIPT_ALLOWANCE
+    return WireSize(tally.payload, tally.positions, tally.scales, tally.factors, tally.framing, signaling)
 
 
 # --- sender side ------------------------------------------------------------------
@@ -647,6 +690,38 @@ def to_frames(
     Chunk i is frames[i + 1], which is what a Nack for chunk i asks to be sent again. The trailer
     carries the CRC32C of the header frame's bytes, so the receiver verifies the header too.
     """
+    chunks: list[pb.TransferFrame] = []
+
+    def add(cid: int, data: bytes, crc: int) -> None:
+        chunks.append(
+            pb.TransferFrame(
+                protocol_version=PROTOCOL_VERSION, chunk=pb.Chunk(chunk_id=cid, data=data, crc32c=crc)
+            )
+        )
+
+    header, _ = _header(encoded, session_id, message_id, fingerprint, chunk_bytes, add)
+    header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
+    trailer = pb.Trailer(
+        chunk_count=len(chunks),
+        payload_bytes=sum(e.size for e in header.payload),
+        header_crc32c=google_crc32c.value(header_frame.SerializeToString()),
+    )
+    return [header_frame, *chunks, pb.TransferFrame(protocol_version=PROTOCOL_VERSION, trailer=trailer)]
+
+
+def _header(
+    encoded: EncodedKV,
+    session_id: str,
+    message_id: str,
+    fingerprint: str,
+    chunk_bytes: int,
+    add: Callable[[int, bytes, int], None] | None,
+) -> tuple[pb.Header, list[tuple[int, str, int, int]]]:
+    """The Header of `encoded`'s message and its chunks as (tensor index, part, offset, size).
+
+    add(chunk_id, data, crc32c) gets each chunk's bytes, in order; without it no chunk is copied or
+    checksummed, and the payload table carries CRC_PLACEHOLDER (for sizing: message_wire_size).
+    """
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not 1 <= chunk_bytes < 1 << 32:
         raise ValueError(f"chunk_bytes must be an integer in [1, 2**32), got {chunk_bytes!r}")
     for name, value in (("session_id", session_id), ("message_id", message_id), ("fingerprint", fingerprint)):
@@ -670,8 +745,8 @@ def to_frames(
         if enc not in _POS_TO_PB:
             raise ValueError(f"unknown position encoding {enc!r}; expected one of {pos_codec.ENCODINGS}")
         header.positions.add(encoding=_POS_TO_PB[enc], data=data, count=count)
-    chunks: list[pb.TransferFrame] = []
-    for t in encoded.tensors:
+    pieces: list[tuple[int, str, int, int]] = []
+    for index, t in enumerate(encoded.tensors):
         header.tensors.add(
             layer=t.layer, kind=_KIND_TO_PB[t.kind], shape=t.shape, stored_shape=t.stored,
             spec=pb.QuantSpec(format=t.spec.format, group_size=t.spec.group_size, axis=t.spec.axis),
@@ -685,26 +760,19 @@ def to_frames(
             part = t.parts[name]
             view = memoryview(part.data)
             for start in range(0, max(len(view), 1), chunk_bytes):
-                piece = bytes(view[start : start + chunk_bytes])
-                crc = google_crc32c.value(piece)
-                cid = len(chunks)
+                size = min(chunk_bytes, len(view) - start)
+                cid = len(pieces)
+                crc = CRC_PLACEHOLDER
+                if add is not None:
+                    piece = bytes(view[start : start + size])
+                    crc = google_crc32c.value(piece)
+                    add(cid, piece, crc)
                 header.payload.add(
                     chunk_id=cid, layer=t.layer, kind=_KIND_TO_PB[t.kind], part=_PART_TO_PB[name],
-                    size=len(piece), raw_size=part.raw_size, zstd=part.zstd, crc32c=crc,
+                    size=size, raw_size=part.raw_size, zstd=part.zstd, crc32c=crc,
                 )  # fmt: skip
-                chunks.append(
-                    pb.TransferFrame(
-                        protocol_version=PROTOCOL_VERSION,
-                        chunk=pb.Chunk(chunk_id=cid, data=piece, crc32c=crc),
-                    )
-                )
-    header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
-    trailer = pb.Trailer(
-        chunk_count=len(chunks),
-        payload_bytes=sum(e.size for e in header.payload),
-        header_crc32c=google_crc32c.value(header_frame.SerializeToString()),
-    )
-    return [header_frame, *chunks, pb.TransferFrame(protocol_version=PROTOCOL_VERSION, trailer=trailer)]
+                pieces.append((index, name, start, size))
+    return header, pieces
 
 
 def cancel_frame(reason: str) -> pb.TransferFrame:
@@ -1696,10 +1764,10 @@ class Assembler:
         if self._plan is None:
             raise WireError("ORDER", f"a {kind} frame arrived before the header")
         if kind == "chunk":
-            return self._on_chunk(frame, self._plan)
+            return self._on_chunk(frame, self._plan, raw)
         return self._on_trailer(frame, self._plan)
 
-    def _on_chunk(self, frame: pb.TransferFrame, plan: _Plan) -> list[pb.Signal]:
+    def _on_chunk(self, frame: pb.TransferFrame, plan: _Plan, raw: bytes | None) -> list[pb.Signal]:
         chunk = frame.chunk
         cid = chunk.chunk_id
         n = len(plan.entries)
@@ -1710,18 +1778,21 @@ class Assembler:
         if self._trailer and cid not in self._awaiting:
             raise WireError("ORDER", f"chunk {cid} arrived after the trailer without being asked for")
         entry = plan.entries[cid]
-        size = frame_size(frame)
+        # The data is read out of the message once (each read is a copy), and the frame's size is the
+        # bytes received: serializing a 1 MiB frame again to size it cost as much as receiving it.
+        data = chunk.data
+        size = len(raw) + GRPC_PREFIX_BYTES if raw is not None else frame_size(frame)
         if cid in self._seen:
             self._retransmits += 1
             self._retransmitted_bytes += size
         self._seen.add(cid)
-        self._tally.chunk(frame, entry.part if len(chunk.data) == entry.size else None)
+        self._tally.chunk(frame, entry.part if len(data) == entry.size else None, (size, len(data)))
         t0 = time.perf_counter()
         problem = None
-        if len(chunk.data) != entry.size:
-            problem = f"has {len(chunk.data)} bytes, the header declares {entry.size}"
+        if len(data) != entry.size:
+            problem = f"has {len(data)} bytes, the header declares {entry.size}"
         else:
-            crc = google_crc32c.value(chunk.data)
+            crc = google_crc32c.value(data)
             if crc != entry.crc32c or chunk.crc32c != entry.crc32c:
                 problem = f"CRC32C {crc:08x} (chunk says {chunk.crc32c:08x}) does not match the header's {entry.crc32c:08x}"
         self._verify_s += time.perf_counter() - t0
@@ -1735,8 +1806,8 @@ class Assembler:
             self._awaiting.add(cid)
             logger.info("nack %s: %s (%d attempts left)", where, problem, left)
             return [_nack_signal(cid, problem, left)]
-        self._data[cid] = chunk.data
-        self._buffered += len(chunk.data)
+        self._data[cid] = data
+        self._buffered += len(data)
         self._awaiting.discard(cid)
         self._layer_left[entry.layer] -= 1
         if self._layer_left[entry.layer] == 0:
@@ -1805,7 +1876,12 @@ class Assembler:
                 key = (t.layer, t.kind, name)
                 if key in plan.parts:
                     ids, raw, zstd = plan.parts[key]
-                    data = self._data[ids[0]] if len(ids) == 1 else b"".join(self._data[c] for c in ids)
+                    # Each part's chunks are let go as it is joined: the message is held once, not twice.
+                    data = (
+                        self._data.pop(ids[0])
+                        if len(ids) == 1
+                        else b"".join([self._data.pop(c) for c in ids])
+                    )
                     parts[name] = Part(data, raw, zstd)
             tensors.append(replace(t, parts=parts))
         self._data.clear()

@@ -51,6 +51,7 @@ from kvlink.cli import HelpFormatter, configure_logging, format_size, parse_size
 
 if TYPE_CHECKING:  # torch, grpc and the library are imported when the server starts, not for --help
     import grpc
+    import torch
 
     from server.guard import Guard, Identity
     from server.store import SessionStore
@@ -70,6 +71,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _bytes_or_auto(text: str) -> int | None:
+    """A size (kvlink.cli.parse_size: 4GiB, 512MiB, bytes), or 'auto' (None: sized from the machine at
+    start-up, see auto_limits)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    return parse_size(text)
 
 
 def _positive_float(text: str) -> float:
@@ -155,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         "limits (a request past one gets a specific gRPC error; nothing else is affected)"
     )
     lim.add_argument(
-        "--max-message-bytes", type=parse_size, metavar="SIZE", default=512 << 20,
+        "--max-message-bytes", type=_bytes_or_auto, default=None, metavar="SIZE|auto",
         help="largest message (declared chunk data + positions), refused from its header before "
-        "anything is allocated (RESOURCE_EXHAUSTED, TOO_LARGE); e.g. 512MiB",
+        "anything is allocated (RESOURCE_EXHAUSTED, TOO_LARGE); auto (the default): the smaller of "
+        "--max-cached-bytes and a quarter of the host's available memory, at least 512 MiB",
     )  # fmt: skip
     lim.add_argument(
         "--max-concurrent-sessions", type=_positive_int, default=64,
@@ -170,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "client certificates, else one client address); one more is refused (RESOURCE_EXHAUSTED, BUSY)",
     )  # fmt: skip
     lim.add_argument(
-        "--max-cached-bytes", type=parse_size, metavar="SIZE", default=2 << 30,
-        help="memory cap of decoded contexts kept for questions: least recently used ones are "
-        "evicted (a later Ask gets NOT_FOUND); a context larger than the cap is refused",
+        "--max-cached-bytes", type=_bytes_or_auto, default=None, metavar="SIZE|auto",
+        help="memory cap of decoded contexts kept for questions and of the decodes in flight: least "
+        "recently used contexts are evicted (a later Ask gets NOT_FOUND); a context larger than the cap "
+        "is refused; auto (the default): 70%% of the device memory left free once the model is loaded "
+        "(--device cuda), half of the host's available memory on the CPU",
     )  # fmt: skip
     lim.add_argument(
         "--max-cached-bytes-per-identity", type=parse_size, metavar="SIZE", default=None,
@@ -393,6 +405,36 @@ def _bind_grpc(
     return int(port)
 
 
+MIN_AUTO_MESSAGE_BYTES = 512 << 20
+"""The smallest --max-message-bytes auto gives (the fixed default before it was sized from the machine)."""
+
+
+def auto_limits(device: torch.device, cached: int | None, message: int | None) -> tuple[int, int]:
+    """(--max-cached-bytes, --max-message-bytes), each as given or, for None ('auto'), sized from the
+    machine now: contexts and decodes take 70% of the device memory still free (CUDA) or half of the
+    host's available memory (CPU); a message, whose chunks are buffered in host memory (twice over
+    with --max-buffered-bytes' default), the smaller of that and a quarter of the host's available
+    memory, at least MIN_AUTO_MESSAGE_BYTES. The FP16 KV of 32k tokens of an 8B GQA model (4 GiB)
+    fits any machine with 16 GiB of memory available."""
+    import torch
+
+    from server.memory import available_host_bytes
+
+    host = available_host_bytes() or (8 << 30)
+    if cached is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = int(0.7 * free)
+        else:
+            cached = host // 2
+        cached = max(cached, 64 << 20)
+        logger.info("--max-cached-bytes auto: %.2f GiB (%s)", cached / 2**30, device)
+    if message is None:
+        message = max(MIN_AUTO_MESSAGE_BYTES, min(cached, host // 4))
+        logger.info("--max-message-bytes auto: %.2f GiB", message / 2**30)
+    return cached, message
+
+
 async def serve(args: argparse.Namespace, security: Security | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status. security: load_security(args) by default."""
     import grpc
@@ -413,27 +455,32 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     if args.host not in LOOPBACK and not security.tls:
         logger.warning("gRPC is exposed on %s without TLS (--tls-cert, --tls-key)", args.host)
 
-    limits = wire.WireLimits(
-        max_message_bytes=args.max_message_bytes,
-        max_chunk_bytes=min(wire.WireLimits().max_chunk_bytes, args.max_message_bytes),
-    )
     # Every port first, exclusively, so that one in use fails before the model loads (and a second
-    # receiver on the same port cannot start): probes give a clean one-line error, then the real binds.
+    # receiver on the same port cannot start): probes give a clean one-line error; the gRPC binds follow
+    # once the limits (sized from the device, see auto_limits) are known.
     check_port_free(args.host, args.port, "--port")
     if args.health_port is not None:
         check_port_free(args.host, args.health_port, "--health-port")
     rest_sock = _listen(args.rest_host, args.rest_port, "--rest-port")
+    logger.info("loading model %s on %s", args.model or "(embedded)", args.device)
+    lm = await asyncio.to_thread(
+        load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype, args.download
+    )
+    args.max_cached_bytes, args.max_message_bytes = auto_limits(
+        lm.device, args.max_cached_bytes, args.max_message_bytes
+    )
+    limits = wire.WireLimits(
+        max_message_bytes=args.max_message_bytes,
+        max_chunk_bytes=min(wire.WireLimits().max_chunk_bytes, args.max_message_bytes),
+        # What the parts of a message decode to can be admitted only within the cache's budget.
+        max_decoded_bytes=max(wire.WireLimits().max_decoded_bytes, args.max_cached_bytes),
+    )
     server = grpc.aio.server(options=[*limits.grpc_options(), *GRPC_SERVER_OPTIONS])
     port = _bind_grpc(server, f"{args.host}:{args.port}", "--port", security.server_credentials())
     health_server: grpc.aio.Server | None = None
     if args.health_port is not None:
         health_server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         _bind_grpc(health_server, f"{args.host}:{args.health_port}", "--health-port", None)
-
-    logger.info("loading model %s on %s", args.model or "(embedded)", args.device)
-    lm = await asyncio.to_thread(
-        load_model, args.model, args.device, None if args.dtype == "auto" else args.dtype, args.download
-    )
     guard = security.guard(args.max_concurrent_sessions, args.per_peer_concurrency)
     share = args.max_cached_bytes_per_identity or (
         args.max_cached_bytes // 2 if guard.mode in ("tenants", "certificates") else args.max_cached_bytes

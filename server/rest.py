@@ -5,6 +5,8 @@
     GET /v1/stats                aggregates per codec config and per context-length bucket
                                  (kvlink.metrics.aggregate) + totals and the caller's cached contexts;
                                  an operator sees every identity's, the whole store and the calls
+                                 (and the host and device memory, under "memory")
+    POST /v1/stats/memory/reset  operators: start new peaks of the receiver's host and device memory
     GET /v1/messages?limit=N     per-message records, newest first (the caller's own; an operator's: all)
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
     POST /v1/messages/{id}/ask   a follow-up question about the caller's own context (as gRPC Ask)
@@ -238,7 +240,18 @@ def create_app(service: KVLinkService) -> FastAPI:
                 expired=store.expired, reserved_bytes=store.reserved_bytes, refused_busy=store.refused_busy,
             )  # fmt: skip
             out["calls"] = service.call_stats()
+            out["memory"] = service.memory_stats()
         return out
+
+    @app.post("/v1/stats/memory/reset", summary="Start new memory peaks (operators)")
+    def reset_memory(request: Request) -> dict[str, Any]:
+        """Reset the peaks of the receiver's resident memory and of its device allocator, so that a
+        benchmark reads one message's peak in /v1/stats afterwards; returns the figures right after."""
+        if not _who(request).operator:
+            raise HTTPException(
+                status_code=403, detail="memory figures cover every identity: an operator's token"
+            )
+        return service.reset_memory_peaks()
 
     @app.get(
         "/v1/messages", summary="Per-message records, newest first", response_model=list[schemas.Message]

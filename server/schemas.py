@@ -93,6 +93,9 @@ class Stats(BaseModel):
     calls: dict[str, int | float | None] | None = Field(
         None, description="calls in progress (operators only)"
     )
+    memory: dict[str, Any] | None = Field(
+        None, description="the receiver's host and device memory and their peaks (operators only)"
+    )
 
 
 class AskView(BaseModel):

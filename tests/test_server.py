@@ -966,3 +966,24 @@ def test_help(module: str, needle: str) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     assert needle in proc.stdout
+
+
+def test_auto_limits_are_sized_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-cached-bytes/--max-message-bytes 'auto': half of the host's available memory on the CPU, a
+    message the smaller of that and a quarter of the host's (at least 512 MiB); given values stay."""
+    from server import main as server_main
+
+    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 64 << 30)
+    assert server_main.auto_limits(torch.device("cpu"), None, None) == (32 << 30, 16 << 30)
+    assert server_main.auto_limits(torch.device("cpu"), 1 << 30, None) == (1 << 30, 1 << 30)
+    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 1 << 30)
+    assert server_main.auto_limits(torch.device("cpu"), None, None) == (512 << 20, 512 << 20)
+    assert server_main.auto_limits(torch.device("cpu"), 7, 5) == (7, 5)
+    args = server_main.build_parser().parse_args(
+        ["--max-message-bytes", "auto", "--max-cached-bytes", "4096"]
+    )
+    assert (args.max_message_bytes, args.max_cached_bytes) == (None, 4096)
+    # The FP16 KV of 32k tokens of an 8B GQA model fits a host with 16 GiB available.
+    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 16 << 30)
+    cached, message = server_main.auto_limits(torch.device("cpu"), None, None)
+    assert message >= Geometry(32, 8, 128, 32).fp16_bytes(32768) and cached >= message

@@ -888,3 +888,17 @@ def test_unknown_header_fields_are_refused(where: str) -> None:
     assert err.status_code == grpc.StatusCode.UNIMPLEMENTED
     good = _frames(_encode(CONFIGS["int4/int2-random-global"]))  # the same receiver config takes a good one
     _feed_all(_asm(), good)
+
+
+@pytest.mark.parametrize("chunk_id", [0, 1, 127, 128, 16_383, 16_384, 65_535])
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 16_383, 16_384, 1 << 20])
+def test_chunk_frame_size_without_building_the_frame(chunk_id: int, n: int) -> None:
+    """message_wire_size sizes chunk frames arithmetically: the same bytes as the frame serialized, a
+    zero CRC32C (left out by proto3) 5 bytes fewer."""
+    for crc in (0x1234ABCD, 0):
+        frame = wire.pb.TransferFrame(
+            protocol_version=wire.PROTOCOL_VERSION,
+            chunk=wire.pb.Chunk(chunk_id=chunk_id, data=bytes(n), crc32c=crc),
+        )
+        assert wire.chunk_frame_size(chunk_id, n, crc) == wire.frame_size(frame)
+    assert wire.chunk_frame_size(chunk_id, n, 0) == wire.chunk_frame_size(chunk_id, n) - 5

@@ -7,6 +7,7 @@
     kvlink-bench e2e --task long --limit 3 --configs q2c50-int4,int4 --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
+    kvlink-bench scale --model random:llama-3.1-8b --tokens 8k,32k   # TTFT through kvlink-serve, paced links
 
 `quality` writes, under --out: samples.jsonl (one line per (example, config), appended as
 it goes, so --resume continues an interrupted run), run.json (settings), results.json
@@ -889,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "abuse", help="good senders beside one hostile authenticated peer: what it costs them", add_help=False
     )
+    sub.add_parser(
+        "scale", add_help=False,
+        help="TTFT through kvlink-serve over paced links at real geometries: text vs FP16 vs compressed KV",
+    )  # fmt: skip
     k = sub.add_parser("kernels", help="Triton kernels vs the torch reference (GPU)")
     bench_kernels.build_parser(k)
     k.set_defaults(func=None)
@@ -906,6 +911,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvlink.eval.bench_abuse import main as main_abuse
 
         return main_abuse(argv[1:])
+    if argv[:1] == ["scale"]:  # its own parser: the real service over paced links (kvlink.eval.bench_scale)
+        from kvlink.eval.bench_scale import main as main_scale
+
+        return main_scale(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

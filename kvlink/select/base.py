@@ -44,24 +44,30 @@ def attention_to_context(obs: LayerObservation, length: int, scale: float, chunk
     Softmax over all keys the query may see (causal by ORIGINAL position),
     then the first `length` columns are kept and the query heads of each KV
     group are summed (GQA). Returns (kv_heads, length), float32.
-    Queries are processed in chunks so memory stays O(chunk * n_keys).
+    Queries are processed in chunks so memory stays O(chunk * n_keys). The
+    query heads of a KV group meet their shared keys in one matmul: the keys
+    are never repeated per query head (that copy was group x the layer's keys).
     """
     q, k = obs.queries.float(), obs.keys.float()
     q_heads, kv_heads = q.shape[0], k.shape[0]
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads do not split into {kv_heads} KV groups")
     group = q_heads // kv_heads
-    k_rep = k.repeat_interleave(group, dim=0)  # (Hq, K, D)
-    total = torch.zeros(q_heads, length, dtype=torch.float32, device=q.device)
+    n_keys, dim = k.shape[1], k.shape[2]
+    grouped = q.view(kv_heads, group, q.shape[1], dim)  # query head h reads KV head h // group
+    keys_t = k.transpose(1, 2)  # (Hkv, D, K)
+    total = torch.zeros(kv_heads, group, length, dtype=torch.float32, device=q.device)
     for start in range(0, q.shape[1], chunk):
-        qc = q[:, start : start + chunk]  # (Hq, c, D)
+        qc = grouped[:, :, start : start + chunk]  # (Hkv, g, c, D)
+        c = qc.shape[2]
         qpos = obs.query_positions[start : start + chunk]
-        logits = torch.matmul(qc, k_rep.transpose(1, 2)) * scale  # (Hq, c, K)
+        logits = torch.matmul(qc.reshape(kv_heads, group * c, dim), keys_t) * scale  # (Hkv, g*c, K)
+        logits = logits.view(kv_heads, group, c, n_keys)
         visible = obs.key_positions[None, :] <= qpos[:, None]  # (c, K)
-        logits = logits.masked_fill(~visible[None], float("-inf"))
+        logits = logits.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        total += probs[:, :, :length].sum(dim=1)
-    return total.view(kv_heads, group, length).sum(dim=1)
+        total += probs[..., :length].sum(dim=2)
+    return total.sum(dim=1)
 
 
 @dataclass

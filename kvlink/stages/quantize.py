@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kvlink.cache import Observation, Observe
 from kvlink.models import Geometry
-from kvlink.quant import AXES, QuantizedTensor, QuantSpec, part_sizes, quantize
+from kvlink.quant import AXES, QuantizedTensor, QuantSpec, part_sizes
 from kvlink.quant.formats import format_spec
 from kvlink.stages.base import Item, Stage, register
 
@@ -153,7 +153,11 @@ class Quantize(Stage):
         for i, it in enumerate(items):
             q = done.get(i)
             if q is None:
-                q = quantize(it.x, it.quantize.spec)  # type: ignore[arg-type]
+                from kvlink.kernels import (
+                    quantize_pack,
+                )  # Triton on a CUDA tensor, else the reference: same bytes
+
+                q = quantize_pack(it.x, it.quantize.spec)  # type: ignore[arg-type]
             widths = pack_widths(q.widths) if q.widths is not None else None
             for name, tensor in (
                 ("codes", q.codes),
