@@ -52,7 +52,6 @@ PART_BYTES = 32  # framing allowance per extra part of a tensor (a protobuf part
 torch.set_grad_enabled(False)
 # The machine's 2 cores are shared: one intra-op thread avoids oversubscription (RESEARCH_THREADS to change).
 torch.set_num_threads(int(os.environ.get("RESEARCH_THREADS", "1")))
-torch.set_default_device(DEVICE)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def rope_cos_sin(positions: Tensor) -> tuple[Tensor, Tensor]:
     """(cos, sin) of the model's rotary embedding at `positions` (n,), each (n, head_dim)."""
     model = lm().model
     d = lm().geometry.head_dim
-    x = torch.zeros(1, positions.numel(), d)
+    x = torch.zeros(1, positions.numel(), d, device=positions.device)
     cos, sin = model.model.rotary_emb(x, positions.reshape(1, -1))
     return cos[0], sin[0]
 
@@ -163,7 +162,7 @@ def fit_kv(limit: int | None = None) -> FitKV:
     vs: list[list[Tensor]] = []
     for text in texts:
         kv = fp16_kv(prefill(model, context_ids(tok, text)).kv)
-        pos = torch.arange(1, kv.length)
+        pos = torch.arange(1, kv.length, device=DEVICE)
         for layer in range(kv.num_layers):
             if len(ks) <= layer:
                 ks.append([])
@@ -369,6 +368,7 @@ def write_paired(name: str, pairs: Sequence[tuple[str, str]]) -> list[dict[str, 
     """Paired comparisons of a written screen; appended to its results.json and printed."""
     path = ROOT / "results" / name / "results.json"
     result = json.loads(path.read_text())
+    pairs = list(dict.fromkeys(pairs))
     out = [paired(result, a, b) for a, b in pairs if a in result["per_question"] and b in result["per_question"]]
     result["paired"] = out
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -64,7 +64,7 @@ def chain(c: Context, m: Model, rate: float, final: bool) -> tuple[list[Tensor],
     """Code every layer in order (closed loop). Returns decoded keys/values (FP16 sink kept) and payload bytes
     (model code length, or the real rANS size when `final`)."""
     kv, h = c.kv, c.kv.kv_heads
-    body = torch.arange(1, kv.length)
+    body = torch.arange(1, kv.length, device=kv.keys[0].device)
     keys, values = [], []
     total = 0.0
     prev_k = prev_v = None
@@ -139,9 +139,13 @@ def main() -> int:
     ap.add_argument("--only", default=None)
     ap.add_argument("--baselines", default="")
     ap.add_argument("--join", default=None)
+    ap.add_argument("--fit-only", action="store_true", help="prefill the fit text into the cache and stop")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(CANDIDATES)
     lm()
+    if args.fit_only:  # before sharded runs, so the shards do not all write the cache at once
+        fit_kv()
+        return 0
     for name in names:
         bits = (int(name[4]), int(name[5]))
         if bits not in MODELS:

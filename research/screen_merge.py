@@ -38,7 +38,7 @@ LAMBDA = 1.0
 def _owner(keep: Tensor, length: int, keys: Tensor | None) -> Tensor:
     """(H, T): index into `keep` of the kept entry each position joins (kept positions join themselves)."""
     h = 1 if keys is None else keys.shape[0]
-    pos = torch.arange(length)
+    pos = torch.arange(length, device=keep.device)
     if keys is None:  # nearest kept position (ties: the earlier one)
         dist = (pos[:, None] - keep[None, :]).abs()
         owner = dist.argmin(1)[None].expand(h, -1)
@@ -47,7 +47,7 @@ def _owner(keep: Tensor, length: int, keys: Tensor | None) -> Tensor:
         sim = kn @ kn[:, keep].transpose(1, 2)  # (H, T, n_kept)
         owner = sim.argmax(-1)
     owner = owner.clone()
-    owner[:, keep] = torch.arange(keep.numel())[None].expand(owner.shape[0], -1)
+    owner[:, keep] = torch.arange(keep.numel(), device=keep.device)[None].expand(owner.shape[0], -1)
     return owner
 
 
@@ -59,8 +59,8 @@ def merge_layer(k: Tensor, v: Tensor, keep: Tensor, mass: Tensor, obs: object, s
         owner = owner.expand(h, -1)
     n = keep.numel()
     w = mass.clamp_min(1e-12)  # (H, T)
-    wsum = torch.zeros(h, n).scatter_add_(1, owner, w)
-    v_new = torch.zeros(h, n, d).scatter_add_(1, owner[..., None].expand(-1, -1, d), w[..., None] * v)
+    wsum = torch.zeros(h, n, device=k.device).scatter_add_(1, owner, w)
+    v_new = torch.zeros(h, n, d, device=k.device).scatter_add_(1, owner[..., None].expand(-1, -1, d), w[..., None] * v)
     v_new = v_new / wsum[..., None]
     if how.endswith("-v"):
         return k[:, keep], v_new
@@ -69,14 +69,14 @@ def merge_layer(k: Tensor, v: Tensor, keep: Tensor, mass: Tensor, obs: object, s
     qh = q.reshape(h, group * q.shape[1], d)  # the queries of each KV group
     logits = scale * qh @ k.transpose(1, 2)  # (H, nq', T)
     top = logits.amax(-1, keepdim=True)
-    sums = torch.zeros(h, qh.shape[1], n).scatter_add_(2, owner[:, None, :].expand(-1, qh.shape[1], -1), (logits - top).exp())
+    sums = torch.zeros(h, qh.shape[1], n, device=k.device).scatter_add_(2, owner[:, None, :].expand(-1, qh.shape[1], -1), (logits - top).exp())
     lse = sums.log() + top  # (H, nq', n): the merged set's log attention mass per query
     a = scale**2 * qh.transpose(1, 2) @ qh  # (H, D, D)
-    ridge = LAMBDA * a.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(d)
+    ridge = LAMBDA * a.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(d, device=k.device)
     k_keep = k[:, keep]
     rhs = scale * qh.transpose(1, 2) @ lse + ridge @ k_keep.transpose(1, 2)  # (H, D, n)
     k_fit = torch.linalg.solve(a + ridge, rhs).transpose(1, 2)  # (H, n, D)
-    merged = torch.zeros(h, n).scatter_add_(1, owner, torch.ones(h, length)) > 1
+    merged = torch.zeros(h, n, device=k.device).scatter_add_(1, owner, torch.ones(h, length, device=k.device)) > 1
     return torch.where(merged[..., None], k_fit, k_keep), v_new
 
 

@@ -64,7 +64,7 @@ def candidate(c: Context, name: str, kept_cache: dict[float, list[torch.Tensor]]
     prof = profile(keys, weights, identity)
     kv, length = c.kv, c.kv.length
     if retention is None:
-        kept = [torch.arange(length) for _ in range(kv.num_layers)]
+        kept = [torch.arange(length, device=kv.keys[0].device) for _ in range(kv.num_layers)]
     else:
         if retention not in kept_cache:
             kept_cache[retention] = Q2C().keep(c.question, retention, "layer")
@@ -115,7 +115,7 @@ def candidate(c: Context, name: str, kept_cache: dict[float, list[torch.Tensor]]
             scale = (basis.var / 2).sqrt() / step
             model_bits += float(laplace_bits(sym, scale).sum())
             real += ans_bytes(sym, scale)
-            zstd_bytes += len(compressor.compress(sym.to(torch.int16).numpy().tobytes()))
+            zstd_bytes += len(compressor.compress(sym.to(torch.int16).cpu().numpy().tobytes()))
             rec = _unrows((sym * step) @ basis.basis.T + basis.mean, h)
             if j == 0 and keys == "pre":
                 rec = rope(rec, body)

@@ -52,13 +52,13 @@ def _unrows(y: Tensor, h: int) -> Tensor:
 
 def _with_one(*xs: Tensor) -> Tensor:
     x = torch.cat(xs, 1)
-    return torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+    return torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], 1)
 
 
 def _ridge(x: Tensor, y: Tensor) -> Tensor:
     x, y = x.double(), y.double()  # noqa: the normal equations need float64
     gram = x.T @ x
-    gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram, x.T @ y).float()
 
 
@@ -135,7 +135,7 @@ def candidate(c: Context, name: str, r2: bool = False) -> tuple[ContextKV, Bytes
     kind, q = name.split("-")
     kb, vb = BITS[q]
     kv, h = c.kv, c.kv.kv_heads
-    body = torch.arange(1, kv.length)  # the sink (position 0) travels as FP16
+    body = torch.arange(1, kv.length, device=kv.keys[0].device)  # the sink (position 0) travels as FP16
     keys, values = [], []
     payload = side = 0.0
     prev_k = prev_v = None  # decoded, keys before RoPE, (n, F)

@@ -58,8 +58,8 @@ def kmeans(x: Tensor, k: int = K, iters: int = ITERS) -> Tensor:
     c = x[:, torch.randperm(n, generator=gen, device="cpu")[:k].to(x.device)].clone()
     for _ in range(iters):
         a = assign(x, c)
-        s = torch.zeros(g, k, d).scatter_add_(1, a[..., None].expand(-1, -1, d), x)
-        cnt = torch.zeros(g, k).scatter_add_(1, a, torch.ones(g, n))
+        s = torch.zeros(g, k, d, device=x.device).scatter_add_(1, a[..., None].expand(-1, -1, d), x)
+        cnt = torch.zeros(g, k, device=x.device).scatter_add_(1, a, torch.ones(g, n, device=x.device))
         c = torch.where(cnt[..., None] > 0, s / cnt.clamp_min(1)[..., None], c)
     return c
 
@@ -110,7 +110,7 @@ def candidate(c: Context, name: str) -> tuple[ContextKV, Bytes]:
     books = BOOKS[(d, stages)]
     kv = c.kv
     h, dim = kv.kv_heads, kv.head_dim
-    body = torch.arange(1, kv.length)
+    body = torch.arange(1, kv.length, device=kv.keys[0].device)
     keys, values = [], []
     for layer in range(kv.num_layers):
         k = kv.keys[layer].clone()

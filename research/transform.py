@@ -21,6 +21,7 @@ position (the attention sink) travels as FP16 outside the transform, as the code
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ def fit_basis(x: Tensor, identity: bool = False) -> Basis:
     centered = rows - mean
     cov = centered.T @ centered / rows.shape[0]
     if identity:
-        return Basis(mean.float(), torch.eye(cov.shape[0]), cov.diagonal().float())
+        return Basis(mean.float(), torch.eye(cov.shape[0], device=cov.device), cov.diagonal().float())
     var, vec = torch.linalg.eigh(cov)
     order = var.argsort(descending=True)
     return Basis(mean.float(), vec[:, order].float(), var[order].clamp_min(1e-12).float())
@@ -94,7 +95,7 @@ def fit_profile(fit: FitKV, keys: str = "pre", weights: str = "sens", identity: 
                 sens_k: tuple[float, ...] = (), sens_v: tuple[float, ...] = ()) -> Profile:  # fmt: skip
     """A Profile from the fit KV; weights "sens" (needs the sensitivity's per-layer K and V KL) or "flat"."""
     bases = []
-    w = torch.zeros(len(fit.keys), 2)
+    w = torch.zeros(len(fit.keys), 2, device=fit.keys[0].device)
     for layer in range(len(fit.keys)):
         k = fit.keys_pre[layer] if keys == "pre" else fit.keys[layer]
         v = fit.values[layer]
@@ -123,6 +124,8 @@ def ans_bytes(sym: Tensor, scale: Tensor) -> int:
     installed (a machine with no registry): the model's code length + 0.1% + 8 bytes, a bound of the rANS
     size measured with constriction on the CPU screens (it came within 0.05% of the code length)."""
     try:
+        if os.environ.get("RESEARCH_ANS", "1") == "0":  # long contexts on a GPU: skip the CPU coder
+            raise ImportError("RESEARCH_ANS=0")
         import constriction
     except ImportError:
         return int(math.ceil(float(laplace_bits(sym, scale).sum()) / 8 * 1.001)) + 8
