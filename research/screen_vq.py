@@ -28,8 +28,8 @@ from kvlink.cache import ContextKV  # noqa: E402
 BASELINES = ("int2-g64-sink1", "q2c40-layer-k4v3-g64-sink1-qround-kw-vw", "q2c65-layer-k4v3-g64-sink1-qround-kw-vw")
 CANDIDATES = ("vq4x1", "vq8x2", "vq8x1")
 K = 256
-ITERS = 10
-FIT_TOKENS = 6000  # k-means on a random 6,000 of the fit tokens (2 shared CPU cores)
+ITERS = 8
+FIT_TOKENS = 3000  # k-means on a random 3,000 of the fit tokens (2 shared CPU cores)
 
 
 def _groups(x: Tensor, d: int) -> Tensor:
