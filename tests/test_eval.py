@@ -360,7 +360,7 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
         _row("squad", "q2c25%+kint4c/vint4t-g32", 0.08, 0.15), _row("squad", "h2o50%+kint4c/vint4t-g32", 0.157, 0.58),
         _row("squad", "q2c25%+kint3c/vint3t-g32", 0.06, 0.30),
     ]  # fmt: skip
-    results = {"meta": {"fingerprint": "abc"}, "summary": rows}
+    results = {"meta": {"fingerprint": "abc", "split": "calibration"}, "summary": rows}
     table = cli.quality_table(results, "squad")
     assert table.entries[grid.parse_name("q2c50%+kint4c/vint4t-g32").name] == 0.61
     checks = report.planner_check(rows, table, (0.1875, 0.125, 0.0625), "squad")
@@ -385,7 +385,7 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
         _row("squad", "q2c50%+kint4c/vint4t-g32+sink1", 0.16, 0.70),
     ]
     path2 = tmp_path / "second.json"
-    path2.write_text(json.dumps({"meta": {"fingerprint": "abc"}, "summary": second}))
+    path2.write_text(json.dumps({"meta": {"fingerprint": "abc", "split": "calibration"}, "summary": second}))
     merged = report.merge_results([path, path2])
     assert len(merged["summary"]) == len(rows) + 1
     assert cli.quality_table(merged).entries[grid.parse_name("kint4c/vint4t-g32").name] == 0.80
@@ -416,11 +416,8 @@ def test_planner_check_picks_only_what_the_planner_can_send() -> None:
 def test_gzipped_results_read_like_plain_ones(tmp_path: Path) -> None:
     import gzip
 
-    results = {
-        "meta": {"fingerprint": "abc"},
-        "summary": [_row("squad", "kint4c/vint4t-g32", 0.32, 0.76)],
-        "samples": [],
-    }
+    meta = {"fingerprint": "abc", "split": "calibration"}
+    results = {"meta": meta, "summary": [_row("squad", "kint4c/vint4t-g32", 0.32, 0.76)], "samples": []}
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json.gz").write_bytes(gzip.compress(json.dumps(results).encode()))
@@ -450,16 +447,23 @@ def test_needle_is_deterministic_and_present(tokenizer: Any) -> None:
 
 
 def test_long_context_lengths(tokenizer: Any) -> None:
-    examples = tasks.long_examples(tokenizer, limit=3, exclude=tasks.reserved_contexts())
+    """Without a split (every article): paragraphs of the question's own article only."""
+    kw: dict[str, Any] = {
+        "limit": 3,
+        "exclude": tasks.reserved_contexts(),
+        "min_tokens": 1024,
+        "max_tokens": 4096,
+    }
+    examples = tasks.long_examples(tokenizer, **kw)
     squad = {e.eid.split(":")[1]: e for e in tasks.squad_examples()}
     assert len(examples) == 3
-    assert tasks.long_examples(tokenizer, limit=3, exclude=tasks.reserved_contexts()) == examples
+    assert tasks.long_examples(tokenizer, **kw) == examples
     for e in examples:
         ctx, _ = e.encode(tokenizer)
         assert 1024 <= ctx.numel() <= 4096 and ctx.numel() == e.meta["tokens"]
         source = squad[e.eid.split(":")[1]]
         assert source.context in e.context and e.answers == source.answers
-        assert e.meta["paragraphs"] >= 3
+        assert e.meta["paragraphs"] >= 3 and e.meta["articles"] == 1 and "split" not in e.meta
 
 
 def test_reserved_contexts_are_not_evaluated() -> None:
@@ -513,16 +517,18 @@ def test_cli_quality_report_calibrate(
     assert names == ["fp16", "q2c75%+kint4c/vint4t-g32", "q2c50%+kint8c/vint8t-g32", "kint8c/vint4t-g32"]
     argv = [
         "quality", "--model", str(model_dir), "--task", "squad:2", "--device", "cpu",
-        "--configs", "kint4c/vint4t-g32,q2c50%+kint8c/vint8t-g32",
+        "--configs", "kint4c/vint4t-g32,q2c50%+kint8c/vint8t-g32", "--split", "calibration",
         "--out", str(out), "--no-progress", "--max-new-tokens", "3", "--ppl-tokens", "4",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 6  # fp16 is always run
     assert cli.main([*argv, "--resume"]) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 6
-    assert cli.main(["report", str(out)]) == 0
+    with pytest.raises(SystemExit, match="no samples of the evaluation split"):
+        cli.main(["report", str(out)])  # reports default to the evaluation split
+    assert cli.main(["report", str(out), "--split", "calibration"]) == 0
     meta = json.loads((out / "run.json").read_text())
-    assert meta["max_new_tokens"] == 3 and meta["stats"]["pairs_run"] == 0
+    assert meta["max_new_tokens"] == 3 and meta["stats"]["pairs_run"] == 0 and meta["split"] == "calibration"
     table = tmp_path / "table.json"
     code = cli.main(["calibrate", str(out), "--out", str(table), "--budgets", "50%,30%"])
     assert code in (0, 1) and table.is_file()

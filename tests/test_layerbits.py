@@ -351,14 +351,20 @@ def test_measure_finds_the_sensitive_layer() -> None:
     with torch.no_grad():
         lm.model.model.layers[1].self_attn.k_proj.weight.mul_(30.0)
 
+    from kvlink.eval.splits import calibration_examples
+
+    qids = [qa.qid for qa in calibration_examples()[:2]]  # profiles are measured on the calibration split
+
     class Ids:  # an Example whose ids are given (the toy tokenizer has no text side)
         def __init__(self, seed: int) -> None:
-            self.eid, self.seed = f"t:{seed}", seed
+            self.eid, self.seed = f"squad:{qids[seed - 1]}", seed
 
         def encode(self, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
             return random_ids(60, seed=self.seed), random_ids(6, seed=self.seed + 100)
 
     examples: Any = [Ids(1), Ids(2)]
+    with pytest.raises(ValueError, match="calibration-split examples only"):
+        sensitivity.measure(lm, [*examples, type("Other", (), {"eid": "t:3"})()], bits=2, group_size=16)
     profile = sensitivity.measure(lm, examples, bits=2, group_size=16, sink=1, max_new_tokens=4, batch=3)
     assert profile.examples == 2 and profile.num_layers == lm.geometry.num_layers
     assert all(x >= 0 for x in (*profile.k, *profile.v))

@@ -1,13 +1,19 @@
 """kvlink-bench: quality per wire byte, the planner's quality table, end-to-end latency, kernels.
 
     kvlink-bench quality --task squad --task long:100 --task needle:100 --limit 300 --grid default \\
-        --device cuda --out bench/results/quality
-    kvlink-bench calibrate bench/results/quality [more runs]   # quality table + planner-on-frontier check
+        --device cuda --out bench/results/quality         # the evaluation split: figures to report
+    kvlink-bench quality --split calibration --task squad --configs ... --out bench/results/quality-cal
+    kvlink-bench calibrate bench/results/quality-cal [more runs]   # quality table + planner-on-frontier check
     kvlink-bench sensitivity --limit 16                   # KL per layer and K/V at INT2: bits per layer (mix3.5)
     kvlink-bench e2e --task long --limit 3 --configs q2c50-int4,int4 --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
     kvlink-bench scale --model random:llama-3.1-8b --tokens 8k,32k   # TTFT through kvlink-serve, paced links
+
+Data are split by article (kvlink.eval.splits): `--split calibration` for anything that is tuned
+(`calibrate` refuses results holding any other example), `--split evaluation` (the default of
+`quality`, `e2e` and `report`) for figures to report, `--split all` for every article (the
+layout before the split, and any other SQuAD-format --data file).
 
 `quality` writes, under --out: samples.jsonl (one line per (example, config), appended as
 it goes, so --resume continues an interrupted run), run.json (settings), results.json
@@ -29,6 +35,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from kvlink.eval.splits import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +137,36 @@ def _run_meta(args: argparse.Namespace, lm: Any, settings: Any) -> dict[str, Any
         "window": settings.window,
         "seed": args.seed,
         "data": args.data,
+        "split": args.split,
         "command": "kvlink-bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
     }
 
 
 _RESUME_KEYS = (
     "fingerprint", "dtype", "max_new_tokens", "ppl", "ppl_every", "ppl_prefix", "ppl_tokens", "window", "seed",
+    "split",
 )  # fmt: skip
 
 
+def _split_tasks(args: argparse.Namespace, lm: Any, specs: Sequence[tuple[str, int | None]]) -> list[Any]:
+    """The examples of `specs` on args.split: one split's articles, or every article (`all`: the reserved
+    article, whose paragraphs fit the benchmark's projection profile, left out as before the split)."""
+    from kvlink.eval import tasks
+
+    split = None if args.split == "all" else args.split
+    long_range = args.long_tokens or tasks.LONG_TOKENS
+    try:
+        return tasks.build_tasks(
+            lm.tokenizer, specs, data=args.data, seed=args.seed, long_range=long_range,
+            needle_range=getattr(args, "needle_tokens", None) or long_range,
+            exclude=tasks.reserved_contexts() if split is None else (), split=split,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def cmd_quality(args: argparse.Namespace) -> int:
-    from kvlink.eval import grid, report, tasks
+    from kvlink.eval import grid, report
     from kvlink.layerbits import Sensitivity
 
     out = Path(args.out)
@@ -193,15 +220,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     specs = [
         (name, limit if limit is not None else args.limit) for name, limit in (args.task or [("squad", None)])
     ]
-    examples = tasks.build_tasks(
-        lm.tokenizer,
-        specs,
-        data=args.data,
-        seed=args.seed,
-        long_range=args.long_tokens,
-        needle_range=args.needle_tokens,
-        exclude=tasks.reserved_contexts(),
-    )
+    examples = _split_tasks(args, lm, specs)
     counts = {t: sum(1 for e in examples if e.task == t) for t, _ in specs}
     profile = None
     if grid.needs_profile(configs):
@@ -211,7 +230,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     console = _console()
     console.print(
         f"[bold]kvlink-bench quality[/bold]: {lm.name} on {meta['device_name']} ({meta['dtype']}), "
-        f"{len(configs)} configs x {len(examples)} examples {counts}, batch {batch}, out {out}"
+        f"{len(configs)} configs x {len(examples)} examples {counts} ({args.split} split), batch {batch}, "
+        f"out {out}"
     )
     records, stats = grid.run_quality(
         lm,
@@ -346,14 +366,35 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_records(records: Sequence[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """The records of `split`'s examples (kvlink.eval.splits.split_of_eid); `all`: every record."""
+    from kvlink.eval.splits import split_of_eid
+
+    if split == "all":
+        return list(records)
+    return [r for r in records if split_of_eid(r["eid"]) == split]
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from kvlink.eval import grid, report
+    from kvlink.eval.splits import split_of_eid
 
     out = Path(args.out)
     records, _ = grid.read_done(out)
     if not records:
         raise SystemExit(f"no samples in {out}/{grid.SAMPLES_GLOB}")
+    chosen = split_records(records, args.split)
+    if not chosen:
+        held = Counter(str(split_of_eid(eid) or "no split") for eid in {r["eid"] for r in records})
+        raise SystemExit(
+            f"no samples of the {args.split} split in {out} (its examples: "
+            f"{', '.join(f'{n} {s}' for s, n in sorted(held.items()))}); pick one with --split"
+        )
+    records = chosen
     meta = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    meta["report_split"] = args.split
     aliases = {c["name"]: c["aliases"] for c in meta.get("configs", []) if c.get("aliases")}
     result = report.write_report(records, out, meta, aliases)
     print(report.markdown(result["summary"], aliases))
@@ -383,10 +424,34 @@ def quality_table(results: dict[str, Any], task: str = "squad", quality: str = "
     )
 
 
+def check_calibration_results(paths: Sequence[str | Path]) -> None:
+    """Refuse (ValueError naming the example and its article) any quality run that measured an example outside
+    the calibration split: the table is fitted on calibration data only. A run without samples counts as
+    calibration only when its meta says it ran on that split."""
+    from kvlink.eval import report
+    from kvlink.eval.splits import CALIBRATION, require_calibration
+
+    for path in paths:
+        run = report.load_results(path)
+        samples = run.get("samples") or []
+        if samples:
+            require_calibration(samples, f"kvlink-bench calibrate ({path})")
+        elif run.get("meta", {}).get("split") != CALIBRATION:
+            raise ValueError(
+                f"kvlink-bench calibrate ({path}): no samples, and its meta does not say it ran on the calibration "
+                f"split (split: {run.get('meta', {}).get('split')!r}); calibrate takes calibration-split runs only "
+                "(kvlink-bench quality --split calibration)"
+            )
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvlink.budget import parse_budget
     from kvlink.eval import report
 
+    try:
+        check_calibration_results(args.results)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     results = report.merge_results(args.results)
     tasks = sorted({r["task"] for r in results["summary"]})
     task = args.task or ("squad" if "squad" in tasks else tasks[0])
@@ -675,7 +740,7 @@ def e2e_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def cmd_e2e(args: argparse.Namespace) -> int:
     import torch
 
-    from kvlink.eval import grid, tasks
+    from kvlink.eval import grid
 
     device = _device(args.device)
     lm = _load(args.model, device, args.dtype)
@@ -684,10 +749,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     specs = [
         (name, limit if limit is not None else args.limit) for name, limit in (args.task or [("long", None)])
     ]
-    examples = tasks.build_tasks(
-        lm.tokenizer, specs, data=args.data, seed=args.seed, long_range=args.long_tokens,
-        needle_range=args.long_tokens, exclude=tasks.reserved_contexts(),
-    )  # fmt: skip
+    examples = _split_tasks(args, lm, specs)
     profile = grid.bench_profile(lm, args.profile) if grid.needs_profile(configs) else None
     rows: list[dict[str, Any]] = []
     from tqdm import tqdm
@@ -770,7 +832,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="model dtype (default fp32)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the long-context and needle tasks")
-    p.add_argument("--long-tokens", type=_token_range, default=(1024, 4096), metavar="MIN-MAX")
+    p.add_argument(
+        "--long-tokens", type=_token_range, default=None, metavar="MIN-MAX",
+        help="context tokens of the long task (default 2048-7936: kvlink.eval.tasks.LONG_TOKENS)",
+    )  # fmt: skip
+    p.add_argument(
+        "--split", choices=(*SPLITS, "all"), default="evaluation",
+        help="articles to draw examples from (kvlink.eval.splits): evaluation (default; reporting), calibration "
+        "(what calibrate takes), all (every article; any other --data file)",
+    )  # fmt: skip
     p.add_argument(
         "--profile", default=None, help="calibrated projection profile (default: calibrated and cached)"
     )
@@ -819,7 +889,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     q.add_argument("--ppl-prefix", type=int, default=512, help="max tokens of the prefilled first half")
     q.add_argument("--ppl-tokens", type=int, default=64, help="max continuation tokens scored")
-    q.add_argument("--needle-tokens", type=_token_range, default=(1024, 4096), metavar="MIN-MAX")
+    q.add_argument(
+        "--needle-tokens", type=_token_range, default=None, metavar="MIN-MAX",
+        help="context tokens of the needle task (default: --long-tokens)",
+    )  # fmt: skip
     q.set_defaults(func=cmd_quality)
 
     c = sub.add_parser(
@@ -883,6 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="rebuild results.json, results.md and plots from a run's samples.jsonl")
     r.add_argument("out", help="the quality run's output directory")
+    r.add_argument(
+        "--split", choices=(*SPLITS, "all"), default="evaluation",
+        help="report the samples of this split only (default evaluation; all: every sample)",
+    )  # fmt: skip
     r.set_defaults(func=cmd_report)
 
     from kvlink.eval import bench_kernels

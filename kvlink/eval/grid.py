@@ -573,6 +573,7 @@ class Evaluator:
         base: dict[str, Any] = {
             "eid": example.eid,
             "task": example.task,
+            "split": example.meta.get("split"),
             "T": int(ctx.numel()),
             "question_tokens": int(q.numel()),
             "answers": list(example.answers),

@@ -1,7 +1,8 @@
 """Measure a model's sensitivity profile: the KL each layer's K or V alone causes at low bits.
 
-For each held-out question (SQuAD questions on the reserved last article, never
-evaluated): prefill the context, answer greedily from the full KV, then for every
+For each held-out question (SQuAD questions on the reserved last article,
+Harvard_University, in the calibration split; `measure` refuses any other split's
+examples, kvlink.eval.splits.require_calibration): prefill the context, answer greedily from the full KV, then for every
 (K/V, layer) take the cache the real codec decodes at INT8 everywhere except that
 one tensor at `bits` (groups of `group_size`, `sink` fp16 entries; `variant_configs`)
 and score the full-KV answer teacher-forced: the mean KL of the next-token
@@ -21,6 +22,7 @@ import torch
 from kvlink.cache import ContextKV, prefill
 from kvlink.codec import Codec
 from kvlink.eval import fidelity
+from kvlink.eval.splits import require_calibration
 from kvlink.eval.tasks import Example, reserved_contexts, squad_examples
 from kvlink.layerbits import Sensitivity
 from kvlink.models import LoadedModel
@@ -30,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 def held_out_examples(limit: int | None = None, data: str | None = None) -> list[Example]:
-    """Answerable SQuAD questions on the reserved paragraphs (kvlink.eval.tasks.reserved_contexts)."""
+    """Answerable SQuAD questions on the reserved paragraphs (kvlink.eval.tasks.reserved_contexts), which are
+    in the calibration split."""
     reserved = set(reserved_contexts())
-    out = [e for e in squad_examples(data) if e.context in reserved]
+    out = [e for e in squad_examples(data, split="calibration") if e.context in reserved]
     if not out:
         raise ValueError("the SQuAD file has no answerable question on its reserved (last) article")
     return out[:limit] if limit is not None else out
@@ -82,6 +85,7 @@ def measure(
     """The model's Sensitivity over `examples` (see the module docstring)."""
     if not examples:
         raise ValueError("sensitivity needs at least one example")
+    require_calibration(examples, "a sensitivity profile")
     g = lm.geometry
     totals = torch.zeros(2, g.num_layers, dtype=torch.float64)
     used = 0

@@ -4,21 +4,31 @@ Every task yields `Example`s: a context the sender prefills, a question the
 receiver asks, and gold answers. All tasks are deterministic (file order, or a
 seed); none draws from a global random state.
 
+Every builder takes a `split` (kvlink.eval.splits): "calibration" or
+"evaluation" uses that split's articles only (questions, and every paragraph
+of a long context or a needle's filler) and records it in `meta["split"]`;
+None (the default) uses every article, as before the split existed.
+
 - `squad_examples`: answerable questions of a SQuAD-format file (the shipped
   SQuAD v2 dev split by default), in file order.
-- `long_examples`: for each answerable question, paragraphs of the SAME
-  article concatenated to a target length drawn in [min_tokens, max_tokens]
-  (context-part tokens, prompt template included); the question's paragraph
-  sits at a seeded random place among them.
+- `long_examples`: for each answerable question, its paragraph among others
+  up to a target length drawn in [min_tokens, max_tokens] (context-part tokens,
+  prompt template included; default 2k-8k, LONG_TOKENS, within the embedded
+  model's 8,192 positions with room for the question and answer); the
+  question's paragraph sits at a seeded random place among them. The other
+  paragraphs come from the question's own article first; with a split, when
+  the article runs out, from the split's other articles (so every question
+  reaches every length; `meta["articles"]` counts the articles used).
 - `needle_examples`: filler made of SQuAD paragraphs (whole paragraphs, in a
-  seeded order) up to a target length, with "The secret code for <name> is
-  <number>." inserted between two sentences at a seeded depth; the question
-  asks for the code, and accuracy is whether the number appears in the answer.
+  seeded order, of the split's articles) up to a target length, with "The
+  secret code for <name> is <number>." inserted between two sentences at a
+  seeded depth; the question asks for the code, and accuracy is whether the
+  number appears in the answer.
 
 Calibration contexts (`calibration_texts`) are paragraphs of the shipped file's
-LAST article (`reserved_contexts`); passing those as `exclude` removes every
-example that uses them, so a calibrated projection is never evaluated on the
-text it was fitted on.
+LAST article (`reserved_contexts`, Harvard_University, in the calibration
+split); passing those as `exclude` removes every example that uses them, so a
+calibrated projection is never evaluated on the text it was fitted on.
 """
 
 from __future__ import annotations
@@ -32,10 +42,14 @@ from typing import Any
 
 from torch import Tensor
 
+from kvlink.eval import splits
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.prompt import context_ids, question_ids
 
 TASKS: tuple[str, ...] = ("squad", "long", "needle")
+# Context tokens of the long and needle tasks: 2k to 8k, leaving 256 of the embedded model's 8,192
+# positions for the question and the answer.
+LONG_TOKENS: tuple[int, int] = (2048, 8192 - 256)
 
 NEEDLE_NAMES: tuple[str, ...] = (
     "Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines", "Jonas",
@@ -73,6 +87,8 @@ class Example:
 
 
 def _from_qa(task: str, qa: QAExample, context: str | None = None, **meta: Any) -> Example:
+    if meta.get("split") is None:
+        meta.pop("split", None)
     return Example(
         eid=f"{task}:{qa.qid}",
         task=task,
@@ -84,20 +100,33 @@ def _from_qa(task: str, qa: QAExample, context: str | None = None, **meta: Any) 
     )
 
 
+def _questions(path: str | Path | None, split: str | None) -> list[QAExample]:
+    """Answerable questions of the file, of `split`'s articles only when given."""
+    return load_squad(path) if split is None else splits.load_split(split, path)
+
+
 def squad_examples(
-    path: str | Path | None = None, limit: int | None = None, exclude: Iterable[str] = ()
+    path: str | Path | None = None,
+    limit: int | None = None,
+    exclude: Iterable[str] = (),
+    split: str | None = None,
 ) -> list[Example]:
-    """Answerable questions of a SQuAD-format file, in file order, skipping contexts in `exclude`."""
+    """Answerable questions of a SQuAD-format file (of `split`'s articles), in file order, skipping
+    contexts in `exclude`."""
     excluded = set(exclude)
-    out = [_from_qa("squad", qa) for qa in load_squad(path) if qa.context not in excluded]
+    out = [_from_qa("squad", qa, split=split) for qa in _questions(path, split) if qa.context not in excluded]
     return out[:limit] if limit is not None else out
 
 
-def _articles(path: str | Path | None) -> dict[str, list[str]]:
-    """Title -> that article's paragraphs, in file order (each paragraph once)."""
+def _articles(path: str | Path | None, split: str | None = None) -> dict[str, list[str]]:
+    """Title -> that article's paragraphs, in file order (each paragraph once); `split`'s articles only."""
+    titles = None if split is None else set(splits.split_titles(split))
+    if split is not None:
+        splits.check_file(path)
     articles: dict[str, dict[str, None]] = {}
     for qa in load_squad(path, answerable_only=False):
-        articles.setdefault(qa.title, {})[qa.context] = None  # a dict keeps first-seen order
+        if titles is None or qa.title in titles:
+            articles.setdefault(qa.title, {})[qa.context] = None  # a dict keeps first-seen order
     return {title: list(paragraphs) for title, paragraphs in articles.items()}
 
 
@@ -161,37 +190,50 @@ def long_examples(
     tokenizer: Any,
     path: str | Path | None = None,
     limit: int | None = None,
-    min_tokens: int = 1024,
-    max_tokens: int = 4096,
+    min_tokens: int = LONG_TOKENS[0],
+    max_tokens: int = LONG_TOKENS[1],
     seed: int = 0,
     exclude: Iterable[str] = (),
+    split: str | None = None,
 ) -> list[Example]:
-    """Long-context QA: each answerable question's paragraph among others of its article.
+    """Long-context QA: each answerable question's paragraph among others of its article (and split).
 
     The context-part token count (prompt template included) lies in
     [min_tokens, max_tokens]: a target is drawn per question from a generator
     seeded by (seed, question id), paragraphs of the same article (other than
     the question's and those in `exclude`) are added in a seeded order until
     the target is reached, and the question's paragraph is put at a seeded
-    position. Questions whose article is too short are skipped.
+    position. With a `split`, only its questions are asked, and when the
+    question's article runs out, paragraphs of the split's other articles
+    (in a seeded order) follow; without one, questions whose article is too
+    short are skipped.
     """
     _check_range(min_tokens, max_tokens)
     excluded = set(exclude)
-    articles = _articles(path)
+    articles = _articles(path, split)
     count = _TokenCounter(tokenizer)
     out: list[Example] = []
-    for qa in load_squad(path):
+    for qa in _questions(path, split):
         if limit is not None and len(out) >= limit:
             break
         if qa.context in excluded:
             continue
         others = [p for p in articles.get(qa.title, []) if p != qa.context and p not in excluded]
+        foreign = (
+            [p for title, ps in articles.items() if title != qa.title for p in ps if p not in excluded]
+            if split is not None
+            else []
+        )
         # Token counts of joined paragraphs are estimates: redraw (deterministically) until in range.
         for attempt in range(_ATTEMPTS):
             rng = random.Random(f"long:{seed}:{qa.qid}" + (f":{attempt}" if attempt else ""))
             target = rng.randint(min_tokens, max_tokens)
             order = others[:]
             rng.shuffle(order)
+            if foreign:
+                rest = foreign[:]
+                rng.shuffle(rest)
+                order += rest
             filled = _fill(count, order, qa.context, target, max_tokens, rng)
             if filled is None:
                 continue
@@ -202,12 +244,21 @@ def long_examples(
                 break
         else:
             continue  # the article is too short (or too coarse) for this length range
+        own = set(articles.get(qa.title, [])) | {qa.context}
         out.append(
             _from_qa(
-                "long", qa, context, target_tokens=target, tokens=n, paragraphs=len(paragraphs), index=where
+                "long", qa, context, target_tokens=target, tokens=n, paragraphs=len(paragraphs), index=where,
+                articles=1 + len(_titles_of(articles, paragraphs, own)),
+                split=split,
             )
-        )
+        )  # fmt: skip
     return out
+
+
+def _titles_of(articles: dict[str, list[str]], paragraphs: Sequence[str], own: set[str]) -> set[str]:
+    """Titles of the articles the paragraphs outside `own` come from."""
+    where = {p: title for title, ps in articles.items() for p in ps}
+    return {where[p] for p in paragraphs if p not in own and p in where}
 
 
 def needle_examples(
@@ -215,23 +266,25 @@ def needle_examples(
     n: int,
     seed: int = 0,
     path: str | Path | None = None,
-    min_tokens: int = 1024,
-    max_tokens: int = 4096,
+    min_tokens: int = LONG_TOKENS[0],
+    max_tokens: int = LONG_TOKENS[1],
     exclude: Iterable[str] = (),
+    split: str | None = None,
 ) -> list[Example]:
     """`n` needle-in-a-haystack items generated from `seed` (same seed, same items).
 
     Item i draws, from a generator seeded by (seed, i): a name, a 5-digit
     number, a target length in [min_tokens, max_tokens], a depth in [0, 1], and
-    a filler order over all SQuAD paragraphs not in `exclude`. The needle
-    sentence is inserted at the sentence boundary nearest to `depth` of the
-    filler's characters.
+    a filler order over the SQuAD paragraphs (of `split`'s articles) not in
+    `exclude`. The needle sentence is inserted at the sentence boundary nearest
+    to `depth` of the filler's characters. Ids are `needle:<split>:<seed>-<i>`
+    (`needle:<seed>-<i>` without a split): the split of a result can be told from its id.
     """
     _check_range(min_tokens, max_tokens)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n!r}")
     excluded = set(exclude)
-    paragraphs = [p for ps in _articles(path).values() for p in ps if p not in excluded]
+    paragraphs = [p for ps in _articles(path, split).values() for p in ps if p not in excluded]
     if not paragraphs:
         raise ValueError("no filler paragraphs left for the needle task")
     count = _TokenCounter(tokenizer)
@@ -261,7 +314,7 @@ def needle_examples(
             )
         out.append(
             Example(
-                eid=f"needle:{seed}-{i}",
+                eid=splits.needle_eid(split, seed, i),
                 task="needle",
                 context=context,
                 question=NEEDLE_QUESTION.format(name=name),
@@ -276,6 +329,7 @@ def needle_examples(
                     "char_offset": offset,
                     "target_tokens": target,
                     "tokens": tokens,
+                    **({} if split is None else {"split": split}),
                 },
             )
         )
@@ -322,21 +376,34 @@ def build_tasks(
     tasks: Sequence[tuple[str, int | None]],
     data: str | Path | None = None,
     seed: int = 0,
-    long_range: tuple[int, int] = (1024, 4096),
-    needle_range: tuple[int, int] = (1024, 4096),
+    long_range: tuple[int, int] = LONG_TOKENS,
+    needle_range: tuple[int, int] = LONG_TOKENS,
     exclude: Iterable[str] = (),
+    split: str | None = None,
 ) -> list[Example]:
-    """Examples of each (task, limit) in order; needle items default to 50 when the limit is None."""
+    """Examples of each (task, limit) in order, of `split`'s articles (every article when None);
+    needle items default to 50 when the limit is None."""
     excluded = list(exclude)
+    if split is not None:
+        splits.check_split(split)
+        splits.check_file(data)
     out: list[Example] = []
     for task, limit in tasks:
         if task == "squad":
-            out += squad_examples(data, limit, excluded)
+            out += squad_examples(data, limit, excluded, split)
         elif task == "long":
-            out += long_examples(tokenizer, data, limit, *long_range, seed=seed, exclude=excluded)
+            out += long_examples(
+                tokenizer, data, limit, *long_range, seed=seed, exclude=excluded, split=split
+            )
         elif task == "needle":
             out += needle_examples(
-                tokenizer, 50 if limit is None else limit, seed, data, *needle_range, exclude=excluded
+                tokenizer,
+                50 if limit is None else limit,
+                seed,
+                data,
+                *needle_range,
+                exclude=excluded,
+                split=split,
             )
         else:
             raise ValueError(f"unknown task {task!r}; known: {TASKS}")
