@@ -1,4 +1,4 @@
-"""kvlink-serve: the receiver. gRPC (kvlink.v1.KVLink + grpc.health.v1) and the REST stats app, one process.
+"""kvlink-serve: the receiver. gRPC (kvlink.v2.KVLink + grpc.health.v1) and the REST stats app, one process.
 
     kvlink-serve --model smollm2-135m-instruct --port 50051 --rest-port 8080 --device cuda
     kvlink-serve --tls-cert tls.crt --tls-key tls.key [--tls-client-ca ca.crt] \

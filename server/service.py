@@ -134,7 +134,7 @@ class _Call:
 
 
 class KVLinkService:
-    """Receiver side of kvlink.v1.KVLink over a loaded model.
+    """Receiver side of kvlink.v2.KVLink over a loaded model.
 
     lm: the model (decode and answers run on its device). store: decoded caches by (owner, message),
     whose byte cap also covers decodes in flight. metrics: per-message records for REST. limits: what
