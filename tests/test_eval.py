@@ -20,6 +20,9 @@ from conftest import ToyTokenizer, random_ids, tiny_model
 from kvlink.cache import ContextKV, Observe, prefill, prefill_observations
 from kvlink.codec import Codec
 from kvlink.eval import cli, fidelity, grid, report, tasks
+from kvlink.eval.commands.calibrate import quality_table
+from kvlink.eval.e2e import e2e_example, e2e_summary
+from kvlink.eval.link import PacedSocketPair, framed_transfer, parse_bandwidth
 from kvlink.generate import greedy_answer, teacher_forced_logits
 from kvlink.models import LoadedModel, wrap
 from kvlink.recipe import Recipe, build
@@ -361,7 +364,7 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
         _row("squad", "q2c25%+kint3c/vint3t-g32", 0.06, 0.30),
     ]  # fmt: skip
     results = {"meta": {"fingerprint": "abc", "split": "calibration"}, "summary": rows}
-    table = cli.quality_table(results, "squad")
+    table = quality_table(results, "squad")
     assert table.entries[grid.parse_name("q2c50%+kint4c/vint4t-g32").name] == 0.61
     checks = report.planner_check(rows, table, (0.1875, 0.125, 0.0625), "squad")
     assert [c["pick"] for c in checks] == [
@@ -388,7 +391,7 @@ def test_calibrate_check_on_synthetic_results(tmp_path: Path) -> None:
     path2.write_text(json.dumps({"meta": {"fingerprint": "abc", "split": "calibration"}, "summary": second}))
     merged = report.merge_results([path, path2])
     assert len(merged["summary"]) == len(rows) + 1
-    assert cli.quality_table(merged).entries[grid.parse_name("kint4c/vint4t-g32").name] == 0.80
+    assert quality_table(merged).entries[grid.parse_name("kint4c/vint4t-g32").name] == 0.80
     assert cli.main(["calibrate", str(path), str(path2), "--out", str(out)]) == 0
     assert QualityTable.load(out).expected(grid.parse_name("q2c50%+kint4c/vint4t-g32+sink1")) == 0.70
     path2.write_text(json.dumps({"meta": {"fingerprint": "other"}, "summary": second}))
@@ -408,7 +411,7 @@ def test_planner_check_picks_only_what_the_planner_can_send() -> None:
         grid.parse_name("q2c40%+kint4c/vint4t-g32")
     )
     assert not plannable(grid.parse_name("kint4t/vint4t-g32"))  # keys per token: never searched
-    table = cli.quality_table({"meta": {}, "summary": rows}, "squad")
+    table = quality_table({"meta": {}, "summary": rows}, "squad")
     check = report.planner_check(rows, table, (0.15,), "squad")[0]
     assert (check["pick"], check["best"]) == ("q2c40%+kint4c/vint4t-g32", "q2c42.5%+kint4c/vint4t-g32")
 
@@ -579,21 +582,21 @@ def test_cli_sensitivity_then_mix_configs(
 
 # --- e2e ---------------------------------------------------------------------------------------------
 def test_paced_link_paces() -> None:
-    link = cli.PacedLink(8e6)  # 1 MB/s
+    link = PacedSocketPair(8e6)  # 1 MB/s
     try:
         received: list[bytes] = []
-        seconds = cli._transfer(link, [b"x" * 100_000, b"y" * 50_000], received.append)
+        seconds = framed_transfer(link, [b"x" * 100_000, b"y" * 50_000], received.append)
     finally:
         link.close()
     assert [len(r) for r in received] == [100_000, 50_000]
     assert 0.13 <= seconds < 1.0
-    assert cli.parse_bandwidth("100M") == 1e8 and cli.parse_bandwidth("10Gbit") == 1e10
+    assert parse_bandwidth("100M") == 1e8 and parse_bandwidth("10Gbit") == 1e10
 
 
 def test_e2e_example(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
     configs = grid.resolve(["q2c50%+kint4c/vint4t-g32", "kint4c/vint4t-g32+round-query"], text_lm.geometry)
     started = time.perf_counter()
-    rows = cli.e2e_example(text_lm, squad2[0], configs, [1e9], repeats=1)
+    rows = e2e_example(text_lm, squad2[0], configs, [1e9], repeats=1)
     assert time.perf_counter() - started < 30
     by = {r["method"]: r for r in rows}
     q2c50, qround = "q2c50%+kint4c/vint4t-g32", "kint4c/vint4t-g32+round-query"
@@ -603,7 +606,7 @@ def test_e2e_example(text_lm: LoadedModel, squad2: list[tasks.Example]) -> None:
     assert by["fp16-kv"]["token"] == by["text"]["token"]  # the full KV answers as a re-prefill does
     for r in rows:
         assert r["ttft_s"] > 0 and r["transfer_s"] > 0
-    summary = cli.e2e_summary(rows)
+    summary = e2e_summary(rows)
     entry = next(e for e in summary if e["method"] == q2c50)
     assert entry["fp16_over_this"] > 0 and entry["text_over_this"] > 0
 

@@ -389,7 +389,8 @@ def test_measure_finds_the_sensitive_layer() -> None:
 
 def test_report_and_calibrate_key_mix_configs_by_the_bits_the_run_used() -> None:
     """A `mix` name does not say its bits: the summary and the planner check take them from run.json."""
-    from kvlink.eval import cli, report
+    from kvlink.eval import report
+    from kvlink.eval.commands.calibrate import quality_table
     from kvlink.eval.grid import parse_name
 
     profile = _profile()
@@ -406,7 +407,7 @@ def test_report_and_calibrate_key_mix_configs_by_the_bits_the_run_used() -> None
     summary = report.summarize(records, n_boot=50, codecs=report.run_codecs(meta))
     row = next(r for r in summary if r["config"] == name)
     assert row["key"] == quality_key(mix) and "bits-" in row["key"] and row["family"] == "quant"
-    table = cli.quality_table({"meta": {"fingerprint": "abc"}, "summary": summary}, "squad")
+    table = quality_table({"meta": {"fingerprint": "abc"}, "summary": summary}, "squad")
     assert table.entries[quality_key(mix)] == pytest.approx(0.9)
     check = report.planner_check(summary, table, (0.3,), "squad")[0]
     assert check["pick"] == name and check["expected_quality"] == pytest.approx(0.9)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kvlink.eval import cli, splits, tasks
+from kvlink.eval.commands.report import split_records
 from kvlink.eval.squad import load_squad
 
 
@@ -186,4 +187,4 @@ def test_calibrate_refuses_evaluation_examples_through_the_cli(tokenizer: Any, t
         cli.main(["report", str(calibration)])
     records = [json.loads(line) for line in (evaluation / "samples.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"evaluation"}
-    assert cli.split_records(records, "calibration") == [] and cli.split_records(records, "all") == records
+    assert split_records(records, "calibration") == [] and split_records(records, "all") == records

@@ -16,6 +16,10 @@ Nagle delay of its own. Unpaced (`rate_bps=None`) it forwards as fast as one
 thread per direction can (`tcp_throughput` measures that ceiling).
 
 Standard library only: the subprocess starts in a fraction of a second.
+
+`kvlink-bench e2e` uses the simpler PacedSocketPair instead: one connected pair of
+sockets in this process, paced on the sending side only, carrying gRPC-framed
+messages one way (`framed_transfer`); no proxy, no server, no HTTP/2.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import math
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 MIN_READ = 16 << 10
 MAX_READ = 1 << 20
@@ -284,6 +290,92 @@ def tcp_throughput(
 def _split(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+# --- the paced socket pair of kvlink-bench e2e: in-process, one way ---------------------------------
+GRPC_PREFIX = struct.Struct(">BI")  # gRPC message framing: compressed flag, big-endian length
+PACE_CHUNK = 64 * 1024
+
+
+def parse_bandwidth(text: str) -> float:
+    """'100M', '1G', '10Gbit', '2.5e9' -> bits per second (kvlink-bench e2e's --bandwidth; unlike
+    parse_rate, no 'unpaced', and a bad value raises argparse.ArgumentTypeError)."""
+    raw = text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("bit")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(raw[-1:], 1.0)
+    number = raw[:-1] if raw[-1:] in "kmg" else raw
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bandwidth like 100M, 1G or 10G, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"bandwidth must be positive, got {text!r}")
+    return value
+
+
+class PacedSocketPair:
+    """A loopback TCP connection whose sender is paced by a token bucket at `bits_per_s`.
+
+    `send(blobs)` (sender thread) writes the blobs back to back, never getting ahead of
+    start + bytes_sent / rate; the receiver reads from `self.receiver`. The bucket holds
+    one PACE_CHUNK (the burst): a 64 KiB chunk leaves when its last byte's time is due.
+    """
+
+    def __init__(self, bits_per_s: float) -> None:
+        self.rate = bits_per_s / 8.0  # bytes per second
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.sender = socket.create_connection(server.getsockname())
+        self.receiver, _ = server.accept()
+        server.close()
+        for s in (self.sender, self.receiver):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.started = 0.0
+        self.sent = 0
+
+    def send(self, blobs: Sequence[bytes]) -> None:
+        self.started = time.perf_counter()
+        sent = 0
+        for blob in blobs:
+            view = memoryview(blob)
+            for start in range(0, len(view), PACE_CHUNK):
+                piece = view[start : start + PACE_CHUNK]
+                due = self.started + (sent + len(piece)) / self.rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                self.sender.sendall(piece)
+                sent += len(piece)
+        self.sent = sent
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.receiver.recv_into(view[got:], n - got)
+            if k == 0:
+                raise ConnectionError(f"link closed after {got} of {n} bytes")
+            got += k
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
+
+
+def framed_transfer(link: PacedSocketPair, blobs: Sequence[bytes], on_message: Any) -> float:
+    """Send gRPC-framed `blobs` over `link` in a thread; the caller's thread reads each message and
+    hands it to `on_message`. Returns the seconds from the first byte sent to the last one read."""
+    framed = [GRPC_PREFIX.pack(0, len(b)) + b for b in blobs]
+    thread = threading.Thread(target=link.send, args=(framed,), daemon=True)
+    thread.start()
+    for _ in framed:
+        _flag, size = GRPC_PREFIX.unpack(link.recv_exact(GRPC_PREFIX.size))
+        on_message(link.recv_exact(size))
+    done = time.perf_counter()
+    thread.join()
+    return done - link.started
 
 
 def main(argv: Sequence[str] | None = None) -> int:
