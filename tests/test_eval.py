@@ -495,7 +495,10 @@ def test_report_outputs_parse(text_lm: LoadedModel, squad2: list[tasks.Example],
     assert result["plots"] == [str(png)] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("command", [[], ["quality"], ["calibrate"], ["e2e"], ["report"], ["kernels"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["quality"], ["calibrate"], ["e2e"], ["report"], ["kernels"], ["scale"], ["-v", "kernels"]],
+)
 def test_cli_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main([*command, "--help"])

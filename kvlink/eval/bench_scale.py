@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="link rates each way (proxy) or unpaced (direct); measured in this order")  # fmt: skip
     p.add_argument("--methods", default=None,
                    help=f"comma-separated (default {','.join(RANDOM_METHODS)} for random weights, "
-                   f"{','.join(REAL_METHODS)} otherwise); registered: {','.join(METHODS)}, plan:<budget>")  # fmt: skip
+                   f"{','.join(REAL_METHODS)} otherwise); registered: {','.join(METHODS)}, plan:<budget>".replace("%", "%%"))  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument(
         "--dtype", default="bf16", choices=("fp32", "fp16", "bf16"), help="model dtype, both sides"

@@ -71,16 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `kvlink-bench`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = COMMANDS.get(argv[0]) if argv else None
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")  # kvlink-bench -v COMMAND ...
+    rest = argv[1:] if verbose else argv
+    command = COMMANDS.get(rest[0]) if rest else None
     run_argv = getattr(command, "run_argv", None)  # its benchmark module parses the arguments itself
-    if run_argv is not None and (code := run_argv(argv[1:])) is not None:
-        return code
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
-    )
+    if run_argv is not None:
+        _log(verbose)
+        if (code := run_argv(rest[1:])) is not None:
+            return code
+    args = build_parser().parse_args(argv)
+    _log(args.verbose)
     return int(args.func(args))
+
+
+def _log(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
 
 
 if __name__ == "__main__":
