@@ -31,7 +31,7 @@ sys.path.append(str(ROOT / "tests"))  # appended: kvlink itself comes from PYTHO
 
 import digests  # noqa: E402
 
-# The runs `kvlink-bench calibrate` merged into the shipped table (README, "The planner uses these measurements").
+# The runs `kvlink-bench calibrate` merged into the shipped table (docs/results.md, "The planner's quality table and its picks").
 CALIBRATION_RUNS = (
     "quality-h100", "beyond-h100", "qround-fixed-h200", "qround-g64-h200", "layerbits-h200", "fill-h200",
     "kwidths-h200", "kwidths2-h200", "vwidths-h200", "ceiling-h200",
