@@ -4,7 +4,7 @@
 (2 x layers x kv_heads x head_dim x T x 2 bytes) and bounds ALL bytes of the
 message: payload, positions, scales/zeros, low-rank factors, protobuf framing
 and gRPC prefixes (exact, from kvlink.wire), plus HTTP/2 framing and the
-receiver's acks and receipt (upper bounds). Invariant 3 of DESIGN.md.
+receiver's acks and receipt (upper bounds). (The budget counts every byte.)
 
 Search: every recipe of retention, K/V format, group size (and rank when low
 rank is asked for), with the built-in stages the receiver decodes, is sized

@@ -5,7 +5,7 @@
     kvlink-bench quality --split calibration --task squad --configs ... --out bench/results/quality-cal
     kvlink-bench calibrate bench/results/quality-cal [more runs]   # quality table + planner-on-frontier check
     kvlink-bench sensitivity --limit 16                   # KL per layer and K/V at INT2: bits per layer (mix3.5)
-    kvlink-bench e2e --task long --limit 3 --configs q2c50-int4,int4 --out bench/results/e2e.json
+    kvlink-bench e2e --task long --limit 3 --configs 'q2c50%+kint4c/vint4t-g32' --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
     kvlink-bench scale --model random:llama-3.1-8b --tokens 8k,32k   # TTFT through kvlink-serve, paced links

@@ -29,7 +29,10 @@ def add_parser(sub: Subparsers) -> None:
     )
     add_model_and_task_arguments(e)
     e.add_argument(
-        "--configs", action="append", metavar="NAMES", help="compressed configs (default q2c50-int4)"
+        "--configs",
+        action="append",
+        metavar="NAMES",
+        help="compressed configs (default q2c50%%+kint4c/vint4t-g32)",
     )
     e.add_argument(
         "--bandwidth", default=BANDWIDTHS, help=f"comma-separated link rates (default {BANDWIDTHS})"
@@ -48,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         args.limit = 3
     device = resolve_device(args.device)
     lm = load_lm(args.model, device, args.dtype)
-    configs = [c for c in grid.resolve(args.configs or ["q2c50-int4"], lm.geometry) if c.name != "fp16"]
+    configs = [
+        c for c in grid.resolve(args.configs or ["q2c50%+kint4c/vint4t-g32"], lm.geometry) if c.name != "fp16"
+    ]
     bandwidths = [parse_bandwidth(b) for b in args.bandwidth.split(",")]
     specs = [
         (name, limit if limit is not None else args.limit) for name, limit in (args.task or [("long", None)])

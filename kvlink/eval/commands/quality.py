@@ -41,7 +41,8 @@ def add_parser(sub: Subparsers) -> None:
     q.add_argument(
         "--configs", action="append", metavar="NAMES",
         help="comma-separated config names or presets (reference, seeds, kivi2, streamingllm, default); "
-        "e.g. q2c50-int4,h2o25-k8v4,proj32-int4,seed-kv-asym. With --grid: added to it; alone: only these",
+        "e.g. 'q2c50%%+kint4c/vint4t-g32,h2o25%%+kint8c/vint4t-g32,seed-kv-asym' (the config grammar: "
+        "docs/stages.md). With --grid: added to it; alone: only these",
     )  # fmt: skip
     q.add_argument("--list-configs", action="store_true", help="print the resolved configs and exit")
     q.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
