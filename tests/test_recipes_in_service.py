@@ -151,7 +151,9 @@ async def test_a_profile_recipe_is_decoded_and_answered_by_the_receiver_that_hol
     )  # fmt: skip
     assert result.plan.recipe == recipe
     assert result.plan.encoded.profile_hash == profile.hash
-    # Only the rank-32 latent travels: no basis, about half of the INT8 payload of the full head_dim.
+    # Only the rank-32 latent travels, at INT8 (one byte a value), and no basis (the receiver holds it).
+    g = embedded.geometry
+    assert result.receipt.payload == 2 * g.num_layers * g.kv_heads * result.context_tokens * 32
     assert result.receipt.factors == 0
     assert result.answer.token_ids, "the receiver answered nothing"
     assert list(result.answer.token_ids) == _local_answer(embedded, result, example.question, profile)
@@ -192,12 +194,17 @@ async def test_another_profile_is_refused_by_its_hash_and_none_at_all_before_con
     means[(0, "k")] = means[(0, "k")] + 1e-3
     other = ModelProfile(profile.fingerprint, profile.r_max, profile.tokens, profile.bases, means)
     assert other.hash != profile.hash
-    with pytest.raises(SendError) as info:
-        await send_context(
-            profiled_rx.target, "Normandy is a region in France.", "Where?", 1.0, lm=embedded,
-            constraints=Constraints(recipe=Recipe.from_name(PROFILED)), profile=other,
-        )  # fmt: skip
-    assert info.value.code == "UNKNOWN_CODEC" and other.hash in info.value.message
+    async with FaultProxy(profiled_rx.target) as proxy:
+        with pytest.raises(SendError) as info:
+            await send_context(
+                profiled_rx.target, "Normandy is a region in France.", "Where?", 1.0, lm=embedded,
+                constraints=Constraints(recipe=Recipe.from_name(PROFILED)), profile=other,
+                transfer_target=proxy.address,
+            )  # fmt: skip
+        assert proxy.connections == 0, "the message was sent before the refusal"
+    assert (
+        info.value.rpc == "Hello" and info.value.code == "UNKNOWN_CODEC" and other.hash in info.value.message
+    )
     assert profile.hash in info.value.message  # what it holds instead
     with pytest.raises(ValueError, match="projects with a calibrated profile"):
         await send_context(
