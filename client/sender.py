@@ -34,7 +34,7 @@ import grpc
 
 from kvlink import wire
 from kvlink.answer import GenerationOptions
-from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan
+from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan, window_for
 from kvlink.cache import Prefill, prefill
 from kvlink.capabilities import CapabilityError
 from kvlink.codec import Codec
@@ -463,11 +463,13 @@ def fixed_plan(
     session_id: str,
     message_id: str,
     chunk_bytes: int = 1 << 20,
+    profile: Any | None = None,
 ) -> Plan:
     """A Plan of exactly `config` (no search, no budget: its budget is its own size): selected,
-    encoded and sized as kvlink.budget.plan sizes the config it picks."""
+    encoded and sized as kvlink.budget.plan sizes the config it picks. profile: the calibrated
+    projection a LowRank("profile") stage needs (kvlink.lowrank.ModelProfile)."""
     started = time.perf_counter()
-    codec = Codec(config, geometry)
+    codec = Codec(config, geometry, profile)
     t0 = time.perf_counter()
     kept = codec.select(read)
     select_s = time.perf_counter() - t0
@@ -508,6 +510,7 @@ async def send_context(
     truncate: bool = False,
     on_stage: Stage | None = None,
     min_rate_bps: float = MIN_RATE_BPS,
+    profile: Any | None = None,
 ) -> SendResult:
     """Send `context`'s KV cache to the receiver at `target` within `budget` and ask `question`.
 
@@ -519,7 +522,9 @@ async def send_context(
     Transfer's deadline grows by the time its bytes take at `min_rate_bps` (a 4 GB message at 1 Gbit/s
     takes 34 s). keep: the receiver keeps the context for follow-up questions until its TTL (else it
     is released after the answer). truncate: a context too long for the model is cut to fit (else
-    ContextTooLong, before anything is sent). on_stage: told when each stage begins. Raises
+    ContextTooLong, before anything is sent). on_stage: told when each stage begins. profile: the
+    calibrated projection (kvlink.lowrank.ModelProfile) of a pinned recipe with a "profile-r<n>" stage;
+    the receiver must hold the same one (SendError UNKNOWN_CODEC at the Hello otherwise). Raises
     kvlink.budget.BudgetError when no config fits, SendError when a call fails.
     """
     parse_budget(budget)  # ValueError before anything loads
@@ -545,15 +550,15 @@ async def send_context(
 
     async def read_context(constraints: Constraints) -> Prefill:
         rows = question_rows(loaded.tokenizer, question)
-        observe = observe_for(constraints)
-        return await asyncio.to_thread(prefill, loaded.model, ctx_ids, q_ids, observe, 32, rows)
+        observe, window = observe_for(constraints), window_for(constraints)
+        return await asyncio.to_thread(prefill, loaded.model, ctx_ids, q_ids, observe, window, rows)
 
     return await _send(
         target, read_context, question, budget, fingerprint=lm.fingerprint, geometry=lm.geometry,
         model_name=lm.name, constraints=constraints, reference_answers=reference_answers, options=options,
         timeout=timeout, session_id=session_id, transfer_target=transfer_target, fault=fault,
         security=security, attempts=attempts, min_rate_bps=min_rate_bps, keep=keep, on_stage=on_stage,
-        truncated=truncated,
+        truncated=truncated, profile=profile,
     )  # fmt: skip
 
 
@@ -578,6 +583,7 @@ async def send_prefilled(
     attempts: int = 3,
     min_rate_bps: float = MIN_RATE_BPS,
     keep: bool = True,
+    profile: Any | None = None,
 ) -> SendResult:
     """send_context for a context the sender has already read: plan, stream and ask from `read`.
 
@@ -597,7 +603,7 @@ async def send_prefilled(
         constraints=constraints, reference_answers=reference_answers,
         options=options or GenerationOptions(max_new_tokens), timeout=timeout, session_id=session_id,
         transfer_target=transfer_target, fault=None, security=security, attempts=attempts,
-        min_rate_bps=min_rate_bps, timed_prefill=False, config=config, keep=keep,
+        min_rate_bps=min_rate_bps, timed_prefill=False, config=config, keep=keep, profile=profile,
     )  # fmt: skip
 
 
@@ -625,12 +631,23 @@ async def _send(
     keep: bool = True,
     on_stage: Stage | None = None,
     truncated: int = 0,
+    profile: Any | None = None,
 ) -> SendResult:
     """hello -> read the context (read_context, given the constraints narrowed to the receiver) ->
     plan -> frames -> transfer -> ask (-> release unless `keep`)."""
     fraction = parse_budget(budget)
     if not min_rate_bps > 0:
         raise ValueError(f"min_rate_bps must be > 0, got {min_rate_bps!r}")
+    pinned = config or (constraints.recipe if constraints is not None else None)
+    profiled = pinned if pinned is not None and "lowrank:profile" in pinned.capabilities() else None
+    needed_profile: str | None = None  # the hash of the calibrated profile the receiver must hold
+    if profiled is not None:
+        if profile is None:
+            raise ValueError(
+                f"recipe {profiled.name!r} projects with a calibrated profile: pass it "
+                "(profile=, a kvlink.lowrank.ModelProfile that the receiver holds too)"
+            )
+        needed_profile = profile.hash
     stage = on_stage or (lambda name, detail: None)
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
@@ -642,6 +659,14 @@ async def _send(
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
         welcome = await hello(channel, fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
+        if profiled is not None and needed_profile not in welcome.profile_hashes:
+            held = ", ".join(welcome.profile_hashes) or "none"
+            raise SendError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"the receiver does not hold the calibrated profile {needed_profile} that recipe "
+                f"{profiled.name!r} projects with (it holds: {held}); start it with --profile FILE",
+                code="UNKNOWN_CODEC", rpc="Hello",
+            )  # fmt: skip
         constraints = _for_receiver(constraints, welcome.capabilities)
 
         stage("prefill", "reading the context")
@@ -654,12 +679,12 @@ async def _send(
         t0 = time.perf_counter()
         if config is not None:
             chosen = await asyncio.to_thread(
-                fixed_plan, pre, geometry, fingerprint, config, session_id, message_id, chunk_bytes
+                fixed_plan, pre, geometry, fingerprint, config, session_id, message_id, chunk_bytes, profile
             )
         else:
             chosen = await asyncio.to_thread(
                 plan, pre, geometry, fingerprint, fraction, constraints=constraints, model_name=model_name,
-                session_id=session_id, message_id=message_id, chunk_bytes=chunk_bytes,
+                session_id=session_id, message_id=message_id, chunk_bytes=chunk_bytes, profile=profile,
             )  # fmt: skip
         timings["plan_s"] = time.perf_counter() - t0
         enc_t = chosen.encoded.timings

@@ -42,6 +42,7 @@ from kvlink.quant.formats import format_spec
 from kvlink.recipe import Recipe, build, format_of, migrate_name
 from kvlink.select import SCOPES, get_selector
 from kvlink.stages import LowRank, Quantize, Select, Sink
+from kvlink.stages.select import DEFAULT_WINDOW
 
 ROTATIONS: tuple[str, ...] = ("none", "k", "v", "kv")
 ROUNDINGS: tuple[str, ...] = ("nearest", "query")
@@ -221,11 +222,14 @@ class Constraints:
 
 
 def observe_for(constraints: Constraints | None) -> Observe:
-    """The prefill observation the planner's selection method needs (Q2C by default).
+    """The prefill observation the planner's selection method needs (Q2C by default); a pinned recipe's
+    own (Recipe.needs).
 
     Without selection the question is still observed unless query-aware rounding and per-channel
     key widths are both ruled out.
     """
+    if constraints is not None and constraints.recipe is not None:
+        return constraints.recipe.needs()
     method = (constraints.method if constraints else None) or "q2c"
     if method == "none":
         return (
@@ -237,6 +241,13 @@ def observe_for(constraints: Constraints | None) -> Observe:
         if observes is Observe.NONE and constraints and constraints.queries_pinned()
         else observes
     )
+
+
+def window_for(constraints: Constraints | None) -> int:
+    """How many of the last context positions the prefill observes for a windowed selector (SnapKV): a
+    pinned recipe's window when it is wider than the default, so that it scores from all of them."""
+    select = constraints.recipe.select if constraints is not None and constraints.recipe is not None else None
+    return max(DEFAULT_WINDOW, select.window) if select is not None else DEFAULT_WINDOW
 
 
 def quality_key(recipe: Recipe) -> str:
@@ -693,6 +704,7 @@ def plan(
     session_id: str = "",
     message_id: str = "",
     chunk_bytes: int = 1 << 20,
+    profile: Any | None = None,
 ) -> Plan:
     """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
 
@@ -700,7 +712,8 @@ def plan(
     model_name)). sensitivity: the profile per-layer bits are allocated from (default:
     Sensitivity.for_model(fingerprint, model_name)); those configs are weighed only where `quality`
     measured them. The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
-    (read them back from `Plan.session_id` / `Plan.message_id` and send with those).
+    (read them back from `Plan.session_id` / `Plan.message_id` and send with those). profile: the
+    calibrated projection (kvlink.lowrank.ModelProfile) a pinned recipe with LowRank("profile") needs.
     """
     budget = parse_budget(budget)
     session_id = session_id or uuid.uuid4().hex
@@ -729,7 +742,7 @@ def plan(
         size_key = recipe.size_key()
         est = estimates.get(size_key)
         if est is None:
-            est = estimates[size_key] = _estimate(Codec(recipe, geometry), length)
+            est = estimates[size_key] = _estimate(Codec(recipe, geometry, profile), length)
         return est
 
     for recipe in candidate_recipes(geometry, constraints, sensitivity):
@@ -786,7 +799,7 @@ def plan(
                 variants.append(cand.recipe.with_zstd(ZSTD_LEVEL))
                 zstd_tries += 1
         for recipe in variants:
-            codec = Codec(recipe, geometry)
+            codec = Codec(recipe, geometry, profile)
             key = recipe.select
             if key not in kept_cache:
                 t_sel = time.perf_counter()

@@ -558,34 +558,37 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
     widths = {"k": False, "v": False}
     zstd: Zstd | None = None
     for token in tokens:
-        if token == "fp16":
-            fp16 = True
-        elif (m := _QUANT.fullmatch(token)) is not None:
-            quant = m
-        elif token.startswith("bits-") and re.fullmatch(r"bits-[0-9a-f]{8}", token):
-            bits_id = token[5:]
-        elif token == "round-query":
-            rounding = True
-        elif token in ("kwidths-question", "vwidths-question"):
-            widths[token[0]] = True
-        elif (m := re.fullmatch(r"zstd(\d+)", token)) is not None:
-            zstd = Zstd(int(m[1]))
-        elif (
-            (m := _SELECT.fullmatch(token)) is not None
-            and select is None
-            and not transforms
-            and quant is None
-        ):
-            select = Select(
-                m["m"], float(m["pct"]) / 100.0, "layer" if m["layer"] else "global",
-                int(m["w"]) if m["w"] else 32, int(m["s"]) if m["s"] else 0,
-            )  # fmt: skip
-        else:
-            kind, body = (token[0], token[2:]) if token[:2] in ("k-", "v-") else (None, token)
-            stage = _parse_transform(body)
-            if stage is None:
-                raise ValueError(f"recipe name {name[:128]!r}: unknown token {token!r}")
-            transforms.append((kind, stage))
+        try:
+            if token == "fp16":
+                fp16 = True
+            elif (m := _QUANT.fullmatch(token)) is not None:
+                quant = m
+            elif token.startswith("bits-") and re.fullmatch(r"bits-[0-9a-f]{8}", token):
+                bits_id = token[5:]
+            elif token == "round-query":
+                rounding = True
+            elif token in ("kwidths-question", "vwidths-question"):
+                widths[token[0]] = True
+            elif (m := re.fullmatch(r"zstd(\d+)", token)) is not None:
+                zstd = Zstd(int(m[1]))
+            elif (
+                (m := _SELECT.fullmatch(token)) is not None
+                and select is None
+                and not transforms
+                and quant is None
+            ):
+                select = Select(
+                    m["m"], float(m["pct"]) / 100.0, "layer" if m["layer"] else "global",
+                    int(m["w"]) if m["w"] else 32, int(m["s"]) if m["s"] else 0,
+                )  # fmt: skip
+            else:
+                kind, body = (token[0], token[2:]) if token[:2] in ("k-", "v-") else (None, token)
+                stage = _parse_transform(body)
+                if stage is None:
+                    raise ValueError(f"recipe name {name[:128]!r}: unknown token {token!r}")
+                transforms.append((kind, stage))
+        except ValueError as exc:  # a bad value inside a token: say which token
+            raise _in_token(exc, name, token) from None
     if fp16 == (quant is not None):
         raise ValueError(
             f"recipe name {name[:128]!r} needs exactly one of fp16 or k<format><axis>/v<format><axis>-g<n>"
@@ -614,7 +617,7 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
             formats[kind] = (
                 [f"int{b}" for b in allocation[i]]
                 if allocation is not None and word.startswith("mix")
-                else [format_of(word)]
+                else [_format_in(word, name, quant[0])]
             )
     else:
         formats = {"k": ["fp16"], "v": ["fp16"]}
@@ -639,6 +642,20 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
         if widths[kind] and not any(q.widths == "question" for q in recipe.quantizers(kind)):
             raise ValueError(f"recipe name {name[:128]!r}: {kind}widths-question needs INT2/3/4 {kind}")
     return recipe
+
+
+def _in_token(exc: ValueError, name: str, token: str) -> ValueError:
+    """`exc`, of its own class, naming the token of recipe name `name` it is about (once)."""
+    if repr(token) in str(exc):
+        return exc
+    return type(exc)(f"recipe name {name[:128]!r}: token {token!r}: {exc}")
+
+
+def _format_in(word: str, name: str, token: str) -> str:
+    try:
+        return format_of(word)
+    except ValueError as exc:
+        raise _in_token(exc, name, token) from None
 
 
 def _parse_transform(text: str) -> Transform | None:

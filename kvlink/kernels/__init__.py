@@ -70,12 +70,15 @@ def backend_for(device: torch.device) -> str:
     return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
 
 
-def _kernel_for(fmt: str) -> bool:
-    """Whether a Triton dequantize kernel exists for `fmt` (kvlink.quant.formats); a format without one
-    is refused on the Triton path (never decoded as if it were another)."""
+def _require_kernel(fmt: str, what: str) -> None:
+    """ValueError unless a Triton kernel exists for `fmt` (FormatSpec.kernel, kvlink.quant.formats): a
+    format without one is refused on the Triton path, never run through another format's kernel."""
     from kvlink.quant.formats import format_spec
 
-    return format_spec(fmt).kernel
+    if not format_spec(fmt).kernel:
+        raise ValueError(
+            f"no Triton {what} kernel for format {fmt!r}: run it with {ENV_VAR}=reference (the torch reference)"
+        )
 
 
 def dequantize_into(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -83,11 +86,7 @@ def dequantize_into(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> T
     if backend_for(q.codes.device) == "triton":
         from kvlink.kernels import dequant
 
-        if not _kernel_for(q.spec.format):
-            raise ValueError(
-                f"no Triton dequantize kernel for format {q.spec.format!r}: decode it with KVLINK_KERNELS=reference"
-            )
-
+        _require_kernel(q.spec.format, "dequantize")
         return dequant.dequantize_into(q, dtype)
     return reference.dequantize_into(q, dtype)
 
@@ -105,6 +104,7 @@ def dequantize_expand(
     if backend_for(q.codes.device) == "triton":
         from kvlink.kernels import dequant
 
+        _require_kernel(q.spec.format, "dequantize")
         return dequant.dequantize_expand(q, basis, mean, dtype)
     return reference.dequantize_expand(q, basis, mean, dtype)
 
@@ -119,5 +119,6 @@ def quantize_pack(x: Tensor, spec: QuantSpec) -> QuantizedTensor:
     if backend_for(x.device) == "triton" and spec.format not in WIDTH_AXIS:
         from kvlink.kernels import quant
 
+        _require_kernel(spec.format, "quantize")
         return quant.quantize_pack(x, spec)
     return reference.quantize_pack(x, spec)

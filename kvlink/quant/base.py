@@ -79,8 +79,9 @@ class QuantSpec:
     axis: str = "token"
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        formats = registered_format_specs()  # the registry, not FORMATS: a format may register later
+        if self.format not in formats:
+            raise ValueError(f"format must be one of {tuple(formats)}, got {self.format!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.axis not in AXES:
