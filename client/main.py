@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send exactly this recipe, named in the config grammar (e.g. 'q2c50%%+kint4c/vint4t-g32'; "
         "kvlink.recipe); it must fit the budget. Default: the planner chooses",
     )  # fmt: skip
+    p.add_argument(
+        "--profile", metavar="FILE", default=None,
+        help="the calibrated low-rank projection a --config 'profile-r<n>' recipe needs (the receiver must "
+        "hold the same one: kvlink-serve --profile FILE)",
+    )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
     zstd.add_argument("--no-zstd", dest="zstd", action="store_false", help="never use zstd")
@@ -222,6 +227,16 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def read_profile(path: str) -> Any:
+    """The calibrated projection in `path` (kvlink.lowrank.ModelProfile); UsageError naming the file."""
+    from kvlink.lowrank import ModelProfile
+
+    try:
+        return ModelProfile.load(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--profile {path!r}: {exc}") from None
 
 
 def read_context(source: str) -> str:
@@ -397,6 +412,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--explain-top must be >= 0, got {args.explain_top}")
     security = security_from_args(args)
     context = read_context(args.context)
+    profile = read_profile(args.profile) if args.profile else None
     try:
         models.check_device(args.device)
         models.check_model(args.model, args.download)
@@ -420,7 +436,7 @@ def _run(args: argparse.Namespace) -> int:
                 target, context, args.question, budget, lm=lm, constraints=constraints,
                 reference_answers=args.reference_answer, options=options, timeout=args.timeout,
                 security=security, attempts=args.attempts, keep=args.keep, truncate=args.truncate,
-                on_stage=stage, min_rate_bps=args.min_rate,
+                on_stage=stage, min_rate_bps=args.min_rate, profile=profile,
             )
         )  # fmt: skip
     if args.json:

@@ -426,3 +426,23 @@ def test_a_config_over_the_budget_fails_with_the_budget_error(
     assert "budget 5% of FP16 cannot be met: the smallest achievable message is" in err
     assert f"(with {PLAIN})" in err
     assert plain_rx.alive()
+
+
+def test_kvlink_send_profile_sends_a_profile_recipe(
+    profiled_rx: Receiver, embedded: LoadedModel, example: QAExample, profile: ModelProfile, profile_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """`kvlink-send --config profile-r32+... --profile FILE` sends the latent the receiver's copy of the same
+    profile expands; a --profile that is not a profile file fails in one line, exit 2, naming it."""
+    monkeypatch.setattr("kvlink.models.load_model", lambda *a, **k: embedded)
+    context = tmp_path / "context.txt"
+    context.write_text(example.context)
+    argv = _argv(profiled_rx, context, example, "--config", PROFILED, "--no-zstd", "--budget", "100%")
+    assert client_main.main([*argv, "--profile", str(profile_path)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config_label"] == PROFILED and data["receipt"]["factors"] == 0 and data["answer"]
+    bogus = tmp_path / "not-a-profile.safetensors"
+    bogus.write_bytes(b"not a profile")
+    assert client_main.main([*argv, "--profile", str(bogus)]) == 2
+    out = capsys.readouterr()
+    assert "--profile" in out.out + out.err and str(bogus) in out.out + out.err
