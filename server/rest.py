@@ -5,7 +5,8 @@
     GET /v1/stats                aggregates per codec config and per context-length bucket
                                  (kvlink.metrics.aggregate) + totals and the caller's cached contexts;
                                  an operator sees every identity's, the whole store and the calls
-                                 (and the host and device memory, under "memory")
+                                 (and the host and device memory, under "memory");
+                                 ?scope=fleet adds "fleet": every replica's, from the shared store
     POST /v1/stats/memory/reset  operators: start new peaks of the receiver's host and device memory
     GET /v1/messages?limit=N     per-message records, newest first (the caller's own; an operator's: all)
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)

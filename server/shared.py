@@ -313,16 +313,19 @@ class SharedStore:
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), with the store's failures as StoreUnavailable."""
         import redis
+        from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError
 
         try:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            reason = f"unreachable ({type(exc).__name__}: {exc})"
-        except redis.ResponseError as exc:
-            text = str(exc)
-            if not text.startswith(("OOM", "READONLY", "LOADING", "MASTERDOWN", "NOAUTH", "WRONGPASS")):
-                raise
-            reason = f"refused the call ({text[:200]})"
+            reason = f"unreachable ({type(exc).__name__}: {str(exc)[:200]})"
+        # Not the server's text for these: redis-py quotes the command in it, frames and all.
+        except OutOfMemoryError:
+            reason = "full (it refused the call: OOM, used memory is at its maxmemory)"
+        except ReadOnlyError:
+            reason = "read-only (it refused the call: a replica, not the primary)"
+        except NoPermissionError:
+            reason = "closed to this user (it refused the call: its ACL)"
         raise StoreUnavailable(f"{self.where} is {reason} while trying to {what}")
 
     def ping(self) -> str:

@@ -201,6 +201,22 @@ def test_a_store_that_goes_away_is_unavailable_then_used_again(redis_server: Red
     assert store.touch("alice", "m2") is not None
 
 
+def test_a_full_store_refuses_a_write_as_unavailable(redis_server: RedisServer, url: str) -> None:
+    """Redis at its maxmemory (noeviction) refuses writes: StoreUnavailable, and the store stays usable."""
+    store = SharedStore.from_url(url)
+    admin = redis_server.client(0)
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", used + (256 << 10))
+    try:
+        with pytest.raises(StoreUnavailable, match="is full \\(it refused the call: OOM"):
+            store.put("alice", "s", "big", _frames(4, 1 << 20), {})
+    finally:
+        admin.config_set("maxmemory", 0)
+    assert store.touch("alice", "big") is None and not store.holds("alice", "big")
+    store.put("alice", "s", "big", _frames(4, 1 << 20), {})
+    assert store.touch("alice", "big") is not None
+
+
 def test_store_urls_are_checked_and_passwords_never_shown() -> None:
     assert check_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert check_url("rediss://:pw@redis.internal:6380/2") == "rediss://:pw@redis.internal:6380/2"
