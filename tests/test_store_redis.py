@@ -28,6 +28,7 @@ import grpc
 import httpx
 import pytest
 import redis
+import torch
 
 from client.sender import SendError, ask, release, transfer
 from kvlink import wire
@@ -228,6 +229,44 @@ def test_store_urls_are_checked_and_passwords_never_shown() -> None:
             check_url(bad)
         assert "s3cret" not in str(info.value)
     assert owner_key("CN=a:b*") == "CN%3Da%3Ab%2A"  # no ':' (the separator) nor '*' (everyone's scope)
+
+
+def test_kvlink_serve_flags_make_the_store(url: str) -> None:
+    from server.fleet import open_shared
+    from server.main import build_parser
+
+    args = build_parser().parse_args(["--store", url, "--store-max-bytes", "1MiB", "--session-ttl", "5"])
+    tenants = open_shared(args, "tenants")  # several identities: one holds at most half
+    assert (tenants.max_bytes, tenants.owner_max_bytes, tenants.ttl_ms) == (1 << 20, 1 << 19, 5000)
+    assert open_shared(args, "token").owner_max_bytes == 1 << 20
+    assert build_parser().parse_args([]).store is None  # the default: this process's memory only
+
+
+def test_fleet_stats_need_a_store_and_say_so(url: str) -> None:
+    """REST in process (a stand-in model): ?scope=fleet is 400 without --store, the fleet section with one."""
+    from fastapi.testclient import TestClient
+
+    from kvlink.metrics import MetricsRegistry
+    from kvlink.models import Geometry
+    from server.fleet import FleetService
+    from server.rest import create_app
+    from server.service import KVLinkService
+    from server.store import SessionStore
+
+    lm = LoadedModel(torch.nn.Linear(2, 2), None, "fake", "f" * 64, Geometry(2, 1, 4, 2))
+    alone = KVLinkService(lm, SessionStore(), MetricsRegistry())
+    with TestClient(create_app(alone)) as http:
+        reply = http.get("/v1/stats", params={"scope": "fleet"})
+        assert reply.status_code == 400 and "--store redis://" in reply.json()["detail"]
+        assert http.get("/v1/stats", params={"scope": "everything"}).status_code == 422
+        assert "fleet" not in http.get("/v1/stats").json()
+    shared = SharedStore.from_url(url)
+    shared.put("alice", "s", "m1", _frames(2, 100), {}, "q2c/k4v4", {"total": 150, "fp16_bytes": 600})
+    fleet = FleetService(lm, SessionStore(), MetricsRegistry(), shared=shared)
+    with TestClient(create_app(fleet)) as http:
+        section = http.get("/v1/stats", params={"scope": "fleet"}).json()["fleet"]
+    assert section["messages"] == 1 and section["compression_ratio"] == 4.0
+    assert section["families"]["q2c/k4v4"]["stored_bytes"] == 200 and section["store"] == url
 
 
 # --- a fleet of two kvlink-serve replicas ---------------------------------------------------------------------
