@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.kvlink-installed
 PROTO_OUT := kvlink/_proto/kvlink_pb2.py
 
-.PHONY: install proto test lint typecheck pytest demo fuzz bench-kernels clean
+.PHONY: install proto test lint typecheck pytest demo fuzz bench-kernels clean redis-server
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -35,8 +35,21 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+pytest: install redis-server
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+# tests/test_store_redis.py starts a real Redis on a free loopback port: Debian's redis-server (or a
+# valkey-server already on PATH). Installed once from the distribution's packages (as root, else sudo);
+# a no-op when present. apt's policy may start a system service on 6379: the tests use their own port.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make: no redis-server or valkey-server on PATH and no apt-get: install one of them" >&2; exit 1; }; \
+	  echo "installing redis-server (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || { \
+	  echo "make: redis-server is still not on PATH after apt-get" >&2; exit 1; }
 
 test: lint typecheck pytest
 

@@ -154,6 +154,7 @@ ERROR_CODES: Final = (
     "UNAUTHENTICATED",  # the call lacks the receiver's bearer token
     "EXISTS",  # this identity already has a message with these ids: ids are never reused or overwritten
     "DEADLINE",  # the message did not complete within the receiver's per-message deadline
+    "UNAVAILABLE",  # something the receiver needs (its shared store) is unreachable now; retry later
 )
 GRPC_STATUS: Final[dict[str, str]] = {
     "PROTOCOL": "FAILED_PRECONDITION",
@@ -171,6 +172,7 @@ GRPC_STATUS: Final[dict[str, str]] = {
     "UNAUTHENTICATED": "UNAUTHENTICATED",
     "EXISTS": "ALREADY_EXISTS",
     "DEADLINE": "DEADLINE_EXCEEDED",
+    "UNAVAILABLE": "UNAVAILABLE",
 }
 """WireError code -> grpc.StatusCode name. The server also sets ERROR_METADATA_KEY in the trailing
 metadata so that a client can tell codes that share a status apart (see error_from_rpc)."""

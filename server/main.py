@@ -35,12 +35,13 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-buffered-bytes", type=parse_size, metavar="SIZE", default=None,
         help="chunk data all transfers in flight may hold together, reserved from each header; one more "
         "is refused (RESOURCE_EXHAUSTED, BUSY); default: 2 x --max-message-bytes",
+    )  # fmt: skip
+    fleet = p.add_argument_group("a fleet of receivers sharing one store (server.fleet)")
+    fleet.add_argument(
+        "--store", metavar="URL", default=None,
+        help="redis://[[USER]:PASSWORD@]HOST:PORT/DB (rediss:// for TLS) of a Redis or Valkey server the "
+        "replicas share: every verified message is kept there too (its wire form, for --session-ttl "
+        "after its last use) and any replica answers about it; default: this process's memory only. "
+        "A password belongs in $KVLINK_STORE, not on the command line",
+    )  # fmt: skip
+    fleet.add_argument(
+        "--store-max-bytes", type=parse_size, metavar="SIZE", default=4 << 30,
+        help="stored bytes the whole fleet keeps in --store: least recently used messages are evicted "
+        "past it, and one identity holds at most half of it with several identities; give every "
+        "replica the same value",
     )  # fmt: skip
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds calls in flight get to finish at shutdown"
@@ -489,7 +504,12 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     from kvlink.lowrank import ModelProfile
 
     profiles = [ModelProfile.load(path) for path in args.profile]
-    service = KVLinkService(
+    make_service: Callable[..., KVLinkService] = KVLinkService
+    if args.store:  # a replica of a fleet: its messages go to the shared store too
+        from server.fleet import FleetService, open_shared
+
+        make_service = functools.partial(FleetService, shared=open_shared(args, guard.mode))
+    service = make_service(
         lm, store, MetricsRegistry(), limits, max_new_tokens=args.max_new_tokens, guard=guard,
         stall_timeout_s=args.stall_timeout, message_deadline_s=args.message_deadline,
         max_question_tokens=args.max_question_tokens,
@@ -572,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_settings(parser, argv)
     try:
         security = load_security(args)
+        if args.store:
+            from server.shared import check_url
+
+            args.store = check_url(args.store)
     except ValueError as exc:
         parser.error(str(exc))  # exit 2
     configure_logging(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,7 +5,8 @@
     GET /v1/stats                aggregates per codec config and per context-length bucket
                                  (kvlink.metrics.aggregate) + totals and the caller's cached contexts;
                                  an operator sees every identity's, the whole store and the calls
-                                 (and the host and device memory, under "memory")
+                                 (and the host and device memory, under "memory");
+                                 ?scope=fleet adds "fleet": every replica's, from the shared store
     POST /v1/stats/memory/reset  operators: start new peaks of the receiver's host and device memory
     GET /v1/messages?limit=N     per-message records, newest first (the caller's own; an operator's: all)
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
@@ -225,11 +226,17 @@ def create_app(service: KVLinkService) -> FastAPI:
         "/v1/stats", summary="Aggregates per codec config and per context length",
         response_model=schemas.Stats, response_model_exclude_unset=True,
     )  # fmt: skip
-    def stats(request: Request) -> dict[str, Any]:
+    def stats(
+        request: Request,
+        scope: str = Query(
+            "local", pattern="^(local|fleet)$", description="fleet: add the fleet's aggregates"
+        ),
+    ) -> dict[str, Any]:
         """Messages, bytes by category (payload / metadata / framing / signaling), compression ratio vs
         FP16, timings (mean/p50/p95 per stage) and F1/EM means per codec config label and per
         context-length bucket, plus totals: of the caller's messages, or of everyone's for an
-        operator (with the store and the calls)."""
+        operator (with the store and the calls). scope=fleet adds "fleet": the aggregates of every
+        replica sharing this receiver's store (--store), from the store itself."""
         who = _who(request)
         out = service.metrics.stats(_scope(who))
         store = service.store.stats(_scope(who))
@@ -241,6 +248,11 @@ def create_app(service: KVLinkService) -> FastAPI:
             )  # fmt: skip
             out["calls"] = service.call_stats()
             out["memory"] = service.memory_stats()
+        if scope == "fleet":
+            try:
+                out["fleet"] = service.fleet_stats(_scope(who))
+            except Refused as refused:
+                raise HTTPException(_http_status(refused.status, refused.code), refused.message) from None
         return out
 
     @app.post("/v1/stats/memory/reset", summary="Start new memory peaks (operators)")
@@ -310,7 +322,7 @@ def create_app(service: KVLinkService) -> FastAPI:
         "/v1/messages/{message_id}", summary="Free a context the caller sent", response_model=schemas.Released,
         responses={404: {"model": schemas.Problem}},
     )  # fmt: skip
-    def release(
+    async def release(
         request: Request,
         message_id: str,
         session_id: str = Query("", description="optional: the message id alone names the context"),
@@ -321,7 +333,7 @@ def create_app(service: KVLinkService) -> FastAPI:
             wire.release_from_proto(
                 wire.release_to_proto(wire.Release(session_id, message_id)), service.limits
             )
-            freed = service.release(_who(request), session_id, message_id, rpc="REST")
+            freed = await service.release(_who(request), session_id, message_id, rpc="REST")
         except wire.WireError as err:
             raise HTTPException(_http_status(err.status_code, err.code), err.message) from None
         except Refused as refused:

@@ -96,6 +96,9 @@ class Stats(BaseModel):
     memory: dict[str, Any] | None = Field(
         None, description="the receiver's host and device memory and their peaks (operators only)"
     )
+    fleet: dict[str, Any] | None = Field(
+        None, description="?scope=fleet: every replica's messages from the shared store (server.shared)"
+    )
 
 
 class AskView(BaseModel):

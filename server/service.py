@@ -327,6 +327,7 @@ class KVLinkService:
             # not even a complete one whose receipt could not be delivered.
             if call.stored:
                 self.store.discard(who.name, asm.message_id or "")
+                self._unshare(who.name, asm.message_id or "")
             self.metrics.record_error("CANCELLED", "Transfer")
             logger.info("Transfer of message %r cancelled; discarded", asm.message_id)
             raise
@@ -364,6 +365,7 @@ class KVLinkService:
             if asm.message_id is None:  # the header: parsed and validated off the event loop
                 signals = await asyncio.to_thread(asm.feed_raw, raw)
                 self._claim(call)
+                await self._claim_shared(call)
             else:
                 signals = asm.feed_raw(raw)
             for signal in signals:
@@ -378,24 +380,47 @@ class KVLinkService:
         timings = {**receipt.timings, "decode_s": decode_s}
         sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
         session_id = asm.session_id or ""
+        record = MessageRecord.from_receipt(
+            sealed, session_id, encoded.recipe, encoded.length, kv.kept(0), owner=call.who.name
+        )
+        await self._share(call, encoded, record)
         try:
             self.store.put(
                 call.who.name, session_id, sealed.message_id, kv, encoded.recipe.name, call.decoding
             )
         except ValueError as exc:
+            self._unshare(call.who.name, sealed.message_id)
             raise wire.WireError("TOO_LARGE", str(exc)) from None
         call.stored = True
-        self.metrics.record_message(
-            MessageRecord.from_receipt(
-                sealed, session_id, encoded.recipe, encoded.length, kv.kept(0), owner=call.who.name
-            )
-        )
+        self.metrics.record_message(record)
         logger.info(
             "message %r (%s) of %s: %d wire bytes, %.1f%% of FP16, decoded in %.3f s",
             sealed.message_id, encoded.recipe.name, call.who.name, sealed.total,
             100 * sealed.total / max(sealed.fp16_bytes, 1), decode_s,
         )  # fmt: skip
         yield signal
+
+    # Where a fleet's shared store (server.fleet) joins a Transfer; this receiver alone has none.
+    async def _claim_shared(self, call: _Call) -> None:
+        """After _claim: the id must be new in the shared store too (EXISTS; UNAVAILABLE when unreachable)."""
+
+    async def _share(self, call: _Call, encoded: EncodedKV, record: MessageRecord) -> None:
+        """Once decoded, before it is kept here: the verified message into the shared store (WireError)."""
+
+    def _unshare(self, owner: str, message_id: str) -> None:
+        """Take back a message _share stored, when this receiver does not keep it after all."""
+
+    async def _context(self, who: Identity, session_id: str, message_id: str) -> ContextKV | None:
+        """The decoded context an Ask is answered from (None: NOT_FOUND; Refused for other failures)."""
+        return self.store.get(who.name, session_id, message_id)
+
+    def fleet_stats(self, owner: str | None) -> dict[str, Any]:
+        """Aggregates of every replica (REST /v1/stats?scope=fleet): only with a shared store."""
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED",
+            "this receiver keeps its contexts in its own memory: fleet-wide stats need a shared store "
+            "(kvlink-serve --store redis://HOST:PORT/DB)",
+        )  # fmt: skip
 
     def _claim(self, call: _Call) -> None:
         """Once the header is valid: the message id must be new for its owner (EXISTS), and its chunk
@@ -510,7 +535,7 @@ class KVLinkService:
             raise
 
     async def _answer(self, who: Identity, ask: wire.Ask) -> wire.Answer:
-        kv = self.store.get(who.name, ask.session_id, ask.message_id)
+        kv = await self._context(who, ask.session_id, ask.message_id)
         if kv is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, NOT_FOUND, _not_found(ask.session_id, ask.message_id))
         try:
@@ -569,7 +594,7 @@ class KVLinkService:
         try:
             who = self._identify(context)
             release = wire.release_from_proto(wire.parse_release(request), self.limits)
-            freed = self.release(who, release.session_id, release.message_id)
+            freed = await self.release(who, release.session_id, release.message_id)
         except wire.WireError as err:
             refused = Refused.of(self._refuse(err, "Release", context.peer()))
         except Refused as exc:
@@ -581,7 +606,7 @@ class KVLinkService:
         )
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
-    def release(self, who: Identity, session_id: str, message_id: str, rpc: str = "Release") -> int:
+    async def release(self, who: Identity, session_id: str, message_id: str, rpc: str = "Release") -> int:
         """Free `who`'s context (of `session_id`, unless empty): the bytes given back. Refused
         NOT_FOUND when it holds none by that id; another identity's context is never touched."""
         freed = self.store.discard(who.name, message_id, session_id)
