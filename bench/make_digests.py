@@ -1,8 +1,8 @@
 """Write the codec digests of the shipped quality table's configs for the tree on PYTHONPATH.
 
-    git worktree add /work/wt-base 12bfafe
-    PYTHONPATH=/work/wt-base python bench/make_digests.py            # -> tests/data/digests-12bfafe.json
-    PYTHONPATH=/work/main python bench/make_digests.py --compare tests/data/digests-12bfafe.json
+    git worktree add /tmp/kvlink-12bfafe 12bfafe
+    PYTHONPATH=/tmp/kvlink-12bfafe python bench/make_digests.py      # -> tests/data/digests-12bfafe.json
+    PYTHONPATH=$PWD python bench/make_digests.py --compare tests/data/digests-12bfafe.json
 
 The kvlink package is imported from PYTHONPATH (any tree, 12bfafe on), the computation from this
 repository's tests/digests.py (see its docstring for what is recorded). Configs come from the
