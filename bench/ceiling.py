@@ -18,6 +18,7 @@ whose quantizer was also measured alone (same bits, groups, sink, rounding, widt
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -25,9 +26,13 @@ from kvlink.eval.report import load_results
 
 
 def _rows(run: Path) -> list[dict]:
-    """The squad summary rows of a quality run's results.json(.gz) or a merged report's summary.json."""
-    summary = run / "summary.json"
-    rows = json.loads(summary.read_text())["summary"] if summary.is_file() else load_results(run)["summary"]
+    """The squad summary rows of a quality run's results.json(.gz) or a merged report's summary.json(.gz)."""
+    summaries = [p for p in (run / "summary.json", run / "summary.json.gz") if p.is_file()]
+    if summaries:
+        raw = summaries[0].read_bytes()
+        rows = json.loads(gzip.decompress(raw) if summaries[0].suffix == ".gz" else raw)["summary"]
+    else:
+        rows = load_results(run)["summary"]
     return [r for r in rows if r["task"] == "squad"]
 
 

@@ -30,7 +30,7 @@ CARRY=.carry/scale
 WORK=/root/kvlink-scale
 
 prep() {
-  local py=${PYTHON:-/work/main/.venv/bin/python}
+  local py=${PYTHON:-.venv/bin/python}  # the Makefile's virtual environment (make install)
   rm -rf "$CARRY" && mkdir -p "$CARRY/wheels" "$CARRY/tokenizer" "$CARRY/proto"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

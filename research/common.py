@@ -49,6 +49,21 @@ CACHE = Path(os.environ.get("KVLINK_RESEARCH_CACHE", "/tmp/kvlink-research"))
 DEVICE = os.environ.get("RESEARCH_DEVICE", "cpu")
 PART_BYTES = 32  # framing allowance per extra part of a tensor (a protobuf part header + checksum)
 
+# Baselines are kvlink recipe names (kvlink.recipe grammar, as `kvlink-bench quality --configs` takes them).
+PICK = "kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question"
+"""The planner's quantizer at 12.5-25% of FP16; with Q2C per layer (q2c90%/layer+PICK, q2c40%/layer+PICK) its picks."""
+LEGACY_NAMES: dict[str, str] = {
+    "int2-g64-sink1": "kint2c/vint2t-g64+sink1",
+    "int3-g64-sink1": "kint3c/vint3t-g64+sink1",
+    "k4v3-g64-sink1": "kint4c/vint3t-g64+sink1",
+    "k3v2-g64-sink1": "kint3c/vint2t-g64+sink1",
+    "k4v3-g64-sink1-qround-kw-vw": PICK,
+    **{f"q2c{r}-layer-k4v3-g64-sink1-qround-kw-vw": f"q2c{r}%/layer+{PICK}" for r in (90, 65, 40, 35, 20)},
+    **{f"q2c{r}-layer": f"q2c{r}%/layer+fp16" for r in (50, 75, 90)},
+}
+"""Baseline names of the grid grammar before 2026-12 (kvlink 12bfafe) -> the same recipes' names today: the
+results stored under research/results/ before the recipe grammar use the old ones (`current_names`)."""
+
 torch.set_grad_enabled(False)
 # The machine's 2 cores are shared: one intra-op thread avoids oversubscription (RESEARCH_THREADS to change).
 torch.set_num_threads(int(os.environ.get("RESEARCH_THREADS", "1")))
@@ -349,10 +364,11 @@ def paired(result: dict[str, Any], a: str, b: str) -> dict[str, Any]:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print(f"{'config':58s} {'wire %':>7s} {'fidelity [95% CI]':>24s} {'KL':>8s}")
+    width = max([58, *map(len, result["summary"])])  # recipe names run to ~100 characters
+    print(f"{'config':{width}s} {'wire %':>7s} {'fidelity [95% CI]':>24s} {'KL':>8s}")
     for k, s in sorted(result["summary"].items(), key=lambda kv: kv[1]["wire_pct"]):
         f = s["fidelity"]
-        print(f"{k:58s} {s['wire_pct']:7.2f} {f[0]:8.3f} [{f[1]:.3f}, {f[2]:.3f}] {s['kl']:8.4f}")
+        print(f"{k:{width}s} {s['wire_pct']:7.2f} {f[0]:8.3f} [{f[1]:.3f}, {f[2]:.3f}] {s['kl']:8.4f}")
 
 
 def _commit() -> str:
@@ -362,6 +378,18 @@ def _commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def current_names(result: dict[str, Any]) -> dict[str, Any]:
+    """A stored results.json with its baselines under today's recipe names (LEGACY_NAMES)."""
+
+    def rename(rows: dict[str, Any]) -> dict[str, Any]:
+        return {LEGACY_NAMES.get(k, k): v for k, v in rows.items()}
+
+    paired = [{**p, "a": LEGACY_NAMES.get(p["a"], p["a"]), "b": LEGACY_NAMES.get(p["b"], p["b"])}
+              for p in result.get("paired", [])]  # fmt: skip
+    return {**result, "summary": rename(result["summary"]), "per_question": rename(result["per_question"]),
+            **({"paired": paired} if "paired" in result else {})}  # fmt: skip
 
 
 def write_paired(name: str, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import screen_predict as sp  # noqa: E402
-from common import ROOT, Bytes, Context, fit_kv, lm, rope, run_screen, sensitivity, unrope, write_paired  # noqa: E402
+from common import PICK, ROOT, Bytes, Context, current_names, fit_kv, lm, rope, run_screen, sensitivity, unrope, write_paired  # noqa: E402, E501
 from transform import Basis, ans_bytes, fit_profile, laplace_bits  # noqa: E402
 
 from kvlink.cache import ContextKV  # noqa: E402
@@ -116,7 +116,8 @@ def candidate(c: Context, name: str) -> tuple[ContextKV, Bytes]:
 def join(name: str, other: str) -> None:
     """Copy the other screen's rows (same questions) into this one's results.json, marked by `joined`."""
     path = ROOT / "results" / name / "results.json"
-    mine, theirs = json.loads(path.read_text()), json.loads((ROOT / "results" / other / "results.json").read_text())
+    mine = json.loads(path.read_text())
+    theirs = current_names(json.loads((ROOT / "results" / other / "results.json").read_text()))
     if mine["eids"] != theirs["eids"]:
         raise SystemExit(f"{other} measured other questions than {name}: cannot pair")
     for key in theirs["per_question"]:
@@ -168,9 +169,9 @@ def main() -> int:
     for n in names:
         budget = n.split("@")[1]
         if budget == "25":
-            pairs += [("q2c90-layer-k4v3-g64-sink1-qround-kw-vw", n), ("pre-sens@25", n)]
+            pairs += [(f"q2c90%/layer+{PICK}", n), ("pre-sens@25", n)]
         if budget == "12.5":
-            pairs += [("q2c40-layer-k4v3-g64-sink1-qround-kw-vw", n), ("pre-sens@12.5", n)]
+            pairs += [(f"q2c40%/layer+{PICK}", n), ("pre-sens@12.5", n)]
         if budget == "18.75":
             pairs += [("pre-sens@18.75", n)]
     write_paired(args.name, pairs)

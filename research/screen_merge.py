@@ -5,7 +5,7 @@ for it carries the merged positions' attention mass), at FP16: the same bytes as
 usage: python research/screen_merge.py N [--offset K] [--name NAME] [--only a,b]
 
 Candidates `<how>@<retention %>`:
-  drop        Q2C per layer (the codec's q2c<r>-layer), the twin
+  drop        Q2C per layer (the codec's q2c<r>%/layer+fp16), the twin
   pos-v       each dropped position joins the nearest kept position; value = attention-weighted mean
   pos-lse     ... and the key is refitted: s q.k' ~= logsumexp_j s q.k_j over the merged set, for the
               question's queries (ridge LAMBDA toward the kept key), so the set keeps its attention mass
@@ -30,7 +30,7 @@ from kvlink.positions import encoded_size  # noqa: E402
 from kvlink.select.base import attention_to_context  # noqa: E402
 from kvlink.select.q2c import Q2C  # noqa: E402
 
-BASELINES = ("q2c50-layer", "q2c75-layer", "q2c90-layer")
+BASELINES = ("q2c50%/layer+fp16", "q2c75%/layer+fp16", "q2c90%/layer+fp16")
 CANDIDATES = ("drop@50", "pos-v@50", "pos-lse@50", "key-lse@50", "drop@75", "pos-lse@75", "key-lse@75")
 LAMBDA = 1.0
 
@@ -130,7 +130,7 @@ def main() -> int:
     if args.shard != "0/1":
         return 0
     pairs = [(f"drop@{n.split('@')[1]}", n) for n in names if not n.startswith("drop")]
-    pairs += [(f"q2c{n.split('@')[1]}-layer", f"drop@{n.split('@')[1]}") for n in names if n.startswith("drop")]
+    pairs += [(f"q2c{n.split('@')[1]}%/layer+fp16", f"drop@{n.split('@')[1]}") for n in names if n.startswith("drop")]
     write_paired(args.name, pairs)
     return 0
 

@@ -19,7 +19,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Bytes, Context, fit_kv, lm, run_screen, sensitivity, unrope, rope, write_paired  # noqa: E402
+from common import PICK, Bytes, Context, fit_kv, lm, run_screen, sensitivity, unrope, rope, write_paired  # noqa: E402
 from transform import Profile, _rows, _unrows, ans_bytes, fit_profile, laplace_bits  # noqa: E402
 
 from kvlink.cache import ContextKV  # noqa: E402
@@ -27,9 +27,9 @@ from kvlink.positions import encoded_size  # noqa: E402
 from kvlink.select.q2c import Q2C  # noqa: E402
 
 BASELINES = (
-    "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",  # the planner's 25% pick (24.7% on SQuAD)
-    "k4v3-g64-sink1-qround-kw-vw",  # every position, ~27%
-    "q2c40-layer-k4v3-g64-sink1-qround-kw-vw",  # the 12.5% pick (12.0%)
+    f"q2c90%/layer+{PICK}",  # the planner's 25% pick (24.7% on SQuAD)
+    PICK,  # every position, ~27%
+    f"q2c40%/layer+{PICK}",  # the 12.5% pick (12.0%)
 )
 CANDIDATES = (
     "pre-sens@25", "pre-sens@18.75", "pre-sens@12.5", "pre-sens@8",

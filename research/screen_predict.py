@@ -26,15 +26,18 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Bytes, Context, fit_kv, lm, rope, run_screen, unrope, write_paired  # noqa: E402
+from common import PICK, ROOT, Bytes, Context, fit_kv, lm, rope, run_screen, unrope, write_paired  # noqa: E402
 
 from kvlink.cache import ContextKV  # noqa: E402
 from kvlink.quant import QuantSpec, dequantize, quantize  # noqa: E402
 
-BASELINES = (
-    "int2-g64-sink1", "int3-g64-sink1", "k4v3-g64-sink1", "k3v2-g64-sink1",
-    "k4v3-g64-sink1-qround-kw-vw", "q2c90-layer-k4v3-g64-sink1-qround-kw-vw",
-)  # fmt: skip
+TWINS = {  # kvlink recipes (kvlink.recipe grammar) with the bits of each candidate, groups of 64, FP16 sink
+    "int2": "kint2c/vint2t-g64+sink1",
+    "int3": "kint3c/vint3t-g64+sink1",
+    "k4v3": "kint4c/vint3t-g64+sink1",
+    "k3v2": "kint3c/vint2t-g64+sink1",
+}
+BASELINES = (*TWINS.values(), PICK, f"q2c90%/layer+{PICK}")
 CANDIDATES = ("plain-int2", "aqua-int2", "aqua-k3v2", "aqua-int3", "plain-k4v3", "aqua-k4v3")
 BITS = {"int2": (2, 2), "int3": (3, 3), "k4v3": (4, 3), "k3v2": (3, 2)}
 RIDGE = 1e-3  # relative to the mean diagonal of X^T X
@@ -227,9 +230,8 @@ def main() -> int:
         print("R^2 keys  :", data["r2"]["k"])
         print("R^2 values:", data["r2"]["v"])
     path.write_text(json.dumps(data, indent=1) + "\n")
-    twins = {"int2": "int2-g64-sink1", "int3": "int3-g64-sink1", "k4v3": "k4v3-g64-sink1", "k3v2": "k3v2-g64-sink1"}
-    pairs = [(twins[n.split("-")[1]], n) for n in names if n.split("-")[1] in twins]
-    pairs += [("k4v3-g64-sink1-qround-kw-vw", "aqua-k4v3"), ("q2c90-layer-k4v3-g64-sink1-qround-kw-vw", "aqua-k4v3")]
+    pairs = [(TWINS[n.split("-")[1]], n) for n in names if n.split("-")[1] in TWINS]
+    pairs += [(PICK, "aqua-k4v3"), (f"q2c90%/layer+{PICK}", "aqua-k4v3")]
     write_paired(args.name, pairs)
     return 0
 

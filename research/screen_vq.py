@@ -21,11 +21,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, DEVICE, Bytes, Context, fit_kv, lm, rope, run_screen, unrope, write_paired  # noqa: E402
+from common import PICK, CACHE, DEVICE, Bytes, Context, fit_kv, lm, rope, run_screen, unrope, write_paired  # noqa: E402
 
 from kvlink.cache import ContextKV  # noqa: E402
 
-BASELINES = ("int2-g64-sink1", "q2c40-layer-k4v3-g64-sink1-qround-kw-vw", "q2c65-layer-k4v3-g64-sink1-qround-kw-vw")
+INT2 = "kint2c/vint2t-g64+sink1"
+BASELINES = (INT2, f"q2c40%/layer+{PICK}", f"q2c65%/layer+{PICK}")
 CANDIDATES = ("vq4x1", "vq8x2", "vq8x1")
 K = 256
 ITERS = 8
@@ -153,7 +154,7 @@ def main() -> int:
                split=args.split, shard=tuple(int(x) for x in args.shard.split("/")), task=args.task)
     if args.shard != "0/1":
         return 0
-    write_paired(args.name, [("int2-g64-sink1", n) for n in names])
+    write_paired(args.name, [(INT2, n) for n in names])
     return 0
 
 

@@ -1,53 +1,48 @@
-"""CPU screen (issue 7), not part of the package: bits per layer and per K/V from measured sensitivity vs
-uniform K4/V3 or INT3, fake-quantized in groups of 64 with an fp16 sink, under per-layer Q2C selection.
+"""CPU screen (issue 7): bits per layer and per K/V from measured sensitivity vs uniform K4/V3 or INT3,
+fake-quantized by kvlink's INT quantizer (research/fake_quant.py) in groups of 64 with an fp16 sink, under
+per-layer Q2C selection.
 
 Sensitivity: a JSON [[K per layer], [V per layer]] of the KL each tensor alone causes at 2 bits, measured on
-held-out questions (bench/sensitivity.py). Allocation: every tensor starts at 2 bits; the upgrade with the
-largest predicted KL drop per added bit goes next (predicted KL at b bits = KL2 * 4^-(b - 2)) until the
-average reaches the target.
+held-out questions (research/screen_sensitivity.py), or a kvlink profile (`kvlink-bench sensitivity`,
+kvlink/data/sensitivity/). Allocation: kvlink.layerbits.Sensitivity.allocate (every tensor starts at 2 bits;
+the upgrade with the largest predicted KL drop per added bit goes next, predicted KL at b bits =
+KL2 * 4^-(b - 2), through the widths 2/3/4/8, until the average reaches the target). The run8 screen also
+allowed 5- and 6-bit steps (`layerR-mix3.5`, `layer100-mix3`); kvlink has no INT5/INT6, so those schemes
+are gone (research/README.md).
 
-usage: python bench/screen_mix.py N SENSITIVITY.json OUT.json
+usage: python research/screen_mix.py N SENSITIVITY.json OUT.json
 """
 
+import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
-from screen_heads import head_sets, minmax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_quant import fake_quant
+from screen_heads import head_sets
 
 from kvlink.cache import ContextKV, Observe, prefill_observations
 from kvlink.eval import fidelity
 from kvlink.eval.tasks import squad_examples
+from kvlink.layerbits import Sensitivity
 from kvlink.models import load_model
 from kvlink.prompt import question_rows
 from kvlink.select.base import keep_count
 from kvlink.select.q2c import Q2C
 
-STEPS = (2, 3, 4, 5, 6, 8)
 
-
-def allocate(sens, average, steps=STEPS):
-    """Bits per (kind, layer): greedy on predicted KL drop per added bit until the mean reaches `average`."""
-    bits = [[2] * len(sens[0]) for _ in sens]
-    budget = round(average * 2 * len(sens[0])) - 2 * 2 * len(sens[0])
-    while True:
-        best = None
-        for kind in range(2):
-            for layer, b in enumerate(bits[kind]):
-                if b == steps[-1]:
-                    continue
-                nb = steps[steps.index(b) + 1]
-                if nb - b > budget:
-                    continue
-                gain = sens[kind][layer] * (4.0 ** -(b - 2) - 4.0 ** -(nb - 2)) / (nb - b)
-                if best is None or gain > best[0]:
-                    best = (gain, kind, layer, nb)
-        if best is None:
-            return bits
-        _, kind, layer, nb = best
-        budget -= nb - bits[kind][layer]
-        bits[kind][layer] = nb
+def load_sensitivity(path):
+    """A screen's [[K per layer], [V per layer]] at 2 bits, or a kvlink profile file."""
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, dict):
+        return Sensitivity.load(path)
+    return Sensitivity("screen", data[0], data[1], bits=2, source=str(path))
 
 
 def build(kv, sets, kbits, vbits):
@@ -56,7 +51,7 @@ def build(kv, sets, kbits, vbits):
         k = torch.gather(kv.keys[layer], 1, idx[..., None].expand(-1, -1, kv.head_dim))
         v = torch.gather(kv.values[layer], 1, idx[..., None].expand(-1, -1, kv.head_dim))
         for x, b, axis in ((k, kbits[layer], "channel"), (v, vbits[layer], "token")):
-            x[:, 1:] = minmax(x[:, 1:].clone(), b, 64, axis)
+            x[:, 1:] = fake_quant(x[:, 1:].clone(), b, 64, axis)
         keys.append(k)
         values.append(v)
         positions.append(idx[0])
@@ -64,18 +59,20 @@ def build(kv, sets, kbits, vbits):
 
 
 def main():
-    n, sens_path, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    with open(sens_path) as f:
-        sens = json.load(f)
-    L = len(sens[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", type=int, help="the first N answerable SQuAD questions")
+    ap.add_argument("sensitivity", help="[[K per layer], [V per layer]] at 2 bits, or a kvlink profile")
+    ap.add_argument("out", help="output JSON")
+    args = ap.parse_args()
+    n, out_path = args.n, args.out
+    sens = load_sensitivity(args.sensitivity)
+    L = sens.num_layers
     schemes = {}
     for r in (0.4, 0.9, 1.0):
         schemes[f"layer{int(r * 100)}-k4v3"] = (r, [4] * L, [3] * L)
-        schemes[f"layer{int(r * 100)}-mix3.5"] = (r, *allocate(sens, 3.5))
-        schemes[f"layer{int(r * 100)}-mix3.5-2348"] = (r, *allocate(sens, 3.5, (2, 3, 4, 8)))
+        schemes[f"layer{int(r * 100)}-mix3.5-2348"] = (r, *sens.allocate(3.5))
     schemes["layer100-int3"] = (1.0, [3] * L, [3] * L)
-    schemes["layer100-mix3"] = (1.0, *allocate(sens, 3.0))
-    schemes["layer100-mix3-2348"] = (1.0, *allocate(sens, 3.0, (2, 3, 4, 8)))
+    schemes["layer100-mix3-2348"] = (1.0, *sens.allocate(3.0))
     for name, (_, kb, vb) in schemes.items():
         print(name, "K", kb, "V", vb)
     torch.manual_seed(0)

@@ -1,11 +1,25 @@
-"""CPU screen (issue 7), not part of the package: fake-quantized caches under candidate schemes; fidelity and KL on N SQuAD questions."""
+"""CPU screen (issue 7): fake-quantized caches under candidate schemes; fidelity and KL on N SQuAD questions.
 
+Min/max INT schemes (`intB`, `kb=`/`vb=`, `mix`) go through kvlink's INT quantizer (research/fake_quant.py:
+INT8/4/3/2 only); the per-channel and per-row widths (`ka`, `kg`, `va`), GPTQ rounding (`gq`, `gv`), ECSQ
+and VQ are this screen's own prototypes (research/README.md says what each became in kvlink).
+
+usage: python research/screen_fakequant.py N "scheme;scheme;..." [out.json]
+(bench/results/screen-cpu/README.md lists the schemes and the runs.)
+"""
+
+import argparse
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_quant import fake_quant
 
 from kvlink.cache import ContextKV, Observe, prefill, prefill_observations
 from kvlink.eval import fidelity
@@ -15,7 +29,16 @@ from kvlink.prompt import question_rows
 from kvlink.rotation import rotate, unrotate
 from kvlink.select.q2c import Q2C
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+DEFAULT_SCHEMES = (
+    "int8;int4;int4,sink=1;int4,out=0.01;int4,pre=1;int4,pre=1,sink=1,out=0.01;"
+    "ecsq,a=0.3;ecsq,a=0.15;ecsq,a=0.3,pre=1"
+)
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("n", type=int, nargs="?", default=30, help="the first N answerable SQuAD questions")
+ap.add_argument("schemes", nargs="?", default=DEFAULT_SCHEMES, help='"scheme;scheme;..."')
+ap.add_argument("out", nargs="?", default="screen.json")
+ARGS = ap.parse_args()
+N = ARGS.n
 torch.manual_seed(0)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.set_default_device(DEVICE)
@@ -34,25 +57,6 @@ def rope_cs(T):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def minmax(x, bits, g, axis):
-    """x (H,T,D). axis channel: groups of g tokens per channel; token: groups of g channels per token."""
-    H, T, D = x.shape
-    levels = 2**bits - 1
-    if axis == "channel":
-        pad = (-T) % g
-        xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan"))
-        xg = xp.view(H, -1, g, D)
-        lo = torch.nan_to_num(xg, nan=float("inf")).amin(2, keepdim=True)
-        hi = torch.nan_to_num(xg, nan=float("-inf")).amax(2, keepdim=True)
-        s = ((hi - lo) / levels).clamp_min(1e-8)
-        y = (torch.round((xg - lo) / s).clamp(0, levels) * s + lo).view(H, -1, D)[:, :T]
-        return y
-    xg = x.view(H, T, D // g, g)
-    lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    s = ((hi - lo) / levels).clamp_min(1e-8)
-    return (torch.round((xg - lo) / s).clamp(0, levels) * s + lo).view(H, T, D)
 
 
 def with_outliers(x, frac, quant):
@@ -411,7 +415,7 @@ def scheme(name, kv, cs):
                     kbits = token_bits(body, weight, float(opts.get("vmean", b)), floor=int(opts.get("vmin", 0)))
                     yb = minmax_tokens(body, kbits)
                 else:
-                    yb = with_outliers(body, out_frac, lambda z: minmax(z, b, g, axis))
+                    yb = with_outliers(body, out_frac, lambda z: fake_quant(z, b, g, axis))
                 mean_b = float(kbits.double().mean()) if torch.is_tensor(kbits) else b
                 bits = body.numel() * (mean_b + 32 / g) + out_frac * body.numel() * 32
                 if which == "v" and opts.get("va", "0") != "0":
@@ -427,8 +431,8 @@ def scheme(name, kv, cs):
                 yb = torch.empty_like(src)
                 gh = 32 if axis == "channel" else min(32, D)
                 gl = lg if axis == "channel" else min(lg, D)
-                yb[:, ~lo_mask] = minmax(src[:, ~lo_mask], hb, gh, axis)
-                yb[:, lo_mask] = minmax(src[:, lo_mask], lb, gl, axis)
+                yb[:, ~lo_mask] = fake_quant(src[:, ~lo_mask], hb, gh, axis)
+                yb[:, lo_mask] = fake_quant(src[:, lo_mask], lb, gl, axis)
                 if rot:
                     yb = unrotate(yb, 0, layer, which)
                 n_hi = int((~lo_mask).sum()) * H * D
@@ -460,10 +464,7 @@ def scheme(name, kv, cs):
     return ContextKV(keys, values, kv.positions, kv.length), total_bits / n
 
 
-SCHEMES = sys.argv[2].split(";") if len(sys.argv) > 2 else [
-    "int8", "int4", "int4,sink=1", "int4,out=0.01", "int4,pre=1", "int4,pre=1,sink=1,out=0.01",
-    "int5", "int6", "ecsq,a=0.3", "ecsq,a=0.15", "ecsq,a=0.3,pre=1",
-]
+SCHEMES = ARGS.schemes.split(";")
 examples = squad_examples(limit=N)
 res = {s: {"fid": [], "kl": [], "bits": []} for s in SCHEMES}
 t0 = time.time()
@@ -505,6 +506,7 @@ for i, ex in enumerate(examples):
     print(i, f"{time.time() - t0:.0f}s", flush=True)
 for s in SCHEMES:
     r = res[s]
-    m = lambda v: sum(v) / len(v)  # noqa
+    m = lambda v: sum(v) / len(v)  # noqa: E731
     print(f"{s:40s} bits/elt {m(r['bits']):5.2f} ({m(r['bits']) / 16 * 100:5.1f}%)  fid {m(r['fid']):.3f}  kl {m(r['kl']):.4f}")
-json.dump(res, open(sys.argv[3] if len(sys.argv) > 3 else "screen.json", "w"))
+with open(ARGS.out, "w") as f:
+    json.dump(res, f)

@@ -1,14 +1,20 @@
-"""CPU screen (issue 7), not part of the package: Q2C kept sets per layer vs per KV head (the same count
-in every head), each with and without fake-quantized K4/V3 g64 + sink.
+"""CPU screen (issue 7): Q2C kept sets per layer vs per KV head (the same count in every head), each with
+and without K4/V3 g64 + sink fake-quantized by kvlink's INT quantizer (research/fake_quant.py).
 
-usage: python bench/screen_heads.py N RETENTIONS OUT.json     (RETENTIONS e.g. 0.4,0.9)
+usage: python research/screen_heads.py N RETENTIONS OUT.json     (RETENTIONS e.g. 0.4,0.9)
 """
 
+import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_quant import fake_quant
 
 from kvlink.cache import ContextKV, Observe, prefill_observations
 from kvlink.eval import fidelity
@@ -19,29 +25,12 @@ from kvlink.select.base import keep_count
 from kvlink.select.q2c import Q2C
 
 
-def minmax(x, bits, g, axis):
-    """Fake min/max quantization of x (H, T, D): keys per channel in groups of g tokens, values per token."""
-    H, T, D = x.shape
-    levels = 2**bits - 1
-    if axis == "channel":
-        pad = (-T) % g
-        xg = torch.nn.functional.pad(x, (0, 0, 0, pad), value=float("nan")).view(H, -1, g, D)
-        lo = torch.nan_to_num(xg, nan=float("inf")).amin(2, keepdim=True)
-        hi = torch.nan_to_num(xg, nan=float("-inf")).amax(2, keepdim=True)
-    else:
-        xg = x.view(H, T, D // g, g)
-        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    s = ((hi - lo) / levels).clamp_min(1e-8)
-    y = torch.round((xg - lo) / s).clamp(0, levels) * s + lo
-    return y.view(H, -1, D)[:, :T] if axis == "channel" else y.view(H, T, D)
-
-
 def quantize(x, which, bits=None):
     """K4/V3 (or `bits`) in groups of 64, the first kept entry (position 0, always kept) at fp16."""
     y = x.clone()
     axis = "channel" if which == "k" else "token"
     bits = bits or (4 if which == "k" else 3)
-    y[:, 1:] = minmax(x[:, 1:], bits, 64, axis)
+    y[:, 1:] = fake_quant(x[:, 1:], bits, 64, axis)
     return y
 
 
@@ -67,9 +56,14 @@ def build(kv, sets, quant):
 
 
 def main():
-    N = int(sys.argv[1])
-    RETENTIONS = [float(r) for r in sys.argv[2].split(",")]
-    OUT = sys.argv[3]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("n", type=int, help="the first N answerable SQuAD questions")
+    ap.add_argument("retentions", help="comma-separated kept fractions, e.g. 0.4,0.9")
+    ap.add_argument("out", help="output JSON")
+    args = ap.parse_args()
+    N = args.n
+    RETENTIONS = [float(r) for r in args.retentions.split(",")]
+    OUT = args.out
     torch.manual_seed(0)
     lm = load_model(None, "cpu", "fp32")
     model, tok = lm.model, lm.tokenizer

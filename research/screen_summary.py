@@ -1,7 +1,8 @@
-"""CPU screen (issue 7), not part of the package: Q2C per layer, the dropped positions merged into one
-summary entry per layer and KV head instead of dropped; fidelity and KL at fp16 on N SQuAD questions.
+"""CPU screen (issue 7): Q2C per layer, the dropped positions merged into one summary entry per layer and
+KV head instead of dropped; fidelity and KL at fp16 on N SQuAD questions. (Was bench/screen_merge.py;
+issue 24's token merging, nearest kept position, is research/screen_merge.py.)
 
-usage: [START=k] python bench/screen_merge.py N "scheme;scheme;..." out.json   (questions k..N-1)
+usage: [START=k] python research/screen_summary.py N "scheme;scheme;..." out.json   (questions k..N-1)
 scheme: drop,r=0.4[,obs=words|all|tail] | merge,r=0.4,k=mean|lse,lam=0.1
   obs: the question rows Q2C observes: its own words (the sender's default), every question row (the chat
   template around it too), or its words and every row after them (the assistant prompt the answer follows)
@@ -11,9 +12,9 @@ scheme: drop,r=0.4[,obs=words|all|tail] | merge,r=0.4,k=mean|lse,lam=0.1
          ridge lam (relative to the mean diagonal) toward the weighted mean key.
 """
 
+import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -26,8 +27,13 @@ from kvlink.prompt import question_rows
 from kvlink.select.base import attention_to_context
 from kvlink.select.q2c import Q2C
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-SCHEMES = sys.argv[2].split(";")
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("n", type=int, nargs="?", default=30, help="questions START..N-1 (START: environment, default 0)")
+ap.add_argument("schemes", nargs="?", default="drop,r=0.4;merge,r=0.4,k=mean", help='"scheme;scheme;..."')
+ap.add_argument("out", nargs="?", default="screen-merge.json")
+ARGS = ap.parse_args()
+N = ARGS.n
+SCHEMES = ARGS.schemes.split(";")
 torch.manual_seed(0)
 lm = load_model(None, "cpu", "fp32")
 model, tok = lm.model, lm.tokenizer
@@ -110,5 +116,5 @@ for s in SCHEMES:
     r = res[s]
     m = lambda x: sum(x) / len(x)  # noqa: E731
     print(f"{s:40s} fid {m(r['fid']):.3f}  kl {m(r['kl']):.4f}")
-with open(sys.argv[3] if len(sys.argv) > 3 else "screen-merge.json", "w") as f:
+with open(ARGS.out, "w") as f:
     json.dump(res, f)
