@@ -30,8 +30,8 @@ $(PROTO_OUT): proto/kvlink/v2/kvlink.proto $(STAMP)
 proto: $(PROTO_OUT)
 
 lint: install
-	$(VENV)/bin/ruff check kvlink server client tests
-	$(VENV)/bin/ruff format --check kvlink server client tests
+	$(VENV)/bin/ruff check kvlink tests
+	$(VENV)/bin/ruff format --check kvlink tests
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 import httpx
 
-from client.sender import SendError, ask, channel_options, transfer
 from kvlink import wire
 from kvlink.cache import prefill
+from kvlink.client.sender import SendError, ask, channel_options, transfer
 from kvlink.codec import Codec
 from kvlink.eval.bench_abuse import bearer, bomb_frames, decode_bomb, positions_frames, rows_frames, send_raw
 from kvlink.eval.squad import load_squad
@@ -34,7 +34,7 @@ from kvlink.generate import greedy_answer
 from kvlink.models import load_model
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
-from server.local import free_port
+from kvlink.server.local import free_port
 
 MIB = 1 << 20
 TOKEN = "bench-token-" + "x" * 16
@@ -58,7 +58,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "server.main",
+        "kvlink.server.main",
         "--port",
         str(port),
         "--rest-port",

@@ -2,7 +2,7 @@
 
 Starts a receiver (`kvlink-serve`) in a subprocess on free ports, waits until
 it is healthy, sends a SQuAD context and question at an 18.75% budget through
-the sender library (client.sender: prefill, plan, stream, ask), prints the
+the sender library (kvlink.client.sender: prefill, plan, stream, ask), prints the
 answer and the byte/time tables, prints a line of the receiver's REST
 /v1/stats, and stops the receiver.
 
@@ -105,9 +105,9 @@ def run_networked(example_index: int = 0, budget: str = "18.75%", max_new_tokens
     """Receiver in a subprocess, sender here; returns the receiver's exit status."""
     import httpx
 
-    from client.main import print_result
-    from client.sender import send_context
-    from server.local import LocalReceiver
+    from kvlink.client.main import print_result
+    from kvlink.client.sender import send_context
+    from kvlink.server.local import LocalReceiver
 
     console = make_console()  # piped (make demo in CI): complete lines, never cut to 80 columns
     log = Path(tempfile.mkdtemp(prefix="kvlink-demo-")) / "kvlink-serve.log"

@@ -16,8 +16,8 @@ answer_s, ...). The registry is thread-safe; it keeps the last `max_records`
 messages (and at most `max_bytes` of them: texts are stored cut to
 MAX_STORED_TEXT characters) for the per-message views, and cumulative totals
 that are never dropped. Records belong to an owner (the identity that sent the
-message, server.guard): message ids are unique per owner, and the views can be
-narrowed to one owner. No web code lives here: server/rest.py serves it.
+message, kvlink.server.guard): message ids are unique per owner, and the views can be
+narrowed to one owner. No web code lives here: kvlink/server/rest.py serves it.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def aggregate(
 
 # --- registry -----------------------------------------------------------------------------
 class MetricsListener(Protocol):
-    """Told about every event as it is recorded (server/rest.py feeds Prometheus this way)."""
+    """Told about every event as it is recorded (kvlink/server/rest.py feeds Prometheus this way)."""
 
     def on_message(self, record: MessageRecord) -> None: ...
     def on_answer(self, record: MessageRecord, ask: AskRecord) -> None: ...

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from server.local import free_port as free_port  # re-exported for the tests
+from kvlink.server.local import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ class Receiver:
 
     def start(self, env: dict[str, str] | None = None) -> None:
         """Start (or start again, same ports and flags); the log is appended to."""
-        cmd = [sys.executable, "-m", "server.main", "--port", str(self.port), "--rest-port", str(self.rest_port),
+        cmd = [sys.executable, "-m", "kvlink.server.main", "--port", str(self.port), "--rest-port", str(self.rest_port),
                *self.args]  # fmt: skip
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -22,7 +22,7 @@ from kvlink.answer import FINISH_REASONS, GenerationOptions, generate_answer, tu
 from kvlink.cache import prefill
 from kvlink.generate import greedy_answer
 from kvlink.prompt import context_ids, question_ids
-from server.guard import FairLock
+from kvlink.server.guard import FairLock
 
 
 class CountingLock:

@@ -325,10 +325,10 @@ def test_receiver_memory_figures() -> None:
 
     from kvlink.metrics import MetricsRegistry
     from kvlink.models import load_model
-    from server.guard import Guard, Identity
-    from server.rest import create_app
-    from server.service import KVLinkService
-    from server.store import SessionStore
+    from kvlink.server.guard import Guard, Identity
+    from kvlink.server.rest import create_app
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
 
     tenants = {"op-token": Identity("ops", operator=True), "alice-token": Identity("alice")}
     service = KVLinkService(load_model(TINY), SessionStore(), MetricsRegistry(), guard=Guard(tenants=tenants))

@@ -286,7 +286,7 @@ def test_sink_entries_are_planned_only_where_measured_and_readable(prefilled: tu
 
 
 def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
-    from client.sender import SendError, _for_receiver
+    from kvlink.client.sender import SendError, _for_receiver
 
     g = Geometry(num_layers=2, kv_heads=1, head_dim=64, q_heads=1)
     old = _old_receiver(("int4",))
@@ -298,7 +298,7 @@ def test_sender_narrows_constraints_to_the_receivers_rotations() -> None:
 
 
 def test_planner_sends_only_formats_the_receiver_decodes(prefilled: tuple[Any, Any]) -> None:
-    from client.sender import SendError, _for_receiver
+    from kvlink.client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
     no_int3 = _old_receiver(("fp16", "int8", "int4", "int2"), ("q2c",))
@@ -323,7 +323,7 @@ def test_planner_sends_only_formats_the_receiver_decodes(prefilled: tuple[Any, A
 
 
 def test_kvlink_send_flags_become_planner_constraints() -> None:
-    from client.main import build_parser, constraints_from_args
+    from kvlink.client.main import build_parser, constraints_from_args
 
     args = build_parser().parse_args(
         ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q",
@@ -372,7 +372,7 @@ def test_query_rounding_is_planned_only_where_measured_better(prefilled: tuple[A
 
 
 def test_round_k_constraint_and_observation() -> None:
-    from client.main import build_parser, constraints_from_args
+    from kvlink.client.main import build_parser, constraints_from_args
 
     with pytest.raises(ValueError, match="round_k must be one of"):
         Constraints(round_k="stochastic")
@@ -395,7 +395,7 @@ def test_round_k_constraint_and_observation() -> None:
 def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tuple[Any, Any]) -> None:
     """Per-channel key widths cost 4 bits per channel and head: taken only where the table measured the
     twin better, never from a prior, never to a receiver without the formats, never when ruled out."""
-    from client.sender import SendError, _for_receiver
+    from kvlink.client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
     base = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=4)
@@ -431,8 +431,8 @@ def test_planner_sends_key_widths_only_where_measured_and_decoded(prefilled: tup
 def test_planner_sends_value_widths_only_where_measured_and_decoded(prefilled: tuple[Any, Any]) -> None:
     """Per-token value widths (4 bits per row and head): like key widths, taken only where the table
     measured the twin better, alone or with the key twins, and never to a receiver without the formats."""
-    from client.main import build_parser, constraints_from_args
-    from client.sender import SendError, _for_receiver
+    from kvlink.client.main import build_parser, constraints_from_args
+    from kvlink.client.sender import SendError, _for_receiver
 
     lm, pre = prefilled
     base = build(selector="q2c", retention=0.5, scope="layer", k_bits=4, v_bits=3)

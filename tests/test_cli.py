@@ -25,11 +25,11 @@ import grpc
 import pytest
 import torch
 
-import client.ask as client_ask
-import client.main as client_main
+import kvlink.client.ask as client_ask
+import kvlink.client.main as client_main
 from kvlink import cli
+from kvlink.server.main import build_parser as serve_parser
 from netutil import free_port
-from server.main import build_parser as serve_parser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,7 +161,7 @@ def test_every_kvlink_serve_flag_is_a_setting(tmp_path: Path) -> None:
 def test_help_shows_true_defaults_without_noise() -> None:
     for module, wanted in (
         (
-            "server.main",
+            "kvlink.server.main",
             [
                 "auto (the default): 70%",
                 "auto (the default): the smaller",
@@ -169,8 +169,11 @@ def test_help_shows_true_defaults_without_noise() -> None:
                 "KVLINK_MAX_CACHED_BYTES",
             ],
         ),
-        ("client.main", ["(default: 120.0)", "--temperature", "--top-p", "--stop TEXT", "--keep, --no-keep"]),
-        ("client.ask", ["--message ID", "--session SID", "--release"]),
+        (
+            "kvlink.client.main",
+            ["(default: 120.0)", "--temperature", "--top-p", "--stop TEXT", "--keep, --no-keep"],
+        ),
+        ("kvlink.client.ask", ["--message ID", "--session SID", "--release"]),
     ):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
@@ -218,12 +221,12 @@ def test_kvlink_send_shows_no_loading_bar_at_its_default_level(tmp_path: Path) -
     """The model loads (the receiver is faked reachable) and nothing about "Loading weights" reaches stderr."""
     script = tmp_path / "run.py"
     script.write_text(
-        "import client.sender, client.main, sys\n"
+        "import kvlink.client.sender, kvlink.client.main, sys\n"
         "async def ok(*a, **k): pass\n"
-        "client.sender.probe = ok\n"
+        "kvlink.client.sender.probe = ok\n"
         "def stop(*a, **k): raise SystemExit(7)\n"
-        "client.sender.send_context = stop\n"
-        "sys.exit(client.main.main(sys.argv[1:]))\n"
+        "kvlink.client.sender.send_context = stop\n"
+        "sys.exit(kvlink.client.main.main(sys.argv[1:]))\n"
     )
     context = tmp_path / "c.txt"
     context.write_text("Normandy is in France.")
@@ -249,7 +252,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
         return None
 
     monkeypatch.setattr("kvlink.models.load_model", load)
-    monkeypatch.setattr("client.sender.probe", reachable)
+    monkeypatch.setattr("kvlink.client.sender.probe", reachable)
     yield calls
     assert calls == [], "no model may be loaded before a refusal"
 
@@ -363,7 +366,7 @@ def test_kvlink_ask_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) ->
 # --- kvlink-serve: refusals before any model load ------------------------------------------------------------------
 def _serve(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.main", *argv],
+        [sys.executable, "-m", "kvlink.server.main", *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -436,7 +439,7 @@ def test_kvlink_serve_settings_errors_name_their_source(tmp_path: Path) -> None:
     proc = _serve("--config", str(config))
     assert proc.returncode == 2 and "max-cached-bytes: expected a size like 4GiB" in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "server.main"], cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "kvlink.server.main"], cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**__import__("os").environ, "KVLINK_MAX_MESSAGE_BYTES": "0"},
     )  # fmt: skip
     assert (
@@ -446,7 +449,7 @@ def test_kvlink_serve_settings_errors_name_their_source(tmp_path: Path) -> None:
 
 def test_probe_port_then_exclusive_bind() -> None:
     """The receiver's own grpc port is exclusive: a plain grpc server cannot share it once it is taken."""
-    from server.main import GRPC_SERVER_OPTIONS
+    from kvlink.server.main import GRPC_SERVER_OPTIONS
 
     async def run() -> None:
         mine = grpc.aio.server(options=GRPC_SERVER_OPTIONS)

@@ -260,7 +260,7 @@ from kvlink.cache import ContextKV
 from kvlink.codec import Codec, decode_cost
 from kvlink.recipe import Recipe, build
 from kvlink.models import Geometry
-from server.memory import return_freed_memory_promptly
+from kvlink.server.memory import return_freed_memory_promptly
 return_freed_memory_promptly()  # as kvlink-serve does at start-up
 config, tokens = eval(sys.argv[1]), int(sys.argv[2])
 g = Geometry(num_layers=30, kv_heads=3, head_dim=64, q_heads=9)

@@ -642,21 +642,21 @@ def argv_of(source: str, objects: list[dict[str, Any]], compose: dict[str, Any])
         flavor = source.split(".", 1)[1]
         final = stages(parse_dockerfile(DOCKERFILES[flavor]))[-1]
         cmd = exec_form(next(i for i in final if i.keyword == "CMD"))
-        return "server.main", entrypoint(flavor)[1:] + cmd
+        return "kvlink.server.main", entrypoint(flavor)[1:] + cmd
     if source == "compose.yaml receiver":
         receiver = [interpolate(str(a)) for a in compose["services"]["receiver"]["command"]]
-        return "server.main", entrypoint("cpu")[1:] + receiver
+        return "kvlink.server.main", entrypoint("cpu")[1:] + receiver
     if source == "k8s deployment":
-        return "server.main", entrypoint("cuda")[1:] + k8s_argv(objects)
+        return "kvlink.server.main", entrypoint("cuda")[1:] + k8s_argv(objects)
     assert source == "compose.yaml sender", source
-    return "client.main", [interpolate(str(a)) for a in compose["services"]["sender"]["command"]]
+    return "kvlink.client.main", [interpolate(str(a)) for a in compose["services"]["sender"]["command"]]
 
 
 @pytest.mark.parametrize("source", ARGV_SOURCES)
 def test_flags_exist_in_help(source: str, objects: list[dict[str, Any]], compose: dict[str, Any]) -> None:
     module, argv = argv_of(source, objects, compose)
     missing = _flags(argv) - help_flags(module)
-    program = "kvlink-serve" if module == "server.main" else "kvlink-send"
+    program = "kvlink-serve" if module == "kvlink.server.main" else "kvlink-send"
     assert not missing, f"{source} uses flags that `{program} --help` does not list: {sorted(missing)}"
 
 
@@ -666,7 +666,7 @@ def test_arguments_parse(
 ) -> None:
     module, argv = argv_of(source, objects, compose)
     args = parse_with(module, argv, capsys)
-    if module == "server.main":
+    if module == "kvlink.server.main":
         assert args.host == "0.0.0.0" and args.rest_host == "0.0.0.0", (
             "inside a container, bind all interfaces"
         )

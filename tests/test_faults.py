@@ -33,17 +33,24 @@ import grpc
 import httpx
 import pytest
 
-from client.sender import SendError, TransferResult, ask, channel_options, transfer, transfer_with_retries
 from kvlink import wire
 from kvlink.cache import Observe, prefill
+from kvlink.client.sender import (
+    SendError,
+    TransferResult,
+    ask,
+    channel_options,
+    transfer,
+    transfer_with_retries,
+)
 from kvlink.codec import Codec, EncodedKV
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
+from kvlink.server.store import kv_nbytes
 from netutil import Fault, FaultProxy, Receiver, can_bind, free_port, serving, settle
-from server.store import kv_nbytes
 
 STALL_S = 3.0
 MAX_CALLS, PER_PEER = 24, 20

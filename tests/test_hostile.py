@@ -39,9 +39,9 @@ import httpx
 import pytest
 import torch
 
-from client.sender import SendError, ask, channel_options, release, transfer
 from kvlink import wire
 from kvlink.cache import Observe, prefill
+from kvlink.client.sender import SendError, ask, channel_options, release, transfer
 from kvlink.codec import Codec, EncodedKV, decode_cost
 from kvlink.eval.bench_abuse import bearer, bomb_frames, decode_bomb, positions_frames, rows_frames
 from kvlink.eval.squad import load_squad

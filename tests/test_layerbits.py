@@ -249,7 +249,7 @@ def test_tampered_layer_bits_are_refused() -> None:
 
 
 def test_sender_drops_layer_bits_for_a_receiver_without_them() -> None:
-    from client.sender import _for_receiver
+    from kvlink.client.sender import _for_receiver
 
     profile = _tiny_profile(G.num_layers)
     old = frozenset({"format:int4", "zstd"})  # the widths of no allocation but INT4
@@ -316,7 +316,7 @@ def test_planner_weighs_allocations_only_where_measured(prefilled: tuple[Any, An
 
 
 def test_kvlink_send_can_rule_out_layer_bits() -> None:
-    from client.main import build_parser, constraints_from_args
+    from kvlink.client.main import build_parser, constraints_from_args
 
     base = ["--server", "h:1", "--budget", "10%", "--context", "-", "--question", "q"]
     assert constraints_from_args(build_parser().parse_args(base)).layer_bits is True

@@ -28,12 +28,12 @@ import grpc
 import pytest
 import torch
 
-import client.main as client_main
-from client.sender import SendError, hello, send_context
+import kvlink.client.main as client_main
 from conftest import ToyTokenizer, random_ids, tiny_model
 from kvlink import kernels
 from kvlink.budget import Constraints, observe_for, window_for
 from kvlink.cache import Observe, prefill
+from kvlink.client.sender import SendError, hello, send_context
 from kvlink.codec import Codec
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
@@ -401,7 +401,7 @@ def test_a_bad_config_name_through_the_script(tmp_path: Path) -> None:
     context = tmp_path / "context.txt"
     context.write_text("Normandy is a region in France.")
     proc = subprocess.run(
-        [sys.executable, "-m", "client.main", "--server", f"127.0.0.1:{free_port()}", "--context", str(context),
+        [sys.executable, "-m", "kvlink.client.main", "--server", f"127.0.0.1:{free_port()}", "--context", str(context),
          "--question", "Where?", "--budget", "50%", "--config", "q2c50%+kint4c/vint4t-g32+bogus7", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

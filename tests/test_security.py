@@ -22,13 +22,12 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import client.ask as client_ask
-import client.main as client_main
-from client.sender import ClientSecurity, SendError, ask, hello, transfer
+import kvlink.client.ask as client_ask
+import kvlink.client.main as client_main
 from kvlink import wire
+from kvlink.client.sender import ClientSecurity, SendError, ask, hello, transfer
 from kvlink.models import LoadedModel
-from netutil import Pki, Receiver, free_port, make_pki, serving
-from server.guard import (
+from kvlink.server.guard import (
     ANONYMOUS,
     SINGLE,
     Busy,
@@ -41,8 +40,9 @@ from server.guard import (
     peer_host,
     read_tenants,
 )
-from server.main import build_parser, load_security
-from server.main import main as serve_main
+from kvlink.server.main import build_parser, load_security
+from kvlink.server.main import main as serve_main
+from netutil import Pki, Receiver, free_port, make_pki, serving
 
 CONTEXT = "Normandy is a region in France. Its capital is Rouen, on the river Seine."
 QUESTION = "What is the capital of Normandy?"

@@ -1,8 +1,8 @@
 """kvlink-serve and kvlink-send end to end over loopback with the embedded model, plus the in-process parts.
 
-One receiver runs in a subprocess for the whole module (`kvlink-serve` via `python -m server.main`,
+One receiver runs in a subprocess for the whole module (`kvlink-serve` via `python -m kvlink.server.main`,
 free ports, a 16 MiB --max-message-bytes so that "over the limit" is cheap to provoke). The sender
-runs in this process through client.sender. Bytes are measured at the socket by a byte-counting TCP
+runs in this process through kvlink.client.sender. Bytes are measured at the socket by a byte-counting TCP
 proxy that carries ONLY the Transfer call of a message (its own connection, so the count covers the
 whole connection: HTTP/2 preface, SETTINGS, HEADERS, DATA, WINDOW_UPDATE, PING, GOAWAY); Hello and
 Ask go directly to the receiver and are not counted.
@@ -30,12 +30,12 @@ import torch
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import client.main as client_main
-from client.sender import SendError, ask, fit_context, hello, release, send_context, transfer
+import kvlink.client.main as client_main
 from kvlink import wire
 from kvlink.answer import GenerationOptions
 from kvlink.budget import parse_budget
 from kvlink.cache import ContextKV, Observe, Prefill, prefill
+from kvlink.client.sender import SendError, ask, fit_context, hello, release, send_context, transfer
 from kvlink.codec import Codec, EncodedKV, Part
 from kvlink.eval.squad import QAExample, load_squad
 from kvlink.generate import greedy_answer
@@ -51,10 +51,10 @@ from kvlink.metrics import (
 from kvlink.models import Geometry, LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import Recipe, build
+from kvlink.server.rest import create_app
+from kvlink.server.service import KVLinkService
+from kvlink.server.store import SessionStore, StoreBusy, kv_nbytes
 from netutil import Receiver, free_port, serving
-from server.rest import create_app
-from server.service import KVLinkService
-from server.store import SessionStore, StoreBusy, kv_nbytes
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_MESSAGE_BYTES = 16 << 20
@@ -578,7 +578,7 @@ def test_the_cli_refuses_a_bad_budget_with_exit_2(
     context.write_text("Normandy is a region in France.")
     argv = ["--server", server.target, "--context", str(context), "--question", "Where?"]
     proc = subprocess.run(
-        [sys.executable, "-m", "client.main", *argv, "--budget", "150%"],
+        [sys.executable, "-m", "kvlink.client.main", *argv, "--budget", "150%"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
@@ -643,15 +643,15 @@ async def test_follow_up_questions_over_grpc_and_rest_and_releasing(
     )
     assert sent.kept_on_receiver and sent.answer.finish_reason in ("eos", "length")
     follow_up = "What is the capital of Normandy?"
-    proc = _cli("client.ask", "--server", server.target, "--message", sent.message_id, "--json",
+    proc = _cli("kvlink.client.ask", "--server", server.target, "--message", sent.message_id, "--json",
                 "--max-new-tokens", "8", follow_up)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     by_grpc = json.loads(proc.stdout)
     assert by_grpc["message_id"] == sent.message_id and by_grpc["answer"] and by_grpc["finish_reason"]
-    plain = _cli("client.ask", "--server", server.target, "--message", sent.message_id,
+    plain = _cli("kvlink.client.ask", "--server", server.target, "--message", sent.message_id,
                  "--session", sent.session_id, "--max-new-tokens", "8", follow_up)  # fmt: skip
     assert plain.returncode == 0 and plain.stdout.startswith(f"answer: {by_grpc['answer']}"), plain
-    wrong_session = _cli("client.ask", "--server", server.target, "--message", sent.message_id,
+    wrong_session = _cli("kvlink.client.ask", "--server", server.target, "--message", sent.message_id,
                          "--session", "another-session", follow_up)  # fmt: skip
     assert wrong_session.returncode == 1 and "NOT_FOUND" in wrong_session.stderr
 
@@ -670,7 +670,9 @@ async def test_follow_up_questions_over_grpc_and_rest_and_releasing(
     assert freed.status_code == 200 and freed.json()["freed_bytes"] > 0
     assert httpx.delete(url, timeout=10).status_code == 404
     assert httpx.post(f"{url}/ask", json={"question": follow_up}, timeout=30).status_code == 404
-    gone = _cli("client.ask", "--server", server.target, "--message", sent.message_id, "--json", follow_up)
+    gone = _cli(
+        "kvlink.client.ask", "--server", server.target, "--message", sent.message_id, "--json", follow_up
+    )
     assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["code"] == "NOT_FOUND"
     assert httpx.get(url, timeout=10).json()["message_id"] == sent.message_id  # the record stays
 
@@ -713,7 +715,7 @@ async def test_a_context_too_long_is_cut_only_when_asked(
     assert fit_context(300, 10, 5, 200, truncate=True) == 185
     with pytest.raises(ValueError, match="the model has 200"):
         fit_context(10, 190, 20, 200, truncate=True)  # even an empty context would not fit
-    monkeypatch.setattr("client.sender.max_positions", lambda config: 160)
+    monkeypatch.setattr("kvlink.client.sender.max_positions", lambda config: 160)
     with pytest.raises(ValueError, match=r"the context has 199 tokens; .* 160 \(max_position_embeddings\)"):
         await send_context(server.target, example.context, example.question, "50%", lm=embedded)
     cut = await send_context(
@@ -733,7 +735,7 @@ def test_piped_output_is_complete_lines(
     """kvlink-send piped: no line cut to 80 columns, the --explain table's columns all there, the ids printed."""
     context = tmp_path / "context.txt"
     context.write_text(example.context)
-    proc = _cli("client.main", "--server", server.target, "--context", str(context), "--question",
+    proc = _cli("kvlink.client.main", "--server", server.target, "--context", str(context), "--question",
                 example.question, "--budget", "18.75%", "--max-new-tokens", "4", "--explain")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -958,10 +960,12 @@ def test_rest_app_in_process() -> None:
 
 # --- the commands ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("module", "needle"), [("server.main", "--max-message-bytes"), ("client.main", "--budget")]
+    ("module", "needle"), [("kvlink.server.main", "--max-message-bytes"), ("kvlink.client.main", "--budget")]
 )
 def test_help(module: str, needle: str) -> None:
-    script = Path(sys.executable).parent / ("kvlink-serve" if module == "server.main" else "kvlink-send")
+    script = Path(sys.executable).parent / (
+        "kvlink-serve" if module == "kvlink.server.main" else "kvlink-send"
+    )
     cmd = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", module, "--help"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
@@ -971,12 +975,12 @@ def test_help(module: str, needle: str) -> None:
 def test_auto_limits_are_sized_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """--max-cached-bytes/--max-message-bytes 'auto': half of the host's available memory on the CPU, a
     message the smaller of that and a quarter of the host's (at least 512 MiB); given values stay."""
-    from server import main as server_main
+    from kvlink.server import main as server_main
 
-    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 64 << 30)
+    monkeypatch.setattr("kvlink.server.memory.available_host_bytes", lambda: 64 << 30)
     assert server_main.auto_limits(torch.device("cpu"), None, None) == (32 << 30, 16 << 30)
     assert server_main.auto_limits(torch.device("cpu"), 1 << 30, None) == (1 << 30, 1 << 30)
-    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 1 << 30)
+    monkeypatch.setattr("kvlink.server.memory.available_host_bytes", lambda: 1 << 30)
     assert server_main.auto_limits(torch.device("cpu"), None, None) == (512 << 20, 512 << 20)
     assert server_main.auto_limits(torch.device("cpu"), 7, 5) == (7, 5)
     args = server_main.build_parser().parse_args(
@@ -984,6 +988,6 @@ def test_auto_limits_are_sized_from_the_machine(monkeypatch: pytest.MonkeyPatch)
     )
     assert (args.max_message_bytes, args.max_cached_bytes) == (None, 4096)
     # The FP16 KV of 32k tokens of an 8B GQA model fits a host with 16 GiB available.
-    monkeypatch.setattr("server.memory.available_host_bytes", lambda: 16 << 30)
+    monkeypatch.setattr("kvlink.server.memory.available_host_bytes", lambda: 16 << 30)
     cached, message = server_main.auto_limits(torch.device("cpu"), None, None)
     assert message >= Geometry(32, 8, 128, 32).fp16_bytes(32768) and cached >= message

@@ -136,8 +136,8 @@ def test_planner_weighs_sinks_only_where_the_receiver_reads_them() -> None:
 
 
 def test_sender_narrows_sinks_to_the_receiver() -> None:
-    from client.main import build_parser, constraints_from_args
-    from client.sender import SendError, _for_receiver
+    from kvlink.client.main import build_parser, constraints_from_args
+    from kvlink.client.sender import SendError, _for_receiver
 
     old = frozenset({"format:int4", "zstd"})  # no selection, no low rank, no sink entries
     narrowed = candidate_recipes(G, _for_receiver(None, old))

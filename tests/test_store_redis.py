@@ -1,10 +1,10 @@
-"""A fleet of receivers on one real Redis (kvlink-serve --store; server.shared, server.fleet).
+"""A fleet of receivers on one real Redis (kvlink-serve --store; kvlink.server.shared, kvlink.server.fleet).
 
 The tests start Debian's redis-server (or valkey-server) themselves on a free loopback port, without
 persistence, in a temporary folder (`make redis-server` installs it); no mock of the store. The first
-tests drive server.shared.SharedStore directly, as two replicas would; the others run two kvlink-serve
+tests drive kvlink.server.shared.SharedStore directly, as two replicas would; the others run two kvlink-serve
 processes (replicas A and B, three tenants) over that Redis with the embedded model, and send with
-client.sender from this process: a transfer to A is answered by B, by B alone once A is killed and by B
+kvlink.client.sender from this process: a transfer to A is answered by B, by B alone once A is killed and by B
 restarted; a byte flipped in Redis is refused; one tenant never reaches another's message; the store
 stopped before or during a transfer costs that transfer UNAVAILABLE, nothing else.
 """
@@ -30,17 +30,17 @@ import pytest
 import redis
 import torch
 
-from client.sender import SendError, ask, release, transfer
 from kvlink import wire
 from kvlink.cache import Observe, prefill
+from kvlink.client.sender import SendError, ask, release, transfer
 from kvlink.codec import Codec, EncodedKV
 from kvlink.eval.squad import load_squad
 from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
+from kvlink.server.shared import PREFIX, SharedStore, StoreUnavailable, check_url, owner_key, redacted
 from netutil import Receiver, free_port
-from server.shared import PREFIX, SharedStore, StoreUnavailable, check_url, owner_key, redacted
 
 REDIS = shutil.which("redis-server") or shutil.which("valkey-server")
 FLEET_DB = 1  # the receivers' database; the SharedStore tests take 2 and up
@@ -232,8 +232,8 @@ def test_store_urls_are_checked_and_passwords_never_shown() -> None:
 
 
 def test_kvlink_serve_flags_make_the_store(url: str) -> None:
-    from server.fleet import open_shared
-    from server.main import build_parser
+    from kvlink.server.fleet import open_shared
+    from kvlink.server.main import build_parser
 
     args = build_parser().parse_args(["--store", url, "--store-max-bytes", "1MiB", "--session-ttl", "5"])
     tenants = open_shared(args, "tenants")  # several identities: one holds at most half
@@ -248,10 +248,10 @@ def test_fleet_stats_need_a_store_and_say_so(url: str) -> None:
 
     from kvlink.metrics import MetricsRegistry
     from kvlink.models import Geometry
-    from server.fleet import FleetService
-    from server.rest import create_app
-    from server.service import KVLinkService
-    from server.store import SessionStore
+    from kvlink.server.fleet import FleetService
+    from kvlink.server.rest import create_app
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
 
     lm = LoadedModel(torch.nn.Linear(2, 2), None, "fake", "f" * 64, Geometry(2, 1, 4, 2))
     alone = KVLinkService(lm, SessionStore(), MetricsRegistry())

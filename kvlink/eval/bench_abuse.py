@@ -231,8 +231,8 @@ def _status(pid: int, key: str) -> int:
 async def good_loop(run: Run, good: Good, stop: asyncio.Event) -> None:
     import grpc
 
-    from client.sender import SendError, ask, channel_options, transfer
     from kvlink import wire
+    from kvlink.client.sender import SendError, ask, channel_options, transfer
 
     async with grpc.aio.insecure_channel(run.target, channel_options()) as ch:
         while not stop.is_set():
@@ -269,8 +269,8 @@ def _attacks(run: Run) -> dict[str, Callable[[], Awaitable[str]]]:
     import grpc
     import httpx
 
-    from client.sender import SendError, ask, channel_options, transfer
     from kvlink import wire
+    from kvlink.client.sender import SendError, ask, channel_options, transfer
 
     lm, me = run.lm, bearer(run.attacker_token)
     good = run.goods[0]
@@ -437,7 +437,7 @@ def prepare_goods(lm: Any, n: int, tokens: dict[str, str]) -> list[Good]:
 
 @contextlib.contextmanager
 def receiver(tokens: dict[str, str], operator_token: str, args: argparse.Namespace) -> Iterator[Any]:
-    from server.local import LocalReceiver
+    from kvlink.server.local import LocalReceiver
 
     with tempfile.TemporaryDirectory(prefix="kvlink-abuse-") as d:
         tenants = Path(d) / "tenants"

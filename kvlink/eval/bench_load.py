@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def local_receiver(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """kvlink-serve on free loopback ports, sized for the senders; yields (target, rest URL)."""
-    from server.local import LocalReceiver
+    from kvlink.server.local import LocalReceiver
 
     slots = str(max(64, 4 * args.senders))
     flags = ["--device", args.device, "--max-concurrent-sessions", slots, "--per-peer-concurrency", slots,
@@ -141,8 +141,8 @@ async def run_load(
     """`messages` jobs over `senders` workers; returns each message's outcome and the wall time."""
     import grpc
 
-    from client.sender import ClientSecurity, SendError, ask, channel_options, transfer
     from kvlink import wire
+    from kvlink.client.sender import ClientSecurity, SendError, ask, channel_options, transfer
 
     security = ClientSecurity(token=token)
     queue: asyncio.Queue[int] = asyncio.Queue()

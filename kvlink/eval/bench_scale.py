@@ -8,8 +8,8 @@ method, one cell:
 
 - KV methods (FP16, and compressed configs pinned for random-weight models: INT4 g64, Q2C 50% + INT4,
   Q2C 25% + INT4; or the planner at a budget, `plan:12.5%`, for real weights): the real receiver
-  (`kvlink-serve` in a subprocess, server.local.LocalReceiver) and the real sender path
-  (client.sender.send_prefilled: encode, frames, the gRPC Transfer and Ask) through a paced TCP proxy
+  (`kvlink-serve` in a subprocess, kvlink.server.local.LocalReceiver) and the real sender path
+  (kvlink.client.sender.send_prefilled: encode, frames, the gRPC Transfer and Ask) through a paced TCP proxy
   (kvlink.eval.link, its own process) that carries gRPC's HTTP/2 bytes both ways; "unpaced" connects
   directly. The sender reads each context once (its prefill is not on the path: it already holds the
   cache) and then frees its weights, so that sender and receiver fit one GPU together.
@@ -201,7 +201,7 @@ def _reset_peak(device: Any) -> None:
 
 
 def _rss() -> int | None:
-    from server.memory import host_memory
+    from kvlink.server.memory import host_memory
 
     return host_memory()["rss_bytes"]
 
@@ -345,18 +345,18 @@ def device_total(device: Any) -> int:
 
     if getattr(device, "type", str(device)) == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    from server.memory import available_host_bytes
+    from kvlink.server.memory import available_host_bytes
 
     return available_host_bytes() or (8 * GIB)
 
 
 # --- the receiver ----------------------------------------------------------------------------------------------
 class Receiver:
-    """kvlink-serve (server.local.LocalReceiver) for one model, with the REST calls a cell needs."""
+    """kvlink-serve (kvlink.server.local.LocalReceiver) for one model, with the REST calls a cell needs."""
 
     def __init__(self, model: str, device: str, dtype: str, max_fp16_bytes: int, cell_timeout: float,
                  ttl_s: float, log: Path | None) -> None:  # fmt: skip
-        from server.local import LocalReceiver
+        from kvlink.server.local import LocalReceiver
 
         message = max_fp16_bytes + max_fp16_bytes // 50 + (16 << 20)
         flags = [
@@ -399,8 +399,8 @@ def kv_cell(
     """Send ctx's KV under method `m` over a link of `rate` (None: direct) to `rx`, ask, measure."""
     import torch
 
-    from client.sender import SendError, send_prefilled
     from kvlink.budget import BudgetError
+    from kvlink.client.sender import SendError, send_prefilled
     from kvlink.recipe import build
 
     device = meta["device"]

@@ -47,7 +47,7 @@ class LocalReceiver:
             os.close(fd)
             log = Path(name)
         self.log, self.keep_log = log, keep_log
-        cmd = [sys.executable, "-m", "server.main", "--port", str(self.port), "--rest-port", str(self.rest_port),
+        cmd = [sys.executable, "-m", "kvlink.server.main", "--port", str(self.port), "--rest-port", str(self.rest_port),
                *args]  # fmt: skip
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

@@ -12,7 +12,7 @@ What is stored is a message as the sender put it on the wire: the frames of kvli
 (header with its payload table of CRC32Cs, chunks, trailer with the header's CRC32C), serialized
 protobuf and nothing else; never a pickle, never a decoded cache. The store is not trusted more than
 a peer: the replica that reads a message feeds the frames through a fresh kvlink.wire.Assembler
-(server.fleet), which checks the fingerprint, every limit, every chunk's CRC32C and the header's,
+(kvlink.server.fleet), which checks the fingerprint, every limit, every chunk's CRC32C and the header's,
 before anything is decoded. Its record (JSON: owner, session, id, fingerprint, config, sizes) is for
 operators and is never needed to answer.
 
@@ -404,7 +404,7 @@ class SharedStore:
         try:
             frames = int(count)
         except ValueError:
-            frames = -1  # what a damaged entry claims is checked by the reader (server.fleet)
+            frames = -1  # what a damaged entry claims is checked by the reader (kvlink.server.fleet)
         return StoredEntry(session, frames)
 
     def frames(self, owner: str, message_id: str, count: int) -> list[bytes] | None:

@@ -13,7 +13,7 @@ follow-up questions until its --session-ttl (--no-keep frees it after the
 answer). On a terminal each stage shows while it runs; piped, the output is
 plain complete lines. Exit status: 0 on success, 1 when a call fails or the
 receiver cannot be reached, 2 for a bad argument or file, an unavailable model
-or an unsatisfiable budget (client.common); with --json, errors too are one JSON
+or an unsatisfiable budget (kvlink.client.common); with --json, errors too are one JSON
 object on stdout.
 """
 
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from client.common import (
+from kvlink.cli import HelpFormatter, JsonErrorParser, configure_logging, consoles
+from kvlink.client.common import (
     LOG_LEVELS,
     Failed,
     UsageError,
@@ -45,12 +46,11 @@ from client.common import (
     security_from_args,
     server_from_args,
 )
-from kvlink.cli import HelpFormatter, JsonErrorParser, configure_logging, consoles
 
 # torch and the library are imported when a command runs, not for --help.
 if TYPE_CHECKING:
-    from client.sender import SendResult
     from kvlink.budget import Candidate, Constraints
+    from kvlink.client.sender import SendResult
     from kvlink.recipe import Recipe
 
 STAGES: tuple[tuple[str, str], ...] = (
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from client.sender import probe, send_context
     from kvlink import models
+    from kvlink.client.sender import probe, send_context
 
     out, err = consoles()
     # Everything that can be checked without the model, first.
@@ -454,7 +454,7 @@ def _check_length(
     tokenizer: Any, context: str, args: argparse.Namespace, max_new: int, limit: int | None
 ) -> None:
     """ContextTooLong (exit 2) before the model loads, unless --truncate (then send_context cuts it)."""
-    from client.sender import fit_context
+    from kvlink.client.sender import fit_context
     from kvlink.prompt import context_ids, question_ids
 
     if limit is None:

@@ -1,7 +1,7 @@
 """A receiver of a fleet: kvlink-serve --store redis://HOST:PORT/DB.
 
 FleetService is the KVLinkService whose verified messages also go to the fleet's
-shared store (server.shared), so that any replica answers about any of them:
+shared store (kvlink.server.shared), so that any replica answers about any of them:
 
     Transfer   header valid -> the id must be new in the store too (EXISTS)
                decoded      -> the message, re-framed by kvlink.wire.to_frames, stored whole
@@ -11,7 +11,7 @@ shared store (server.shared), so that any replica answers about any of them:
                copy held here is dropped; held here -> answered; held only there -> fetched,
                VERIFIED like a peer's message (a fresh kvlink.wire.Assembler: fingerprint,
                limits, every chunk's CRC32C and the header's, no retries), decoded within
-               this receiver's memory budget, kept in its LRU (server.store) and answered
+               this receiver's memory budget, kept in its LRU (kvlink.server.store) and answered
     Release    dropped from the store and here
 
 The store down: a Transfer fails UNAVAILABLE (nothing is kept: a message the fleet cannot
@@ -33,9 +33,9 @@ from kvlink import wire
 from kvlink.cache import ContextKV
 from kvlink.codec import EncodedKV
 from kvlink.metrics import MessageRecord
-from server.guard import Identity
-from server.service import KVLinkService, Refused, _Call
-from server.shared import SharedStore, StoreUnavailable, check_url
+from kvlink.server.guard import Identity
+from kvlink.server.service import KVLinkService, Refused, _Call
+from kvlink.server.shared import SharedStore, StoreUnavailable, check_url
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@
     DELETE /v1/messages/{id}     free the caller's own context now (as gRPC Release); the record stays
     GET /metrics                 Prometheus text format (operators only: it covers every identity)
     GET /docs, /redoc            Swagger UI and ReDoc, served from the installed package (no CDN)
-    GET /openapi.json            OpenAPI 3.1, with a typed model of every response (server.schemas)
+    GET /openapi.json            OpenAPI 3.1, with a typed model of every response (kvlink.server.schemas)
 
 The numbers come from the servicer's kvlink.metrics.MetricsRegistry; this
 module only serves them (and mirrors them into Prometheus collectors, labelled
@@ -25,7 +25,7 @@ it or frees it (another identity's attempt is 404, and frees nothing), the
 question counts against the same call limits and takes its turn on the model
 forward by forward.
 
-Every path but /healthz is answered for an identity (server.guard): with tokens,
+Every path but /healthz is answered for an identity (kvlink.server.guard): with tokens,
 it is the one whose `Authorization: Bearer <token>` the request carries (401
 without one, with a wrong one, or with two Authorization headers, as on gRPC);
 without tokens, REST serves one anonymous operator (it binds loopback by default).
@@ -54,9 +54,9 @@ from prometheus_client import (
 
 from kvlink import wire
 from kvlink.metrics import BYTE_CATEGORIES, AskRecord, MessageRecord
-from server import schemas
-from server.guard import Busy, Identity, Unauthorized
-from server.service import KVLinkService, Refused
+from kvlink.server import schemas
+from kvlink.server.guard import Busy, Identity, Unauthorized
+from kvlink.server.service import KVLinkService, Refused
 
 OPEN_PATHS = frozenset({"/healthz"})
 """Paths served without the bearer token: the probes' endpoint."""

@@ -3,7 +3,7 @@ budget that decodes in flight share with them.
 
 Only a complete, verified and decoded message is ever put here (the servicer
 never stores a partial one), so an Ask can only be answered from what arrived.
-A message belongs to the identity that sent it (server.guard): message ids are
+A message belongs to the identity that sent it (kvlink.server.guard): message ids are
 unique per owner, an id that is held is never overwritten (put raises
 KeyError), and a lookup must name the owner and the session too.
 

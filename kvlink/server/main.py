@@ -23,7 +23,7 @@ Security: gRPC is TLS when --tls-cert/--tls-key are given, mutual TLS when
 variable KVLINK_AUTH_TOKEN), or one token per tenant (--tenants-file), is then
 required on every KVLink call and REST path but /healthz. Each tenant (or, under
 mutual TLS without tokens, each client certificate's common name) owns the
-messages it sends and sees only its own (server.guard has the isolation model).
+messages it sends and sees only its own (kvlink.server.guard has the isolation model).
 Both listeners bind 127.0.0.1 unless --host/--rest-host say otherwise.
 --health-port adds a plaintext listener that serves grpc.health.v1 and nothing
 else (the kubelet's gRPC probe cannot speak TLS). No secret is ever logged.
@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # torch, grpc and the library are imported when the server st
     import grpc
     import torch
 
-    from server.guard import Guard, Identity
-    from server.store import SessionStore
+    from kvlink.server.guard import Guard, Identity
+    from kvlink.server.store import SessionStore
 
 logger = logging.getLogger("kvlink.serve")
 
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunk data all transfers in flight may hold together, reserved from each header; one more "
         "is refused (RESOURCE_EXHAUSTED, BUSY); default: 2 x --max-message-bytes",
     )  # fmt: skip
-    fleet = p.add_argument_group("a fleet of receivers sharing one store (server.fleet)")
+    fleet = p.add_argument_group("a fleet of receivers sharing one store (kvlink.server.fleet)")
     fleet.add_argument(
         "--store", metavar="URL", default=None,
         help="redis://[[USER]:PASSWORD@]HOST:PORT/DB (rediss:// for TLS) of a Redis or Valkey server the "
@@ -273,7 +273,7 @@ class Security:
         return "client certificate names" if self.client_ca else "no token"
 
     def guard(self, max_calls: int, per_peer: int) -> Guard:
-        from server.guard import Guard
+        from kvlink.server.guard import Guard
 
         return Guard(
             self.token, max_calls, per_peer, tenants=self.tenants, client_certs=self.client_ca is not None,
@@ -334,7 +334,7 @@ def load_security(args: argparse.Namespace, environ: dict[str, str] | None = Non
         )
     tenants = None
     if args.tenants_file:
-        from server.guard import read_tenants
+        from kvlink.server.guard import read_tenants
 
         tenants = read_tenants(args.tenants_file)
     if args.operator and not args.tls_client_ca:
@@ -433,7 +433,7 @@ def auto_limits(device: torch.device, cached: int | None, message: int | None) -
     fits any machine with 16 GiB of memory available."""
     import torch
 
-    from server.memory import available_host_bytes
+    from kvlink.server.memory import available_host_bytes
 
     host = available_host_bytes() or (8 << 30)
     if cached is None:
@@ -458,9 +458,9 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     from kvlink import wire
     from kvlink.metrics import MetricsRegistry
     from kvlink.models import load_model
-    from server.rest import create_app
-    from server.service import KVLinkService
-    from server.store import SessionStore
+    from kvlink.server.rest import create_app
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
 
     security = security or load_security(args)
     if security.tokens and not security.tls:
@@ -506,7 +506,7 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     profiles = [ModelProfile.load(path) for path in args.profile]
     make_service: Callable[..., KVLinkService] = KVLinkService
     if args.store:  # a replica of a fleet: its messages go to the shared store too
-        from server.fleet import FleetService, open_shared
+        from kvlink.server.fleet import FleetService, open_shared
 
         make_service = functools.partial(FleetService, shared=open_shared(args, guard.mode))
     service = make_service(
@@ -580,7 +580,7 @@ async def _purge_loop(store: SessionStore, every_s: float) -> None:
         n = store.purge_expired()
         if n:
             logger.info("expired %d context(s)", n)
-            from server.memory import trim
+            from kvlink.server.memory import trim
 
             await asyncio.to_thread(
                 trim
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         security = load_security(args)
         if args.store:
-            from server.shared import check_url
+            from kvlink.server.shared import check_url
 
             args.store = check_url(args.store)
     except ValueError as exc:
@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvlink-serve: error: {exc}", file=sys.stderr)
         return 2
-    from server.memory import return_freed_memory_promptly
+    from kvlink.server.memory import return_freed_memory_promptly
 
     return_freed_memory_promptly()
     try:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from kvlink.cli import host_port, json_error
 
 if TYPE_CHECKING:
-    from client.sender import ClientSecurity
     from kvlink.answer import GenerationOptions
+    from kvlink.client.sender import ClientSecurity
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -88,7 +88,7 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 
 
 def security_from_args(args: argparse.Namespace) -> ClientSecurity:
-    from client.sender import ClientSecurity
+    from kvlink.client.sender import ClientSecurity
 
     try:
         return ClientSecurity.from_files(
@@ -132,8 +132,8 @@ def read_text_file(source: str, what: str = "context") -> str:
 def report(prog: str, exc: BaseException, as_json: bool) -> int:
     """Print a failure in one line (stderr, or JSON on stdout) and return its exit status; the traceback
     goes to the log at debug level (--log-level debug)."""
-    from client.sender import SendError
     from kvlink.budget import BudgetError
+    from kvlink.client.sender import SendError
 
     if isinstance(exc, Failed):
         message, status, code = exc.message, exc.status, exc.code

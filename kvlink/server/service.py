@@ -9,13 +9,13 @@ session entry only once it is complete, verified and decoded; any failure
 aborts the call with the WireError's gRPC status (its code in the trailing
 metadata) and leaves nothing behind, so no partial cache can ever answer.
 
-Before any of that, server.guard.Guard names the caller (UNAUTHENTICATED without
+Before any of that, kvlink.server.guard.Guard names the caller (UNAUTHENTICATED without
 a usable credential) and admits the call: Transfer and Ask calls in progress are
 capped in all and per peer (RESOURCE_EXHAUSTED, code BUSY). The caller's
 identity owns what it sends: message ids are its own (a reused one is refused,
 EXISTS), and only it can ask about them or release them (Release frees a context
 before its TTL; another identity's attempt is NOT_FOUND and frees nothing). The
-REST app (server.rest) asks and releases through the same methods, `answer` and
+REST app (kvlink.server.rest) asks and releases through the same methods, `answer` and
 `release`, under the same rules.
 
 What one hostile caller can cost the others is bounded:
@@ -33,7 +33,7 @@ What one hostile caller can cost the others is bounded:
   ends DEADLINE, however it trickles;
 - the model: questions longer than `max_question_tokens` are refused, longer
   ones than a chunk are prefilled in chunks, and answers take turns forward by
-  forward (server.guard.FairLock), so no answer waits for another to finish.
+  forward (kvlink.server.guard.FairLock), so no answer waits for another to finish.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ from kvlink.models import LoadedModel, max_positions
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
 from kvlink.scoring import best_scores
-from server import memory
-from server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
-from server.store import Reservation, SessionStore, StoreBusy
+from kvlink.server import memory
+from kvlink.server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
+from kvlink.server.store import Reservation, SessionStore, StoreBusy
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ class KVLinkService:
         )  # fmt: skip
         yield signal
 
-    # Where a fleet's shared store (server.fleet) joins a Transfer; this receiver alone has none.
+    # Where a fleet's shared store (kvlink.server.fleet) joins a Transfer; this receiver alone has none.
     async def _claim_shared(self, call: _Call) -> None:
         """After _claim: the id must be new in the shared store too (EXISTS; UNAVAILABLE when unreachable)."""
 

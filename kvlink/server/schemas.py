@@ -1,5 +1,5 @@
 """The REST app's request and response models (pydantic): what its OpenAPI document (/openapi.json,
-/docs) describes, field by field. server/rest.py fills them from kvlink.metrics and the session store."""
+/docs) describes, field by field. kvlink/server/rest.py fills them from kvlink.metrics and the session store."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Info(BaseModel):
     fingerprint: str = Field(description="model + tokenizer fingerprint senders must match")
     device: str
     uptime_s: float
-    identity: str = Field(description="who is asking (server.guard)")
+    identity: str = Field(description="who is asking (kvlink.server.guard)")
     operator: bool = Field(description="whether the caller sees every identity's records")
     auth: str = Field(
         description='how identities are told apart: "tenants", "token", "certificates" or "none"'
@@ -97,7 +97,8 @@ class Stats(BaseModel):
         None, description="the receiver's host and device memory and their peaks (operators only)"
     )
     fleet: dict[str, Any] | None = Field(
-        None, description="?scope=fleet: every replica's messages from the shared store (server.shared)"
+        None,
+        description="?scope=fleet: every replica's messages from the shared store (kvlink.server.shared)",
     )
 
 

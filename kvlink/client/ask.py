@@ -8,7 +8,7 @@ kvlink-send prints the session and message ids of what it sent; the receiver
 answers from that cache until it is released, expires (--session-ttl) or is
 evicted, and only for the identity that sent it (another caller's attempt is
 NOT_FOUND). No model is loaded here: the receiver tokenizes the question. Same
-connection and security flags as kvlink-send; exit statuses as client.common says.
+connection and security flags as kvlink-send; exit statuses as kvlink.client.common says.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import json
 import sys
 from typing import Any
 
-from client.common import (
+from kvlink.cli import HelpFormatter, JsonErrorParser, configure_logging, consoles
+from kvlink.client.common import (
     LOG_LEVELS,
     UsageError,
     add_connection_flags,
@@ -29,7 +30,6 @@ from client.common import (
     security_from_args,
     server_from_args,
 )
-from kvlink.cli import HelpFormatter, JsonErrorParser, configure_logging, consoles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def ask_again(args: argparse.Namespace, target: str) -> dict[str, Any]:
     """The Ask (when there is a question) and the Release (with --release) on one channel."""
-    from client.sender import ask, channel_options, release
     from kvlink import wire
+    from kvlink.client.sender import ask, channel_options, release
 
     security = security_from_args(args)
     options = options_from_args(args) if args.question is not None else None
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out, _ = consoles()
     if answer is not None:
-        from client.main import print_answer
+        from kvlink.client.main import print_answer
 
         print_answer(out, answer)
     if "released_bytes" in result:
