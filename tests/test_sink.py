@@ -128,7 +128,7 @@ def test_planner_weighs_sinks_only_where_the_receiver_reads_them() -> None:
     assert not any(c.has("sink") for c in candidate_recipes(G, Constraints(capabilities=NO_SINK)))
     assert {_sink(c) for c in candidate_recipes(G, Constraints(sink=4))} == {4}
     assert not any(c.has("sink") and c.format("k") == c.format("v") == "fp16" for c in candidate_recipes(G))
-    with pytest.raises(ValueError, match="sink 1 needs a receiver"):
+    with pytest.raises(ValueError, match="the receiver does not decode fp16 sink entries"):
         Constraints(sink=1, capabilities=NO_SINK)
     config = build(k_bits=4, v_bits=4, sink=1)
     prior = QualityTable()
