@@ -323,7 +323,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
         assert dockerignored(path, patterns), f"{path} would be sent to the image build"
     for path in (".mypy_cache/x", ".pytest_cache/x", "kvlink/__pycache__/wire.cpython-311.pyc"):
         assert dockerignored(path, patterns), path
-    assert not dockerignored("kvlink/wire.py", patterns)
+    assert not dockerignored("kvlink/wire/framing.py", patterns)
 
 
 # --- compose.yaml -------------------------------------------------------------------------------------------

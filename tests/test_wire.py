@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import shutil
 import subprocess
@@ -215,6 +216,23 @@ def test_wire_generates_missing_stubs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2"
     assert stub.is_file() and (stub.parent / "kvlink_pb2_grpc.py").is_file()
+
+
+WIRE_LAYERS = ("assembler", "grpc", "framing", "messages", "validation", "capabilities", "_common")
+"""kvlink.wire's modules, each importing only those after it (its docstring lists them so)."""
+
+
+def test_wire_modules_import_only_the_ones_below_them() -> None:
+    """No import cycle inside kvlink.wire, and only its _common imports the generated stubs."""
+    package = Path(wire.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted((*WIRE_LAYERS, "__init__"))
+    for i, name in enumerate(WIRE_LAYERS):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        inside = {m.removeprefix("kvlink.wire.") for m in imported if m.startswith("kvlink.wire")}
+        assert inside <= set(WIRE_LAYERS[i + 1 :]), f"{name} imports {sorted(inside)}"
+        assert any(m.startswith("kvlink._proto") for m in imported) == (name == "_common"), name
 
 
 # --- round trips and sizes --------------------------------------------------------------
