@@ -25,7 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+"""The folder that holds the kvlink package (the repository, or site-packages): the receiver's working
+directory, so that `python -m kvlink.server.main` finds this very package (never kvlink/ itself, whose
+subpackages would shadow the standard library's: kvlink/select)."""
 
 
 def free_port() -> int:
