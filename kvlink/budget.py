@@ -455,6 +455,48 @@ class Plan:
         return self.total_bytes / self.fp16_bytes
 
 
+def framed_size(
+    encoded: EncodedKV, session_id: str, message_id: str, fingerprint: str, chunk_bytes: int
+) -> tuple[wire.WireSize, int]:
+    """`encoded`'s exact size as kvlink.wire.to_frames sends it, and the HTTP/2 allowance around it (upper
+    bound, signals included: an ack per layer, the receipt, a possible nack): what a budget holds."""
+    size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+    n_frames = 2 + sum(
+        max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
+    )
+    n_signals = encoded.geometry.num_layers + 2
+    return size, wire.http2_overhead(n_frames, size.frames, n_signals=n_signals)
+
+
+def fixed_plan(
+    read: Prefill,
+    geometry: Geometry,
+    fingerprint: str,
+    recipe: Recipe,
+    session_id: str,
+    message_id: str,
+    chunk_bytes: int = 1 << 20,
+    profile: Any | None = None,
+) -> Plan:
+    """A Plan of exactly `recipe` (no search, no budget: its budget is its own size): selected, encoded
+    and sized as `plan` sizes the recipe it picks. profile: the calibrated projection a
+    LowRank("profile") stage needs (kvlink.lowrank.ModelProfile)."""
+    started = time.perf_counter()
+    codec = Codec(recipe, geometry, profile)
+    t0 = time.perf_counter()
+    kept = codec.select(read)
+    select_s = time.perf_counter() - t0
+    encoded = codec.encode_kv(read.kv, kept, read.observation)
+    encoded.timings["select_s"] = select_s
+    size, allowance = framed_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+    total = size.total + allowance
+    timings = {"search_s": 0.0, "plan_s": time.perf_counter() - started}
+    return Plan(
+        recipe, encoded, size, allowance, total, total, geometry.fp16_bytes(read.kv.length), [], session_id,
+        message_id, timings,
+    )  # fmt: skip
+
+
 def plannable(recipe: Recipe) -> bool:
     """Whether the planner's search space (candidate_recipes without constraints) holds `recipe`'s
     shape: a measured recipe outside it can be in a quality table but never be planned. Low-rank
@@ -808,12 +850,7 @@ def plan(
             t0 = time.perf_counter()
             encoded = codec.encode_kv(prefill.kv, kept_cache[key], prefill.observation)
             encode_s = time.perf_counter() - t0
-            size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
-            n_frames = 2 + sum(
-                max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
-            )
-            n_signals = geometry.num_layers + 2  # acks per layer, receipt, a possible nack
-            allowance = wire.http2_overhead(n_frames, size.frames, n_signals=n_signals)
+            size, allowance = framed_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
             total = size.total + allowance
             cand.note = f"{recipe.name}: {total:,} B ({total / fp16:.2%})"
             if recipe.zstd_level and total > budget_bytes:

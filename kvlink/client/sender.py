@@ -34,10 +34,9 @@ import grpc
 
 from kvlink import wire
 from kvlink.answer import GenerationOptions
-from kvlink.budget import Constraints, Plan, observe_for, parse_budget, plan, window_for
+from kvlink.budget import Constraints, Plan, fixed_plan, observe_for, parse_budget, plan, window_for
 from kvlink.cache import Prefill, prefill
 from kvlink.capabilities import CapabilityError
-from kvlink.codec import Codec
 from kvlink.models import Geometry, LoadedModel, load_model, max_positions
 from kvlink.prompt import context_ids, question_ids, question_rows
 from kvlink.recipe import Recipe
@@ -453,39 +452,6 @@ def fit_context(
 
 Stage = Callable[[str, str], None]
 """Progress callback: (stage, detail), stage one of connect, prefill, plan, transfer, answer, release."""
-
-
-def fixed_plan(
-    read: Prefill,
-    geometry: Geometry,
-    fingerprint: str,
-    config: Recipe,
-    session_id: str,
-    message_id: str,
-    chunk_bytes: int = 1 << 20,
-    profile: Any | None = None,
-) -> Plan:
-    """A Plan of exactly `config` (no search, no budget: its budget is its own size): selected,
-    encoded and sized as kvlink.budget.plan sizes the config it picks. profile: the calibrated
-    projection a LowRank("profile") stage needs (kvlink.lowrank.ModelProfile)."""
-    started = time.perf_counter()
-    codec = Codec(config, geometry, profile)
-    t0 = time.perf_counter()
-    kept = codec.select(read)
-    select_s = time.perf_counter() - t0
-    encoded = codec.encode_kv(read.kv, kept, read.observation)
-    encoded.timings["select_s"] = select_s
-    size = wire.message_wire_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
-    n_frames = 2 + sum(
-        max(1, -(-len(p.data) // chunk_bytes)) for t in encoded.tensors for p in t.parts.values()
-    )
-    allowance = wire.http2_overhead(n_frames, size.frames, n_signals=geometry.num_layers + 2)
-    total = size.total + allowance
-    timings = {"search_s": 0.0, "plan_s": time.perf_counter() - started}
-    return Plan(
-        config, encoded, size, allowance, total, total, geometry.fp16_bytes(read.kv.length), [], session_id,
-        message_id, timings,
-    )  # fmt: skip
 
 
 async def send_context(
