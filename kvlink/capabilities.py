@@ -28,12 +28,15 @@ class CapabilityError(ValueError):
         super().__init__(f"{what} does not decode {', '.join(missing)}")
 
 
-def local_capabilities(profiles: bool = True) -> frozenset[str]:
+def local_capabilities(profiles: bool = True, text_segments: bool = True) -> frozenset[str]:
     """Every capability of this process: its selectors, stages and formats (low rank by a calibrated
-    profile only when `profiles`: a receiver advertises it only when it holds one)."""
+    profile only when `profiles`: a receiver advertises it only when it holds one), segmented contexts
+    ("segment", kvlink.stream) and recomputing text segments ("segment:text", unless `text_segments`
+    is False: a receiver may refuse to spend its model's time on them)."""
     from kvlink.stages import registered_stages
 
     caps = {f"select:{m}" for m in registered_selectors()}
+    caps |= {"segment", *(["segment:text"] if text_segments else [])}
     caps |= {f"format:{f}" for f in registered_formats()}
     for name, _cls in registered_stages().items():
         if name in ("select", "quantize"):

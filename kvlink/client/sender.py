@@ -254,12 +254,14 @@ async def transfer(
     timeout: float | None = 60.0,
     fault: FaultHook | None = None,
     metadata: Metadata = (),
+    on_written: Callable[[], None] | None = None,
 ) -> TransferResult:
     """Stream one message's frames over a Transfer call and follow the receiver's signals.
 
     A Nack puts exactly that chunk back in the queue (kvlink.wire.Outbox); the Receipt ends the
     message and half-closes the stream. Raises SendError when the call fails. metadata: call
-    metadata (ClientSecurity.metadata carries the bearer token).
+    metadata (ClientSecurity.metadata carries the bearer token). on_written: called once every frame
+    has been written the first time (the link is free for the next message; its receipt may follow).
     """
     outbox = wire.Outbox(frames)
     call = channel.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
@@ -283,6 +285,8 @@ async def transfer(
             await call.write(raw)
             sent["frames"] += 1
             sent["bytes"] += len(raw) + wire.GRPC_PREFIX_BYTES
+            if sent["frames"] == len(outbox.frames) and on_written is not None:
+                on_written()
         await call.done_writing()
 
     started = time.perf_counter()

@@ -98,6 +98,16 @@ class TokenBucket:
         self._stamp = time.perf_counter()
         self._lock = threading.Lock()
 
+    def set_rate(self, rate: float) -> None:
+        """Pace at `rate` bytes per second from now on (a link whose rate changes mid-transfer)."""
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive number of bytes per second, got {rate!r}")
+        with self._lock:
+            now = time.perf_counter()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self.rate = rate
+
     def take(self, n: int) -> float:
         """Let `n` bytes pass (blocking); returns the seconds slept."""
         with self._lock:
@@ -132,6 +142,14 @@ class PacedProxy:
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+
+    def set_rate(self, rate_bps: float) -> None:
+        """Pace both directions at `rate_bps` from now on (a proxy started paced)."""
+        if self.up is None or self.down is None:
+            raise ValueError("an unpaced proxy cannot change its rate: start it with one")
+        self.rate_bps = rate_bps
+        self.up.set_rate(rate_bps / 8)
+        self.down.set_rate(rate_bps / 8)
 
     @property
     def target(self) -> str:

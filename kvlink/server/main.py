@@ -44,7 +44,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -71,6 +71,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -219,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-buffered-bytes", type=parse_size, metavar="SIZE", default=None,
         help="chunk data all transfers in flight may hold together, reserved from each header; one more "
         "is refused (RESOURCE_EXHAUSTED, BUSY); default: 2 x --max-message-bytes",
+    )  # fmt: skip
+    seg = p.add_argument_group("segmented contexts (kvlink.stream, kvlink-send --goal ttft)")
+    seg.add_argument(
+        "--no-text-segments", action="store_true",
+        help="refuse text segments (UNKNOWN_CODEC): senders then send every segment as KV, and this "
+        "receiver's model never spends time recomputing a context",
+    )  # fmt: skip
+    seg.add_argument(
+        "--cost-probe-tokens", type=_nonnegative_int, default=4096, metavar="N",
+        help="at start-up, measure this receiver's prefill rate at contexts of up to N tokens (capped by "
+        "the model's positions) and its decode rate, and advertise them in its Welcome for senders that "
+        "plan time to first token; 0: measure nothing (such senders then assume defaults)",
     )  # fmt: skip
     fleet = p.add_argument_group("a fleet of receivers sharing one store (kvlink.server.fleet)")
     fleet.add_argument(
@@ -450,6 +472,16 @@ def auto_limits(device: torch.device, cached: int | None, message: int | None) -
     return cached, message
 
 
+def measure_receiver(lm: Any, max_tokens: int) -> Any:
+    """kvlink.stream.measure_costs on the loaded model, up to min(max_tokens, its positions) tokens."""
+    from kvlink.models import max_positions
+    from kvlink.stream import measure_costs
+
+    limit = max_positions(lm.model.config) or max_tokens
+    vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
+    return measure_costs(lm.model, lm.geometry, min(max_tokens, limit - 64), vocab)
+
+
 async def serve(args: argparse.Namespace, security: Security | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status. security: load_security(args) by default."""
     import grpc
@@ -514,8 +546,16 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
         stall_timeout_s=args.stall_timeout, message_deadline_s=args.message_deadline,
         max_question_tokens=args.max_question_tokens,
         max_buffered_bytes=args.max_buffered_bytes or 2 * args.max_message_bytes, profiles=profiles,
+        text_segments=not args.no_text_segments,
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
+    if args.cost_probe_tokens:
+        service.costs = await asyncio.to_thread(measure_receiver, lm, args.cost_probe_tokens)
+        c = service.costs
+        logger.info(
+            "measured: prefill %s tokens/s; decode %.2f GB/s of FP16 KV; first token %.3f s",
+            ", ".join(f"{r:,.0f} at {n:,}" for n, r in c.prefill), c.decode_bytes_per_s / 1e9, c.first_token_s,
+        )  # fmt: skip
 
     server.add_generic_rpc_handlers((wire.raw_rpc_handler(service), wire.legacy_rpc_handler()))
     health_servicer = health.aio.HealthServicer()

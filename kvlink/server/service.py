@@ -43,7 +43,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import grpc
@@ -57,11 +57,12 @@ from kvlink.codec import Codec, EncodedKV, decode_cost
 from kvlink.metrics import AskRecord, MessageRecord, MetricsRegistry
 from kvlink.models import LoadedModel, max_positions
 from kvlink.prompt import context_ids, question_ids
-from kvlink.recipe import build
+from kvlink.recipe import Recipe, build
 from kvlink.scoring import best_scores
 from kvlink.server import memory
 from kvlink.server.guard import Busy, ByteBudget, FairLock, Guard, Identity, Slot, Unauthorized
 from kvlink.server.store import Reservation, SessionStore, StoreBusy
+from kvlink.stream import join, recompute, shifted
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,32 @@ class _Call:
     stored: bool = False
 
 
+@dataclass
+class _Stream:
+    """A segmented context being received (kvlink.stream): its segments' caches so far, in order, and
+    the store budget they hold; answerable as `stream_id` only once the last segment is in."""
+
+    owner: str
+    session_id: str
+    stream_id: str
+    total_length: int
+    parts: list[ContextKV] = field(default_factory=list)
+    held: list[Reservation] = field(default_factory=list)
+    receipts: list[wire.Receipt] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    next_index: int = 0
+    next_start: int = 0
+    touched: float = field(default_factory=time.monotonic)
+    failed: str = ""
+
+    def drop(self, why: str) -> None:
+        self.failed = self.failed or why
+        self.parts.clear()
+        for held in self.held:
+            held.release()
+        self.held.clear()
+
+
 class KVLinkService:
     """Receiver side of kvlink.v2.KVLink over a loaded model.
 
@@ -162,6 +189,8 @@ class KVLinkService:
         max_question_tokens: int = 2048,
         max_buffered_bytes: int = 1 << 30,
         admission_wait_s: float = 10.0,
+        text_segments: bool = True,
+        costs: wire.ReceiverCosts | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -192,7 +221,14 @@ class KVLinkService:
             p.check_fingerprint(lm.fingerprint)
         self.profile_hashes = tuple(sorted(self.profiles))
         # What it decodes: everything registered here, low rank by a profile only when it holds one.
-        self.capabilities = local_capabilities(profiles=bool(self.profile_hashes))
+        self.capabilities = local_capabilities(
+            profiles=bool(self.profile_hashes), text_segments=text_segments
+        )
+        vocab = getattr(config, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 0:
+            self.limits = replace(self.limits, max_token_id=vocab - 1)
+        self.costs = costs  # advertised in the Welcome (kvlink.stream.measure_costs)
+        self._streams: dict[tuple[str, str], _Stream] = {}
         self.serving = True
         self.started = time.time()
         self.forwards = FairLock()  # one model: forwards take turns, in arrival order
@@ -284,6 +320,7 @@ class KVLinkService:
             fingerprint=self.lm.fingerprint, capabilities=self.capabilities,
             max_message_bytes=self.limits.max_message_bytes, max_chunk_bytes=self.limits.max_chunk_bytes,
             profile_hashes=self.profile_hashes, model=self.lm.name, geometry=self.lm.geometry,
+            costs=self.costs,
         )  # fmt: skip
 
     # --- Hello --------------------------------------------------------------------
@@ -376,6 +413,9 @@ class KVLinkService:
         encoded, receipt = asm.finish()
         if call.buffered is not None:
             call.buffered.release()  # the chunks now live in `encoded`, which the decode reservation counts
+        if asm.segment is not None:
+            yield await self._segment(call, asm.segment, encoded, receipt)
+            return
         kv, decode_s = await self._decode(call, encoded)
         timings = {**receipt.timings, "decode_s": decode_s}
         sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
@@ -431,6 +471,17 @@ class KVLinkService:
                 "EXISTS",
                 f"message id {key[1]!r} is already in use by this sender: ids are never reused or overwritten",
             )
+        segment = call.asm.segment
+        if segment is not None and segment.index == 0:
+            stream = (call.who.name, segment.stream_id)
+            if stream in self._streams or self.store.holds(*stream) or self.metrics.has(*stream):
+                raise wire.WireError(
+                    "EXISTS", f"context id {segment.stream_id!r} is already in use by this sender"
+                )
+            self._streams[stream] = _Stream(
+                call.who.name, call.asm.session_id or "", segment.stream_id, segment.total_length
+            )
+            self._expire_later(stream)
         self._claimed.add(key)
         call.claimed = key
         try:
@@ -440,6 +491,177 @@ class KVLinkService:
         else:
             return
         raise wire.WireError("BUSY", reason)
+
+    # --- segmented contexts (kvlink.stream) --------------------------------------------
+    def _expire_later(self, key: tuple[str, str]) -> None:
+        """Drop a segmented context that makes no progress for stall_timeout_s (its sender went away)."""
+        wait = self.stall_timeout_s or 60.0
+        stream = self._streams.get(key)
+
+        def check() -> None:
+            if self._streams.get(key) is not stream or stream is None:
+                return
+            idle = time.monotonic() - stream.touched
+            if idle >= wait:
+                self._drop_stream(key, f"no segment arrived for {idle:.0f} s")
+            else:
+                asyncio.get_running_loop().call_later(wait - idle + 0.01, check)
+
+        asyncio.get_running_loop().call_later(wait, check)
+
+    def _drop_stream(self, key: tuple[str, str], why: str) -> None:
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            stream.drop(why)
+            logger.info("segmented context %r of %s dropped: %s", key[1], key[0], why)
+
+    async def _turn(self, call: _Call, segment: wire.Segment) -> _Stream:
+        """The stream once the segments before this one are in (ORDER for a wrong start or a gap;
+        STALLED when the one before never completes)."""
+        key = (call.who.name, segment.stream_id)
+        wait = self.stall_timeout_s or 60.0
+        give_up = time.monotonic() + wait
+        while True:
+            stream = self._streams.get(key)
+            if stream is not None and stream.failed:
+                raise wire.WireError("ORDER", f"context {segment.stream_id!r} was dropped: {stream.failed}")
+            if stream is not None and stream.next_index == segment.index:
+                break
+            if stream is not None and stream.next_index > segment.index:
+                raise wire.WireError(
+                    "ORDER", f"segment {segment.index} of context {segment.stream_id!r} arrived twice"
+                )
+            if stream is None and segment.index == 0:
+                raise wire.WireError("ORDER", f"context {segment.stream_id!r} is gone")
+            if time.monotonic() >= give_up:
+                what = "never began" if stream is None else f"waits for segment {stream.next_index}"
+                raise wire.WireError(
+                    "STALLED",
+                    f"segment {segment.index} of context {segment.stream_id!r}: the context {what} "
+                    f"after {wait:g} s",
+                )
+            await asyncio.sleep(0.002)
+        if segment.start != stream.next_start or segment.total_length != stream.total_length:
+            raise wire.WireError(
+                "ORDER",
+                f"segment {segment.index} starts at token {segment.start} of {segment.total_length}; "
+                f"the context is in up to token {stream.next_start} of {stream.total_length}",
+            )
+        if (call.asm.session_id or "") != stream.session_id:
+            raise wire.WireError("ORDER", f"segment {segment.index} names another session than its context")
+        return stream
+
+    async def _recompute(
+        self, call: _Call, stream: _Stream, segment: wire.Segment
+    ) -> tuple[ContextKV, float]:
+        """A text segment's KV, computed by the model after the context's cache so far (its prefix)."""
+        n = len(segment.token_ids)
+        g = self.lm.geometry
+        element = torch.empty((), dtype=self.lm.dtype).element_size()
+        prefix_bytes = sum(2 * p.keys[0].numel() * element * g.num_layers for p in stream.parts)
+        cost = 2 * g.num_layers * g.kv_heads * g.head_dim * n * element + 8 * n * g.num_layers + prefix_bytes
+        if not self.store.fits(cost):
+            raise wire.WireError(
+                "TOO_LARGE", f"recomputing this segment takes up to {cost} bytes; --max-cached-bytes is lower"
+            )
+        give_up = time.monotonic() + self.admission_wait_s
+        while call.decoding is None:
+            try:
+                call.decoding = self.store.reserve(cost, call.who.name)
+            except StoreBusy as busy:
+                if time.monotonic() >= give_up:
+                    raise wire.WireError("BUSY", f"{busy}; retry later") from None
+                await asyncio.sleep(0.02)
+        ids = torch.tensor(segment.token_ids, dtype=torch.long)
+
+        def run() -> ContextKV:
+            prefix = join(stream.parts, segment.start) if stream.parts else None
+            with self.forwards:
+                return recompute(self.lm.model, prefix, ids, segment.start)
+
+        started = time.perf_counter()
+        kv = await asyncio.to_thread(run)
+        return kv, time.perf_counter() - started
+
+    async def _segment(
+        self, call: _Call, segment: wire.Segment, encoded: EncodedKV, receipt: wire.Receipt
+    ) -> wire.pb.Signal:
+        """Decode (or recompute) one segment into its context, in order; the last one commits the
+        context under its stream id. Any failure drops the whole context."""
+        key = (call.who.name, segment.stream_id)
+        try:
+            stream = await self._turn(call, segment)
+            stream.touched = time.monotonic()
+            stop = segment.start + encoded.length
+            if segment.text:
+                kv, seconds = await self._recompute(call, stream, segment)
+                timings = {**receipt.timings, "recompute_s": seconds}
+                label = "text"
+            else:
+                decoded, seconds = await self._decode(call, encoded)
+                kv = shifted(decoded, segment.start, stop)
+                timings = {**receipt.timings, "decode_s": seconds}
+                label = encoded.recipe.name
+            if call.decoding is not None:  # the stream holds it now, until the context is stored
+                stream.held.append(call.decoding)
+                call.decoding = None
+            stream.parts.append(kv)
+            stream.labels.append(label)
+            sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
+            stream.receipts.append(sealed)
+            stream.next_index += 1
+            stream.next_start = stop
+            stream.touched = time.monotonic()
+            if segment.last:
+                self._commit(stream)
+            return signal
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, wire.WireError) else type(exc).__name__
+            self._drop_stream(key, f"segment {segment.index} failed: {reason}")
+            raise
+
+    def _commit(self, stream: _Stream) -> None:
+        """The last segment is in: the context is stored whole and becomes answerable."""
+        key = (stream.owner, stream.stream_id)
+        kv = join(stream.parts, stream.total_length)
+        stream.parts.clear()
+        for held in stream.held:
+            held.release()
+        stream.held.clear()
+        self._streams.pop(key, None)
+        rs = stream.receipts
+        total = wire.Receipt(
+            message_id=stream.stream_id, payload=sum(r.payload for r in rs),
+            positions=sum(r.positions for r in rs), scales=sum(r.scales for r in rs),
+            factors=sum(r.factors for r in rs), framing=sum(r.framing for r in rs),
+            signaling=sum(r.signaling for r in rs), chunks=sum(r.chunks for r in rs),
+            retransmits=sum(r.retransmits for r in rs),
+            retransmitted_bytes=sum(r.retransmitted_bytes for r in rs),
+            fp16_bytes=self.lm.geometry.fp16_bytes(stream.total_length),
+            timings={name: sum(r.timings.get(name, 0.0) for r in rs)
+                     for name in ("receive_s", "decode_s", "recompute_s", "verify_s")},
+        )  # fmt: skip
+        counts: dict[str, int] = {}
+        for label in stream.labels:
+            counts[label] = counts.get(label, 0) + 1
+        label = "segments " + " + ".join(f"{n}x {name}" for name, n in counts.items())
+        kv_labels = [name for name in stream.labels if name != "text"]
+        recipe = Recipe.from_name(max(set(kv_labels), key=kv_labels.count)) if kv_labels else wire.TEXT_RECIPE
+        record = replace(
+            MessageRecord.from_receipt(total, stream.session_id, recipe, stream.total_length, kv.kept(0),
+                                       owner=stream.owner),
+            config_label=label,
+        )  # fmt: skip
+        try:
+            self.store.put(stream.owner, stream.session_id, stream.stream_id, kv, label)
+        except ValueError as exc:
+            raise wire.WireError("TOO_LARGE", str(exc)) from None
+        self.metrics.record_message(record)
+        logger.info(
+            "context %r of %s: %d segments (%s), %d wire bytes, %.1f%% of FP16",
+            stream.stream_id, stream.owner, len(rs), label, total.total,
+            100 * total.total / max(total.fp16_bytes, 1),
+        )  # fmt: skip
 
     async def _next_frame(
         self, frames: AsyncIterator[bytes], asm: wire.Assembler, deadline: float | None

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from kvlink.cache import Observe, Prefill
@@ -79,6 +80,17 @@ class Select(Stage):
                 f"got {prefill.observation.kind.value!r}"
             )
         return selector.keep(prefill.observation, self.retention, self.scope)  # type: ignore[no-any-return]
+
+    def scores(self, prefill: Prefill) -> Tensor:
+        """Importance of each context position, (T,): every layer's scores as shares of that layer's
+        total, summed over the layers (what scope "global" ranks by, forced positions aside)."""
+        selector = self._selector()
+        obs = prefill.observation
+        total = torch.zeros(obs.length)
+        for layer in obs.layers:
+            s = selector.score(layer, obs.length, obs.scale).sum(dim=0).float().cpu()
+            total += s / s.sum().clamp_min(1e-30)
+        return total
 
     def token(self) -> str:
         """Its name in the config grammar: q2c90%, q2c90%/layer, snapkv50%@w64, random50%@s3."""

@@ -52,6 +52,8 @@ Modules, by role (each imports only the ones below it in this list):
                      HTTP2_* constants, RECEIPT_ALLOWANCE
     messages.py      Hello, Welcome, Ask, Answer, Release, Released, Ack, Nack, RemoteError, Receipt
                      and their *_to_proto / *_from_proto; error_signal, read_signal
+    segments.py      Segment (one token range of a context sent in several Transfers, kvlink.stream)
+                     and ReceiverCosts (a Welcome's measured throughputs), with their checks
     validation.py    WireLimits, FRAME_ENVELOPE_BYTES, ID_CHARS, check_id, zstd_bound, recipe_from_pb
                      and the validation of a header before anything is allocated
     capabilities.py  local_capabilities (what a Welcome advertises) and the UNKNOWN_CODEC checks
@@ -94,6 +96,7 @@ from kvlink.wire.framing import (
     receipt_signal,
     recipe_to_pb,
     signal_size,
+    text_frames,
     to_frames,
 )
 from kvlink.wire.grpc import (
@@ -145,9 +148,11 @@ from kvlink.wire.messages import (
     welcome_from_proto,
     welcome_to_proto,
 )
+from kvlink.wire.segments import MAX_SEGMENTS, ReceiverCosts, Segment
 from kvlink.wire.validation import (
     FRAME_ENVELOPE_BYTES,
     ID_CHARS,
+    TEXT_RECIPE,
     WireLimits,
     check_id,
     recipe_from_pb,
@@ -171,12 +176,14 @@ __all__ = [
     "ID_CHARS",
     "LEGACY_SERVICE_NAME",
     "MAX_RECEIPT_TIMINGS",
+    "MAX_SEGMENTS",
     "MAX_TIMING_KEY_CHARS",
     "PART_ORDER",
     "PROTOCOL_VERSION",
     "RECEIPT_ALLOWANCE",
     "RELEASE_METHOD",
     "SERVICE_NAME",
+    "TEXT_RECIPE",
     "TRANSFER_METHOD",
     "Ack",
     "Answer",
@@ -188,9 +195,11 @@ __all__ = [
     "Nack",
     "Outbox",
     "Receipt",
+    "ReceiverCosts",
     "Release",
     "Released",
     "RemoteError",
+    "Segment",
     "Welcome",
     "WireError",
     "WireLimits",
@@ -235,6 +244,7 @@ __all__ = [
     "released_from_proto",
     "released_to_proto",
     "signal_size",
+    "text_frames",
     "to_frames",
     "welcome_from_proto",
     "welcome_to_proto",

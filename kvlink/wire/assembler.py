@@ -20,6 +20,7 @@ from kvlink.wire.capabilities import local_capabilities
 from kvlink.wire.framing import GRPC_PREFIX_BYTES, PART_ORDER, _Tally, frame_size, signal_size
 from kvlink.wire.grpc import frame_kind, parse_frame
 from kvlink.wire.messages import Ack, Nack, Receipt, _ack_signal, _nack_signal, read_signal
+from kvlink.wire.segments import Segment
 from kvlink.wire.validation import WireLimits, _Plan, _validate_header
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class Assembler:
         self._validate_s = 0.0
         self._header_crc: int | None = None
         self._buffered = 0
+        self._segment: Segment | None = None  # kept after finish() (which lets the plan go), like the ids
 
     @property
     def message_id(self) -> str | None:
@@ -162,6 +164,11 @@ class Assembler:
     @property
     def recipe(self) -> Recipe | None:
         return self._plan.recipe if self._plan else None
+
+    @property
+    def segment(self) -> Segment | None:
+        """The Segment a validated header declares (None: a whole context)."""
+        return self._segment
 
     @property
     def declared_bytes(self) -> int:
@@ -256,6 +263,7 @@ class Assembler:
             self._validate_s = time.perf_counter() - t0
             self._header_crc = google_crc32c.value(raw if raw is not None else frame.SerializeToString())
             self._plan = plan
+            self._segment = plan.segment
             self._ids = (plan.header.session_id, plan.header.message_id)
             self._layer_left = {layer: len(ids) for layer, ids in plan.layer_chunks.items()}
             self._tally.header(frame)

@@ -19,6 +19,7 @@ import google_crc32c
 
 from kvlink import positions as pos_codec
 from kvlink.codec import PAYLOAD_PARTS, EncodedKV
+from kvlink.models import Geometry
 from kvlink.recipe import KINDS, Pipeline, Recipe
 from kvlink.stages import Stage
 from kvlink.wire._common import (
@@ -31,6 +32,7 @@ from kvlink.wire._common import (
     pb,
 )
 from kvlink.wire.messages import Receipt, _ack_signal, receipt_to_proto
+from kvlink.wire.segments import Segment, segment_to_pb
 
 # --- constants --------------------------------------------------------------------------------
 GRPC_PREFIX_BYTES: Final = 5
@@ -279,7 +281,12 @@ def recipe_to_pb(recipe: Recipe) -> pb.Recipe:
 
 
 def to_frames(
-    encoded: EncodedKV, session_id: str, message_id: str, fingerprint: str, chunk_bytes: int
+    encoded: EncodedKV,
+    session_id: str,
+    message_id: str,
+    fingerprint: str,
+    chunk_bytes: int,
+    segment: Segment | None = None,
 ) -> list[pb.TransferFrame]:
     """The frames of one Transfer: [Header, Chunk 0, ..., Chunk N-1, Trailer].
 
@@ -298,6 +305,27 @@ def to_frames(
         )
 
     header, _ = _header(encoded, session_id, message_id, fingerprint, chunk_bytes, add)
+    if segment is not None:
+        header.segment.CopyFrom(segment_to_pb(segment))
+    return _framed(header, chunks)
+
+
+def text_frames(
+    session_id: str, message_id: str, fingerprint: str, geometry: Geometry, segment: Segment
+) -> list[pb.TransferFrame]:
+    """The frames of a text segment: a Header carrying its token ids (the receiver recomputes their KV
+    after the earlier segments'), no chunk, and the Trailer."""
+    if not segment.token_ids:
+        raise ValueError("a text segment needs its token ids")
+    header = pb.Header(
+        session_id=session_id, message_id=message_id, fingerprint=fingerprint,
+        geometry=_geometry_to_pb(geometry), length=len(segment.token_ids), segment=segment_to_pb(segment),
+    )  # fmt: skip
+    return _framed(header, [])
+
+
+def _framed(header: pb.Header, chunks: list[pb.TransferFrame]) -> list[pb.TransferFrame]:
+    """[Header, *chunks, Trailer], the trailer checking the header frame's bytes."""
     header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
     trailer = pb.Trailer(
         chunk_count=len(chunks),

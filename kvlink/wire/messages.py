@@ -24,6 +24,7 @@ from kvlink.wire._common import (
     pb,
 )
 from kvlink.wire.capabilities import local_capabilities
+from kvlink.wire.segments import ReceiverCosts, costs_from_pb, costs_to_pb
 from kvlink.wire.validation import WireLimits, _check_ids, _fingerprint_message
 
 
@@ -48,6 +49,7 @@ class Welcome:
     profile_hashes: tuple[str, ...] = ()
     model: str = ""
     geometry: Geometry | None = None
+    costs: ReceiverCosts | None = None  # measured throughputs (None: not measured)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ def welcome_to_proto(welcome: Welcome) -> pb.Welcome:
     )  # fmt: skip
     if welcome.geometry is not None:
         msg.geometry.CopyFrom(_geometry_to_pb(welcome.geometry))
+    if welcome.costs is not None:
+        msg.costs.CopyFrom(costs_to_pb(welcome.costs))
     return msg
 
 
@@ -207,6 +211,7 @@ def welcome_from_proto(msg: pb.Welcome, fingerprint: str | None = None) -> Welco
         max_message_bytes=msg.max_message_bytes,
         max_chunk_bytes=msg.max_chunk_bytes, profile_hashes=tuple(msg.profile_hashes), model=msg.model,
         geometry=_geometry_from_pb(msg.geometry) if msg.HasField("geometry") else None,
+        costs=costs_from_pb(msg.costs) if msg.HasField("costs") else None,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from kvlink import positions as pos_codec
+from kvlink.capabilities import decodes
 from kvlink.codec import EncodedTensor, stored_shape
 from kvlink.errors import NotRegistered
 from kvlink.models import Geometry
@@ -31,6 +32,10 @@ FRAME_ENVELOPE_BYTES: Final = 16
 """TransferFrame bytes around its header, chunk, trailer or cancel: version and the oneof's tag and length."""
 
 
+TEXT_RECIPE: Final = Recipe.from_name("fp16")
+"""What a text segment's recomputed cache stands under: the model's own precision, every position."""
+
+
 @dataclass(frozen=True)
 class WireLimits:
     """What a receiver accepts. Checked against the header before anything is allocated.
@@ -42,6 +47,7 @@ class WireLimits:
     max_chunks: payload table rows. max_group_size: quantization group.
     max_chunk_retries: Nacks per chunk before the message is refused as CORRUPT.
     max_id_chars: session and message ids (characters of ID_CHARS).
+    max_token_id: the highest token id a text segment may carry (the receiver's vocabulary).
     max_new_tokens, max_question_bytes, max_references, max_reference_bytes: what an Ask may
     request (the last two bound the reference answers' count and their UTF-8 bytes in all).
 
@@ -67,6 +73,7 @@ class WireLimits:
     max_references: int = 64
     max_reference_bytes: int = 16 << 10
     max_stages: int = 16
+    max_token_id: int = (1 << 24) - 1
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -110,6 +117,68 @@ class WireLimits:
 ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+=-")
 """What a session or message id may contain: letters, digits and ._:@+=- (no space, no control
 character, nothing that could forge a log line or a path). A UUID's hex or its dashed form fits."""
+
+
+MAX_SEGMENTS = 4096
+"""Segments of one context (a 128k context in 32-token segments): an index beyond is refused."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one message sits in a chunked context: tokens [start, start + length) of a context of
+    total_length tokens, the index-th segment, answerable as `stream_id` once the `last` one is in.
+    token_ids: a text segment (the receiver recomputes these tokens' KV); empty for KV."""
+
+    stream_id: str
+    index: int
+    start: int
+    total_length: int
+    last: bool = False
+    token_ids: tuple[int, ...] = ()
+
+    @property
+    def text(self) -> bool:
+        return bool(self.token_ids)
+
+
+def segment_from_pb(msg: pb.Segment, length: int, limits: WireLimits) -> Segment:
+    """A header's Segment, checked against the header's own length (its token count) and the limits:
+    MALFORMED for a bad id or index, SHAPE when its range leaves [0, total_length), TOO_LARGE when the
+    context is longer than the receiver takes, MALFORMED for a token id outside the vocabulary."""
+    check_id("segment stream_id", msg.stream_id, limits)
+    if msg.index >= MAX_SEGMENTS:
+        raise WireError(
+            "MALFORMED", f"segment index {msg.index} is beyond the limit of {MAX_SEGMENTS} segments"
+        )
+    if msg.total_length > limits.max_length:
+        raise WireError(
+            "TOO_LARGE",
+            f"the segmented context has {msg.total_length} tokens, the limit is {limits.max_length}",
+        )
+    end = msg.start + length
+    if end > msg.total_length:
+        raise WireError(
+            "SHAPE",
+            f"segment {msg.index} covers tokens [{msg.start}, {end}) of a context of {msg.total_length}",
+        )
+    if msg.last and end != msg.total_length:
+        raise WireError("SHAPE", f"the last segment ends at token {end}, the context has {msg.total_length}")
+    if msg.token_ids:
+        if len(msg.token_ids) != length:
+            raise WireError(
+                "SHAPE",
+                f"text segment {msg.index} has {len(msg.token_ids)} token ids, its header says {length}",
+            )
+        top = max(msg.token_ids)
+        if top > limits.max_token_id:
+            raise WireError(
+                "MALFORMED",
+                f"text segment {msg.index}: token id {top} is outside the vocabulary (max {limits.max_token_id})",
+            )
+    return Segment(
+        msg.stream_id, int(msg.index), int(msg.start), int(msg.total_length), bool(msg.last),
+        tuple(int(t) for t in msg.token_ids),
+    )  # fmt: skip
 
 
 def check_id(name: str, value: str, limits: WireLimits | None = None) -> None:
@@ -172,6 +241,7 @@ class _Plan:
     entries: list[_Entry]
     layer_chunks: dict[int, list[int]]
     parts: dict[tuple[int, str, str], tuple[list[int], int, bool]]  # -> (chunk ids, raw_size, zstd)
+    segment: Segment | None = None  # of a segmented context's message
 
 
 def _stage_from_pb(msg: pb.Stage, where: str, capabilities: frozenset[str] | None) -> Stage:
@@ -314,7 +384,8 @@ def _check_counts(header: pb.Header, limits: WireLimits, expected: Geometry | No
         raise WireError(
             "TOO_LARGE", f"payload table has {len(header.payload)} chunks, the limit is {limits.max_chunks}"
         )
-    if len(header.tensors) != 2 * layers:
+    text = bool(header.segment.token_ids)  # a text segment has no tensors (checked in _text_segment)
+    if not text and len(header.tensors) != 2 * layers:
         raise WireError(
             "SHAPE", f"header has {len(header.tensors)} tensor entries, {layers} layers need {2 * layers}"
         )
@@ -380,6 +451,14 @@ def _validate_header(
     check_id("message_id", header.message_id, limits)
     if header.fingerprint != fingerprint:
         raise WireError("FINGERPRINT", _fingerprint_message(header.fingerprint, fingerprint))
+    segment = None
+    if header.HasField("segment"):
+        if not decodes(capabilities, "segment"):
+            raise WireError("UNKNOWN_CODEC", "this receiver does not take segmented contexts")
+        g = _check_geometry(header, limits, geometry)
+        segment = segment_from_pb(header.segment, header.length, limits)
+        if segment.text:
+            return _text_segment(header, g, segment, capabilities)
     if not header.HasField("recipe"):
         raise WireError("MALFORMED", "header has no recipe")
     g = _check_geometry(header, limits, geometry)
@@ -511,4 +590,26 @@ def _validate_header(
             raise WireError(
                 "SHAPE", f"{where}: {got} zstd bytes exceed the bound {zstd_bound(n)} for {n} raw bytes"
             )
-    return _Plan(header, recipe, g, positions, tensors, entries, layer_chunks, parts)
+    return _Plan(header, recipe, g, positions, tensors, entries, layer_chunks, parts, segment)
+
+
+def _text_segment(
+    header: pb.Header, g: Geometry, segment: Segment, capabilities: frozenset[str] | None
+) -> _Plan:
+    """A text segment's header: its token ids (checked by segment_from_pb) and nothing else."""
+    if not decodes(capabilities, "segment:text"):
+        raise WireError(
+            "UNKNOWN_CODEC",
+            "this receiver does not recompute text segments (it does not advertise segment:text)",
+        )
+    if (
+        header.HasField("recipe")
+        or header.tensors
+        or header.positions
+        or header.payload
+        or header.profile_hash
+    ):
+        raise WireError(
+            "MALFORMED", "a text segment carries token ids only: no recipe, tensors, positions or payload"
+        )
+    return _Plan(header, TEXT_RECIPE, g, [], [], [], {}, {}, segment)

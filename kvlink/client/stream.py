@@ -1,0 +1,388 @@
+"""Segmented sending by time to first token (kvlink-send --goal ttft): the gRPC half of kvlink.stream.
+
+    result = await send_streamed("127.0.0.1:50051", context, question, lm=lm, budget=1.0)
+    result.answer.text, result.ttft_s, result.predicted_ttft_s, [s.option for s in result.segments]
+
+The context is cut into segments (kvlink.stream.segment_bounds); each is one Transfer whose header
+names the context (kvlink.wire.Segment), and the receiver answers only once the last one is in.
+Three things run at once: the sender's prefill (in a worker thread, started before anything is
+chosen), a producer that chooses each segment's option just before it encodes it (with the link
+rate measured from the receipts so far: kvlink.stream.Planner.choose) and a writer that starts each
+segment's Transfer as soon as the one before has been written, not answered, so the receiver decodes
+segment i while segment i+1 is on the link. The producer runs at most one segment ahead of the link,
+so a link that slows down is followed within two segments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from kvlink import wire
+from kvlink.answer import GenerationOptions
+from kvlink.budget import QualityTable, parse_budget
+from kvlink.cache import Observe, Prefill, prefill
+from kvlink.capabilities import missing
+from kvlink.client.sender import (
+    PLAINTEXT,
+    ClientSecurity,
+    SendError,
+    Stage,
+    TransferResult,
+    ask,
+    channel_options,
+    fit_context,
+    hello,
+    transfer,
+)
+from kvlink.models import Geometry, LoadedModel, max_positions
+from kvlink.prompt import context_ids, question_ids, question_rows
+from kvlink.recipe import Recipe
+from kvlink.stream import (
+    LINKS,
+    TEXT,
+    Costs,
+    LinkMemory,
+    Option,
+    Planner,
+    Scores,
+    encode_segment,
+    fp16_option,
+    recipe_option,
+    segment_bounds,
+    segmentable,
+    text_option,
+)
+
+logger = logging.getLogger(__name__)
+
+GOALS = ("bytes", "ttft")
+PINNED = ("kint8c/vint8t-g32", "kint4c/vint4t-g32", "q2c50%+kint4c/vint4t-g32", "q2c25%+kint4c/vint4t-g32")
+"""KV options for a model without a measured quality table (random weights: timing only)."""
+MAX_TABLE_OPTIONS = 6
+MAX_IN_FLIGHT = 2
+"""Segment Transfers open at once: one the receiver decodes while the next one is on the link (each
+open call holds one of the receiver's per-peer call slots)."""
+ASSUMED_COSTS = wire.ReceiverCosts(((1024, 20_000.0),), 5e9, 0.05)
+"""What a receiver that advertises no measured costs is assumed to cost (logged when used)."""
+
+
+@dataclass
+class SegmentSent:
+    """One segment as chosen, predicted and sent."""
+
+    index: int
+    start: int
+    stop: int
+    option: str
+    predicted_ttft_s: float  # the whole context's TTFT predicted when this segment was chosen
+    link_bps: float  # the link estimate it was chosen with
+    transfer: TransferResult | None = None
+    encode_s: float = 0.0
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.transfer.receipt.total if self.transfer is not None else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.transfer.receipt if self.transfer is not None else None
+        return {
+            "index": self.index, "start": self.start, "stop": self.stop, "option": self.option,
+            "predicted_ttft_s": self.predicted_ttft_s, "link_gbps": self.link_bps / 1e9,
+            "wire_bytes": self.wire_bytes, "encode_s": self.encode_s,
+            "receiver": dict(r.timings) if r is not None else {},
+        }  # fmt: skip
+
+
+@dataclass
+class StreamResult:
+    """A context sent in segments and one question answered from it."""
+
+    session_id: str
+    stream_id: str
+    segments: list[SegmentSent]
+    answer: wire.Answer
+    welcome: wire.Welcome
+    context_tokens: int
+    fp16_bytes: int
+    budget_bytes: int
+    predicted_ttft_s: float  # the plan's TTFT predicted before anything was sent
+    static_predictions: dict[str, float]  # every option for every segment, predicted alike
+    ttft_s: float  # measured: from the Hello's answer to the receiver's first answer token
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.wire_bytes for s in self.segments)
+
+    @property
+    def fraction(self) -> float:
+        return self.total_bytes / self.fp16_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id, "message_id": self.stream_id, "answer": self.answer.text,
+            "f1": self.answer.f1, "context_tokens": self.context_tokens, "fp16_bytes": self.fp16_bytes,
+            "budget_bytes": self.budget_bytes, "wire_bytes": self.total_bytes,
+            "percent_of_fp16": 100 * self.fraction, "predicted_ttft_s": self.predicted_ttft_s,
+            "ttft_s": self.ttft_s, "static_predictions_s": dict(self.static_predictions),
+            "timings": dict(self.timings), "segments": [s.as_dict() for s in self.segments],
+        }  # fmt: skip
+
+
+def kv_options(
+    fingerprint: str, model_name: str, capabilities: frozenset[str], geometry: Geometry, min_quality: float
+) -> list[Option]:
+    """FP16 and the quality table's configs that encode a segment alone (kvlink.stream.segmentable), that
+    the receiver decodes and whose expected quality is at least `min_quality`: the frontier of quality
+    against bits (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table."""
+    table = QualityTable.for_model(fingerprint, model_name)
+    names = list(table.entries) if table.entries else list(PINNED)
+    found: list[Option] = []
+    for name in names:
+        try:
+            recipe = Recipe.from_name(name)
+        except ValueError:
+            continue
+        if name == "fp16" or not segmentable(recipe) or missing(recipe, capabilities):
+            continue
+        quality = table.expected(recipe, geometry.head_dim) if table.entries else float("nan")
+        if table.entries and quality < min_quality:
+            continue
+        found.append(recipe_option(recipe, quality))
+    if table.entries:  # the frontier: no other option both smaller and at least as good
+        found.sort(key=lambda o: (o.wire_bytes(geometry, 1024), -o.quality))
+        frontier: list[Option] = []
+        for o in found:
+            if not frontier or o.quality > frontier[-1].quality:
+                frontier.append(o)
+        found = frontier[-MAX_TABLE_OPTIONS:]
+    return [fp16_option(), *found]
+
+
+async def send_streamed(
+    target: str,
+    context: str,
+    question: str,
+    *,
+    lm: LoadedModel,
+    budget: float | str | None = None,
+    segment_tokens: int = 1024,
+    min_quality: float = 0.0,
+    fixed: str | None = None,
+    reference_answers: Sequence[str] = (),
+    options: GenerationOptions | None = None,
+    timeout: float = 120.0,
+    security: ClientSecurity = PLAINTEXT,
+    session_id: str | None = None,
+    transfer_target: str | None = None,
+    link_bps: float | None = None,
+    links: LinkMemory = LINKS,
+    truncate: bool = False,
+    on_stage: Stage | None = None,
+    on_segment: Any = None,
+) -> StreamResult:
+    """Send `context` in segments of `segment_tokens`, each as text, FP16 or a quality-table config,
+    chosen to minimize the predicted time to first token within `budget` (of the FP16 size: every
+    byte counts; None: no bound) and `min_quality` (a floor on each KV segment's expected quality), re-planned after
+    every receipt; then ask `question`. fixed: send every segment as this option instead ("text",
+    "fp16" or a config name: the static baselines; `budget` is then not applied). link_bps: the link rate to assume before the
+    first receipt (else what `links` remembers of this receiver). on_segment(SegmentSent): told as
+    each segment's receipt arrives. Raises SendError when a call fails or the receiver does not take
+    segments, ValueError for a bad budget or when nothing fits it.
+    """
+    fraction = None if budget is None else parse_budget(budget)
+    options = options or GenerationOptions(32)
+    stage = on_stage or (lambda name, detail: None)
+    session_id = session_id or uuid.uuid4().hex
+    stream_id = uuid.uuid4().hex
+    meta = security.metadata
+    ctx_ids = context_ids(lm.tokenizer, context)
+    q_ids = question_ids(lm.tokenizer, question)
+    n_ctx = fit_context(
+        int(ctx_ids.numel()),
+        int(q_ids.numel()),
+        options.max_new_tokens,
+        max_positions(lm.model.config),
+        truncate,
+    )
+    ctx_ids = ctx_ids[:n_ctx]
+    g = lm.geometry
+    bounds = segment_bounds(n_ctx, segment_tokens)
+    timings: dict[str, float] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        stage("connect", target)
+        channel = await stack.enter_async_context(security.channel(target, channel_options()))
+        welcome = await hello(channel, lm.fingerprint, timeout=timeout, metadata=meta)
+        if transfer_target is not None and transfer_target != target:
+            channel = await stack.enter_async_context(security.channel(transfer_target, channel_options()))
+        t0 = time.perf_counter()
+        if "segment" not in welcome.capabilities:
+            raise SendError(
+                grpc.StatusCode.UNIMPLEMENTED, "the receiver does not take segmented contexts (an older kvlink?)",
+                code="UNKNOWN_CODEC", rpc="Hello",
+            )  # fmt: skip
+        receiver = welcome.costs
+        if receiver is None:
+            logger.warning("the receiver advertises no measured costs: assuming %s", ASSUMED_COSTS)
+            receiver = ASSUMED_COSTS
+        choices = kv_options(lm.fingerprint, lm.name, welcome.capabilities, g, min_quality)
+        if "segment:text" in welcome.capabilities:
+            choices.insert(0, text_option())
+        if fixed is not None:
+            pinned = [o for o in choices if o.name == fixed]
+            if not pinned and fixed != TEXT:
+                recipe = Recipe.from_name(fixed)
+                if not segmentable(recipe):
+                    raise ValueError(
+                        f"config {fixed!r} cannot encode one segment alone (kvlink.stream.segmentable)"
+                    )
+                pinned = [recipe_option(recipe, float("nan"))]
+            if not pinned:
+                raise SendError(
+                    grpc.StatusCode.UNIMPLEMENTED, "the receiver does not recompute text segments",
+                    code="UNKNOWN_CODEC", rpc="Hello",
+                )  # fmt: skip
+            choices = pinned
+        fp16_bytes = g.fp16_bytes(n_ctx)
+        unbounded = fraction is None or fixed is not None
+        planner = Planner(g, bounds, choices, 1 << 62 if unbounded else int(fraction * fp16_bytes))
+        link = links.get(transfer_target or target, link_bps)
+        needs_kv = any(not o.text for o in choices)
+        prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv else 0.0
+        costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
+        predicted = planner.predict([planner.choose(i, costs)[0] for i in range(len(bounds))], costs).ttft
+        static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
+
+        async def read() -> Prefill:
+            rows = question_rows(lm.tokenizer, question)
+            t = time.perf_counter()
+            pre = await asyncio.to_thread(prefill, lm.model, ctx_ids, q_ids, Observe.QUESTION, 32, rows)
+            timings["prefill_s"] = time.perf_counter() - t
+            return pre
+
+        stage("prefill", "reading the context while the first segments go")
+        reading = asyncio.create_task(read()) if needs_kv else None
+        queue: asyncio.Queue[tuple[SegmentSent, list[wire.pb.TransferFrame]] | None] = asyncio.Queue(
+            maxsize=1
+        )
+        sent: list[SegmentSent] = []
+        encode = {"bps": costs.encode_bps}
+        state = {"spent": 0}
+
+        async def produce() -> None:
+            scores: Scores | None = None
+            for i, (a, b) in enumerate(bounds):
+                done = reading is None or reading.done()
+                now = time.perf_counter() - t0
+                c = Costs(
+                    receiver, link.bps, encode["bps"], 0.0 if done else max(prefill_estimate - now, 0.0),
+                    question_tokens=int(q_ids.numel()),
+                )  # fmt: skip
+                option, guess = planner.choose(i, c, spent=state["spent"])
+                state["spent"] += planner.bytes_of(option, i)
+                seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
+                segment = wire.Segment(
+                    stream_id, i, a, n_ctx, last=i == len(bounds) - 1,
+                    token_ids=tuple(int(t) for t in ctx_ids[a:b]) if option.text else (),
+                )  # fmt: skip
+                if option.text:
+                    frames = wire.text_frames(session_id, uuid.uuid4().hex, lm.fingerprint, g, segment)
+                else:
+                    assert reading is not None
+                    pre = await reading
+                    scores = scores or Scores(pre)
+                    started = time.perf_counter()
+                    frames = await asyncio.to_thread(
+                        _encoded_frames, pre, scores, option, g, segment, b, lm.fingerprint, session_id,
+                        min(1 << 20, welcome.max_chunk_bytes),
+                    )  # fmt: skip
+                    seg.encode_s = time.perf_counter() - started
+                    encode["bps"] = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
+                await queue.put((seg, frames))
+            await queue.put(None)
+
+        async def deliver(
+            seg: SegmentSent, frames: list[wire.pb.TransferFrame], written: asyncio.Event
+        ) -> None:
+            deadline = timeout + 8 * sum(wire.frame_size(f) for f in frames) / 100e6
+            seg.transfer = await transfer(
+                channel, frames, timeout=deadline, metadata=meta, on_written=written.set
+            )
+            r = seg.transfer.receipt
+            if link.add(r.total, r.timings.get("receive_s", 0.0)):
+                logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
+            if on_segment is not None:
+                on_segment(seg)
+
+        stage("transfer", f"{len(bounds)} segments of up to {segment_tokens} tokens")
+        producer = asyncio.create_task(produce())
+        in_flight: list[asyncio.Task[None]] = []
+        try:
+            while (item := await queue.get()) is not None:
+                seg, frames = item
+                busy = [t for t in in_flight if not t.done()]
+                while len(busy) >= MAX_IN_FLIGHT:  # one segment decoding, one on the link
+                    await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+                    busy = [t for t in busy if not t.done()]
+                if any(t.done() and t.exception() is not None for t in in_flight):
+                    break
+                sent.append(seg)
+                written = asyncio.Event()
+                task = asyncio.create_task(deliver(seg, frames, written))
+                in_flight.append(task)
+                del frames
+                waiter = asyncio.create_task(written.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if task.done() and task.exception() is not None:
+                    break
+            await asyncio.gather(*in_flight)
+            await producer
+        finally:
+            for t in (producer, *in_flight, *([reading] if reading is not None else [])):
+                if not t.done():
+                    t.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(producer, *in_flight, return_exceptions=True)
+        timings["transfer_s"] = time.perf_counter() - t0
+        links.save()
+
+        stage("answer", "waiting for the receiver's answer")
+        request = wire.Ask(
+            session_id, stream_id, question, options.max_new_tokens, tuple(reference_answers), dict(timings),
+            options.temperature, options.top_p, options.stop,
+        )  # fmt: skip
+        asked = time.perf_counter()
+        answer = await ask(channel, request, timeout=timeout, metadata=meta)
+        timings["ask_s"] = time.perf_counter() - asked
+    first = answer.timings.get("first_token_s", timings["ask_s"])
+    return StreamResult(
+        session_id=session_id, stream_id=stream_id, segments=sent, answer=answer, welcome=welcome,
+        context_tokens=n_ctx, fp16_bytes=fp16_bytes, budget_bytes=planner.budget_bytes,
+        predicted_ttft_s=predicted, static_predictions=static, ttft_s=asked - t0 + first, timings=timings,
+    )  # fmt: skip
+
+
+def _encoded_frames(
+    pre: Prefill,
+    scores: Scores,
+    option: Option,
+    geometry: Geometry,
+    segment: wire.Segment,
+    stop: int,
+    fingerprint: str,
+    session_id: str,
+    chunk_bytes: int,
+) -> list[wire.pb.TransferFrame]:
+    """One KV segment's frames: tokens [segment.start, stop) encoded under `option`."""
+    encoded = encode_segment(pre, scores, option, geometry, segment.start, stop)
+    return wire.to_frames(encoded, session_id, uuid.uuid4().hex, fingerprint, chunk_bytes, segment)

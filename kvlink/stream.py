@@ -1,0 +1,444 @@
+"""Segmented, time-to-first-token-aware sending: the library half (the gRPC half is kvlink.client.stream
+on the sender and kvlink.server.service on the receiver).
+
+A context of T tokens is cut into segments of `segment_tokens` (`segment_bounds`). Each segment
+travels as one message of its own (kvlink.wire.Segment in its header) under one of three options:
+
+- "text": its token ids; the receiver recomputes their KV with the earlier segments' cache as
+  prefix, at their original positions (`recompute`). Costs the receiver a prefill, the link ~3 bytes
+  a token, the sender nothing (not even its own prefill).
+- "fp16": its KV as read, every position (the FP16 baseline).
+- a recipe of the quality table (kvlink.budget.QualityTable): selected and quantized. Selection
+  stays task-aware: the question's attention scores every position of the WHOLE context once
+  (`Scores`), and a segment under retention r keeps its ceil(r * n) best positions by those global
+  scores (`encode_segment`).
+
+`Planner` predicts the time to first token of a schedule (one option per segment) from what each
+stage costs: the sender's prefill and encode rates, the link rate (`LinkEstimate`, smoothed from
+the receipts of earlier segments and kept per receiver), and the receiver's measured prefill and
+decode rates (kvlink.wire.ReceiverCosts, in its Welcome; `measure_costs` measures them). Segments
+flow as a pipeline: the sender encodes segment i+1 while i is on the link, the receiver decodes i
+while i+1 arrives, so the prediction is a pipeline's, not a sum (`Planner.predict`). `Planner.choose`
+picks the next segment's option given what is already sent and the current estimates: re-planning
+after every receipt is what makes the sender follow a link whose rate changes mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvlink.cache import ContextKV, Prefill
+from kvlink.codec import Codec, EncodedKV
+from kvlink.models import Geometry
+from kvlink.recipe import Recipe
+from kvlink.select import keep_count
+from kvlink.wire import ReceiverCosts
+
+logger = logging.getLogger(__name__)
+
+TEXT = "text"
+FP16 = "fp16"
+TEXT_BYTES_PER_TOKEN = 3
+"""A token id as a protobuf varint: 3 bytes below 2**21 (every vocabulary we serve)."""
+SEGMENT_OVERHEAD_BYTES = 2048
+"""Per segment: its header's fixed fields, trailer, receipt and HTTP/2 frames, rounded up."""
+DEFAULT_LINK_BPS = 1e9
+"""The link rate assumed for a receiver never sent to before (bits/s); the first receipt replaces it."""
+DEFAULT_ENCODE_BPS = 2e9
+"""FP16 bytes a second the sender encodes before it has measured itself (the CPU reference path)."""
+
+
+def segment_bounds(length: int, segment_tokens: int) -> list[tuple[int, int]]:
+    """[start, stop) of each segment of a `length`-token context, `segment_tokens` each (the last shorter)."""
+    if length < 1:
+        raise ValueError(f"the context must have at least one token, got {length!r}")
+    if segment_tokens < 1:
+        raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens!r}")
+    return [(a, min(a + segment_tokens, length)) for a in range(0, length, segment_tokens)]
+
+
+# --- options -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """How one segment travels: TEXT, FP16 or `recipe`; `quality` its expected answer fidelity."""
+
+    name: str
+    recipe: Recipe | None = None
+    quality: float = 1.0
+
+    @property
+    def text(self) -> bool:
+        return self.name == TEXT
+
+    def wire_bytes(self, geometry: Geometry, n: int) -> int:
+        """Bytes of a segment of `n` tokens under this option (exact before zstd and framing; the
+        framing is SEGMENT_OVERHEAD_BYTES plus the chunk prefixes)."""
+        if self.text:
+            return TEXT_BYTES_PER_TOKEN * n + SEGMENT_OVERHEAD_BYTES
+        assert self.recipe is not None
+        payload = Codec(self.recipe, geometry).predicted_sizes(n).total
+        return (
+            payload + SEGMENT_OVERHEAD_BYTES + 16 * math.ceil(payload / (1 << 20)) * 2 * geometry.num_layers
+        )
+
+    def kept(self, n: int) -> int:
+        """Positions of an `n`-token segment this option sends (all of them for text and FP16)."""
+        select = self.recipe.select if self.recipe is not None else None
+        return keep_count(select.retention, n) if select is not None else n
+
+
+def text_option() -> Option:
+    return Option(TEXT)
+
+
+def fp16_option() -> Option:
+    return Option(FP16, Recipe.from_name("fp16"))
+
+
+def recipe_option(recipe: Recipe, quality: float) -> Option:
+    return Option(recipe.name, recipe, quality)
+
+
+def segmentable(recipe: Recipe) -> bool:
+    """Whether a recipe can encode one segment alone: its quantizers need no observed queries (their
+    attention is over the whole context) and its selection, if any, scores positions globally."""
+    from kvlink.cache import Observe
+
+    for kind in ("k", "v"):
+        if any(q.needs() is not Observe.NONE for q in recipe.quantizers(kind)):
+            return False
+    select = recipe.select
+    return select is None or (select.scope == "global" and select.method == "q2c")
+
+
+# --- the sender's encode of one segment ---------------------------------------------------------
+class Scores:
+    """Global importance of every context position for a selection method: the selector's scores
+    of each layer, as shares of that layer's total, summed over layers (what its global keep ranks
+    by), computed once per method over the whole prefill."""
+
+    def __init__(self, prefill: Prefill) -> None:
+        self.prefill = prefill
+        self._by_method: dict[str, Tensor] = {}
+
+    def of(self, recipe: Recipe) -> Tensor:
+        select = recipe.select
+        assert select is not None
+        if select.method not in self._by_method:
+            self._by_method[select.method] = select.scores(self.prefill)
+        return self._by_method[select.method]
+
+
+def encode_segment(
+    prefill: Prefill, scores: Scores, option: Option, geometry: Geometry, start: int, stop: int
+) -> EncodedKV:
+    """The KV of tokens [start, stop) under a KV option, positions relative to `start`; a selecting
+    recipe keeps the segment's keep_count(r, n) best positions by the global scores."""
+    if option.text or option.recipe is None:
+        raise ValueError("a text segment has no KV to encode")
+    kv = prefill.kv
+    n = stop - start
+    part = ContextKV(
+        [k[:, start:stop] for k in kv.keys],
+        [v[:, start:stop] for v in kv.values],
+        [torch.arange(n, device=kv.keys[0].device) for _ in kv.keys],
+        n,
+    )
+    kept: list[Tensor] | None = None
+    if option.recipe.select is not None:
+        local = scores.of(option.recipe)[start:stop]
+        order = torch.argsort(local, descending=True, stable=True)[: option.kept(n)]
+        chosen = torch.sort(order).values.to(torch.long).to(kv.keys[0].device)
+        kept = [chosen] * kv.num_layers
+    return Codec(option.recipe, geometry).encode_kv(part, kept, None)
+
+
+# --- the receiver's recompute of a text segment ----------------------------------------------------
+@torch.inference_mode()
+def recompute(model: Any, prefix: ContextKV | None, token_ids: Tensor, start: int) -> ContextKV:
+    """The KV of `token_ids` at original positions start, start + 1, ..., computed by `model` after the
+    cached `prefix` (the earlier segments as received, of length `start`); None: the context's start."""
+    from kvlink.cache import prefill as read
+    from kvlink.hfcache import KVLinkCache
+
+    device = next(model.parameters()).device
+    ids = token_ids.reshape(-1).to(device)
+    n = int(ids.numel())
+    if prefix is None or prefix.kept(0) == 0:
+        if start != 0:
+            raise ValueError(f"a text segment at {start} needs the cache of the tokens before it")
+        return read(model, ids).kv
+    if prefix.length != start:
+        raise ValueError(f"the prefix covers {prefix.length} tokens, the segment starts at {start}")
+    cache = KVLinkCache.from_context(prefix, model)
+    positions = torch.arange(start, start + n, device=device)
+    model(**cache.inputs(ids), position_ids=positions[None], use_cache=True, logits_to_keep=1)
+    keys = [layer.keys[0].contiguous() for layer in cache.layers]
+    values = [layer.values[0].contiguous() for layer in cache.layers]
+    return ContextKV(keys, values, [positions.clone() for _ in keys], start + n)
+
+
+def join(parts: Sequence[ContextKV], length: int) -> ContextKV:
+    """One context from its segments' caches (absolute positions, in order), of `length` tokens."""
+    layers = parts[0].num_layers
+    return ContextKV(
+        [torch.cat([p.keys[layer] for p in parts], dim=1) for layer in range(layers)],
+        [torch.cat([p.values[layer] for p in parts], dim=1) for layer in range(layers)],
+        [torch.cat([p.positions[layer] for p in parts]) for layer in range(layers)],
+        length,
+    )
+
+
+def shifted(kv: ContextKV, start: int, length: int) -> ContextKV:
+    """A segment's decoded cache (positions relative to its start) at its place in the context."""
+    return ContextKV(kv.keys, kv.values, [p + start for p in kv.positions], length)
+
+
+def measure_costs(
+    model: Any, geometry: Geometry, max_tokens: int, vocab: int, seed: int = 0, budget_s: float = 5.0
+) -> ReceiverCosts:
+    """What this receiver's work costs on its model and device: prefill tokens/s at a few context
+    lengths up to `max_tokens` (of random token ids: speed does not depend on the text; longer ones are
+    skipped once `budget_s` is spent), the decode
+    rate of an INT4 message (FP16-equivalent bytes/s) and a short question's first token."""
+    from kvlink.answer import GenerationOptions, generate_answer
+    from kvlink.cache import prefill as read
+    from kvlink.recipe import build
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+
+    def timed(fn: Any) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    lengths = sorted({n for n in (128, 512, 2048, 8192, 32768) if n <= max_tokens} or {max(1, max_tokens)})
+    ids = torch.randint(0, vocab, (lengths[-1],), generator=gen)
+    read(model, ids[:16])  # first-call costs
+    rates: list[tuple[int, float]] = []
+    spent = 0.0
+    for n in lengths:
+        if rates and spent > budget_s:
+            break
+        times = [timed(lambda n=n: read(model, ids[:n])) for _ in range(2)]
+        spent += sum(times)
+        rates.append((n, n / max(min(times), 1e-9)))
+    n = min(rates[-1][0], 1024)
+    pre = read(model, ids[:n])
+    codec = Codec(build(k_bits=4, v_bits=4), geometry)
+    encoded = codec.encode(pre)
+    dtype = next(model.parameters()).dtype
+    codec.decode(encoded, device, dtype)
+    decode_s = min(timed(lambda: codec.decode(encoded, device, dtype)) for _ in range(2))
+    kv = pre.kv.to(device=device, dtype=dtype)
+    question = torch.randint(0, vocab, (16,), generator=gen)
+    first = min(
+        timed(lambda: generate_answer(model, None, kv, question, GenerationOptions(1))) for _ in range(2)
+    )
+    return ReceiverCosts(tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first)
+
+
+# --- link estimate ---------------------------------------------------------------------------------
+@dataclass
+class LinkEstimate:
+    """A receiver's link rate in bits/s: an exponentially smoothed mean of per-segment samples (bytes
+    over the receiver's receive time), `alpha` the weight of the newest."""
+
+    bps: float = DEFAULT_LINK_BPS
+    samples: int = 0
+    alpha: float = 0.6
+
+    MIN_SAMPLE_BYTES = 64 << 10  # smaller segments time the call, not the link
+
+    def add(self, nbytes: int, seconds: float) -> bool:
+        """Take one sample (ignored when too small to time the link); whether it was taken."""
+        if nbytes < self.MIN_SAMPLE_BYTES or seconds <= 1e-4:
+            return False
+        rate = 8 * nbytes / seconds
+        self.bps = rate if self.samples == 0 else self.alpha * rate + (1 - self.alpha) * self.bps
+        self.samples += 1
+        return True
+
+
+class LinkMemory:
+    """Link estimates per receiver address, kept between sends (in memory, and in a JSON file when
+    given one: kvlink-send keeps it in the user cache directory)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._links: dict[str, LinkEstimate] = {}
+        if path is not None and path.is_file():
+            try:
+                for target, bps in json.loads(path.read_text()).items():
+                    if isinstance(bps, (int, float)) and bps > 0:
+                        self._links[str(target)] = LinkEstimate(float(bps), 1)
+            except (OSError, ValueError) as exc:
+                logger.warning("ignoring the link estimates in %s: %s", path, exc)
+
+    def get(self, target: str, hint_bps: float | None = None) -> LinkEstimate:
+        if target not in self._links:
+            self._links[target] = LinkEstimate(hint_bps or DEFAULT_LINK_BPS, 1 if hint_bps else 0)
+        return self._links[target]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({t: e.bps for t, e in self._links.items()}, indent=1))
+        except OSError as exc:
+            logger.warning("cannot keep the link estimates in %s: %s", self.path, exc)
+
+
+LINKS = LinkMemory()
+"""This process's link estimates (what a library user's sends share)."""
+
+
+# --- prediction and choice -------------------------------------------------------------------------
+@dataclass
+class Costs:
+    """What the planner knows: receiver costs, link rate (bits/s), the sender's encode rate (FP16
+    bytes/s), its prefill time still to come (0 once read), one-way latency, question tokens."""
+
+    receiver: ReceiverCosts
+    link_bps: float
+    encode_bps: float = DEFAULT_ENCODE_BPS
+    prefill_s: float = 0.0
+    latency_s: float = 0.0005
+    question_tokens: int = 32
+
+
+@dataclass
+class Prediction:
+    """A schedule's predicted stage times (seconds from now): each segment's arrival and the time it
+    is in the receiver's cache, then the first token."""
+
+    arrive: list[float] = field(default_factory=list)
+    ready: list[float] = field(default_factory=list)
+    wire_bytes: list[int] = field(default_factory=list)
+    ttft: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.wire_bytes)
+
+
+class Planner:
+    """Predicts and chooses segment by segment (see the module docstring). bounds: the segments;
+    options: what each may travel as; budget_bytes: every byte sent stays under it (the cheapest
+    option is always text, so a plan exists whenever all-text fits)."""
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        bounds: Sequence[tuple[int, int]],
+        options: Sequence[Option],
+        budget_bytes: int,
+    ) -> None:
+        if not options:
+            raise ValueError("no option to send a segment with")
+        self.geometry = geometry
+        self.bounds = list(bounds)
+        self.options = list(options)
+        self.budget_bytes = budget_bytes
+        self._bytes = {(o.name, b - a): o.wire_bytes(geometry, b - a) for o in options for a, b in bounds}
+
+    def bytes_of(self, option: Option, i: int) -> int:
+        a, b = self.bounds[i]
+        return self._bytes[(option.name, b - a)]
+
+    def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,
+                ready: float = 0.0, encoded: float = 0.0) -> Prediction:  # fmt: skip
+        """The pipeline of segments first.. under `schedule` (one option each, from `first`): the
+        sender encodes KV segments in order after its prefill, the link sends them in order as each is
+        ready (text at once), the receiver takes them in order as each arrives. link_free / ready /
+        encoded: when the link, the receiver and the sender's encoder are next free (0: now)."""
+        g, r = self.geometry, costs.receiver
+        out = Prediction()
+        enc_free = max(encoded, costs.prefill_s)
+        for offset, option in enumerate(schedule):
+            i = first + offset
+            a, b = self.bounds[i]
+            n = b - a
+            nbytes = self.bytes_of(option, i)
+            if option.text:
+                sendable = 0.0
+                work = r.recompute_s(a, n)
+            else:
+                enc_free += g.fp16_bytes(n) / costs.encode_bps
+                sendable = enc_free
+                work = g.fp16_bytes(option.kept(n)) / r.decode_bytes_per_s
+            start = max(sendable, link_free)
+            link_free = start + 8 * nbytes / costs.link_bps
+            arrive = link_free + costs.latency_s
+            ready = max(arrive, ready) + work
+            out.arrive.append(arrive)
+            out.ready.append(ready)
+            out.wire_bytes.append(nbytes)
+        question = r.recompute_s(self.bounds[-1][1], costs.question_tokens) if self.bounds else 0.0
+        out.ttft = ready + max(question, r.first_token_s)
+        return out
+
+    def uniform(self, costs: Costs, first: int = 0, **state: float) -> tuple[Option, Prediction]:
+        """The best single option for every segment from `first` on, within the budget left."""
+        left = self.budget_bytes - int(state.pop("spent", 0))
+        best: tuple[Option, Prediction] | None = None
+        n_left = len(self.bounds) - first
+        for option in self.options:
+            p = self.predict([option] * n_left, costs, first, **state)
+            if p.total_bytes <= left and (best is None or p.ttft < best[1].ttft):
+                best = (option, p)
+        if best is None:
+            cheapest = min(
+                self.options, key=lambda o: sum(self.bytes_of(o, i) for i in range(first, len(self.bounds)))
+            )
+            return cheapest, self.predict([cheapest] * n_left, costs, first, **state)
+        return best
+
+    def choose(self, i: int, costs: Costs, spent: int = 0, **state: float) -> tuple[Option, Prediction]:
+        """Segment i's option: the one whose schedule (it, then the best uniform rest) has the lowest
+        predicted TTFT within the budget left (`spent` bytes already sent)."""
+        best: tuple[Option, Prediction] | None = None
+        rest = len(self.bounds) - i - 1
+        for option in self.options:
+            nbytes = self.bytes_of(option, i)
+            if spent + nbytes > self.budget_bytes:
+                continue
+            if rest:
+                head = self.predict([option], costs, i, **state)
+                tail_state = dict(state)
+                tail_state.update(link_free=head.arrive[0] - costs.latency_s, ready=head.ready[0])
+                if not option.text:
+                    tail_state["encoded"] = max(state.get("encoded", 0.0), costs.prefill_s) + (
+                        self.geometry.fp16_bytes(self.bounds[i][1] - self.bounds[i][0]) / costs.encode_bps
+                    )
+                _, tail = self.uniform(costs, i + 1, spent=spent + nbytes, **tail_state)
+                ttft, total = tail.ttft, nbytes + tail.total_bytes
+            else:
+                p = self.predict([option], costs, i, **state)
+                ttft, total = p.ttft, nbytes
+            if spent + total > self.budget_bytes:
+                continue
+            if best is None or ttft < best[1].ttft:
+                best = (option, Prediction(ttft=ttft, wire_bytes=[total]))
+        if best is None:
+            raise ValueError(
+                f"no option fits the byte budget: {spent:,} bytes spent of {self.budget_bytes:,}, "
+                f"segment {i} needs at least {min(self.bytes_of(o, i) for o in self.options):,}"
+            )
+        return best
