@@ -54,6 +54,8 @@ SEGMENT_OVERHEAD_BYTES = 2048
 """Per segment: its header's fixed fields, trailer, receipt and HTTP/2 frames, rounded up."""
 DEFAULT_LINK_BPS = 1e9
 """The link rate assumed for a receiver never sent to before (bits/s); the first receipt replaces it."""
+JUMP = 2.0
+"""A link sample this many times above or below the estimate is a changed link (LinkEstimate)."""
 DEFAULT_ENCODE_BPS = 2e9
 """FP16 bytes a second the sender encodes before it has measured itself (the CPU reference path)."""
 
@@ -257,7 +259,8 @@ def measure_costs(
 @dataclass
 class LinkEstimate:
     """A receiver's link rate in bits/s: an exponentially smoothed mean of per-segment samples (bytes
-    over the receiver's receive time), `alpha` the weight of the newest."""
+    over the receiver's receive time), `alpha` the weight of the newest; a sample more than JUMP times
+    off the estimate replaces it (the link changed: smoothing would follow it segments late)."""
 
     bps: float = DEFAULT_LINK_BPS
     samples: int = 0
@@ -270,7 +273,10 @@ class LinkEstimate:
         if nbytes < self.MIN_SAMPLE_BYTES or seconds <= 1e-4:
             return False
         rate = 8 * nbytes / seconds
-        self.bps = rate if self.samples == 0 else self.alpha * rate + (1 - self.alpha) * self.bps
+        if self.samples == 0 or not self.bps / JUMP <= rate <= self.bps * JUMP:
+            self.bps = rate  # a new link, or one that changed: follow it at once
+        else:
+            self.bps = self.alpha * rate + (1 - self.alpha) * self.bps
         self.samples += 1
         return True
 

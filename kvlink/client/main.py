@@ -104,8 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_connection_flags(p)
     p.add_argument(
-        "--budget", required=True, help="a percentage like 18.75%%, or a fraction like 0.1875; in (0, 100%%]"
-    )
+        "--budget", default=None,
+        help="a percentage like 18.75%%, or a fraction like 0.1875; in (0, 100%%]; required with --goal bytes, "
+        "an upper bound on every byte with --goal ttft (default there: none)",
+    )  # fmt: skip
+    goal = p.add_argument_group("time to first token (kvlink.stream): --goal ttft")
+    goal.add_argument(
+        "--goal", choices=("bytes", "ttft"), default="bytes",
+        help="bytes: the best expected quality within --budget, one config for the whole message; ttft: "
+        "the context in segments, each sent as text (the receiver recomputes it), FP16 or a quality-table "
+        "config, chosen to minimize the predicted time to first token from the receiver's measured costs "
+        "and the link rate measured while sending, re-planned after every segment",
+    )  # fmt: skip
+    goal.add_argument(
+        "--segment-tokens", type=int, default=1024, metavar="N",
+        help="with --goal ttft: tokens per segment (the last one shorter)",
+    )  # fmt: skip
+    goal.add_argument(
+        "--min-quality", type=float, default=0.0, metavar="Q",
+        help="with --goal ttft: a KV segment's config must have an expected quality (the quality table's "
+        "answer fidelity) of at least Q, in [0, 1]; text and FP16 count as 1",
+    )  # fmt: skip
+    goal.add_argument(
+        "--link-rate", type=_rate, default=None, metavar="BITS/S",
+        help="with --goal ttft: the link rate to assume before the first segment's receipt (default: what "
+        "earlier sends measured to this receiver, else 1G)",
+    )  # fmt: skip
     p.add_argument(
         "--context", required=True, metavar="FILE|-", help="context text file (UTF-8), or - for stdin"
     )
@@ -401,7 +425,14 @@ def _run(args: argparse.Namespace) -> int:
     out, err = consoles()
     # Everything that can be checked without the model, first.
     target = server_from_args(args)
-    budget = parse_budget_arg(args.budget)
+    if args.budget is None and args.goal == "bytes":
+        raise UsageError("--budget is required (or --goal ttft, where it is an optional bound)")
+    budget = None if args.budget is None else parse_budget_arg(args.budget)
+    if args.goal == "ttft":
+        if args.segment_tokens < 1:
+            raise UsageError(f"--segment-tokens must be >= 1, got {args.segment_tokens}")
+        if not 0.0 <= args.min_quality <= 1.0:
+            raise UsageError(f"--min-quality must be in [0, 1], got {args.min_quality}")
     constraints = constraints_from_args(args)
     if not args.question.strip():
         raise UsageError("the question is empty")
@@ -431,6 +462,9 @@ def _run(args: argparse.Namespace) -> int:
         _check_length(tokenizer, context, args, options.max_new_tokens, limit)
         stage("load", f"{args.model or 'the embedded model'} on {args.device}")
         lm = models.load_model(args.model, args.device, download=args.download)
+        if args.goal == "ttft":
+            return _send_ttft(args, target, context, budget, lm, options, security, stage, out)
+        assert budget is not None
         result = asyncio.run(
             send_context(
                 target, context, args.question, budget, lm=lm, constraints=constraints,
@@ -447,6 +481,52 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(data, default=str))
     else:
         print_result(out, result, explain=args.explain, top=args.explain_top)
+    return 0
+
+
+def _send_ttft(
+    args: argparse.Namespace, target: str, context: str, budget: float | None, lm: Any, options: Any,
+    security: Any, stage: Any, out: Console,
+) -> int:  # fmt: skip
+    """kvlink-send --goal ttft: the context in segments (kvlink.client.stream.send_streamed)."""
+    from kvlink.client.stream import send_streamed
+    from kvlink.models import cache_dir
+    from kvlink.stream import LinkMemory
+
+    result = asyncio.run(
+        send_streamed(
+            target, context, args.question, lm=lm, budget=budget, segment_tokens=args.segment_tokens,
+            min_quality=args.min_quality, reference_answers=args.reference_answer, options=options,
+            timeout=args.timeout, security=security, link_bps=args.link_rate, truncate=args.truncate,
+            links=LinkMemory(cache_dir() / "links.json"), on_stage=stage,
+            fixed=args.recipe,
+        )
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.as_dict(), default=str))
+        return 0
+    if args.explain:
+        table = Table(title="segments: chosen, predicted and measured")
+        for name in ("#", "tokens", "sent as", "link est.", "TTFT pred.", "wire bytes", "on receiver"):
+            table.add_column(name, justify="left" if name == "sent as" else "right")
+        for s in result.segments:
+            receiver = s.transfer.receipt.timings if s.transfer is not None else {}
+            work = receiver.get("recompute_s", receiver.get("decode_s", 0.0))
+            table.add_row(
+                str(s.index), f"{s.start}-{s.stop}", s.option, f"{s.link_bps / 1e9:.2f} Gb/s",
+                f"{s.predicted_ttft_s:.3f} s", _n(s.wire_bytes), f"{work:.3f} s",
+            )  # fmt: skip
+        out.print(table)
+        statics = ", ".join(
+            f"{name} {t:.3f} s" for name, t in sorted(result.static_predictions.items(), key=lambda x: x[1])
+        )
+        out.print(f"predicted TTFT if every segment went alike: {statics}")
+    print_answer(out, result.answer)
+    out.print(
+        f"TTFT {result.ttft_s:.3f} s (predicted {result.predicted_ttft_s:.3f} s); {_n(result.total_bytes)} wire "
+        f"bytes = {100 * result.fraction:.2f}% of FP16 ({_n(result.fp16_bytes)}) in {len(result.segments)} segments"
+    )
+    out.print(f"session {result.session_id}  message {result.stream_id}")
     return 0
 
 

@@ -178,6 +178,7 @@ async def send_streamed(
     segment_tokens: int = 1024,
     min_quality: float = 0.0,
     fixed: str | None = None,
+    allowed: Sequence[str] | None = None,
     reference_answers: Sequence[str] = (),
     options: GenerationOptions | None = None,
     timeout: float = 120.0,
@@ -194,7 +195,8 @@ async def send_streamed(
     chosen to minimize the predicted time to first token within `budget` (of the FP16 size: every
     byte counts; None: no bound) and `min_quality` (a floor on each KV segment's expected quality), re-planned after
     every receipt; then ask `question`. fixed: send every segment as this option instead ("text",
-    "fp16" or a config name: the static baselines; `budget` is then not applied). link_bps: the link rate to assume before the
+    "fp16" or a config name: the static baselines; `budget` is then not applied). allowed: choose only
+    among the options of these names ("text", "fp16", config names). link_bps: the link rate to assume before the
     first receipt (else what `links` remembers of this receiver). on_segment(SegmentSent): told as
     each segment's receipt arrives. Raises SendError when a call fails or the receiver does not take
     segments, ValueError for a bad budget or when nothing fits it.
@@ -237,6 +239,10 @@ async def send_streamed(
         choices = kv_options(lm.fingerprint, lm.name, welcome.capabilities, g, min_quality)
         if "segment:text" in welcome.capabilities:
             choices.insert(0, text_option())
+        if allowed is not None:
+            choices = [o for o in choices if o.name in set(allowed)]
+            if not choices:
+                raise ValueError(f"none of {sorted(allowed)} is an option here")
         if fixed is not None:
             pinned = [o for o in choices if o.name == fixed]
             if not pinned and fixed != TEXT:
@@ -271,24 +277,39 @@ async def send_streamed(
 
         stage("prefill", "reading the context while the first segments go")
         reading = asyncio.create_task(read()) if needs_kv else None
-        queue: asyncio.Queue[tuple[SegmentSent, list[wire.pb.TransferFrame]] | None] = asyncio.Queue(
-            maxsize=1
-        )
         sent: list[SegmentSent] = []
-        encode = {"bps": costs.encode_bps}
-        state = {"spent": 0}
+        encode_bps = costs.encode_bps
+        spent = 0
+        scores: Scores | None = None
 
-        async def produce() -> None:
-            scores: Scores | None = None
+        async def deliver(
+            seg: SegmentSent, frames: list[wire.pb.TransferFrame], written: asyncio.Event
+        ) -> None:
+            deadline = timeout + 8 * sum(wire.frame_size(f) for f in frames) / 100e6
+            seg.transfer = await transfer(
+                channel, frames, timeout=deadline, metadata=meta, on_written=written.set
+            )
+            r = seg.transfer.receipt
+            if link.add(r.total, r.timings.get("receive_s", 0.0)):
+                logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
+            if on_segment is not None:
+                on_segment(seg)
+
+        stage("transfer", f"{len(bounds)} segments of up to {segment_tokens} tokens")
+        in_flight: list[asyncio.Task[None]] = []
+        written: asyncio.Event | None = None
+        try:
             for i, (a, b) in enumerate(bounds):
-                done = reading is None or reading.done()
+                # Chosen just before it is encoded, while the segment before it is on the link: with the
+                # receipts of the ones before that, so a change of the link is followed within two.
                 now = time.perf_counter() - t0
+                done = reading is None or reading.done()
                 c = Costs(
-                    receiver, link.bps, encode["bps"], 0.0 if done else max(prefill_estimate - now, 0.0),
+                    receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
                     question_tokens=int(q_ids.numel()),
                 )  # fmt: skip
-                option, guess = planner.choose(i, c, spent=state["spent"])
-                state["spent"] += planner.bytes_of(option, i)
+                option, guess = planner.choose(i, c, spent=spent)
+                spent += planner.bytes_of(option, i)
                 seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
                 segment = wire.Segment(
                     stream_id, i, a, n_ctx, last=i == len(bounds) - 1,
@@ -306,53 +327,31 @@ async def send_streamed(
                         min(1 << 20, welcome.max_chunk_bytes),
                     )  # fmt: skip
                     seg.encode_s = time.perf_counter() - started
-                    encode["bps"] = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
-                await queue.put((seg, frames))
-            await queue.put(None)
-
-        async def deliver(
-            seg: SegmentSent, frames: list[wire.pb.TransferFrame], written: asyncio.Event
-        ) -> None:
-            deadline = timeout + 8 * sum(wire.frame_size(f) for f in frames) / 100e6
-            seg.transfer = await transfer(
-                channel, frames, timeout=deadline, metadata=meta, on_written=written.set
-            )
-            r = seg.transfer.receipt
-            if link.add(r.total, r.timings.get("receive_s", 0.0)):
-                logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
-            if on_segment is not None:
-                on_segment(seg)
-
-        stage("transfer", f"{len(bounds)} segments of up to {segment_tokens} tokens")
-        producer = asyncio.create_task(produce())
-        in_flight: list[asyncio.Task[None]] = []
-        try:
-            while (item := await queue.get()) is not None:
-                seg, frames = item
+                    encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
+                # The link is free once the segment before is written; one segment decodes meanwhile.
                 busy = [t for t in in_flight if not t.done()]
-                while len(busy) >= MAX_IN_FLIGHT:  # one segment decoding, one on the link
+                if written is not None and busy:
+                    waiter = asyncio.create_task(written.wait())
+                    await asyncio.wait({waiter, *busy}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                busy = [t for t in in_flight if not t.done()]
+                while len(busy) >= MAX_IN_FLIGHT:
                     await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
                     busy = [t for t in busy if not t.done()]
-                if any(t.done() and t.exception() is not None for t in in_flight):
-                    break
+                failed = next((t for t in in_flight if t.done() and t.exception() is not None), None)
+                if failed is not None:
+                    await failed  # raises its SendError
                 sent.append(seg)
                 written = asyncio.Event()
-                task = asyncio.create_task(deliver(seg, frames, written))
-                in_flight.append(task)
+                in_flight.append(asyncio.create_task(deliver(seg, frames, written)))
                 del frames
-                waiter = asyncio.create_task(written.wait())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if task.done() and task.exception() is not None:
-                    break
             await asyncio.gather(*in_flight)
-            await producer
         finally:
-            for t in (producer, *in_flight, *([reading] if reading is not None else [])):
+            for t in (*in_flight, *([reading] if reading is not None else [])):
                 if not t.done():
                     t.cancel()
             with contextlib.suppress(BaseException):
-                await asyncio.gather(producer, *in_flight, return_exceptions=True)
+                await asyncio.gather(*in_flight, return_exceptions=True)
         timings["transfer_s"] = time.perf_counter() - t0
         links.save()
 
