@@ -179,6 +179,7 @@ async def send_streamed(
     min_quality: float = 0.0,
     fixed: str | None = None,
     allowed: Sequence[str] | None = None,
+    prefilled: Prefill | None = None,
     reference_answers: Sequence[str] = (),
     options: GenerationOptions | None = None,
     timeout: float = 120.0,
@@ -196,7 +197,9 @@ async def send_streamed(
     byte counts; None: no bound) and `min_quality` (a floor on each KV segment's expected quality), re-planned after
     every receipt; then ask `question`. fixed: send every segment as this option instead ("text",
     "fp16" or a config name: the static baselines; `budget` is then not applied). allowed: choose only
-    among the options of these names ("text", "fp16", config names). link_bps: the link rate to assume before the
+    among the options of these names ("text", "fp16", config names). prefilled: the context as the
+    sender already read it (kvlink.cache.prefill with Observe.QUESTION, of the same context and
+    question): no prefill is run or waited for. link_bps: the link rate to assume before the
     first receipt (else what `links` remembers of this receiver). on_segment(SegmentSent): told as
     each segment's receipt arrives. Raises SendError when a call fails or the receiver does not take
     segments, ValueError for a bad budget or when nothing fits it.
@@ -263,12 +266,14 @@ async def send_streamed(
         planner = Planner(g, bounds, choices, 1 << 62 if unbounded else int(fraction * fp16_bytes))
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
-        prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv else 0.0
+        prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
         costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
         predicted = planner.predict([planner.choose(i, costs)[0] for i in range(len(bounds))], costs).ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
         async def read() -> Prefill:
+            if prefilled is not None:
+                return prefilled
             rows = question_rows(lm.tokenizer, question)
             t = time.perf_counter()
             pre = await asyncio.to_thread(prefill, lm.model, ctx_ids, q_ids, Observe.QUESTION, 32, rows)
@@ -300,8 +305,16 @@ async def send_streamed(
         written: asyncio.Event | None = None
         try:
             for i, (a, b) in enumerate(bounds):
-                # Chosen just before it is encoded, while the segment before it is on the link: with the
-                # receipts of the ones before that, so a change of the link is followed within two.
+                # Chosen once the segment two before it is in (its receipt carries a link sample), just
+                # before it is encoded while the one before is on the link: a changed link is followed
+                # within two segments.
+                busy = [t for t in in_flight if not t.done()]
+                while len(busy) >= MAX_IN_FLIGHT:
+                    await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+                    busy = [t for t in busy if not t.done()]
+                failed = next((t for t in in_flight if t.done() and t.exception() is not None), None)
+                if failed is not None:
+                    await failed  # raises its SendError
                 now = time.perf_counter() - t0
                 done = reading is None or reading.done()
                 c = Costs(
@@ -334,10 +347,6 @@ async def send_streamed(
                     waiter = asyncio.create_task(written.wait())
                     await asyncio.wait({waiter, *busy}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
-                busy = [t for t in in_flight if not t.done()]
-                while len(busy) >= MAX_IN_FLIGHT:
-                    await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
-                    busy = [t for t in busy if not t.done()]
                 failed = next((t for t in in_flight if t.done() and t.exception() is not None), None)
                 if failed is not None:
                     await failed  # raises its SendError

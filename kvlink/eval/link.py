@@ -98,12 +98,15 @@ class TokenBucket:
         self._stamp = time.perf_counter()
         self._lock = threading.Lock()
 
-    def set_rate(self, rate: float) -> None:
-        """Pace at `rate` bytes per second from now on (a link whose rate changes mid-transfer)."""
+    def set_rate(self, rate: float, burst: int | None = None) -> None:
+        """Pace at `rate` bytes per second from now on, with a bucket of `burst` bytes (unchanged when
+        None): a link whose rate changes mid-transfer. What the old bucket held beyond the new one is
+        dropped, so the new rate holds at once."""
         if not (rate > 0 and math.isfinite(rate)):
             raise ValueError(f"rate must be a positive number of bytes per second, got {rate!r}")
         with self._lock:
             now = time.perf_counter()
+            self.burst = burst or self.burst
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self.rate = rate
@@ -148,8 +151,9 @@ class PacedProxy:
         if self.up is None or self.down is None:
             raise ValueError("an unpaced proxy cannot change its rate: start it with one")
         self.rate_bps = rate_bps
-        self.up.set_rate(rate_bps / 8)
-        self.down.set_rate(rate_bps / 8)
+        burst = min(self.read, read_size(rate_bps))  # the pumps keep reading up to self.read bytes
+        self.up.set_rate(rate_bps / 8, burst)
+        self.down.set_rate(rate_bps / 8, burst)
 
     @property
     def target(self) -> str:
@@ -181,7 +185,8 @@ class PacedProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, bucket: TokenBucket | None, way: str) -> None:
         view = memoryview(bytearray(self.read))
         try:
-            while (n := src.recv_into(view)) > 0:
+            # At most a bucket's worth per read: after a rate change the data keeps flowing evenly.
+            while (n := src.recv_into(view[: bucket.burst] if bucket is not None else view)) > 0:
                 if bucket is not None:
                     bucket.take(n)
                 dst.sendall(view[:n])

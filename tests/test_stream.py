@@ -1,0 +1,272 @@
+"""Segmented contexts over real gRPC on loopback (kvlink.stream, kvlink.client.stream, the receiver's
+segments): what the receiver commits is the context the sender read, text segments are recomputed
+at their original positions, nothing is answered before the last segment, a receiver that refuses
+text is never sent any, and the sender follows a link whose rate drops mid-message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from kvlink import wire
+from kvlink.cache import Observe, prefill
+from kvlink.client.sender import SendError, ask, transfer
+from kvlink.client.stream import send_streamed
+from kvlink.eval.link import PacedProxy
+from kvlink.metrics import MetricsRegistry
+from kvlink.models import LoadedModel, load_model
+from kvlink.prompt import context_ids, question_ids, question_rows
+from kvlink.recipe import Recipe
+from kvlink.select import keep_count
+from kvlink.server.service import KVLinkService
+from kvlink.server.store import SessionStore
+from kvlink.stream import (
+    JUMP,
+    Costs,
+    LinkEstimate,
+    LinkMemory,
+    Planner,
+    Scores,
+    encode_segment,
+    fp16_option,
+    recipe_option,
+    segment_bounds,
+    text_option,
+)
+
+TINY = "random:tiny-llama"
+CONTEXT = " ".join(f"Paragraph {i} says that the code of box {i} is {7 * i + 3}." for i in range(70))
+QUESTION = "What is the code of box 12?"
+OWNER = "anonymous"
+# A receiver whose model prefills 20k tokens/s and decodes KV at 2 GB/s: text costs 12.8 ms per 256
+# tokens, FP16 KV of 256 tokens (64 KiB here) 0.5 ms at 1 Gbit/s and 52 ms at 10 Mbit/s.
+COSTS = wire.ReceiverCosts(((128, 20_000.0), (2048, 20_000.0)), 2e9, 0.001)
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoadedModel:
+    return load_model(TINY)
+
+
+@contextlib.asynccontextmanager
+async def receiver(lm: LoadedModel, **kwargs: Any) -> AsyncIterator[tuple[str, KVLinkService]]:
+    kwargs.setdefault("costs", COSTS)
+    service = KVLinkService(lm, SessionStore(), MetricsRegistry(), **kwargs)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        await server.stop(None)
+
+
+def _read(lm: LoadedModel) -> Any:
+    ids = context_ids(lm.tokenizer, CONTEXT)
+    q = question_ids(lm.tokenizer, QUESTION)
+    return prefill(lm.model, ids, q, Observe.QUESTION, 32, question_rows(lm.tokenizer, QUESTION))
+
+
+async def test_fp16_segments_commit_the_context_the_sender_read(lm: LoadedModel) -> None:
+    full = _read(lm).kv
+    async with receiver(lm) as (target, service):
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=200, fixed="fp16",
+                                     links=LinkMemory())  # fmt: skip
+        kv = service.store.get(OWNER, result.session_id, result.stream_id)
+    assert [s.option for s in result.segments] == ["fp16"] * len(segment_bounds(full.length, 200))
+    assert kv is not None and kv.length == full.length
+    for layer in range(kv.num_layers):
+        assert torch.equal(kv.positions[layer].cpu(), torch.arange(full.length))
+        torch.testing.assert_close(
+            kv.keys[layer].float().cpu(), full.keys[layer].float().cpu(), rtol=1e-3, atol=1e-3
+        )
+        torch.testing.assert_close(
+            kv.values[layer].float().cpu(), full.values[layer].float().cpu(), rtol=1e-3, atol=1e-3
+        )
+    assert result.answer.finish_reason in ("eos", "length", "stop")
+    assert result.total_bytes > result.fp16_bytes  # FP16 plus every header and frame: honest bytes
+
+
+async def test_text_segments_are_recomputed_at_their_original_positions(lm: LoadedModel) -> None:
+    """Recomputing segment after segment with the earlier ones as prefix gives the prefill of the
+    whole context: the receiver's cache holds the same keys (RoPE'd at the original positions)."""
+    full = _read(lm).kv
+    async with receiver(lm) as (target, service):
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, fixed="text",
+                                     links=LinkMemory())  # fmt: skip
+        kv = service.store.get(OWNER, result.session_id, result.stream_id)
+    assert kv is not None
+    assert all(s.option == "text" for s in result.segments)
+    assert result.total_bytes < 0.05 * result.fp16_bytes
+    for layer in range(kv.num_layers):
+        assert torch.equal(kv.positions[layer].cpu(), torch.arange(full.length))
+        torch.testing.assert_close(
+            kv.keys[layer].float().cpu(), full.keys[layer].float().cpu(), rtol=2e-2, atol=2e-2
+        )
+    receipts = [s.transfer.receipt for s in result.segments if s.transfer is not None]
+    assert all("recompute_s" in r.timings for r in receipts)
+
+
+async def test_selecting_segments_keep_their_best_positions_by_the_global_scores(lm: LoadedModel) -> None:
+    name = "q2c50%+kint4c/vint4t-g32"
+    pre = _read(lm)
+    scores = Scores(pre).of(Recipe.from_name(name))
+    async with receiver(lm) as (target, service):
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=160, fixed=name,
+                                     links=LinkMemory())  # fmt: skip
+        kv = service.store.get(OWNER, result.session_id, result.stream_id)
+    assert kv is not None and kv.length == pre.kv.length
+    expected = []
+    for a, b in segment_bounds(pre.kv.length, 160):
+        n = keep_count(0.5, b - a)
+        best = torch.argsort(scores[a:b], descending=True, stable=True)[:n]
+        expected.append(torch.sort(best).values + a)
+    assert torch.equal(kv.positions[0].cpu(), torch.cat(expected))
+    assert result.total_bytes < 0.25 * result.fp16_bytes
+
+
+async def test_nothing_is_answered_before_the_last_segment_and_an_abandoned_context_is_dropped(
+    lm: LoadedModel,
+) -> None:
+    pre = _read(lm)
+    g = lm.geometry
+    bounds = segment_bounds(pre.kv.length, 256)
+    scores = Scores(pre)
+    stream_id = uuid.uuid4().hex
+    async with receiver(lm, stall_timeout_s=0.5) as (target, service):
+        async with grpc.aio.insecure_channel(target) as channel:
+            for i, (a, b) in enumerate(bounds[:2]):
+                seg = wire.Segment(stream_id, i, a, pre.kv.length)
+                encoded = encode_segment(pre, scores, fp16_option(), g, a, b)
+                frames = wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
+                await transfer(channel, frames)
+            assert service.store._reserved > 0  # the two segments' caches, held for the context
+            with pytest.raises(SendError) as refused:
+                await ask(channel, wire.Ask("s", stream_id, QUESTION, 4))
+            assert refused.value.status is grpc.StatusCode.NOT_FOUND
+            await asyncio.sleep(1.2)  # no segment for longer than the stall timeout: dropped
+            assert not service._streams
+            assert service.store._reserved == 0
+            # A segment of the dropped context is refused, and so is one out of order.
+            seg = wire.Segment(stream_id, 2, bounds[2][0], pre.kv.length)
+            encoded = encode_segment(pre, scores, fp16_option(), g, *bounds[2])
+            with pytest.raises(SendError) as late:
+                await transfer(
+                    channel, wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
+                )
+            assert late.value.code in ("STALLED", "ORDER")
+
+
+async def test_a_receiver_that_refuses_text_is_never_sent_any(lm: LoadedModel) -> None:
+    fast_prefill = wire.ReceiverCosts(((128, 1e9),), 1e6, 0.001)  # text would win by far
+    async with receiver(lm, text_segments=False, costs=fast_prefill, stall_timeout_s=2.0) as (
+        target,
+        service,
+    ):
+        assert "segment:text" not in service.capabilities
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, links=LinkMemory())
+        assert result.segments and all(s.option != "text" for s in result.segments)
+        with pytest.raises(SendError) as pinned:
+            await send_streamed(
+                target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, fixed="text", links=LinkMemory()
+            )
+        assert pinned.value.code == "UNKNOWN_CODEC"
+        ids = context_ids(lm.tokenizer, CONTEXT)[:64]
+        seg = wire.Segment(uuid.uuid4().hex, 0, 0, 64, last=True, token_ids=tuple(int(t) for t in ids))
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(SendError) as forged:
+                await transfer(
+                    channel, wire.text_frames("s", uuid.uuid4().hex, lm.fingerprint, lm.geometry, seg)
+                )
+        assert forged.value.code == "UNKNOWN_CODEC"
+        assert not service._streams and service.store._reserved == 0
+
+
+async def test_a_text_segment_outside_the_vocabulary_costs_one_error(lm: LoadedModel) -> None:
+    vocab = int(lm.model.config.vocab_size)
+    seg = wire.Segment(uuid.uuid4().hex, 0, 0, 3, last=True, token_ids=(1, 2, vocab + 5))
+    async with receiver(lm) as (target, service):
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(SendError) as bad:
+                await transfer(
+                    channel, wire.text_frames("s", uuid.uuid4().hex, lm.fingerprint, lm.geometry, seg)
+                )
+        assert bad.value.code == "MALFORMED" and "vocabulary" in bad.value.message
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=512, links=LinkMemory())
+        assert result.answer.finish_reason  # the receiver kept serving
+
+
+async def test_the_sender_follows_a_link_that_slows_down_mid_message(lm: LoadedModel) -> None:
+    """A receiver that prefills 5k tokens/s: text costs it 51 ms per 256 tokens, while FP16 KV of 256
+    tokens (64 KiB) takes ~1 ms at 1 Gbit/s (~10 ms as Python paces it here) and 0.5 s at 1 Mbit/s.
+    The sender has read the context already. Once the link drops, it switches to text within two
+    segments: the segment two after the last fast one."""
+    pre = _read(lm)
+    costs = wire.ReceiverCosts(((128, 5_000.0), (2048, 5_000.0)), 2e9, 0.001)
+    async with receiver(lm, costs=costs) as (target, service):
+        host, port = target.rsplit(":", 1)
+        with PacedProxy((host, int(port)), 1e9) as link:
+            switched: list[int] = []
+
+            def on_segment(seg: Any) -> None:
+                if seg.index == 1 and not switched:
+                    link.set_rate(1e6)
+                    switched.append(seg.index)
+
+            result = await send_streamed(
+                link.target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, allowed=("text", "fp16"),
+                link_bps=1e9, links=LinkMemory(), on_segment=on_segment, prefilled=pre,
+            )  # fmt: skip
+    options = [s.option for s in result.segments]
+    assert options[:2] == ["fp16", "fp16"], options  # before the drop: KV
+    # The drop comes with segment 1's receipt, when the next one may be on its way already; the first
+    # segment the slow link carried shows it in its receipt, and two segments later the sender sends text.
+    slow = [
+        s.index for s in result.segments
+        if s.transfer is not None and s.wire_bytes > 32 << 10
+        and 8 * s.wire_bytes / s.transfer.receipt.timings["receive_s"] < 10e6
+    ]  # fmt: skip
+    assert slow, [s.as_dict() for s in result.segments]
+    first_slow = slow[0]
+    assert first_slow <= 3 and len(options) >= first_slow + 3, options
+    assert options[first_slow + 2 :] == ["text"] * len(options[first_slow + 2 :]), options
+    assert result.segments[-1].link_bps < 10e6 < result.segments[1].link_bps
+
+
+def test_link_estimate_smooths_and_jumps() -> None:
+    est = LinkEstimate()
+    assert not est.add(1000, 0.01)  # too small to time the link
+    assert est.add(1 << 20, 8 * (1 << 20) / 1e9) and est.bps == pytest.approx(1e9)
+    est.add(1 << 20, 8 * (1 << 20) / 1.5e9)  # within JUMP: smoothed
+    assert 1e9 < est.bps < 1.5e9
+    est.add(1 << 20, 8 * (1 << 20) / 1e8)  # JUMP x off: replaced
+    assert est.bps == pytest.approx(1e8) and JUMP == 2.0
+
+
+def test_planner_prefers_text_on_a_slow_link_and_kv_on_a_fast_one(lm: LoadedModel) -> None:
+    g = lm.geometry
+    bounds = segment_bounds(2000, 250)
+    options = [text_option(), fp16_option(), recipe_option(Recipe.from_name("kint4c/vint4t-g32"), 0.9)]
+    planner = Planner(g, bounds, options, 1 << 40)
+    slow = Costs(COSTS, 1e6)
+    fast = Costs(COSTS, 100e9)
+    assert planner.choose(0, slow)[0].text
+    assert not planner.choose(3, fast)[0].text
+    # The pipeline: predicted TTFT is bounded below by the slowest stage, above by the sum of stages.
+    p = planner.predict([options[2]] * len(bounds), fast)
+    link_s = sum(8 * n / fast.link_bps for n in p.wire_bytes)
+    decode_s = sum(g.fp16_bytes(b - a) / COSTS.decode_bytes_per_s for a, b in bounds)
+    encode_s = sum(g.fp16_bytes(b - a) / fast.encode_bps for a, b in bounds)
+    assert max(link_s, decode_s, encode_s) <= p.ttft <= link_s + decode_s + encode_s + 0.01
+    # A byte budget bounds every segment: with room for text only, text it is.
+    tight = Planner(g, bounds, options, sum(planner.bytes_of(text_option(), i) for i in range(len(bounds))))
+    assert all(tight.choose(i, fast, spent=sum(tight.bytes_of(text_option(), j) for j in range(i)))[0].text
+               for i in range(len(bounds)))  # fmt: skip
