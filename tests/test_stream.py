@@ -141,28 +141,30 @@ async def test_nothing_is_answered_before_the_last_segment_and_an_abandoned_cont
     bounds = segment_bounds(pre.kv.length, 256)
     scores = Scores(pre)
     stream_id = uuid.uuid4().hex
-    async with receiver(lm, stall_timeout_s=0.5) as (target, service):
-        async with grpc.aio.insecure_channel(target) as channel:
-            for i, (a, b) in enumerate(bounds[:2]):
-                seg = wire.Segment(stream_id, i, a, pre.kv.length)
-                encoded = encode_segment(pre, scores, fp16_option(), g, a, b)
-                frames = wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
-                await transfer(channel, frames)
-            assert service.store._reserved > 0  # the two segments' caches, held for the context
-            with pytest.raises(SendError) as refused:
-                await ask(channel, wire.Ask("s", stream_id, QUESTION, 4))
-            assert refused.value.status is grpc.StatusCode.NOT_FOUND
-            await asyncio.sleep(1.2)  # no segment for longer than the stall timeout: dropped
-            assert not service._streams
-            assert service.store._reserved == 0
-            # A segment of the dropped context is refused, and so is one out of order.
-            seg = wire.Segment(stream_id, 2, bounds[2][0], pre.kv.length)
-            encoded = encode_segment(pre, scores, fp16_option(), g, *bounds[2])
-            with pytest.raises(SendError) as late:
-                await transfer(
-                    channel, wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
-                )
-            assert late.value.code in ("STALLED", "ORDER")
+    async with (
+        receiver(lm, stall_timeout_s=0.5) as (target, service),
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        for i, (a, b) in enumerate(bounds[:2]):
+            seg = wire.Segment(stream_id, i, a, pre.kv.length)
+            encoded = encode_segment(pre, scores, fp16_option(), g, a, b)
+            frames = wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
+            await transfer(channel, frames)
+        assert service.store._reserved > 0  # the two segments' caches, held for the context
+        with pytest.raises(SendError) as refused:
+            await ask(channel, wire.Ask("s", stream_id, QUESTION, 4))
+        assert refused.value.status is grpc.StatusCode.NOT_FOUND
+        await asyncio.sleep(1.2)  # no segment for longer than the stall timeout: dropped
+        assert not service._streams
+        assert service.store._reserved == 0
+        # A segment of the dropped context is refused, and so is one out of order.
+        seg = wire.Segment(stream_id, 2, bounds[2][0], pre.kv.length)
+        encoded = encode_segment(pre, scores, fp16_option(), g, *bounds[2])
+        with pytest.raises(SendError) as late:
+            await transfer(
+                channel, wire.to_frames(encoded, "s", uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
+            )
+        assert late.value.code in ("STALLED", "ORDER")
 
 
 async def test_a_receiver_that_refuses_text_is_never_sent_any(lm: LoadedModel) -> None:
@@ -193,7 +195,7 @@ async def test_a_receiver_that_refuses_text_is_never_sent_any(lm: LoadedModel) -
 async def test_a_text_segment_outside_the_vocabulary_costs_one_error(lm: LoadedModel) -> None:
     vocab = int(lm.model.config.vocab_size)
     seg = wire.Segment(uuid.uuid4().hex, 0, 0, 3, last=True, token_ids=(1, 2, vocab + 5))
-    async with receiver(lm) as (target, service):
+    async with receiver(lm) as (target, _service):
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(SendError) as bad:
                 await transfer(
@@ -211,7 +213,7 @@ async def test_the_sender_follows_a_link_that_slows_down_mid_message(lm: LoadedM
     segments: the segment two after the last fast one."""
     pre = _read(lm)
     costs = wire.ReceiverCosts(((128, 5_000.0), (2048, 5_000.0)), 2e9, 0.001)
-    async with receiver(lm, costs=costs) as (target, service):
+    async with receiver(lm, costs=costs) as (target, _service):
         host, port = target.rsplit(":", 1)
         with PacedProxy((host, int(port)), 1e9) as link:
             switched: list[int] = []
