@@ -262,8 +262,8 @@ async def send_streamed(
                 )  # fmt: skip
             choices = pinned
         fp16_bytes = g.fp16_bytes(n_ctx)
-        unbounded = fraction is None or fixed is not None
-        planner = Planner(g, bounds, choices, 1 << 62 if unbounded else int(fraction * fp16_bytes))
+        bound = 1 << 62 if fraction is None or fixed is not None else int(fraction * fp16_bytes)
+        planner = Planner(g, bounds, choices, bound)
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # torch, grpc and the library are imported when the server st
     import grpc
     import torch
 
+    from kvlink import wire
     from kvlink.server.guard import Guard, Identity
     from kvlink.server.store import SessionStore
 
@@ -472,7 +473,7 @@ def auto_limits(device: torch.device, cached: int | None, message: int | None) -
     return cached, message
 
 
-def measure_receiver(lm: Any, max_tokens: int) -> Any:
+def measure_receiver(lm: Any, max_tokens: int) -> wire.ReceiverCosts:
     """kvlink.stream.measure_costs on the loaded model, up to min(max_tokens, its positions) tokens."""
     from kvlink.models import max_positions
     from kvlink.stream import measure_costs
@@ -550,8 +551,7 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
     if args.cost_probe_tokens:
-        service.costs = await asyncio.to_thread(measure_receiver, lm, args.cost_probe_tokens)
-        c = service.costs
+        c = service.costs = await asyncio.to_thread(measure_receiver, lm, args.cost_probe_tokens)
         logger.info(
             "measured: prefill %s tokens/s; decode %.2f GB/s of FP16 KV; first token %.3f s",
             ", ".join(f"{r:,.0f} at {n:,}" for n, r in c.prefill), c.decode_bytes_per_s / 1e9, c.first_token_s,
