@@ -432,7 +432,13 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if not paths:
         raise ValueError("no quality results given")
-    runs = [load_results(p) for p in paths]
+    return merge_runs([load_results(p) for p in paths])
+
+
+def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """merge_results of runs already loaded (load_results)."""
+    if not runs:
+        raise ValueError("no quality results given")
     prints = {r.get("meta", {}).get("fingerprint") for r in runs}
     if len(prints) > 1:
         raise ValueError(
