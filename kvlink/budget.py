@@ -783,10 +783,10 @@ def _measured_best(
     tokens: int | None = None,
 ) -> tuple[Recipe, float] | None:
     """The best of `recipe` (at `expected`, None when unknown) and its question-aware twins the table
-    measured (for a context of `tokens` tokens: QualityTable.measured): keys rounded for the question's logits (free: same bytes), per-channel key widths
-    (4 bits per channel and head more) and per-row value widths (4 bits per row and head more),
-    alone or together, each only where `free` (rounding, key widths, value widths) allows. None
-    when nothing is known."""
+    measured for a context of `tokens` tokens (QualityTable.measured): keys rounded for the question's
+    logits (free: same bytes), per-channel key widths (4 bits per channel and head more) and per-row
+    value widths (4 bits per row and head more), alone or together, each only where `free` (rounding,
+    key widths, value widths) allows. None when nothing is known."""
     free_rounding, free_widths, free_vwidths = free
     options: list[Callable[[Recipe], Recipe | None]] = []
     keys = recipe.quantizers("k")
@@ -869,7 +869,8 @@ def plan(
     """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
 
     quality: expected quality per config (default: QualityTable.for_model(fingerprint,
-    model_name)), looked up for this context's length (its T positions, the ones the message carries). sensitivity: the profile per-layer bits are allocated from (default:
+    model_name)), looked up at this context's length (its T positions, which the message carries).
+    sensitivity: the profile per-layer bits are allocated from (default:
     Sensitivity.for_model(fingerprint, model_name)); those configs are weighed only where `quality`
     measured them. The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
     (read them back from `Plan.session_id` / `Plan.message_id` and send with those). profile: the

@@ -752,9 +752,8 @@ def test_planner_choice_follows_the_context_length(head64: Any) -> None:
     short_good = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
     long_good = build(selector="q2c", retention=0.75, k_bits=4, v_bits=4)
     short_entries = {quality_key(short_good): 0.95, quality_key(long_good): 0.5}
-    table = QualityTable(
-        buckets=_bucketed(b0_1024=short_entries, b1024_inf={quality_key(short_good): 0.4, quality_key(long_good): 0.95})
-    )  # fmt: skip
+    long_entries = {quality_key(short_good): 0.4, quality_key(long_good): 0.95}
+    table = QualityTable(buckets=_bucketed(b0_1024=short_entries, b1024_inf=long_entries))
     pinned = Constraints(
         k_bits=4, v_bits=4, group_size=32, scope="global", rotate="none", sink=0, round_k="nearest",
         k_widths="uniform", v_widths="uniform", zstd=False,

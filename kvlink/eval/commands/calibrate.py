@@ -13,9 +13,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from kvlink.eval.commands.common import Subparsers, make_console
+
+if TYPE_CHECKING:
+    from kvlink.budget import LengthBucket, QualityTable
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -54,7 +57,7 @@ def quality_table(
     task: str | Sequence[str] = "squad",
     quality: str = "fidelity",
     runs: Sequence[dict[str, Any]] | None = None,
-) -> Any:
+) -> QualityTable:
     """A kvlink.budget.QualityTable: mean `quality` of each measured config of `task`, by quality_key.
 
     `task`: one task, or several (comma-separated or a sequence) whose examples are pooled. `entries` holds
@@ -85,7 +88,7 @@ def quality_table(
         for key, cells in pooled.items()
     }
     buckets = length_buckets(runs if runs is not None else [results], tasks, quality)
-    n = max(sum(n for _, n in cells) for cells in pooled.values()) if pooled else max(r["n"] for r in rows)
+    n = sum(max(r["n"] for r in rows if r["task"] == t) for t in tasks)  # examples: the most of each task
     source = f"kvlink-bench quality ({'+'.join(tasks)}, {quality}, n={n})"
     if len(buckets) > 1:
         spans = ", ".join(f"{_span(b.lo, b.hi)}: n={b.n}" for b in buckets)
@@ -110,7 +113,7 @@ def _span(lo: int, hi: int | None) -> str:
 
 def length_buckets(
     runs: Sequence[dict[str, Any]], tasks: Sequence[str], quality: str = "fidelity"
-) -> list[Any]:
+) -> list[LengthBucket]:
     """Each config's mean `quality` per context-length bucket (kvlink.budget.LENGTH_EDGES) over the examples
     of `tasks` whose context length falls in it: kvlink.budget.LengthBucket, shortest first, only buckets
     some example fell in.
