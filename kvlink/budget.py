@@ -10,7 +10,8 @@ Search: every recipe of retention, K/V format, group size (and rank when low
 rank is asked for), with the built-in stages the receiver decodes, is sized
 analytically in microseconds; candidates are ranked by expected quality from a
 `QualityTable` (measured by `kvlink-bench calibrate`, or the built-in default
-below, keyed by recipe name: kvlink.recipe); the best ones are then really
+below, keyed by recipe name: kvlink.recipe, and by context length where it was
+measured per length bucket: LENGTH_EDGES); the best ones are then really
 encoded, zstd tried where it could pay, and the first whose exact size fits
 wins. An unsatisfiable budget raises `BudgetError` naming the smallest
 achievable fraction.
@@ -318,29 +319,134 @@ def default_quality_path(fingerprint: str) -> Path:
     return cache_dir() / "quality" / f"{fingerprint}.json"
 
 
+LENGTH_EDGES: tuple[int, ...] = (0, 1024, 4096, 16384)
+"""Where the context-length buckets of a calibrated quality table start, in tokens; each runs to the next
+edge, the last to any length. [0, 1k) holds SQuAD's paragraphs (~200 tokens), [1k, 4k) and [4k, 16k) the
+long and needle tasks (2k-8k tokens, kvlink.eval.tasks), [16k, ...) contexts longer than any task measures.
+Edges grow 4x: what a config loses changes with the length (a retention keeps 4x more positions of a 4x
+longer context), not with a few hundred tokens more or less."""
+
+
+def length_bucket(tokens: int) -> tuple[int, int | None]:
+    """(lo, hi) of the LENGTH_EDGES bucket holding a context of `tokens` tokens: lo <= tokens < hi (None:
+    no end)."""
+    if tokens < 0:
+        raise ValueError(f"a context length is a non-negative number of tokens, got {tokens!r}")
+    lo = max(edge for edge in LENGTH_EDGES if edge <= tokens)
+    higher = [edge for edge in LENGTH_EDGES if edge > tokens]
+    return lo, (min(higher) if higher else None)
+
+
+@dataclass
+class LengthBucket:
+    """Measured quality per config key over the contexts of lo <= tokens < hi (hi None: no end)."""
+
+    lo: int
+    hi: int | None
+    entries: dict[str, float] = field(default_factory=dict)
+    n: int = 0  # examples behind its best-measured entry (the most of any key)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lo, bool) or self.lo < 0:
+            raise ValueError(f"a length bucket starts at a non-negative number of tokens, got {self.lo!r}")
+        if self.hi is not None and self.hi <= self.lo:
+            raise ValueError(f"a length bucket ends after it starts, got [{self.lo!r}, {self.hi!r})")
+
+    def distance(self, tokens: int) -> float:
+        """0 when `tokens` lies in the bucket, else log of the ratio to its nearer edge: how far a
+        measurement made here is from a context of `tokens` tokens."""
+        t = max(tokens, 1)
+        if t < self.lo:
+            return math.log(self.lo / t)
+        if self.hi is not None and t >= self.hi:
+            return math.log((t + 1) / self.hi)  # hi is exclusive: its last length is hi - 1
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_tokens": self.lo, "max_tokens": self.hi, "n": self.n, "entries": self.entries}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LengthBucket:
+        hi = data["max_tokens"]
+        return cls(
+            lo=int(data["min_tokens"]),
+            hi=None if hi is None else int(hi),
+            entries={str(k): float(v) for k, v in data["entries"].items()},
+            n=int(data.get("n", 0)),
+        )
+
+
 @dataclass
 class QualityTable:
-    """Expected quality per config key: measured entries first, the default prior otherwise.
+    """Expected quality per config key, per context length: measured entries first, the default prior
+    otherwise.
 
-    Lookups are memoized: fill `entries` before the first `expected` call.
+    A flat table (no `buckets`; every table before 2026-12, and what calibrate writes from contexts of one
+    length bucket) holds one quality per key for every length. A bucketed one holds a quality per key in
+    each LengthBucket it measured, and in `entries` the mean over every length (what a reader without
+    buckets uses). A lookup at T tokens takes the key from the bucket holding T; where that bucket lacks
+    it, from the nearest bucket that measured it (by the ratio of lengths; on a tie the shorter); then from
+    `entries`. Only when no bucket nor `entries` holds the key itself are its twins looked up (the same
+    way), then the prior (`expected`). Without T (tokens=None) only `entries` answer.
+
+    Lookups are memoized: fill `entries` and `buckets` before the first `expected` call.
     """
 
     model: str = "default"
     entries: dict[str, float] = field(default_factory=dict)
     source: str = "built-in prior"
     fingerprints: tuple[str, ...] = ()  # the model fingerprints it was measured for
-    _memo: dict[tuple[Recipe, int], float] = field(default_factory=dict, repr=False, compare=False)
+    buckets: tuple[LengthBucket, ...] = ()  # by context length, shortest first; none: a flat table
+    _memo: dict[tuple[Recipe, int, tuple[int, ...]], float] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _orders: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
 
-    def expected(self, recipe: Recipe, head_dim: int = 64) -> float:
-        """The measured quality of `recipe`; else that of its closest measured plain twin (the
-        same recipe without sink entries, with one global kept set, unrotated, rounded to nearest,
-        uniform widths) times UNMEASURED_ROTATION per difference; else the built-in prior."""
-        memo = self._memo.get((recipe, head_dim))
+    def __post_init__(self) -> None:
+        self.buckets = tuple(sorted(self.buckets, key=lambda b: b.lo))
+        for a, b in itertools.pairwise(self.buckets):
+            if a.hi is None or a.hi > b.lo:
+                raise ValueError(
+                    f"length buckets overlap: [{a.lo}, {a.hi}) and [{b.lo}, {b.hi}) (hi None: no end)"
+                )
+
+    def _order(self, tokens: int | None) -> tuple[int, ...]:
+        """The buckets a lookup at `tokens` tries, by index: the one holding it, then the others nearest
+        first (the shorter on a tie); none without `tokens` or without buckets."""
+        if tokens is None or not self.buckets:
+            return ()
+        order = self._orders.get(tokens)
+        if order is None:
+            by_distance = sorted(
+                range(len(self.buckets)), key=lambda i: (self.buckets[i].distance(tokens), i)
+            )
+            order = self._orders[tokens] = tuple(by_distance)
+        return order
+
+    def _measured(self, key: str, order: tuple[int, ...]) -> float | None:
+        for i in order:
+            value = self.buckets[i].entries.get(key)
+            if value is not None:
+                return value
+        return self.entries.get(key)
+
+    def measured(self, recipe: Recipe, tokens: int | None = None) -> float | None:
+        """The measured quality of exactly `recipe` for a context of `tokens` tokens (the class docstring
+        says which bucket answers), None when nothing measured it."""
+        return self._measured(quality_key(recipe), self._order(tokens))
+
+    def expected(self, recipe: Recipe, head_dim: int = 64, *, tokens: int | None = None) -> float:
+        """The measured quality of `recipe` for a context of `tokens` tokens (None: any length); else that
+        of its closest measured plain twin (the same recipe without sink entries, with one global kept
+        set, unrotated, rounded to nearest, uniform widths) times UNMEASURED_ROTATION per difference;
+        else the built-in prior."""
+        order = self._order(tokens)
+        memo = self._memo.get((recipe, head_dim, order))
         if memo is None:
-            memo = self._memo[(recipe, head_dim)] = self._expected(recipe, head_dim)
+            memo = self._memo[(recipe, head_dim, order)] = self._expected(recipe, head_dim, order)
         return memo
 
-    def _expected(self, recipe: Recipe, head_dim: int) -> float:
+    def _expected(self, recipe: Recipe, head_dim: int, order: tuple[int, ...]) -> float:
         # The twins: the recipe less some of these; the closest measured one (fewest dropped) answers.
         drops: list[Callable[[Recipe], Recipe]] = []
         if recipe.has("sink"):
@@ -360,13 +466,15 @@ class QualityTable:
                 twin = recipe
                 for drop in chosen:
                     twin = drop(twin)
-                value = self.entries.get(quality_key(twin))
+                value = self._measured(quality_key(twin), order)
                 if value is not None:
                     return UNMEASURED_ROTATION**n * value
         return UNMEASURED_ROTATION ** len(drops) * default_quality(recipe, head_dim)
 
     def is_measured(self, recipe: Recipe) -> bool:
-        return quality_key(recipe) in self.entries
+        """Whether `recipe` itself was measured, at any length."""
+        key = quality_key(recipe)
+        return key in self.entries or any(key in b.entries for b in self.buckets)
 
     def save(self, path: str | Path) -> None:
         doc: dict[str, Any] = {
@@ -377,6 +485,8 @@ class QualityTable:
         }
         if self.fingerprints:
             doc["fingerprints"] = list(self.fingerprints)
+        if self.buckets:  # a flat table's file is as before buckets existed
+            doc["buckets"] = [b.to_dict() for b in self.buckets]
         Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True))
 
     @classmethod
@@ -404,22 +514,26 @@ class QualityTable:
 
     @classmethod
     def load(cls, path: str | Path) -> QualityTable:
-        """A table written by save(); one keyed by the names of before 2026-12 (no "grammar") is
-        migrated on reading (kvlink.recipe.migrate_name)."""
+        """A table written by save(), flat or with "buckets"; one keyed by the names of before 2026-12
+        (no "grammar") is migrated on reading (kvlink.recipe.migrate_name)."""
         try:
             data = json.loads(Path(path).read_text())
             entries = {str(k): float(v) for k, v in data["entries"].items()}
             fingerprints = tuple(str(f) for f in data.get("fingerprints", ()))
+            buckets = [LengthBucket.from_dict(b) for b in data.get("buckets", ())]
+            if data.get("grammar") != GRAMMAR:
+                entries = {migrate_name(k): v for k, v in entries.items()}
+                for b in buckets:
+                    b.entries = {migrate_name(k): v for k, v in b.entries.items()}
+            return cls(
+                model=str(data.get("model", "unknown")),
+                entries=entries,
+                source=str(path),
+                fingerprints=fingerprints,
+                buckets=tuple(buckets),
+            )
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read quality table {str(path)!r}: {exc}") from None
-        if data.get("grammar") != GRAMMAR:
-            entries = {migrate_name(k): v for k, v in entries.items()}
-        return cls(
-            model=str(data.get("model", "unknown")),
-            entries=entries,
-            source=str(path),
-            fingerprints=fingerprints,
-        )
 
 
 @dataclass
@@ -662,13 +776,17 @@ def _each_quantizer(recipe: Recipe, kind: str, where: Callable[[Quantize], bool]
 
 
 def _measured_best(
-    quality: QualityTable, recipe: Recipe, expected: float | None, free: tuple[bool, bool, bool]
+    quality: QualityTable,
+    recipe: Recipe,
+    expected: float | None,
+    free: tuple[bool, bool, bool],
+    tokens: int | None = None,
 ) -> tuple[Recipe, float] | None:
     """The best of `recipe` (at `expected`, None when unknown) and its question-aware twins the table
-    measured: keys rounded for the question's logits (free: same bytes), per-channel key widths
-    (4 bits per channel and head more) and per-row value widths (4 bits per row and head more),
-    alone or together, each only where `free` (rounding, key widths, value widths) allows. None
-    when nothing is known."""
+    measured for a context of `tokens` tokens (QualityTable.measured): keys rounded for the question's
+    logits (free: same bytes), per-channel key widths (4 bits per channel and head more) and per-row
+    value widths (4 bits per row and head more), alone or together, each only where `free` (rounding,
+    key widths, value widths) allows. None when nothing is known."""
     free_rounding, free_widths, free_vwidths = free
     options: list[Callable[[Recipe], Recipe | None]] = []
     keys = recipe.quantizers("k")
@@ -694,7 +812,7 @@ def _measured_best(
                 twin = option(twin) if twin is not None else None
             if twin is None:
                 continue
-            measured = quality.entries.get(quality_key(twin))
+            measured = quality.measured(twin, tokens)
             if measured is not None and (best_value is None or measured > best_value):
                 best_value, best = measured, twin
     if best_value is None:
@@ -751,7 +869,8 @@ def plan(
     """Choose, encode and size the best config for `budget` (a fraction of the full FP16 KV).
 
     quality: expected quality per config (default: QualityTable.for_model(fingerprint,
-    model_name)). sensitivity: the profile per-layer bits are allocated from (default:
+    model_name)), looked up at this context's length (its T positions, which the message carries).
+    sensitivity: the profile per-layer bits are allocated from (default:
     Sensitivity.for_model(fingerprint, model_name)); those configs are weighed only where `quality`
     measured them. The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
     (read them back from `Plan.session_id` / `Plan.message_id` and send with those). profile: the
@@ -789,8 +908,8 @@ def plan(
 
     for recipe in candidate_recipes(geometry, constraints, sensitivity):
         if recipe.per_layer("k") or recipe.per_layer("v"):  # no prior for an allocation: only a measurement
-            base = quality.entries.get(quality_key(recipe))
-            best = _measured_best(quality, recipe, base, free)
+            base = quality.measured(recipe, length)
+            best = _measured_best(quality, recipe, base, free, length)
             if best is None:
                 continue
             recipe, expected = best
@@ -800,9 +919,9 @@ def plan(
             continue
         est = estimate(recipe)
         if est <= budget_bytes * ZSTD_REACH:
-            expected = quality.expected(recipe, geometry.head_dim)
+            expected = quality.expected(recipe, geometry.head_dim, tokens=length)
             # Twins are taken only where the table measured them better (never from a prior).
-            best = _measured_best(quality, recipe, expected, free)
+            best = _measured_best(quality, recipe, expected, free, length)
             assert best is not None
             recipe, expected = best
             est = estimate(recipe)

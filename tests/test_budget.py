@@ -522,3 +522,248 @@ def test_zstd_is_not_tried_again_for_savings_no_try_came_near() -> None:
     skipped = [c for c in p.candidates if c.note.startswith("zstd not tried")]
     assert skipped, [c.note for c in p.candidates if c.note]
     assert len(tried) < MAX_ZSTD_TRIES  # the first try showed what zstd does to this message
+
+
+# --- quality by context length -------------------------------------------------------------
+def test_length_buckets_cover_every_length_once() -> None:
+    from kvlink.budget import LENGTH_EDGES, length_bucket
+
+    assert LENGTH_EDGES[0] == 0 and list(LENGTH_EDGES) == sorted(set(LENGTH_EDGES))
+    assert length_bucket(0) == length_bucket(199) == length_bucket(1023) == (0, 1024)  # SQuAD: the first
+    assert length_bucket(1024) == length_bucket(4095) == (1024, 4096)
+    assert length_bucket(8000) == (4096, 16384)  # the long task's 2k-8k spans two buckets
+    assert length_bucket(16384) == length_bucket(10**6) == (16384, None)
+    with pytest.raises(ValueError, match="-1"):
+        length_bucket(-1)
+
+
+def _bucketed(**buckets: dict[str, float]) -> Any:
+    """Buckets named like `b0_1024` (lo_hi, hi 'inf' for none)."""
+    from kvlink.budget import LengthBucket
+
+    out = []
+    for name, entries in buckets.items():
+        lo, hi = name.removeprefix("b").split("_")
+        out.append(LengthBucket(int(lo), None if hi == "inf" else int(hi), entries, n=10))
+    return out
+
+
+A = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+B = build(selector="q2c", retention=0.25, k_bits=4, v_bits=4)
+C = build(k_bits=8, v_bits=4)
+D = build(k_bits=4, v_bits=4)
+
+
+def test_quality_lookup_takes_the_bucket_of_the_context_length_then_the_nearest() -> None:
+    from kvlink.budget import UNMEASURED_ROTATION
+
+    ka, kb, kc, kd = (quality_key(r) for r in (A, B, C, D))
+    table = QualityTable(
+        entries={ka: 0.7, kb: 0.75, kc: 0.6, kd: 0.55},  # over every length
+        buckets=_bucketed(
+            b4096_16384={kc: 0.65},
+            b0_1024={ka: 0.9},
+            b1024_4096={ka: 0.5, kb: 0.8},
+        ),  # given in any order, kept shortest first
+    )
+    assert [b.lo for b in table.buckets] == [0, 1024, 4096]
+    assert [table.expected(A, tokens=t) for t in (1, 200, 1023, 1024, 4095)] == [0.9, 0.9, 0.9, 0.5, 0.5]
+    assert table.expected(A, tokens=5000) == 0.5  # not measured at 4k-16k: the nearer 1k-4k
+    assert table.expected(A, tokens=10**6) == 0.5
+    assert table.expected(B, tokens=200) == table.expected(B, tokens=9000) == 0.8  # only 1k-4k has it
+    assert table.expected(C, tokens=200) == 0.65  # only 4k-16k measured it, however far
+    assert table.expected(D, tokens=200) == table.expected(D, tokens=5000) == 0.55  # no bucket: all lengths
+    assert table.expected(A) == 0.7 and table.measured(A) == 0.7  # no length given: all lengths
+    assert table.measured(A, 3000) == 0.5 and table.measured(build(k_bits=2, v_bits=2), 3000) is None
+    unmeasured = build(selector="q2c", retention=0.1, k_bits=3, v_bits=3)
+    assert {table.expected(unmeasured, tokens=t) for t in (None, 200, 3000)} == {default_quality(unmeasured)}
+    # The config itself from any bucket comes before a twin: a sink twin of A measured only at 4k-16k
+    # answers for it at 200 tokens; an unmeasured one falls back to A of the length's bucket.
+    a_sink = A.with_transform(Sink(1))
+    assert table.expected(a_sink, tokens=200) == pytest.approx(0.9 * UNMEASURED_ROTATION)
+    assert table.expected(a_sink, tokens=2000) == pytest.approx(0.5 * UNMEASURED_ROTATION)
+    sinked = QualityTable(entries=table.entries, buckets=[*table.buckets[:2], *_bucketed(b4096_inf={
+        quality_key(a_sink): 0.95})])  # fmt: skip
+    assert sinked.expected(a_sink, tokens=200) == 0.95 and sinked.is_measured(a_sink)
+    assert sinked.expected(a_sink) == pytest.approx(0.7 * UNMEASURED_ROTATION)  # all lengths: only the twin
+
+
+def test_the_nearest_bucket_is_nearest_in_the_ratio_of_lengths() -> None:
+    table = QualityTable(buckets=_bucketed(b0_1024={quality_key(A): 0.9}, b2048_inf={quality_key(A): 0.4}))
+    assert table.expected(A, tokens=1100) == 0.9  # in the gap, nearer 1k than 2k
+    assert table.expected(A, tokens=2000) == 0.4
+    # sqrt(1024 x 2048) = 1448: the middle of the gap in the ratio of lengths
+    assert table.expected(A, tokens=1447) == 0.9 and table.expected(A, tokens=1449) == 0.4
+
+
+def test_length_buckets_are_checked() -> None:
+    from kvlink.budget import LengthBucket
+
+    with pytest.raises(ValueError, match=r"\[1024, 1024\)"):
+        LengthBucket(1024, 1024)
+    with pytest.raises(ValueError, match="-5"):
+        LengthBucket(-5, 10)
+    with pytest.raises(ValueError, match="overlap"):
+        QualityTable(buckets=_bucketed(b0_2048={}, b1024_4096={}))
+    with pytest.raises(ValueError, match="overlap"):
+        QualityTable(buckets=_bucketed(b0_inf={}, b1024_4096={}))
+
+
+def test_bucketed_table_round_trips_and_flat_files_stay_flat(tmp_path: Any) -> None:
+    import json
+
+    from kvlink.budget import GRAMMAR, shipped_quality_path
+
+    table = QualityTable(
+        model="m", entries={quality_key(A): 0.7}, fingerprints=("f" * 64,),
+        buckets=_bucketed(b0_1024={quality_key(A): 0.9}, b1024_4096={quality_key(B): 0.8}, b16384_inf={}),
+    )  # fmt: skip
+    table.save(tmp_path / "q.json")
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["grammar"] == GRAMMAR and doc["entries"] == {quality_key(A): 0.7}
+    assert doc["buckets"] == [
+        {"min_tokens": 0, "max_tokens": 1024, "n": 10, "entries": {quality_key(A): 0.9}},
+        {"min_tokens": 1024, "max_tokens": 4096, "n": 10, "entries": {quality_key(B): 0.8}},
+        {"min_tokens": 16384, "max_tokens": None, "n": 10, "entries": {}},
+    ]
+    loaded = QualityTable.load(tmp_path / "q.json")
+    assert (loaded.buckets, loaded.entries) == (table.buckets, table.entries)
+    assert loaded.fingerprints == table.fingerprints
+    assert [loaded.expected(r, tokens=t) for r in (A, B) for t in (None, 100, 2000, 50000)] == [
+        table.expected(r, tokens=t) for r in (A, B) for t in (None, 100, 2000, 50000)
+    ]
+    # A flat table writes the file it always wrote (no "buckets"), the shipped one included.
+    shipped_doc = json.loads(shipped_quality_path("smollm2-135m-instruct").read_text())
+    QualityTable.load(shipped_quality_path("smollm2-135m-instruct")).save(tmp_path / "flat.json")
+    flat_doc = json.loads((tmp_path / "flat.json").read_text())
+    assert "buckets" not in flat_doc and "buckets" not in shipped_doc
+    assert {k: v for k, v in flat_doc.items() if k != "source"} == {
+        k: v for k, v in shipped_doc.items() if k != "source"
+    }
+    doc["buckets"][1]["max_tokens"] = 512  # ends before it starts
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"cannot read quality table .*bad\.json"):
+        QualityTable.load(tmp_path / "bad.json")
+    del doc["buckets"][1]["entries"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"cannot read quality table .*entries"):
+        QualityTable.load(tmp_path / "bad.json")
+
+
+SHIPPED_EXPECTED_DIGEST = "208399a3592bbae9ca4adbe6f1f00b83ab6287083c8b36f710a67c46e6a10ab8"
+"""sha256 over "<name>=<repr(expected(recipe, 64))>\\n" of every candidate recipe of the embedded model's
+geometry (with its shipped sensitivity profile), in candidate order, with the shipped quality table: printed
+by kvlink at b05f17b, before tables had length buckets."""
+
+
+def test_shipped_flat_table_looks_up_as_before_at_every_length() -> None:
+    import hashlib
+
+    from kvlink.budget import shipped_quality_path
+    from kvlink.eval.grid import parse_name
+    from kvlink.layerbits import Sensitivity, shipped_path
+
+    table = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    sensitivity = Sensitivity.load(shipped_path("smollm2-135m-instruct"))
+    assert not table.buckets and len(table.entries) > 60
+    for label in table.entries:
+        recipe = parse_name(label, sensitivity)
+        assert quality_key(recipe) == label
+        for tokens in (None, 1, 199, 1024, 5000, 10**6):
+            assert table.expected(recipe, 64, tokens=tokens) == table.entries[label]
+            assert table.measured(recipe, tokens) == table.entries[label]
+    recipes = candidate_recipes(
+        Geometry(num_layers=30, kv_heads=3, head_dim=64, q_heads=9), None, sensitivity
+    )
+    assert len(recipes) == 26363
+    for tokens in (None, 199, 5000):
+        h = hashlib.sha256()
+        for r in recipes:
+            h.update(f"{r.name}={table.expected(r, 64, tokens=tokens)!r}\n".encode())
+        assert h.hexdigest() == SHIPPED_EXPECTED_DIGEST, tokens
+
+
+@pytest.fixture(scope="module")
+def head64() -> Any:
+    """A 2-layer random Llama of head_dim 64 (the embedded model's) with positions to 4k: contexts on both
+    sides of the 1k bucket edge plan in seconds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import ToyTokenizer
+    from kvlink.models import wrap
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, eos_token_id=2, bos_token_id=1,
+        pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return wrap(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), ToyTokenizer())
+
+
+def _head64_prefill(lm: Any, tokens: int, seed: int) -> Any:
+    return prefill(lm.model, random_ids(tokens, seed=seed), random_ids(8, seed=2), observe=observe_for(None))
+
+
+# (context tokens, context seed, budget) -> (pick, sha256 over "<name>=<repr(expected_quality)>\n" of every
+# candidate in ranked order), with the shipped quality table and ids "0"*32 / "1"*32: printed by kvlink at
+# b05f17b, before tables had length buckets, running these same plans.
+FLAT_PICKS: dict[tuple[int, int, str], tuple[str, str]] = {
+    (300, 10, "25%"): (
+        "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question+zstd3",
+        "6f57dee3798dff48b1ed7344edbf86768a0a1b6c08778e724865ae2d6490ec38",
+    ),
+    (300, 10, "12.5%"): (
+        "q2c25%/layer+kint4c/vint4t-g32+sink1+round-query",
+        "90eeb8e44b75f1c35a9eef4cd869d06620c5c35e530fcc74160668ab14c2cc0b",
+    ),
+    (1500, 11, "6.25%"): (
+        "q2c12.5%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question",
+        "862a306cf0f66df0de79a3beb87daa36d55c0cb5592b758baf9f4ec6e3aec8ff",
+    ),
+}
+
+
+@pytest.mark.slow
+def test_planner_picks_with_the_shipped_flat_table_are_unchanged(head64: Any) -> None:
+    """~8 s a plan: the whole search with the shipped table, on both sides of the 1k bucket edge."""
+    import hashlib
+
+    from kvlink.budget import shipped_quality_path
+
+    table = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    pres: dict[tuple[int, int], Any] = {}
+    for (tokens, seed, budget), (name, digest) in FLAT_PICKS.items():
+        if (tokens, seed) not in pres:
+            pres[tokens, seed] = _head64_prefill(head64, tokens, seed)
+        pre = pres[tokens, seed]
+        p = plan(pre, head64.geometry, head64.fingerprint, budget, quality=table, session_id="0" * 32,
+                 message_id="1" * 32)  # fmt: skip
+        h = hashlib.sha256()
+        for c in p.candidates:
+            h.update(f"{c.recipe.name}={c.expected_quality!r}\n".encode())
+        assert (p.recipe.name, h.hexdigest()) == (name, digest), (tokens, budget)
+
+
+def test_planner_choice_follows_the_context_length(head64: Any) -> None:
+    """A table that measured Q2C 75% good only on long contexts and Q2C 50% good only on short ones: the
+    planner sends the one measured good at the context's length; a flat table of the short measurements
+    sends the same at both lengths."""
+    short_good = build(selector="q2c", retention=0.5, k_bits=4, v_bits=4)
+    long_good = build(selector="q2c", retention=0.75, k_bits=4, v_bits=4)
+    short_entries = {quality_key(short_good): 0.95, quality_key(long_good): 0.5}
+    long_entries = {quality_key(short_good): 0.4, quality_key(long_good): 0.95}
+    table = QualityTable(buckets=_bucketed(b0_1024=short_entries, b1024_inf=long_entries))
+    pinned = Constraints(
+        k_bits=4, v_bits=4, group_size=32, scope="global", rotate="none", sink=0, round_k="nearest",
+        k_widths="uniform", v_widths="uniform", zstd=False,
+    )  # fmt: skip
+
+    def picked(quality: QualityTable, tokens: int) -> Recipe:
+        pre = _head64_prefill(head64, tokens, seed=tokens)
+        return plan(pre, head64.geometry, head64.fingerprint, 0.5, constraints=pinned, quality=quality).recipe
+
+    assert picked(table, 300) == short_good
+    assert picked(table, 1500) == long_good
+    flat = QualityTable(entries=short_entries)
+    assert picked(flat, 300) == picked(flat, 1500) == short_good

@@ -432,6 +432,104 @@ def test_gzipped_results_read_like_plain_ones(tmp_path: Path) -> None:
         report.load_results(run)
 
 
+def _mixed_length_records() -> list[dict[str, Any]]:
+    """Calibration-split samples of two configs: 4 SQuAD questions (~200 tokens), 3 long contexts of 2-3k
+    and 2 of 5-6k tokens. Q2C 50% is good on the short ones only, Q2C 75% on the long ones only."""
+    from kvlink.eval.splits import calibration_examples
+
+    qids = [qa.qid for qa in calibration_examples()[:6]]
+    short, long_ = "q2c50%+kint4c/vint4t-g32", "q2c75%+kint4c/vint4t-g32"
+    fidelity = {  # (task, T) -> (short config's, long config's)
+        ("squad", 180): (0.9, 0.6), ("squad", 190): (0.8, 0.5), ("squad", 210): (1.0, 0.7),
+        ("squad", 230): (0.9, 0.6), ("long", 2100): (0.3, 0.8), ("long", 2600): (0.4, 0.9),
+        ("long", 3100): (0.2, 0.7), ("long", 5000): (0.1, 0.6), ("long", 6000): (0.3, 0.8),
+    }  # fmt: skip
+    records = []
+    for i, ((task, tokens), values) in enumerate(fidelity.items()):
+        for config, value in zip((short, long_), values):
+            frac = 0.16 if config == short else 0.235
+            records.append({
+                "eid": f"{task}:{qids[i % len(qids)]}", "task": task, "config": config, "T": tokens,
+                "fidelity": value, "wire_frac": frac,
+            })  # fmt: skip
+    return records
+
+
+def test_calibrate_gives_a_quality_per_context_length_bucket(tmp_path: Path) -> None:
+    from kvlink.budget import QualityTable, quality_key
+
+    records = _mixed_length_records()
+    results = {
+        "meta": {"fingerprint": "abc", "split": "calibration"},
+        "summary": report.summarize(records, n_boot=20),
+        "samples": records,
+    }
+    short, long_ = (grid.parse_name(n) for n in ("q2c50%+kint4c/vint4t-g32", "q2c75%+kint4c/vint4t-g32"))
+    ks, kl = quality_key(short), quality_key(long_)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    out, check = tmp_path / "quality.json", tmp_path / "check.json"
+    argv = ["calibrate", str(path), "--task", "squad,long", "--budgets", "25%,18.75%", "--out", str(out)]
+    assert cli.main([*argv, "--json", str(check)]) == 0
+    table = QualityTable.load(out)
+    assert [(b.lo, b.hi, b.n) for b in table.buckets] == [(0, 1024, 4), (1024, 4096, 3), (4096, 16384, 2)]
+    means = [b.entries for b in table.buckets]
+    assert means[0] == pytest.approx({ks: 0.9, kl: 0.6})  # the four SQuAD questions
+    assert means[1] == pytest.approx({ks: 0.3, kl: 0.8})  # the three long contexts of 2-3k tokens
+    assert means[2] == pytest.approx({ks: 0.2, kl: 0.7})
+    # every length: the tasks' means weighted by their examples
+    assert table.entries == pytest.approx({ks: (4 * 0.9 + 5 * 0.26) / 9, kl: (4 * 0.6 + 5 * 0.76) / 9})
+    assert table.expected(short, tokens=200) > table.expected(long_, tokens=200)
+    assert table.expected(short, tokens=2500) < table.expected(long_, tokens=2500)
+    doc = json.loads(out.read_text())
+    assert doc["grammar"] == 2 and [b["min_tokens"] for b in doc["buckets"]] == [0, 1024, 4096]
+    checked = json.loads(check.read_text())
+    assert checked["task"] == "squad,long" and {c["task"] for c in checked["checks"]} == {"squad", "long"}
+    # The planner check looks quality up at each task's mean length: at 25% each task's pick is its own best.
+    picks = {(c["task"], c["budget"]): c["pick"] for c in checked["checks"]}
+    assert (
+        picks["squad", 0.25] == "q2c50%+kint4c/vint4t-g32"
+        and picks["long", 0.25] == "q2c75%+kint4c/vint4t-g32"
+    )
+
+    # SQuAD alone: one bucket, a flat table, as calibrate wrote before buckets.
+    assert cli.main(["calibrate", str(path), "--task", "squad", "--out", str(out), "--budgets", "25%"]) == 0
+    doc = json.loads(out.read_text())
+    assert "buckets" not in doc and doc["entries"] == pytest.approx({ks: 0.9, kl: 0.6})
+    assert doc["source"] == "kvlink-bench quality (squad, fidelity, n=4)"
+    # The long task alone spans two buckets.
+    long_only = quality_table(results, "long")
+    assert [(b.lo, b.n) for b in long_only.buckets] == [(1024, 3), (4096, 2)]
+    with pytest.raises(SystemExit, match="'needle'"):
+        cli.main(["calibrate", str(path), "--task", "squad,needle", "--out", str(out)])
+
+
+def test_length_buckets_from_summary_rows_without_samples() -> None:
+    """Runs without samples count each row whole, in the bucket of its mean length; a row that does not say
+    its length counts in none; a config two runs measured comes from the one with more examples."""
+    from kvlink.budget import quality_key
+    from kvlink.eval.commands.calibrate import length_buckets, task_list
+
+    key = quality_key(grid.parse_name("kint4c/vint4t-g32"))
+    first = {"summary": [
+        {**_row("squad", "kint4c/vint4t-g32", 0.32, 0.8), "T": 199.4},
+        {**_row("long", "kint4c/vint4t-g32", 0.32, 0.6), "T": 2400.0},
+        _row("needle", "kint4c/vint4t-g32", 0.32, 0.5),
+    ]}  # fmt: skip
+    second = {"summary": [{**_row("long", "kint4c/vint4t-g32", 0.32, 0.7), "T": 2400.0, "n": 30}]}
+    buckets = length_buckets([first, second], ["squad", "long", "needle"])
+    assert [(b.lo, b.hi, b.entries, b.n) for b in buckets] == [
+        (0, 1024, {key: 0.8}, 10),
+        (1024, 4096, {key: pytest.approx(0.7)}, 30),
+    ]
+    table = quality_table({"meta": {}, "summary": first["summary"]}, "squad,long")
+    assert [b.entries for b in table.buckets] == [{key: pytest.approx(0.8)}, {key: pytest.approx(0.6)}]
+    assert table.entries == {key: pytest.approx(0.7)}  # 10 examples each
+    assert task_list(" squad, long,squad ") == ["squad", "long"]
+    with pytest.raises(ValueError, match="alone"):
+        task_list("squad,all")
+
+
 # --- tasks ---------------------------------------------------------------------------------------------
 def test_needle_is_deterministic_and_present(tokenizer: Any) -> None:
     a = tasks.needle_examples(tokenizer, 3, seed=7, min_tokens=300, max_tokens=600)

@@ -206,6 +206,12 @@ def _row_config(row: dict[str, Any]) -> Recipe:
     return Recipe.from_dict(row["codec"]) if "codec" in row else parse_name(row["config"])
 
 
+def _row_tokens(row: dict[str, Any]) -> int | None:
+    """A summary row's mean context length in tokens (None when the row does not say)."""
+    tokens = row.get("T")
+    return round(tokens) if isinstance(tokens, (int, float)) and math.isfinite(tokens) else None
+
+
 def planner_check(
     summary: Sequence[dict[str, Any]],
     table: Any,
@@ -217,7 +223,8 @@ def planner_check(
 
     The pick mirrors kvlink.budget.plan: among the configs of the planner's search space
     (kvlink.budget.plannable) whose measured mean wire fraction fits the budget, the highest
-    expected quality from `table` (a QualityTable; ties go to the smaller message). The frontier is the measured one (mean `quality` vs mean wire
+    expected quality from `table` (a QualityTable, looked up at the row's mean context length; ties go to the
+    smaller message). The frontier is the measured one (mean `quality` vs mean wire
     fraction over all configs of `task`). Each result: budget, pick, its fraction and
     measured quality, on_frontier, and the best measured config that fits (for comparison).
     """
@@ -237,13 +244,16 @@ def planner_check(
             result.update(pick=None, on_frontier=False, note="no measured config the planner weighs fits")
             out.append(result)
             continue
-        pick = max(planned, key=lambda r: (table.expected(_row_config(r)), -r["wire_frac"]["mean"]))
+        pick = max(
+            planned,
+            key=lambda r: (table.expected(_row_config(r), tokens=_row_tokens(r)), -r["wire_frac"]["mean"]),
+        )
         best = max(fits, key=lambda r: (r[quality]["mean"], -r["wire_frac"]["mean"]))
         result.update(
             pick=pick["config"],
             pick_fraction=pick["wire_frac"]["mean"],
             pick_quality=pick[quality]["mean"],
-            expected_quality=table.expected(_row_config(pick)),
+            expected_quality=table.expected(_row_config(pick), tokens=_row_tokens(pick)),
             on_frontier=pick["config"] in on,
             best=best["config"],
             best_quality=best[quality]["mean"],
@@ -422,7 +432,13 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if not paths:
         raise ValueError("no quality results given")
-    runs = [load_results(p) for p in paths]
+    return merge_runs([load_results(p) for p in paths])
+
+
+def merge_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """merge_results of runs already loaded (load_results)."""
+    if not runs:
+        raise ValueError("no quality results given")
     prints = {r.get("meta", {}).get("fingerprint") for r in runs}
     if len(prints) > 1:
         raise ValueError(
