@@ -139,11 +139,17 @@ class StreamResult:
 
 
 def kv_options(
-    fingerprint: str, model_name: str, capabilities: frozenset[str], geometry: Geometry, min_quality: float
+    fingerprint: str,
+    model_name: str,
+    capabilities: frozenset[str],
+    geometry: Geometry,
+    min_quality: float,
+    tokens: int | None = None,
 ) -> list[Option]:
     """FP16 and the quality table's configs that encode a segment alone (kvlink.stream.segmentable), that
     the receiver decodes and whose expected quality is at least `min_quality`: the frontier of quality
-    against bits (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table."""
+    against bits (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table.
+    tokens: the context's length (the table's bucket for it)."""
     table = QualityTable.for_model(fingerprint, model_name)
     names = list(table.entries) if table.entries else list(PINNED)
     found: list[Option] = []
@@ -154,7 +160,7 @@ def kv_options(
             continue
         if name == "fp16" or not segmentable(recipe) or missing(recipe, capabilities):
             continue
-        quality = table.expected(recipe, geometry.head_dim) if table.entries else float("nan")
+        quality = table.expected(recipe, geometry.head_dim, tokens=tokens) if table.entries else float("nan")
         if table.entries and quality < min_quality:
             continue
         found.append(recipe_option(recipe, quality))
@@ -239,7 +245,7 @@ async def send_streamed(
         if receiver is None:
             logger.warning("the receiver advertises no measured costs: assuming %s", ASSUMED_COSTS)
             receiver = ASSUMED_COSTS
-        choices = kv_options(lm.fingerprint, lm.name, welcome.capabilities, g, min_quality)
+        choices = kv_options(lm.fingerprint, lm.name, welcome.capabilities, g, min_quality, n_ctx)
         if "segment:text" in welcome.capabilities:
             choices.insert(0, text_option())
         if allowed is not None:
