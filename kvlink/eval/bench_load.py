@@ -294,9 +294,11 @@ def _stats(values: list[float]) -> dict[str, float | int | None]:
 
 
 def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace, contexts: list[Prepared],
-           prep_s: float, receiver: dict[str, Any] | None, target: str | list[str], started_here: bool) -> dict[str, Any]:  # fmt: skip
+           prep_s: float, receiver: dict[str, Any] | None, target: str | list[str], started_here: bool,
+           load: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One run's figures (the module docstring lists them). receiver: the receiver's statistics after the
-    run; over several targets, {"replicas": [each one's], "fleet": the fleet-wide section}."""
+    run; over several targets, {"replicas": [each one's], "fleet": the fleet-wide section}. load: the
+    host's 1-minute load average before and after the run (other work on a shared machine shows there)."""
     done = [o for o in outcomes if o.ok]
     transferred = [o for o in outcomes if o.wire_bytes]
     targets = [target] if isinstance(target, str) else list(target)
@@ -325,7 +327,8 @@ def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace, con
         "prepare_s": prep_s, "receiver": receiver, "target": target if isinstance(target, str) else targets,
         "receiver_started_here": started_here,
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "device": args.device},
+                 "device": args.device,
+                 "loadavg_1m": None if load is None else {"before": load[0], "after": load[1]}},
     }  # fmt: skip
     return out
 
@@ -437,10 +440,12 @@ def main(argv: list[str] | None = None) -> int:
                 n = len(run.targets)
                 asyncio.run(run_load(run.targets, lm, contexts, n, args.warmup * n, args.max_new_tokens,
                                      args.timeout, token))  # fmt: skip
+            load_before = os.getloadavg()[0]
             outcomes, wall_s = asyncio.run(
                 run_load(run.targets, lm, contexts, args.senders, args.messages, args.max_new_tokens,
                          args.timeout, token)
             )  # fmt: skip
+            load = (load_before, os.getloadavg()[0])
             if len(run.targets) == 1:
                 receiver = receiver_stats(run.rests[0], token)
             else:
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             target = run.targets[0] if len(run.targets) == 1 else run.targets
             results[run.name] = report(
-                outcomes, wall_s, args, contexts, prep_s, receiver, target, not args.server
+                outcomes, wall_s, args, contexts, prep_s, receiver, target, not args.server, load
             )
     if set(results) == {"single"}:
         result = results["single"]  # one receiver: the report itself, as before fleets
