@@ -56,9 +56,11 @@ def lm() -> LoadedModel:
 
 
 @contextlib.asynccontextmanager
-async def receiver(lm: LoadedModel, **kwargs: Any) -> AsyncIterator[tuple[str, KVLinkService]]:
+async def receiver(
+    lm: LoadedModel, service_class: type[KVLinkService] = KVLinkService, **kwargs: Any
+) -> AsyncIterator[tuple[str, KVLinkService]]:
     kwargs.setdefault("costs", COSTS)
-    service = KVLinkService(lm, SessionStore(), MetricsRegistry(), **kwargs)
+    service = service_class(lm, SessionStore(), MetricsRegistry(), **kwargs)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -272,3 +274,47 @@ def test_planner_prefers_text_on_a_slow_link_and_kv_on_a_fast_one(lm: LoadedMode
     tight = Planner(g, bounds, options, sum(planner.bytes_of(text_option(), i) for i in range(len(bounds))))
     assert all(tight.choose(i, fast, spent=sum(tight.bytes_of(text_option(), j) for j in range(i)))[0].text
                for i in range(len(bounds)))  # fmt: skip
+
+
+async def test_a_segmented_context_sent_to_one_replica_is_answered_by_another(lm: LoadedModel) -> None:
+    """Two replicas on one real redis-server: replica A stores the segments' messages (text and KV) as
+    one context; replica B fetches them, verifies each and rebuilds the cache A holds, and answers."""
+    from kvlink.server.fleet import FleetService
+    from kvlink.server.local import LocalRedis
+    from kvlink.server.shared import SharedStore
+
+    redis = LocalRedis()
+    try:
+        redis.wait_ready()
+        pre = _read(lm)
+        g, n = lm.geometry, pre.kv.length
+        bounds = segment_bounds(n, n // 3 + 1)
+        kinds = [text_option(), recipe_option(Recipe.from_name("kint8c/vint8t-g32"), 1.0), text_option()]
+        stream_id, session = uuid.uuid4().hex, "s"
+        shared = [SharedStore.from_url(redis.url()) for _ in range(2)]
+        async with (
+            receiver(lm, service_class=FleetService, shared=shared[0]) as (target_a, a),
+            receiver(lm, service_class=FleetService, shared=shared[1]) as (target_b, b),
+            grpc.aio.insecure_channel(target_a) as channel,
+        ):
+            for i, ((start, stop), option) in enumerate(zip(bounds, kinds, strict=True)):
+                ids = tuple(int(t) for t in pre.context_ids[start:stop]) if option.text else ()
+                seg = wire.Segment(stream_id, i, start, n, last=i == len(bounds) - 1, token_ids=ids)
+                if option.text:
+                    frames = wire.text_frames(session, uuid.uuid4().hex, lm.fingerprint, g, seg)
+                else:
+                    encoded = encode_segment(pre, Scores(pre), option, g, start, stop)
+                    frames = wire.to_frames(encoded, session, uuid.uuid4().hex, lm.fingerprint, 1 << 20, seg)
+                await transfer(channel, frames)
+            held = a.store.get(OWNER, session, stream_id)
+            assert held is not None
+            async with grpc.aio.insecure_channel(target_b) as other:
+                answer = await ask(other, wire.Ask(session, stream_id, QUESTION, 8))
+            fetched = b.store.get(OWNER, session, stream_id)
+            assert fetched is not None and answer.token_ids
+            for layer in range(held.num_layers):
+                assert torch.equal(fetched.positions[layer], held.positions[layer])
+                torch.testing.assert_close(fetched.keys[layer], held.keys[layer], rtol=0, atol=0)
+                torch.testing.assert_close(fetched.values[layer], held.values[layer], rtol=0, atol=0)
+    finally:
+        redis.stop()

@@ -24,18 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
 import grpc
+import torch
 
 from kvlink import wire
 from kvlink.cache import ContextKV
-from kvlink.codec import EncodedKV
+from kvlink.codec import Codec, EncodedKV
 from kvlink.metrics import MessageRecord
 from kvlink.server.guard import Identity
-from kvlink.server.service import KVLinkService, Refused, _Call
+from kvlink.server.service import KVLinkService, Refused, _Call, _Stream
 from kvlink.server.shared import SharedStore, StoreUnavailable, check_url
+from kvlink.server.store import StoreBusy
+from kvlink.stream import join, recompute, shifted
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ def _unavailable(exc: StoreUnavailable, consequence: str) -> Refused:
 
 class FleetService(KVLinkService):
     """KVLinkService over a SharedStore (`shared`); the other arguments are KVLinkService's."""
+
+    shares_segments = True
 
     def __init__(self, *args: Any, shared: SharedStore, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,8 +80,32 @@ class FleetService(KVLinkService):
         raise wire.WireError(UNAVAILABLE, reason)
 
     async def _share(self, call: _Call, encoded: EncodedKV, record: MessageRecord) -> None:
-        owner, session_id, message_id = call.who.name, record.session_id, record.message_id
-        frames = await asyncio.to_thread(self._frames, encoded, session_id, message_id)
+        frames = await asyncio.to_thread(self._frames, encoded, record.session_id, record.message_id)
+        await self._put_shared(call.who.name, frames, record)
+
+    async def _share_stream(self, stream: _Stream, record: MessageRecord) -> None:
+        """A segmented context: its segments' messages, one after the other, stored as one (a replica
+        that fetches it verifies each and decodes or recomputes them in order, as the receiver did)."""
+
+        def framed() -> list[bytes]:
+            out: list[bytes] = []
+            for segment, segment_id, encoded in stream.messages:
+                if encoded is None:
+                    frames = wire.text_frames(
+                        stream.session_id, segment_id, self.lm.fingerprint, self.lm.geometry, segment
+                    )
+                else:
+                    frames = wire.to_frames(
+                        encoded, stream.session_id, segment_id, self.lm.fingerprint,
+                        self.limits.max_chunk_bytes, segment,
+                    )  # fmt: skip
+                out += [f.SerializeToString() for f in frames]
+            return out
+
+        await self._put_shared(stream.owner, await asyncio.to_thread(framed), record)
+
+    async def _put_shared(self, owner: str, frames: list[bytes], record: MessageRecord) -> None:
+        session_id, message_id = record.session_id, record.message_id
         facts = {
             "owner": owner, "session_id": session_id, "message_id": message_id,
             "fingerprint": self.lm.fingerprint, "config": record.config_label, "family": record.family,
@@ -166,6 +196,12 @@ class FleetService(KVLinkService):
             raise _unavailable(exc, f"message {message_id!r} could not be read") from None
         if frames is None:  # dropped meanwhile
             return None
+        if (
+            frames
+            and wire.frame_kind(frames[0]) == "header"
+            and wire.parse_frame(frames[0]).header.HasField("segment")
+        ):
+            return await self._fetch_segments(who, session_id, frames, message_id)
         asm = wire.Assembler(
             self.lm.fingerprint, self.lm.geometry, self.stored_limits, self.capabilities, self.profile_hashes
         )
@@ -197,6 +233,98 @@ class FleetService(KVLinkService):
             )
         encoded, _ = asm.finish()
         return encoded
+
+    async def _fetch_segments(
+        self, who: Identity, session_id: str, frames: list[bytes], message_id: str
+    ) -> ContextKV:
+        """A stored segmented context: every segment verified like a peer's message, then decoded (KV)
+        or recomputed after the ones before it (text), in order, within this replica's memory budget."""
+        try:
+            segments = await asyncio.to_thread(self._verify_segments, frames, session_id, message_id)
+        except wire.WireError as err:
+            refused = Refused(
+                err.status_code, err.code,
+                f"the shared store's copy of context {message_id!r} failed verification and is refused: "
+                f"{err.message}",
+            )  # fmt: skip
+            logger.warning("%s", refused.message)
+            raise refused from None
+        g, dtype = self.lm.geometry, self.lm.dtype
+        total = segments[-1][0].total_length
+        cost = 2 * (
+            g.fp16_bytes(total) // 2 * torch.empty((), dtype=dtype).element_size() + 8 * total * g.num_layers
+        )
+        try:
+            held = self.store.reserve(cost, who.name)
+        except (StoreBusy, ValueError) as exc:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "BUSY", f"context {message_id!r}: {exc}"
+            ) from None
+
+        def rebuild() -> ContextKV:
+            parts: list[ContextKV] = []
+            for segment, encoded in segments:
+                if segment.text:
+                    prefix = join(parts, segment.start) if parts else None
+                    ids = torch.tensor(segment.token_ids, dtype=torch.long)
+                    with self.forwards:
+                        parts.append(recompute(self.lm.model, prefix, ids, segment.start))
+                else:
+                    decoded = Codec(encoded.recipe, g).decode(encoded, self.lm.device, dtype)
+                    parts.append(shifted(decoded, segment.start, segment.start + encoded.length))
+            return join(parts, total)
+
+        try:
+            started = time.perf_counter()
+            kv = await asyncio.to_thread(rebuild)
+            self.store.put(who.name, session_id, message_id, kv, f"segments x{len(segments)}", held)
+        except ValueError as exc:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_LARGE", str(exc)) from None
+        finally:
+            held.release()  # a no-op once the store took it
+        logger.info(
+            "context %r of %s (%d segments) fetched from the shared store, verified and rebuilt in %.3f s",
+            message_id, who.name, len(segments), time.perf_counter() - started,
+        )  # fmt: skip
+        return kv
+
+    def _verify_segments(
+        self, frames: list[bytes], session_id: str, message_id: str
+    ) -> list[tuple[wire.Segment, EncodedKV]]:
+        """Each segment's frames through a fresh Assembler (WireError as for a peer's message), and the
+        segments against each other: this context's, numbered 0, 1, ..., contiguous, the last one last."""
+        out: list[tuple[wire.Segment, EncodedKV]] = []
+        asm: wire.Assembler | None = None
+        frames.reverse()
+        while frames:
+            raw = frames.pop()
+            if wire.frame_kind(raw) == "header":
+                if asm is not None:
+                    raise wire.WireError("CORRUPT", f"segment {len(out)} ends before its trailer")
+                asm = wire.Assembler(
+                    self.lm.fingerprint, self.lm.geometry, self.stored_limits, self.capabilities,
+                    self.profile_hashes,
+                )  # fmt: skip
+            if asm is None:
+                raise wire.WireError("CORRUPT", "a stored segment's frames come before its header")
+            asm.feed_raw(raw)
+            if asm.complete:
+                encoded, _ = asm.finish()
+                segment = asm.segment
+                start = out[-1][0].start + out[-1][1].length if out else 0
+                if (
+                    segment is None or segment.stream_id != message_id or segment.index != len(out)
+                    or segment.start != start or asm.session_id != session_id
+                    or (out and segment.total_length != out[0][0].total_length) or (out and out[-1][0].last)
+                ):  # fmt: skip
+                    raise wire.WireError(
+                        "CORRUPT", f"stored segment {len(out)} does not continue its context"
+                    )
+                out.append((segment, encoded))
+                asm = None
+        if asm is not None or not out or not out[-1][0].last:
+            raise wire.WireError("TRUNCATED", "the stored context ends before its last segment")
+        return out
 
     async def _keep(
         self, who: Identity, asm: wire.Assembler, encoded: EncodedKV, session_id: str, message_id: str

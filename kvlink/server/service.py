@@ -147,6 +147,8 @@ class _Stream:
     held: list[Reservation] = field(default_factory=list)
     receipts: list[wire.Receipt] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    # (segment, its message id, its encoded KV or None for text), kept only for a fleet's shared store
+    messages: list[tuple[wire.Segment, str, EncodedKV | None]] = field(default_factory=list)
     next_index: int = 0
     next_start: int = 0
     touched: float = field(default_factory=time.monotonic)
@@ -155,6 +157,7 @@ class _Stream:
     def drop(self, why: str) -> None:
         self.failed = self.failed or why
         self.parts.clear()
+        self.messages.clear()
         for held in self.held:
             held.release()
         self.held.clear()
@@ -174,6 +177,8 @@ class KVLinkService:
     transfers in flight may hold together. admission_wait_s: how long a complete message waits for
     room in the store's budget before it is refused BUSY.
     """
+
+    shares_segments = False  # a fleet's replica keeps each segment's message to store the context whole
 
     def __init__(
         self,
@@ -607,20 +612,27 @@ class KVLinkService:
                 call.decoding = None
             stream.parts.append(kv)
             stream.labels.append(label)
+            if self.shares_segments:
+                stream.messages.append(
+                    (segment, call.asm.message_id or "", None if segment.text else encoded)
+                )
             sealed, signal = wire.receipt_signal(replace(receipt, timings=timings))
             stream.receipts.append(sealed)
             stream.next_index += 1
             stream.next_start = stop
             stream.touched = time.monotonic()
             if segment.last:
-                self._commit(stream)
+                await self._commit(stream)
             return signal
         except BaseException as exc:
             reason = exc.message if isinstance(exc, wire.WireError) else type(exc).__name__
             self._drop_stream(key, f"segment {segment.index} failed: {reason}")
             raise
 
-    def _commit(self, stream: _Stream) -> None:
+    async def _share_stream(self, stream: _Stream, record: MessageRecord) -> None:
+        """Before a segmented context is kept here: its segments' messages into the shared store."""
+
+    async def _commit(self, stream: _Stream) -> None:
         """The last segment is in: the context is stored whole and becomes answerable."""
         key = (stream.owner, stream.stream_id)
         kv = join(stream.parts, stream.total_length)
@@ -652,9 +664,12 @@ class KVLinkService:
                                        owner=stream.owner),
             config_label=label,
         )  # fmt: skip
+        await self._share_stream(stream, record)
+        stream.messages.clear()
         try:
             self.store.put(stream.owner, stream.session_id, stream.stream_id, kv, label)
         except ValueError as exc:
+            self._unshare(stream.owner, stream.stream_id)
             raise wire.WireError("TOO_LARGE", str(exc)) from None
         self.metrics.record_message(record)
         logger.info(
