@@ -12,6 +12,7 @@
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
     POST /v1/messages/{id}/ask   a follow-up question about the caller's own context (as gRPC Ask)
     DELETE /v1/messages/{id}     free the caller's own context now (as gRPC Release); the record stays
+    GET /v1/limits               what the receiver accepts and holds (to an operator, its global caps too)
     GET /metrics                 Prometheus text format (operators only: it covers every identity)
     GET /docs, /redoc            Swagger UI and ReDoc, served from the installed package (no CDN)
     GET /openapi.json            OpenAPI 3.1, with a typed model of every response (kvlink.server.schemas)
@@ -339,6 +340,13 @@ def create_app(service: KVLinkService) -> FastAPI:
         except Refused as refused:
             raise HTTPException(_http_status(refused.status, refused.code), refused.message) from None
         return {"message_id": message_id, "freed_bytes": freed}
+
+    @app.get("/v1/limits", summary="What the receiver accepts and holds", response_model=schemas.Limits)
+    def limits(request: Request) -> dict[str, Any]:
+        """Its limit flags: those that bind every caller (message size, context and answer lengths,
+        timeouts, one identity's share of the decoded contexts); to an operator, the receiver-wide caps
+        too. shared_store says whether /v1/stats?scope=fleet answers."""
+        return service.limit_settings(_who(request).operator)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics(request: Request) -> Response:
