@@ -161,6 +161,16 @@ def test_the_makefile_installs_every_extra_the_tests_use() -> None:
     assert torch_at < project_at, "torch is installed first"
 
 
+def test_the_makefile_installs_the_programs_the_tests_start() -> None:
+    """`make test` runs every test from nothing: Redis for the fleet tests, chromium for the browser tests."""
+    makefile = (ROOT / "Makefile").read_text()
+    prerequisites = re.search(r"^pytest:([^\n]*)$", makefile, re.M)
+    assert prerequisites is not None, "no pytest target"
+    assert {"install", "redis-server", "chromium"} <= set(prerequisites[1].split()), prerequisites[0]
+    assert re.search(r"^chromium:\n(\t[^\n]*\n)*\t[^\n]*apt-get install [^\n]*\bchromium\b", makefile, re.M)
+    assert re.search(r"^test-browser: install chromium\n\t[^\n]*pytest [^\n]*-m browser", makefile, re.M)
+
+
 def test_the_images_install_the_serve_extras() -> None:
     for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
         text = (ROOT / "deploy" / name).read_text()
