@@ -49,6 +49,17 @@
   const svg = (tag, attrs, ...children) => build(SVG_NS, tag, attrs, children);
   const $ = (id) => document.getElementById(id);
 
+  // A config label, breakable after each "+" and "/" of its grammar (never inside a token).
+  function configLabel(label) {
+    const code = el("code", {});
+    label.split(/(?<=[+/])/).forEach((part, i) => {
+      if (i) code.append(el("wbr", {}));
+      code.append(part);
+    });
+    return code;
+  }
+  const shortId = (id) => (id.length > 14 ? `${id.slice(0, 12)}…` : id);
+
   // --- formatting ---------------------------------------------------------------------------------
   function fmtBytes(n) {
     if (n === null || n === undefined) return "–";
@@ -62,6 +73,7 @@
     return unit === 0 ? `${value} B` : `${value.toFixed(value >= 100 ? 0 : 1)} ${units[unit]}`;
   }
   const fmtInt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
+  const count = (n, noun) => `${fmtInt(n)} ${noun}${n === 1 ? "" : "s"}`;
   const fmtPct = (p) => (p === null || p === undefined ? "–" : `${p.toFixed(p < 10 ? 2 : 1)}%`);
   const fmtRatio = (r) => (r === null || r === undefined ? "–" : `${r.toFixed(1)}×`);
   const fmtScore = (s) => (s === null || s === undefined ? "–" : s.toFixed(2));
@@ -89,17 +101,19 @@
   function tokenFromFragment() {
     const fragment = window.location.hash.replace(/^#/, "");
     let token = null;
+    let given = false;
     for (const part of fragment.split("&")) {
       const eq = part.indexOf("=");
       if (eq > 0 && part.slice(0, eq) === "token") {
+        given = true;
         try {
-          token = decodeURIComponent(part.slice(eq + 1).replace(/\+/g, " ")).trim();
+          token = decodeURIComponent(part.slice(eq + 1)).trim(); // not form encoding: a "+" stays a "+"
         } catch (err) {
           token = null;
         }
       }
     }
-    if (fragment) {
+    if (given) {
       // Out of the address bar (and so out of history and bookmarks): the token lives in this tab only.
       window.history.replaceState(null, "", window.location.pathname + window.location.search);
     }
@@ -291,7 +305,7 @@
       ["% of FP16", fmtPct(stats.fp16_bytes ? (100 * wire) / stats.fp16_bytes : null)],
       ["compression", fmtRatio(stats.compression_ratio)],
       ["F1 (latest scored)", fmtScore(f1), `${scored.length} scored answers among the latest messages`],
-      ["errors", fmtInt(Object.values(stats.errors).reduce((s, n) => s + n, 0))],
+      ["refusals", fmtInt(Object.values(stats.errors).reduce((s, n) => s + n, 0))],
     ];
     $("totals").replaceChildren(
       ...items.map(([label, value, title]) =>
@@ -325,7 +339,7 @@
 
     // Drawn at the panel's own width, so that text keeps its size whatever the window's.
     const W = Math.max(480, Math.round($("plot").clientWidth || 760));
-    const H = 280;
+    const H = 250;
     const m = { left: 56, right: 16, top: 12, bottom: 42 };
     const plotW = W - m.left - m.right;
     const plotH = H - m.top - m.bottom;
@@ -443,7 +457,7 @@
         return el(
           "tr",
           { "data-config": label },
-          el("td", { class: "config" }, el("code", {}, label)),
+          el("td", { class: "config" }, configLabel(label)),
           el("td", {}, el("span", { class: `swatch ${familyClass(family)}` }), family),
           el("td", { class: "num" }, fmtInt(g.messages)),
           el("td", { class: "num" }, fmtInt(g.questions)),
@@ -520,12 +534,12 @@
         el(
           "td",
           {},
-          el("code", { title: m.message_id }, m.message_id.length > 14 ? `${m.message_id.slice(0, 12)}…` : m.message_id),
+          el("code", { title: m.message_id }, shortId(m.message_id)),
           el("span", { class: "sub" }, `at ${fmtTime(m.received_at)}`),
-          el("span", { class: "sub", title: "session" }, `session ${m.session_id}`),
+          el("span", { class: "sub", title: m.session_id }, `session ${shortId(m.session_id)}`),
           info.operator ? el("span", { class: "sub" }, `from ${m.owner}`) : null,
         ),
-        el("td", { class: "config" }, el("code", {}, m.config_label), el("span", { class: "sub" }, m.family)),
+        el("td", { class: "config" }, configLabel(m.config_label), el("span", { class: "sub" }, m.family)),
         el("td", { class: "num" }, `${fmtInt(m.length)} tok`, el("span", { class: "sub" }, `${fmtInt(m.kept)} kept`)),
         el(
           "td",
@@ -584,11 +598,11 @@
         ["messages stored", fmtInt(fleet.messages)],
         ["wire bytes", fmtBytes(fleet.bytes.total), `${fmtInt(fleet.bytes.total)} B`],
         ["compression", fmtRatio(fleet.compression_ratio)],
-        ["held now", `${fmtInt(held.messages)} messages, ${withCap(held.bytes, held.max_bytes)}`],
+        ["held now", `${count(held.messages, "message")}, ${withCap(held.bytes, held.max_bytes)}`],
         ["evicted", held.evicted === undefined ? null : fmtInt(held.evicted)],
         ["expired", held.expired === undefined ? null : fmtInt(held.expired)],
         ["released", held.released === undefined ? null : fmtInt(held.released)],
-        ...Object.entries(fleet.families || {}).map(([family, f]) => [family, `${fmtInt(f.messages)} messages, ${fmtBytes(f.bytes.total)}`]),
+        ...Object.entries(fleet.families || {}).map(([family, f]) => [family, `${count(f.messages, "message")}, ${fmtBytes(f.bytes.total)}`]),
       ]);
     } else {
       $("fleet").replaceChildren();
