@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.kvlink-installed
 PROTO_OUT := kvlink/_proto/kvlink_pb2.py
 
-.PHONY: install proto test lint typecheck pytest demo fuzz bench-kernels clean redis-server
+.PHONY: install proto test lint typecheck pytest demo fuzz bench-kernels clean redis-server chromium test-browser
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -36,7 +36,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install redis-server
+pytest: install redis-server chromium
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
 # tests/test_store_redis.py starts a real Redis on a free loopback port: Debian's redis-server (or a
@@ -51,6 +51,20 @@ redis-server:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || { \
 	  echo "make: redis-server is still not on PATH after apt-get" >&2; exit 1; }
+
+# tests/test_dashboard.py loads the receiver's dashboard in a headless browser (marker `browser`, ~25 s):
+# Debian's chromium, and a font for its text, installed once like redis-server above; a no-op when present.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "make: no chromium on PATH and no apt-get: install Chromium" >&2; exit 1; }; \
+	  echo "installing chromium (apt-get)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { echo "make: chromium is still not on PATH after apt-get" >&2; exit 1; }
+
+# The browser tests alone (they also run in `make test`).
+test-browser: install chromium
+	$(VENV)/bin/pytest -q -m browser tests/test_dashboard.py
 
 test: lint typecheck pytest
 

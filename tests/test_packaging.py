@@ -1,5 +1,6 @@
 """Packaging: the core library needs none of the extras' packages; pyproject's extras name them; the
-Makefile and the images install the extras they run.
+Makefile and the images install the extras they run; the wheel carries the package data (the
+dashboard's files, the data tables).
 
 The core (the library, kvlink-send, kvlink-ask) installs with `pip install kvlink`; `kvlink[serve]` adds
 the receiver's REST side (FastAPI, uvicorn, Swagger assets, Prometheus); `kvlink[bench]` adds kvlink-bench's
@@ -160,6 +161,16 @@ def test_the_makefile_installs_every_extra_the_tests_use() -> None:
     assert torch_at < project_at, "torch is installed first"
 
 
+def test_the_makefile_installs_the_programs_the_tests_start() -> None:
+    """`make test` runs every test from nothing: Redis for the fleet tests, chromium for the browser tests."""
+    makefile = (ROOT / "Makefile").read_text()
+    prerequisites = re.search(r"^pytest:([^\n]*)$", makefile, re.M)
+    assert prerequisites is not None, "no pytest target"
+    assert {"install", "redis-server", "chromium"} <= set(prerequisites[1].split()), prerequisites[0]
+    assert re.search(r"^chromium:\n(\t[^\n]*\n)*\t[^\n]*apt-get install [^\n]*\bchromium\b", makefile, re.M)
+    assert re.search(r"^test-browser: install chromium\n\t[^\n]*pytest [^\n]*-m browser", makefile, re.M)
+
+
 def test_the_images_install_the_serve_extras() -> None:
     for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
         text = (ROOT / "deploy" / name).read_text()
@@ -242,3 +253,33 @@ def test_kvlink_bench_and_the_demo_import_only_core_and_bench_dependencies() -> 
         ROOT / "kvlink" / "server" / "local.py",
     ]
     _check(paths, [*_core(), *_extra("bench")], OPTIONAL)
+
+
+# --- the wheel carries the package data ---------------------------------------------------------------------
+def test_the_wheel_ships_the_dashboard_and_the_data(tmp_path: Path) -> None:
+    """A wheel built from the sources pyproject names holds the dashboard's page, script, style and icon
+    (kvlink-serve serves them at /) and the data files, as a `pip install` from it would put them."""
+    pytest.importorskip("setuptools")
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*_pb2*")
+    shutil.copytree(ROOT / "kvlink", src / "kvlink", ignore=skip)
+    shutil.copytree(ROOT / "proto", src / "proto", ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(src)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("kvlink-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = ROOT / "kvlink" / "server" / "static"
+    assets = {f"kvlink/server/static/{p.name}" for p in static.iterdir()}
+    assert {"kvlink/server/static/index.html", "kvlink/server/static/dashboard.js"} <= assets
+    assert assets <= names, sorted(assets - names)
+    data = {str(p.relative_to(ROOT)) for p in (ROOT / "kvlink" / "data").rglob("*.json")}
+    assert data and data <= names, sorted(data - names)

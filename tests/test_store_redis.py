@@ -330,11 +330,15 @@ def test_fleet_stats_need_a_store_and_say_so(url: str) -> None:
         assert reply.status_code == 400 and "--store redis://" in reply.json()["detail"]
         assert http.get("/v1/stats", params={"scope": "everything"}).status_code == 422
         assert "fleet" not in http.get("/v1/stats").json()
+        assert http.get("/v1/limits").json()["shared_store"] is False  # what the dashboard asks first
     shared = SharedStore.from_url(url)
     shared.put("alice", "s", "m1", _frames(2, 100), {}, "q2c/k4v4", {"total": 150, "fp16_bytes": 600})
     fleet = FleetService(lm, SessionStore(), MetricsRegistry(), shared=shared)
     with TestClient(create_app(fleet)) as http:
         section = http.get("/v1/stats", params={"scope": "fleet"}).json()["fleet"]
+        limits = http.get("/v1/limits").json()
+    assert limits["shared_store"] is True and limits["store_max_bytes"] == shared.max_bytes
+    assert limits["store_max_bytes_per_identity"] == shared.owner_max_bytes
     assert section["messages"] == 1 and section["compression_ratio"] == 4.0
     assert section["families"]["q2c/k4v4"]["stored_bytes"] == 200 and section["store"] == url
 

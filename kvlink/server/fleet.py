@@ -359,6 +359,12 @@ class FleetService(KVLinkService):
         logger.info("released message %r of %s in the fleet", message_id, who.name)
         return (stored or 0) + (local or 0)
 
+    def _shared_settings(self, operator: bool) -> dict[str, Any]:
+        return {
+            "shared_store": True, "store_max_bytes": self.shared.max_bytes if operator else None,
+            "store_max_bytes_per_identity": self.shared.owner_max_bytes,
+        }  # fmt: skip
+
     def fleet_stats(self, owner: str | None) -> dict[str, Any]:
         try:
             return self.shared.stats(owner)

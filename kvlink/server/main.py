@@ -601,7 +601,7 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     purge = asyncio.create_task(_purge_loop(store, min(args.session_ttl / 4, 30.0)))
     logger.info(
         "kvlink-serve ready: model %s (fingerprint %s) on %s; gRPC %s:%d (%s, %s)%s; REST http://%s:%d "
-        "(docs at /docs); limits: %d calls, %d per peer, %s cached, %s per message, "
+        "(dashboard at /, docs at /docs); limits: %d calls, %d per peer, %s cached, %s per message, "
         "%d answer tokens, %g s stall timeout",
         lm.name, lm.fingerprint[:12], lm.device, args.host, port,
         "mutual TLS" if security.client_ca else "TLS" if security.tls else "plaintext",

@@ -12,7 +12,11 @@
     GET /v1/messages/{id}        one record (404 if unknown, or another identity's)
     POST /v1/messages/{id}/ask   a follow-up question about the caller's own context (as gRPC Ask)
     DELETE /v1/messages/{id}     free the caller's own context now (as gRPC Release); the record stays
+    GET /v1/limits               what the receiver accepts and holds (to an operator, its global caps too)
     GET /metrics                 Prometheus text format (operators only: it covers every identity)
+    GET /                        the operator's dashboard: a page (kvlink/server/static/) that reads the
+                                 paths above with the token it is given; open, as are its files under
+                                 /static/dashboard, which hold no data (CSP: its own files only)
     GET /docs, /redoc            Swagger UI and ReDoc, served from the installed package (no CDN)
     GET /openapi.json            OpenAPI 3.1, with a typed model of every response (kvlink.server.schemas)
 
@@ -25,10 +29,11 @@ it or frees it (another identity's attempt is 404, and frees nothing), the
 question counts against the same call limits and takes its turn on the model
 forward by forward.
 
-Every path but /healthz is answered for an identity (kvlink.server.guard): with tokens,
-it is the one whose `Authorization: Bearer <token>` the request carries (401
-without one, with a wrong one, or with two Authorization headers, as on gRPC);
-without tokens, REST serves one anonymous operator (it binds loopback by default).
+Every path but /healthz and the dashboard's files is answered for an identity
+(kvlink.server.guard): with tokens, it is the one whose `Authorization: Bearer <token>`
+the request carries (401 without one, with a wrong one, or with two Authorization
+headers, as on gRPC); without tokens, REST serves one anonymous operator (it binds
+loopback by default).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,9 +64,21 @@ from kvlink.server.guard import Busy, Identity, Unauthorized
 from kvlink.server.service import KVLinkService, Refused
 
 OPEN_PATHS = frozenset({"/healthz"})
-"""Paths served without the bearer token: the probes' endpoint."""
+"""Paths served without the bearer token: the probes' endpoint (and the dashboard's, DASHBOARD_PATH)."""
 STATIC_PATH = "/static/docs"
 """Where the Swagger UI and ReDoc assets are served from (the fastapi-offline package's copies)."""
+DASHBOARD_PATH = "/static/dashboard"
+"""Where the dashboard's script, style and icon are served from (kvlink/server/static/, package data)."""
+DASHBOARD_ASSETS = Path(__file__).parent / "static"
+DASHBOARD_HEADERS = {
+    # Its own files only: no inline script or style, no other host; fetch() to this origin alone.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+"""Headers of the dashboard's page and files."""
 
 _HTTP_STATUS = {
     grpc.StatusCode.NOT_FOUND: 404,
@@ -184,10 +201,16 @@ def create_app(service: KVLinkService) -> FastAPI:
     app.state.exporter = exporter
     guard = service.guard
     _mount_docs(app)
+    _mount_dashboard(app)
 
     @app.middleware("http")
     async def identify(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
+        # The dashboard's page and files hold no data: its script asks the REST paths with the token.
+        if path == "/" or path.startswith(DASHBOARD_PATH + "/"):
+            response = await call_next(request)
+            response.headers.update(DASHBOARD_HEADERS)
+            return response
         # The docs' scripts and styles are public files of a package (a browser sends no token for them).
         if path in OPEN_PATHS or path.startswith(STATIC_PATH + "/"):
             return await call_next(request)
@@ -340,6 +363,13 @@ def create_app(service: KVLinkService) -> FastAPI:
             raise HTTPException(_http_status(refused.status, refused.code), refused.message) from None
         return {"message_id": message_id, "freed_bytes": freed}
 
+    @app.get("/v1/limits", summary="What the receiver accepts and holds", response_model=schemas.Limits)
+    def limits(request: Request) -> dict[str, Any]:
+        """Its limit flags: those that bind every caller (message size, context and answer lengths,
+        timeouts, one identity's share of the decoded contexts); to an operator, the receiver-wide caps
+        too. shared_store says whether /v1/stats?scope=fleet answers."""
+        return service.limit_settings(_who(request).operator)
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics(request: Request) -> Response:
         if not _who(request).operator:
@@ -347,6 +377,16 @@ def create_app(service: KVLinkService) -> FastAPI:
         return Response(generate_latest(exporter.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _mount_dashboard(app: FastAPI) -> None:
+    """The operator's page at / and its files: a plain script that reads the REST paths with the
+    bearer token the operator gives it (in the URL fragment, or typed), so serving them needs none."""
+    app.mount(DASHBOARD_PATH, StaticFiles(directory=DASHBOARD_ASSETS), name="dashboard-assets")
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD_ASSETS / "index.html", media_type="text/html")
 
 
 def _mount_docs(app: FastAPI) -> None:

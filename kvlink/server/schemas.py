@@ -102,6 +102,31 @@ class Stats(BaseModel):
     )
 
 
+class Limits(BaseModel):
+    """What the receiver accepts and holds (kvlink-serve's limit flags). The receiver-wide caps are an
+    operator's to see; other callers get null there, and the limits that bind them."""
+
+    max_message_bytes: int = Field(description="largest message (declared chunk data + positions)")
+    max_chunk_bytes: int
+    max_context_tokens: int = Field(description="longest context T (at most the model's positions)")
+    max_new_tokens: int = Field(description="longest answer (longer requests are clamped)")
+    max_question_tokens: int
+    max_references: int = Field(description="reference answers per question")
+    per_peer_concurrency: int = Field(description="Transfer and Ask calls in progress from one sender")
+    stall_timeout_s: float | None = Field(description="longest wait for a Transfer's next frame")
+    message_deadline_s: float | None = Field(description="longest a Transfer may take")
+    session_ttl_s: float = Field(description="seconds a decoded context is kept after its last use")
+    max_cached_bytes_per_identity: int = Field(description="what one identity's decoded contexts may hold")
+    max_cached_bytes: int | None = Field(description="decoded contexts and decodes in flight, all identities")
+    max_concurrent_sessions: int | None = Field(description="Transfer and Ask calls in progress, all senders")
+    max_buffered_bytes: int | None = Field(description="chunk data all transfers in flight may hold")
+    shared_store: bool = Field(description="replicas share a store (--store): /v1/stats?scope=fleet answers")
+    store_max_bytes: int | None = Field(description="what the shared store keeps, the whole fleet's")
+    store_max_bytes_per_identity: int | None = Field(
+        description="what one identity keeps in the shared store"
+    )
+
+
 class AskView(BaseModel):
     question: str
     answer: str

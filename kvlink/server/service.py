@@ -275,6 +275,27 @@ class KVLinkService:
             }  # fmt: skip
         return out
 
+    def limit_settings(self, operator: bool) -> dict[str, Any]:
+        """What this receiver accepts and holds (REST /v1/limits): the limits that bind every caller, and
+        to an operator the receiver-wide caps as well (None to others, as /v1/stats shows them the store)."""
+        limits, store = self.limits, self.store
+        return {
+            "max_message_bytes": limits.max_message_bytes, "max_chunk_bytes": limits.max_chunk_bytes,
+            "max_context_tokens": limits.max_length, "max_new_tokens": self.max_new_tokens,
+            "max_question_tokens": self.max_question_tokens, "max_references": limits.max_references,
+            "per_peer_concurrency": self.guard.per_peer, "stall_timeout_s": self.stall_timeout_s,
+            "message_deadline_s": self.message_deadline_s, "session_ttl_s": store.ttl_s,
+            "max_cached_bytes_per_identity": store.owner_max_bytes,
+            "max_cached_bytes": store.max_bytes if operator else None,
+            "max_concurrent_sessions": self.guard.max_calls if operator else None,
+            "max_buffered_bytes": self.buffers.max_bytes if operator else None,
+            **self._shared_settings(operator),
+        }  # fmt: skip
+
+    def _shared_settings(self, operator: bool) -> dict[str, Any]:
+        """The fleet's store, as limit_settings shows it: none here (kvlink.server.fleet has one)."""
+        return {"shared_store": False, "store_max_bytes": None, "store_max_bytes_per_identity": None}
+
     def reset_memory_peaks(self) -> dict[str, Any]:
         """Start new peaks of host and device memory; returns memory_stats() right after."""
         memory.reset_peak_rss()
