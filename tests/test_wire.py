@@ -218,7 +218,16 @@ def test_wire_generates_missing_stubs(tmp_path: Path) -> None:
     assert stub.is_file() and (stub.parent / "kvlink_pb2_grpc.py").is_file()
 
 
-WIRE_LAYERS = ("assembler", "grpc", "framing", "messages", "segments", "validation", "capabilities", "_common")
+WIRE_LAYERS = (
+    "assembler",
+    "grpc",
+    "framing",
+    "messages",
+    "segments",
+    "validation",
+    "capabilities",
+    "_common",
+)
 """kvlink.wire's modules, each importing only those after it (its docstring lists them so)."""
 
 
