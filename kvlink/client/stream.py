@@ -189,6 +189,7 @@ async def send_streamed(
     truncate: bool = False,
     on_stage: Stage | None = None,
     on_segment: Any = None,
+    prefilled: Prefill | None = None,
 ) -> StreamResult:
     """Send `context` in segments of `segment_tokens`, each as text, FP16 or a quality-table config,
     chosen to minimize the predicted time to first token within `budget` (of the FP16 size: every
@@ -196,7 +197,9 @@ async def send_streamed(
     every receipt; then ask `question`. fixed: send every segment as this option instead ("text",
     "fp16" or a config name: the static baselines; `budget` is then not applied). link_bps: the link rate to assume before the
     first receipt (else what `links` remembers of this receiver). on_segment(SegmentSent): told as
-    each segment's receipt arrives. Raises SendError when a call fails or the receiver does not take
+    each segment's receipt arrives. prefilled: the context's prefill when the sender already holds it
+    (kvlink.cache.prefill of the context and question with Observe.QUESTION, as this reads it): no
+    prefill is then on the path (a warm sender; kvlink-bench ttft). Raises SendError when a call fails or the receiver does not take
     segments, ValueError for a bad budget or when nothing fits it.
     """
     fraction = None if budget is None else parse_budget(budget)
@@ -215,6 +218,8 @@ async def send_streamed(
         truncate,
     )
     ctx_ids = ctx_ids[:n_ctx]
+    if prefilled is not None and prefilled.kv.length != n_ctx:
+        raise ValueError(f"the prefill given holds {prefilled.kv.length} tokens, the context has {n_ctx}")
     g = lm.geometry
     bounds = segment_bounds(n_ctx, segment_tokens)
     timings: dict[str, float] = {}
@@ -257,12 +262,14 @@ async def send_streamed(
         planner = Planner(g, bounds, choices, 1 << 62 if unbounded else int(fraction * fp16_bytes))
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
-        prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv else 0.0
+        prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
         costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
         predicted = planner.predict([planner.choose(i, costs)[0] for i in range(len(bounds))], costs).ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
         async def read() -> Prefill:
+            if prefilled is not None:
+                return prefilled
             rows = question_rows(lm.tokenizer, question)
             t = time.perf_counter()
             pre = await asyncio.to_thread(prefill, lm.model, ctx_ids, q_ids, Observe.QUESTION, 32, rows)
