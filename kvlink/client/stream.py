@@ -9,8 +9,9 @@ Three things run at once: the sender's prefill (in a worker thread, started befo
 chosen), a producer that chooses each segment's option just before it encodes it (with the link
 rate measured from the receipts so far: kvlink.stream.Planner.choose) and a writer that starts each
 segment's Transfer as soon as the one before has been written, not answered, so the receiver decodes
-segment i while segment i+1 is on the link. The producer runs at most one segment ahead of the link,
-so a link that slows down is followed within two segments.
+segment i while segment i+1 is on the link. The producer chooses segment i once segment i-2 is
+answered (MAX_IN_FLIGHT open at once; the planner's window), knowing what the segment still open
+holds of the link and the receiver, so a link that slows down is followed within two segments.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -259,12 +261,13 @@ async def send_streamed(
             choices = pinned
         fp16_bytes = g.fp16_bytes(n_ctx)
         unbounded = fraction is None or fixed is not None
-        planner = Planner(g, bounds, choices, 1 << 62 if unbounded else int(fraction * fp16_bytes))
+        budget_bytes = 1 << 62 if unbounded or fraction is None else int(fraction * fp16_bytes)
+        planner = Planner(g, bounds, choices, budget_bytes, window=MAX_IN_FLIGHT)
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
         costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
-        predicted = planner.predict([planner.choose(i, costs)[0] for i in range(len(bounds))], costs).ttft
+        predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
         async def read() -> Prefill:
@@ -284,17 +287,39 @@ async def send_streamed(
         sent: list[SegmentSent] = []
         encode = {"bps": costs.encode_bps}
         state = {"spent": 0}
+        chosen: list[Option] = []
+        began: dict[int, float] = {}  # segment -> when its Transfer began (perf_counter)
+        answered: dict[int, float] = {}  # segment -> when its receipt came
+        receipt = asyncio.Event()
+
+        def backlog(i: int, c: Costs, clock: float) -> dict[str, float]:
+            """When the link and the receiver are next free (seconds from `clock`) with segments ..i-1
+            sent: an answered one is done; the others cross the link from when their Transfer began (or
+            now), at the current estimate, and then take the receiver their predicted time."""
+            link_at, ready_at = -math.inf, max(answered.values(), default=t0)
+            for j in (j for j in range(i) if j not in answered):
+                on_link = 8 * planner.bytes_of(chosen[j], j) / c.link_bps
+                link_at = max(began.get(j, clock), link_at) + on_link
+                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, receiver)
+            return {"link_free": max(link_at - clock, 0.0), "ready": max(ready_at - clock, 0.0)}
 
         async def produce() -> None:
             scores: Scores | None = None
             for i, (a, b) in enumerate(bounds):
+                # Choose as late as the pipeline allows: once segments ..i-2 are answered (one on the link
+                # or decoding while this one is encoded), so that a change of the link is followed soon.
+                while i - len(answered) >= MAX_IN_FLIGHT:
+                    receipt.clear()
+                    await receipt.wait()
                 done = reading is None or reading.done()
-                now = time.perf_counter() - t0
+                clock = time.perf_counter()
+                now = clock - t0
                 c = Costs(
                     receiver, link.bps, encode["bps"], 0.0 if done else max(prefill_estimate - now, 0.0),
                     question_tokens=int(q_ids.numel()),
                 )  # fmt: skip
-                option, guess = planner.choose(i, c, spent=state["spent"])
+                option, guess = planner.choose(i, c, spent=state["spent"], **backlog(i, c, clock))
+                chosen.append(option)
                 state["spent"] += planner.bytes_of(option, i)
                 seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
                 segment = wire.Segment(
@@ -321,12 +346,15 @@ async def send_streamed(
             seg: SegmentSent, frames: list[wire.pb.TransferFrame], written: asyncio.Event
         ) -> None:
             deadline = timeout + 8 * sum(wire.frame_size(f) for f in frames) / 100e6
+            began[seg.index] = time.perf_counter()
             seg.transfer = await transfer(
                 channel, frames, timeout=deadline, metadata=meta, on_written=written.set
             )
             r = seg.transfer.receipt
             if link.add(r.total, r.timings.get("receive_s", 0.0)):
                 logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
+            answered[seg.index] = time.perf_counter()
+            receipt.set()
             if on_segment is not None:
                 on_segment(seg)
 
