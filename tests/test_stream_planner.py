@@ -96,3 +96,14 @@ def test_choose_without_a_window_chooses_as_before(link_bps: float, budget: int)
         new, old = planner.choose(i, costs, 0, **state), _old_choose(planner, i, costs, 0, **state)
         assert new[0] == old[0] and new[1].ttft == pytest.approx(old[1].ttft)
         assert new[1].wire_bytes == old[1].wire_bytes
+
+
+def test_recompute_costs_what_the_longer_prefill_costs_beyond_the_shorter() -> None:
+    costs = ReceiverCosts(((128, 400.0), (2048, 300.0)), 1e9, 0.01)
+    bounds = segment_bounds(2048, 256)
+    parts = [costs.recompute_s(a, b - a) for a, b in bounds]
+    assert sum(parts) == pytest.approx(costs.prefill_s(2048)) == pytest.approx(2048 / 300.0)
+    assert parts == sorted(parts) and parts[-1] > 256 / 300.0  # the last tokens attend to the most
+    assert costs.recompute_s(0, 100) == pytest.approx(100 / 400.0)
+    rising = ReceiverCosts(((128, 100.0), (512, 1000.0)), 1e9, 0.01)  # a rate climbing this steeply
+    assert rising.recompute_s(128, 384) == pytest.approx(384 / 1000.0)  # is never beaten
