@@ -33,7 +33,8 @@ proxy at START whose rate becomes END once --drop-after of the segments' receipt
 sender, and the best static at START under the same drop; it records the segment from which the
 adaptive's option changed (target: within 2 segments of the drop) and the TTFT ratio (target >= 1.3).
 
-Each side computes on --threads CPU threads (torch's intra-op threads here, OMP_NUM_THREADS for the
+Before the first cell, a quarter of the first context is sent once as text and once as INT4 KV, not
+recorded (first calls: allocations, kernels). Each side computes on --threads CPU threads (torch's intra-op threads here, OMP_NUM_THREADS for the
 receiver), so that on one CPU machine sender and receiver do not take each other's cores.
 
 Writes results.json (every cell), results.md and ttft.png (TTFT against link rate) under --out.
@@ -66,6 +67,8 @@ logger = logging.getLogger(__name__)
 ADAPTIVE = "adaptive"
 SENDERS = ("cold", "warm")
 RANDOM_NOTE = "random weights: timing only"
+WARM_UP = ("text", "kint4c/vint4t-g32")
+"""What is sent once, unrecorded, before the first cell: the recompute and the decode paths."""
 TARGETS = {
     "adaptive_over_best_static": 1.1,
     "prediction_error": 0.2,
@@ -285,6 +288,13 @@ async def run_grid(
         "decode_bytes_per_s": welcome.costs.decode_bytes_per_s, "first_token_s": welcome.costs.first_token_s,
         "text_segments": "segment:text" in welcome.capabilities,
     }  # fmt: skip
+    # First calls (allocations, kernels) on both sides, on a quarter of the first context: not recorded.
+    rates = [r for rs in grid.rates.values() for r in rs] + ([grid.drop[0]] if grid.drop else [])
+    if grid.contexts and rates:
+        first = grid.contexts[0]
+        short = Context(f"{first.eid}:warm-up", first.text[: len(first.text) // 4], first.question, (), 0)
+        for method in WARM_UP:
+            await run_cell(lm, upstream, short, "cold", max(rates), method, grid.segment_tokens, 1)
     cells: list[dict[str, Any]] = []
     for repeat in range(grid.repeats):
         for ctx in grid.contexts:
