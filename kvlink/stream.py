@@ -18,7 +18,9 @@ stage costs: the sender's prefill and encode rates, the link rate (`LinkEstimate
 the receipts of earlier segments and kept per receiver), and the receiver's measured prefill and
 decode rates (kvlink.wire.ReceiverCosts, in its Welcome; `measure_costs` measures them). Segments
 flow as a pipeline: the sender encodes segment i+1 while i is on the link, the receiver decodes i
-while i+1 arrives, so the prediction is a pipeline's, not a sum (`Planner.predict`). `Planner.choose`
+while i+1 arrives, so the prediction is a pipeline's, not a sum (`Planner.predict`); the sender keeps
+only a window of segments open (send_streamed: 2), so the link runs at most that far ahead of the
+receiver, and the prediction knows it. `Planner.choose`
 picks the next segment's option given what is already sent and the current estimates: re-planning
 after every receipt is what makes the sender follow a link whose rate changes mid-stream.
 """
@@ -338,6 +340,7 @@ class Prediction:
     ready: list[float] = field(default_factory=list)
     wire_bytes: list[int] = field(default_factory=list)
     ttft: float = 0.0
+    encoded: float = 0.0  # when the sender's encoder is next free
 
     @property
     def total_bytes(self) -> int:
@@ -347,7 +350,9 @@ class Prediction:
 class Planner:
     """Predicts and chooses segment by segment (see the module docstring). bounds: the segments;
     options: what each may travel as; budget_bytes: every byte sent stays under it (the cheapest
-    option is always text, so a plan exists whenever all-text fits)."""
+    option is always text, so a plan exists whenever all-text fits); window: segments the sender has
+    open at once (a segment is chosen, encoded and sent once the one `window` before it is answered;
+    None: no such limit, the link may run any number of segments ahead of the receiver)."""
 
     def __init__(
         self,
@@ -355,9 +360,13 @@ class Planner:
         bounds: Sequence[tuple[int, int]],
         options: Sequence[Option],
         budget_bytes: int,
+        window: int | None = None,
     ) -> None:
         if not options:
             raise ValueError("no option to send a segment with")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window!r}")
+        self.window = window
         self.geometry = geometry
         self.bounds = list(bounds)
         self.options = list(options)
@@ -368,37 +377,60 @@ class Planner:
         a, b = self.bounds[i]
         return self._bytes[(option.name, b - a)]
 
+    def work_s(self, option: Option, i: int, receiver: ReceiverCosts) -> float:
+        """The receiver's seconds on segment i under `option`: recomputing it (text) or decoding what it keeps."""
+        a, b = self.bounds[i]
+        if option.text:
+            return receiver.recompute_s(a, b - a)
+        return self.geometry.fp16_bytes(option.kept(b - a)) / receiver.decode_bytes_per_s
+
     def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,
                 ready: float = 0.0, encoded: float = 0.0) -> Prediction:  # fmt: skip
         """The pipeline of segments first.. under `schedule` (one option each, from `first`): the
         sender encodes KV segments in order after its prefill, the link sends them in order as each is
-        ready (text at once), the receiver takes them in order as each arrives. link_free / ready /
-        encoded: when the link, the receiver and the sender's encoder are next free (0: now)."""
+        ready (text at once), the receiver takes them in order as each arrives; with a window, a
+        segment is chosen (then encoded, then sent) once the one `window` before it is answered.
+        link_free / ready / encoded: when the link, the receiver and the sender's encoder are next free
+        (0: now); the segments before `first` other than the last are answered by now."""
         g, r = self.geometry, costs.receiver
         out = Prediction()
         enc_free = max(encoded, costs.prefill_s)
+        answered = [0.0] * (self.window - 1) + [ready] if self.window else []  # of segments first-window..
         for offset, option in enumerate(schedule):
             i = first + offset
             a, b = self.bounds[i]
             n = b - a
             nbytes = self.bytes_of(option, i)
+            go = answered[offset] if self.window else 0.0  # when it may be chosen and sent
             if option.text:
-                sendable = 0.0
-                work = r.recompute_s(a, n)
+                sendable = go
             else:
-                enc_free += g.fp16_bytes(n) / costs.encode_bps
+                enc_free = max(enc_free, go) + g.fp16_bytes(n) / costs.encode_bps
                 sendable = enc_free
-                work = g.fp16_bytes(option.kept(n)) / r.decode_bytes_per_s
+            work = self.work_s(option, i, r)
             start = max(sendable, link_free)
             link_free = start + 8 * nbytes / costs.link_bps
             arrive = link_free + costs.latency_s
             ready = max(arrive, ready) + work
+            answered.append(ready)
             out.arrive.append(arrive)
             out.ready.append(ready)
             out.wire_bytes.append(nbytes)
         question = r.recompute_s(self.bounds[-1][1], costs.question_tokens) if self.bounds else 0.0
         out.ttft = ready + max(question, r.first_token_s)
+        out.encoded = enc_free
         return out
+
+    def plan(self, costs: Costs) -> tuple[list[Option], Prediction]:
+        """The schedule choose() makes segment by segment when every stage takes what it is predicted
+        to, and its prediction (what a sender expects before it sends anything)."""
+        schedule: list[Option] = []
+        spent = 0
+        for i in range(len(self.bounds)):
+            option, _ = self._best(i, costs, spent, schedule)
+            schedule.append(option)
+            spent += self.bytes_of(option, i)
+        return schedule, self.predict(schedule, costs)
 
     def uniform(self, costs: Costs, first: int = 0, **state: float) -> tuple[Option, Prediction]:
         """The best single option for every segment from `first` on, within the budget left."""
@@ -419,29 +451,24 @@ class Planner:
     def choose(self, i: int, costs: Costs, spent: int = 0, **state: float) -> tuple[Option, Prediction]:
         """Segment i's option: the one whose schedule (it, then the best uniform rest) has the lowest
         predicted TTFT within the budget left (`spent` bytes already sent)."""
+        return self._best(i, costs, spent, (), **state)
+
+    def _best(
+        self, i: int, costs: Costs, spent: int, before: Sequence[Option], **state: float
+    ) -> tuple[Option, Prediction]:
+        """choose(), predicting from segment i - len(before) with the options `before` in front (one
+        prediction for the whole schedule, so that each segment sees those a window before it)."""
         best: tuple[Option, Prediction] | None = None
-        rest = len(self.bounds) - i - 1
+        first, rest = i - len(before), len(self.bounds) - i - 1
         for option in self.options:
             nbytes = self.bytes_of(option, i)
             if spent + nbytes > self.budget_bytes:
                 continue
-            if rest:
-                head = self.predict([option], costs, i, **state)
-                tail_state = dict(state)
-                tail_state.update(link_free=head.arrive[0] - costs.latency_s, ready=head.ready[0])
-                if not option.text:
-                    tail_state["encoded"] = max(state.get("encoded", 0.0), costs.prefill_s) + (
-                        self.geometry.fp16_bytes(self.bounds[i][1] - self.bounds[i][0]) / costs.encode_bps
-                    )
-                _, tail = self.uniform(costs, i + 1, spent=spent + nbytes, **tail_state)
-                ttft, total = tail.ttft, nbytes + tail.total_bytes
-            else:
-                p = self.predict([option], costs, i, **state)
-                ttft, total = p.ttft, nbytes
-            if spent + total > self.budget_bytes:
-                continue
-            if best is None or ttft < best[1].ttft:
-                best = (option, Prediction(ttft=ttft, wire_bytes=[total]))
+            for tail in [[u] * rest for u in self.options] if rest else [[]]:
+                p = self.predict([*before, option, *tail], costs, first, **state)
+                total = sum(p.wire_bytes[len(before) :])
+                if spent + total <= self.budget_bytes and (best is None or p.ttft < best[1].ttft):
+                    best = (option, Prediction(ttft=p.ttft, wire_bytes=[total]))
         if best is None:
             raise ValueError(
                 f"no option fits the byte budget: {spent:,} bytes spent of {self.budget_bytes:,}, "

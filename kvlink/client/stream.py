@@ -6,11 +6,12 @@
 The context is cut into segments (kvlink.stream.segment_bounds); each is one Transfer whose header
 names the context (kvlink.wire.Segment), and the receiver answers only once the last one is in.
 Three things run at once: the sender's prefill (in a worker thread, started before anything is
-chosen), a producer that chooses each segment's option just before it encodes it (with the link
-rate measured from the receipts so far: kvlink.stream.Planner.choose) and a writer that starts each
-segment's Transfer as soon as the one before has been written, not answered, so the receiver decodes
-segment i while segment i+1 is on the link. The producer runs at most one segment ahead of the link,
-so a link that slows down is followed within two segments.
+chosen), the loop that chooses each segment's option and encodes it (with the link rate measured
+from the receipts so far: kvlink.stream.Planner.choose), and the segments' Transfers, each started as
+soon as the one before has been written, not answered, so the receiver decodes segment i while
+segment i+1 is on the link. Segment i is chosen once segment i-2 is answered (MAX_IN_FLIGHT open at
+once; the planner's window), knowing what the segment still open holds of the link and the
+receiver, so a link that slows down is followed within two segments.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -203,11 +205,11 @@ async def send_streamed(
     byte counts; None: no bound) and `min_quality` (a floor on each KV segment's expected quality), re-planned after
     every receipt; then ask `question`. fixed: send every segment as this option instead ("text",
     "fp16" or a config name: the static baselines; `budget` is then not applied). allowed: choose only
-    among the options of these names ("text", "fp16", config names). prefilled: the context as the
-    sender already read it (kvlink.cache.prefill with Observe.QUESTION, of the same context and
-    question): no prefill is run or waited for. link_bps: the link rate to assume before the
+    among the options of these names ("text", "fp16", config names). link_bps: the link rate to assume before the
     first receipt (else what `links` remembers of this receiver). on_segment(SegmentSent): told as
-    each segment's receipt arrives. Raises SendError when a call fails or the receiver does not take
+    each segment's receipt arrives. prefilled: the context's prefill when the sender already holds it
+    (kvlink.cache.prefill of the context and question with Observe.QUESTION, as this reads it): no
+    prefill is then on the path (a warm sender; kvlink-bench ttft). Raises SendError when a call fails or the receiver does not take
     segments, ValueError for a bad budget or when nothing fits it.
     """
     fraction = None if budget is None else parse_budget(budget)
@@ -226,6 +228,8 @@ async def send_streamed(
         truncate,
     )
     ctx_ids = ctx_ids[:n_ctx]
+    if prefilled is not None and prefilled.kv.length != n_ctx:
+        raise ValueError(f"the prefill given holds {prefilled.kv.length} tokens, the context has {n_ctx}")
     g = lm.geometry
     bounds = segment_bounds(n_ctx, segment_tokens)
     timings: dict[str, float] = {}
@@ -269,12 +273,12 @@ async def send_streamed(
             choices = pinned
         fp16_bytes = g.fp16_bytes(n_ctx)
         bound = 1 << 62 if fraction is None or fixed is not None else int(fraction * fp16_bytes)
-        planner = Planner(g, bounds, choices, bound)
+        planner = Planner(g, bounds, choices, bound, window=MAX_IN_FLIGHT)
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
         costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
-        predicted = planner.predict([planner.choose(i, costs)[0] for i in range(len(bounds))], costs).ttft
+        predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
         async def read() -> Prefill:
@@ -292,17 +296,33 @@ async def send_streamed(
         encode_bps = costs.encode_bps
         spent = 0
         scores: Scores | None = None
+        chosen: list[Option] = []
+        began: dict[int, float] = {}  # segment -> when its Transfer began (perf_counter)
+        answered: dict[int, float] = {}  # segment -> when its receipt came
+
+        def backlog(i: int, c: Costs, clock: float) -> dict[str, float]:
+            """When the link and the receiver are next free (seconds from `clock`) with segments ..i-1
+            sent: an answered one is done; the others cross the link from when their Transfer began (or
+            now), at the current estimate, and then take the receiver their predicted time."""
+            link_at, ready_at = -math.inf, max(answered.values(), default=t0)
+            for j in (j for j in range(i) if j not in answered):
+                on_link = 8 * planner.bytes_of(chosen[j], j) / c.link_bps
+                link_at = max(began.get(j, clock), link_at) + on_link
+                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, receiver)
+            return {"link_free": max(link_at - clock, 0.0), "ready": max(ready_at - clock, 0.0)}
 
         async def deliver(
             seg: SegmentSent, frames: list[wire.pb.TransferFrame], written: asyncio.Event
         ) -> None:
             deadline = timeout + 8 * sum(wire.frame_size(f) for f in frames) / 100e6
+            began[seg.index] = time.perf_counter()
             seg.transfer = await transfer(
                 channel, frames, timeout=deadline, metadata=meta, on_written=written.set
             )
             r = seg.transfer.receipt
             if link.add(r.total, r.timings.get("receive_s", 0.0)):
                 logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
+            answered[seg.index] = time.perf_counter()
             if on_segment is not None:
                 on_segment(seg)
 
@@ -321,13 +341,15 @@ async def send_streamed(
                 failed = next((t for t in in_flight if t.done() and t.exception() is not None), None)
                 if failed is not None:
                     await failed  # raises its SendError
-                now = time.perf_counter() - t0
                 done = reading is None or reading.done()
+                clock = time.perf_counter()
+                now = clock - t0
                 c = Costs(
                     receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
                     question_tokens=int(q_ids.numel()),
                 )  # fmt: skip
-                option, guess = planner.choose(i, c, spent=spent)
+                option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
+                chosen.append(option)
                 spent += planner.bytes_of(option, i)
                 seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
                 segment = wire.Segment(

@@ -9,6 +9,7 @@
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
     kvlink-bench kernels --out bench/results/kernels.json # Triton kernels vs the torch reference
     kvlink-bench scale --model random:llama-3.1-8b --tokens 8k,32k   # TTFT through kvlink-serve, paced links
+    kvlink-bench ttft --tokens 2k --rates 3M,30M,1G --out bench/results/ttft   # segmented sending: adaptive vs static
 
 Data are split by article (kvlink.eval.splits): `--split calibration` for anything that is tuned
 (`calibrate` refuses results holding any other example), `--split evaluation` (the default of
@@ -38,6 +39,7 @@ from kvlink.eval.commands import (
     report,
     scale,
     sensitivity,
+    ttft,
 )
 
 COMMANDS: dict[str, ModuleType] = {
@@ -49,6 +51,7 @@ COMMANDS: dict[str, ModuleType] = {
     "report": report,
     "abuse": abuse,
     "scale": scale,
+    "ttft": ttft,
     "kernels": kernels,
 }
 """kvlink-bench's commands (kvlink.eval.commands), in the order --help lists them."""

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -48,9 +48,16 @@ def free_port() -> int:
 
 
 class LocalReceiver:
-    """kvlink-serve with `args` (beyond --port/--rest-port) in a subprocess; see the module docstring."""
+    """kvlink-serve with `args` (beyond --port/--rest-port) in a subprocess; see the module docstring.
+    env: variables added to this process's environment for it (OMP_NUM_THREADS=1: its CPU threads)."""
 
-    def __init__(self, args: Sequence[str] = (), log: Path | None = None, keep_log: bool = True) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        log: Path | None = None,
+        keep_log: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port, self.rest_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.rest = f"http://127.0.0.1:{self.rest_port}"
@@ -62,7 +69,9 @@ class LocalReceiver:
         cmd = [sys.executable, "-m", "kvlink.server.main", "--port", str(self.port), "--rest-port", str(self.rest_port),
                *args]  # fmt: skip
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
+            )
         self.returncode: int | None = None
 
     def wait_healthy(self, timeout: float = 300.0) -> None:

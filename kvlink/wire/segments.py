@@ -41,9 +41,16 @@ class ReceiverCosts:
         (n0, r0), (n1, r1) = self.prefill[i - 1], self.prefill[i]
         return r0 + (r1 - r0) * (tokens - n0) / (n1 - n0)
 
+    def prefill_s(self, tokens: int) -> float:
+        """Seconds to prefill a context of `tokens` tokens from nothing."""
+        return tokens / self.prefill_rate(tokens) if tokens > 0 else 0.0
+
     def recompute_s(self, prefix: int, n: int) -> float:
-        """Seconds to prefill `n` tokens after `prefix` cached ones (at the rate of a prefix + n context)."""
-        return n / self.prefill_rate(prefix + n)
+        """Seconds to prefill `n` tokens after `prefix` cached ones: what a prefill of prefix + n tokens
+        takes beyond one of prefix tokens (late tokens attend to more, so they cost more than the
+        average of a whole prefill); never faster than the fastest rate measured."""
+        marginal = self.prefill_s(prefix + n) - self.prefill_s(prefix)
+        return max(marginal, n / max(rate for _, rate in self.prefill))
 
 
 def costs_to_pb(costs: ReceiverCosts) -> pb.ReceiverCosts:

@@ -6,7 +6,7 @@ and `func`: what runs the parsed arguments), and one of:
 - `run(args) -> int`: runs the command on the arguments kvlink-bench parsed (quality, calibrate,
   e2e, entropy, sensitivity, report);
 - `run_argv(argv) -> int | None`: the command's benchmark module parses its arguments itself
-  (abuse, scale, kernels): kvlink-bench hands it everything after the command's name before
+  (abuse, scale, ttft, kernels): kvlink-bench hands it everything after the command's name before
   parsing anything, and parses them with its own parser only when it answers None.
 
 The measurements themselves live beside, in kvlink.eval (grid, report, e2e, bench_scale, ...): a
