@@ -329,6 +329,7 @@ class Costs:
     prefill_s: float = 0.0
     latency_s: float = 0.0005
     question_tokens: int = 32
+    encode_rates: dict[str, float] = field(default_factory=dict)  # measured per option (FP16 bytes/s)
 
 
 @dataclass
@@ -405,7 +406,8 @@ class Planner:
             if option.text:
                 sendable = go
             else:
-                enc_free = max(enc_free, go) + g.fp16_bytes(n) / costs.encode_bps
+                rate = costs.encode_rates.get(option.name, costs.encode_bps)
+                enc_free = max(enc_free, go) + g.fp16_bytes(n) / rate
                 sendable = enc_free
             work = self.work_s(option, i, r)
             start = max(sendable, link_free)

@@ -293,7 +293,8 @@ async def send_streamed(
         stage("prefill", "reading the context while the first segments go")
         reading = asyncio.create_task(read()) if needs_kv else None
         sent: list[SegmentSent] = []
-        encode_bps = costs.encode_bps
+        encode_bps = costs.encode_bps  # the last encode's rate, for options not measured yet
+        encode_rates: dict[str, float] = {}  # each option's own (FP16 and INT4 differ several times)
         spent = 0
         scores: Scores | None = None
         chosen: list[Option] = []
@@ -342,10 +343,19 @@ async def send_streamed(
                 if failed is not None:
                     await failed  # raises its SendError
                 done = reading is None or reading.done()
+                if done and reading is not None and not encode_rates:
+                    # Once the context is read: each KV option's encode rate, on a slice of it (FP16 is a
+                    # copy, INT4 a quantization: a single rate would price them alike).
+                    pre = await reading
+                    scores = scores or Scores(pre)
+                    encode_rates.update(
+                        await asyncio.to_thread(encode_rates_of, pre, scores, choices, g, min(128, n_ctx))
+                    )
                 clock = time.perf_counter()
                 now = clock - t0
                 c = Costs(
                     receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
+                    encode_rates=dict(encode_rates),
                     question_tokens=int(q_ids.numel()),
                 )  # fmt: skip
                 option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
@@ -369,6 +379,7 @@ async def send_streamed(
                     )  # fmt: skip
                     seg.encode_s = time.perf_counter() - started
                     encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
+                    encode_rates[option.name] = encode_bps
                 # The link is free once the segment before is written; one segment decodes meanwhile.
                 busy = [t for t in in_flight if not t.done()]
                 if written is not None and busy:
@@ -406,6 +417,23 @@ async def send_streamed(
         context_tokens=n_ctx, fp16_bytes=fp16_bytes, budget_bytes=planner.budget_bytes,
         predicted_ttft_s=predicted, static_predictions=static, ttft_s=asked - t0 + first, timings=timings,
     )  # fmt: skip
+
+
+def encode_rates_of(
+    pre: Prefill, scores: Scores, options: Sequence[Option], geometry: Geometry, tokens: int
+) -> dict[str, float]:
+    """FP16 bytes a second each KV option encodes (select, quantize, pack), timed on the first `tokens`
+    tokens after one untimed run."""
+    rates: dict[str, float] = {}
+    for option in options:
+        if option.text:
+            continue
+        encode_segment(pre, scores, option, geometry, 0, tokens)
+        started = time.perf_counter()
+        encoded = encode_segment(pre, scores, option, geometry, 0, tokens)
+        wire.to_frames(encoded, "rate", "rate", "rate", 1 << 20)
+        rates[option.name] = geometry.fp16_bytes(tokens) / max(time.perf_counter() - started, 1e-6)
+    return rates
 
 
 def _encoded_frames(
