@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,8 +43,10 @@ from kvlink.stream import (
     segment_bounds,
     text_option,
 )
+from netutil import Receiver, free_port
 
 TINY = "random:tiny-llama"
+TINY_ARG = f"--model={TINY}"
 CONTEXT = " ".join(f"Paragraph {i} says that the code of box {i} is {7 * i + 3}." for i in range(70))
 QUESTION = "What is the code of box 12?"
 OWNER = "anonymous"
@@ -318,3 +323,45 @@ async def test_a_segmented_context_sent_to_one_replica_is_answered_by_another(lm
                 torch.testing.assert_close(fetched.values[layer], held.values[layer], rtol=0, atol=0)
     finally:
         redis.stop()
+
+
+def test_kvlink_send_goal_ttft_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """kvlink-serve (costs measured at start-up, advertised) and kvlink-send --goal ttft --json: the
+    context goes in segments, every one of them verified, and is answered; --explain prints the plan."""
+    from kvlink.client import main as client_main
+
+    rx = Receiver([TINY_ARG, "--cost-probe-tokens", "512"], tmp_path / "rx.log", free_port(), free_port())
+    rx.start()
+    try:
+        rx.wait_ready()
+        assert "measured: prefill" in rx.log_text()
+        context = tmp_path / "context.txt"
+        context.write_text(CONTEXT)
+        argv = ["--server", rx.target, "--model", TINY, "--context", str(context), "--question", QUESTION,
+                "--goal", "ttft", "--segment-tokens", "300"]  # fmt: skip
+        assert client_main.main([*argv, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert len(out["segments"]) == math.ceil(out["context_tokens"] / 300)
+        assert out["wire_bytes"] == sum(s["wire_bytes"] for s in out["segments"]) > 0
+        assert out["ttft_s"] > 0 and out["predicted_ttft_s"] > 0 and out["stages"]["wall_s"] > 0
+        assert client_main.main([*argv, "--explain"]) == 0
+        shown = capsys.readouterr().out
+        assert (
+            "segments: chosen, predicted and measured" in shown and "TTFT" in shown and "pipelined" in shown
+        )
+        stats = rx.stats()
+        assert any(label.startswith("segments ") for label in json.dumps(stats).split('"'))
+    finally:
+        assert rx.stop() == 0
+
+
+def test_kvlink_send_needs_a_budget_unless_the_goal_is_ttft(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvlink.client import main as client_main
+
+    argv = ["--server", "127.0.0.1:1", "--context", "-", "--question", "Where?"]
+    assert client_main.main(argv) == 2
+    assert "--budget is required (or --goal ttft" in capsys.readouterr().err
+    assert client_main.main([*argv, "--goal", "ttft", "--segment-tokens", "0"]) == 2
+    assert "--segment-tokens must be >= 1" in capsys.readouterr().err
+    assert client_main.main([*argv, "--goal", "ttft", "--min-quality", "1.5"]) == 2
+    assert "--min-quality must be in [0, 1]" in capsys.readouterr().err

@@ -521,6 +521,12 @@ def _send_ttft(
             f"{name} {t:.3f} s" for name, t in sorted(result.static_predictions.items(), key=lambda x: x[1])
         )
         out.print(f"predicted TTFT if every segment went alike: {statics}")
+        st = result.stages()
+        out.print(
+            f"stages, summed over the segments: prefill {st['prefill_s']:.3f} s, encode {st['encode_s']:.3f} s, "
+            f"link {st['link_s']:.3f} s, receiver {st['receiver_s']:.3f} s = {st['sum_s']:.3f} s; they took "
+            f"{st['wall_s']:.3f} s together (pipelined)"
+        )
     print_answer(out, result.answer)
     out.print(
         f"TTFT {result.ttft_s:.3f} s (predicted {result.predicted_ttft_s:.3f} s); {_n(result.total_bytes)} wire "

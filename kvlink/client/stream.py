@@ -125,6 +125,20 @@ class StreamResult:
     def total_bytes(self) -> int:
         return sum(s.wire_bytes for s in self.segments)
 
+    def stages(self) -> dict[str, float]:
+        """Seconds of each stage summed over the segments, and the wall time they took together: a
+        pipeline's wall time is near its slowest stage, not the sum."""
+        receipts = [s.transfer.receipt.timings for s in self.segments if s.transfer is not None]
+        out = {
+            "prefill_s": self.timings.get("prefill_s", 0.0),
+            "encode_s": sum(s.encode_s for s in self.segments),
+            "link_s": sum(r.get("receive_s", 0.0) for r in receipts),
+            "receiver_s": sum(r.get("decode_s", 0.0) + r.get("recompute_s", 0.0) for r in receipts),
+            "wall_s": self.timings.get("transfer_s", 0.0),
+        }
+        out["sum_s"] = out["prefill_s"] + out["encode_s"] + out["link_s"] + out["receiver_s"]
+        return out
+
     @property
     def fraction(self) -> float:
         return self.total_bytes / self.fp16_bytes
@@ -136,7 +150,8 @@ class StreamResult:
             "budget_bytes": self.budget_bytes, "wire_bytes": self.total_bytes,
             "percent_of_fp16": 100 * self.fraction, "predicted_ttft_s": self.predicted_ttft_s,
             "ttft_s": self.ttft_s, "static_predictions_s": dict(self.static_predictions),
-            "timings": dict(self.timings), "segments": [s.as_dict() for s in self.segments],
+            "timings": dict(self.timings), "stages": self.stages(),
+            "segments": [s.as_dict() for s in self.segments],
         }  # fmt: skip
 
 
