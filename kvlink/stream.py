@@ -209,7 +209,7 @@ def shifted(kv: ContextKV, start: int, length: int) -> ContextKV:
 
 
 def measure_costs(
-    model: Any, geometry: Geometry, max_tokens: int, vocab: int, seed: int = 0, budget_s: float = 2.0
+    model: Any, geometry: Geometry, max_tokens: int, vocab: int, seed: int = 0, budget_s: float = 5.0
 ) -> ReceiverCosts:
     """What this receiver's work costs on its model and device: prefill tokens/s at a few context
     lengths up to `max_tokens` (of random token ids: speed does not depend on the text; longer ones are

@@ -42,8 +42,19 @@ class ReceiverCosts:
         return r0 + (r1 - r0) * (tokens - n0) / (n1 - n0)
 
     def prefill_s(self, tokens: int) -> float:
-        """Seconds to prefill a context of `tokens` tokens from nothing."""
-        return tokens / self.prefill_rate(tokens) if tokens > 0 else 0.0
+        """Seconds to prefill a context of `tokens` tokens from nothing. Beyond the longest length measured,
+        t(n) = a n + b n^2 through the two longest of at least three (linear layers, then attention
+        growing with the context); with fewer, the longest one's rate."""
+        if tokens <= 0:
+            return 0.0
+        n2 = self.prefill[-1][0]
+        if tokens <= n2 or len(self.prefill) < 3:  # two short lengths say little of the curve beyond
+            return tokens / self.prefill_rate(tokens)
+        (n1, r1), (n2, r2) = self.prefill[-2], self.prefill[-1]
+        per1, per2 = 1 / r1, 1 / r2  # seconds a token: a + b n at n1 and n2
+        b = max((per2 - per1) / (n2 - n1), 0.0)
+        a = per2 - b * n2
+        return a * tokens + b * tokens * tokens
 
     def recompute_s(self, prefix: int, n: int) -> float:
         """Seconds to prefill `n` tokens after `prefix` cached ones: what a prefill of prefix + n tokens
