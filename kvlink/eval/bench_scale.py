@@ -141,6 +141,10 @@ def token_label(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
+POSITION_MARGIN = 96
+"""Positions a context leaves free for the question and the answer (kvlink-bench scale answers 32 tokens)."""
+
+
 # --- contexts --------------------------------------------------------------------------------------------------
 def context_text(tokenizer: Any, tokens: int, data: str | None = None) -> tuple[str, str]:
     """(context, question): SQuAD v2 dev paragraphs in file order (cycled when `tokens` is longer than all
@@ -678,10 +682,12 @@ def run_model(run: Run, name: str, device: str) -> None:
     meta = {"name": lm.name, "fingerprint": lm.fingerprint, "geometry": lm.geometry, "device": lm.device,
             "dtype": lm.dtype}  # fmt: skip
     logger.info("%s loaded in %.1f s (%.1f GiB of weights)", lm.name, load_s, weights / GIB)
+    from kvlink.models import max_positions
     from kvlink.prompt import context_ids, question_ids
 
     contexts: list[Context] = []
     budget_kv = 0
+    limit = max_positions(lm.model.config)
     for tokens in sorted(run.tokens):
         kv = kv_bytes(lm.geometry, tokens, element)
         need = 2 * kv if args.synthetic_kv else prefill_peak_bytes(weights, lm.model.config, kv, tokens)
@@ -698,6 +704,14 @@ def run_model(run: Run, name: str, device: str) -> None:
         ctx = Context(
             tokens, text, question, context_ids(lm.tokenizer, text), question_ids(lm.tokenizer, question)
         )
+        # The prompt template, the question and the answer must fit the model's positions too (Qwen2.5-32B
+        # has 32,768: a "32k" text of 32,768 tokens is 32,799 context tokens): cut the text to fit.
+        over = ctx.length + int(ctx.question_ids.numel()) + POSITION_MARGIN - (limit or ctx.length + 10**9)
+        if over > 0:
+            text, question = context_text(lm.tokenizer, tokens - over, args.data)
+            ctx = Context(
+                tokens, text, question, context_ids(lm.tokenizer, text), question_ids(lm.tokenizer, question)
+            )
         contexts.append(ctx)
     if not contexts:
         return
