@@ -454,6 +454,19 @@ def fit_context(
     raise ContextTooLong(f"{why}: shorten it, or pass --truncate to send its first {room:,} tokens")
 
 
+def prompt_ids(
+    lm: LoadedModel, context: str, question: str, max_new_tokens: int, truncate: bool
+) -> tuple[Any, Any, int]:
+    """The context's and the question's token ids, the context cut to fit the model with the question
+    and the answer (fit_context: ContextTooLong unless `truncate`), and how many tokens were cut."""
+    ctx_ids = context_ids(lm.tokenizer, context)
+    q_ids = question_ids(lm.tokenizer, question)
+    n_ctx = fit_context(
+        int(ctx_ids.numel()), int(q_ids.numel()), max_new_tokens, max_positions(lm.model.config), truncate
+    )
+    return ctx_ids[:n_ctx], q_ids, int(ctx_ids.numel()) - n_ctx
+
+
 Stage = Callable[[str, str], None]
 """Progress callback: (stage, detail), stage one of connect, prefill, plan, transfer, answer, release."""
 
@@ -502,21 +515,12 @@ async def send_context(
     if lm is None:
         lm = await asyncio.to_thread(load_model, model)
     loaded = lm
-    ctx_ids = context_ids(lm.tokenizer, context)
-    q_ids = question_ids(lm.tokenizer, question)
-    n_ctx = fit_context(
-        int(ctx_ids.numel()),
-        int(q_ids.numel()),
-        options.max_new_tokens,
-        max_positions(lm.model.config),
-        truncate,
-    )
-    truncated = int(ctx_ids.numel()) - n_ctx
+    ctx_ids, q_ids, truncated = prompt_ids(lm, context, question, options.max_new_tokens, truncate)
     if truncated:
         logger.warning(
-            "the context is cut from %d to its first %d tokens to fit the model", ctx_ids.numel(), n_ctx
-        )
-        ctx_ids = ctx_ids[:n_ctx]
+            "the context is cut from %d to its first %d tokens to fit the model",
+            ctx_ids.numel() + truncated, ctx_ids.numel(),
+        )  # fmt: skip
 
     async def read_context(constraints: Constraints) -> Prefill:
         rows = question_rows(loaded.tokenizer, question)

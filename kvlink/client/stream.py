@@ -41,12 +41,12 @@ from kvlink.client.sender import (
     TransferResult,
     ask,
     channel_options,
-    fit_context,
     hello,
+    prompt_ids,
     transfer,
 )
-from kvlink.models import Geometry, LoadedModel, max_positions
-from kvlink.prompt import context_ids, question_ids, question_rows
+from kvlink.models import Geometry, LoadedModel
+from kvlink.prompt import question_rows
 from kvlink.recipe import Recipe
 from kvlink.stream import (
     LINKS,
@@ -233,16 +233,8 @@ async def send_streamed(
     session_id = session_id or uuid.uuid4().hex
     stream_id = uuid.uuid4().hex
     meta = security.metadata
-    ctx_ids = context_ids(lm.tokenizer, context)
-    q_ids = question_ids(lm.tokenizer, question)
-    n_ctx = fit_context(
-        int(ctx_ids.numel()),
-        int(q_ids.numel()),
-        options.max_new_tokens,
-        max_positions(lm.model.config),
-        truncate,
-    )
-    ctx_ids = ctx_ids[:n_ctx]
+    ctx_ids, q_ids, _ = prompt_ids(lm, context, question, options.max_new_tokens, truncate)
+    n_ctx = int(ctx_ids.numel())
     if prefilled is not None and prefilled.kv.length != n_ctx:
         raise ValueError(f"the prefill given holds {prefilled.kv.length} tokens, the context has {n_ctx}")
     g = lm.geometry

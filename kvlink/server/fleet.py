@@ -46,6 +46,18 @@ logger = logging.getLogger(__name__)
 UNAVAILABLE = "UNAVAILABLE"
 
 
+def _tampered(err: wire.WireError, what: str) -> Refused:
+    """The refusal of a stored copy that failed verification (logged: a store is not trusted more than a
+    peer, and a copy it damaged or was given damaged is worth an operator's look)."""
+    refused = Refused(
+        err.status_code,
+        err.code,
+        f"the shared store's copy of {what} failed verification and is refused: {err.message}",
+    )
+    logger.warning("%s", refused.message)
+    return refused
+
+
 def _unavailable(exc: StoreUnavailable, consequence: str) -> Refused:
     return Refused(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE, f"{exc.message}: {consequence}")
 
@@ -208,14 +220,9 @@ class FleetService(KVLinkService):
         try:
             encoded = await asyncio.to_thread(self._verify, asm, frames, session_id, message_id)
         except wire.WireError as err:
-            refused = Refused(
-                err.status_code, err.code,
-                f"the shared store's copy of message {message_id!r} failed verification and is refused: "
-                f"{err.message}",
-            )  # fmt: skip
+            refused = _tampered(err, f"message {message_id!r}")
         else:
             return await self._keep(who, asm, encoded, session_id, message_id)
-        logger.warning("%s", refused.message)
         raise refused
 
     @staticmethod
@@ -242,13 +249,7 @@ class FleetService(KVLinkService):
         try:
             segments = await asyncio.to_thread(self._verify_segments, frames, session_id, message_id)
         except wire.WireError as err:
-            refused = Refused(
-                err.status_code, err.code,
-                f"the shared store's copy of context {message_id!r} failed verification and is refused: "
-                f"{err.message}",
-            )  # fmt: skip
-            logger.warning("%s", refused.message)
-            raise refused from None
+            raise _tampered(err, f"context {message_id!r}") from None
         g, dtype = self.lm.geometry, self.lm.dtype
         total = segments[-1][0].total_length
         cost = 2 * (

@@ -40,6 +40,18 @@ directory, so that `python -m kvlink.server.main` finds this very package (never
 subpackages would shadow the standard library's: kvlink/select)."""
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM `proc` if it still runs, wait up to `timeout` s (then kill it); its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -93,14 +105,7 @@ class LocalReceiver:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait up to `timeout` s (then kill); the exit status, also kept in `returncode`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.returncode = int(self.proc.returncode)
+        self.returncode = terminate(self.proc, timeout)
         if not self.keep_log:
             self.log.unlink(missing_ok=True)
         return self.returncode
@@ -162,13 +167,7 @@ class LocalRedis:
         return log.read_text(errors="replace")[-2000:] if log.exists() else ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRedis:
