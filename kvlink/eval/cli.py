@@ -4,6 +4,7 @@
         --device cuda --out bench/results/quality         # the evaluation split: figures to report
     kvlink-bench quality --split calibration --task squad --configs ... --out bench/results/quality-cal
     kvlink-bench calibrate bench/results/quality-cal [more runs]   # quality table + planner-on-frontier check
+    kvlink-bench holdout bench/results/quality           # the table's entries and gains on the evaluation split
     kvlink-bench sensitivity --limit 16                   # KL per layer and K/V at INT2: bits per layer (mix3.5)
     kvlink-bench e2e --task long --limit 3 --configs 'q2c50%+kint4c/vint4t-g32' --out bench/results/e2e.json
     kvlink-bench report bench/results/quality             # rebuild JSON/Markdown/plots from samples.jsonl
@@ -34,6 +35,7 @@ from kvlink.eval.commands import (
     calibrate,
     e2e,
     entropy,
+    holdout,
     kernels,
     quality,
     report,
@@ -45,6 +47,7 @@ from kvlink.eval.commands import (
 COMMANDS: dict[str, ModuleType] = {
     "quality": quality,
     "calibrate": calibrate,
+    "holdout": holdout,
     "e2e": e2e,
     "entropy": entropy,
     "sensitivity": sensitivity,

@@ -1,0 +1,74 @@
+"""`kvlink-bench holdout`: the planner's quality table against a quality run on the evaluation split
+(kvlink.eval.holdout): does each entry hold on data nobody tuned on, and does each refinement's gain
+over its plain twin?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kvlink.eval.commands.common import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    h = sub.add_parser(
+        "holdout", help="check the quality table's entries and gains on an evaluation-split quality run"
+    )
+    h.add_argument("runs", nargs="+", help="quality run directories (their samples*.jsonl; several merge)")
+    h.add_argument(
+        "--table", default=None,
+        help="quality table JSON (default: the one the planner uses for the run's model)",
+    )  # fmt: skip
+    h.add_argument("--task", default="squad", help="task to check (default squad)")
+    h.add_argument("--quality", default="fidelity", help="sample metric (default fidelity)")
+    h.add_argument(
+        "--pair", action="append", default=[], metavar="CONFIG=TWIN",
+        help="also compare CONFIG against TWIN, paired (each config meets its plain twin anyway)",
+    )  # fmt: skip
+    h.add_argument("--json", default=None, help="write the check as JSON here")
+    h.add_argument("--md", default=None, help="write the Markdown tables here")
+    h.set_defaults(func=run)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition("=")
+    if not sep or not a or not b:
+        raise SystemExit(f"--pair takes CONFIG=TWIN, got {text!r}")
+    return a, b
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlink.budget import QualityTable
+    from kvlink.eval import grid, holdout
+
+    records = []
+    meta: dict[str, object] = {}
+    for path in map(Path, args.runs):
+        found, _ = grid.read_done(path)
+        if not found:
+            raise SystemExit(f"no samples in {path} ({grid.SAMPLES_GLOB})")
+        records += found
+        run_json = path / "run.json"
+        if not meta and run_json.is_file():
+            meta = json.loads(run_json.read_text())
+    if args.table:
+        table = QualityTable.load(args.table)
+        source = args.table
+    else:
+        table = QualityTable.for_model(str(meta.get("fingerprint", "")), str(meta.get("model", "")))
+        source = table.source
+    try:
+        cells, pairs = holdout.check(records, table, args.task, args.quality, [_pair(p) for p in args.pair])
+    except ValueError as e:
+        raise SystemExit(f"kvlink-bench holdout: {e}") from None
+    text = holdout.markdown(cells, pairs, args.quality)
+    print(text, end="")
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        doc = holdout.as_json(
+            cells, pairs, runs=list(args.runs), table=source, task=args.task, quality=args.quality
+        )
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    return 0

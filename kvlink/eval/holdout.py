@@ -1,0 +1,181 @@
+"""Does the planner's quality table hold on data nobody tuned on?
+
+The quality table (kvlink.budget.QualityTable) is measured on the CALIBRATION split; the planner ranks
+configs by it. This module checks it against a quality run on the EVALUATION split
+(kvlink.eval.splits), config by config:
+
+- each config the run measured and the table holds: the evaluation mean with its bootstrap 95% CI
+  next to the table's entry, and a verdict: `holds` (the entry lies in the CI), `overstated` (above
+  it: the table promises more than unseen data give) or `understated` (below it);
+- each config against its plain twin measured in the same run (the same recipe without sink entries,
+  per-layer sets, rotation, question-aware rounding and widths: what the table's twin lookup drops),
+  the paired difference over the same questions with its CI: a refinement's gain `holds` when the
+  interval lies above 0.
+
+    kvlink-bench holdout bench/results/eval-squad320-cpu --json bench/results/eval-squad320-cpu/holdout.json
+
+Only evaluation-split samples are read: a run holding any other example is refused (a check on
+calibration data would be the winner's curse the split exists to avoid).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvlink.budget import QualityTable
+from kvlink.eval.report import bootstrap_ci
+from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
+from kvlink.recipe import Recipe
+
+VERDICTS: tuple[str, ...] = ("holds", "overstated", "understated", "not in table")
+TOLERANCE = 1e-9
+"""How far outside the interval an entry may lie and still hold (float sums of equal samples)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One config on the evaluation split against its table entry."""
+
+    config: str
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    wire_pct: float  # mean wire bytes, % of FP16
+    table: float | None  # the table's measured entry at the run's median length; None: not measured
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A config against its plain twin, paired over the same evaluation questions."""
+
+    config: str
+    twin: str
+    n: int
+    diff: float  # mean of config - twin
+    lo: float
+    hi: float
+
+    @property
+    def holds(self) -> bool:
+        return self.lo > 0
+
+
+def plain_twin(recipe: Recipe) -> Recipe:
+    """`recipe` without its refinements: sink entries, per-layer kept sets, rotation, question-aware
+    rounding and widths (the differences QualityTable's twin lookup discounts)."""
+    twin = recipe.without("sink").without("rotate").without("round").without("kwidths").without("vwidths")
+    return twin.without("layer-scope")
+
+
+def evaluation_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`records`, all of them evaluation-split examples; else ValueError naming the first that is not."""
+    chosen = list(records)
+    others = [r for r in chosen if split_of_eid(str(r["eid"])) != EVALUATION]
+    if others:
+        eid = str(others[0]["eid"])
+        split, title = split_of_eid(eid), article_of_eid(eid)
+        where = f" (article {title!r}, {split or 'no'} split)" if title else f" ({split or 'no'} split)"
+        raise ValueError(
+            f"the holdout check reads evaluation-split examples only: {eid!r}{where}; "
+            f"{len(others)} of {len(chosen)} samples are not. Rerun `kvlink-bench quality --split evaluation`"
+        )
+    return chosen
+
+
+def check(
+    records: Iterable[Mapping[str, Any]],
+    table: QualityTable,
+    task: str = "squad",
+    quality: str = "fidelity",
+    pairs: Sequence[tuple[str, str]] = (),
+) -> tuple[list[Cell], list[Pair]]:
+    """The cells and pairs of one task's samples (evaluation split only) against `table`.
+
+    `pairs`: (config, twin) names to compare besides each config's plain twin (kvlink.recipe names).
+    """
+    rows = [r for r in evaluation_records(records) if r["task"] == task]
+    if not rows:
+        raise ValueError(f"no samples of task {task!r}")
+    by_config: dict[str, dict[str, float]] = defaultdict(dict)
+    wire: dict[str, list[float]] = defaultdict(list)
+    lengths: list[int] = []
+    for r in rows:
+        value = r.get(quality)
+        if value is None:
+            raise ValueError(f"sample {r['eid']!r} of {r['config']!r} has no {quality!r}")
+        by_config[str(r["config"])][str(r["eid"])] = float(value)
+        wire[str(r["config"])].append(100.0 * float(r["wire_frac"]))
+        lengths.append(int(r["T"]))
+    tokens = int(statistics.median(lengths))
+    recipes = {name: Recipe.from_name(name) for name in by_config}
+    cells = []
+    for name, values in by_config.items():
+        mean, lo, hi = bootstrap_ci(values.values())
+        entry = table.measured(recipes[name], tokens)
+        if entry is None:
+            verdict = "not in table"
+        elif entry > hi + TOLERANCE:
+            verdict = "overstated"
+        elif entry < lo - TOLERANCE:
+            verdict = "understated"
+        else:
+            verdict = "holds"
+        cells.append(Cell(name, len(values), mean, lo, hi, statistics.fmean(wire[name]), entry, verdict))
+    cells.sort(key=lambda c: -c.wire_pct)
+    names = {r.name: n for n, r in recipes.items()}  # canonical name -> the run's name
+    wanted = [(n, names[plain_twin(r).name]) for n, r in recipes.items() if plain_twin(r).name in names]
+    wanted += [(a, b) for a, b in pairs if (a, b) not in wanted]
+    out = []
+    for a, b in wanted:
+        if a == b:
+            continue
+        if a not in by_config or b not in by_config:
+            missing = [x for x in (a, b) if x not in by_config]
+            raise ValueError(
+                f"pair {a!r} = {b!r}: the run did not measure {missing}; it has {sorted(by_config)}"
+            )
+        common = sorted(set(by_config[a]) & set(by_config[b]))
+        diff, lo, hi = bootstrap_ci(by_config[a][e] - by_config[b][e] for e in common)
+        out.append(Pair(a, b, len(common), diff, lo, hi))
+    return cells, out
+
+
+def markdown(cells: Sequence[Cell], pairs: Sequence[Pair], quality: str = "fidelity") -> str:
+    """The check as two Markdown tables."""
+    lines = [
+        f"| config | wire % of FP16 | n | evaluation {quality} [95% CI] | table (calibration) | verdict |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for c in cells:
+        entry = "–" if c.table is None else f"{c.table:.3f}"
+        lines.append(
+            f"| `{c.config}` | {c.wire_pct:.2f} | {c.n} | {c.mean:.3f} [{c.lo:.3f}, {c.hi:.3f}] | {entry} "
+            f"| {c.verdict} |"
+        )
+    if pairs:
+        lines += [
+            "",
+            f"| config | against | n | Δ {quality} [95% CI] | gain holds |",
+            "|---|---|---:|---|---|",
+        ]
+        for p in pairs:
+            lines.append(
+                f"| `{p.config}` | `{p.twin}` | {p.n} | {p.diff:+.3f} [{p.lo:+.3f}, {p.hi:+.3f}] "
+                f"| {'yes' if p.holds else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def as_json(cells: Sequence[Cell], pairs: Sequence[Pair], **meta: Any) -> dict[str, Any]:
+    return {
+        **meta,
+        "cells": [asdict(c) for c in cells],
+        "pairs": [{**asdict(p), "holds": p.holds} for p in pairs],
+        "verdicts": {v: sum(c.verdict == v for c in cells) for v in VERDICTS},
+    }

@@ -1,0 +1,98 @@
+"""kvlink-bench holdout: the quality table's entries and gains checked on evaluation-split samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvlink.budget import QualityTable
+from kvlink.eval import holdout
+from kvlink.eval.cli import main
+from kvlink.eval.splits import calibration_examples, evaluation_examples
+from kvlink.recipe import Recipe
+
+PICK = "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question"
+TWIN = "q2c90%+kint4c/vint3t-g64"
+INT4 = "kint4c/vint4t-g32"
+
+
+def _samples(fidelity: dict[str, list[float]], eids: list[str], wire: float = 0.25) -> list[dict]:
+    return [
+        {"eid": eid, "task": "squad", "config": name, "fidelity": v, "wire_frac": wire, "T": 200}
+        for name, values in fidelity.items()
+        for eid, v in zip(eids, values, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def eids() -> list[str]:
+    return [f"squad:{e.qid}" for e in evaluation_examples()[:60]]
+
+
+def test_plain_twin_drops_every_refinement():
+    assert holdout.plain_twin(Recipe.from_name(PICK)).name == TWIN
+    assert holdout.plain_twin(Recipe.from_name(INT4)).name == INT4
+    assert holdout.plain_twin(Recipe.from_name("kint4c/vint4t-g32+sink1+rot")).name == INT4
+
+
+def test_verdicts_follow_the_interval(eids):
+    rng = np.random.default_rng(0)
+    pick = list(np.clip(0.8 + 0.1 * rng.standard_normal(len(eids)), 0, 1))
+    int4 = list(np.clip(0.7 + 0.1 * rng.standard_normal(len(eids)), 0, 1))
+    fp16 = [1.0] * len(eids)
+    table = QualityTable(entries={PICK: 0.95, INT4: float(np.mean(int4)), "fp16": 1.0})
+    cells, pairs = holdout.check(_samples({PICK: pick, INT4: int4, "fp16": fp16}, eids), table)
+    by = {c.config: c for c in cells}
+    assert by[PICK].verdict == "overstated" and by[PICK].hi < 0.95  # the table promised more
+    assert by[INT4].verdict == "holds" and by[INT4].lo <= by[INT4].table <= by[INT4].hi
+    assert by["fp16"].verdict == "holds" and by["fp16"].n == len(eids)
+    low = QualityTable(entries={PICK: 0.5})
+    cells, _ = holdout.check(_samples({PICK: pick, INT4: int4}, eids), low)
+    by = {c.config: c for c in cells}
+    assert by[PICK].verdict == "understated" and by[INT4].verdict == "not in table"
+    assert pairs == []  # no config met its plain twin
+
+
+def test_a_gain_over_the_twin_is_paired(eids):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.8, len(eids))
+    samples = _samples({PICK: list(base + 0.05), TWIN: list(base)}, eids)
+    _, pairs = holdout.check(samples, QualityTable())
+    (pair,) = pairs
+    assert (pair.config, pair.twin, pair.n) == (PICK, TWIN, len(eids))
+    assert pair.diff == pytest.approx(0.05) and pair.holds  # paired: the spread of `base` cancels
+    noise = rng.normal(0, 0.05, len(eids))
+    samples = _samples({PICK: list(base + noise - noise.mean()), TWIN: list(base)}, eids)
+    (pair,) = holdout.check(samples, QualityTable())[1]
+    assert pair.lo < 0 < pair.hi and not pair.holds
+
+
+def test_calibration_examples_are_refused(eids):
+    cal = f"squad:{calibration_examples()[0].qid}"
+    samples = _samples({INT4: [0.5] * (len(eids) + 1)}, [*eids, cal])
+    with pytest.raises(ValueError, match="evaluation-split examples only") as exc:
+        holdout.check(samples, QualityTable())
+    assert cal in str(exc.value) and "calibration split" in str(exc.value) and "1 of 61" in str(exc.value)
+
+
+def test_the_command_writes_json(tmp_path: Path, eids, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    samples = _samples({PICK: [0.9] * len(eids), TWIN: [0.8] * len(eids)}, eids)
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    table = tmp_path / "table.json"
+    QualityTable(entries={PICK: 0.7, TWIN: 0.8}).save(table)
+    out = tmp_path / "holdout.json"
+    assert main(["holdout", str(run), "--table", str(table), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    cells = {c["config"]: c for c in doc["cells"]}
+    assert cells[PICK]["verdict"] == "understated" and cells[TWIN]["verdict"] == "holds"
+    assert doc["verdicts"]["understated"] == 1 and doc["pairs"][0]["holds"] is True
+    assert f"`{PICK}`" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--pair takes CONFIG=TWIN"):
+        main(["holdout", str(run), "--table", str(table), "--pair", PICK])
+    with pytest.raises(SystemExit, match="did not measure"):
+        main(["holdout", str(run), "--table", str(table), "--pair", f"{PICK}=fp16"])
