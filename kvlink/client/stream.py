@@ -30,9 +30,8 @@ import grpc
 
 from kvlink import wire
 from kvlink.answer import GenerationOptions
-from kvlink.budget import QualityTable, parse_budget
+from kvlink.budget import parse_budget
 from kvlink.cache import Observe, Prefill, prefill
-from kvlink.capabilities import missing
 from kvlink.client.sender import (
     PLAINTEXT,
     ClientSecurity,
@@ -56,8 +55,9 @@ from kvlink.stream import (
     Option,
     Planner,
     Scores,
+    call_sample,
     encode_segment,
-    fp16_option,
+    kv_options,
     recipe_option,
     segment_bounds,
     segmentable,
@@ -67,9 +67,6 @@ from kvlink.stream import (
 logger = logging.getLogger(__name__)
 
 GOALS = ("bytes", "ttft")
-PINNED = ("kint8c/vint8t-g32", "kint4c/vint4t-g32", "q2c50%+kint4c/vint4t-g32", "q2c25%+kint4c/vint4t-g32")
-"""KV options for a model without a measured quality table (random weights: timing only)."""
-MAX_TABLE_OPTIONS = 6
 MAX_IN_FLIGHT = 2
 """Segment Transfers open at once: one the receiver decodes while the next one is on the link (each
 open call holds one of the receiver's per-peer call slots)."""
@@ -153,42 +150,6 @@ class StreamResult:
             "timings": dict(self.timings), "stages": self.stages(),
             "segments": [s.as_dict() for s in self.segments],
         }  # fmt: skip
-
-
-def kv_options(
-    fingerprint: str,
-    model_name: str,
-    capabilities: frozenset[str],
-    geometry: Geometry,
-    min_quality: float,
-    tokens: int | None = None,
-) -> list[Option]:
-    """FP16 and the quality table's configs that encode a segment alone (kvlink.stream.segmentable), that
-    the receiver decodes and whose expected quality is at least `min_quality`: the frontier of quality
-    against bits (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table.
-    tokens: the context's length (the table's bucket for it)."""
-    table = QualityTable.for_model(fingerprint, model_name)
-    names = list(table.entries) if table.entries else list(PINNED)
-    found: list[Option] = []
-    for name in names:
-        try:
-            recipe = Recipe.from_name(name)
-        except ValueError:
-            continue
-        if name == "fp16" or not segmentable(recipe) or missing(recipe, capabilities):
-            continue
-        quality = table.expected(recipe, geometry.head_dim, tokens=tokens) if table.entries else float("nan")
-        if table.entries and quality < min_quality:
-            continue
-        found.append(recipe_option(recipe, quality))
-    if table.entries:  # the frontier: no other option both smaller and at least as good
-        found.sort(key=lambda o: (o.wire_bytes(geometry, 1024), -o.quality))
-        frontier: list[Option] = []
-        for o in found:
-            if not frontier or o.quality > frontier[-1].quality:
-                frontier.append(o)
-        found = frontier[-MAX_TABLE_OPTIONS:]
-    return [fp16_option(), *found]
 
 
 async def send_streamed(
@@ -284,7 +245,10 @@ async def send_streamed(
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
-        costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
+        costs = Costs(
+            receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()),
+            segment_s=link.call_s(receiver),
+        )  # fmt: skip
         predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
@@ -316,7 +280,7 @@ async def send_streamed(
             for j in (j for j in range(i) if j not in answered):
                 on_link = 8 * planner.bytes_of(chosen[j], j) / c.link_bps
                 link_at = max(began.get(j, clock), link_at) + on_link
-                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, receiver)
+                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, c)
             return {"link_free": max(link_at - clock, 0.0), "ready": max(ready_at - clock, 0.0)}
 
         async def deliver(
@@ -331,6 +295,15 @@ async def send_streamed(
             if link.add(r.total, r.timings.get("receive_s", 0.0)):
                 logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
             answered[seg.index] = time.perf_counter()
+            work = r.timings.get("decode_s", 0.0) + r.timings.get("recompute_s", 0.0)
+            call = call_sample(
+                began[seg.index], answered[seg.index], answered.get(seg.index - 1),
+                r.timings.get("receive_s", 0.0), work,
+            )  # fmt: skip
+            if link.add_call(call):
+                logger.debug(
+                    "segment call cost %.1f ms after segment %d", 1e3 * (link.segment_s or 0), seg.index
+                )
             if on_segment is not None:
                 on_segment(seg)
 
@@ -363,7 +336,7 @@ async def send_streamed(
                 c = Costs(
                     receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
                     encode_rates=dict(encode_rates),
-                    question_tokens=int(q_ids.numel()),
+                    question_tokens=int(q_ids.numel()), segment_s=link.call_s(receiver),
                 )  # fmt: skip
                 option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
                 chosen.append(option)
