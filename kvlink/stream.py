@@ -394,7 +394,7 @@ class LinkEstimate:
 
     def add(self, nbytes: int, seconds: float) -> bool:
         """Take one sample (ignored when too small to time the link); whether it was taken."""
-        if nbytes < self.MIN_SAMPLE_BYTES or seconds <= 1e-4:
+        if nbytes < self.MIN_SAMPLE_BYTES or not 1e-4 < seconds < math.inf:  # NaN included
             return False
         rate = 8 * nbytes / seconds
         if self.samples == 0 or not self.bps / JUMP <= rate <= self.bps * JUMP:
@@ -404,9 +404,9 @@ class LinkEstimate:
         self.samples += 1
         return True
 
-    def add_call(self, seconds: float) -> bool:
+    def add_call(self, seconds: float | None) -> bool:
         """Take one segment's call cost (clamped to [0, MAX_SEGMENT_S]; ignored unless finite)."""
-        if not math.isfinite(seconds):
+        if seconds is None or not math.isfinite(seconds):
             return False
         sample = min(max(seconds, 0.0), MAX_SEGMENT_S)
         if self.segment_s is None or self.segment_samples == 0:
@@ -422,14 +422,32 @@ class LinkEstimate:
         return self.segment_s if self.segment_s is not None else receiver.segment_s
 
 
+WAITED_S = 1e-3
+"""A segment that waited this long for the one before it (the receiver's turn_s) was in before that was."""
+
+
 def call_sample(
-    began: float, answered: float, previous: float | None, receive_s: float, work_s: float
-) -> float:
-    """One segment's call cost from the sender's clock and its receipt: from when it could be taken
-    (its bytes in: `began` + the receiver's receive time; and the segment before it answered) to its
-    receipt, less the receiver's decode or recompute time (`work_s`)."""
-    takeable = began + receive_s if previous is None else max(began + receive_s, previous)
-    return answered - takeable - work_s
+    began: float,
+    answered: float,
+    previous: float | None,
+    receive_s: float,
+    work_s: float,
+    turn_s: float = 0.0,
+) -> float | None:
+    """One segment's call cost, from the sender's clock (when its Transfer began and was answered; when
+    the segment before it was answered) and its receipt's timings (receive_s, the receiver's decode or
+    recompute `work_s`, and turn_s, how long it waited for the segment before it): the time from when
+    the receiver could take it to its receipt, less its work. None when the receipt cannot tell: its
+    bytes may have queued on the link behind the segment before it (that is the link's time, not the
+    call's).
+
+    - It waited at the receiver: it could be taken once the segment before was answered.
+    - It began after the segment before was answered (or is the first): once its bytes were in."""
+    if previous is not None and turn_s >= WAITED_S:
+        return answered - previous - work_s
+    if previous is None or previous <= began:
+        return answered - began - receive_s - work_s
+    return None
 
 
 class LinkMemory:

@@ -206,9 +206,15 @@ def test_the_sender_learns_the_call_cost_from_its_receipts() -> None:
     # Segment 0 arrived 0.03 s after its call began and was decoded in 0.02 s, answered at 0.08 s.
     first = call_sample(began=10.0, answered=10.08, previous=None, receive_s=0.03, work_s=0.02)
     assert first == pytest.approx(0.03)
-    # Segment 1 was in before segment 0 was answered: it could only be taken once 0 was.
-    second = call_sample(began=10.04, answered=10.14, previous=10.08, receive_s=0.01, work_s=0.02)
+    # Segment 1 waited 5 ms at the receiver for segment 0: it could only be taken once 0 was answered.
+    second = call_sample(10.04, 10.14, previous=10.08, receive_s=0.01, work_s=0.02, turn_s=0.005)
     assert second == pytest.approx(0.04)
+    # Segment 2 began after segment 1 was answered: from when its bytes were in.
+    assert call_sample(10.2, 10.3, previous=10.14, receive_s=0.05, work_s=0.02) == pytest.approx(0.03)
+    # Segment 3 began while segment 2 was open and did not wait at the receiver: its bytes may have queued
+    # on the link behind 2's, so its receipt says nothing of the call.
+    assert call_sample(10.25, 10.9, previous=10.3, receive_s=0.05, work_s=0.02) is None
+    assert not est.add_call(None)
     assert est.add_call(first) and est.segment_s == pytest.approx(0.03)  # the first sample replaces
     assert est.add_call(second) and est.segment_s == pytest.approx(0.3 * 0.04 + 0.7 * 0.03)
     assert est.call_s(advertised) == est.segment_s

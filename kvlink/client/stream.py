@@ -86,6 +86,7 @@ class SegmentSent:
     link_bps: float  # the link estimate it was chosen with
     transfer: TransferResult | None = None
     encode_s: float = 0.0
+    call_s: float = 0.0  # the per-segment call cost it was chosen with
 
     @property
     def wire_bytes(self) -> int:
@@ -96,7 +97,7 @@ class SegmentSent:
         return {
             "index": self.index, "start": self.start, "stop": self.stop, "option": self.option,
             "predicted_ttft_s": self.predicted_ttft_s, "link_gbps": self.link_bps / 1e9,
-            "wire_bytes": self.wire_bytes, "encode_s": self.encode_s,
+            "wire_bytes": self.wire_bytes, "encode_s": self.encode_s, "call_s": self.call_s,
             "receiver": dict(r.timings) if r is not None else {},
         }  # fmt: skip
 
@@ -298,7 +299,7 @@ async def send_streamed(
             work = r.timings.get("decode_s", 0.0) + r.timings.get("recompute_s", 0.0)
             call = call_sample(
                 began[seg.index], answered[seg.index], answered.get(seg.index - 1),
-                r.timings.get("receive_s", 0.0), work,
+                r.timings.get("receive_s", 0.0), work, r.timings.get("turn_s", 0.0),
             )  # fmt: skip
             if link.add_call(call):
                 logger.debug(
@@ -341,7 +342,7 @@ async def send_streamed(
                 option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
                 chosen.append(option)
                 spent += planner.bytes_of(option, i)
-                seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
+                seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps, call_s=c.segment_s)
                 segment = wire.Segment(
                     stream_id, i, a, n_ctx, last=i == len(bounds) - 1,
                     token_ids=tuple(int(t) for t in ctx_ids[a:b]) if option.text else (),
