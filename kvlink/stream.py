@@ -288,7 +288,8 @@ def measure_costs(
       use for every format);
     - segment_s: the fixed cost of one small segment's message at the receiver, its frames parsed and
       verified (kvlink.wire.Assembler) and decoded;
-    - a short question's first token."""
+    - a short question's first token after the prefill of n <= 1024 tokens (first_token_s), and what it
+      takes beyond the question's prefill there (answer_s)."""
     from kvlink import wire
     from kvlink.answer import GenerationOptions, generate_answer
     from kvlink.cache import prefill as read
@@ -368,9 +369,14 @@ def measure_costs(
     first = min(
         timed(lambda: generate_answer(model, None, kv, question, GenerationOptions(1))) for _ in range(2)
     )
+    # What the first token costs beyond the question's prefill after n cached tokens (as the prefill
+    # rates predict it): answer set-up, the cache's conversion, the first decoding step.
+    prefilling = ReceiverCosts(tuple(rates), 1.0, 0.0).recompute_s(n, 16)
+    answer_s = max(first - prefilling, 1e-4)
     return ReceiverCosts(
-        tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first, tuple(decode.items()), segment_s
-    )
+        tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first, tuple(decode.items()), segment_s,
+        answer_s,
+    )  # fmt: skip
 
 
 # --- link estimate ---------------------------------------------------------------------------------
@@ -610,8 +616,7 @@ class Planner:
             out.arrive.append(arrive)
             out.ready.append(ready)
             out.wire_bytes.append(nbytes)
-        question = r.recompute_s(self.bounds[-1][1], costs.question_tokens) if self.bounds else 0.0
-        out.ttft = ready + max(question, r.first_token_s)
+        out.ttft = ready + r.answer_time(self.bounds[-1][1] if self.bounds else 0, costs.question_tokens)
         out.encoded = enc_free
         return out
 

@@ -22,7 +22,7 @@ import torch
 from kvlink import wire
 from kvlink.cache import Observe, prefill
 from kvlink.client.sender import SendError, ask, transfer
-from kvlink.client.stream import send_streamed
+from kvlink.client.stream import ENCODE_RATES, send_streamed
 from kvlink.eval.link import PacedProxy
 from kvlink.metrics import MetricsRegistry
 from kvlink.models import LoadedModel, load_model
@@ -95,11 +95,13 @@ async def test_fp16_segments_commit_the_context_the_sender_read(lm: LoadedModel)
         kv = service.store.get(OWNER, result.session_id, result.stream_id)
     assert [s.option for s in result.segments] == ["fp16"] * len(segment_bounds(full.length, 200))
     # The receipts taught the sender the per-segment call cost (kvlink.stream.call_sample): the first
-    # segment's always (nothing was before it on the link), a later one's unless it may have queued.
+    # segment's always (nothing was before it on the link), a later one's unless it may have queued, the
+    # last one's never (its receipt waits for the context's commit).
     learned = links.get(target)
-    assert 1 <= learned.segment_samples <= len(result.segments) and learned.segment_s is not None
+    assert 1 <= learned.segment_samples < len(result.segments) and learned.segment_s is not None
     receipts = [s.transfer.receipt.timings for s in result.segments if s.transfer is not None]
     assert all(r["turn_s"] >= 0 for r in receipts)  # how long each waited for the one before it
+    assert ENCODE_RATES[lm.fingerprint, "fp16"] > 0  # the next send plans with it before encoding
     assert 0.0 <= learned.segment_s < 5.0
     assert kv is not None and kv.length == full.length
     for layer in range(kv.num_layers):
@@ -295,6 +297,7 @@ def test_the_receiver_measures_each_format_and_its_call_cost(lm: LoadedModel) ->
                            "kint4c/vint3t-g32+sink1"]  # fmt: skip
     assert all(math.isfinite(r) and r > 0 for r in rates.values())
     assert 0 < costs.segment_s < 5.0 and costs.decode_rate("fp16") == rates["fp16"]
+    assert 0 < costs.answer_s <= costs.first_token_s
     # What the receiver advertises reads back on the sender's side as it was measured.
     assert costs_from_pb(costs_to_pb(costs)) == costs
 

@@ -238,8 +238,26 @@ def test_link_memory_keeps_the_call_cost_and_reads_a_file_of_before(tmp_path: Pa
 
 # --- the costs a receiver advertises -------------------------------------------------------------------
 FULL = ReceiverCosts(
-    ((128, 2000.0), (1024, 1500.0)), 2e9, 0.02, (("fp16", 8e9), ("kint4c/vint3t-g32+sink1", 6e8)), 0.004
+    ((128, 2000.0), (1024, 1500.0)),
+    2e9,
+    0.02,
+    (("fp16", 8e9), ("kint4c/vint3t-g32+sink1", 6e8)),
+    0.004,
+    0.015,
 )
+
+
+def test_the_first_token_costs_the_questions_prefill_plus_the_answers_own_part() -> None:
+    """With answer_s, the first token after a context of T tokens is the question's prefill there plus
+    answer_s; a receiver of before answer_s is priced as before (the larger of the two)."""
+    question = FULL.recompute_s(1024, 32)
+    assert question == pytest.approx(32 / 1500.0)
+    assert FULL.answer_time(1024, 32) == pytest.approx(0.015 + question)
+    assert RECEIVER.answer_time(1024, 32) == pytest.approx(max(question, 0.02))
+    planner = Planner(G, segment_bounds(1024, 256), OPTIONS, 1 << 40)
+    costs = Costs(FULL, 1e9, encode_bps=1e9, question_tokens=32)
+    p = planner.predict([text_option()] * 4, costs)
+    assert p.ttft == pytest.approx(p.ready[-1] + 0.015 + question)
 
 
 def test_costs_survive_the_proto_and_the_welcome() -> None:
@@ -259,7 +277,7 @@ def test_a_welcome_of_before_per_format_rates_reads_as_one_rate_and_no_call_cost
     msg = wire.pb.Welcome(protocol_version=wire.PROTOCOL_VERSION, fingerprint="fp")
     msg.costs.CopyFrom(old)
     costs = wire.welcome_from_proto(wire.pb.Welcome.FromString(msg.SerializeToString())).costs
-    assert costs is not None and costs.decode == () and costs.segment_s == 0.0
+    assert costs is not None and costs.decode == () and costs.segment_s == 0.0 == costs.answer_s
     assert costs.decode_rate("fp16") == costs.decode_rate("kint4c/vint4t-g32") == 3e8
     assert costs_from_pb(wire.pb.ReceiverCosts()) is None  # measured nothing
 
@@ -300,6 +318,7 @@ def _hostile(**changes: Any) -> wire.pb.ReceiverCosts:
         ({"segment_s": math.nan}, "per-segment cost"),
         ({"segment_s": 1e6}, "per-segment cost"),
         ({"first_token_s": math.inf}, "first token"),
+        ({"answer_s": -1.0}, "the first token beyond the question"),
     ],
 )
 def test_hostile_costs_are_refused_with_a_readable_error(

@@ -72,6 +72,9 @@ MAX_IN_FLIGHT = 2
 open call holds one of the receiver's per-peer call slots)."""
 ASSUMED_COSTS = wire.ReceiverCosts(((1024, 20_000.0),), 5e9, 0.05)
 """What a receiver that advertises no measured costs is assumed to cost (logged when used)."""
+ENCODE_RATES: dict[tuple[str, str], float] = {}
+"""This process's encode rates (FP16 bytes/s) by (model fingerprint, option name), the last measured: a
+send plans with them before it has encoded anything, and measures only the options not in here."""
 
 
 @dataclass
@@ -246,9 +249,12 @@ async def send_streamed(
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
+        encode_rates = {  # each option's own (FP16 and INT4 differ several times); what earlier sends measured
+            o.name: ENCODE_RATES[lm.fingerprint, o.name] for o in choices if (lm.fingerprint, o.name) in ENCODE_RATES
+        }  # fmt: skip
         costs = Costs(
             receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()),
-            segment_s=link.call_s(receiver),
+            encode_rates=dict(encode_rates), segment_s=link.call_s(receiver),
         )  # fmt: skip
         predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
@@ -266,7 +272,7 @@ async def send_streamed(
         reading = asyncio.create_task(read()) if needs_kv else None
         sent: list[SegmentSent] = []
         encode_bps = costs.encode_bps  # the last encode's rate, for options not measured yet
-        encode_rates: dict[str, float] = {}  # each option's own (FP16 and INT4 differ several times)
+        probed = False  # the options without a known encode rate timed once the context is read
         spent = 0
         scores: Scores | None = None
         chosen: list[Option] = []
@@ -301,7 +307,9 @@ async def send_streamed(
                 began[seg.index], answered[seg.index], answered.get(seg.index - 1),
                 r.timings.get("receive_s", 0.0), work, r.timings.get("turn_s", 0.0),
             )  # fmt: skip
-            if link.add_call(call):
+            # The last segment's receipt comes after the context is committed (joined and stored once):
+            # not a segment's call cost.
+            if seg.index != len(bounds) - 1 and link.add_call(call):
                 logger.debug(
                     "segment call cost %.1f ms after segment %d", 1e3 * (link.segment_s or 0), seg.index
                 )
@@ -324,18 +332,23 @@ async def send_streamed(
                 if failed is not None:
                     await failed  # raises its SendError
                 done = reading is None or reading.done()
-                if done and reading is not None and not encode_rates:
-                    # Once the context is read: each KV option's encode rate, on a slice of it (FP16 is a
-                    # copy, INT4 a quantization: a single rate would price them alike).
+                if done and reading is not None and not probed:
+                    # Once the context is read: the encode rate of each KV option not known yet, on a slice
+                    # of it (FP16 is a copy, INT4 a quantization: a single rate would price them alike).
+                    probed = True
                     pre = await reading
                     scores = scores or Scores(pre)
-                    encode_rates.update(
-                        await asyncio.to_thread(encode_rates_of, pre, scores, choices, g, min(128, n_ctx))
+                    unknown = [o for o in choices if o.name not in encode_rates]
+                    measured = await asyncio.to_thread(
+                        encode_rates_of, pre, scores, unknown, g, min(128, n_ctx)
                     )
+                    encode_rates.update(measured)
+                    ENCODE_RATES.update({(lm.fingerprint, name): r for name, r in measured.items()})
                 clock = time.perf_counter()
                 now = clock - t0
+                # A prefill that overran its estimate is assumed to need a quarter of what it took so far.
                 c = Costs(
-                    receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
+                    receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, now / 4),
                     encode_rates=dict(encode_rates),
                     question_tokens=int(q_ids.numel()), segment_s=link.call_s(receiver),
                 )  # fmt: skip
@@ -360,7 +373,7 @@ async def send_streamed(
                     )  # fmt: skip
                     seg.encode_s = time.perf_counter() - started
                     encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
-                    encode_rates[option.name] = encode_bps
+                    encode_rates[option.name] = ENCODE_RATES[lm.fingerprint, option.name] = encode_bps
                 # The link is free once the segment before is written; one segment decodes meanwhile.
                 busy = [t for t in in_flight if not t.done()]
                 if written is not None and busy:

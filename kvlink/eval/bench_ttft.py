@@ -306,6 +306,7 @@ async def run_grid(
         "prefill_tokens_per_s": [list(p) for p in welcome.costs.prefill],
         "decode_bytes_per_s": welcome.costs.decode_bytes_per_s, "first_token_s": welcome.costs.first_token_s,
         "decode_by_format": dict(welcome.costs.decode), "segment_s": welcome.costs.segment_s,
+        "answer_s": welcome.costs.answer_s,
         "text_segments": "segment:text" in welcome.capabilities,
     }  # fmt: skip
     learned = Learned()
@@ -480,6 +481,8 @@ def _by_format(receiver: dict[str, Any]) -> str:
     out = f" (by format, GB/s: {shown})" if shown else ""
     if receiver.get("segment_s"):
         out += f"; its own part of a segment's call {1e3 * receiver['segment_s']:.1f} ms"
+    if receiver.get("answer_s"):
+        out += f"; first token {1e3 * receiver['answer_s']:.0f} ms beyond the question's prefill"
     return out
 
 

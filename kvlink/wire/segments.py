@@ -47,8 +47,9 @@ class ReceiverCosts:
     length (ascending, each length once), FP16-equivalent bytes of KV decoded per second (INT4: the
     rate of a format not in `decode`), a short question's prefill plus first answer token in seconds,
     the decode rate of each KV format measured (format: kvlink.stream.decode_format, a recipe's name
-    less its selection), and the fixed seconds of one segment's message at the receiver beyond its
-    bytes and decode (0: not measured). Every number is checked here (ValueError quoting it): a
+    less its selection), the fixed seconds of one segment's message at the receiver beyond its
+    bytes and decode (0: not measured), and the seconds of an answer's first token beyond its
+    question's prefill (0: not measured). Every number is checked here (ValueError quoting it): a
     receiver's Welcome must not make a sender divide by zero, plan with NaN or loop over millions."""
 
     prefill: tuple[tuple[int, float], ...]
@@ -56,6 +57,7 @@ class ReceiverCosts:
     first_token_s: float
     decode: tuple[tuple[str, float], ...] = ()
     segment_s: float = 0.0
+    answer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.prefill) <= MAX_COST_POINTS:
@@ -68,6 +70,7 @@ class ReceiverCosts:
         _rate(self.decode_bytes_per_s, "the decode rate")
         _seconds(self.first_token_s, "the first token's time")
         _seconds(self.segment_s, "the per-segment cost")
+        _seconds(self.answer_s, "the first token beyond the question")
         if len(self.decode) > MAX_COST_POINTS:
             raise ValueError(f"at most {MAX_COST_POINTS} decode formats, got {len(self.decode)}")
         names = [name for name, _ in self.decode]
@@ -84,6 +87,13 @@ class ReceiverCosts:
         """FP16-equivalent bytes/s this receiver decodes `format` at (kvlink.stream.decode_format); a
         format it did not measure (or a receiver that measured one rate only) at decode_bytes_per_s."""
         return next((r for name, r in self.decode if name == format), self.decode_bytes_per_s)
+
+    def answer_time(self, context: int, question: int) -> float:
+        """Seconds from a question's arrival to its first answer token after a cached context of
+        `context` tokens: its prefill there plus answer_s; without answer_s (a receiver of before it),
+        the larger of that prefill and first_token_s."""
+        prefill = self.recompute_s(context, question)
+        return self.answer_s + prefill if self.answer_s > 0 else max(prefill, self.first_token_s)
 
     def prefill_rate(self, tokens: int) -> float:
         """Tokens/s of a prefill at a context of `tokens` (linear between measured lengths, the
@@ -125,7 +135,7 @@ def costs_to_pb(costs: ReceiverCosts) -> pb.ReceiverCosts:
         prefill=[pb.PrefillRate(tokens=n, tokens_per_s=r) for n, r in costs.prefill],
         decode_bytes_per_s=costs.decode_bytes_per_s, first_token_s=costs.first_token_s,
         decode=[pb.DecodeRate(format=name, bytes_per_s=r) for name, r in costs.decode],
-        segment_s=costs.segment_s,
+        segment_s=costs.segment_s, answer_s=costs.answer_s,
     )  # fmt: skip
 
 
@@ -141,8 +151,9 @@ def costs_from_pb(msg: pb.ReceiverCosts) -> ReceiverCosts | None:
     prefill = tuple(sorted((int(p.tokens), float(p.tokens_per_s)) for p in msg.prefill))
     decode = tuple((str(d.format), float(d.bytes_per_s)) for d in msg.decode)
     return ReceiverCosts(
-        prefill, float(msg.decode_bytes_per_s), float(msg.first_token_s), decode, float(msg.segment_s)
-    )
+        prefill, float(msg.decode_bytes_per_s), float(msg.first_token_s), decode, float(msg.segment_s),
+        float(msg.answer_s),
+    )  # fmt: skip
 
 
 __all__ = [
