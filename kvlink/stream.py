@@ -288,8 +288,9 @@ def measure_costs(
       use for every format);
     - segment_s: the fixed cost of one small segment's message at the receiver, its frames parsed and
       verified (kvlink.wire.Assembler) and decoded;
-    - a short question's first token after the prefill of n <= 1024 tokens (first_token_s), and what it
-      takes beyond the question's prefill there (answer_s)."""
+    - a short question's first token after a context of n <= 1024 tokens received in 4 segments
+      (first_token_s: joined, then answered), and at n/4 too: what it takes beyond the question's
+      prefill, a fixed part (answer_s) and one per context token (answer_s_per_token)."""
     from kvlink import wire
     from kvlink.answer import GenerationOptions, generate_answer
     from kvlink.cache import prefill as read
@@ -364,18 +365,36 @@ def measure_costs(
         decode[name] = geometry.fp16_bytes(m) / max(gross - call_s, gross / 2, 1e-9)
         probing += time.perf_counter() - started
 
-    kv = pre.kv.to(device=device, dtype=dtype)
+    # The first token after a context of m tokens received in 4 segments: their join (the commit) and
+    # the answer, at m = n/4 and n; beyond the question's prefill (as the prefill rates predict it), a
+    # fixed part and one growing with the context (copies of the cache: the join, the cache's
+    # conversion for the answer).
     question = torch.randint(0, vocab, (16,), generator=gen)
-    first = min(
-        timed(lambda: generate_answer(model, None, kv, question, GenerationOptions(1))) for _ in range(2)
-    )
-    # What the first token costs beyond the question's prefill after n cached tokens (as the prefill
-    # rates predict it): answer set-up, the cache's conversion, the first decoding step.
-    prefilling = ReceiverCosts(tuple(rates), 1.0, 0.0).recompute_s(n, 16)
-    answer_s = max(first - prefilling, 1e-4)
+    planned = ReceiverCosts(tuple(rates), 1.0, 0.0)
+    beyond: list[tuple[int, float]] = []
+    first = 0.0
+    for m in sorted({max(16, n // 4), n}):
+        cache = (pre if m == n else read(model, ids[:m])).kv.to(device=device, dtype=dtype)
+        cuts = [(a, min(a + -(-m // 4), m)) for a in range(0, m, -(-m // 4))]
+        parts = [
+            ContextKV([k[:, a:b] for k in cache.keys], [v[:, a:b] for v in cache.values],
+                      [p[a:b] for p in cache.positions], m)
+            for a, b in cuts
+        ]  # fmt: skip
+
+        def answer(parts: list[ContextKV] = parts, m: int = m) -> None:
+            generate_answer(model, None, join(parts, m), question, GenerationOptions(1))
+
+        answer()
+        took = min(timed(answer) for _ in range(2))
+        first = took
+        beyond.append((m, max(took - planned.recompute_s(m, 16), 0.0)))
+    (m1, e1), (m2, e2) = beyond[0], beyond[-1]
+    per_token = max((e2 - e1) / (m2 - m1), 0.0) if m2 > m1 else 0.0
+    answer_s = max(min(e1 - per_token * m1, e2 - per_token * m2), 1e-4)  # the smaller when noise made e2 < e1
     return ReceiverCosts(
         tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first, tuple(decode.items()), segment_s,
-        answer_s,
+        answer_s, per_token,
     )  # fmt: skip
 
 

@@ -244,20 +244,23 @@ FULL = ReceiverCosts(
     (("fp16", 8e9), ("kint4c/vint3t-g32+sink1", 6e8)),
     0.004,
     0.015,
+    1e-4,
 )
 
 
-def test_the_first_token_costs_the_questions_prefill_plus_the_answers_own_part() -> None:
-    """With answer_s, the first token after a context of T tokens is the question's prefill there plus
-    answer_s; a receiver of before answer_s is priced as before (the larger of the two)."""
+def test_the_first_token_costs_the_questions_prefill_plus_a_part_growing_with_the_context() -> None:
+    """With answer_s and answer_s_per_token, the first token after a context of T tokens is the question's
+    prefill there plus answer_s + answer_s_per_token * T (the join and the cache's copies grow with T);
+    a receiver of before them is priced as before (the larger of the prefill and first_token_s)."""
     question = FULL.recompute_s(1024, 32)
     assert question == pytest.approx(32 / 1500.0)
-    assert FULL.answer_time(1024, 32) == pytest.approx(0.015 + question)
+    assert FULL.answer_time(1024, 32) == pytest.approx(question + 0.015 + 1e-4 * 1024)
+    assert FULL.answer_time(512, 32) < FULL.answer_time(1024, 32)
     assert RECEIVER.answer_time(1024, 32) == pytest.approx(max(question, 0.02))
     planner = Planner(G, segment_bounds(1024, 256), OPTIONS, 1 << 40)
     costs = Costs(FULL, 1e9, encode_bps=1e9, question_tokens=32)
     p = planner.predict([text_option()] * 4, costs)
-    assert p.ttft == pytest.approx(p.ready[-1] + 0.015 + question)
+    assert p.ttft == pytest.approx(p.ready[-1] + question + 0.015 + 0.1024)
 
 
 def test_costs_survive_the_proto_and_the_welcome() -> None:
@@ -278,6 +281,7 @@ def test_a_welcome_of_before_per_format_rates_reads_as_one_rate_and_no_call_cost
     msg.costs.CopyFrom(old)
     costs = wire.welcome_from_proto(wire.pb.Welcome.FromString(msg.SerializeToString())).costs
     assert costs is not None and costs.decode == () and costs.segment_s == 0.0 == costs.answer_s
+    assert costs.answer_s_per_token == 0.0 and costs.answer_time(128, 16) == 0.1  # first_token_s, as before
     assert costs.decode_rate("fp16") == costs.decode_rate("kint4c/vint4t-g32") == 3e8
     assert costs_from_pb(wire.pb.ReceiverCosts()) is None  # measured nothing
 
@@ -319,6 +323,7 @@ def _hostile(**changes: Any) -> wire.pb.ReceiverCosts:
         ({"segment_s": 1e6}, "per-segment cost"),
         ({"first_token_s": math.inf}, "first token"),
         ({"answer_s": -1.0}, "the first token beyond the question"),
+        ({"answer_s_per_token": math.nan}, "per context token"),
     ],
 )
 def test_hostile_costs_are_refused_with_a_readable_error(

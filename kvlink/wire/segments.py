@@ -48,8 +48,8 @@ class ReceiverCosts:
     rate of a format not in `decode`), a short question's prefill plus first answer token in seconds,
     the decode rate of each KV format measured (format: kvlink.stream.decode_format, a recipe's name
     less its selection), the fixed seconds of one segment's message at the receiver beyond its
-    bytes and decode (0: not measured), and the seconds of an answer's first token beyond its
-    question's prefill (0: not measured). Every number is checked here (ValueError quoting it): a
+    bytes and decode (0: not measured), and what a context's first answer token takes beyond its
+    question's prefill: answer_s + answer_s_per_token per context token (both 0: not measured). Every number is checked here (ValueError quoting it): a
     receiver's Welcome must not make a sender divide by zero, plan with NaN or loop over millions."""
 
     prefill: tuple[tuple[int, float], ...]
@@ -58,6 +58,7 @@ class ReceiverCosts:
     decode: tuple[tuple[str, float], ...] = ()
     segment_s: float = 0.0
     answer_s: float = 0.0
+    answer_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.prefill) <= MAX_COST_POINTS:
@@ -71,6 +72,7 @@ class ReceiverCosts:
         _seconds(self.first_token_s, "the first token's time")
         _seconds(self.segment_s, "the per-segment cost")
         _seconds(self.answer_s, "the first token beyond the question")
+        _seconds(self.answer_s_per_token, "the first token's time per context token")
         if len(self.decode) > MAX_COST_POINTS:
             raise ValueError(f"at most {MAX_COST_POINTS} decode formats, got {len(self.decode)}")
         names = [name for name, _ in self.decode]
@@ -89,11 +91,14 @@ class ReceiverCosts:
         return next((r for name, r in self.decode if name == format), self.decode_bytes_per_s)
 
     def answer_time(self, context: int, question: int) -> float:
-        """Seconds from a question's arrival to its first answer token after a cached context of
-        `context` tokens: its prefill there plus answer_s; without answer_s (a receiver of before it),
-        the larger of that prefill and first_token_s."""
+        """Seconds from the last segment's arrival to the first answer token of a question of `question`
+        tokens after a context of `context` tokens, beyond its decode: the question's prefill there
+        plus answer_s + answer_s_per_token * context; without them (a receiver of before them), the
+        larger of that prefill and first_token_s."""
         prefill = self.recompute_s(context, question)
-        return self.answer_s + prefill if self.answer_s > 0 else max(prefill, self.first_token_s)
+        if self.answer_s > 0 or self.answer_s_per_token > 0:
+            return prefill + self.answer_s + self.answer_s_per_token * context
+        return max(prefill, self.first_token_s)
 
     def prefill_rate(self, tokens: int) -> float:
         """Tokens/s of a prefill at a context of `tokens` (linear between measured lengths, the
@@ -135,7 +140,7 @@ def costs_to_pb(costs: ReceiverCosts) -> pb.ReceiverCosts:
         prefill=[pb.PrefillRate(tokens=n, tokens_per_s=r) for n, r in costs.prefill],
         decode_bytes_per_s=costs.decode_bytes_per_s, first_token_s=costs.first_token_s,
         decode=[pb.DecodeRate(format=name, bytes_per_s=r) for name, r in costs.decode],
-        segment_s=costs.segment_s, answer_s=costs.answer_s,
+        segment_s=costs.segment_s, answer_s=costs.answer_s, answer_s_per_token=costs.answer_s_per_token,
     )  # fmt: skip
 
 
@@ -152,7 +157,7 @@ def costs_from_pb(msg: pb.ReceiverCosts) -> ReceiverCosts | None:
     decode = tuple((str(d.format), float(d.bytes_per_s)) for d in msg.decode)
     return ReceiverCosts(
         prefill, float(msg.decode_bytes_per_s), float(msg.first_token_s), decode, float(msg.segment_s),
-        float(msg.answer_s),
+        float(msg.answer_s), float(msg.answer_s_per_token),
     )  # fmt: skip
 
 
