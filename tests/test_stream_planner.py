@@ -1,6 +1,7 @@
 """kvlink.stream.Planner: the window of open segments, plan(), choose() as it was without a window, each
-format's decode rate and the per-segment call cost; the costs a receiver advertises (kvlink.wire.ReceiverCosts:
-its checks, its proto, a Welcome of before per-format rates) and the call cost a sender learns (LinkEstimate).
+format's decode rate and the per-segment call cost; the costs a receiver advertises
+(kvlink.wire.ReceiverCosts: its checks, its proto, a Welcome of before per-format rates) and the call
+cost a sender learns (LinkEstimate).
 
 (What kvlink-bench ttft found; to join tests/test_stream.py.)
 """

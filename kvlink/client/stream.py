@@ -249,9 +249,9 @@ async def send_streamed(
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
-        encode_rates = {  # each option's own (FP16 and INT4 differ several times); what earlier sends measured
-            o.name: ENCODE_RATES[lm.fingerprint, o.name] for o in choices if (lm.fingerprint, o.name) in ENCODE_RATES
-        }  # fmt: skip
+        # Each option's own encode rate (FP16 and INT4 differ several times), as earlier sends measured it.
+        known = ((o.name, (lm.fingerprint, o.name)) for o in choices)
+        encode_rates = {name: ENCODE_RATES[key] for name, key in known if key in ENCODE_RATES}
         costs = Costs(
             receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()),
             encode_rates=dict(encode_rates), segment_s=link.call_s(receiver),

@@ -325,8 +325,8 @@ async def run_grid(
             for sender, rates in grid.rates.items():
                 for rate in rates:
                     adaptive = await run_cell(
-                        lm, upstream, ctx, sender, rate, ADAPTIVE, grid.segment_tokens, grid.max_new_tokens,
-                        learned=learned,
+                        lm, upstream, ctx, sender, rate, ADAPTIVE, grid.segment_tokens,
+                        grid.max_new_tokens, learned=learned,
                     )  # fmt: skip
                     cells.append({**adaptive, "repeat": repeat})
                     progress(cells[-1])

@@ -226,7 +226,8 @@ def _costs(msg: pb.Welcome) -> ReceiverCosts | None:
     try:
         return costs_from_pb(msg.costs)
     except ValueError as exc:
-        logger.warning("ignoring the costs the receiver %r advertises: %s", msg.model or msg.fingerprint, exc)
+        who = msg.model or msg.fingerprint
+        logger.warning("ignoring the costs the receiver %r advertises: %s", who, exc)
         return None
 
 

@@ -49,8 +49,9 @@ class ReceiverCosts:
     the decode rate of each KV format measured (format: kvlink.stream.decode_format, a recipe's name
     less its selection), the fixed seconds of one segment's message at the receiver beyond its
     bytes and decode (0: not measured), and what a context's first answer token takes beyond its
-    question's prefill: answer_s + answer_s_per_token per context token (both 0: not measured). Every number is checked here (ValueError quoting it): a
-    receiver's Welcome must not make a sender divide by zero, plan with NaN or loop over millions."""
+    question's prefill: answer_s + answer_s_per_token per context token (both 0: not measured).
+    Every number is checked here (ValueError quoting it): a receiver's Welcome must not make a sender
+    divide by zero, plan with NaN or loop over millions."""
 
     prefill: tuple[tuple[int, float], ...]
     decode_bytes_per_s: float
