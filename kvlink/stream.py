@@ -16,7 +16,9 @@ travels as one message of its own (kvlink.wire.Segment in its header) under one 
 `Planner` predicts the time to first token of a schedule (one option per segment) from what each
 stage costs: the sender's prefill and encode rates, the link rate (`LinkEstimate`, smoothed from
 the receipts of earlier segments and kept per receiver), and the receiver's measured prefill and
-decode rates (kvlink.wire.ReceiverCosts, in its Welcome; `measure_costs` measures them). Segments
+decode rates (kvlink.wire.ReceiverCosts, in its Welcome; `measure_costs` measures them: the decode rate
+of each KV format, `decode_format`, and its fixed cost of one segment's message), and each segment's
+call cost as the sender measures it from its receipts (`LinkEstimate.segment_s`). Segments
 flow as a pipeline: the sender encodes segment i+1 while i is on the link, the receiver decodes i
 while i+1 arrives, so the prediction is a pipeline's, not a sum (`Planner.predict`); the sender keeps
 only a window of segments open (send_streamed: 2), so the link runs at most that far ahead of the
@@ -39,7 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kvlink.budget import QualityTable
 from kvlink.cache import ContextKV, Prefill
+from kvlink.capabilities import missing
 from kvlink.codec import Codec, EncodedKV
 from kvlink.models import Geometry
 from kvlink.recipe import Recipe
@@ -60,6 +64,13 @@ JUMP = 2.0
 """A link sample this many times above or below the estimate is a changed link (LinkEstimate)."""
 DEFAULT_ENCODE_BPS = 2e9
 """FP16 bytes a second the sender encodes before it has measured itself (the CPU reference path)."""
+PINNED = ("kint8c/vint8t-g32", "kint4c/vint4t-g32", "q2c50%+kint4c/vint4t-g32", "q2c25%+kint4c/vint4t-g32")
+"""KV options for a model without a measured quality table (random weights: timing only)."""
+MAX_TABLE_OPTIONS = 6
+MAX_DECODE_PROBES = 8
+"""KV formats a receiver times its decode of at start-up (FP16 and INT4 first, then the quality table's)."""
+MAX_SEGMENT_S = 10.0
+"""A per-segment call cost sample above this is clamped to it (a stalled call, not the call's cost)."""
 
 
 def segment_bounds(length: int, segment_tokens: int) -> list[tuple[int, int]]:
@@ -83,6 +94,11 @@ class Option:
     @property
     def text(self) -> bool:
         return self.name == TEXT
+
+    @property
+    def format(self) -> str:
+        """What the receiver decodes (decode_format), TEXT for text."""
+        return TEXT if self.recipe is None else decode_format(self.recipe)
 
     def wire_bytes(self, geometry: Geometry, n: int) -> int:
         """Bytes of a segment of `n` tokens under this option (exact before zstd and framing; the
@@ -111,6 +127,49 @@ def fp16_option() -> Option:
 
 def recipe_option(recipe: Recipe, quality: float) -> Option:
     return Option(recipe.name, recipe, quality)
+
+
+def decode_format(recipe: Recipe) -> str:
+    """The name of what a receiver decodes for `recipe`: its name less the selection (a segment under
+    q2c50% decodes like one under no selection, half as many positions). ReceiverCosts' decode rates
+    are by this name."""
+    return recipe.without("select").name
+
+
+def kv_options(
+    fingerprint: str,
+    model_name: str,
+    capabilities: frozenset[str],
+    geometry: Geometry,
+    min_quality: float,
+    tokens: int | None = None,
+) -> list[Option]:
+    """FP16 and the quality table's configs that encode a segment alone (segmentable), that the receiver
+    decodes and whose expected quality is at least `min_quality`: the frontier of quality against bits
+    (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table. tokens: the
+    context's length (the table's bucket for it)."""
+    table = QualityTable.for_model(fingerprint, model_name)
+    names = list(table.entries) if table.entries else list(PINNED)
+    found: list[Option] = []
+    for name in names:
+        try:
+            recipe = Recipe.from_name(name)
+        except ValueError:
+            continue
+        if name == "fp16" or not segmentable(recipe) or missing(recipe, capabilities):
+            continue
+        quality = table.expected(recipe, geometry.head_dim, tokens=tokens) if table.entries else float("nan")
+        if table.entries and quality < min_quality:
+            continue
+        found.append(recipe_option(recipe, quality))
+    if table.entries:  # the frontier: no other option both smaller and at least as good
+        found.sort(key=lambda o: (o.wire_bytes(geometry, 1024), -o.quality))
+        frontier: list[Option] = []
+        for o in found:
+            if not frontier or o.quality > frontier[-1].quality:
+                frontier.append(o)
+        found = frontier[-MAX_TABLE_OPTIONS:]
+    return [fp16_option(), *found]
 
 
 def segmentable(recipe: Recipe) -> bool:
@@ -209,17 +268,36 @@ def shifted(kv: ContextKV, start: int, length: int) -> ContextKV:
 
 
 def measure_costs(
-    model: Any, geometry: Geometry, max_tokens: int, vocab: int, seed: int = 0, budget_s: float = 5.0
+    model: Any,
+    geometry: Geometry,
+    max_tokens: int,
+    vocab: int,
+    seed: int = 0,
+    budget_s: float = 5.0,
+    formats: Sequence[Recipe] = (),
 ) -> ReceiverCosts:
-    """What this receiver's work costs on its model and device: prefill tokens/s at a few context
-    lengths up to `max_tokens` (of random token ids: speed does not depend on the text; longer ones are
-    skipped once `budget_s` is spent), the decode
-    rate of an INT4 message (FP16-equivalent bytes/s) and a short question's first token."""
+    """What this receiver's work costs on its model and device, measured by doing it:
+
+    - prefill tokens/s at a few context lengths up to `max_tokens` (of random token ids: speed does not
+      depend on the text; longer ones are skipped once `budget_s` is spent);
+    - the decode rate of each KV format (FP16-equivalent bytes/s by decode_format): FP16, INT4 and
+      those of `formats` (the quality table's, at most MAX_DECODE_PROBES in all; later ones skipped once
+      `budget_s` is spent on decoding), each by encoding a probe of up to 512 tokens of a real prefill
+      and timing its decode, less the fixed cost of a decode call (timed on 16 tokens, counted in
+      segment_s instead); decode_bytes_per_s is INT4's gross rate (what senders that read one rate
+      use for every format);
+    - segment_s: the fixed cost of one small segment's message at the receiver, its frames parsed and
+      verified (kvlink.wire.Assembler) and decoded;
+    - a short question's first token after a context of n <= 1024 tokens received in 4 segments
+      (first_token_s: joined, then answered), and at n/4 too: what it takes beyond the question's
+      prefill, a fixed part (answer_s) and one per context token (answer_s_per_token)."""
+    from kvlink import wire
     from kvlink.answer import GenerationOptions, generate_answer
     from kvlink.cache import prefill as read
     from kvlink.recipe import build
 
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
 
     def timed(fn: Any) -> float:
@@ -244,17 +322,80 @@ def measure_costs(
         rates.append((n, n / max(min(times), 1e-9)))
     n = min(rates[-1][0], 1024)
     pre = read(model, ids[:n])
-    codec = Codec(build(k_bits=4, v_bits=4), geometry)
+    int4 = build(k_bits=4, v_bits=4)
+    codec = Codec(int4, geometry)
     encoded = codec.encode(pre)
-    dtype = next(model.parameters()).dtype
     codec.decode(encoded, device, dtype)
     decode_s = min(timed(lambda: codec.decode(encoded, device, dtype)) for _ in range(2))
-    kv = pre.kv.to(device=device, dtype=dtype)
+
+    # The fixed cost of one segment: a 16-token INT4 message through the receiver's own parse, verify
+    # and decode (what every segment pays whatever its length).
+    small = codec.encode(read(model, ids[: min(16, n)]))
+    frames = [f.SerializeToString() for f in wire.to_frames(small, "probe", "probe", "cost-probe", 1 << 20)]
+
+    def one_segment() -> None:
+        asm = wire.Assembler("cost-probe", geometry)
+        for raw in frames:
+            asm.feed_raw(raw)
+        got, _ = asm.finish()
+        Codec(got.recipe, geometry).decode(got, device, dtype)
+
+    one_segment()
+    segment_s = min(timed(one_segment) for _ in range(3))
+    call_s = min(timed(lambda: codec.decode(small, device, dtype)) for _ in range(3))
+
+    # Each format's decode rate on a probe of m tokens, beyond the fixed decode call.
+    m = min(n, 512)
+    probe = read(model, ids[:m]) if m != n else pre
+    decode: dict[str, float] = {}
+    probing = 0.0
+    for recipe in [Recipe.from_name("fp16"), int4, *formats]:
+        name = decode_format(recipe)
+        if name in decode or len(decode) >= MAX_DECODE_PROBES or (len(decode) >= 2 and probing > budget_s):
+            continue
+        started = time.perf_counter()
+        try:
+            fmt = Codec(recipe.without("select"), geometry)
+            message = fmt.encode(probe)
+        except ValueError as exc:  # a format this model's geometry does not take
+            logger.info("no decode rate for %s: %s", name, exc)
+            continue
+        fmt.decode(message, device, dtype)
+        gross = min(timed(lambda f=fmt, e=message: f.decode(e, device, dtype)) for _ in range(2))
+        decode[name] = geometry.fp16_bytes(m) / max(gross - call_s, gross / 2, 1e-9)
+        probing += time.perf_counter() - started
+
+    # The first token after a context of m tokens received in 4 segments: their join (the commit) and
+    # the answer, at m = n/4 and n; beyond the question's prefill (as the prefill rates predict it), a
+    # fixed part and one growing with the context (copies of the cache: the join, the cache's
+    # conversion for the answer).
     question = torch.randint(0, vocab, (16,), generator=gen)
-    first = min(
-        timed(lambda: generate_answer(model, None, kv, question, GenerationOptions(1))) for _ in range(2)
-    )
-    return ReceiverCosts(tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first)
+    planned = ReceiverCosts(tuple(rates), 1.0, 0.0)
+    beyond: list[tuple[int, float]] = []
+    first = 0.0
+    for m in sorted({max(16, n // 4), n}):
+        cache = (pre if m == n else read(model, ids[:m])).kv.to(device=device, dtype=dtype)
+        cuts = [(a, min(a + -(-m // 4), m)) for a in range(0, m, -(-m // 4))]
+        parts = [
+            ContextKV([k[:, a:b] for k in cache.keys], [v[:, a:b] for v in cache.values],
+                      [p[a:b] for p in cache.positions], m)
+            for a, b in cuts
+        ]  # fmt: skip
+
+        def answer(parts: list[ContextKV] = parts, m: int = m) -> None:
+            generate_answer(model, None, join(parts, m), question, GenerationOptions(1))
+
+        answer()
+        took = min(timed(answer) for _ in range(2))
+        first = took
+        beyond.append((m, max(took - planned.recompute_s(m, 16), 0.0)))
+    (m1, e1), (m2, e2) = beyond[0], beyond[-1]
+    per_token = max((e2 - e1) / (m2 - m1), 0.0) if m2 > m1 else 0.0
+    answer_s = max(min(e1 - per_token * m1, e2 - per_token * m2), 1e-4)  # the smaller when noise made e2 < e1
+    return ReceiverCosts(
+        tuple(rates), geometry.fp16_bytes(n) / max(decode_s, 1e-9), first, tuple(decode.items()), segment_s,
+        answer_s, per_token,
+    )  # fmt: skip
 
 
 # --- link estimate ---------------------------------------------------------------------------------
@@ -262,17 +403,23 @@ def measure_costs(
 class LinkEstimate:
     """A receiver's link rate in bits/s: an exponentially smoothed mean of per-segment samples (bytes
     over the receiver's receive time), `alpha` the weight of the newest; a sample more than JUMP times
-    off the estimate replaces it (the link changed: smoothing would follow it segments late)."""
+    off the estimate replaces it (the link changed: smoothing would follow it segments late). And the
+    call cost of one segment (segment_s, seconds; None until a receipt measured it): what a segment's
+    Transfer takes beyond its bytes on the link and the receiver's decode or recompute (the call, the
+    receiver's checks and bookkeeping, the receipt), smoothed with weight `call_alpha`."""
 
     bps: float = DEFAULT_LINK_BPS
     samples: int = 0
     alpha: float = 0.6
+    segment_s: float | None = None
+    segment_samples: int = 0
+    call_alpha: float = 0.3
 
     MIN_SAMPLE_BYTES = 64 << 10  # smaller segments time the call, not the link
 
     def add(self, nbytes: int, seconds: float) -> bool:
         """Take one sample (ignored when too small to time the link); whether it was taken."""
-        if nbytes < self.MIN_SAMPLE_BYTES or seconds <= 1e-4:
+        if nbytes < self.MIN_SAMPLE_BYTES or not 1e-4 < seconds < math.inf:  # NaN included
             return False
         rate = 8 * nbytes / seconds
         if self.samples == 0 or not self.bps / JUMP <= rate <= self.bps * JUMP:
@@ -282,20 +429,67 @@ class LinkEstimate:
         self.samples += 1
         return True
 
+    def add_call(self, seconds: float | None) -> bool:
+        """Take one segment's call cost (clamped to [0, MAX_SEGMENT_S]; ignored unless finite)."""
+        if seconds is None or not math.isfinite(seconds):
+            return False
+        sample = min(max(seconds, 0.0), MAX_SEGMENT_S)
+        if self.segment_s is None or self.segment_samples == 0:
+            self.segment_s = sample
+        else:
+            self.segment_s = self.call_alpha * sample + (1 - self.call_alpha) * self.segment_s
+        self.segment_samples += 1
+        return True
+
+    def call_s(self, receiver: ReceiverCosts) -> float:
+        """The per-segment call cost to plan with: measured from receipts, else what the receiver
+        advertises of its own part (0 from a receiver that measured none)."""
+        return self.segment_s if self.segment_s is not None else receiver.segment_s
+
+
+WAITED_S = 1e-3
+"""A segment that waited this long for the one before it (the receiver's turn_s) was in before that was."""
+
+
+def call_sample(
+    began: float,
+    answered: float,
+    previous: float | None,
+    receive_s: float,
+    work_s: float,
+    turn_s: float = 0.0,
+) -> float | None:
+    """One segment's call cost, from the sender's clock (when its Transfer began and was answered; when
+    the segment before it was answered) and its receipt's timings (receive_s, the receiver's decode or
+    recompute `work_s`, and turn_s, how long it waited for the segment before it): the time from when
+    the receiver could take it to its receipt, less its work. None when the receipt cannot tell: its
+    bytes may have queued on the link behind the segment before it (that is the link's time, not the
+    call's).
+
+    - It waited at the receiver: it could be taken once the segment before was answered.
+    - It began after the segment before was answered (or is the first): once its bytes were in."""
+    if previous is not None and turn_s >= WAITED_S:
+        return answered - previous - work_s
+    if previous is None or previous <= began:
+        return answered - began - receive_s - work_s
+    return None
+
 
 class LinkMemory:
     """Link estimates per receiver address, kept between sends (in memory, and in a JSON file when
-    given one: kvlink-send keeps it in the user cache directory)."""
+    given one: kvlink-send keeps it in the user cache directory): the rate and the per-segment call
+    cost. A file of before the call cost (a rate alone per address) still reads."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._links: dict[str, LinkEstimate] = {}
         if path is not None and path.is_file():
             try:
-                for target, bps in json.loads(path.read_text()).items():
-                    if isinstance(bps, (int, float)) and bps > 0:
-                        self._links[str(target)] = LinkEstimate(float(bps), 1)
-            except (OSError, ValueError) as exc:
+                for target, kept in json.loads(path.read_text()).items():
+                    estimate = _estimate_from_json(kept)
+                    if estimate is not None:
+                        self._links[str(target)] = estimate
+            except (OSError, ValueError, AttributeError) as exc:
                 logger.warning("ignoring the link estimates in %s: %s", path, exc)
 
     def get(self, target: str, hint_bps: float | None = None) -> LinkEstimate:
@@ -306,11 +500,29 @@ class LinkMemory:
     def save(self) -> None:
         if self.path is None:
             return
+        kept = {
+            t: {"bps": e.bps, **({"segment_s": e.segment_s} if e.segment_s is not None else {})}
+            for t, e in self._links.items()
+        }
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({t: e.bps for t, e in self._links.items()}, indent=1))
+            self.path.write_text(json.dumps(kept, indent=1))
         except OSError as exc:
             logger.warning("cannot keep the link estimates in %s: %s", self.path, exc)
+
+
+def _estimate_from_json(kept: Any) -> LinkEstimate | None:
+    """A kept estimate: {"bps": ..., "segment_s": ...}, or a rate alone (a file of before the call cost);
+    None for anything else, or values no plan can use."""
+    bps, segment_s = (
+        (kept, None) if isinstance(kept, (int, float)) else (kept.get("bps"), kept.get("segment_s"))
+    )
+    if not isinstance(bps, (int, float)) or not math.isfinite(bps) or bps <= 0:
+        return None
+    estimate = LinkEstimate(float(bps), 1)
+    if isinstance(segment_s, (int, float)) and math.isfinite(segment_s) and 0 <= segment_s <= MAX_SEGMENT_S:
+        estimate.segment_s, estimate.segment_samples = float(segment_s), 1
+    return estimate
 
 
 LINKS = LinkMemory()
@@ -321,7 +533,9 @@ LINKS = LinkMemory()
 @dataclass
 class Costs:
     """What the planner knows: receiver costs, link rate (bits/s), the sender's encode rate (FP16
-    bytes/s), its prefill time still to come (0 once read), one-way latency, question tokens."""
+    bytes/s), its prefill time still to come (0 once read), one-way latency, question tokens, each KV
+    option's measured encode rate, and the call cost of one segment (seconds each segment's Transfer
+    takes beyond its bytes and the receiver's work: LinkEstimate.call_s)."""
 
     receiver: ReceiverCosts
     link_bps: float
@@ -330,6 +544,7 @@ class Costs:
     latency_s: float = 0.0005
     question_tokens: int = 32
     encode_rates: dict[str, float] = field(default_factory=dict)  # measured per option (FP16 bytes/s)
+    segment_s: float = 0.0
 
 
 @dataclass
@@ -378,12 +593,14 @@ class Planner:
         a, b = self.bounds[i]
         return self._bytes[(option.name, b - a)]
 
-    def work_s(self, option: Option, i: int, receiver: ReceiverCosts) -> float:
-        """The receiver's seconds on segment i under `option`: recomputing it (text) or decoding what it keeps."""
+    def work_s(self, option: Option, i: int, costs: Costs) -> float:
+        """The receiver's seconds on segment i under `option`: recomputing it (text) or decoding what it
+        keeps at its format's rate, plus the segment's call cost."""
         a, b = self.bounds[i]
+        r = costs.receiver
         if option.text:
-            return receiver.recompute_s(a, b - a)
-        return self.geometry.fp16_bytes(option.kept(b - a)) / receiver.decode_bytes_per_s
+            return r.recompute_s(a, b - a) + costs.segment_s
+        return self.geometry.fp16_bytes(option.kept(b - a)) / r.decode_rate(option.format) + costs.segment_s
 
     def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,
                 ready: float = 0.0, encoded: float = 0.0) -> Prediction:  # fmt: skip
@@ -409,7 +626,7 @@ class Planner:
                 rate = costs.encode_rates.get(option.name, costs.encode_bps)
                 enc_free = max(enc_free, go) + g.fp16_bytes(n) / rate
                 sendable = enc_free
-            work = self.work_s(option, i, r)
+            work = self.work_s(option, i, costs)
             start = max(sendable, link_free)
             link_free = start + 8 * nbytes / costs.link_bps
             arrive = link_free + costs.latency_s
@@ -418,8 +635,7 @@ class Planner:
             out.arrive.append(arrive)
             out.ready.append(ready)
             out.wire_bytes.append(nbytes)
-        question = r.recompute_s(self.bounds[-1][1], costs.question_tokens) if self.bounds else 0.0
-        out.ttft = ready + max(question, r.first_token_s)
+        out.ttft = ready + r.answer_time(self.bounds[-1][1] if self.bounds else 0, costs.question_tokens)
         out.encoded = enc_free
         return out
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from kvlink.client.stream import PINNED
 from kvlink.eval import bench_ttft as bt
+from kvlink.stream import PINNED
 
 TINY = "random:tiny-llama"
 SEGMENTS = 4  # 1,000-1,024 context tokens in segments of 256

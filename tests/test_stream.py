@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -21,12 +22,12 @@ import torch
 from kvlink import wire
 from kvlink.cache import Observe, prefill
 from kvlink.client.sender import SendError, ask, transfer
-from kvlink.client.stream import send_streamed
+from kvlink.client.stream import ENCODE_RATES, send_streamed
 from kvlink.eval.link import PacedProxy
 from kvlink.metrics import MetricsRegistry
 from kvlink.models import LoadedModel, load_model
 from kvlink.prompt import context_ids, question_ids, question_rows
-from kvlink.recipe import Recipe
+from kvlink.recipe import Recipe, build
 from kvlink.select import keep_count
 from kvlink.server.service import KVLinkService
 from kvlink.server.store import SessionStore
@@ -37,12 +38,15 @@ from kvlink.stream import (
     LinkMemory,
     Planner,
     Scores,
+    decode_format,
     encode_segment,
     fp16_option,
+    measure_costs,
     recipe_option,
     segment_bounds,
     text_option,
 )
+from kvlink.wire.segments import costs_from_pb, costs_to_pb
 from netutil import Receiver, free_port
 
 TINY = "random:tiny-llama"
@@ -84,11 +88,21 @@ def _read(lm: LoadedModel) -> Any:
 
 async def test_fp16_segments_commit_the_context_the_sender_read(lm: LoadedModel) -> None:
     full = _read(lm).kv
+    links = LinkMemory()
     async with receiver(lm) as (target, service):
         result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=200, fixed="fp16",
-                                     links=LinkMemory())  # fmt: skip
+                                     links=links)  # fmt: skip
         kv = service.store.get(OWNER, result.session_id, result.stream_id)
     assert [s.option for s in result.segments] == ["fp16"] * len(segment_bounds(full.length, 200))
+    # The receipts taught the sender the per-segment call cost (kvlink.stream.call_sample): the first
+    # segment's always (nothing was before it on the link), a later one's unless it may have queued, the
+    # last one's never (its receipt waits for the context's commit).
+    learned = links.get(target)
+    assert 1 <= learned.segment_samples < len(result.segments) and learned.segment_s is not None
+    receipts = [s.transfer.receipt.timings for s in result.segments if s.transfer is not None]
+    assert all(r["turn_s"] >= 0 for r in receipts)  # how long each waited for the one before it
+    assert ENCODE_RATES[lm.fingerprint, "fp16"] > 0  # the next send plans with it before encoding
+    assert 0.0 <= learned.segment_s < 5.0
     assert kv is not None and kv.length == full.length
     for layer in range(kv.num_layers):
         assert torch.equal(kv.positions[layer].cpu(), torch.arange(full.length))
@@ -248,6 +262,44 @@ async def test_the_sender_follows_a_link_that_slows_down_mid_message(lm: LoadedM
     assert first_slow <= 3 and len(options) >= first_slow + 3, options
     assert options[first_slow + 2 :] == ["text"] * len(options[first_slow + 2 :]), options
     assert result.segments[-1].link_bps < 10e6 < result.segments[1].link_bps
+
+
+class _HostileCosts(KVLinkService):
+    """A receiver whose Welcome advertises costs no plan can use (NaN decode rates, a duplicated prefill
+    length that would divide by zero, a negative call cost, thousands of formats)."""
+
+    async def Hello(self, request: bytes, context: grpc.aio.ServicerContext) -> wire.pb.Welcome:
+        msg = await super().Hello(request, context)
+        msg.costs.prefill.add(tokens=128, tokens_per_s=1e3)  # twice: COSTS measured 128 already
+        msg.costs.decode.extend(wire.pb.DecodeRate(format=f"f{i}", bytes_per_s=math.nan) for i in range(5000))
+        msg.costs.segment_s = -1.0
+        return msg
+
+
+async def test_a_receiver_advertising_hostile_costs_is_still_sent_to(
+    lm: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with receiver(lm, service_class=_HostileCosts) as (target, _service):
+        with caplog.at_level(logging.WARNING):
+            result = await asyncio.wait_for(
+                send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, links=LinkMemory()), 120
+            )
+    assert result.welcome.costs is None and result.answer.finish_reason
+    assert "ignoring the costs the receiver" in caplog.text and "at most 64 decode formats" in caplog.text
+    assert "advertises no measured costs: assuming" in caplog.text
+
+
+def test_the_receiver_measures_each_format_and_its_call_cost(lm: LoadedModel) -> None:
+    formats = [Recipe.from_name(n) for n in ("kint8c/vint8t-g32", "q2c50%+kint4c/vint3t-g32+sink1")]
+    costs = measure_costs(lm.model, lm.geometry, 256, int(lm.model.config.vocab_size), formats=formats)
+    rates = dict(costs.decode)
+    assert list(rates) == ["fp16", decode_format(build(k_bits=4, v_bits=4)), "kint8c/vint8t-g32",
+                           "kint4c/vint3t-g32+sink1"]  # fmt: skip
+    assert all(math.isfinite(r) and r > 0 for r in rates.values())
+    assert 0 < costs.segment_s < 5.0 and costs.decode_rate("fp16") == rates["fp16"]
+    assert 0 < costs.answer_s <= costs.first_token_s and costs.answer_s_per_token >= 0
+    # What the receiver advertises reads back on the sender's side as it was measured.
+    assert costs_from_pb(costs_to_pb(costs)) == costs
 
 
 def test_link_estimate_smooths_and_jumps() -> None:

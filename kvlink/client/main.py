@@ -507,14 +507,16 @@ def _send_ttft(
         return 0
     if args.explain:
         table = Table(title="segments: chosen, predicted and measured")
-        for name in ("#", "tokens", "sent as", "link est.", "TTFT pred.", "wire bytes", "on receiver"):
+        columns = ["#", "tokens", "sent as", "link est.", "call est.", "TTFT pred.", "wire bytes"]
+        columns.append("on receiver")
+        for name in columns:
             table.add_column(name, justify="left" if name == "sent as" else "right")
         for s in result.segments:
             receiver = s.transfer.receipt.timings if s.transfer is not None else {}
             work = receiver.get("recompute_s", receiver.get("decode_s", 0.0))
             table.add_row(
                 str(s.index), f"{s.start}-{s.stop}", s.option, f"{s.link_bps / 1e9:.2f} Gb/s",
-                f"{s.predicted_ttft_s:.3f} s", _n(s.wire_bytes), f"{work:.3f} s",
+                f"{1e3 * s.call_s:.1f} ms", f"{s.predicted_ttft_s:.3f} s", _n(s.wire_bytes), f"{work:.3f} s",
             )  # fmt: skip
         out.print(table)
         statics = ", ".join(

@@ -30,9 +30,8 @@ import grpc
 
 from kvlink import wire
 from kvlink.answer import GenerationOptions
-from kvlink.budget import QualityTable, parse_budget
+from kvlink.budget import parse_budget
 from kvlink.cache import Observe, Prefill, prefill
-from kvlink.capabilities import missing
 from kvlink.client.sender import (
     PLAINTEXT,
     ClientSecurity,
@@ -56,8 +55,9 @@ from kvlink.stream import (
     Option,
     Planner,
     Scores,
+    call_sample,
     encode_segment,
-    fp16_option,
+    kv_options,
     recipe_option,
     segment_bounds,
     segmentable,
@@ -67,14 +67,14 @@ from kvlink.stream import (
 logger = logging.getLogger(__name__)
 
 GOALS = ("bytes", "ttft")
-PINNED = ("kint8c/vint8t-g32", "kint4c/vint4t-g32", "q2c50%+kint4c/vint4t-g32", "q2c25%+kint4c/vint4t-g32")
-"""KV options for a model without a measured quality table (random weights: timing only)."""
-MAX_TABLE_OPTIONS = 6
 MAX_IN_FLIGHT = 2
 """Segment Transfers open at once: one the receiver decodes while the next one is on the link (each
 open call holds one of the receiver's per-peer call slots)."""
 ASSUMED_COSTS = wire.ReceiverCosts(((1024, 20_000.0),), 5e9, 0.05)
 """What a receiver that advertises no measured costs is assumed to cost (logged when used)."""
+ENCODE_RATES: dict[tuple[str, str], float] = {}
+"""This process's encode rates (FP16 bytes/s) by (model fingerprint, option name), the last measured: a
+send plans with them before it has encoded anything, and measures only the options not in here."""
 
 
 @dataclass
@@ -89,6 +89,7 @@ class SegmentSent:
     link_bps: float  # the link estimate it was chosen with
     transfer: TransferResult | None = None
     encode_s: float = 0.0
+    call_s: float = 0.0  # the per-segment call cost it was chosen with
 
     @property
     def wire_bytes(self) -> int:
@@ -99,7 +100,7 @@ class SegmentSent:
         return {
             "index": self.index, "start": self.start, "stop": self.stop, "option": self.option,
             "predicted_ttft_s": self.predicted_ttft_s, "link_gbps": self.link_bps / 1e9,
-            "wire_bytes": self.wire_bytes, "encode_s": self.encode_s,
+            "wire_bytes": self.wire_bytes, "encode_s": self.encode_s, "call_s": self.call_s,
             "receiver": dict(r.timings) if r is not None else {},
         }  # fmt: skip
 
@@ -153,42 +154,6 @@ class StreamResult:
             "timings": dict(self.timings), "stages": self.stages(),
             "segments": [s.as_dict() for s in self.segments],
         }  # fmt: skip
-
-
-def kv_options(
-    fingerprint: str,
-    model_name: str,
-    capabilities: frozenset[str],
-    geometry: Geometry,
-    min_quality: float,
-    tokens: int | None = None,
-) -> list[Option]:
-    """FP16 and the quality table's configs that encode a segment alone (kvlink.stream.segmentable), that
-    the receiver decodes and whose expected quality is at least `min_quality`: the frontier of quality
-    against bits (at most MAX_TABLE_OPTIONS); the PINNED configs for a model without a measured table.
-    tokens: the context's length (the table's bucket for it)."""
-    table = QualityTable.for_model(fingerprint, model_name)
-    names = list(table.entries) if table.entries else list(PINNED)
-    found: list[Option] = []
-    for name in names:
-        try:
-            recipe = Recipe.from_name(name)
-        except ValueError:
-            continue
-        if name == "fp16" or not segmentable(recipe) or missing(recipe, capabilities):
-            continue
-        quality = table.expected(recipe, geometry.head_dim, tokens=tokens) if table.entries else float("nan")
-        if table.entries and quality < min_quality:
-            continue
-        found.append(recipe_option(recipe, quality))
-    if table.entries:  # the frontier: no other option both smaller and at least as good
-        found.sort(key=lambda o: (o.wire_bytes(geometry, 1024), -o.quality))
-        frontier: list[Option] = []
-        for o in found:
-            if not frontier or o.quality > frontier[-1].quality:
-                frontier.append(o)
-        found = frontier[-MAX_TABLE_OPTIONS:]
-    return [fp16_option(), *found]
 
 
 async def send_streamed(
@@ -284,7 +249,13 @@ async def send_streamed(
         link = links.get(transfer_target or target, link_bps)
         needs_kv = any(not o.text for o in choices)
         prefill_estimate = receiver.recompute_s(0, n_ctx) if needs_kv and prefilled is None else 0.0
-        costs = Costs(receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()))
+        # Each option's own encode rate (FP16 and INT4 differ several times), as earlier sends measured it.
+        known = ((o.name, (lm.fingerprint, o.name)) for o in choices)
+        encode_rates = {name: ENCODE_RATES[key] for name, key in known if key in ENCODE_RATES}
+        costs = Costs(
+            receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()),
+            encode_rates=dict(encode_rates), segment_s=link.call_s(receiver),
+        )  # fmt: skip
         predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
 
@@ -301,7 +272,7 @@ async def send_streamed(
         reading = asyncio.create_task(read()) if needs_kv else None
         sent: list[SegmentSent] = []
         encode_bps = costs.encode_bps  # the last encode's rate, for options not measured yet
-        encode_rates: dict[str, float] = {}  # each option's own (FP16 and INT4 differ several times)
+        probed = False  # the options without a known encode rate timed once the context is read
         spent = 0
         scores: Scores | None = None
         chosen: list[Option] = []
@@ -316,7 +287,7 @@ async def send_streamed(
             for j in (j for j in range(i) if j not in answered):
                 on_link = 8 * planner.bytes_of(chosen[j], j) / c.link_bps
                 link_at = max(began.get(j, clock), link_at) + on_link
-                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, receiver)
+                ready_at = max(link_at + c.latency_s, ready_at) + planner.work_s(chosen[j], j, c)
             return {"link_free": max(link_at - clock, 0.0), "ready": max(ready_at - clock, 0.0)}
 
         async def deliver(
@@ -331,6 +302,17 @@ async def send_streamed(
             if link.add(r.total, r.timings.get("receive_s", 0.0)):
                 logger.debug("link estimate %.2f Gbit/s after segment %d", link.bps / 1e9, seg.index)
             answered[seg.index] = time.perf_counter()
+            work = r.timings.get("decode_s", 0.0) + r.timings.get("recompute_s", 0.0)
+            call = call_sample(
+                began[seg.index], answered[seg.index], answered.get(seg.index - 1),
+                r.timings.get("receive_s", 0.0), work, r.timings.get("turn_s", 0.0),
+            )  # fmt: skip
+            # The last segment's receipt comes after the context is committed (joined and stored once):
+            # not a segment's call cost.
+            if seg.index != len(bounds) - 1 and link.add_call(call):
+                logger.debug(
+                    "segment call cost %.1f ms after segment %d", 1e3 * (link.segment_s or 0), seg.index
+                )
             if on_segment is not None:
                 on_segment(seg)
 
@@ -350,25 +332,30 @@ async def send_streamed(
                 if failed is not None:
                     await failed  # raises its SendError
                 done = reading is None or reading.done()
-                if done and reading is not None and not encode_rates:
-                    # Once the context is read: each KV option's encode rate, on a slice of it (FP16 is a
-                    # copy, INT4 a quantization: a single rate would price them alike).
+                if done and reading is not None and not probed:
+                    # Once the context is read: the encode rate of each KV option not known yet, on a slice
+                    # of it (FP16 is a copy, INT4 a quantization: a single rate would price them alike).
+                    probed = True
                     pre = await reading
                     scores = scores or Scores(pre)
-                    encode_rates.update(
-                        await asyncio.to_thread(encode_rates_of, pre, scores, choices, g, min(128, n_ctx))
+                    unknown = [o for o in choices if o.name not in encode_rates]
+                    measured = await asyncio.to_thread(
+                        encode_rates_of, pre, scores, unknown, g, min(128, n_ctx)
                     )
+                    encode_rates.update(measured)
+                    ENCODE_RATES.update({(lm.fingerprint, name): r for name, r in measured.items()})
                 clock = time.perf_counter()
                 now = clock - t0
+                # A prefill that overran its estimate is assumed to need a quarter of what it took so far.
                 c = Costs(
-                    receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, 0.0),
+                    receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, now / 4),
                     encode_rates=dict(encode_rates),
-                    question_tokens=int(q_ids.numel()),
+                    question_tokens=int(q_ids.numel()), segment_s=link.call_s(receiver),
                 )  # fmt: skip
                 option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
                 chosen.append(option)
                 spent += planner.bytes_of(option, i)
-                seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps)
+                seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps, call_s=c.segment_s)
                 segment = wire.Segment(
                     stream_id, i, a, n_ctx, last=i == len(bounds) - 1,
                     token_ids=tuple(int(t) for t in ctx_ids[a:b]) if option.text else (),
@@ -386,7 +373,7 @@ async def send_streamed(
                     )  # fmt: skip
                     seg.encode_s = time.perf_counter() - started
                     encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
-                    encode_rates[option.name] = encode_bps
+                    encode_rates[option.name] = ENCODE_RATES[lm.fingerprint, option.name] = encode_bps
                 # The link is free once the segment before is written; one segment decodes meanwhile.
                 busy = [t for t in in_flight if not t.done()]
                 if written is not None and busy:

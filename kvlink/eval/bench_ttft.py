@@ -23,7 +23,9 @@ Two senders (--senders): "cold" reads the context on the path, as kvlink-send do
 the first segments); "warm" already holds the context's prefill (send_streamed(prefilled=...)), the
 case where a sender kept the cache of a context it served before. The sender is told the link's rate
 before its first receipt (link_bps: what it remembers of this receiver); each cell starts with a fresh
-memory of link rates.
+memory of link rates, but keeps the per-segment call cost learned from the receipts of the cells before
+it (`Learned`: what a sender that sent to this receiver before keeps in links.json; the first cell
+starts from what the warm-up sends learned).
 
 Per cell: measured TTFT (from the Welcome to the receiver's first answer token), the TTFT predicted
 before sending, wire bytes, each segment's option, link estimate and receiver timings, and every
@@ -176,6 +178,14 @@ def read_prefill(lm: Any, ctx: Context) -> None:
 
 # --- one cell -------------------------------------------------------------------------------------------
 @dataclass
+class Learned:
+    """What the sender keeps of this receiver from cell to cell: the per-segment call cost (seconds,
+    kvlink.stream.LinkEstimate.segment_s; None until a receipt measured it). Link rates are not kept."""
+
+    segment_s: float | None = None
+
+
+@dataclass
 class Receipts:
     """on_segment: each receipt's arrival and the link estimate right after it; with `drop`, the proxy's
     rate becomes drop[1] once drop[0] receipts are in."""
@@ -211,14 +221,20 @@ async def run_cell(
     segment_tokens: int,
     max_new_tokens: int,
     drop: tuple[int, float] | None = None,
+    learned: Learned | None = None,
 ) -> dict[str, Any]:
-    """Send `ctx` once through a fresh proxy at `rate` with `method` (ADAPTIVE or a static option)."""
+    """Send `ctx` once through a fresh proxy at `rate` with `method` (ADAPTIVE or a static option);
+    `learned`: the call cost to start from, updated with what this cell's receipts taught."""
     from kvlink.answer import GenerationOptions
     from kvlink.client.stream import send_streamed
     from kvlink.stream import LinkMemory
 
     proxy = PacedProxy(upstream, rate).start()
     links = LinkMemory()
+    estimate = links.get(proxy.target, rate)
+    if learned is not None and learned.segment_s is not None:
+        estimate.segment_s, estimate.segment_samples = learned.segment_s, 1
+    planned_segment_s = estimate.segment_s
     receipts = Receipts(links, proxy.target, time.perf_counter(), proxy, drop)
     load = os.getloadavg()[0]
     try:
@@ -230,6 +246,8 @@ async def run_cell(
         )  # fmt: skip
     finally:
         proxy.close()
+    if learned is not None:
+        learned.segment_s = estimate.segment_s
     options = [s.option for s in result.segments]
     return {
         "context": ctx.label, "tokens": ctx.tokens, "sender": sender, "rate_bps": rate, "link": rate_label(rate),
@@ -239,6 +257,7 @@ async def run_cell(
         "static_predictions_s": dict(result.static_predictions), "answer": result.answer.text,
         "f1": result.answer.f1, "timings": dict(result.timings), "load_1min": load,
         "segments": [s.as_dict() for s in result.segments], "receipts": receipts.seen,
+        "segment_s_planned": planned_segment_s, "segment_s_learned": estimate.segment_s,
         "drop": None if drop is None else {
             "after_receipts": receipts.dropped_after, "at_s": receipts.dropped_at_s, "to_bps": drop[1],
         },
@@ -286,23 +305,29 @@ async def run_grid(
     advertised = {
         "prefill_tokens_per_s": [list(p) for p in welcome.costs.prefill],
         "decode_bytes_per_s": welcome.costs.decode_bytes_per_s, "first_token_s": welcome.costs.first_token_s,
+        "decode_by_format": dict(welcome.costs.decode), "segment_s": welcome.costs.segment_s,
+        "answer_s": welcome.costs.answer_s,
         "text_segments": "segment:text" in welcome.capabilities,
     }  # fmt: skip
+    learned = Learned()
     # First calls (allocations, kernels) on both sides, on a quarter of the first context: not recorded.
     rates = [r for rs in grid.rates.values() for r in rs] + ([grid.drop[0]] if grid.drop else [])
     if grid.contexts and rates:
         first = grid.contexts[0]
         short = Context(f"{first.eid}:warm-up", first.text[: len(first.text) // 4], first.question, (), 0)
         for method in WARM_UP:
-            await run_cell(lm, upstream, short, "cold", max(rates), method, grid.segment_tokens, 1)
+            await run_cell(
+                lm, upstream, short, "cold", max(rates), method, grid.segment_tokens, 1, learned=learned
+            )
     cells: list[dict[str, Any]] = []
     for repeat in range(grid.repeats):
         for ctx in grid.contexts:
             for sender, rates in grid.rates.items():
                 for rate in rates:
                     adaptive = await run_cell(
-                        lm, upstream, ctx, sender, rate, ADAPTIVE, grid.segment_tokens, grid.max_new_tokens
-                    )
+                        lm, upstream, ctx, sender, rate, ADAPTIVE, grid.segment_tokens,
+                        grid.max_new_tokens, learned=learned,
+                    )  # fmt: skip
                     cells.append({**adaptive, "repeat": repeat})
                     progress(cells[-1])
                     predicted = adaptive["static_predictions_s"]
@@ -323,13 +348,14 @@ async def run_grid(
                                 name,
                                 grid.segment_tokens,
                                 grid.max_new_tokens,
+                                learned=learned,
                             )
                             cells.append({**cell, "repeat": repeat})
                         progress(cells[-1])
     changes = []
     if grid.drop is not None:
         for ctx in grid.contexts:
-            changes.append(await link_change(lm, upstream, ctx, grid, cells, progress))
+            changes.append(await link_change(lm, upstream, ctx, grid, cells, progress, learned))
     return cells, changes, advertised
 
 
@@ -340,6 +366,7 @@ async def link_change(
     grid: Grid,
     cells: Sequence[dict[str, Any]],
     progress: Callable[[dict[str, Any]], None],
+    learned: Learned | None = None,
 ) -> dict[str, Any]:
     """The adaptive sender and the best static at the starting rate, through a link that slows down."""
     assert grid.drop is not None
@@ -348,7 +375,16 @@ async def link_change(
     after = max(1, min(segments - 1, round(grid.drop_after * segments)))
     sender = grid.drop_sender
     adaptive = await run_cell(
-        lm, upstream, ctx, sender, start, ADAPTIVE, grid.segment_tokens, grid.max_new_tokens, (after, end)
+        lm,
+        upstream,
+        ctx,
+        sender,
+        start,
+        ADAPTIVE,
+        grid.segment_tokens,
+        grid.max_new_tokens,
+        (after, end),
+        learned,
     )
     progress(adaptive)
     # The best static at the starting rate: measured in the grid when it ran that rate, else predicted.
@@ -362,7 +398,16 @@ async def link_change(
         predicted = {k: v for k, v in adaptive["static_predictions_s"].items()}
         best, basis = min(predicted, key=predicted.__getitem__), "predicted at the starting rate"
     static = await run_cell(
-        lm, upstream, ctx, sender, start, best, grid.segment_tokens, grid.max_new_tokens, (after, end)
+        lm,
+        upstream,
+        ctx,
+        sender,
+        start,
+        best,
+        grid.segment_tokens,
+        grid.max_new_tokens,
+        (after, end),
+        learned,
     )
     progress(static)
     # Where the drop made the adaptive sender choose otherwise: the first segment from the drop on whose
@@ -429,6 +474,18 @@ def options_label(counts: dict[str, int]) -> str:
     return " + ".join(f"{n}x {name}" for name, n in counts.items())
 
 
+def _by_format(receiver: dict[str, Any]) -> str:
+    """The receiver's per-format decode rates and per-segment cost (absent from older results)."""
+    rates = receiver.get("decode_by_format") or {}
+    shown = ", ".join(f"{name} {r / 1e9:.2f}" for name, r in rates.items())
+    out = f" (by format, GB/s: {shown})" if shown else ""
+    if receiver.get("segment_s"):
+        out += f"; its own part of a segment's call {1e3 * receiver['segment_s']:.1f} ms"
+    if receiver.get("answer_s"):
+        out += f"; first token {1e3 * receiver['answer_s']:.0f} ms beyond the question's prefill"
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -438,8 +495,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Receiver (measured at start-up): prefill "
         + ", ".join(f"{r:,.0f} tok/s at {n:,}" for n, r in result["receiver"]["prefill_tokens_per_s"])
-        + f"; decode {result['receiver']['decode_bytes_per_s'] / 1e9:.2f} GB/s of FP16 KV; first token "
-        f"{result['receiver']['first_token_s']:.3f} s.",
+        + f"; decode {result['receiver']['decode_bytes_per_s'] / 1e9:.2f} GB/s of FP16 KV"
+        + _by_format(result["receiver"])
+        + f"; first token {result['receiver']['first_token_s']:.3f} s.",
         "",
         "| context | sender | link | adaptive TTFT s (pred) | adaptive options | best static | its TTFT s "
         "| adaptive / best | worst pred. error |",

@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--cost-probe-tokens", type=_nonnegative_int, default=4096, metavar="N",
         help="at start-up, measure this receiver's prefill rate at contexts of up to N tokens (capped by "
-        "the model's positions) and its decode rate, and advertise them in its Welcome for senders that "
-        "plan time to first token; 0: measure nothing (such senders then assume defaults)",
+        "the model's positions), its decode rate of each KV format senders would choose (FP16, INT4, "
+        "the quality table's) and its fixed cost of one segment, and advertise them in its Welcome for "
+        "senders that plan time to first token; 0: measure nothing (such senders then assume defaults)",
     )  # fmt: skip
     fleet = p.add_argument_group("a fleet of receivers sharing one store (kvlink.server.fleet)")
     fleet.add_argument(
@@ -493,14 +494,22 @@ def auto_limits(device: torch.device, cached: int | None, message: int | None) -
     return cached, message
 
 
-def measure_receiver(lm: Any, max_tokens: int) -> wire.ReceiverCosts:
-    """kvlink.stream.measure_costs on the loaded model, up to min(max_tokens, its positions) tokens."""
+def measure_receiver(
+    lm: Any, max_tokens: int, capabilities: frozenset[str] | None = None
+) -> wire.ReceiverCosts:
+    """kvlink.stream.measure_costs on the loaded model, up to min(max_tokens, its positions) tokens,
+    timing the decode of the KV formats a sender would choose among (kvlink.stream.kv_options: FP16 and
+    the quality table's segmentable configs this receiver decodes)."""
+    from kvlink.capabilities import local_capabilities
     from kvlink.models import max_positions
-    from kvlink.stream import measure_costs
+    from kvlink.stream import kv_options, measure_costs
 
     limit = max_positions(lm.model.config) or max_tokens
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
-    return measure_costs(lm.model, lm.geometry, min(max_tokens, limit - 64), vocab)
+    caps = capabilities if capabilities is not None else local_capabilities(profiles=False)
+    options = kv_options(lm.fingerprint, lm.name, caps, lm.geometry, 0.0)
+    formats = [o.recipe for o in options if o.recipe is not None]
+    return measure_costs(lm.model, lm.geometry, min(max_tokens, limit - 64), vocab, formats=formats)
 
 
 async def serve(args: argparse.Namespace, security: Security | None = None) -> int:
@@ -571,10 +580,14 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     )  # fmt: skip
     logger.info("warmed up in %.1f s", await asyncio.to_thread(service.warm_up))
     if args.cost_probe_tokens:
-        c = service.costs = await asyncio.to_thread(measure_receiver, lm, args.cost_probe_tokens)
+        c = service.costs = await asyncio.to_thread(
+            measure_receiver, lm, args.cost_probe_tokens, service.capabilities
+        )
         logger.info(
-            "measured: prefill %s tokens/s; decode %.2f GB/s of FP16 KV; first token %.3f s",
-            ", ".join(f"{r:,.0f} at {n:,}" for n, r in c.prefill), c.decode_bytes_per_s / 1e9, c.first_token_s,
+            "measured: prefill %s tokens/s; decode %.2f GB/s of FP16 KV (%s); %.1f ms a segment; "
+            "first token %.3f s",
+            ", ".join(f"{r:,.0f} at {n:,}" for n, r in c.prefill), c.decode_bytes_per_s / 1e9,
+            ", ".join(f"{name} {r / 1e9:.2f}" for name, r in c.decode), 1e3 * c.segment_s, c.first_token_s,
         )  # fmt: skip
 
     server.add_generic_rpc_handlers((wire.raw_rpc_handler(service), wire.legacy_rpc_handler()))

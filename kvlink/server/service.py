@@ -616,17 +616,21 @@ class KVLinkService:
         context under its stream id. Any failure drops the whole context."""
         key = (call.who.name, segment.stream_id)
         try:
+            waited = time.perf_counter()
             stream = await self._turn(call, segment)
+            # How long it waited for the segment before it: a sender tells its call cost from the receipt
+            # by this (kvlink.stream.call_sample).
+            turn_s = time.perf_counter() - waited
             stream.touched = time.monotonic()
             stop = segment.start + encoded.length
             if segment.text:
                 kv, seconds = await self._recompute(call, stream, segment)
-                timings = {**receipt.timings, "recompute_s": seconds}
+                timings = {**receipt.timings, "recompute_s": seconds, "turn_s": turn_s}
                 label = "text"
             else:
                 decoded, seconds = await self._decode(call, encoded)
                 kv = shifted(decoded, segment.start, stop)
-                timings = {**receipt.timings, "decode_s": seconds}
+                timings = {**receipt.timings, "decode_s": seconds, "turn_s": turn_s}
                 label = encoded.recipe.name
             if call.decoding is not None:  # the stream holds it now, until the context is stored
                 stream.held.append(call.decoding)

@@ -8,6 +8,7 @@ TOO_LARGE), a receipt's categories against its total (MALFORMED).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from kvlink.wire._common import (
 from kvlink.wire.capabilities import local_capabilities
 from kvlink.wire.segments import ReceiverCosts, costs_from_pb, costs_to_pb
 from kvlink.wire.validation import WireLimits, _check_ids, _fingerprint_message
+
+logger = logging.getLogger(__name__)
 
 
 # --- plain objects of the messages besides the KV message -------------------------------------
@@ -211,8 +214,21 @@ def welcome_from_proto(msg: pb.Welcome, fingerprint: str | None = None) -> Welco
         max_message_bytes=msg.max_message_bytes,
         max_chunk_bytes=msg.max_chunk_bytes, profile_hashes=tuple(msg.profile_hashes), model=msg.model,
         geometry=_geometry_from_pb(msg.geometry) if msg.HasField("geometry") else None,
-        costs=costs_from_pb(msg.costs) if msg.HasField("costs") else None,
+        costs=_costs(msg),
     )  # fmt: skip
+
+
+def _costs(msg: pb.Welcome) -> ReceiverCosts | None:
+    """The Welcome's costs; None, with a warning naming the bad value, when a sender cannot plan with
+    them (they only inform the choice of options: the receiver is still usable without)."""
+    if not msg.HasField("costs"):
+        return None
+    try:
+        return costs_from_pb(msg.costs)
+    except ValueError as exc:
+        who = msg.model or msg.fingerprint
+        logger.warning("ignoring the costs the receiver %r advertises: %s", who, exc)
+        return None
 
 
 def ask_to_proto(ask: Ask) -> pb.Ask:

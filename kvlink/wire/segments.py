@@ -6,6 +6,7 @@ token). Both are plain dataclasses with their proto conversions and the checks a
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 from kvlink.wire._common import pb
@@ -19,15 +20,86 @@ def segment_to_pb(segment: Segment) -> pb.Segment:
     )  # fmt: skip
 
 
+MAX_COST_POINTS = 64
+"""Prefill lengths, and decode formats, a receiver may advertise (a sender plans with every one)."""
+MAX_RATE = 1e15
+"""Tokens or bytes a second no receiver reaches: an advertised rate above it is refused."""
+MAX_COST_S = 3600.0
+"""Seconds no receiver's first token or per-segment cost takes: a longer one is refused."""
+MAX_FORMAT_CHARS = 256
+
+
+def _rate(value: float, what: str) -> float:
+    if not (math.isfinite(value) and 0 < value <= MAX_RATE):
+        raise ValueError(f"{what} must be a finite rate in (0, {MAX_RATE:g}], got {value!r}")
+    return float(value)
+
+
+def _seconds(value: float, what: str) -> float:
+    if not (math.isfinite(value) and 0 <= value <= MAX_COST_S):
+        raise ValueError(f"{what} must be finite seconds in [0, {MAX_COST_S:g}], got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ReceiverCosts:
     """A receiver's measured throughputs (kvlink.stream.measure_costs): prefill tokens/s by context
-    length (ascending), FP16-equivalent bytes of KV decoded per second, and a short question's
-    prefill plus first answer token in seconds."""
+    length (ascending, each length once), FP16-equivalent bytes of KV decoded per second (INT4: the
+    rate of a format not in `decode`), a short question's prefill plus first answer token in seconds,
+    the decode rate of each KV format measured (format: kvlink.stream.decode_format, a recipe's name
+    less its selection), the fixed seconds of one segment's message at the receiver beyond its
+    bytes and decode (0: not measured), and what a context's first answer token takes beyond its
+    question's prefill: answer_s + answer_s_per_token per context token (both 0: not measured).
+    Every number is checked here (ValueError quoting it): a receiver's Welcome must not make a sender
+    divide by zero, plan with NaN or loop over millions."""
 
     prefill: tuple[tuple[int, float], ...]
     decode_bytes_per_s: float
     first_token_s: float
+    decode: tuple[tuple[str, float], ...] = ()
+    segment_s: float = 0.0
+    answer_s: float = 0.0
+    answer_s_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.prefill) <= MAX_COST_POINTS:
+            raise ValueError(f"1 to {MAX_COST_POINTS} prefill rates, got {len(self.prefill)}")
+        lengths = [n for n, _ in self.prefill]
+        if any(not isinstance(n, int) or n < 1 for n in lengths) or lengths != sorted(set(lengths)):
+            raise ValueError(f"prefill lengths must be positive, ascending and distinct, got {lengths!r}")
+        for n, r in self.prefill:
+            _rate(r, f"the prefill rate at {n} tokens")
+        _rate(self.decode_bytes_per_s, "the decode rate")
+        _seconds(self.first_token_s, "the first token's time")
+        _seconds(self.segment_s, "the per-segment cost")
+        _seconds(self.answer_s, "the first token beyond the question")
+        _seconds(self.answer_s_per_token, "the first token's time per context token")
+        if len(self.decode) > MAX_COST_POINTS:
+            raise ValueError(f"at most {MAX_COST_POINTS} decode formats, got {len(self.decode)}")
+        names = [name for name, _ in self.decode]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each decode format once, got {names!r}")
+        for name, r in self.decode:
+            if not name or len(name) > MAX_FORMAT_CHARS:
+                raise ValueError(
+                    f"a decode format is a name of 1 to {MAX_FORMAT_CHARS} characters, got {name!r}"
+                )
+            _rate(r, f"the decode rate of {name!r}")
+
+    def decode_rate(self, format: str) -> float:
+        """FP16-equivalent bytes/s this receiver decodes `format` at (kvlink.stream.decode_format); a
+        format it did not measure (or a receiver that measured one rate only) at decode_bytes_per_s."""
+        return next((r for name, r in self.decode if name == format), self.decode_bytes_per_s)
+
+    def answer_time(self, context: int, question: int) -> float:
+        """Seconds from the last segment's arrival to the first answer token of a question of `question`
+        tokens after a context of `context` tokens, beyond its decode: the question's prefill there
+        plus answer_s + answer_s_per_token * context; without them (a receiver of before them), the
+        larger of that prefill and first_token_s."""
+        prefill = self.recompute_s(context, question)
+        if self.answer_s > 0 or self.answer_s_per_token > 0:
+            return prefill + self.answer_s + self.answer_s_per_token * context
+        return max(prefill, self.first_token_s)
 
     def prefill_rate(self, tokens: int) -> float:
         """Tokens/s of a prefill at a context of `tokens` (linear between measured lengths, the
@@ -68,19 +140,30 @@ def costs_to_pb(costs: ReceiverCosts) -> pb.ReceiverCosts:
     return pb.ReceiverCosts(
         prefill=[pb.PrefillRate(tokens=n, tokens_per_s=r) for n, r in costs.prefill],
         decode_bytes_per_s=costs.decode_bytes_per_s, first_token_s=costs.first_token_s,
+        decode=[pb.DecodeRate(format=name, bytes_per_s=r) for name, r in costs.decode],
+        segment_s=costs.segment_s, answer_s=costs.answer_s, answer_s_per_token=costs.answer_s_per_token,
     )  # fmt: skip
 
 
 def costs_from_pb(msg: pb.ReceiverCosts) -> ReceiverCosts | None:
-    """None when the receiver measured nothing (or sent rates no plan can use)."""
-    prefill = tuple(sorted((int(p.tokens), float(p.tokens_per_s)) for p in msg.prefill))
-    usable = prefill and all(n > 0 and r > 0 for n, r in prefill) and msg.decode_bytes_per_s > 0
-    if not usable:
+    """None when the receiver measured nothing (no prefill rate, no decode rate). A Welcome of before
+    per-format rates (no `decode`, no `segment_s`) reads as one decode rate for every format and no
+    per-segment cost. Raises ValueError, quoting the value, for a count, rate or time no plan can use."""
+    if not msg.prefill and msg.decode_bytes_per_s == 0:
         return None
-    return ReceiverCosts(prefill, float(msg.decode_bytes_per_s), max(float(msg.first_token_s), 0.0))
+    for what, count in (("prefill rates", len(msg.prefill)), ("decode formats", len(msg.decode))):
+        if count > MAX_COST_POINTS:  # before anything is copied out of the message
+            raise ValueError(f"at most {MAX_COST_POINTS} {what}, got {count}")
+    prefill = tuple(sorted((int(p.tokens), float(p.tokens_per_s)) for p in msg.prefill))
+    decode = tuple((str(d.format), float(d.bytes_per_s)) for d in msg.decode)
+    return ReceiverCosts(
+        prefill, float(msg.decode_bytes_per_s), float(msg.first_token_s), decode, float(msg.segment_s),
+        float(msg.answer_s), float(msg.answer_s_per_token),
+    )  # fmt: skip
 
 
 __all__ = [
+    "MAX_COST_POINTS",
     "MAX_SEGMENTS",
     "ReceiverCosts",
     "Segment",
