@@ -178,19 +178,19 @@ class EncodedKV:
 
 class Codec:
     """Encode a prefilled context under a Recipe and decode it back (reference path). profile: the
-    calibrated low-rank projection (kvlink.lowrank.ModelProfile) a LowRank("profile") stage needs;
-    predictor: the cross-layer predictors (kvlink.predict.PredictorProfile) a Predict stage needs
-    (the codec's recipe names its hash)."""
+    calibrated profile the recipe needs: the low-rank projection (kvlink.lowrank.ModelProfile) of a
+    LowRank("profile") stage, or the cross-layer predictors (kvlink.predict.PredictorProfile) of a
+    Predict stage (the codec's recipe then names its hash; the two stages do not compose)."""
 
-    def __init__(
-        self, recipe: Recipe, geometry: Geometry, profile: Any | None = None, predictor: Any | None = None
-    ) -> None:
+    def __init__(self, recipe: Recipe, geometry: Geometry, profile: Any | None = None) -> None:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"Codec takes a kvlink.recipe.Recipe, got {type(recipe).__name__}")
         recipe.check(geometry)
+        from kvlink.predict import PredictorProfile
+
         profiled = [s for s in recipe.stages() if isinstance(s, LowRank) and s.mode == "profile"]
         if profiled:
-            if profile is None:
+            if profile is None or isinstance(profile, PredictorProfile):
                 raise ValueError(
                     "lowrank 'profile' needs a calibrated model profile (kvlink.lowrank.ModelProfile)"
                 )
@@ -199,17 +199,18 @@ class Codec:
                     raise ValueError(f"rank {stage.rank!r} exceeds the profile's r_max {profile.r_max}")
         predicts = [s for s in recipe.stages() if isinstance(s, Predict)]
         if predicts:
-            if predictor is None:
+            if not isinstance(profile, PredictorProfile):
                 raise ValueError(
-                    "predict needs the calibrated predictor profile (kvlink.predict.PredictorProfile)"
+                    "predict needs the calibrated predictor profile (kvlink.predict.PredictorProfile), "
+                    f"got {type(profile).__name__}"
                 )
-            predictor.check_geometry(geometry)
-            bound = predicts[0].bind(predictor.hash)  # the profile travels by hash in the stage
+            profile.check_geometry(geometry)
+            bound = predicts[0].bind(profile.hash)  # the profile travels by hash in the stage
             recipe = _with_stage(recipe, predicts[0], bound)
         self.recipe = recipe
         self.geometry = geometry
         self.profile = profile
-        self.predictor = predictor if predicts else None
+        self.predictor = profile if predicts else None
 
     # --- sizes -------------------------------------------------------------
     def stored_shape(self, kind: str, n_kept: int, layer: int = 0) -> tuple[int, int, int]:

@@ -345,7 +345,7 @@ def fit_predictors(
     weights: dict[tuple[int, str], Tensor] = {}
     # The profile being fitted: its weights dict fills layer by layer (the codec reads it as it goes).
     partial = PredictorProfile(fingerprint, geometry.num_layers, h, geometry.head_dim, rotary, weights)
-    codec = Codec(recipe, geometry, predictor=partial)
+    codec = Codec(recipe, geometry, partial)
     started = time.perf_counter()
     kvs = []
     for ids in texts:
