@@ -7,7 +7,8 @@
 A capability is a string a stage names (Stage.capability): "select:q2c",
 "sink", "rotate", "clamp", "lowrank:svd", "lowrank:profile", "predict", "format:int4cw",
 "zstd". A receiver lists its own in its Welcome (a "lowrank:profile" or a
-"predict" only when it holds such a profile, whose hashes it lists too); the planner weighs only recipes the receiver decodes, the
+"predict" only when it holds such a profile, whose hashes it lists too); the
+planner weighs only recipes the receiver decodes, the
 sender refuses a pinned one it does not, and the receiver refuses a header whose
 recipe needs one it lacks (UNKNOWN_CODEC) - all through `missing`.
 """

@@ -341,7 +341,9 @@ class Codec:
             transform.apply(item, self)
         if state is not None:
             Quantize.encode_all([item], observation)
-            tensor = EncodedTensor(layer, kind, shape, item.stored, item.info["spec"], item.stages, item.parts)
+            tensor = EncodedTensor(
+                layer, kind, shape, item.stored, item.info["spec"], item.stages, item.parts
+            )
             self._decode_tensors([tensor], x.device, torch.float32, state)
         return item
 

@@ -93,7 +93,9 @@ class Rotary:
         inv_freq = getattr(emb, "inv_freq", None)
         if not isinstance(inv_freq, Tensor):
             raise ValueError(f"{type(model).__name__} has no model.rotary_emb.inv_freq: predictors need RoPE")
-        return cls(inv_freq.detach().to("cpu", torch.float32).clone(), float(getattr(emb, "attention_scaling", 1.0)))
+        return cls(
+            inv_freq.detach().to("cpu", torch.float32).clone(), float(getattr(emb, "attention_scaling", 1.0))
+        )
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin) at `positions` (n,), each (n, head_dim) float32 on positions' device, unscaled."""
@@ -145,7 +147,9 @@ class PredictorProfile:
                 f"needs ({self.head_dim // 2},): predictors support full rotary embeddings only"
             )
         if not (self.rotary.scaling > 0 and torch.isfinite(self.rotary.inv_freq).all()):
-            raise ValueError(f"rotary scaling must be > 0 and frequencies finite, got {self.rotary.scaling!r}")
+            raise ValueError(
+                f"rotary scaling must be > 0 and frequencies finite, got {self.rotary.scaling!r}"
+            )
         f = self.features
         for key, w in self.weights.items():
             layer, kind = key
@@ -153,7 +157,9 @@ class PredictorProfile:
                 raise ValueError(f"no predictor can exist for layer {layer!r} {kind!r}")
             shape = (self.inputs(layer, kind), f)
             if tuple(w.shape) != shape or w.dtype != torch.float32:
-                raise ValueError(f"layer.{layer}.{kind}.weight is {tuple(w.shape)} {w.dtype}, expected {shape} float32")
+                raise ValueError(
+                    f"layer.{layer}.{kind}.weight is {tuple(w.shape)} {w.dtype}, expected {shape} float32"
+                )
             if not bool(torch.isfinite(w).all()):
                 raise ValueError(f"layer.{layer}.{kind}.weight holds non-finite values")
 
@@ -174,12 +180,15 @@ class PredictorProfile:
         mine = (self.layers, self.kv_heads, self.head_dim)
         theirs = (geometry.num_layers, geometry.kv_heads, geometry.head_dim)
         if mine != theirs:
-            raise ValueError(f"predictor profile is for (layers, kv_heads, head_dim) {mine}, the model has {theirs}")
+            raise ValueError(
+                f"predictor profile is for (layers, kv_heads, head_dim) {mine}, the model has {theirs}"
+            )
 
     def check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
             raise ValueError(
-                f"predictor profile was fitted for model {self.fingerprint[:12]!r}, not for {fingerprint[:12]!r}"
+                f"predictor profile was fitted for model {self.fingerprint[:12]!r}, "
+                f"not for {fingerprint[:12]!r}"
             )
 
     def to(self, device: torch.device | str) -> PredictorProfile:
@@ -244,16 +253,20 @@ class PredictorProfile:
         (size,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
         if metadata.get("format") != PREDICTOR_FORMAT:
-            raise ValueError(f"{source} is not a kvlink predictor profile (format {metadata.get('format')!r})")
+            raise ValueError(
+                f"{source} is not a kvlink predictor profile (format {metadata.get('format')!r})"
+            )
         if metadata.get("version") != PREDICTOR_VERSION:
             raise ValueError(f"{source}: unsupported predictor profile version {metadata.get('version')!r}")
         layers = _int_metadata(metadata, "layers", 1)
-        allowed = {"rotary.inv_freq"} | {f"layer.{l}.{k}.weight" for l in range(layers) for k in KINDS}
+        allowed = {"rotary.inv_freq"} | {f"layer.{i}.{k}.weight" for i in range(layers) for k in KINDS}
         extra = sorted(set(raw) - allowed)
         if extra or "rotary.inv_freq" not in raw:
             raise ValueError(f"{source}: unexpected tensors {extra[:4]} or no rotary.inv_freq")
         weights = {
-            (int(name.split(".")[1]), name.split(".")[2]): t for name, t in raw.items() if name.startswith("layer.")
+            (int(name.split(".")[1]), name.split(".")[2]): t
+            for name, t in raw.items()
+            if name.startswith("layer.")
         }
         try:
             return cls(
@@ -382,12 +395,22 @@ def fit_predictors(
                 logger.debug("layer %d %s: R^2 %.4f", layer, kind, r2)
             for kv, state in zip(kvs, states, strict=True):
                 codec.encode_one(kv, layer, kind, state)  # decodes it into `state`, as the receiver will
-        logger.info("predictors: layer %d/%d fitted, %.1f s", layer + 1, geometry.num_layers, time.perf_counter() - started)
+        logger.info(
+            "predictors: layer %d/%d fitted, %.1f s",
+            layer + 1,
+            geometry.num_layers,
+            time.perf_counter() - started,
+        )
     profile = PredictorProfile(
         fingerprint, geometry.num_layers, h, geometry.head_dim, rotary, dict(weights),
         tokens, len(texts), ridge, min_r2, recipe.name,
     )  # fmt: skip
-    logger.info("fitted predictor profile %s on %d tokens in %.1f s", profile.hash[:12], tokens, time.perf_counter() - started)
+    logger.info(
+        "fitted predictor profile %s on %d tokens in %.1f s",
+        profile.hash[:12],
+        tokens,
+        time.perf_counter() - started,
+    )
     return profile
 
 

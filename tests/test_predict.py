@@ -30,7 +30,7 @@ import torch
 from conftest import TINY_FAMILIES, ToyTokenizer, random_ids, tiny_model
 from kvlink import wire
 from kvlink.budget import Constraints
-from kvlink.cache import ContextKV, Observe, prefill
+from kvlink.cache import ContextKV, prefill
 from kvlink.capabilities import local_capabilities
 from kvlink.client.sender import SendError, hello, send_context, transfer
 from kvlink.codec import Codec
@@ -102,7 +102,9 @@ def test_fitting_is_deterministic_and_the_hash_is_the_files(tmp_path: Path) -> N
     other = PredictorProfile(a.fingerprint, a.layers, a.kv_heads, a.head_dim, a.rotary, weights)
     assert other.hash != a.hash
     with pytest.raises(ValueError, match="expected"):
-        PredictorProfile(a.fingerprint, a.layers, a.kv_heads, a.head_dim, a.rotary, {(1, "k"): weights[(0, "v")]})
+        PredictorProfile(
+            a.fingerprint, a.layers, a.kv_heads, a.head_dim, a.rotary, {(1, "k"): weights[(0, "v")]}
+        )
     with pytest.raises(ValueError, match="not a kvlink predictor profile"):
         PredictorProfile.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
 
@@ -123,7 +125,9 @@ def test_the_message_is_its_twins_size_and_decodes_better(
     if "zstd" not in twin:
         assert encoded.sizes().as_dict() == codec.predicted_sizes(75).as_dict()
         for t, u in zip(encoded.tensors, twin_encoded.tensors, strict=True):
-            assert {n: len(p.data) for n, p in t.parts.items()} == {n: len(p.data) for n, p in u.parts.items()}
+            assert {n: len(p.data) for n, p in t.parts.items()} == {
+                n: len(p.data) for n, p in u.parts.items()
+            }
     decoded = codec.decode(encoded)
     assert _errors(kv, decoded, range(1, 3)) < _errors(kv, plain.decode(twin_encoded), range(1, 3))
     # A receiver that holds only the file decodes exactly what the sender's codec decodes.
@@ -146,7 +150,9 @@ def test_the_prediction_is_undone_exactly(fitted: tuple[LoadedModel, PredictorPr
     assert encoded.tensors[0].parts["codes"].data == twin.tensors[0].parts["codes"].data  # layer 0 K: plain
     # ... and the prediction added back is the profile's: another profile's gives another cache.
     weights = {key: w * 1.5 for key, w in profile.weights.items()}
-    other = PredictorProfile(profile.fingerprint, profile.layers, profile.kv_heads, profile.head_dim, profile.rotary, weights)
+    other = PredictorProfile(
+        profile.fingerprint, profile.layers, profile.kv_heads, profile.head_dim, profile.rotary, weights
+    )
     forged = Codec(Recipe.from_name("xpred+fp16"), lm.geometry, other)
     with pytest.raises(ValueError, match=profile.hash):
         forged.decode(encoded)  # the message names its profile
@@ -220,14 +226,18 @@ def test_the_header_names_the_profile_and_a_receiver_without_it_refuses() -> Non
         (None, [], profile.hash),
     ):
         with pytest.raises(wire.WireError) as info:
-            wire.Assembler(lm.fingerprint, lm.geometry, capabilities=caps, profile_hashes=hashes).feed(frames[0])
+            wire.Assembler(lm.fingerprint, lm.geometry, capabilities=caps, profile_hashes=hashes).feed(
+                frames[0]
+            )
         assert info.value.code == "UNKNOWN_CODEC" and needle in info.value.message
     asm = wire.Assembler(lm.fingerprint, lm.geometry, profile_hashes=[profile.hash])
     for frame in frames:
         asm.feed(frame)
     received, _ = asm.finish()
     got = Codec(received.recipe, lm.geometry, profile).decode(received)
-    for a, b in zip(got.keys + got.values, codec.decode(encoded).keys + codec.decode(encoded).values, strict=True):
+    for a, b in zip(
+        got.keys + got.values, codec.decode(encoded).keys + codec.decode(encoded).values, strict=True
+    ):
         assert torch.equal(a, b)
 
 
@@ -255,11 +265,18 @@ def test_on_the_embedded_model_int2_with_predictors_has_a_lower_kl(
     for qa in chosen:
         ctx, q = context_ids(embedded.tokenizer, qa.context), question_ids(embedded.tokenizer, qa.question)
         kv = prefill(embedded.model, ctx).kv
-        reference = greedy_answer(embedded.model, embedded.tokenizer, kv, q, max_new_tokens=8, stop_at_eos=False)
+        reference = greedy_answer(
+            embedded.model, embedded.tokenizer, kv, q, max_new_tokens=8, stop_at_eos=False
+        )
         caches = [kv, predicted.decode(predicted.encode_kv(kv)), plain.decode(plain.encode_kv(kv))]
-        out = fidelity.batched_answers(embedded.model, embedded.tokenizer, caches, q, [reference.token_ids], 0)
+        out = fidelity.batched_answers(
+            embedded.model, embedded.tokenizer, caches, q, [reference.token_ids], 0
+        )
         logits = out.forced[0]  # (3, n, vocab)
-        kl_predicted, kl_plain = fidelity.mean_kl(logits[0], logits[1]), fidelity.mean_kl(logits[0], logits[2])
+        kl_predicted, kl_plain = (
+            fidelity.mean_kl(logits[0], logits[1]),
+            fidelity.mean_kl(logits[0], logits[2]),
+        )
         print(f"{qa.qid}: KL predicted+INT2 {kl_predicted:.4f}, plain INT2 {kl_plain:.4f}")
         assert kl_predicted < 0.7 * kl_plain, (kl_predicted, kl_plain)
 

@@ -615,9 +615,7 @@ async def _send(
         raise ValueError(f"min_rate_bps must be > 0, got {min_rate_bps!r}")
     pinned = config or (constraints.recipe if constraints is not None else None)
     profiled = (
-        pinned
-        if pinned is not None and {"lowrank:profile", "predict"} & pinned.capabilities()
-        else None
+        pinned if pinned is not None and {"lowrank:profile", "predict"} & pinned.capabilities() else None
     )
     needed_profile: str | None = None  # the hash of the calibrated profile the receiver must hold
     if profiled is not None:

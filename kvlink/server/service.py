@@ -95,9 +95,9 @@ the rest of the receiver's work: one sender's large messages slow the others' an
 def _decode_politely(
     encoded: EncodedKV, device: torch.device | str, dtype: torch.dtype, cost: int, profile: Any = None
 ) -> ContextKV:
-    """Codec.decode (with `profile`, the calibrated projection or predictors the message names, if any), on one intra-op
-    thread when the message is big and decodes on the CPU. (OpenMP's thread count is per calling thread:
-    this worker's, restored after; other threads keep theirs.)"""
+    """Codec.decode (with `profile`, the calibrated projection or predictors the message names, if any),
+    on one intra-op thread when the message is big and decodes on the CPU. (OpenMP's thread count is
+    per calling thread: this worker's, restored after; other threads keep theirs.)"""
     decode = Codec(encoded.recipe, encoded.geometry, profile).decode
     if cost < BIG_DECODE_BYTES or torch.device(device).type != "cpu":
         return decode(encoded, device, dtype)

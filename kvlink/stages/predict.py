@@ -104,7 +104,9 @@ class Predict(Transform):
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, str) or (self.profile and not _HASH.fullmatch(self.profile)):
-            raise ValueError(f"predict profile must be a sha256 hex digest or '', got {str(self.profile)[:80]!r}")
+            raise ValueError(
+                f"predict profile must be a sha256 hex digest or '', got {str(self.profile)[:80]!r}"
+            )
 
     def size_key(self) -> tuple[Any, ...]:
         return ()  # no bytes: the message is its plain twin's size
@@ -133,7 +135,9 @@ class Predict(Transform):
     def bind(self, profile_hash: str) -> Predict:
         """This stage naming `profile_hash` (ValueError when it names another profile)."""
         if self.profile and self.profile != profile_hash:
-            raise ValueError(f"recipe predicts with profile {self.profile!r}, the codec holds {profile_hash!r}")
+            raise ValueError(
+                f"recipe predicts with profile {self.profile!r}, the codec holds {profile_hash!r}"
+            )
         return Predict(profile_hash)
 
     def apply(self, item: Item, context: Any) -> None:
