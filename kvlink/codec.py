@@ -480,7 +480,8 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     """An upper bound of the memory Codec.decode takes for `encoded` at its peak, in bytes: the
     decoded cache in `dtype` (kept positions included), every part decompressed and joined, and the
     temporaries of the stacked dequantizes (measured on the reference path at up to 4x the largest
-    stack; tests/test_codec.py checks the bound against the process's peak memory). A receiver admits
+    stack; tests/test_codec.py checks the bound against the process's peak memory; under Predict, the
+    float32 tensors a prediction takes and makes besides). A receiver admits
     a decode against its memory budget with this."""
     element = torch.empty((), dtype=dtype).element_size()
     decoded = sum(t.shape[0] * t.shape[1] * t.shape[2] * element for t in encoded.tensors)
@@ -489,6 +490,8 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     largest = max((4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors), default=0)
     fp32 = sum(4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors)
     working = 4 * max(min(DECODE_STACK_BYTES, fp32), largest)
+    if encoded.recipe.has("predict"):  # the decoded K and V it predicts from, its inputs and prediction
+        working += 2 * largest + 2 * (largest + 4 * encoded.tensors[0].shape[1]) + largest
     return decoded + positions + 2 * raw + working
 
 
