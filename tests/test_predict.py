@@ -9,6 +9,8 @@
   what the sender's does; fewer errors than the twin at INT2;
 - what it composes with: a per-layer selection, a pipeline without it, a low-rank latent and
   question-aware keys are refused with a ValueError naming the problem;
+- the receiver: it advertises `predict` only when it holds a predictor profile (of its model), and
+  decodes a message with the profile the message names;
 - the wire: a receiver without the capability, or holding another profile, refuses the header
   (UNKNOWN_CODEC naming the capability or the hash); over real gRPC (kvlink-serve --profile FILE) a
   predicted message is answered as the sender answers it locally, and one of an unknown profile is
@@ -239,6 +241,28 @@ def test_the_header_names_the_profile_and_a_receiver_without_it_refuses() -> Non
         got.keys + got.values, codec.decode(encoded).keys + codec.decode(encoded).values, strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_a_receiver_advertises_predict_only_with_a_predictor_profile_and_decodes_with_the_one_named() -> None:
+    from kvlink.metrics import MetricsRegistry
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
+
+    lm = _lm("llama")
+    profile = _fit(lm)
+    plain = KVLinkService(lm, SessionStore(), MetricsRegistry())
+    holding = KVLinkService(lm, SessionStore(), MetricsRegistry(), profiles=[profile])
+    assert "predict" not in plain.capabilities and plain.profile_hashes == ()
+    assert "predict" in holding.capabilities and holding.profile_hashes == (profile.hash,)
+    assert "lowrank:profile" not in holding.capabilities  # a predictor profile is no projection
+    encoded = Codec(Recipe.from_name(FIT), lm.geometry, profile).encode_kv(
+        prefill(lm.model, random_ids(30)).kv
+    )
+    assert holding.profile_of(encoded) is holding.predictors[profile.hash]
+    assert plain.profile_of(encoded) is None
+    other = PredictorProfile("0" * 64, profile.layers, profile.kv_heads, profile.head_dim, profile.rotary, {})
+    with pytest.raises(ValueError, match="fitted for model"):
+        KVLinkService(lm, SessionStore(), MetricsRegistry(), profiles=[other])
 
 
 # --- the embedded model ------------------------------------------------------------------------------------
