@@ -447,7 +447,7 @@ def fit_recipe(recipe: Any) -> Any:
 def cached_predictors(lm: Any, recipe: Any, texts: int | None = None) -> PredictorProfile:
     """The predictors `recipe` encodes with on `lm` (a kvlink.models.LoadedModel): loaded from the cache
     (predictor_path) or fitted on the calibration split's odd paragraphs (`texts` of them; all when
-    None) and saved there. Deterministic, so a sender and a receiver that fit apart hold the same hash."""
+    None) and saved there. Deterministic on one device and thread count: give the receiver this file."""
     from kvlink.prompt import context_ids
 
     fit = fit_recipe(recipe)
