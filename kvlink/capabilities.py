@@ -5,9 +5,10 @@
     check(recipe, caps)                        # raises CapabilityError naming what is missing
 
 A capability is a string a stage names (Stage.capability): "select:q2c",
-"sink", "rotate", "clamp", "lowrank:svd", "lowrank:profile", "format:int4cw",
-"zstd". A receiver lists its own in its Welcome (a "lowrank:profile" only when
-it holds a profile); the planner weighs only recipes the receiver decodes, the
+"sink", "rotate", "clamp", "lowrank:svd", "lowrank:profile", "predict", "format:int4cw",
+"zstd". A receiver lists its own in its Welcome (a "lowrank:profile" or a
+"predict" only when it holds such a profile, whose hashes it lists too); the
+planner weighs only recipes the receiver decodes, the
 sender refuses a pinned one it does not, and the receiver refuses a header whose
 recipe needs one it lacks (UNKNOWN_CODEC) - all through `missing`.
 """
@@ -28,11 +29,15 @@ class CapabilityError(ValueError):
         super().__init__(f"{what} does not decode {', '.join(missing)}")
 
 
-def local_capabilities(profiles: bool = True, text_segments: bool = True) -> frozenset[str]:
+def local_capabilities(
+    profiles: bool = True, text_segments: bool = True, predictors: bool = True
+) -> frozenset[str]:
     """Every capability of this process: its selectors, stages and formats (low rank by a calibrated
     profile only when `profiles`: a receiver advertises it only when it holds one), segmented contexts
     ("segment", kvlink.stream) and recomputing text segments ("segment:text", unless `text_segments`
-    is False: a receiver may refuse to spend its model's time on them)."""
+    is False: a receiver may refuse to spend its model's time on them). "predict" (cross-layer
+    predictors, kvlink.stages.predict) only when `predictors`: a receiver advertises it only when it
+    holds a predictor profile."""
     from kvlink.stages import registered_stages
 
     caps = {f"select:{m}" for m in registered_selectors()}
@@ -43,6 +48,8 @@ def local_capabilities(profiles: bool = True, text_segments: bool = True) -> fro
             continue
         if name == "lowrank":
             caps |= {"lowrank:svd", *(["lowrank:profile"] if profiles else [])}
+        elif name == "predict":
+            caps |= {"predict"} if predictors else set()
         else:
             caps.add(name)
     return frozenset(caps)

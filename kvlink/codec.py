@@ -35,7 +35,8 @@ from kvlink.quant import QuantizedTensor, QuantSpec, part_sizes, widths_shape
 from kvlink.quant.widths import unpack_widths
 from kvlink.recipe import KINDS, Pipeline, Recipe
 from kvlink.select import keep_count
-from kvlink.stages import Item, LowRank, Quantize, Transform
+from kvlink.stages import Item, LowRank, Predict, Quantize, Stage, Transform
+from kvlink.stages.predict import PredictState
 from kvlink.stages.tensors import from_bytes
 
 logger = logging.getLogger(__name__)
@@ -177,24 +178,39 @@ class EncodedKV:
 
 class Codec:
     """Encode a prefilled context under a Recipe and decode it back (reference path). profile: the
-    calibrated low-rank projection (kvlink.lowrank.ModelProfile) a LowRank("profile") stage needs."""
+    calibrated profile the recipe needs: the low-rank projection (kvlink.lowrank.ModelProfile) of a
+    LowRank("profile") stage, or the cross-layer predictors (kvlink.predict.PredictorProfile) of a
+    Predict stage (the codec's recipe then names its hash; the two stages do not compose)."""
 
     def __init__(self, recipe: Recipe, geometry: Geometry, profile: Any | None = None) -> None:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"Codec takes a kvlink.recipe.Recipe, got {type(recipe).__name__}")
         recipe.check(geometry)
+        from kvlink.predict import PredictorProfile
+
         profiled = [s for s in recipe.stages() if isinstance(s, LowRank) and s.mode == "profile"]
         if profiled:
-            if profile is None:
+            if profile is None or isinstance(profile, PredictorProfile):
                 raise ValueError(
                     "lowrank 'profile' needs a calibrated model profile (kvlink.lowrank.ModelProfile)"
                 )
             for stage in profiled:
                 if stage.rank > profile.r_max:
                     raise ValueError(f"rank {stage.rank!r} exceeds the profile's r_max {profile.r_max}")
+        predicts = [s for s in recipe.stages() if isinstance(s, Predict)]
+        if predicts:
+            if not isinstance(profile, PredictorProfile):
+                raise ValueError(
+                    "predict needs the calibrated predictor profile (kvlink.predict.PredictorProfile), "
+                    f"got {type(profile).__name__}"
+                )
+            profile.check_geometry(geometry)
+            bound = predicts[0].bind(profile.hash)  # the profile travels by hash in the stage
+            recipe = _with_stage(recipe, predicts[0], bound)
         self.recipe = recipe
         self.geometry = geometry
         self.profile = profile
+        self.predictor = profile if predicts else None
 
     # --- sizes -------------------------------------------------------------
     def stored_shape(self, kind: str, n_kept: int, layer: int = 0) -> tuple[int, int, int]:
@@ -280,16 +296,15 @@ class Codec:
                 enc, data = pos_codec.encode_positions(p, kv.length)
                 positions.append((enc, data, int(p.numel())))
         tq = time.perf_counter()
+        # Under Predict each tensor is quantized and decoded as soon as it is transformed: the next
+        # one is predicted from it as the receiver will have it (closed loop).
+        state = PredictState(self.predictor, kv.positions[0]) if self.predictor is not None else None
         items: list[Item] = []
         for layer in range(kv.num_layers):
-            for kind, x in (("k", kv.keys[layer]), ("v", kv.values[layer])):
-                shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
-                item = Item(layer, kind, shape, recipe.pipeline(kind, layer), x.float())
-                item.info["positions"] = kv.positions[layer]
-                for transform in item.transforms:
-                    transform.apply(item, self)
-                items.append(item)
-        Quantize.encode_all(items, observation)
+            for kind in KINDS:
+                items.append(self.encode_one(kv, layer, kind, state, observation))
+        if state is None:
+            Quantize.encode_all(items, observation)
         tensors = [
             EncodedTensor(it.layer, it.kind, it.shape, it.stored, it.info["spec"], it.stages, it.parts)
             for it in items
@@ -304,6 +319,33 @@ class Codec:
             isinstance(s, LowRank) and s.mode == "profile" for s in recipe.stages()
         ) else None  # fmt: skip
         return EncodedKV(recipe, g, kv.length, positions, tensors, profile_hash, timings)
+
+    def encode_one(
+        self,
+        kv: ContextKV,
+        layer: int,
+        kind: str,
+        state: PredictState | None = None,
+        observation: Observation | None = None,
+    ) -> Item:
+        """Run `kind` tensor of `layer` through its transforms. With a Predict `state`, also quantize it
+        and decode it into `state` (what the next prediction takes); without, Quantize.encode_all
+        quantizes every tensor afterwards (question-aware keys together)."""
+        x = kv.keys[layer] if kind == "k" else kv.values[layer]
+        shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
+        item = Item(layer, kind, shape, self.recipe.pipeline(kind, layer), x.float())
+        item.info["positions"] = kv.positions[layer]
+        if state is not None:
+            item.info["predict"] = state
+        for transform in item.transforms:
+            transform.apply(item, self)
+        if state is not None:
+            Quantize.encode_all([item], observation)
+            tensor = EncodedTensor(
+                layer, kind, shape, item.stored, item.info["spec"], item.stages, item.parts
+            )
+            self._decode_tensors([tensor], x.device, torch.float32, state)
+        return item
 
     # --- decode ------------------------------------------------------------
     def decode(
@@ -328,6 +370,16 @@ class Codec:
                 raise ValueError(f"{len(sets)} position sets for {g.num_layers} layers")
         else:
             sets = [torch.arange(encoded.length)] * g.num_layers
+        state = None
+        predicts = [s for s in encoded.recipe.stages() if isinstance(s, Predict)]
+        if predicts:
+            held = self.predictor.hash if self.predictor is not None else None
+            if predicts[0].profile != held:
+                raise ValueError(
+                    f"message predicts with profile {predicts[0].profile!r}, which this codec lacks "
+                    f"(it holds {held!r})"
+                )
+            state = PredictState(self.predictor, sets[0].to(device))
         for t in encoded.tensors:
             if t.shape[1] != sets[t.layer].numel():
                 raise ValueError(
@@ -338,13 +390,17 @@ class Codec:
                 raise ValueError(
                     f"layer {t.layer} {t.kind}: stored shape {t.stored}, its recipe makes {want}"
                 )
-        decoded = self._decode_tensors(encoded.tensors, device, dtype)
+        decoded = self._decode_tensors(encoded.tensors, device, dtype, state)
         keys = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "k"]
         values = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "v"]
         return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
 
     def _decode_tensors(
-        self, tensors: list[EncodedTensor], device: torch.device | str, dtype: torch.dtype
+        self,
+        tensors: list[EncodedTensor],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        state: PredictState | None = None,
     ) -> list[Tensor]:
         """Every tensor of a message -> (H, N, D) of `dtype` on `device`, in the order given.
 
@@ -355,12 +411,16 @@ class Codec:
         most DECODE_STACK_BYTES. Then each transform is undone in reverse order, on the stack
         (Rotate: one matmul; Sink: one copy of the joined sink parts) or on the one tensor. A
         transform that needs float32 gets the dequantized tensor in float32; the cast to `dtype`
-        comes before the first transform that does not.
+        comes after the last transform that does. Tensors that are not stackable are decoded one by one
+        in the order given (Predict: each prediction takes the tensors decoded before, from `state`).
         """
         from kvlink.kernels import dequantize_into
 
         parts = [self._checked_parts(t) for t in tensors]
         items = [Item(t.layer, t.kind, t.shape, t.stages) for t in tensors]
+        if state is not None:
+            for it in items:
+                it.info["predict"] = state
         out: list[Tensor | None] = [None] * len(tensors)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -376,8 +436,9 @@ class Codec:
                 x = lowrank.expand(q, items[i], parts[i], device, work, self.profile)
             else:
                 x = dequantize_into(q, work)
-            for tr in reversed(transforms):
-                if not tr.needs_float32 and x.dtype != dtype:
+            undo = transforms[::-1]
+            for j, tr in enumerate(undo):
+                if x.dtype != dtype and not any(later.needs_float32 for later in undo[j:]):
                     x = x.to(dtype)
                 x = tr.undo_one(x, items[i], parts[i], dtype)
             out[i] = x if x.dtype == dtype else x.to(dtype)
@@ -419,7 +480,8 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     """An upper bound of the memory Codec.decode takes for `encoded` at its peak, in bytes: the
     decoded cache in `dtype` (kept positions included), every part decompressed and joined, and the
     temporaries of the stacked dequantizes (measured on the reference path at up to 4x the largest
-    stack; tests/test_codec.py checks the bound against the process's peak memory). A receiver admits
+    stack; tests/test_codec.py checks the bound against the process's peak memory; under Predict, the
+    float32 tensors a prediction takes and makes besides). A receiver admits
     a decode against its memory budget with this."""
     element = torch.empty((), dtype=dtype).element_size()
     decoded = sum(t.shape[0] * t.shape[1] * t.shape[2] * element for t in encoded.tensors)
@@ -428,7 +490,19 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     largest = max((4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors), default=0)
     fp32 = sum(4 * t.shape[0] * t.shape[1] * t.shape[2] for t in encoded.tensors)
     working = 4 * max(min(DECODE_STACK_BYTES, fp32), largest)
+    if encoded.recipe.has("predict"):  # the decoded K and V it predicts from, its inputs and prediction
+        working += 2 * largest + 2 * (largest + 4 * encoded.tensors[0].shape[1]) + largest
     return decoded + positions + 2 * raw + working
+
+
+def _with_stage(recipe: Recipe, old: Stage, new: Stage) -> Recipe:
+    """`recipe` with stage `old` replaced by `new` in every pipeline."""
+    from dataclasses import replace
+
+    def swap(layers: tuple[Pipeline, ...]) -> tuple[Pipeline, ...]:
+        return tuple(tuple(new if s == old else s for s in p) for p in layers)
+
+    return replace(recipe, k=swap(recipe.k), v=swap(recipe.v))
 
 
 def _quantized(

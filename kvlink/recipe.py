@@ -100,6 +100,8 @@ class Recipe:
             raise ValueError(f"select must be a Select stage, got {self.select!r}")
         if self.zstd is not None and not isinstance(self.zstd, Zstd):
             raise ValueError(f"zstd must be a Zstd stage, got {self.zstd!r}")
+        for stage in self.stages():
+            stage.check_recipe(self)
 
     # --- structure ----------------------------------------------------------------------------------------
     def pipeline(self, kind: str, layer: int) -> Pipeline:

@@ -268,7 +268,14 @@ def kv(t):
     torch.manual_seed(0)
     return ContextKV([torch.randn(3, t, 64) for _ in range(30)], [torch.randn(3, t, 64) for _ in range(30)],
                      [torch.arange(t)] * 30, t)
-codec = Codec(config, g)
+def predictors():
+    from kvlink.predict import PredictorProfile, Rotary
+    torch.manual_seed(1)
+    f = 3 * 64
+    w = {(l, k): torch.randn((f if (l, k) == (0, "v") else 2 * f) + 1, f) * 0.01
+         for l in range(30) for k in "kv" if (l, k) != (0, "k")}
+    return PredictorProfile("f" * 64, 30, 3, 64, Rotary(1 / 10000 ** (torch.arange(0, 64, 2) / 64)), w)
+codec = Codec(config, g, predictors() if config.has("predict") else None)
 codec.decode(codec.encode_kv(kv(16)))  # first-call costs out of the way
 encoded = codec.encode_kv(kv(tokens))
 proc = psutil.Process()
@@ -291,7 +298,7 @@ print(peak[0] - start, decode_cost(encoded, torch.float32))
 @pytest.mark.parametrize(
     "config",
     ["build(k_bits=2, v_bits=2, zstd_level=3)", "build(k_bits=4, v_bits=4, rotate='kv', sink=1)",
-     "build(k_bits='nf4', v_bits=3)"],
+     "build(k_bits='nf4', v_bits=3)", "Recipe.from_name('xpred+kint2c/vint2t-g64+sink1')"],
 )  # fmt: skip
 def test_decode_cost_bounds_the_decodes_peak_memory(config: str) -> None:
     """The receiver admits a decode against its memory budget with decode_cost: it must be an upper bound of

@@ -15,6 +15,7 @@ row is checked for:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -24,8 +25,20 @@ from kvlink.cache import ContextKV
 from kvlink.capabilities import local_capabilities
 from kvlink.codec import Codec
 from kvlink.models import Geometry
+from kvlink.predict import PredictorProfile, Rotary
 from kvlink.recipe import Recipe, build
-from kvlink.stages import Clamp, LowRank, Quantize, Rotate, Select, Sink, Stage, Zstd, registered_stages
+from kvlink.stages import (
+    Clamp,
+    LowRank,
+    Predict,
+    Quantize,
+    Rotate,
+    Select,
+    Sink,
+    Stage,
+    Zstd,
+    registered_stages,
+)
 
 G = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
 T = 37
@@ -39,9 +52,24 @@ class Row:
     stage: Stage
     recipe: Recipe
     max_error: float
+    profile: Any = None  # the calibrated profile its codec needs (Codec's third argument)
 
 
 INT4 = build(k_bits=4, v_bits=4)
+
+
+def _predictors() -> PredictorProfile:
+    """Cross-layer predictors for G with small seeded weights (the mechanics, not a fit)."""
+    g = torch.Generator().manual_seed(1)
+    f = G.kv_heads * G.head_dim
+    rotary = Rotary(1.0 / 10000.0 ** (torch.arange(0, G.head_dim, 2, dtype=torch.float32) / G.head_dim))
+    weights = {
+        (layer, kind): torch.randn((f if (layer, kind) == (0, "v") else 2 * f) + 1, f, generator=g) * 0.05
+        for layer in range(G.num_layers) for kind in ("k", "v") if (layer, kind) != (0, "k")
+    }  # fmt: skip
+    return PredictorProfile(FP, G.num_layers, G.kv_heads, G.head_dim, rotary, weights)
+
+
 MATRIX: dict[str, Row] = {
     "select": Row(Select("random", 0.5, "layer", seed=3), build(selector="random", retention=0.5, scope="layer", seed=3, k_bits=8, v_bits=8), 0.02),
     "sink": Row(Sink(2), INT4.with_transform(Sink(2)), 0.2),
@@ -50,6 +78,7 @@ MATRIX: dict[str, Row] = {
     "rotate": Row(Rotate(5), INT4.with_transform(Rotate(5)), 0.2),
     "quantize": Row(Quantize("int3", 8, "channel"), Recipe(k=((Quantize("int3", 8, "channel"),),), v=((Quantize("nf4", 8, "token"),),)), 0.3),
     "zstd": Row(Zstd(3), build(k_bits=2, v_bits=2, zstd_level=3), 0.8),
+    "predict": Row(Predict(), Recipe.from_name("random50%@s3+xpred+kint4c/vint4t-g32+sink1"), 0.3, _predictors()),
 }  # fmt: skip
 
 
@@ -98,7 +127,7 @@ def test_the_name_round_trips(name: str) -> None:
 def test_the_wire_carries_it_and_a_receiver_without_it_refuses(name: str) -> None:
     row = MATRIX[name]
     assert wire.recipe_from_pb(wire.recipe_to_pb(row.recipe), G.num_layers) == row.recipe
-    encoded = Codec(row.recipe, G).encode_kv(_kv(), _kept(row.recipe))
+    encoded = Codec(row.recipe, G, row.profile).encode_kv(_kv(), _kept(row.recipe))
     header = wire.to_frames(encoded, "s", "m", FP, 1 << 20)[0]
     lacking = local_capabilities() - {row.stage.capability()}
     with pytest.raises(wire.WireError) as info:
@@ -110,7 +139,7 @@ def test_the_wire_carries_it_and_a_receiver_without_it_refuses(name: str) -> Non
 def test_sizes_encode_and_decode_through_the_wire(name: str) -> None:
     row = MATRIX[name]
     kv, kept = _kv(), _kept(row.recipe)
-    codec = Codec(row.recipe, G)
+    codec = Codec(row.recipe, G, row.profile)
     encoded = codec.encode_kv(kv, kept)
     predicted = codec.predicted_sizes(T, kept)
     if row.recipe.zstd is None:

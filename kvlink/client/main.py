@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--profile", metavar="FILE", default=None,
-        help="the calibrated low-rank projection a --config 'profile-r<n>' recipe needs (the receiver must "
-        "hold the same one: kvlink-serve --profile FILE)",
+        help="the calibrated profile a --config recipe needs: the low-rank projection of 'profile-r<n>' "
+        "or the predictors of 'xpred' (the receiver must hold the same one: kvlink-serve --profile FILE)",
     )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
@@ -254,11 +254,13 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
 
 
 def read_profile(path: str) -> Any:
-    """The calibrated projection in `path` (kvlink.lowrank.ModelProfile); UsageError naming the file."""
+    """The calibrated profile in `path` (kvlink.lowrank.ModelProfile, or kvlink.predict.PredictorProfile
+    by the file's format); UsageError naming the file."""
     from kvlink.lowrank import ModelProfile
+    from kvlink.predict import PredictorProfile, is_predictor_file
 
     try:
-        return ModelProfile.load(path)
+        return PredictorProfile.load(path) if is_predictor_file(path) else ModelProfile.load(path)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--profile {path!r}: {exc}") from None
 

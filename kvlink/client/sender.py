@@ -506,7 +506,8 @@ async def send_context(
     takes 34 s). keep: the receiver keeps the context for follow-up questions until its TTL (else it
     is released after the answer). truncate: a context too long for the model is cut to fit (else
     ContextTooLong, before anything is sent). on_stage: told when each stage begins. profile: the
-    calibrated projection (kvlink.lowrank.ModelProfile) of a pinned recipe with a "profile-r<n>" stage;
+    calibrated profile of a pinned recipe with a "profile-r<n>" stage (kvlink.lowrank.ModelProfile) or
+    an "xpred" one (kvlink.predict.PredictorProfile);
     the receiver must hold the same one (SendError UNKNOWN_CODEC at the Hello otherwise). Raises
     kvlink.budget.BudgetError when no config fits, SendError when a call fails.
     """
@@ -613,13 +614,16 @@ async def _send(
     if not min_rate_bps > 0:
         raise ValueError(f"min_rate_bps must be > 0, got {min_rate_bps!r}")
     pinned = config or (constraints.recipe if constraints is not None else None)
-    profiled = pinned if pinned is not None and "lowrank:profile" in pinned.capabilities() else None
+    profiled = (
+        pinned if pinned is not None and {"lowrank:profile", "predict"} & pinned.capabilities() else None
+    )
     needed_profile: str | None = None  # the hash of the calibrated profile the receiver must hold
     if profiled is not None:
         if profile is None:
             raise ValueError(
-                f"recipe {profiled.name!r} projects with a calibrated profile: pass it "
-                "(profile=, a kvlink.lowrank.ModelProfile that the receiver holds too)"
+                f"recipe {profiled.name!r} {'predicts' if profiled.has('predict') else 'projects'} with a "
+                "calibrated profile: pass it (profile=, a kvlink.lowrank.ModelProfile or "
+                "kvlink.predict.PredictorProfile that the receiver holds too)"
             )
         needed_profile = profile.hash
     stage = on_stage or (lambda name, detail: None)
@@ -638,7 +642,7 @@ async def _send(
             raise SendError(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"the receiver does not hold the calibrated profile {needed_profile} that recipe "
-                f"{profiled.name!r} projects with (it holds: {held}); start it with --profile FILE",
+                f"{profiled.name!r} needs (it holds: {held}); start it with --profile FILE",
                 code="UNKNOWN_CODEC", rpc="Hello",
             )  # fmt: skip
         constraints = _for_receiver(constraints, welcome.capabilities)

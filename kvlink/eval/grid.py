@@ -432,6 +432,17 @@ def bench_profile(lm: LoadedModel, path: str | Path | None = None, texts: int = 
     return profile.to(lm.device)
 
 
+def _profile_for(lm: LoadedModel, config: Recipe, profile: ModelProfile | None) -> Any:
+    """The calibrated profile `config` encodes with: its cross-layer predictors when it predicts (fitted
+    once through its quantization on the calibration split's odd paragraphs and cached:
+    kvlink.predict.cached_predictors), else the benchmark's projection `profile`."""
+    if config.has("predict"):
+        from kvlink.predict import cached_predictors
+
+        return cached_predictors(lm, config)
+    return profile
+
+
 class _Clock:
     """Wall time that waits for the GPU, so stage timings are real."""
 
@@ -480,7 +491,9 @@ class Evaluator:
         self.profile = profile
         if needs_profile(self.configs) and profile is None:
             raise ValueError("configs with a calibrated projection (proj<r>) need a profile (bench_profile)")
-        self.codecs = {c.name: Codec(c.config, lm.geometry, profile) for c in self.configs}
+        self.codecs = {
+            c.name: Codec(c.config, lm.geometry, _profile_for(lm, c.config, profile)) for c in self.configs
+        }
         self.reference = Codec(Recipe(), lm.geometry)
         self.clock = _Clock(lm.device)
         self.select_s: dict[Select | None, float] = {}  # of the last prefilled context

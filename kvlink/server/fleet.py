@@ -271,7 +271,8 @@ class FleetService(KVLinkService):
                     with self.forwards:
                         parts.append(recompute(self.lm.model, prefix, ids, segment.start))
                 else:
-                    decoded = Codec(encoded.recipe, g).decode(encoded, self.lm.device, dtype)
+                    codec = Codec(encoded.recipe, g, self.profile_of(encoded))
+                    decoded = codec.decode(encoded, self.lm.device, dtype)
                     parts.append(shifted(decoded, segment.start, segment.start + encoded.length))
             return join(parts, total)
 

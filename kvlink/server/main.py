@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile", metavar="FILE", action="append", default=[],
-        help="a calibrated low-rank projection of the model (kvlink.lowrank, .safetensors; repeatable): "
-        "messages projected with it are decoded, and its hash is advertised",
+        help="a calibrated profile of the model (.safetensors; repeatable): a low-rank projection "
+        "(kvlink.lowrank) or cross-layer predictors (kvlink.predict, the xpred stage): messages that "
+        "use it are decoded, and its hash is advertised",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="model dtype")
 
@@ -564,8 +565,12 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
     )
     store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes, owner_max_bytes=share)
     from kvlink.lowrank import ModelProfile
+    from kvlink.predict import PredictorProfile, is_predictor_file
 
-    profiles = [ModelProfile.load(path) for path in args.profile]
+    profiles: list[Any] = [
+        PredictorProfile.load(path) if is_predictor_file(path) else ModelProfile.load(path)
+        for path in args.profile
+    ]
     make_service: Callable[..., KVLinkService] = KVLinkService
     if args.store:  # a replica of a fleet: its messages go to the shared store too
         from kvlink.server.fleet import FleetService, open_shared

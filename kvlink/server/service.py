@@ -95,9 +95,9 @@ the rest of the receiver's work: one sender's large messages slow the others' an
 def _decode_politely(
     encoded: EncodedKV, device: torch.device | str, dtype: torch.dtype, cost: int, profile: Any = None
 ) -> ContextKV:
-    """Codec.decode (with `profile`, the calibrated projection the message names, if any), on one intra-op
-    thread when the message is big and decodes on the CPU. (OpenMP's thread count is per calling thread:
-    this worker's, restored after; other threads keep theirs.)"""
+    """Codec.decode (with `profile`, the calibrated projection or predictors the message names, if any),
+    on one intra-op thread when the message is big and decodes on the CPU. (OpenMP's thread count is
+    per calling thread: this worker's, restored after; other threads keep theirs.)"""
     decode = Codec(encoded.recipe, encoded.geometry, profile).decode
     if cost < BIG_DECODE_BYTES or torch.device(device).type != "cpu":
         return decode(encoded, device, dtype)
@@ -169,8 +169,9 @@ class KVLinkService:
     lm: the model (decode and answers run on its device). store: decoded caches by (owner, message),
     whose byte cap also covers decodes in flight. metrics: per-message records for REST. limits: what
     a message may declare. max_new_tokens: answers are at most this long (a longer request is
-    clamped). profiles: calibrated low-rank projections held (kvlink.lowrank.ModelProfile; none: "profile" messages are refused
-    as UNKNOWN_CODEC). guard: identities and call admission (default: no authentication, 64 calls, 4
+    clamped). profiles: calibrated profiles held: low-rank projections (kvlink.lowrank.ModelProfile) and
+    cross-layer predictors (kvlink.predict.PredictorProfile); a message naming one not held is refused
+    as UNKNOWN_CODEC. guard: identities and call admission (default: no authentication, 64 calls, 4
     per peer). stall_timeout_s: longest wait for the next frame of a Transfer; message_deadline_s:
     longest a Transfer may take from its first frame to its last (None: only the sender's deadline
     bounds either). max_question_tokens: longest question. max_buffered_bytes: chunk data all
@@ -221,13 +222,18 @@ class KVLinkService:
             )
         self.max_new_tokens = max_new_tokens
         self.max_question_tokens = max_question_tokens
-        self.profiles = {p.hash: p.to(lm.device) for p in profiles}
-        for p in self.profiles.values():
+        from kvlink.predict import PredictorProfile
+
+        held = [p.to(lm.device) for p in profiles]
+        for p in held:
             p.check_fingerprint(lm.fingerprint)
-        self.profile_hashes = tuple(sorted(self.profiles))
-        # What it decodes: everything registered here, low rank by a profile only when it holds one.
+        self.predictors = {p.hash: p for p in held if isinstance(p, PredictorProfile)}
+        self.profiles = {p.hash: p for p in held if not isinstance(p, PredictorProfile)}
+        self.profile_hashes = tuple(sorted({*self.profiles, *self.predictors}))
+        # What it decodes: everything registered here, low rank by a profile (cross-layer prediction by
+        # predictors) only when it holds one.
         self.capabilities = local_capabilities(
-            profiles=bool(self.profile_hashes), text_segments=text_segments
+            profiles=bool(self.profiles), text_segments=text_segments, predictors=bool(self.predictors)
         )
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int) and vocab > 0:
@@ -328,6 +334,14 @@ class KVLinkService:
             return self._refuse(err, rpc, context.peer())
         except Busy as busy:
             return self._refuse(wire.WireError("BUSY", busy.message), rpc, context.peer())
+
+    def profile_of(self, encoded: EncodedKV) -> Any:
+        """The calibrated profile held here that `encoded` decodes with (None: none it names is held):
+        the predictors its stages name (Predict), else the low-rank projection its header names."""
+        named = [h for stage in encoded.recipe.stages() for h in stage.profiles()]
+        if named:
+            return self.predictors.get(named[0])
+        return self.profiles.get(encoded.profile_hash or "")
 
     def warm_up(self) -> float:
         """Run a tiny prefill, INT4 round trip and answer once (blocking), so that the first real
@@ -752,7 +766,7 @@ class KVLinkService:
         started = time.perf_counter()
         problem = None
         try:
-            profile = self.profiles.get(encoded.profile_hash or "")
+            profile = self.profile_of(encoded)
             kv = await asyncio.to_thread(
                 _decode_politely, encoded, self.lm.device, self.lm.dtype, cost, profile
             )

@@ -1,6 +1,6 @@
 """The stages a message's encoding is made of; importing this package registers every one.
 
-    from kvlink.stages import Select, Sink, Rotate, LowRank, Quantize, Zstd, stage_class
+    from kvlink.stages import Select, Sink, Rotate, LowRank, Predict, Quantize, Zstd, stage_class
 
 kvlink.stages.base has the interface; kvlink.recipe composes stages into a
 message's recipe and names it; kvlink.codec runs a recipe. docs/stages.md says
@@ -10,6 +10,7 @@ how to add one.
 from kvlink.stages.base import Item, Stage, Transform, register, registered_stages, stage_class
 from kvlink.stages.clamp import Clamp
 from kvlink.stages.lowrank import LowRank
+from kvlink.stages.predict import Predict
 from kvlink.stages.quantize import Quantize
 from kvlink.stages.rotate import Rotate
 from kvlink.stages.select import Select
@@ -20,6 +21,7 @@ __all__ = [
     "Clamp",
     "Item",
     "LowRank",
+    "Predict",
     "Quantize",
     "Rotate",
     "Select",

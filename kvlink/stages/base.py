@@ -15,6 +15,8 @@ over every part. A stage owns everything about itself:
     needs()       the prefill observation it needs (kvlink.cache.Observe; NONE for most)
     capability()  the capability a receiver must advertise to decode it (kvlink.capabilities)
     check()       the checks that need the model's geometry
+    check_recipe() the checks against the rest of the recipe (e.g. Predict: one position set)
+    profiles()    the calibrated profiles it decodes with, by hash (Predict's predictors)
     size_key()    what of it decides a message's size (the planner's cache key)
 
 and, for a transform, the arithmetic on the way in and back (`apply`, `undo_one`,
@@ -121,6 +123,13 @@ class Stage(ABC):
     def size_key(self) -> tuple[Any, ...]:
         """What of this stage decides a message's size (the planner caches estimates by it)."""
         return (self.name, *sorted(self.params().items()))
+
+    def check_recipe(self, recipe: Any) -> None:  # noqa: B027 (most stages compose with any recipe)
+        """Checks against the whole recipe (kvlink.recipe.Recipe) it is part of (ValueError quotes the value)."""
+
+    def profiles(self) -> tuple[str, ...]:
+        """The hashes of the calibrated profiles (other than the low-rank projection's) it decodes with."""
+        return ()
 
 
 class Transform(Stage):

@@ -47,7 +47,8 @@ def check_zstd(chunk_id: int, capabilities: frozenset[str] | None) -> None:
 
 def check_profile(recipe: Recipe, profile_hash: str | None, profile_hashes: Collection[str] | None) -> None:
     """A header's calibrated profile: a low-rank 'profile' stage needs its hash (MALFORMED without),
-    one of `profile_hashes` (UNKNOWN_CODEC otherwise); a hash without such a stage is MALFORMED."""
+    one of `profile_hashes` (UNKNOWN_CODEC otherwise); a hash without such a stage is MALFORMED. A stage
+    that names profiles in its parameters (Stage.profiles: Predict) needs each one held (UNKNOWN_CODEC)."""
     profiled = any(s.name == "lowrank" and getattr(s, "mode", "") == "profile" for s in recipe.stages())
     if profiled:
         if profile_hash is None:
@@ -61,3 +62,13 @@ def check_profile(recipe: Recipe, profile_hash: str | None, profile_hashes: Coll
         raise WireError(
             "MALFORMED", f"profile hash {profile_hash[:64]!r} given without a profile low-rank stage"
         )
+    for stage in recipe.stages():
+        for needed in stage.profiles():
+            if not needed:
+                raise WireError("MALFORMED", f"stage {stage.name!r} names no calibrated profile")
+            if profile_hashes is not None and needed not in profile_hashes:
+                raise WireError(
+                    "UNKNOWN_CODEC",
+                    f"stage {stage.name!r} needs the calibrated profile {needed!r}, which this receiver "
+                    f"does not hold; held: {sorted(profile_hashes)}",
+                )
