@@ -96,3 +96,48 @@ def test_the_command_writes_json(tmp_path: Path, eids, capsys):
         main(["holdout", str(run), "--table", str(table), "--pair", PICK])
     with pytest.raises(SystemExit, match="did not measure"):
         main(["holdout", str(run), "--table", str(table), "--pair", f"{PICK}=fp16"])
+
+
+def test_the_gate_keeps_a_refinement_only_when_its_gain_holds(eids):
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.2, 0.8, len(eids))
+    held = "kint4c/vint4t-g32+sink1"  # its gain over INT4 holds below
+    unshown = "kint4c/vint4t-g32+sink1+round-query"  # never measured on the evaluation split
+    noise = rng.normal(0, 0.05, len(eids))
+    samples = _samples(
+        {
+            PICK: list(base + noise - noise.mean()),
+            TWIN: list(base),
+            held: list(base + 0.04),
+            INT4: list(base),
+        },
+        eids,
+    )
+    table = QualityTable(entries={PICK: 0.9, TWIN: 0.8, held: 0.85, INT4: 0.8, unshown: 0.9, "fp16": 1.0})
+    gated, dropped = holdout.gate(table, holdout.check(samples, table)[1])
+    assert set(gated.entries) == {TWIN, held, INT4, "fp16"}  # plain configs always stay
+    assert set(dropped) == {PICK, unshown}
+    assert "does not hold" in dropped[PICK] and "not paired" in dropped[unshown]
+    # Left out, the pick is looked up through its twin (the table's discount per difference), not 0.9.
+    assert gated.expected(Recipe.from_name(PICK)) < 0.8
+
+
+def test_calibrate_takes_a_holdout_run(tmp_path: Path, eids):
+    from kvlink.eval.commands.calibrate import gated
+
+    run = tmp_path / "eval"
+    run.mkdir()
+    base = np.linspace(0.2, 0.8, len(eids))
+    samples = _samples({PICK: list(base - 0.05), TWIN: list(base)}, eids)
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    table = QualityTable(entries={PICK: 0.9, TWIN: 0.8})
+    kept, dropped = gated(table, [run], "squad", "fidelity")
+    assert set(kept.entries) == {TWIN} and "-0.050" in dropped[PICK]
+    assert gated(table, [], "squad", "fidelity") == (table, {})
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    (cal / "samples.jsonl").write_text(
+        json.dumps({**samples[0], "eid": f"squad:{calibration_examples()[0].qid}"}) + "\n"
+    )
+    with pytest.raises(ValueError, match="evaluation-split examples only"):
+        gated(table, [cal], "squad", "fidelity")

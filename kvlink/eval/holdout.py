@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvlink.budget import QualityTable
+from kvlink.budget import QualityTable, quality_key
 from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
@@ -179,3 +179,43 @@ def as_json(cells: Sequence[Cell], pairs: Sequence[Pair], **meta: Any) -> dict[s
         "pairs": [{**asdict(p), "holds": p.holds} for p in pairs],
         "verdicts": {v: sum(c.verdict == v for c in cells) for v in VERDICTS},
     }
+
+
+def gate(table: QualityTable, pairs: Sequence[Pair]) -> tuple[QualityTable, dict[str, str]]:
+    """`table` less every refined entry whose gain over its plain twin does not hold on the evaluation
+    split, and why each was left out (key -> reason).
+
+    A refined entry (plain_twin differs) enters only when `pairs` holds it against its plain twin with a
+    paired interval above 0; one the evaluation run did not pair is left out too (its gain is unshown).
+    Left out, it is looked up as the table looks up any unmeasured config: through its twin.
+    """
+    from dataclasses import replace
+
+    shown: dict[str, Pair] = {}  # quality key -> its pair against its plain twin
+    for p in pairs:
+        config = Recipe.from_name(p.config)
+        if quality_key(plain_twin(config)) == quality_key(Recipe.from_name(p.twin)):
+            shown[quality_key(config)] = p
+    keys = set(table.entries) | {k for b in table.buckets for k in b.entries}
+    dropped: dict[str, str] = {}
+    for key in sorted(keys):
+        recipe = Recipe.from_name(key)
+        twin = quality_key(plain_twin(recipe))
+        if twin == quality_key(recipe):
+            continue
+        pair = shown.get(quality_key(recipe))
+        if pair is None:
+            dropped[key] = f"not paired with its plain twin {twin!r} on the evaluation split"
+        elif not pair.holds:
+            dropped[key] = (
+                f"gain over {twin!r} does not hold: {pair.diff:+.3f} [{pair.lo:+.3f}, {pair.hi:+.3f}], "
+                f"n={pair.n}"
+            )
+    if not dropped:
+        return table, dropped
+    buckets = tuple(
+        replace(b, entries={k: v for k, v in b.entries.items() if k not in dropped}) for b in table.buckets
+    )
+    kept = {k: v for k, v in table.entries.items() if k not in dropped}
+    source = f"{table.source}; {len(dropped)} refinements left out by the evaluation-split gate"
+    return QualityTable(table.model, kept, source, table.fingerprints, buckets), dropped

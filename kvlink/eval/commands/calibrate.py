@@ -38,6 +38,11 @@ def add_parser(sub: Subparsers) -> None:
     c.add_argument("--out", default=None, help="table path (default <cache_dir>/quality/<fingerprint>.json)")
     c.add_argument("--budgets", default="18.75%,12.5%,6.25%", help="comma-separated budgets to check")
     c.add_argument("--json", default=None, help="also write the check as JSON here")
+    c.add_argument(
+        "--holdout", action="append", default=[], metavar="RUN",
+        help="an evaluation-split quality run (repeatable): a refined config enters the table only if its "
+        "gain over its plain twin (kvlink.eval.holdout.plain_twin) holds there, paired",
+    )  # fmt: skip
     c.set_defaults(func=run)
 
 
@@ -171,6 +176,25 @@ def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def gated(
+    table: QualityTable, holdout_runs: Sequence[str | Path], task: str, quality: str
+) -> tuple[QualityTable, dict[str, str]]:
+    """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate); unchanged
+    without runs. Their samples must all be evaluation-split examples (ValueError otherwise)."""
+    from kvlink.eval import grid, holdout
+
+    if not holdout_runs:
+        return table, {}
+    records: list[dict[str, Any]] = []
+    for path in map(Path, holdout_runs):
+        found, _ = grid.read_done(path)
+        if not found:
+            raise ValueError(f"--holdout {path}: no samples ({grid.SAMPLES_GLOB})")
+        records += found
+    _, pairs = holdout.check(records, table, task, quality)
+    return holdout.gate(table, pairs)
+
+
 def check_calibration_results(paths: Sequence[str | Path]) -> None:
     """Refuse (ValueError naming the example and its article) any quality run that measured an example outside
     the calibration split: the table is fitted on calibration data only. A run without samples counts as
@@ -205,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tasks = task_list(args.task or ("squad" if "squad" in known else known[0]))
         table = quality_table(results, tasks, args.quality, runs)
+        table, dropped = gated(table, args.holdout, tasks[0], args.quality)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     fingerprint = results.get("meta", {}).get("fingerprint")
@@ -235,9 +260,11 @@ def run(args: argparse.Namespace) -> int:
             )
         console.print(view)
         checks += [{"task": task, **c} for c in mine]
+    for key, why in dropped.items():
+        console.print(f"left out {key}: {why}")
     lengths = f", {len(table.buckets)} context-length buckets" if table.buckets else ""
     console.print(f"wrote quality table ({len(table.entries)} configs{lengths}) to {path}")
     if args.json:
-        doc = {"table": str(path), "task": ",".join(tasks), "checks": checks}
+        doc = {"table": str(path), "task": ",".join(tasks), "checks": checks, "left_out": dropped}
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return 0 if all(c["on_frontier"] for c in checks) else 1
