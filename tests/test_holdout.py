@@ -141,3 +141,15 @@ def test_calibrate_takes_a_holdout_run(tmp_path: Path, eids):
     )
     with pytest.raises(ValueError, match="evaluation-split examples only"):
         gated(table, [cal], "squad", "fidelity")
+
+
+def test_samples_are_read_from_a_kept_results_file(tmp_path: Path, eids):
+    import gzip
+
+    samples = _samples({INT4: [0.5] * len(eids)}, eids)
+    (tmp_path / "results.json.gz").write_bytes(
+        gzip.compress(json.dumps({"summary": [], "samples": samples}).encode())
+    )
+    assert holdout.read_samples(tmp_path) == samples
+    with pytest.raises(ValueError, match="no samples in"):
+        holdout.read_samples(tmp_path / "absent")

@@ -24,6 +24,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from kvlink.budget import QualityTable, quality_key
@@ -71,6 +72,25 @@ def plain_twin(recipe: Recipe) -> Recipe:
     rounding and widths (the differences QualityTable's twin lookup discounts)."""
     twin = recipe.without("sink").without("rotate").without("round").without("kwidths").without("vwidths")
     return twin.without("layer-scope")
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """The samples of a quality run: its samples*.jsonl, else those its results.json(.gz) holds (the form
+    runs are kept in under bench/results/). ValueError when it has none."""
+    from kvlink.eval import grid, report
+
+    records, _ = grid.read_done(Path(path))
+    if records:
+        return records
+    try:
+        records = list(report.load_results(path).get("samples") or [])
+    except ValueError:
+        records = []
+    if not records:
+        raise ValueError(
+            f"no samples in {str(path)!r} ({grid.SAMPLES_GLOB} or a results.json(.gz) holding them)"
+        )
+    return records
 
 
 def evaluation_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -181,16 +181,11 @@ def gated(
 ) -> tuple[QualityTable, dict[str, str]]:
     """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate); unchanged
     without runs. Their samples must all be evaluation-split examples (ValueError otherwise)."""
-    from kvlink.eval import grid, holdout
+    from kvlink.eval import holdout
 
     if not holdout_runs:
         return table, {}
-    records: list[dict[str, Any]] = []
-    for path in map(Path, holdout_runs):
-        found, _ = grid.read_done(path)
-        if not found:
-            raise ValueError(f"--holdout {path}: no samples ({grid.SAMPLES_GLOB})")
-        records += found
+    records = [r for path in holdout_runs for r in holdout.read_samples(path)]
     _, pairs = holdout.check(records, table, task, quality)
     return holdout.gate(table, pairs)
 

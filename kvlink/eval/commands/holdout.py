@@ -15,7 +15,9 @@ def add_parser(sub: Subparsers) -> None:
     h = sub.add_parser(
         "holdout", help="check the quality table's entries and gains on an evaluation-split quality run"
     )
-    h.add_argument("runs", nargs="+", help="quality run directories (their samples*.jsonl; several merge)")
+    h.add_argument(
+        "runs", nargs="+", help="quality run directories (samples*.jsonl or results.json(.gz)); several merge"
+    )
     h.add_argument(
         "--table", default=None,
         help="quality table JSON (default: the one the planner uses for the run's model)",
@@ -40,15 +42,15 @@ def _pair(text: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from kvlink.budget import QualityTable
-    from kvlink.eval import grid, holdout
+    from kvlink.eval import holdout
 
     records = []
     meta: dict[str, object] = {}
     for path in map(Path, args.runs):
-        found, _ = grid.read_done(path)
-        if not found:
-            raise SystemExit(f"no samples in {path} ({grid.SAMPLES_GLOB})")
-        records += found
+        try:
+            records += holdout.read_samples(path)
+        except ValueError as e:
+            raise SystemExit(f"kvlink-bench holdout: {e}") from None
         run_json = path / "run.json"
         if not meta and run_json.is_file():
             meta = json.loads(run_json.read_text())
