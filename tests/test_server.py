@@ -266,7 +266,7 @@ def test_docs_are_served_from_the_receiver_itself(server: Receiver) -> None:
 
 # --- budgets, measured at the socket -------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("budget", ["100%", "50%", "18.75%", "6.25%"])
+@pytest.mark.parametrize("budget", ["100%", "50%", "25%", "18.75%", "12.5%", "6.25%"])
 async def test_budget_holds_at_the_socket(
     server: Receiver, embedded: LoadedModel, example: QAExample, sender_prefill: tuple[Prefill, torch.Tensor],
     budget: str,
