@@ -32,8 +32,15 @@ def eids() -> list[str]:
     return [f"squad:{e.qid}" for e in evaluation_examples()[:60]]
 
 
-def test_plain_twin_drops_every_refinement():
+def test_twins_drop_the_refinements():
     assert holdout.plain_twin(Recipe.from_name(PICK)).name == TWIN
+    xpred = holdout.twins(Recipe.from_name("xpred+kint2c/vint2t-g64+sink1"))
+    assert [t.name for t in xpred] == [
+        "kint2c/vint2t-g64+sink1",
+        "xpred+kint2c/vint2t-g64",
+        "kint2c/vint2t-g64",
+    ]
+    assert holdout.twins(Recipe.from_name(INT4)) == []
     assert holdout.plain_twin(Recipe.from_name(INT4)).name == INT4
     assert holdout.plain_twin(Recipe.from_name("kint4c/vint4t-g32+sink1+rot")).name == INT4
 

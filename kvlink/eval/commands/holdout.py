@@ -1,6 +1,6 @@
 """`kvlink-bench holdout`: the planner's quality table against a quality run on the evaluation split
 (kvlink.eval.holdout): does each entry hold on data nobody tuned on, and does each refinement's gain
-over its plain twin?"""
+over its simpler twins?"""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_parser(sub: Subparsers) -> None:
     h.add_argument("--quality", default="fidelity", help="sample metric (default fidelity)")
     h.add_argument(
         "--pair", action="append", default=[], metavar="CONFIG=TWIN",
-        help="also compare CONFIG against TWIN, paired (each config meets its plain twin anyway)",
+        help="also compare CONFIG against TWIN, paired (each config meets its measured twins anyway)",
     )  # fmt: skip
     h.add_argument("--json", default=None, help="write the check as JSON here")
     h.add_argument("--md", default=None, help="write the Markdown tables here")
