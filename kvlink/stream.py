@@ -174,9 +174,15 @@ def kv_options(
 
 def segmentable(recipe: Recipe) -> bool:
     """Whether a recipe can encode one segment alone: its quantizers need no observed queries (their
-    attention is over the whole context) and its selection, if any, scores positions globally."""
+    attention is over the whole context), its selection, if any, scores positions globally, and it
+    needs no calibrated profile (a low-rank projection or cross-layer predictors: segments carry none)."""
     from kvlink.cache import Observe
+    from kvlink.stages import LowRank, Predict
 
+    if any(
+        isinstance(s, Predict) or (isinstance(s, LowRank) and s.mode == "profile") for s in recipe.stages()
+    ):
+        return False
     for kind in ("k", "v"):
         if any(q.needs() is not Observe.NONE for q in recipe.quantizers(kind)):
             return False

@@ -342,3 +342,15 @@ def test_hostile_costs_are_refused_with_a_readable_error(
         "ignoring the costs the receiver 'evil' advertises" in caplog.text
         and says.split("'")[0] in caplog.text
     )
+
+
+def test_recipes_that_need_a_calibrated_profile_are_not_segmentable():
+    from kvlink.recipe import Recipe
+    from kvlink.stream import segmentable
+
+    assert segmentable(Recipe.from_name("kint4c/vint4t-g32+sink1"))
+    assert segmentable(Recipe.from_name("q2c50%+kint4c/vint4t-g32"))
+    assert segmentable(Recipe.from_name("svd-r32+kint4c/vint4t-g32"))  # its basis travels in the message
+    assert not segmentable(Recipe.from_name("profile-r32+kint4c/vint4t-g32"))  # segments carry no profile
+    assert not segmentable(Recipe.from_name("xpred+kint2c/vint2t-g64+sink1"))
+    assert not segmentable(Recipe.from_name("q2c50%/layer+kint4c/vint4t-g32"))  # per-layer scores
