@@ -66,6 +66,10 @@ def test_every_cell_is_written(run: tuple[dict[str, Any], Path]) -> None:
     assert "prefill_s" not in by["warm", "fp16"]["timings"] and by["cold", "fp16"]["timings"]["prefill_s"] > 0
     assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| context | sender | link | adaptive TTFT" in (out / "results.md").read_text()
+    # Each row was appended as it came (what a run cut short leaves): the cells, then the link change's two.
+    (change,) = result["link_change"]
+    logged = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert logged == json.loads(json.dumps([*cells, change["adaptive"], change["static"]], default=str))
 
 
 def test_summary_compares_adaptive_with_the_best_static(run: tuple[dict[str, Any], Path]) -> None:
@@ -128,3 +132,34 @@ def test_bad_settings_exit_before_anything_starts(capsys: pytest.CaptureFixture[
     assert bt.main(["--senders", "lukewarm", "--out", "/nonexistent/x"]) == 2
     assert "'lukewarm'" in capsys.readouterr().err
     assert bt.main(["--drop-after", "1.5", "--out", "/nonexistent/x"]) == 2
+
+
+def test_a_spent_time_budget_starts_no_cell(tmp_path: Path) -> None:
+    argv = [
+        "--model", TINY, "--tokens", "512", "--segment-tokens", "256", "--rates", "20M,40M", "--senders", "warm",
+        "--statics", "text", "--drop", "20M:5M", "--threads", "0", "--max-new-tokens", "1",
+        "--time-budget", "0.001", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert bt.main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    cells = result["cells"]
+    assert [(c["rate_bps"], c["method"]) for c in cells] == [(20e6, "adaptive"), (40e6, "adaptive")]
+    assert all(c["skipped"] == bt.OUT_OF_TIME and "ttft_s" not in c for c in cells)
+    assert result["link_change"] == []  # not started either
+    assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 2
+
+
+def test_contexts_longer_than_the_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation split's articles hold ~23k tokens: a longer context is cut from every shipped
+    paragraph, cycled, for a random-weight model only (a real model's answers would be read)."""
+    import dataclasses
+
+    from kvlink.models import load_model
+
+    lm = load_model(TINY)
+    (ctx,) = bt.load_contexts(lm, [30_000], 1)
+    assert ctx.eid == "cycled:30000" and 29_000 <= ctx.tokens <= 30_100 and ctx.answers == ()
+    with pytest.raises(ValueError, match="evaluation split"):
+        bt.load_contexts(dataclasses.replace(lm, random_weights=False), [30_000], 1)
+    (short,) = bt.load_contexts(lm, [2048], 1)  # within the split: a long-context QA example of it
+    assert short.eid.startswith("long:") and short.answers

