@@ -109,6 +109,17 @@ def _canonical_bytes(tensors: Sequence[tuple[str, Tensor]], metadata: dict[str, 
     return struct.pack("<Q", len(blob)) + blob + b"".join(chunks)
 
 
+def write_canonical(path: str | Path, data: bytes) -> tuple[Path, str]:
+    """Write a profile's canonical bytes to `path` atomically (temp file, then rename); (path, sha256 hex of
+    `data`, the profile's hash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path, hashlib.sha256(data).hexdigest()
+
+
 def _int_metadata(metadata: dict[str, str], key: str, minimum: int) -> int:
     value = metadata.get(key)
     if value is None:
@@ -275,13 +286,7 @@ class ModelProfile:
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as one safetensors file (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        self.__dict__["hash"] = hashlib.sha256(data).hexdigest()
+        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
         logger.info(
             "saved profile %s (r_max %d, %d layers) to %s", self.hash[:12], self.r_max, self.num_layers, path
         )

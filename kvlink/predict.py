@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvlink.lowrank import _canonical_bytes, _int_metadata
+from kvlink.lowrank import _canonical_bytes, _int_metadata, write_canonical
 
 logger = logging.getLogger(__name__)
 
@@ -230,13 +229,7 @@ class PredictorProfile:
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as one safetensors file (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        self.__dict__["hash"] = hashlib.sha256(data).hexdigest()
+        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
         logger.info("saved predictor profile %s to %s", self.hash[:12], path)
         return path
 
