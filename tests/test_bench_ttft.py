@@ -163,3 +163,18 @@ def test_contexts_longer_than_the_split(monkeypatch: pytest.MonkeyPatch) -> None
         bt.load_contexts(dataclasses.replace(lm, random_weights=False), [30_000], 1)
     (short,) = bt.load_contexts(lm, [2048], 1)  # within the split: a long-context QA example of it
     assert short.eid.startswith("long:") and short.answers
+
+
+def test_stages_of_each_cell(run: tuple[dict[str, Any], Path]) -> None:
+    result, out = run
+    for c in result["cells"]:
+        st = bt.stages(c)
+        assert math.isclose(st["link_s"], 8 * c["proxy_bytes_up"] / 20e6)
+        parts = {"sender": st["sender_s"], "link": st["link_s"], "receiver": st["receiver_s"]}
+        assert st["slowest"] == max(parts, key=parts.__getitem__)
+        assert math.isclose(st["pipelined"], c["ttft_s"] / parts[st["slowest"]])
+        if c["sender"] == "warm":  # it holds the prefill: it encodes, never prefills
+            assert st["sender_s"] == sum(s["encode_s"] for s in c["segments"])
+        if c["method"] == "text":  # every segment recomputed by the receiver
+            assert st["receiver_s"] >= sum(s["receiver"]["recompute_s"] for s in c["segments"]) > 0
+    assert "| sender | link | method | TTFT s | sender s |" in (out / "results.md").read_text()

@@ -511,6 +511,29 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+RECEIVER_WORK = ("recompute_s", "decode_s", "assemble_s", "verify_s", "validate_s")
+"""A segment's receiver timings that are its own work (receive_s and turn_s are waits)."""
+
+
+def stages(cell: dict[str, Any]) -> dict[str, float]:
+    """A sent cell's stages, each summed over its segments as if it ran alone: the sender's (its
+    prefill when cold, and every encode), the link's (the bytes that crossed the proxy at its rate), the
+    receiver's (its own work on each segment) and the answer's (the question asked once all is in);
+    "pipelined" = TTFT / the slowest of them (1.0: the others hid entirely behind it; target <= 1.2),
+    "serial" = their sum / the slowest (what no overlap would give)."""
+    sender = cell["timings"].get("prefill_s", 0.0) + sum(seg["encode_s"] for seg in cell["segments"])
+    link = 8 * cell["proxy_bytes_up"] / cell["rate_bps"]
+    receiver = sum(seg["receiver"].get(k, 0.0) for seg in cell["segments"] for k in RECEIVER_WORK)
+    parts = {"sender_s": sender, "link_s": link, "receiver_s": receiver, "answer_s": cell["timings"]["ask_s"]}
+    slowest = max(sender, link, receiver)
+    return {
+        **parts,
+        "slowest": ("sender", "link", "receiver")[[sender, link, receiver].index(slowest)],
+        "pipelined": cell["ttft_s"] / slowest if slowest > 0 else math.nan,
+        "serial": sum(parts.values()) / slowest if slowest > 0 else math.nan,
+    }
+
+
 def options_label(counts: dict[str, int]) -> str:
     return " + ".join(f"{n}x {name}" for name, n in counts.items())
 
@@ -574,6 +597,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"The drop came during segment {ch['drop_segment']}; the option changed at segment "
             f"{ch['change_segment']} (lag {ch['lag_segments']}).",
         ]
+    ran = [c for c in result["cells"] if "ttft_s" in c]
+    if ran:
+        lines += [
+            "",
+            "Pipelining (kvlink.eval.bench_ttft.stages): each stage summed over the segments, s; TTFT / the "
+            "slowest stage (target <= 1.2) and the stages' sum / the slowest (no overlap):",
+            "",
+            "| sender | link | method | TTFT s | sender s | link s | receiver s | answer s | slowest | TTFT / slowest "
+            "| sum / slowest |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for c in ran:
+            st = stages(c)
+            lines.append(
+                f"| {c['sender']} | {c['link']} | {c['method']} | {c['ttft_s']:.2f} | {st['sender_s']:.2f} "
+                f"| {st['link_s']:.2f} | {st['receiver_s']:.2f} | {st['answer_s']:.2f} | {st['slowest']} "
+                f"| {st['pipelined']:.2f} | {st['serial']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
