@@ -527,7 +527,8 @@ def _send_ttft(
         out.print(f"predicted TTFT if every segment went alike: {statics}")
         st = result.stages()
         out.print(
-            f"stages, summed over the segments: prefill {st['prefill_s']:.3f} s, encode {st['encode_s']:.3f} s, "
+            f"stages, summed over the segments: prefill {st['prefill_s']:.3f} s, choosing {st['plan_s']:.3f} s, "
+            f"encode {st['encode_s']:.3f} s, "
             f"link {st['link_s']:.3f} s, receiver {st['receiver_s']:.3f} s = {st['sum_s']:.3f} s; they took "
             f"{st['wall_s']:.3f} s together (pipelined)"
         )

@@ -90,6 +90,7 @@ class SegmentSent:
     transfer: TransferResult | None = None
     encode_s: float = 0.0
     call_s: float = 0.0  # the per-segment call cost it was chosen with
+    plan_s: float = 0.0  # the sender's time choosing it (the planner; not in the prediction)
 
     @property
     def wire_bytes(self) -> int:
@@ -101,7 +102,7 @@ class SegmentSent:
             "index": self.index, "start": self.start, "stop": self.stop, "option": self.option,
             "predicted_ttft_s": self.predicted_ttft_s, "link_gbps": self.link_bps / 1e9,
             "wire_bytes": self.wire_bytes, "encode_s": self.encode_s, "call_s": self.call_s,
-            "receiver": dict(r.timings) if r is not None else {},
+            "plan_s": self.plan_s, "receiver": dict(r.timings) if r is not None else {},
         }  # fmt: skip
 
 
@@ -133,11 +134,12 @@ class StreamResult:
         out = {
             "prefill_s": self.timings.get("prefill_s", 0.0),
             "encode_s": sum(s.encode_s for s in self.segments),
+            "plan_s": sum(s.plan_s for s in self.segments),
             "link_s": sum(r.get("receive_s", 0.0) for r in receipts),
             "receiver_s": sum(r.get("decode_s", 0.0) + r.get("recompute_s", 0.0) for r in receipts),
             "wall_s": self.timings.get("transfer_s", 0.0),
         }
-        out["sum_s"] = out["prefill_s"] + out["encode_s"] + out["link_s"] + out["receiver_s"]
+        out["sum_s"] = out["prefill_s"] + out["encode_s"] + out["plan_s"] + out["link_s"] + out["receiver_s"]
         return out
 
     @property
@@ -356,6 +358,7 @@ async def send_streamed(
                 chosen.append(option)
                 spent += planner.bytes_of(option, i)
                 seg = SegmentSent(i, a, b, option.name, now + guess.ttft, link.bps, call_s=c.segment_s)
+                seg.plan_s = time.perf_counter() - clock
                 segment = wire.Segment(
                     stream_id, i, a, n_ctx, last=i == len(bounds) - 1,
                     token_ids=tuple(int(t) for t in ctx_ids[a:b]) if option.text else (),

@@ -517,11 +517,13 @@ RECEIVER_WORK = ("recompute_s", "decode_s", "assemble_s", "verify_s", "validate_
 
 def stages(cell: dict[str, Any]) -> dict[str, float]:
     """A sent cell's stages, each summed over its segments as if it ran alone: the sender's (its
-    prefill when cold, and every encode), the link's (the bytes that crossed the proxy at its rate), the
+    prefill when cold, every choice and every encode), the link's (the bytes that crossed the proxy at its rate), the
     receiver's (its own work on each segment) and the answer's (the question asked once all is in);
     "pipelined" = TTFT / the slowest of them (1.0: the others hid entirely behind it; target <= 1.2),
     "serial" = their sum / the slowest (what no overlap would give)."""
-    sender = cell["timings"].get("prefill_s", 0.0) + sum(seg["encode_s"] for seg in cell["segments"])
+    sender = cell["timings"].get("prefill_s", 0.0) + sum(
+        seg["encode_s"] + seg.get("plan_s", 0.0) for seg in cell["segments"]
+    )
     link = 8 * cell["proxy_bytes_up"] / cell["rate_bps"]
     receiver = sum(seg["receiver"].get(k, 0.0) for seg in cell["segments"] for k in RECEIVER_WORK)
     parts = {"sender_s": sender, "link_s": link, "receiver_s": receiver, "answer_s": cell["timings"]["ask_s"]}
