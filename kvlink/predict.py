@@ -364,10 +364,11 @@ def fit_predictors(
         for kind in KINDS:
             if (layer, kind) != (0, "k"):
                 n_in = partial.inputs(layer, kind)
-                gram = torch.zeros(n_in, n_in, dtype=torch.float64)
-                cross = torch.zeros(n_in, f, dtype=torch.float64)
-                ysum = torch.zeros(f, dtype=torch.float64)
-                ysq = torch.zeros(f, dtype=torch.float64)
+                on = kvs[0].keys[0].device  # the prefill's: a model on CUDA fits there
+                gram = torch.zeros(n_in, n_in, dtype=torch.float64, device=on)
+                cross = torch.zeros(n_in, f, dtype=torch.float64, device=on)
+                ysum = torch.zeros(f, dtype=torch.float64, device=on)
+                ysq = torch.zeros(f, dtype=torch.float64, device=on)
                 count = 0
                 for kv, state in zip(kvs, states, strict=True):
                     x = state.inputs(layer, kind)[skip[kind] :].double()  # (N', n_in)
