@@ -22,7 +22,7 @@ import torch
 from kvlink import wire
 from kvlink.cache import Observe, prefill
 from kvlink.client.sender import SendError, ask, transfer
-from kvlink.client.stream import ENCODE_RATES, send_streamed
+from kvlink.client.stream import ENCODE_RATES, RATE_TOKENS, send_streamed
 from kvlink.eval.link import PacedProxy
 from kvlink.metrics import MetricsRegistry
 from kvlink.models import LoadedModel, load_model
@@ -152,6 +152,16 @@ async def test_selecting_segments_keep_their_best_positions_by_the_global_scores
         expected.append(torch.sort(best).values + a)
     assert torch.equal(kv.positions[0].cpu(), torch.cat(expected))
     assert result.total_bytes < 0.25 * result.fp16_bytes
+    # The encode rate this send leaves for the next one's plan: its last segment of RATE_TOKENS or more,
+    # not the short one at the end (whose fixed costs would pass for a slow rate).
+    timed = [s for s in result.segments if s.stop - s.start >= RATE_TOKENS]
+    assert (
+        len(timed) == len(result.segments) - 1 and result.segments[-1].stop - result.segments[-1].start < 128
+    )
+    last = timed[-1]
+    assert (
+        ENCODE_RATES[lm.fingerprint, name] == lm.geometry.fp16_bytes(last.stop - last.start) / last.encode_s
+    )
 
 
 async def test_nothing_is_answered_before_the_last_segment_and_an_abandoned_context_is_dropped(

@@ -72,6 +72,8 @@ MAX_IN_FLIGHT = 2
 open call holds one of the receiver's per-peer call slots)."""
 ASSUMED_COSTS = wire.ReceiverCosts(((1024, 20_000.0),), 5e9, 0.05)
 """What a receiver that advertises no measured costs is assumed to cost (logged when used)."""
+RATE_TOKENS = 128
+"""Tokens an encode rate is timed on at least (the probe's slice; a shorter last segment teaches nothing)."""
 ENCODE_RATES: dict[tuple[str, str], float] = {}
 """This process's encode rates (FP16 bytes/s) by (model fingerprint, option name), the last measured: a
 send plans with them before it has encoded anything, and measures only the options not in here."""
@@ -342,7 +344,7 @@ async def send_streamed(
                     scores = scores or Scores(pre)
                     unknown = [o for o in choices if o.name not in encode_rates]
                     measured = await asyncio.to_thread(
-                        encode_rates_of, pre, scores, unknown, g, min(128, n_ctx)
+                        encode_rates_of, pre, scores, unknown, g, min(RATE_TOKENS, n_ctx)
                     )
                     encode_rates.update(measured)
                     ENCODE_RATES.update({(lm.fingerprint, name): r for name, r in measured.items()})
@@ -369,14 +371,18 @@ async def send_streamed(
                     assert reading is not None
                     pre = await reading
                     scores = scores or Scores(pre)
+                    if option.recipe is not None and option.recipe.select is not None:
+                        # Once per send and method, not per segment: kept out of the encode rate.
+                        await asyncio.to_thread(scores.of, option.recipe)
                     started = time.perf_counter()
                     frames = await asyncio.to_thread(
                         _encoded_frames, pre, scores, option, g, segment, b, lm.fingerprint, session_id,
                         min(1 << 20, welcome.max_chunk_bytes),
                     )  # fmt: skip
                     seg.encode_s = time.perf_counter() - started
-                    encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
-                    encode_rates[option.name] = ENCODE_RATES[lm.fingerprint, option.name] = encode_bps
+                    if b - a >= RATE_TOKENS:  # a short segment's fixed costs would pass for a slow rate
+                        encode_bps = g.fp16_bytes(b - a) / max(seg.encode_s, 1e-6)
+                        encode_rates[option.name] = ENCODE_RATES[lm.fingerprint, option.name] = encode_bps
                 # The link is free once the segment before is written; one segment decodes meanwhile.
                 busy = [t for t in in_flight if not t.done()]
                 if written is not None and busy:
