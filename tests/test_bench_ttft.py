@@ -178,3 +178,39 @@ def test_stages_of_each_cell(run: tuple[dict[str, Any], Path]) -> None:
         if c["method"] == "text":  # every segment recomputed by the receiver
             assert st["receiver_s"] >= sum(s["receiver"]["recompute_s"] for s in c["segments"]) > 0
     assert "| sender | link | method | TTFT s | sender s |" in (out / "results.md").read_text()
+
+
+def test_a_failed_cell_is_recorded_and_each_context_is_freed(tmp_path: Path) -> None:
+    """A receiver that refuses FP16 segments as too large: that cell is recorded as failed and the next
+    one runs; every context a cell sent is freed on the receiver after its answer."""
+    import asyncio
+
+    import httpx
+
+    from kvlink.models import load_model
+    from kvlink.server.local import LocalReceiver
+
+    lm = load_model(TINY)
+    (ctx,) = bt.load_contexts(lm, [512], 1)
+    serve = ["--model", TINY, "--device", "cpu", "--max-message-bytes", "16KiB", "--cost-probe-tokens", "0"]
+    with LocalReceiver(serve, log=tmp_path / "rx.log") as rx:
+        rx.wait_healthy()
+        host, _, port = rx.target.rpartition(":")
+
+        async def cells() -> list[dict[str, Any]]:
+            return [
+                await bt.run_cell(lm, (host, int(port)), ctx, "cold", 50e6, method, 256, 1)
+                for method in ("fp16", "text")
+            ]
+
+        failed, sent = asyncio.run(cells())
+        metrics = httpx.get(f"{rx.rest}/metrics", timeout=10).text
+        held = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("kvlink_cached_messages ")
+        )
+    assert failed["failed"] and failed["skipped"].startswith("failed: ") and "ttft_s" not in failed
+    assert "TOO_LARGE" in failed["skipped"]
+    assert sent["ttft_s"] > 0 and sent["options"] == ["text", "text"]
+    assert held == 0  # the text cell's context was freed after its answer

@@ -247,6 +247,7 @@ async def run_cell(
     """Send `ctx` once through a fresh proxy at `rate` with `method` (ADAPTIVE or a static option);
     `learned`: the call cost to start from, updated with what this cell's receipts taught."""
     from kvlink.answer import GenerationOptions
+    from kvlink.client.sender import SendError
     from kvlink.client.stream import send_streamed
     from kvlink.stream import LinkMemory
 
@@ -265,8 +266,12 @@ async def run_cell(
             reference_answers=ctx.answers, options=GenerationOptions(max_new_tokens),
             prefilled=ctx.prefilled if sender == "warm" else None, on_segment=receipts,
         )  # fmt: skip
+    except SendError as exc:  # one cell lost, not the run: recorded, and the grid goes on
+        logger.warning("%s %s %s failed: %s", sender, rate_label(rate), method, exc)
+        return {**skipped_cell(ctx, sender, rate, method, math.nan, f"failed: {exc}"), "failed": True}
     finally:
         proxy.close()
+    await _release(upstream, result)
     if learned is not None:
         learned.segment_s = estimate.segment_s
     options = [s.option for s in result.segments]
@@ -283,6 +288,20 @@ async def run_cell(
             "after_receipts": receipts.dropped_after, "at_s": receipts.dropped_at_s, "to_bps": drop[1],
         },
     }  # fmt: skip
+
+
+async def _release(upstream: tuple[str, int], result: Any) -> None:
+    """Free the cell's context on the receiver (directly, not through the proxy): a kept 32k-token 8B
+    context holds GBs of its memory until its session TTL, and the cells after it need them."""
+    import grpc
+
+    from kvlink.client.sender import PLAINTEXT, SendError, channel_options, release
+
+    async with PLAINTEXT.channel(f"{upstream[0]}:{upstream[1]}", channel_options()) as channel:
+        try:
+            await release(channel, result.stream_id, result.session_id)
+        except (SendError, grpc.aio.AioRpcError) as exc:
+            logger.warning("could not free context %s: %s", result.stream_id, exc)
 
 
 def skipped_cell(
@@ -364,7 +383,7 @@ async def run_grid(
                     )  # fmt: skip
                     cells.append({**adaptive, "repeat": repeat})
                     progress(cells[-1])
-                    predicted = adaptive["static_predictions_s"]
+                    predicted = adaptive.get("static_predictions_s", {})  # none when it failed
                     for name in grid.statics or list(predicted):
                         guess = predicted.get(name, math.nan)
                         why = None
@@ -428,6 +447,14 @@ async def link_change(
         learned,
     )
     progress(adaptive)
+    if adaptive.get("failed"):
+        return {
+            "context": ctx.label,
+            "sender": sender,
+            "start_bps": start,
+            "end_bps": end,
+            "failed": adaptive["skipped"],
+        }
     # The best static at the starting rate: measured in the grid when it ran that rate, else predicted.
     steady = [
         c for c in cells if c["context"] == ctx.label and c["sender"] == sender and c["rate_bps"] == start
@@ -451,6 +478,14 @@ async def link_change(
         learned,
     )
     progress(static)
+    if static.get("failed"):
+        return {
+            "context": ctx.label,
+            "sender": sender,
+            "start_bps": start,
+            "end_bps": end,
+            "failed": static["skipped"],
+        }
     # Where the drop made the adaptive sender choose otherwise: the first segment from the drop on whose
     # option differs from the steady run's at the starting rate (from the one before the drop when the grid
     # did not run that rate).
@@ -589,6 +624,9 @@ def markdown(result: dict[str, Any]) -> str:
                 row.append("skipped" if m in s["skipped"] else "")
         lines.append(f"| {s['context']} | {s['sender']} | {s['link']} | " + " | ".join(row) + " |")
     for ch in result["link_change"]:
+        if "failed" in ch:
+            lines += ["", f"Link change ({ch['sender']} sender, {ch['context']}): {ch['failed']}"]
+            continue
         a, st = ch["adaptive"], ch["static"]
         lines += [
             "",
