@@ -427,3 +427,34 @@ def test_kvlink_send_needs_a_budget_unless_the_goal_is_ttft(capsys: pytest.Captu
     assert "--segment-tokens must be >= 1" in capsys.readouterr().err
     assert client_main.main([*argv, "--goal", "ttft", "--min-quality", "1.5"]) == 2
     assert "--min-quality must be in [0, 1]" in capsys.readouterr().err
+
+
+async def test_a_receiver_out_of_memory_refuses_the_message_and_keeps_serving(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device running out of memory while a context's segments are joined (seen on an H100 holding
+    the contexts of earlier messages): that message is refused RESOURCE_EXHAUSTED (BUSY: retry later),
+    naming what the receiver holds, its segments are freed, and the next message is served."""
+    import kvlink.server.service as service_module
+
+    real, failures = service_module.join, []
+    n_ctx = int(context_ids(lm.tokenizer, CONTEXT).numel())
+
+    def join_once_out_of_memory(parts: Any, length: int) -> Any:
+        if not failures and length == n_ctx:  # the commit's join of the whole context
+            failures.append(length)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 66.00 MiB.")
+        return real(parts, length)
+
+    monkeypatch.setattr(service_module, "join", join_once_out_of_memory)
+    async with receiver(lm) as (target, service):
+        with pytest.raises(SendError) as refused:
+            await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=512, fixed="fp16",
+                                links=LinkMemory())  # fmt: skip
+        assert failures  # the commit's join was the one that failed
+        assert refused.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.code == "BUSY"
+        assert "ran out of memory" in refused.value.message and "contexts" in refused.value.message
+        assert not service._streams and len(service.store) == 0  # nothing of it is held
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=512, fixed="fp16",
+                                     links=LinkMemory())  # fmt: skip
+        assert service.store.get(OWNER, result.session_id, result.stream_id) is not None

@@ -121,6 +121,17 @@ class Refused(Exception):
         return cls(err.status_code, err.code, err.message)
 
 
+def out_of_memory(exc: BaseException, store: SessionStore) -> str:
+    """Why a message was refused for memory: what the receiver holds (the contexts kept for follow-up
+    questions are the usual reason), and what the sender can do."""
+    stats = store.stats()
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return (
+        f"the receiver ran out of memory ({first}; it holds {stats.messages} contexts, {stats.bytes:,} B); "
+        "free contexts you no longer ask about (kvlink-ask --release, kvlink-send --no-keep) or retry later"
+    )
+
+
 @dataclass
 class _Call:
     """What one Transfer call holds; released however the call ends."""
@@ -408,6 +419,15 @@ class KVLinkService:
             self.metrics.record_error("CANCELLED", "Transfer")
             logger.info("Transfer of message %r cancelled; discarded", asm.message_id)
             raise
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # this receiver's state, not the message's
+            failure = self._refuse(
+                wire.WireError("BUSY", out_of_memory(exc, self.store)), "Transfer", context.peer()
+            )
+            if call.stored:
+                self.store.discard(who.name, asm.message_id or "")
+                self._unshare(who.name, asm.message_id or "")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         except Exception as exc:  # a bug must cost one call, never the server
             self.metrics.record_error(INTERNAL, "Transfer")
             logger.exception("Transfer of message %r failed", asm.message_id)
@@ -674,7 +694,11 @@ class KVLinkService:
     async def _commit(self, stream: _Stream) -> None:
         """The last segment is in: the context is stored whole and becomes answerable."""
         key = (stream.owner, stream.stream_id)
-        kv = join(stream.parts, stream.total_length)
+        try:
+            kv = join(stream.parts, stream.total_length)
+        except (torch.OutOfMemoryError, MemoryError):
+            self._drop_stream(key, "the receiver ran out of memory joining its segments")
+            raise
         stream.parts.clear()
         for held in stream.held:
             held.release()
