@@ -70,6 +70,8 @@ MAX_TABLE_OPTIONS = 6
 MAX_DECODE_PROBES = 8
 """KV formats a receiver times its decode of at start-up (FP16 and INT4 first, then the quality table's)."""
 MAX_SEGMENT_S = 10.0
+MAX_WORK_SCALE = 20.0
+"""The most a receiver's measured work may depart from what it advertised, either way, in what a sender learns."""
 """A per-segment call cost sample above this is clamped to it (a stalled call, not the call's cost)."""
 
 
@@ -412,7 +414,11 @@ class LinkEstimate:
     off the estimate replaces it (the link changed: smoothing would follow it segments late). And the
     call cost of one segment (segment_s, seconds; None until a receipt measured it): what a segment's
     Transfer takes beyond its bytes on the link and the receiver's decode or recompute (the call, the
-    receiver's checks and bookkeeping, the receipt), smoothed with weight `call_alpha`."""
+    receiver's checks and bookkeeping, the receipt), smoothed with weight `call_alpha`. And how the
+    receiver's own work on a segment compares with what its advertised rates predict (recompute_scale
+    for text, decode_scale for KV: measured / predicted, smoothed with weight `work_alpha`; 1.0 until a
+    receipt measured one): a start-up probe times whole prefills and decodes, which a segment after a
+    long prefix, or at another scale, may not match."""
 
     bps: float = DEFAULT_LINK_BPS
     samples: int = 0
@@ -420,6 +426,13 @@ class LinkEstimate:
     segment_s: float | None = None
     segment_samples: int = 0
     call_alpha: float = 0.3
+    recompute_scale: float = 1.0
+    decode_scale: float = 1.0
+    recompute_samples: int = 0
+    decode_samples: int = 0
+    work_alpha: float = 0.5
+
+    MIN_WORK_S = 1e-3  # less is not timed well enough to scale a prediction by
 
     MIN_SAMPLE_BYTES = 64 << 10  # smaller segments time the call, not the link
 
@@ -445,6 +458,23 @@ class LinkEstimate:
         else:
             self.segment_s = self.call_alpha * sample + (1 - self.call_alpha) * self.segment_s
         self.segment_samples += 1
+        return True
+
+    def add_work(self, text: bool, measured: float, predicted: float) -> bool:
+        """Take one segment's receiver work (a text segment's recompute, else a KV segment's decode),
+        measured against the unscaled prediction; ignored unless both are finite and timeable."""
+        if not (math.isfinite(measured) and math.isfinite(predicted)):
+            return False
+        if measured < self.MIN_WORK_S or predicted < self.MIN_WORK_S:
+            return False
+        sample = min(max(measured / predicted, 1 / MAX_WORK_SCALE), MAX_WORK_SCALE)
+        old = self.recompute_scale if text else self.decode_scale
+        first = (self.recompute_samples if text else self.decode_samples) == 0
+        new = sample if first else self.work_alpha * sample + (1 - self.work_alpha) * old
+        if text:
+            self.recompute_scale, self.recompute_samples = new, self.recompute_samples + 1
+        else:
+            self.decode_scale, self.decode_samples = new, self.decode_samples + 1
         return True
 
     def call_s(self, receiver: ReceiverCosts) -> float:
@@ -507,7 +537,12 @@ class LinkMemory:
         if self.path is None:
             return
         kept = {
-            t: {"bps": e.bps, **({"segment_s": e.segment_s} if e.segment_s is not None else {})}
+            t: {
+                "bps": e.bps,
+                **({"segment_s": e.segment_s} if e.segment_s is not None else {}),
+                **({"recompute_scale": e.recompute_scale} if e.recompute_samples else {}),
+                **({"decode_scale": e.decode_scale} if e.decode_samples else {}),
+            }
             for t, e in self._links.items()
         }
         try:
@@ -528,6 +563,12 @@ def _estimate_from_json(kept: Any) -> LinkEstimate | None:
     estimate = LinkEstimate(float(bps), 1)
     if isinstance(segment_s, (int, float)) and math.isfinite(segment_s) and 0 <= segment_s <= MAX_SEGMENT_S:
         estimate.segment_s, estimate.segment_samples = float(segment_s), 1
+    if isinstance(kept, dict):
+        for name in ("recompute_scale", "decode_scale"):
+            scale = kept.get(name)
+            if isinstance(scale, (int, float)) and 1 / MAX_WORK_SCALE <= scale <= MAX_WORK_SCALE:
+                setattr(estimate, name, float(scale))
+                setattr(estimate, name.replace("_scale", "_samples"), 1)
     return estimate
 
 
@@ -551,6 +592,8 @@ class Costs:
     question_tokens: int = 32
     encode_rates: dict[str, float] = field(default_factory=dict)  # measured per option (FP16 bytes/s)
     segment_s: float = 0.0
+    recompute_scale: float = 1.0  # the receiver's measured / advertised work (LinkEstimate)
+    decode_scale: float = 1.0
 
 
 @dataclass
@@ -599,14 +642,19 @@ class Planner:
         a, b = self.bounds[i]
         return self._bytes[(option.name, b - a)]
 
-    def work_s(self, option: Option, i: int, costs: Costs) -> float:
-        """The receiver's seconds on segment i under `option`: recomputing it (text) or decoding what it
-        keeps at its format's rate, plus the segment's call cost."""
+    def advertised_work_s(self, option: Option, i: int, receiver: ReceiverCosts) -> float:
+        """The receiver's seconds on segment i under `option` by its advertised rates: recomputing it
+        (text) or decoding what it keeps at its format's rate."""
         a, b = self.bounds[i]
-        r = costs.receiver
         if option.text:
-            return r.recompute_s(a, b - a) + costs.segment_s
-        return self.geometry.fp16_bytes(option.kept(b - a)) / r.decode_rate(option.format) + costs.segment_s
+            return receiver.recompute_s(a, b - a)
+        return self.geometry.fp16_bytes(option.kept(b - a)) / receiver.decode_rate(option.format)
+
+    def work_s(self, option: Option, i: int, costs: Costs) -> float:
+        """The receiver's seconds on segment i under `option`: its advertised work scaled by what
+        receipts measured of it, plus the segment's call cost."""
+        scale = costs.recompute_scale if option.text else costs.decode_scale
+        return self.advertised_work_s(option, i, costs.receiver) * scale + costs.segment_s
 
     def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,
                 ready: float = 0.0, encoded: float = 0.0) -> Prediction:  # fmt: skip

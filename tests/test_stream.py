@@ -120,9 +120,10 @@ async def test_text_segments_are_recomputed_at_their_original_positions(lm: Load
     """Recomputing segment after segment with the earlier ones as prefix gives the prefill of the
     whole context: the receiver's cache holds the same keys (RoPE'd at the original positions)."""
     full = _read(lm).kv
+    links = LinkMemory()
     async with receiver(lm) as (target, service):
         result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, fixed="text",
-                                     links=LinkMemory())  # fmt: skip
+                                     links=links)  # fmt: skip
         kv = service.store.get(OWNER, result.session_id, result.stream_id)
     assert kv is not None
     assert all(s.option == "text" for s in result.segments)
@@ -134,6 +135,20 @@ async def test_text_segments_are_recomputed_at_their_original_positions(lm: Load
         )
     receipts = [s.transfer.receipt for s in result.segments if s.transfer is not None]
     assert all("recompute_s" in r.timings for r in receipts)
+    # Each receipt taught the sender how the receiver's recompute compares with its advertised rates
+    # (COSTS), in the order the receipts came: the next send plans text work scaled by it.
+    expected = LinkEstimate()
+    for seg in sorted(result.segments, key=lambda s: s.index):
+        assert seg.transfer is not None
+        expected.add_work(
+            True,
+            seg.transfer.receipt.timings["recompute_s"],
+            COSTS.recompute_s(seg.start, seg.stop - seg.start),
+        )
+    learned = links.get(target)
+    assert expected.recompute_samples > 0 and learned.recompute_samples == expected.recompute_samples
+    assert learned.recompute_scale == pytest.approx(expected.recompute_scale) and learned.decode_samples == 0
+    assert result.work_scales == (learned.recompute_scale, 1.0)
 
 
 async def test_selecting_segments_keep_their_best_positions_by_the_global_scores(lm: LoadedModel) -> None:

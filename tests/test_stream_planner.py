@@ -23,6 +23,7 @@ from kvlink.models import Geometry
 from kvlink.recipe import Recipe
 from kvlink.stream import (
     MAX_SEGMENT_S,
+    MAX_WORK_SCALE,
     Costs,
     LinkEstimate,
     LinkMemory,
@@ -235,6 +236,47 @@ def test_link_memory_keeps_the_call_cost_and_reads_a_file_of_before(tmp_path: Pa
     again = LinkMemory(path)
     assert again.get("new:1").segment_s == pytest.approx(0.02) and again.get("new:1").bps == 1e9
     assert again.get("old:1").bps == 3e8
+
+
+def test_the_sender_learns_how_the_receivers_work_departs_from_its_rates(tmp_path: Path) -> None:
+    """Receipts teach how long the receiver's recompute (text) and decode (KV) really take against what
+    its advertised rates predict; the planner scales its work by that, each kind apart."""
+    est = LinkEstimate()
+    assert (est.recompute_scale, est.decode_scale) == (1.0, 1.0)
+    assert not est.add_work(True, 0.3, 0.0005)  # a prediction too small to scale by
+    assert not est.add_work(True, math.nan, 0.2) and est.recompute_samples == 0
+    assert est.add_work(True, 0.3, 0.2) and est.recompute_scale == pytest.approx(1.5)  # the first replaces
+    assert est.add_work(True, 0.2, 0.2) and est.recompute_scale == pytest.approx(0.5 * 1.0 + 0.5 * 1.5)
+    assert est.decode_scale == 1.0  # text taught nothing of decoding
+    assert est.add_work(False, 100.0, 0.01) and est.decode_scale == MAX_WORK_SCALE  # clamped, not believed
+    planner = Planner(G, segment_bounds(1024, 256), OPTIONS, 1 << 40)
+    plain = Costs(RECEIVER, 1e9, segment_s=0.01)
+    scaled = Costs(RECEIVER, 1e9, segment_s=0.01, recompute_scale=1.25, decode_scale=3.0)
+    for option in OPTIONS:
+        for i in range(4):
+            advertised = planner.advertised_work_s(option, i, RECEIVER)
+            assert planner.work_s(option, i, plain) == pytest.approx(advertised + 0.01)
+            factor = 1.25 if option.text else 3.0
+            assert planner.work_s(option, i, scaled) == pytest.approx(advertised * factor + 0.01)
+    # Text grows slower than KV here: with its recompute measured 1.25x, all-text stays as predicted
+    # +25% of the receiver's part; the predicted TTFT of every schedule moves with its own kind only.
+    texts = [text_option()] * 4
+    assert planner.predict(texts, scaled).ttft > planner.predict(texts, plain).ttft
+    # Kept per receiver between sends, with the rate and the call cost; a hostile file is not believed.
+    memory = LinkMemory(tmp_path / "links.json")
+    memory.get("rx:1", 1e9).add_work(True, 0.3, 0.2)
+    memory.save()
+    kept = LinkMemory(tmp_path / "links.json").get("rx:1")
+    assert (
+        kept.recompute_scale == pytest.approx(1.5)
+        and kept.recompute_samples == 1
+        and kept.decode_scale == 1.0
+    )
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"rx:1": {"bps": 1e9, "recompute_scale": 1e9, "decode_scale": "x"}})
+    )
+    bad = LinkMemory(tmp_path / "bad.json").get("rx:1")
+    assert (bad.recompute_scale, bad.decode_scale, bad.bps) == (1.0, 1.0, 1e9)
 
 
 # --- the costs a receiver advertises -------------------------------------------------------------------

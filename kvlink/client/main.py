@@ -532,6 +532,11 @@ def _send_ttft(
             f"link {st['link_s']:.3f} s, receiver {st['receiver_s']:.3f} s = {st['sum_s']:.3f} s; they took "
             f"{st['wall_s']:.3f} s together (pipelined)"
         )
+        text_scale, kv_scale = result.work_scales
+        out.print(
+            f"the receiver's work as measured, against its advertised rates: x{text_scale:.2f} recomputing "
+            f"text, x{kv_scale:.2f} decoding KV (kept for the next send)"
+        )
     print_answer(out, result.answer)
     out.print(
         f"TTFT {result.ttft_s:.3f} s (predicted {result.predicted_ttft_s:.3f} s); {_n(result.total_bytes)} wire "

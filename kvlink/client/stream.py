@@ -124,6 +124,7 @@ class StreamResult:
     static_predictions: dict[str, float]  # every option for every segment, predicted alike
     ttft_s: float  # measured: from the Hello's answer to the receiver's first answer token
     timings: dict[str, float] = field(default_factory=dict)
+    work_scales: tuple[float, float] = (1.0, 1.0)  # (text, KV): measured / advertised receiver work, learned
 
     @property
     def total_bytes(self) -> int:
@@ -259,6 +260,7 @@ async def send_streamed(
         costs = Costs(
             receiver, link.bps, prefill_s=prefill_estimate, question_tokens=int(q_ids.numel()),
             encode_rates=dict(encode_rates), segment_s=link.call_s(receiver),
+            recompute_scale=link.recompute_scale, decode_scale=link.decode_scale,
         )  # fmt: skip
         predicted = planner.plan(costs)[1].ttft
         static = {o.name: planner.predict([o] * len(bounds), costs).ttft for o in choices}
@@ -317,6 +319,12 @@ async def send_streamed(
                 logger.debug(
                     "segment call cost %.1f ms after segment %d", 1e3 * (link.segment_s or 0), seg.index
                 )
+            option = chosen[seg.index]
+            if link.add_work(option.text, work, planner.advertised_work_s(option, seg.index, receiver)):
+                logger.debug(
+                    "receiver work x%.2f (text) x%.2f (KV) of its advertised rates after segment %d",
+                    link.recompute_scale, link.decode_scale, seg.index,
+                )  # fmt: skip
             if on_segment is not None:
                 on_segment(seg)
 
@@ -355,6 +363,7 @@ async def send_streamed(
                     receiver, link.bps, encode_bps, 0.0 if done else max(prefill_estimate - now, now / 4),
                     encode_rates=dict(encode_rates),
                     question_tokens=int(q_ids.numel()), segment_s=link.call_s(receiver),
+                    recompute_scale=link.recompute_scale, decode_scale=link.decode_scale,
                 )  # fmt: skip
                 option, guess = planner.choose(i, c, spent=spent, **backlog(i, c, clock))
                 chosen.append(option)
@@ -419,6 +428,7 @@ async def send_streamed(
         session_id=session_id, stream_id=stream_id, segments=sent, answer=answer, welcome=welcome,
         context_tokens=n_ctx, fp16_bytes=fp16_bytes, budget_bytes=planner.budget_bytes,
         predicted_ttft_s=predicted, static_predictions=static, ttft_s=asked - t0 + first, timings=timings,
+        work_scales=(link.recompute_scale, link.decode_scale),
     )  # fmt: skip
 
 

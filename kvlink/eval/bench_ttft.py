@@ -201,9 +201,14 @@ def read_prefill(lm: Any, ctx: Context) -> None:
 @dataclass
 class Learned:
     """What the sender keeps of this receiver from cell to cell: the per-segment call cost (seconds,
-    kvlink.stream.LinkEstimate.segment_s; None until a receipt measured it). Link rates are not kept."""
+    kvlink.stream.LinkEstimate.segment_s; None until a receipt measured it) and how its recompute and
+    decode compare with its advertised rates (the estimate's scales, with their sample counts). Link
+    rates are not kept."""
 
     segment_s: float | None = None
+    scales: tuple[float, int, float, int] | None = (
+        None  # recompute_scale, its samples, decode_scale, its samples
+    )
 
 
 @dataclass
@@ -256,6 +261,9 @@ async def run_cell(
     estimate = links.get(proxy.target, rate)
     if learned is not None and learned.segment_s is not None:
         estimate.segment_s, estimate.segment_samples = learned.segment_s, 1
+    if learned is not None and learned.scales is not None:
+        (estimate.recompute_scale, estimate.recompute_samples, estimate.decode_scale,
+         estimate.decode_samples) = learned.scales  # fmt: skip
     planned_segment_s = estimate.segment_s
     receipts = Receipts(links, proxy.target, time.perf_counter(), proxy, drop)
     load = os.getloadavg()[0]
@@ -274,6 +282,9 @@ async def run_cell(
     await _release(upstream, result)
     if learned is not None:
         learned.segment_s = estimate.segment_s
+        learned.scales = (
+            estimate.recompute_scale, estimate.recompute_samples, estimate.decode_scale, estimate.decode_samples,
+        )  # fmt: skip
     options = [s.option for s in result.segments]
     return {
         "context": ctx.label, "tokens": ctx.tokens, "sender": sender, "rate_bps": rate, "link": rate_label(rate),
@@ -284,6 +295,7 @@ async def run_cell(
         "f1": result.answer.f1, "timings": dict(result.timings), "load_1min": load,
         "segments": [s.as_dict() for s in result.segments], "receipts": receipts.seen,
         "segment_s_planned": planned_segment_s, "segment_s_learned": estimate.segment_s,
+        "work_scales": list(result.work_scales),
         "drop": None if drop is None else {
             "after_receipts": receipts.dropped_after, "at_s": receipts.dropped_at_s, "to_bps": drop[1],
         },
