@@ -473,3 +473,21 @@ async def test_a_receiver_out_of_memory_refuses_the_message_and_keeps_serving(
         result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=512, fixed="fp16",
                                      links=LinkMemory())  # fmt: skip
         assert service.store.get(OWNER, result.session_id, result.stream_id) is not None
+        # Out of memory while answering: that question is refused alike, the context stays to ask again.
+        real_answer, answers_failed = service_module.generate_answer, []
+
+        def answer_once_out_of_memory(*args: Any, **kwargs: Any) -> Any:
+            if not answers_failed:
+                answers_failed.append(1)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            return real_answer(*args, **kwargs)
+
+        monkeypatch.setattr(service_module, "generate_answer", answer_once_out_of_memory)
+        question = wire.Ask(result.session_id, result.stream_id, QUESTION, 4)
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(SendError) as refused:
+                await ask(channel, question)
+            assert refused.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.code == "BUSY"
+            assert "ran out of memory" in refused.value.message
+            again = await ask(channel, question)
+        assert again.text == result.answer.text[: len(again.text)] and again.token_ids

@@ -868,6 +868,12 @@ class KVLinkService:
             )  # fmt: skip
         except ValueError as exc:
             problem = f"cannot answer: {exc}"
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # the context stays: asking again may work
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "BUSY", out_of_memory(exc, self.store)
+            ) from None
         if problem is not None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", problem)
         f1 = em = None
