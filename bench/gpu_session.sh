@@ -12,7 +12,10 @@
 #      run(carry=[".carry/m1"], command="bash bench/gpu_session.sh part")
 #      run(carry=[".carry/m2"], command="bash bench/gpu_session.sh long")   # again to resume (warm machine)
 #    ttft returns $OUT/ttft/{results.json,results.md,ttft.png,cells.jsonl}; long returns $OUT/long/ (run.json,
-#    samples.jsonl: commit as results.json.gz after `kvlink-bench report`).
+#    samples.jsonl: commit as results.json.gz after `kvlink-bench report`). SPLIT, TASK and CONFIGS override
+#    the quality run's split, task (long:300) and configs, e.g. TASK=needle:300, or SPLIT=calibration for
+#    the quality table's length buckets. Done on 2026-12-05: long:300 of the five non-xpred configs
+#    (bench/results/eval-long300-h100) and the ttft run up to 10 Gbit/s (bench/results/ttft-h100-partial).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARRY=.carry
@@ -67,8 +70,8 @@ long() {
   for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$KEEP/proto/$f" kvlink/_proto/; done
   touch kvlink/_proto/kvlink_pb2*
   env_
-  timeout "${LONG_BUDGET_S:-500}" python3 -m kvlink.eval.cli quality --device cuda --split evaluation \
-    --task long:300 --no-ppl --no-progress --configs "$LONG_CONFIGS" --resume --out "$KEEP/long" \
+  timeout "${LONG_BUDGET_S:-500}" python3 -m kvlink.eval.cli quality --device cuda --split "${SPLIT:-evaluation}" \
+    --task "${TASK:-long:300}" --no-ppl --no-progress --configs "${CONFIGS:-$LONG_CONFIGS}" --resume --out "$KEEP/long" \
     || echo "kvlink-bench quality exited $? (resumable: run this again on the warm machine)"
   mkdir -p "$OUT/long"
   cp "$KEEP"/long/run.json "$KEEP"/long/samples*.jsonl "$OUT/long/" 2>/dev/null || true
