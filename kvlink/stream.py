@@ -70,9 +70,9 @@ MAX_TABLE_OPTIONS = 6
 MAX_DECODE_PROBES = 8
 """KV formats a receiver times its decode of at start-up (FP16 and INT4 first, then the quality table's)."""
 MAX_SEGMENT_S = 10.0
+"""A per-segment call cost sample above this is clamped to it (a stalled call, not the call's cost)."""
 MAX_WORK_SCALE = 20.0
 """The most a receiver's measured work may depart from what it advertised, either way, in what a sender learns."""
-"""A per-segment call cost sample above this is clamped to it (a stalled call, not the call's cost)."""
 
 
 def segment_bounds(length: int, segment_tokens: int) -> list[tuple[int, int]]:

@@ -446,6 +446,8 @@ async def link_change(
     segments = math.ceil(ctx.tokens / grid.segment_tokens)
     after = max(1, min(segments - 1, round(grid.drop_after * segments)))
     sender = grid.drop_sender
+    # What is returned, with why, if either run fails:
+    failed = {"context": ctx.label, "sender": sender, "start_bps": start, "end_bps": end}
     adaptive = await run_cell(
         lm,
         upstream,
@@ -460,13 +462,7 @@ async def link_change(
     )
     progress(adaptive)
     if adaptive.get("failed"):
-        return {
-            "context": ctx.label,
-            "sender": sender,
-            "start_bps": start,
-            "end_bps": end,
-            "failed": adaptive["skipped"],
-        }
+        return {**failed, "failed": adaptive["skipped"]}
     # The best static at the starting rate: measured in the grid when it ran that rate, else predicted.
     steady = [
         c for c in cells if c["context"] == ctx.label and c["sender"] == sender and c["rate_bps"] == start
@@ -491,13 +487,7 @@ async def link_change(
     )
     progress(static)
     if static.get("failed"):
-        return {
-            "context": ctx.label,
-            "sender": sender,
-            "start_bps": start,
-            "end_bps": end,
-            "failed": static["skipped"],
-        }
+        return {**failed, "failed": static["skipped"]}
     # Where the drop made the adaptive sender choose otherwise: the first segment from the drop on whose
     # option differs from the steady run's at the starting rate (from the one before the drop when the grid
     # did not run that rate).
