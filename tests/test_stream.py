@@ -122,7 +122,7 @@ async def test_text_segments_are_recomputed_at_their_original_positions(lm: Load
     full = _read(lm).kv
     links = LinkMemory()
     async with receiver(lm) as (target, service):
-        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=256, fixed="text",
+        result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=160, fixed="text",
                                      links=links)  # fmt: skip
         kv = service.store.get(OWNER, result.session_id, result.stream_id)
     assert kv is not None
@@ -135,11 +135,15 @@ async def test_text_segments_are_recomputed_at_their_original_positions(lm: Load
         )
     receipts = [s.transfer.receipt for s in result.segments if s.transfer is not None]
     assert all("recompute_s" in r.timings for r in receipts)
-    # Each receipt taught the sender how the receiver's recompute compares with its advertised rates
-    # (COSTS), in the order the receipts came: the next send plans text work scaled by it.
+    # Each receipt of a segment of RATE_TOKENS or more taught the sender how the receiver's recompute
+    # compares with its advertised rates (COSTS), in the order the receipts came: the next send plans
+    # text work scaled by it. The short last segment taught nothing (its fixed costs are no rate).
+    assert result.segments[-1].stop - result.segments[-1].start < RATE_TOKENS
     expected = LinkEstimate()
     for seg in sorted(result.segments, key=lambda s: s.index):
         assert seg.transfer is not None
+        if seg.stop - seg.start < RATE_TOKENS:
+            continue
         expected.add_work(
             True,
             seg.transfer.receipt.timings["recompute_s"],

@@ -318,7 +318,13 @@ async def send_streamed(
                     "segment call cost %.1f ms after segment %d", 1e3 * (link.segment_s or 0), seg.index
                 )
             option = chosen[seg.index]
-            if link.add_work(option.text, work, planner.advertised_work_s(option, seg.index, receiver)):
+            # Not from a short segment: work that does not grow with its tokens (after a long prefix, the
+            # attention over it and the prefix's copy) would pass for a slow rate, and the scale taught by
+            # a 31-token last segment after 32k tokens (20x) made text look 6x too slow to every later plan.
+            short = seg.stop - seg.start < RATE_TOKENS
+            if not short and link.add_work(
+                option.text, work, planner.advertised_work_s(option, seg.index, receiver)
+            ):
                 logger.debug(
                     "receiver work x%.2f (text) x%.2f (KV) of its advertised rates after segment %d",
                     link.recompute_scale, link.decode_scale, seg.index,
