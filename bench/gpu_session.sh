@@ -16,7 +16,10 @@
 #    samples.jsonl: commit as results.json.gz after `kvlink-bench report`). SPLIT, TASK and CONFIGS override
 #    the quality run's split, task (long:300) and configs, e.g. TASK=needle:300, or SPLIT=calibration for
 #    the quality table's length buckets. Done on 2026-12-05: long:300 of the five non-xpred configs
-#    (bench/results/eval-long300-h100) and the ttft run up to 10 Gbit/s (bench/results/ttft-h100-partial).
+#    (bench/results/eval-long300-h100), the ttft run up to 10 Gbit/s (bench/results/ttft-h100-partial),
+#    then the whole ttft grid (bench/results/ttft-h200), needle:300 (bench/results/eval-needle300-h200)
+#    and 189 calibration questions of the long task (bench/results/calib-long189-h200). Between two
+#    quality runs of other tasks or splits on one machine, move $KEEP/long aside (--resume reads it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARRY=.carry
