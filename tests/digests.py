@@ -249,13 +249,21 @@ def config_from_label(label: str, allocations: Sequence[tuple[tuple[int, ...], t
     return config
 
 
+FLAT_TABLE = Path(__file__).parent / "data" / "quality-smollm2-flat.json"
+"""The embedded model's quality table as shipped from 12bfafe until 2026-12-05 (flat: one quality per
+config): the baseline's picks and expected qualities were made with it. The table shipped since is per
+context length and rebuilt from calibration-split questions only, so its qualities differ slightly."""
+
+
 def shipped_table_and_profile(model_name: str) -> tuple[Any, Any]:
-    """The quality table and sensitivity profile shipped for `model_name`, read from the package files
-    (never a table calibrated on this machine, which QualityTable.for_model would prefer)."""
+    """The baseline's quality table (FLAT_TABLE, for the embedded model; else the one shipped for
+    `model_name`) and the sensitivity profile shipped for it, read from files (never a table calibrated on
+    this machine, which QualityTable.for_model would prefer)."""
     from kvlink.budget import QualityTable, shipped_quality_path
     from kvlink.layerbits import Sensitivity, shipped_path
 
-    table = QualityTable.load(shipped_quality_path(model_name))
+    flat = model_name == "smollm2-135m-instruct"
+    table = QualityTable.load(FLAT_TABLE if flat else shipped_quality_path(model_name))
     profile = shipped_path(model_name)
     return table, (Sensitivity.load(profile) if profile.is_file() else None)
 

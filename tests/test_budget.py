@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -554,7 +556,7 @@ C = build(k_bits=8, v_bits=4)
 D = build(k_bits=4, v_bits=4)
 
 
-def test_quality_lookup_takes_the_bucket_of_the_context_length_then_the_nearest() -> None:
+def test_quality_lookup_takes_the_bucket_of_the_context_length_then_a_shorter_one() -> None:
     from kvlink.budget import UNMEASURED_ROTATION
 
     ka, kb, kc, kd = (quality_key(r) for r in (A, B, C, D))
@@ -570,30 +572,33 @@ def test_quality_lookup_takes_the_bucket_of_the_context_length_then_the_nearest(
     assert [table.expected(A, tokens=t) for t in (1, 200, 1023, 1024, 4095)] == [0.9, 0.9, 0.9, 0.5, 0.5]
     assert table.expected(A, tokens=5000) == 0.5  # not measured at 4k-16k: the nearer 1k-4k
     assert table.expected(A, tokens=10**6) == 0.5
-    assert table.expected(B, tokens=200) == table.expected(B, tokens=9000) == 0.8  # only 1k-4k has it
-    assert table.expected(C, tokens=200) == 0.65  # only 4k-16k measured it, however far
+    # Only 1k-4k measured B: from there on, not below (a longer context's figure would overrate it: its
+    # selection keeps more there); below, B is rated as if unmeasured, not by `entries` (a mean over lengths).
+    assert table.expected(B, tokens=2000) == table.expected(B, tokens=9000) == 0.8
+    assert table.measured(B, 200) is None and table.expected(B, tokens=200) == default_quality(B)
+    assert table.measured(C, 200) is None and table.expected(C, tokens=5000) == 0.65  # only 4k-16k has C
     assert table.expected(D, tokens=200) == table.expected(D, tokens=5000) == 0.55  # no bucket: all lengths
     assert table.expected(A) == 0.7 and table.measured(A) == 0.7  # no length given: all lengths
     assert table.measured(A, 3000) == 0.5 and table.measured(build(k_bits=2, v_bits=2), 3000) is None
     unmeasured = build(selector="q2c", retention=0.1, k_bits=3, v_bits=3)
     assert {table.expected(unmeasured, tokens=t) for t in (None, 200, 3000)} == {default_quality(unmeasured)}
-    # The config itself from any bucket comes before a twin: a sink twin of A measured only at 4k-16k
-    # answers for it at 200 tokens; an unmeasured one falls back to A of the length's bucket.
+    # The config itself from the length's bucket or a shorter one comes before a twin: a sink twin of A
+    # measured only at 4k-16k answers for it there; below, its twin A of the length's bucket does.
     a_sink = A.with_transform(Sink(1))
     assert table.expected(a_sink, tokens=200) == pytest.approx(0.9 * UNMEASURED_ROTATION)
     assert table.expected(a_sink, tokens=2000) == pytest.approx(0.5 * UNMEASURED_ROTATION)
     sinked = QualityTable(entries=table.entries, buckets=[*table.buckets[:2], *_bucketed(b4096_inf={
         quality_key(a_sink): 0.95})])  # fmt: skip
-    assert sinked.expected(a_sink, tokens=200) == 0.95 and sinked.is_measured(a_sink)
+    assert sinked.expected(a_sink, tokens=5000) == 0.95 and sinked.is_measured(a_sink)
+    assert sinked.expected(a_sink, tokens=200) == pytest.approx(0.9 * UNMEASURED_ROTATION)
     assert sinked.expected(a_sink) == pytest.approx(0.7 * UNMEASURED_ROTATION)  # all lengths: only the twin
 
 
-def test_the_nearest_bucket_is_nearest_in_the_ratio_of_lengths() -> None:
+def test_a_length_between_buckets_takes_the_shorter_one() -> None:
     table = QualityTable(buckets=_bucketed(b0_1024={quality_key(A): 0.9}, b2048_inf={quality_key(A): 0.4}))
-    assert table.expected(A, tokens=1100) == 0.9  # in the gap, nearer 1k than 2k
-    assert table.expected(A, tokens=2000) == 0.4
-    # sqrt(1024 x 2048) = 1448: the middle of the gap in the ratio of lengths
-    assert table.expected(A, tokens=1447) == 0.9 and table.expected(A, tokens=1449) == 0.4
+    assert [table.expected(A, tokens=t) for t in (1100, 2047, 2048, 10**6)] == [0.9, 0.9, 0.4, 0.4]
+    late = QualityTable(buckets=_bucketed(b1024_inf={quality_key(A): 0.9}))
+    assert late.measured(A, 500) is None and late.expected(A, tokens=500) == default_quality(A)
 
 
 def test_length_buckets_are_checked() -> None:
@@ -632,14 +637,18 @@ def test_bucketed_table_round_trips_and_flat_files_stay_flat(tmp_path: Any) -> N
     assert [loaded.expected(r, tokens=t) for r in (A, B) for t in (None, 100, 2000, 50000)] == [
         table.expected(r, tokens=t) for r in (A, B) for t in (None, 100, 2000, 50000)
     ]
-    # A flat table writes the file it always wrote (no "buckets"), the shipped one included.
-    shipped_doc = json.loads(shipped_quality_path("smollm2-135m-instruct").read_text())
-    QualityTable.load(shipped_quality_path("smollm2-135m-instruct")).save(tmp_path / "flat.json")
+    # A flat table writes the file it always wrote (no "buckets"): the one shipped until 2026-12-05.
+    shipped_doc = json.loads(FLAT_TABLE.read_text())
+    QualityTable.load(FLAT_TABLE).save(tmp_path / "flat.json")
     flat_doc = json.loads((tmp_path / "flat.json").read_text())
     assert "buckets" not in flat_doc and "buckets" not in shipped_doc
     assert {k: v for k, v in flat_doc.items() if k != "source"} == {
         k: v for k, v in shipped_doc.items() if k != "source"
     }
+    # The shipped table, per context length now, writes back what it was read from.
+    bucketed_doc = json.loads(shipped_quality_path("smollm2-135m-instruct").read_text())
+    QualityTable.load(shipped_quality_path("smollm2-135m-instruct")).save(tmp_path / "shipped.json")
+    assert json.loads((tmp_path / "shipped.json").read_text())["buckets"] == bucketed_doc["buckets"]
     doc["buckets"][1]["max_tokens"] = 512  # ends before it starts
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"cannot read quality table .*bad\.json"):
@@ -650,20 +659,24 @@ def test_bucketed_table_round_trips_and_flat_files_stay_flat(tmp_path: Any) -> N
         QualityTable.load(tmp_path / "bad.json")
 
 
-SHIPPED_EXPECTED_DIGEST = "208399a3592bbae9ca4adbe6f1f00b83ab6287083c8b36f710a67c46e6a10ab8"
+FLAT_TABLE = Path(__file__).parent / "data" / "quality-smollm2-flat.json"
+"""The embedded model's quality table as shipped until 2026-12-05: flat (one quality per config, from SQuAD
+runs that predate the calibration/evaluation split). The lookups and picks of b05f17b below were printed
+with it; the table shipped since is per context length (test_the_shipped_table_...)."""
+
+FLAT_EXPECTED_DIGEST = "208399a3592bbae9ca4adbe6f1f00b83ab6287083c8b36f710a67c46e6a10ab8"
 """sha256 over "<name>=<repr(expected(recipe, 64))>\\n" of every candidate recipe of the embedded model's
-geometry (with its shipped sensitivity profile), in candidate order, with the shipped quality table: printed
-by kvlink at b05f17b, before tables had length buckets."""
+geometry (with its shipped sensitivity profile), in candidate order, with FLAT_TABLE: printed by kvlink at
+b05f17b, before tables had length buckets."""
 
 
-def test_shipped_flat_table_looks_up_as_before_at_every_length() -> None:
+def test_flat_table_looks_up_as_before_at_every_length() -> None:
     import hashlib
 
-    from kvlink.budget import shipped_quality_path
     from kvlink.eval.grid import parse_name
     from kvlink.layerbits import Sensitivity, shipped_path
 
-    table = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    table = QualityTable.load(FLAT_TABLE)
     sensitivity = Sensitivity.load(shipped_path("smollm2-135m-instruct"))
     assert not table.buckets and len(table.entries) > 60
     for label in table.entries:
@@ -680,7 +693,7 @@ def test_shipped_flat_table_looks_up_as_before_at_every_length() -> None:
         h = hashlib.sha256()
         for r in recipes:
             h.update(f"{r.name}={table.expected(r, 64, tokens=tokens)!r}\n".encode())
-        assert h.hexdigest() == SHIPPED_EXPECTED_DIGEST, tokens
+        assert h.hexdigest() == FLAT_EXPECTED_DIGEST, tokens
 
 
 @pytest.fixture(scope="module")
@@ -706,8 +719,8 @@ def _head64_prefill(lm: Any, tokens: int, seed: int) -> Any:
 
 
 # (context tokens, context seed, budget) -> (pick, sha256 over "<name>=<repr(expected_quality)>\n" of every
-# candidate in ranked order), with the shipped quality table and ids "0"*32 / "1"*32: printed by kvlink at
-# b05f17b, before tables had length buckets, running these same plans.
+# candidate in ranked order), with FLAT_TABLE and ids "0"*32 / "1"*32: printed by kvlink at b05f17b, before
+# tables had length buckets, running these same plans.
 FLAT_PICKS: dict[tuple[int, int, str], tuple[str, str]] = {
     (300, 10, "25%"): (
         "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question+zstd3",
@@ -725,13 +738,11 @@ FLAT_PICKS: dict[tuple[int, int, str], tuple[str, str]] = {
 
 
 @pytest.mark.slow
-def test_planner_picks_with_the_shipped_flat_table_are_unchanged(head64: Any) -> None:
-    """~8 s a plan: the whole search with the shipped table, on both sides of the 1k bucket edge."""
+def test_planner_picks_with_a_flat_table_are_unchanged(head64: Any) -> None:
+    """~8 s a plan: the whole search with FLAT_TABLE, on both sides of the 1k bucket edge."""
     import hashlib
 
-    from kvlink.budget import shipped_quality_path
-
-    table = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    table = QualityTable.load(FLAT_TABLE)
     pres: dict[tuple[int, int], Any] = {}
     for (tokens, seed, budget), (name, digest) in FLAT_PICKS.items():
         if (tokens, seed) not in pres:
@@ -743,6 +754,41 @@ def test_planner_picks_with_the_shipped_flat_table_are_unchanged(head64: Any) ->
         for c in p.candidates:
             h.update(f"{c.recipe.name}={c.expected_quality!r}\n".encode())
         assert (p.recipe.name, h.hexdigest()) == (name, digest), (tokens, budget)
+
+
+@pytest.mark.slow
+def test_the_shipped_table_is_per_context_length_from_calibration_questions(head64: Any) -> None:
+    """The shipped table (2026-12-05): `kvlink-bench calibrate --task squad,long` over the flat table's runs
+    cut to their calibration-split questions (bench/calibration_only.py: 293 of each 300) and the long
+    task on the calibration split. Its SQuAD bucket rates every config the flat table rated, within 0.01;
+    on a short context the planner picks what it picked with the flat table; on a 1.5k-token context it
+    rates each candidate by the 1k-4k bucket wherever that measured it."""
+    from kvlink.budget import shipped_quality_path
+
+    shipped = QualityTable.load(shipped_quality_path("smollm2-135m-instruct"))
+    flat = QualityTable.load(FLAT_TABLE)
+    assert [(b.lo, b.hi) for b in shipped.buckets] == [(0, 1024), (1024, 4096), (4096, 16384)]
+    short, middle, long = (b.entries for b in shipped.buckets)
+    assert set(short) >= set(flat.entries) and len(middle) > 5 and len(long) > 5
+    assert max(abs(short[key] - value) for key, value in flat.entries.items()) < 0.01
+    for tokens, seed, budget in ((300, 10, "25%"), (300, 10, "12.5%")):
+        pre = _head64_prefill(head64, tokens, seed)
+        picks = [
+            plan(pre, head64.geometry, head64.fingerprint, budget, quality=table, session_id="0" * 32,
+                 message_id="1" * 32).recipe.name
+            for table in (shipped, flat)
+        ]  # fmt: skip
+        assert picks[0] == picks[1] == FLAT_PICKS[tokens, seed, budget][0]
+    p = plan(_head64_prefill(head64, 1500, 11), head64.geometry, head64.fingerprint, "12.5%", quality=shipped,
+             session_id="0" * 32, message_id="1" * 32)  # fmt: skip
+    rated = [
+        (quality_key(c.recipe), c.expected_quality)
+        for c in p.candidates
+        if not math.isnan(c.expected_quality)  # NaN: a candidate the search did not rate
+    ]
+    in_middle = [(key, q) for key, q in rated if key in middle]
+    assert in_middle and all(q == middle[key] for key, q in in_middle)
+    assert any(middle[key] != short.get(key) for key, _ in in_middle)  # not the SQuAD figure
 
 
 def test_planner_choice_follows_the_context_length(head64: Any) -> None:

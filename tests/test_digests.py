@@ -224,9 +224,10 @@ def test_the_planner_picks_the_same_configs_at_the_same_bytes(
     assert not lines, _report("planner picks", lines, baseline["environment"], now["environment"])
 
 
-def test_the_shipped_table_rates_the_same_configs_alike(embedded: Any) -> None:
-    """The shipped quality table (migrated by issue 19) still holds 71 measured configs, and each
-    baseline config is expected at the quality 12bfafe's table measured for its label."""
+def test_the_baseline_table_rates_the_same_configs_alike(embedded: Any) -> None:
+    """The flat quality table shipped from issue 19 until 2026-12-05 (digests.FLAT_TABLE, migrated by issue
+    19) still holds 71 measured configs, and each baseline config is expected at the quality 12bfafe's
+    table measured for its label."""
     doc = json.loads(digests.BASELINE.read_text())
     entries, configs = doc["table"]["entries"], doc["digests"]["configs"]
     table, _ = digests.shipped_table_and_profile(embedded.name)
