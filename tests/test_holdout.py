@@ -63,6 +63,26 @@ def test_verdicts_follow_the_interval(eids):
     assert pairs == []  # no config met its plain twin
 
 
+def test_a_table_per_length_is_held_to_each_samples_length(eids):
+    """Half the contexts short, half long, the table rating the config 0.6 below 4k tokens and 0.9 above:
+    the table promises 0.75 on these samples, which is what they kept. One lookup at a typical length
+    would call it understated or overstated."""
+    from kvlink.budget import LengthBucket
+
+    half = len(eids) // 2
+    samples = [
+        {"eid": eid, "task": "squad", "config": PICK, "fidelity": 0.6 if i < half else 0.9,
+         "wire_frac": 0.1, "T": 2000 if i < half else 6000}
+        for i, eid in enumerate(eids[: 2 * half])
+    ]  # fmt: skip
+    table = QualityTable(buckets=(LengthBucket(0, 4096, {PICK: 0.6}), LengthBucket(4096, None, {PICK: 0.9})))
+    (cell,), _ = holdout.check(samples, table)
+    assert cell.table == pytest.approx(0.75) and cell.verdict == "holds"
+    only_long = QualityTable(buckets=(LengthBucket(4096, None, {PICK: 0.9}),))
+    (cell,), _ = holdout.check(samples, only_long)
+    assert cell.table is None and cell.verdict == "not in table"  # nothing measured at 2k tokens
+
+
 def test_a_gain_over_the_twin_is_paired(eids):
     rng = np.random.default_rng(1)
     base = rng.uniform(0.2, 0.8, len(eids))

@@ -47,7 +47,7 @@ class Cell:
     lo: float
     hi: float
     wire_pct: float  # mean wire bytes, % of FP16
-    table: float | None  # the table's measured entry at the run's median length; None: not measured
+    table: float | None  # mean of the table's measured entry at each sample's length; None: not measured
     verdict: str
 
 
@@ -144,20 +144,22 @@ def check(
         raise ValueError(f"no samples of task {task!r}")
     by_config: dict[str, dict[str, float]] = defaultdict(dict)
     wire: dict[str, list[float]] = defaultdict(list)
-    lengths: list[int] = []
+    lengths: dict[str, list[int]] = defaultdict(list)
     for r in rows:
         value = r.get(quality)
         if value is None:
             raise ValueError(f"sample {r['eid']!r} of {r['config']!r} has no {quality!r}")
         by_config[str(r["config"])][str(r["eid"])] = float(value)
         wire[str(r["config"])].append(100.0 * float(r["wire_frac"]))
-        lengths.append(int(r["T"]))
-    tokens = int(statistics.median(lengths))
+        lengths[str(r["config"])].append(int(r["T"]))
     recipes = {name: Recipe.from_name(name) for name in by_config}
     cells = []
     for name, values in by_config.items():
         mean, lo, hi = bootstrap_ci(values.values())
-        entry = table.measured(recipes[name], tokens)
+        # What the table promises these samples: its entry at each one's context length (a table per
+        # length bucket rates a 3k-token and a 6k-token context differently), averaged like the samples.
+        entries = [table.measured(recipes[name], t) for t in lengths[name]]
+        entry = None if None in entries else statistics.fmean(e for e in entries if e is not None)
         if entry is None:
             verdict = "not in table"
         elif entry > hi + TOLERANCE:
