@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     lm = digests.load_lm()
-    table, sensitivity = digests.shipped_table_and_profile(lm.name)
+    table, sensitivity = digests.baseline_table_and_profile(lm.name)
     print(
         f"kvlink from {Path(kvlink.__file__).parent}; model {lm.fingerprint[:12]}; {len(table.entries)} table entries"
     )

@@ -255,15 +255,13 @@ config): the baseline's picks and expected qualities were made with it. The tabl
 context length and rebuilt from calibration-split questions only, so its qualities differ slightly."""
 
 
-def shipped_table_and_profile(model_name: str) -> tuple[Any, Any]:
-    """The baseline's quality table (FLAT_TABLE, for the embedded model; else the one shipped for
-    `model_name`) and the sensitivity profile shipped for it, read from files (never a table calibrated on
-    this machine, which QualityTable.for_model would prefer)."""
-    from kvlink.budget import QualityTable, shipped_quality_path
+def baseline_table_and_profile(model_name: str) -> tuple[Any, Any]:
+    """The baseline's quality table (FLAT_TABLE) and the sensitivity profile shipped for `model_name`, read
+    from files (never a table calibrated on this machine, which QualityTable.for_model would prefer)."""
+    from kvlink.budget import QualityTable
     from kvlink.layerbits import Sensitivity, shipped_path
 
-    flat = model_name == "smollm2-135m-instruct"
-    table = QualityTable.load(FLAT_TABLE if flat else shipped_quality_path(model_name))
+    table = QualityTable.load(FLAT_TABLE)
     profile = shipped_path(model_name)
     return table, (Sensitivity.load(profile) if profile.is_file() else None)
 

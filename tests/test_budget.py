@@ -638,12 +638,12 @@ def test_bucketed_table_round_trips_and_flat_files_stay_flat(tmp_path: Any) -> N
         table.expected(r, tokens=t) for r in (A, B) for t in (None, 100, 2000, 50000)
     ]
     # A flat table writes the file it always wrote (no "buckets"): the one shipped until 2026-12-05.
-    shipped_doc = json.loads(FLAT_TABLE.read_text())
+    frozen_doc = json.loads(FLAT_TABLE.read_text())
     QualityTable.load(FLAT_TABLE).save(tmp_path / "flat.json")
     flat_doc = json.loads((tmp_path / "flat.json").read_text())
-    assert "buckets" not in flat_doc and "buckets" not in shipped_doc
+    assert "buckets" not in flat_doc and "buckets" not in frozen_doc
     assert {k: v for k, v in flat_doc.items() if k != "source"} == {
-        k: v for k, v in shipped_doc.items() if k != "source"
+        k: v for k, v in frozen_doc.items() if k != "source"
     }
     # The shipped table, per context length now, writes back what it was read from.
     bucketed_doc = json.loads(shipped_quality_path("smollm2-135m-instruct").read_text())
@@ -761,7 +761,8 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     """The shipped table (2026-12-05): `kvlink-bench calibrate --task squad,long` over the flat table's runs
     cut to their calibration-split questions (bench/calibration_only.py: 293 of each 300) and the long
     task on the calibration split. Its SQuAD bucket rates every config the flat table rated, within 0.01;
-    on a short context the planner picks what it picked with the flat table; on a 1.5k-token context it
+    on a short context the planner picks what it picked with the flat table (FLAT_PICKS, which
+    test_planner_picks_with_a_flat_table_are_unchanged holds the flat table to); on a 1.5k-token context it
     rates each candidate by the 1k-4k bucket wherever that measured it."""
     from kvlink.budget import shipped_quality_path
 
@@ -771,14 +772,11 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     short, middle, long = (b.entries for b in shipped.buckets)
     assert set(short) >= set(flat.entries) and len(middle) > 5 and len(long) > 5
     assert max(abs(short[key] - value) for key, value in flat.entries.items()) < 0.01
-    for tokens, seed, budget in ((300, 10, "25%"), (300, 10, "12.5%")):
-        pre = _head64_prefill(head64, tokens, seed)
-        picks = [
-            plan(pre, head64.geometry, head64.fingerprint, budget, quality=table, session_id="0" * 32,
-                 message_id="1" * 32).recipe.name
-            for table in (shipped, flat)
-        ]  # fmt: skip
-        assert picks[0] == picks[1] == FLAT_PICKS[tokens, seed, budget][0]
+    pre = _head64_prefill(head64, 300, 10)
+    for budget in ("25%", "12.5%"):
+        p = plan(pre, head64.geometry, head64.fingerprint, budget, quality=shipped, session_id="0" * 32,
+                 message_id="1" * 32)  # fmt: skip
+        assert p.recipe.name == FLAT_PICKS[300, 10, budget][0]
     p = plan(_head64_prefill(head64, 1500, 11), head64.geometry, head64.fingerprint, "12.5%", quality=shipped,
              session_id="0" * 32, message_id="1" * 32)  # fmt: skip
     rated = [

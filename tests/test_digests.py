@@ -120,7 +120,7 @@ def now(embedded: Any, baseline: dict[str, Any]) -> Iterator[dict[str, Any]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(digests.THREADS)
     try:
-        table, sensitivity = digests.shipped_table_and_profile(embedded.name)
+        table, sensitivity = digests.baseline_table_and_profile(embedded.name)
         configs = {label: config_of(d) for label, d in baseline["configs"].items()}
         specs = [
             {k: c["facts"][k] for k in ("name", "title", "context", "question")} for c in baseline["contexts"]
@@ -230,7 +230,7 @@ def test_the_baseline_table_rates_the_same_configs_alike(embedded: Any) -> None:
     table measured for its label."""
     doc = json.loads(digests.BASELINE.read_text())
     entries, configs = doc["table"]["entries"], doc["digests"]["configs"]
-    table, _ = digests.shipped_table_and_profile(embedded.name)
+    table, _ = digests.baseline_table_and_profile(embedded.name)
     assert len(table.entries) == len(entries) == 71
     now = {label: table.expected(config_of(configs[label]), embedded.geometry.head_dim) for label in entries}
     wrong = {label: (value, now[label]) for label, value in entries.items() if now[label] != value}
