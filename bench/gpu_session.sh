@@ -52,14 +52,25 @@ env_() {
   export KVLINK_CACHE=/root/kvlink-cache
 }
 
-ttft() {
+install_scale() {
   keep_part
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
   for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$CARRY/scale/proto/$f" kvlink/_proto/; done
   touch kvlink/_proto/kvlink_pb2*
+  rm -rf "$KEEP/proto" "$KEEP/tokenizer"
   cp -r "$CARRY/scale/proto" "$KEEP/proto" && cp -r "$CARRY/scale/tokenizer" "$KEEP/tokenizer"
   env_
   nvidia-smi --query-gpu=name,memory.total --format=csv
+}
+
+profile() {  # where a text segment's recompute goes (bench/profile_recompute.py), 8B geometry, 32k tokens
+  install_scale
+  mkdir -p "$OUT/profile"
+  python3 bench/profile_recompute.py --out "$OUT/profile/recompute.json"
+}
+
+ttft() {
+  install_scale
   python3 -m kvlink.eval.cli ttft --model random:llama-3.1-8b --device cuda --tokens 32k \
     --segment-tokens 4096 --rates 100M,1G,10G,100G --cold-rates 10G --drop 10G:1G --max-cell-s 30 \
     --threads 0 --max-new-tokens 2 --time-budget "${TTFT_BUDGET_S:-360}" --out "$OUT/ttft"
@@ -128,6 +139,6 @@ gate() {
 case "${1:-}" in
   prep) prep ;;
   part) keep_part ;;
-  ttft|long|gate) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long|gate (see the header)"; exit 2 ;;
+  ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long|gate|profile (see the header)"; exit 2 ;;
 esac

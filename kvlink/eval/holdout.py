@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlink.budget import QualityTable, quality_key
+from kvlink.budget import LengthBucket, QualityTable, quality_key
 from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
@@ -223,7 +223,9 @@ def as_json(cells: Sequence[Cell], pairs: Sequence[Pair], **meta: Any) -> dict[s
     }
 
 
-def gate(table: QualityTable, pairs: Sequence[Pair]) -> tuple[QualityTable, dict[str, str]]:
+def gate(
+    table: QualityTable, pairs: Sequence[Pair], lengths: Iterable[int] | None = None
+) -> tuple[QualityTable, dict[str, str]]:
     """`table` less every refined entry whose gain over its simpler twins is not shown on the
     evaluation split, and why each was left out (key -> reason).
 
@@ -231,6 +233,11 @@ def gate(table: QualityTable, pairs: Sequence[Pair]) -> tuple[QualityTable, dict
     every such pair holds (paired interval above 0); one the evaluation run did not pair with any twin is
     left out too (its gain is unshown). Left out, it is looked up as the table looks up any unmeasured
     config: through its twins.
+
+    `lengths`: the context lengths of the evaluation samples behind `pairs`. A table per length then
+    loses the entries only in the buckets those lengths fall in (and in its mean over every length): a
+    gain shown or not on ~200-token SQuAD paragraphs says nothing of the same refinement at 6k tokens,
+    where selection keeps far more. Without them, every bucket is gated.
     """
     from dataclasses import replace
 
@@ -258,9 +265,19 @@ def gate(table: QualityTable, pairs: Sequence[Pair]) -> tuple[QualityTable, dict
             )
     if not dropped:
         return table, dropped
+    held = None if lengths is None else sorted(set(lengths))
+
+    def gated_here(b: LengthBucket) -> bool:
+        return held is None or any(b.lo <= t and (b.hi is None or t < b.hi) for t in held)
+
     buckets = tuple(
-        replace(b, entries={k: v for k, v in b.entries.items() if k not in dropped}) for b in table.buckets
+        replace(b, entries={k: v for k, v in b.entries.items() if k not in dropped}) if gated_here(b) else b
+        for b in table.buckets
     )
     kept = {k: v for k, v in table.entries.items() if k not in dropped}
-    source = f"{table.source}; {len(dropped)} refinements left out by the evaluation-split gate"
+    where = ""
+    if held is not None and table.buckets:
+        spans = [f"{b.lo}-{'' if b.hi is None else b.hi}" for b in table.buckets if gated_here(b)]
+        where = f" (buckets {', '.join(spans) or 'none'} tokens)"
+    source = f"{table.source}; {len(dropped)} refinements left out by the evaluation-split gate{where}"
     return QualityTable(table.model, kept, source, table.fingerprints, buckets), dropped
