@@ -652,8 +652,13 @@ class Planner:
 
     def work_s(self, option: Option, i: int, costs: Costs) -> float:
         """The receiver's seconds on segment i under `option`: its advertised work scaled by what
-        receipts measured of it, plus the segment's call cost."""
-        scale = costs.recompute_scale if option.text else costs.decode_scale
+        receipts measured of it, plus the segment's call cost. A text segment at the context's start is
+        a whole prefill, which the advertised rates time: unscaled (recompute_scale is learned after a
+        prefix)."""
+        if option.text:
+            scale = costs.recompute_scale if self.bounds[i][0] > 0 else 1.0
+        else:
+            scale = costs.decode_scale
         return self.advertised_work_s(option, i, costs.receiver) * scale + costs.segment_s
 
     def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,

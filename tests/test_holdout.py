@@ -149,6 +149,28 @@ def test_the_gate_keeps_a_refinement_only_when_its_gain_holds(eids):
     assert gated.expected(Recipe.from_name(PICK)) < 0.8
 
 
+def test_the_gate_leaves_the_lengths_it_did_not_see(eids):
+    """SQuAD pairs (~200 tokens) gate the table's short bucket only: the same refinement's entry at 4k+
+    tokens, where nothing paired it, stays, and the short bucket's lookup does not fall back to it."""
+    from kvlink.budget import LengthBucket
+
+    base = np.linspace(0.2, 0.8, len(eids))
+    samples = _samples({PICK: list(base - 0.05), TWIN: list(base)}, eids)  # the gain does not hold
+    short = LengthBucket(0, 1024, {PICK: 0.9, TWIN: 0.8}, n=60)
+    long_ = LengthBucket(4096, 16384, {PICK: 0.88, TWIN: 0.79}, n=60)
+    table = QualityTable(entries={PICK: 0.89, TWIN: 0.795}, buckets=(short, long_))
+    pairs = holdout.check(samples, table)[1]
+    kept, dropped = holdout.gate(table, pairs, [s["T"] for s in samples])
+    assert set(dropped) == {PICK}
+    assert set(kept.buckets[0].entries) == {TWIN} and kept.buckets[1].entries == long_.entries
+    assert PICK not in kept.entries and "buckets 0-1024 tokens" in kept.source
+    pick = Recipe.from_name(PICK)
+    assert kept.measured(pick, 6000) == 0.88  # its long-context figure stands
+    assert kept.measured(pick, 200) is None and kept.expected(pick, tokens=200) < 0.8  # through its twin
+    everywhere, _ = holdout.gate(table, pairs)  # no lengths: every bucket gated, as before
+    assert all(PICK not in b.entries for b in everywhere.buckets)
+
+
 def test_calibrate_takes_a_holdout_run(tmp_path: Path, eids):
     from kvlink.eval.commands.calibrate import gated
 

@@ -35,8 +35,9 @@ proxy at START whose rate becomes END once --drop-after of the segments' receipt
 sender, and the best static at START under the same drop; it records the segment from which the
 adaptive's option changed (target: within 2 segments of the drop) and the TTFT ratio (target >= 1.3).
 
-Before the first cell, the first context is sent once as text and once as INT4 KV, not recorded (first
-calls: allocations and kernels at the full length). Each side computes on --threads CPU threads (torch's intra-op threads here, OMP_NUM_THREADS for the
+Before the first cell, the first context is sent once as text, once as INT4 KV and once as each other
+static predicted to fit --max-cell-s at the fastest rate, not recorded (first calls: allocations and
+kernels at the full length). Each side computes on --threads CPU threads (torch's intra-op threads here, OMP_NUM_THREADS for the
 receiver), so that on one CPU machine sender and receiver do not take each other's cores.
 
 Writes results.json (every cell), results.md and ttft.png (TTFT against link rate) under --out.
@@ -370,12 +371,24 @@ async def run_grid(
     # quarter of it left the first cell at full length paying for its allocations (issue 22's H200 grid:
     # that cell's recompute 0.85 s and answer 0.63 s a segment, 0.20 s and 0.30 s in the next).
     rates = [r for rs in grid.rates.values() for r in rs] + ([grid.drop[0]] if grid.drop else [])
+    # Then every other static the grid may run, predicted to fit --max-cell-s at the fastest rate (each
+    # option's first message pays for its own kernels: a Q2C option's first answer took 1.05 s against
+    # 0.21 s later, in the first cell of the H100 grid).
     if grid.contexts and rates:
         first = grid.contexts[0]
+        warmed: list[str] = []
+        predicted: dict[str, float] = {}
         for method in WARM_UP:
-            await run_cell(
+            cell = await run_cell(
                 lm, upstream, first, "cold", max(rates), method, grid.segment_tokens, 1, learned=learned
             )
+            warmed.append(method)
+            predicted = cell.get("static_predictions_s") or predicted
+        for method in grid.statics or list(predicted):
+            if method not in warmed and predicted.get(method, math.inf) <= grid.max_cell_s:
+                await run_cell(
+                    lm, upstream, first, "cold", max(rates), method, grid.segment_tokens, 1, learned=learned
+                )
     cells: list[dict[str, Any]] = []
     for repeat in range(grid.repeats):
         for ctx in grid.contexts:

@@ -179,15 +179,17 @@ def _finite(value: object) -> TypeGuard[float]:
 def gated(
     table: QualityTable, holdout_runs: Sequence[str | Path], task: str, quality: str
 ) -> tuple[QualityTable, dict[str, str]]:
-    """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate); unchanged
-    without runs. Their samples must all be evaluation-split examples (ValueError otherwise)."""
+    """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate) for `task`;
+    unchanged without runs. A table per length is gated in the buckets `task`'s samples fall in only. The
+    runs' samples must all be evaluation-split examples (ValueError otherwise)."""
     from kvlink.eval import holdout
 
     if not holdout_runs:
         return table, {}
     records = [r for path in holdout_runs for r in holdout.read_samples(path)]
     _, pairs = holdout.check(records, table, task, quality)
-    return holdout.gate(table, pairs)
+    lengths = [int(r["T"]) for r in records if r.get("task") == task and r.get("T") is not None]
+    return holdout.gate(table, pairs, lengths)
 
 
 def check_calibration_results(paths: Sequence[str | Path]) -> None:
