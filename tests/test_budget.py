@@ -763,10 +763,10 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     bench/results/eval-gate-squad320-cpu` over the flat table's runs cut to their calibration-split
     questions (bench/calibration_only.py: 293 of each 300) and the long task on the calibration split.
     Its SQuAD bucket rates every config it kept as the flat table did, within 0.01, and keeps a refined
-    config only where the evaluation run showed its gain over every simpler twin it measured: the flat
-    table's 25% and 6.25% picks (FLAT_PICKS) are left out there, so on a short context the planner picks
-    another; the long buckets, which no SQuAD pair speaks for, keep theirs. On a 1.5k-token context it
-    rates each candidate by the 1k-4k bucket wherever that measured it."""
+    config only where the evaluation run showed its gain over its plain twin: the flat table's 6.25% pick
+    is left out there (+0.021 [-0.007, +0.050]), its 25% and 12.5% picks on a short context stay
+    (FLAT_PICKS); the long buckets, which no SQuAD pair speaks for, keep every entry. On a 1.5k-token
+    context it rates each candidate by the 1k-4k bucket wherever that measured it."""
     from kvlink.budget import shipped_quality_path
     from kvlink.eval import holdout
 
@@ -781,16 +781,13 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     plain = {k for k in flat.entries if not holdout.twins(Recipe.from_name(k))}
     assert plain <= set(short)  # a config with no simpler twin is never gated
     left_out = set(flat.entries) - set(short)
-    assert quality_key(Recipe.from_name(FLAT_PICKS[300, 10, "25%"][0])) in left_out
     assert quality_key(Recipe.from_name(FLAT_PICKS[1500, 11, "6.25%"][0])) in left_out
-    pick_12 = quality_key(Recipe.from_name(PICK_12_LONG))
-    assert pick_12 in left_out and pick_12 in long  # gated on SQuAD, kept where it was not paired
+    assert "q2c40%+xpred+kint3c/vint3t-g64+sink1" in long  # unpaired on SQuAD, measured long: kept there
     pre = _head64_prefill(head64, 300, 10)
-    for budget, name in GATED_PICKS.items():
+    for budget in ("25%", "12.5%"):
         p = plan(pre, head64.geometry, head64.fingerprint, budget, quality=shipped, session_id="0" * 32,
                  message_id="1" * 32)  # fmt: skip
-        assert p.recipe.name == name, budget
-        assert quality_key(p.recipe) in short
+        assert p.recipe.name == FLAT_PICKS[300, 10, budget][0]
     p = plan(_head64_prefill(head64, 1500, 11), head64.geometry, head64.fingerprint, "12.5%", quality=shipped,
              session_id="0" * 32, message_id="1" * 32)  # fmt: skip
     rated = [
@@ -801,17 +798,6 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     in_middle = [(key, q) for key, q in rated if key in middle]
     assert in_middle and all(q == middle[key] for key, q in in_middle)
     assert any(middle[key] != short.get(key) for key, _ in in_middle)  # not the SQuAD figure
-
-
-PICK_12_LONG = "q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question"
-"""The flat table's 12.5% pick on the embedded model: its vwidths gain over the same config without widths
-does not hold on SQuAD's evaluation split (+0.015 [-0.004, +0.035])."""
-
-GATED_PICKS = {
-    "25%": "q2c90%/layer+kint3c/vint4t-g64+sink1+round-query+kwidths-question+zstd3",  # gains hold on evaluation
-    "12.5%": "q2c25%/layer+kint4c/vint4t-g32+sink1+round-query",  # as with the flat table: its gains hold
-}
-"""The planner's picks with the shipped (gated) table on the 2-layer model's 300-token context."""
 
 
 def test_planner_choice_follows_the_context_length(head64: Any) -> None:

@@ -149,6 +149,23 @@ def test_the_gate_keeps_a_refinement_only_when_its_gain_holds(eids):
     assert gated.expected(Recipe.from_name(PICK)) < 0.8
 
 
+def test_the_gate_asks_for_the_gain_over_the_plain_twin_only(eids):
+    """A pick whose gain over its plain twin holds stays though it does not beat an intermediate twin (the
+    same config less its last refinement); a config paired only with an intermediate twin is left out."""
+    middle = "q2c90%/layer+kint4c/vint3t-g64+sink1+round-query"  # the pick less its widths
+    base = np.linspace(0.2, 0.8, len(eids))
+    samples = _samples({PICK: list(base + 0.08), middle: list(base + 0.08), TWIN: list(base)}, eids)
+    _, pairs = holdout.check(samples, QualityTable(entries={}))
+    assert {(p.config, p.twin): p.holds for p in pairs} == {(PICK, middle): False, (PICK, TWIN): True,
+                                                            (middle, TWIN): True}  # fmt: skip
+    table = QualityTable(entries={PICK: 0.9, middle: 0.88, TWIN: 0.8})
+    kept, dropped = holdout.gate(table, pairs)
+    assert set(kept.entries) == {PICK, middle, TWIN} and dropped == {}
+    no_plain = [p for p in pairs if p.twin != TWIN]
+    kept, dropped = holdout.gate(table, no_plain)
+    assert set(dropped) == {PICK, middle} and f"its plain twin {TWIN!r}" in dropped[PICK]
+
+
 def test_the_gate_leaves_the_lengths_it_did_not_see(eids):
     """SQuAD pairs (~200 tokens) gate the table's short bucket only: the same refinement's entry at 4k+
     tokens, where nothing paired it, stays, and the short bucket's lookup does not fall back to it."""

@@ -41,7 +41,7 @@ def add_parser(sub: Subparsers) -> None:
     c.add_argument(
         "--holdout", action="append", default=[], metavar="RUN",
         help="an evaluation-split quality run (repeatable): a refined config enters the table only if its "
-        "gain over its simpler twins (kvlink.eval.holdout.twins) holds there, paired",
+        "gain over its plain twin (kvlink.eval.holdout.plain_twin) holds there, paired",
     )  # fmt: skip
     c.set_defaults(func=run)
 
