@@ -20,6 +20,12 @@
 #    then the whole ttft grid (bench/results/ttft-h200), needle:300 (bench/results/eval-needle300-h200)
 #    and 189 calibration questions of the long task (bench/results/calib-long189-h200). Between two
 #    quality runs of other tasks or splits on one machine, move $KEEP/long aside (--resume reads it).
+#    `gate` (after the three parts, like long) runs GATE_CONFIGS on the evaluation split's first 320 SQuAD
+#    questions in 16 one-thread CPU processes; more than 8 files do not come back from a call, so pack them:
+#      run(carry=[".carry/m2"], command="bash bench/gpu_session.sh gate >/dev/null; cd /root/kvlink-session/gate \
+#          && tar czf $OUT/gate.tgz run.json samples*.jsonl")
+#    Done on 2026-12-05 (bench/results/eval-gate-squad320-cpu), with `profile` (the scale wheels only:
+#    bench/results/recompute-profile-h100) and two more ttft runs (bench/results/ttft-h100-rerun1, -rerun2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARRY=.carry
