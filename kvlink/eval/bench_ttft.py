@@ -369,11 +369,10 @@ async def run_grid(
     learned = Learned()
     # First calls (allocations, kernels) on both sides, over the whole first context: not recorded. A
     # quarter of it left the first cell at full length paying for its allocations (issue 22's H200 grid:
-    # that cell's recompute 0.85 s and answer 0.63 s a segment, 0.20 s and 0.30 s in the next).
+    # that cell's recompute 0.85 s and answer 0.63 s a segment, 0.20 s and 0.30 s in the next). Then every
+    # other static the grid may run, predicted to fit --max-cell-s at the fastest rate: each option's
+    # first message may pay for kernels of its own.
     rates = [r for rs in grid.rates.values() for r in rs] + ([grid.drop[0]] if grid.drop else [])
-    # Then every other static the grid may run, predicted to fit --max-cell-s at the fastest rate (each
-    # option's first message pays for its own kernels: a Q2C option's first answer took 1.05 s against
-    # 0.21 s later, in the first cell of the H100 grid).
     if grid.contexts and rates:
         first = grid.contexts[0]
         warmed: list[str] = []
