@@ -650,15 +650,20 @@ class Planner:
             return receiver.recompute_s(a, b - a)
         return self.geometry.fp16_bytes(option.kept(b - a)) / receiver.decode_rate(option.format)
 
+    def whole_prefill(self, option: Option, i: int) -> bool:
+        """Whether segment i under `option` is a whole prefill: text at the context's start, what the
+        receiver's advertised rates time. It is planned unscaled and teaches no scale (recompute_scale is
+        learned after a prefix: on the H100 grid a first text segment ran at 0.3-1.0x of the advertised
+        time, later ones at 1.2-1.9x, the attention over the prefix under the cache's mask)."""
+        return option.text and self.bounds[i][0] == 0
+
     def work_s(self, option: Option, i: int, costs: Costs) -> float:
         """The receiver's seconds on segment i under `option`: its advertised work scaled by what
-        receipts measured of it, plus the segment's call cost. A text segment at the context's start is
-        a whole prefill, which the advertised rates time: unscaled (recompute_scale is learned after a
-        prefix)."""
-        if option.text:
-            scale = costs.recompute_scale if self.bounds[i][0] > 0 else 1.0
+        receipts measured of it (not a whole prefill's), plus the segment's call cost."""
+        if self.whole_prefill(option, i):
+            scale = 1.0
         else:
-            scale = costs.decode_scale
+            scale = costs.recompute_scale if option.text else costs.decode_scale
         return self.advertised_work_s(option, i, costs.receiver) * scale + costs.segment_s
 
     def predict(self, schedule: Sequence[Option], costs: Costs, first: int = 0, link_free: float = 0.0,

@@ -251,8 +251,10 @@ def config_from_label(label: str, allocations: Sequence[tuple[tuple[int, ...], t
 
 FLAT_TABLE = Path(__file__).parent / "data" / "quality-smollm2-flat.json"
 """The embedded model's quality table as shipped from 12bfafe until 2026-12-05 (flat: one quality per
-config): the baseline's picks and expected qualities were made with it. The table shipped since is per
-context length and rebuilt from calibration-split questions only, so its qualities differ slightly."""
+config, from SQuAD runs that predate the calibration/evaluation split): the baseline's picks and expected
+qualities were made with it, and so were the lookups and picks of b05f17b in tests/test_budget.py. The
+table shipped since is per context length, from calibration-split questions only, through the
+evaluation-split gate, so its qualities differ slightly."""
 
 
 def baseline_table_and_profile(model_name: str) -> tuple[Any, Any]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from digests import FLAT_TABLE
 
 from conftest import random_ids
 from kvlink import wire
@@ -659,11 +659,6 @@ def test_bucketed_table_round_trips_and_flat_files_stay_flat(tmp_path: Any) -> N
     with pytest.raises(ValueError, match=r"cannot read quality table .*entries"):
         QualityTable.load(tmp_path / "bad.json")
 
-
-FLAT_TABLE = Path(__file__).parent / "data" / "quality-smollm2-flat.json"
-"""The embedded model's quality table as shipped until 2026-12-05: flat (one quality per config, from SQuAD
-runs that predate the calibration/evaluation split). The lookups and picks of b05f17b below were printed
-with it; the table shipped since is per context length (test_the_shipped_table_...)."""
 
 FLAT_EXPECTED_DIGEST = "208399a3592bbae9ca4adbe6f1f00b83ab6287083c8b36f710a67c46e6a10ab8"
 """sha256 over "<name>=<repr(expected(recipe, 64))>\\n" of every candidate recipe of the embedded model's

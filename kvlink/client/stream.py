@@ -321,12 +321,9 @@ async def send_streamed(
             # Not from a short segment: work that does not grow with its tokens (after a long prefix, the
             # attention over it and the prefix's copy) would pass for a slow rate, and the scale taught by
             # a 31-token last segment after 32k tokens (20x) made text look 6x too slow to every later plan.
-            # Nor from a text segment at the context's start: that is a whole prefill, what the receiver's
-            # advertised rates time (the H100 grid: 0.3-1.0x of them, against 1.2-1.9x after a prefix,
-            # where the attention runs over the prefix under a mask); it is planned unscaled.
+            # Nor from a whole prefill (Planner.whole_prefill), which is planned unscaled.
             short = seg.stop - seg.start < RATE_TOKENS
-            whole = option.text and seg.start == 0
-            if not (short or whole) and link.add_work(
+            if not (short or planner.whole_prefill(option, seg.index)) and link.add_work(
                 option.text, work, planner.advertised_work_s(option, seg.index, receiver)
             ):
                 logger.debug(
