@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvlink.attention import use_prefix_attention
+
 if TYPE_CHECKING:
     from kvlink.geometries import RandomModel
 
@@ -370,8 +372,10 @@ def definition_fingerprint(definition: dict[str, Any], config: Any, tokenizer: A
 
 
 def wrap(model: Any, tokenizer: Any, name: str = "custom") -> LoadedModel:
-    """Wrap an already-built model (tests build tiny random ones) with fingerprint and geometry."""
+    """Wrap an already-built model (tests build tiny random ones) with fingerprint and geometry; a model
+    on "sdpa" moves to kvlink.attention's (the same attention, and lower-right causal on request)."""
     model.eval()
+    use_prefix_attention(model)
     return LoadedModel(model, tokenizer, name, fingerprint(model, tokenizer), geometry_of(model.config))
 
 
@@ -409,6 +413,7 @@ def load_model(
     model.eval()
     fp = fingerprint(model, tokenizer)
     model.to(device=torch.device(device), dtype=dtype or model.dtype)  # type: ignore[call-arg]
+    use_prefix_attention(model)
     display = EMBEDDED_NAME if (name is None or name.lower() in EMBEDDED_ALIASES) else name
     logger.info("loaded %s in %.1f s (fingerprint %s)", display, time.perf_counter() - started, fp[:12])
     return LoadedModel(model, tokenizer, display, fp, geometry_of(model.config))
@@ -444,6 +449,7 @@ def _load_random(spec: RandomModel, device: str | torch.device, dtype: torch.dty
     config = spec.config(tokenizer)
     fp = definition_fingerprint(spec.definition(), config, tokenizer)
     model = spec.build(config, device, dtype or torch.bfloat16)
+    use_prefix_attention(model)
     logger.warning(
         "%s: random weights: timing only (geometry of %s, tokenizer of the embedded model)",
         spec.name,

@@ -239,6 +239,7 @@ def encode_segment(
 def recompute(model: Any, prefix: ContextKV | None, token_ids: Tensor, start: int) -> ContextKV:
     """The KV of `token_ids` at original positions start, start + 1, ..., computed by `model` after the
     cached `prefix` (the earlier segments as received, of length `start`); None: the context's start."""
+    from kvlink.attention import PREFIX_CAUSAL, prefix_causal_ok
     from kvlink.cache import prefill as read
     from kvlink.hfcache import KVLinkCache
 
@@ -253,7 +254,9 @@ def recompute(model: Any, prefix: ContextKV | None, token_ids: Tensor, start: in
         raise ValueError(f"the prefix covers {prefix.length} tokens, the segment starts at {start}")
     cache = KVLinkCache.from_context(prefix, model)
     positions = torch.arange(start, start + n, device=device)
-    model(**cache.inputs(ids), position_ids=positions[None], use_cache=True, logits_to_keep=1)
+    # Every cached entry precedes the segment: lower-right causal attention, no (n, kept + n) mask.
+    fast = {PREFIX_CAUSAL: True} if prefix_causal_ok(model, start + n) else {}
+    model(**cache.inputs(ids), position_ids=positions[None], use_cache=True, logits_to_keep=1, **fast)
     keys = [layer.keys[0].contiguous() for layer in cache.layers]
     values = [layer.values[0].contiguous() for layer in cache.layers]
     return ContextKV(keys, values, [positions.clone() for _ in keys], start + n)
