@@ -76,12 +76,19 @@ MAX_WORK_SCALE = 20.0
 
 
 def segment_bounds(length: int, segment_tokens: int) -> list[tuple[int, int]]:
-    """[start, stop) of each segment of a `length`-token context, `segment_tokens` each (the last shorter)."""
+    """[start, stop) of each segment of a `length`-token context, `segment_tokens` each (the last shorter).
+
+    A remainder of less than a quarter of `segment_tokens` joins the segment before it: as a message of
+    its own it would pay a segment's fixed costs (a call, the receiver's checks, for a selecting option
+    the sender's scores over the whole context) to carry a few tokens, and leave nothing to overlap."""
     if length < 1:
         raise ValueError(f"the context must have at least one token, got {length!r}")
     if segment_tokens < 1:
         raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens!r}")
-    return [(a, min(a + segment_tokens, length)) for a in range(0, length, segment_tokens)]
+    bounds = [(a, min(a + segment_tokens, length)) for a in range(0, length, segment_tokens)]
+    if len(bounds) > 1 and 4 * (bounds[-1][1] - bounds[-1][0]) < segment_tokens:
+        bounds[-2:] = [(bounds[-2][0], length)]
+    return bounds
 
 
 # --- options -------------------------------------------------------------------------------------

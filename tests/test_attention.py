@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlink.attention import IMPLEMENTATION, PREFIX_CAUSAL, prefix_causal, prefix_causal_ok, use_prefix_attention
+from kvlink.attention import (
+    IMPLEMENTATION,
+    PREFIX_CAUSAL,
+    prefix_causal,
+    prefix_causal_ok,
+    use_prefix_attention,
+)
 from kvlink.cache import prefill
 from kvlink.models import fingerprint, wrap
 from kvlink.stream import join, recompute

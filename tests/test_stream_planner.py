@@ -49,6 +49,24 @@ def _costs(link_bps: float, prefill_s: float = 0.0) -> Costs:
     return Costs(RECEIVER, link_bps, encode_bps=1e9, prefill_s=prefill_s, question_tokens=16)
 
 
+@pytest.mark.parametrize(
+    ("length", "size", "expected"),
+    [
+        (1000, 256, [(0, 256), (256, 512), (512, 768), (768, 1000)]),  # 232 left: a segment of its own
+        (800, 256, [(0, 256), (256, 512), (512, 800)]),  # 32 left: joins the one before
+        (32799, 4096, [(a, a + 4096) for a in range(0, 24576, 4096)] + [(24576, 28672), (28672, 32799)]),
+        (820, 256, [(0, 256), (256, 512), (512, 820)]),  # 52 left, a quarter is 64: joins
+        (832, 256, [(0, 256), (256, 512), (512, 768), (768, 832)]),  # exactly a quarter: its own
+        (40, 256, [(0, 40)]),
+        (5, 1, [(i, i + 1) for i in range(5)]),
+    ],
+)
+def test_segments_cover_the_context_and_a_short_remainder_joins_the_last(
+    length: int, size: int, expected: list[tuple[int, int]]
+) -> None:
+    assert segment_bounds(length, size) == expected
+
+
 def test_a_segment_goes_once_the_one_a_window_before_it_is_answered() -> None:
     bounds = segment_bounds(768, 256)
     costs = _costs(1e9)
