@@ -197,16 +197,77 @@ def test_calibrate_takes_a_holdout_run(tmp_path: Path, eids):
     samples = _samples({PICK: list(base - 0.05), TWIN: list(base)}, eids)
     (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     table = QualityTable(entries={PICK: 0.9, TWIN: 0.8})
-    kept, dropped = gated(table, [run], "squad", "fidelity")
-    assert set(kept.entries) == {TWIN} and "-0.050" in dropped[PICK]
-    assert gated(table, [], "squad", "fidelity") == (table, {})
+    kept, dropped = gated(table, [run], ["squad"], "fidelity")
+    assert set(kept.entries) == {TWIN} and "squad: gain over" in dropped[PICK] and "-0.050" in dropped[PICK]
+    assert gated(table, [], ["squad"], "fidelity") == (table, {})
     cal = tmp_path / "cal"
     cal.mkdir()
     (cal / "samples.jsonl").write_text(
         json.dumps({**samples[0], "eid": f"squad:{calibration_examples()[0].qid}"}) + "\n"
     )
     with pytest.raises(ValueError, match="evaluation-split examples only"):
-        gated(table, [cal], "squad", "fidelity")
+        gated(table, [cal], ["squad"], "fidelity")
+
+
+def test_runs_pair_across_each_other_where_their_full_kv_answers_agree(eids):
+    """A config measured in one run pairs with its twin measured in another, question by question, but
+    only on the questions both runs answered alike at full KV (each fidelity scores against its own run's
+    full-KV answer); a config in both runs keeps the first run's samples."""
+    base = np.linspace(0.2, 0.8, len(eids))
+    first = [
+        {**s, "ref_answer": "Paris"}
+        for s in _samples({PICK: list(base + 0.1), "fp16": [1.0] * len(eids)}, eids)
+    ]
+    second = [
+        {**s, "ref_answer": "Paris"} for s in _samples({TWIN: list(base), "fp16": [0.5] * len(eids)}, eids)
+    ]
+    for s in second:
+        if s["eid"] in eids[:5]:
+            s["ref_answer"] = "Lyon"  # these five questions came out differently at full KV
+    records, split = holdout.combine([first, second])
+    assert split == sorted(eids[:5])
+    assert {r["eid"] for r in records} == set(eids[5:])
+    assert all(r["fidelity"] == 1.0 for r in records if r["config"] == "fp16")  # the first run's
+    assert len(records) == 3 * (len(eids) - 5)
+    pairs = holdout.check(records, QualityTable(entries={}))[1]
+    assert [(p.config, p.twin, p.n) for p in pairs] == [(PICK, TWIN, len(eids) - 5)]
+    assert pairs[0].diff == pytest.approx(0.1) and pairs[0].holds
+
+
+def test_calibrate_gates_each_task_in_the_buckets_its_samples_fall_in(tmp_path: Path, eids):
+    """A SQuAD run gates the short bucket and a long run the long one, each by its own pairs: the pick's
+    gain holds on SQuAD and not at 5k tokens, so it leaves the long bucket only; a refined config no long
+    run paired leaves the long bucket too, and keeps its SQuAD place."""
+    from kvlink.budget import LengthBucket
+    from kvlink.eval.commands.calibrate import gated
+
+    other = "q2c40%/layer+kint4c/vint3t-g64+sink1"  # twin q2c40%+kint4c/vint3t-g64
+    base = np.linspace(0.2, 0.8, len(eids))
+    squad = _samples({PICK: list(base + 0.1), TWIN: list(base), other: list(base + 0.1),
+                      "q2c40%+kint4c/vint3t-g64": list(base)}, eids)  # fmt: skip
+    long_eids = [e.replace("squad:", "long:") for e in eids]
+    long_ = [
+        {**s, "task": "long", "T": 5000}
+        for s in _samples({PICK: list(base - 0.05), TWIN: list(base)}, long_eids)
+    ]
+    runs = []
+    for name, samples in (("squad", squad), ("long", long_)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        runs.append(tmp_path / name)
+    entries = {PICK: 0.9, TWIN: 0.8, other: 0.85}
+    table = QualityTable(
+        entries=dict(entries),
+        buckets=(LengthBucket(0, 1024, dict(entries), n=60), LengthBucket(4096, 16384, dict(entries), n=60)),
+    )
+    kept, dropped = gated(table, runs, ["squad", "long"], "fidelity")
+    assert set(kept.buckets[0].entries) == {PICK, TWIN, other}
+    assert set(kept.buckets[1].entries) == {TWIN}
+    assert dropped[PICK].startswith("long: gain over") and dropped[other].startswith("long: not paired")
+    only_squad, _ = gated(table, runs[:1], ["squad", "long"], "fidelity")  # no long run: long ungated
+    assert only_squad.buckets[1].entries == entries
+    with pytest.raises(ValueError, match="no samples of needle"):
+        gated(table, runs, ["needle"], "fidelity")
 
 
 def test_samples_are_read_from_a_kept_results_file(tmp_path: Path, eids):

@@ -113,6 +113,33 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def combine(runs: Sequence[Iterable[Mapping[str, Any]]]) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """The samples of several quality runs over the same questions, to pair configs across runs.
+
+    A config's fidelity scores its answer against the full-KV answer of its own run, so two runs' samples
+    of a question pair only when both runs gave that question the same full-KV answer (`ref_answer`).
+    Questions the runs answered differently are left out of every run (their ids returned, sorted); a
+    config a question has in more than one run keeps the first run's sample."""
+    lists = [list(records) for records in runs]
+    refs: dict[tuple[str, str], set[str | None]] = defaultdict(set)
+    for records in lists:
+        for r in records:
+            ref = r.get("ref_answer")
+            refs[str(r["task"]), str(r["eid"])].add(None if ref is None else str(ref))
+    split = {key for key, seen in refs.items() if len(seen) > 1}
+    out: list[Mapping[str, Any]] = []
+    taken: set[tuple[str, str, str]] = set()
+    for records in lists:
+        for r in records:
+            key = (str(r["task"]), str(r["eid"]))
+            sample = (*key, str(r["config"]))
+            if key in split or sample in taken:
+                continue
+            taken.add(sample)
+            out.append(r)
+    return out, sorted(eid for _, eid in split)
+
+
 def evaluation_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """`records`, all of them evaluation-split examples; else ValueError naming the first that is not."""
     chosen = list(records)

@@ -177,19 +177,34 @@ def _finite(value: object) -> TypeGuard[float]:
 
 
 def gated(
-    table: QualityTable, holdout_runs: Sequence[str | Path], task: str, quality: str
+    table: QualityTable, holdout_runs: Sequence[str | Path], tasks: Sequence[str], quality: str
 ) -> tuple[QualityTable, dict[str, str]]:
-    """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate) for `task`;
-    unchanged without runs. A table per length is gated in the buckets `task`'s samples fall in only. The
-    runs' samples must all be evaluation-split examples (ValueError otherwise)."""
+    """`table` through the evaluation-split gate of `holdout_runs` (kvlink.eval.holdout.gate) for each of
+    `tasks` the runs have samples of; unchanged without runs. A table per length is gated, task by task,
+    in the buckets that task's samples fall in only (SQuAD's ~200 tokens gate the short bucket, the long
+    task's 2k-8k the long ones). Several runs pair across each other (kvlink.eval.holdout.combine: a
+    question the runs answered differently at full KV is left out). The runs' samples must all be
+    evaluation-split examples, of one of `tasks` at least (ValueError otherwise)."""
     from kvlink.eval import holdout
 
     if not holdout_runs:
         return table, {}
-    records = [r for path in holdout_runs for r in holdout.read_samples(path)]
-    _, pairs = holdout.check(records, table, task, quality)
-    lengths = [int(r["T"]) for r in records if r.get("task") == task and r.get("T") is not None]
-    return holdout.gate(table, pairs, lengths)
+    records, _ = holdout.combine([holdout.read_samples(path) for path in holdout_runs])
+    present = [t for t in tasks if any(r.get("task") == t for r in records)]
+    if not present:
+        holdout.evaluation_records(records)  # a run of the wrong split says so first
+        found = sorted({str(r.get("task")) for r in records})
+        raise ValueError(
+            f"the holdout runs have no samples of {', '.join(tasks)} (they have {', '.join(found)})"
+        )
+    dropped: dict[str, str] = {}
+    for task in present:
+        _, pairs = holdout.check(records, table, task, quality)
+        lengths = [int(r["T"]) for r in records if r.get("task") == task and r.get("T") is not None]
+        table, now = holdout.gate(table, pairs, lengths)
+        for key, why in now.items():
+            dropped[key] = f"{dropped[key]}; {task}: {why}" if key in dropped else f"{task}: {why}"
+    return table, dropped
 
 
 def check_calibration_results(paths: Sequence[str | Path]) -> None:
@@ -226,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tasks = task_list(args.task or ("squad" if "squad" in known else known[0]))
         table = quality_table(results, tasks, args.quality, runs)
-        table, dropped = gated(table, args.holdout, tasks[0], args.quality)
+        table, dropped = gated(table, args.holdout, tasks, args.quality)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     fingerprint = results.get("meta", {}).get("fingerprint")

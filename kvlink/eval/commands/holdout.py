@@ -16,7 +16,10 @@ def add_parser(sub: Subparsers) -> None:
         "holdout", help="check the quality table's entries and gains on an evaluation-split quality run"
     )
     h.add_argument(
-        "runs", nargs="+", help="quality run directories (samples*.jsonl or results.json(.gz)); several merge"
+        "runs",
+        nargs="+",
+        help="quality run directories (samples*.jsonl or results.json(.gz)); several pair across each other "
+        "on the questions they answered alike at full KV",
     )
     h.add_argument(
         "--table", default=None,
@@ -44,16 +47,20 @@ def run(args: argparse.Namespace) -> int:
     from kvlink.budget import QualityTable
     from kvlink.eval import holdout
 
-    records = []
+    runs = []
     meta: dict[str, object] = {}
     for path in map(Path, args.runs):
         try:
-            records += holdout.read_samples(path)
+            runs.append(holdout.read_samples(path))
         except ValueError as e:
             raise SystemExit(f"kvlink-bench holdout: {e}") from None
         run_json = path / "run.json"
         if not meta and run_json.is_file():
             meta = json.loads(run_json.read_text())
+    records, split = holdout.combine(runs)
+    if split:
+        print(f"left out {len(split)} questions the runs answered differently at full KV: {', '.join(split[:5])}"
+              + (", ..." if len(split) > 5 else ""))  # fmt: skip
     if args.table:
         table = QualityTable.load(args.table)
         source = args.table
