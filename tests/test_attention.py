@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ToyTokenizer, random_ids, tiny_config, tiny_model
 from kvlink.attention import (
     IMPLEMENTATION,
     PREFIX_CAUSAL,
@@ -15,7 +16,6 @@ from kvlink.attention import (
 from kvlink.cache import prefill
 from kvlink.models import fingerprint, wrap
 from kvlink.stream import join, recompute
-from tests.conftest import ToyTokenizer, random_ids, tiny_config, tiny_model
 
 
 def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
