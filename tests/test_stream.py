@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -294,6 +295,46 @@ async def test_the_sender_follows_a_link_that_slows_down_mid_message(lm: LoadedM
     assert first_slow <= 3 and len(options) >= first_slow + 4, options
     assert options[first_slow + 2 :] == ["text"] * len(options[first_slow + 2 :]), options
     assert result.segments[-1].link_bps < 10e6 < result.segments[1].link_bps
+
+
+async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender times the KV options it has no encode rate for once the context is read. That probe
+    runs beside the segments: while it takes 3 s, segment after segment goes and is answered (it used to
+    hold the next segment back until it was done), and its rates reach ENCODE_RATES when it ends."""
+    import kvlink.client.stream as client_stream
+
+    probe_window: list[float] = []
+    real = client_stream.encode_rates_of
+
+    def slow_probe(*args: Any) -> dict[str, float]:
+        probe_window.append(time.perf_counter())
+        time.sleep(3.0)
+        rates = real(*args)
+        probe_window.append(time.perf_counter())
+        return rates
+
+    monkeypatch.setattr(client_stream, "encode_rates_of", slow_probe)
+    options = ("text", "fp16", "q2c50%+kint4c/vint4t-g32")
+    for name in options:
+        ENCODE_RATES.pop((lm.fingerprint, name), None)
+    receipts: list[float] = []
+    async with receiver(lm) as (target, _service):
+        result = await send_streamed(
+            target, CONTEXT, QUESTION, lm=lm, segment_tokens=128, allowed=options, links=LinkMemory(),
+            on_segment=lambda seg: receipts.append(time.perf_counter()),
+        )  # fmt: skip
+        for _ in range(200):  # the probe may outlive the send
+            if len(probe_window) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert result.answer.finish_reason and len(result.segments) >= 8
+    assert len(probe_window) == 2
+    during = [t for t in receipts if probe_window[0] < t < probe_window[1]]
+    assert len(during) >= 4, (probe_window, receipts)  # more than the two segments open when it began
+    await asyncio.sleep(0)  # the probe's done-callback
+    assert all(ENCODE_RATES[lm.fingerprint, name] > 0 for name in options[1:])
 
 
 class _HostileCosts(KVLinkService):

@@ -77,6 +77,8 @@ RATE_TOKENS = 128
 ENCODE_RATES: dict[tuple[str, str], float] = {}
 """This process's encode rates (FP16 bytes/s) by (model fingerprint, option name), the last measured: a
 send plans with them before it has encoded anything, and measures only the options not in here."""
+_PROBES: set[asyncio.Task[dict[str, float]]] = set()
+"""Encode-rate probes still running (held here so that one outliving its send is not collected)."""
 
 
 @dataclass
@@ -277,6 +279,17 @@ async def send_streamed(
         sent: list[SegmentSent] = []
         encode_bps = costs.encode_bps  # the last encode's rate, for options not measured yet
         probed = False  # the options without a known encode rate timed once the context is read
+
+        def learn_probe(probe: asyncio.Task[dict[str, float]]) -> None:
+            _PROBES.discard(probe)
+            if probe.cancelled() or probe.exception() is not None:
+                logger.warning("the encode-rate probe failed (%r): planning with the last encode's rate",
+                               None if probe.cancelled() else probe.exception())  # fmt: skip
+                return
+            for name, rate in probe.result().items():
+                encode_rates.setdefault(name, rate)  # a segment's own encode, if one came first, stands
+                ENCODE_RATES.setdefault((lm.fingerprint, name), rate)
+
         spent = 0
         scores: Scores | None = None
         chosen: list[Option] = []
@@ -352,15 +365,22 @@ async def send_streamed(
                 if done and reading is not None and not probed:
                     # Once the context is read: the encode rate of each KV option not known yet, on a slice
                     # of it (FP16 is a copy, INT4 a quantization: a single rate would price them alike).
+                    # In the background: a first send's probe (the selections' scores over the whole
+                    # context, each format's first encode) held segment 2 back 1.6 s at 32k tokens on an
+                    # H100 (bench/results/ttft-h100-rerun3) while the receiver idled. Until it is in,
+                    # the plan prices those options at the last encode's rate.
                     probed = True
                     pre = await reading
                     scores = scores or Scores(pre)
-                    unknown = [o for o in choices if o.name not in encode_rates]
-                    measured = await asyncio.to_thread(
-                        encode_rates_of, pre, scores, unknown, g, min(RATE_TOKENS, n_ctx)
-                    )
-                    encode_rates.update(measured)
-                    ENCODE_RATES.update({(lm.fingerprint, name): r for name, r in measured.items()})
+                    unknown = [o for o in choices if o.name not in encode_rates and not o.text]
+                    if unknown:
+                        probe = asyncio.create_task(
+                            asyncio.to_thread(
+                                encode_rates_of, pre, scores, unknown, g, min(RATE_TOKENS, n_ctx)
+                            )
+                        )
+                        _PROBES.add(probe)  # runs on past this send if it must: the next send plans with it
+                        probe.add_done_callback(learn_probe)
                 clock = time.perf_counter()
                 now = clock - t0
                 # A prefill that overran its estimate is assumed to need a quarter of what it took so far.
