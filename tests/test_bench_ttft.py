@@ -37,6 +37,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]
 def test_every_cell_is_written(run: tuple[dict[str, Any], Path]) -> None:
     result, out = run
     assert result["meta"]["random_weights"] and result["meta"]["segment_tokens"] == 256
+    assert result["meta"]["device"] == result["meta"]["receiver_device"] == "cpu"
+    assert "Sender on cpu, receiver on cpu." in (out / "results.md").read_text()
     rates = result["receiver"]["prefill_tokens_per_s"]
     assert rates and all(n > 0 and r > 0 for n, r in rates) and result["receiver"]["text_segments"]
     (ctx,) = result["contexts"]

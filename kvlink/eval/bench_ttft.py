@@ -602,12 +602,22 @@ def _by_format(receiver: dict[str, Any]) -> str:
     return out
 
 
+def _devices(meta: dict[str, Any]) -> str:
+    sender, receiver = meta.get("device", "?"), meta.get("receiver_device", meta.get("device", "?"))
+    if sender == receiver and str(sender).startswith("cuda"):
+        return (f"Sender and receiver on one device ({sender}): each one's work slows the other's, which no "
+                "plan models (a peer has a GPU of its own: --receiver-device).")  # fmt: skip
+    return f"Sender on {sender}, receiver on {receiver}."
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"# kvlink-bench ttft: {meta['model']}" + (f" ({RANDOM_NOTE})" if meta.get("random_weights") else ""),
         "",
         f"{meta['date']}; {meta['machine']}; `{meta['command']}`",
+        "",
+        _devices(meta),
         "",
         "Receiver (measured at start-up): prefill "
         + ", ".join(f"{r:,.0f} tok/s at {n:,}" for n, r in result["receiver"]["prefill_tokens_per_s"])
@@ -726,7 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="model alias, HF id or random:NAME (default: the embedded model)"
     )
-    p.add_argument("--device", default="cpu", help="both sides' device (default cpu)")
+    p.add_argument("--device", default="cpu", help="the sender's device, and the receiver's (default cpu)")
+    p.add_argument(
+        "--receiver-device", default=None,
+        help="the receiver's device when not --device: cuda:1 puts it on a GPU of its own, as a peer is",
+    )  # fmt: skip
     p.add_argument(
         "--tokens", default="2k", help="context lengths, one context each: 2k,4k or 1500 (default 2k)"
     )
@@ -851,7 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    serve = ["--device", args.device, "--max-new-tokens", str(args.max_new_tokens), "--log-level", "warning",
+    receiver_device = args.receiver_device or args.device
+    serve = ["--device", receiver_device, "--max-new-tokens", str(args.max_new_tokens), "--log-level", "warning",
              "--cost-probe-tokens", str(max(lengths) + 64), *(["--model", args.model] if args.model else [])]  # fmt: skip
     with LocalReceiver(serve, log=out / "receiver.log", env=env) as rx:
         rx.wait_healthy()  # first: the receiver measures its rates at start-up, on a CPU this process leaves alone
@@ -870,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "kvlink-bench ttft " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
         "commit": _commit(), "model": lm.name, "random_weights": lm.random_weights, "device": args.device,
+        "receiver_device": receiver_device,
         "dtype": str(lm.dtype).removeprefix("torch."), "threads_each_side": args.threads,
         "torch": torch.__version__, "segment_tokens": args.segment_tokens, "repeats": args.repeats,
         "load_1min_before": load_before[0], "load_1min_after": os.getloadavg()[0],
