@@ -300,15 +300,18 @@ async def test_the_sender_follows_a_link_that_slows_down_mid_message(lm: LoadedM
 async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
     lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sender times the KV options it has no encode rate for once the context is read. That probe
-    runs beside the segments: while it takes 3 s, segment after segment goes and is answered (it used to
+    """The sender times the KV options it has no encode rate for once the context is read, on a slice of
+    a segment's size. That probe runs beside the segments: while it takes 3 s, segment after segment goes and is answered (it used to
     hold the next segment back until it was done), and its rates reach ENCODE_RATES when it ends."""
     import kvlink.client.stream as client_stream
 
     probe_window: list[float] = []
     real = client_stream.encode_rates_of
 
+    sliced: list[int] = []
+
     def slow_probe(*args: Any) -> dict[str, float]:
+        sliced.append(args[-1])  # the tokens it times each option on
         probe_window.append(time.perf_counter())
         time.sleep(3.0)
         rates = real(*args)
@@ -322,7 +325,7 @@ async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
     receipts: list[float] = []
     async with receiver(lm) as (target, _service):
         result = await send_streamed(
-            target, CONTEXT, QUESTION, lm=lm, segment_tokens=128, allowed=options, links=LinkMemory(),
+            target, CONTEXT, QUESTION, lm=lm, segment_tokens=160, allowed=options, links=LinkMemory(),
             on_segment=lambda seg: receipts.append(time.perf_counter()),
         )  # fmt: skip
         for _ in range(200):  # the probe may outlive the send
@@ -331,6 +334,7 @@ async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
             await asyncio.sleep(0.05)
     assert result.answer.finish_reason and len(result.segments) >= 8
     assert len(probe_window) == 2
+    assert sliced == [160]  # a segment's size: timed on fewer tokens, an encode's fixed costs pass for a rate
     during = [t for t in receipts if probe_window[0] < t < probe_window[1]]
     assert len(during) >= 4, (probe_window, receipts)  # more than the two segments open when it began
     await asyncio.sleep(0)  # the probe's done-callback

@@ -73,7 +73,8 @@ open call holds one of the receiver's per-peer call slots)."""
 ASSUMED_COSTS = wire.ReceiverCosts(((1024, 20_000.0),), 5e9, 0.05)
 """What a receiver that advertises no measured costs is assumed to cost (logged when used)."""
 RATE_TOKENS = 128
-"""Tokens an encode rate is timed on at least (the probe's slice; a shorter last segment teaches nothing)."""
+"""Tokens an encode rate is timed on at least (the probe times a segment's size; a shorter last segment
+teaches nothing)."""
 ENCODE_RATES: dict[tuple[str, str], float] = {}
 """This process's encode rates (FP16 bytes/s) by (model fingerprint, option name), the last measured: a
 send plans with them before it has encoded anything, and measures only the options not in here."""
@@ -372,12 +373,15 @@ async def send_streamed(
                     probed = True
                     pre = await reading
                     scores = scores or Scores(pre)
+                    # On a slice of a segment's size: timed on RATE_TOKENS, the fixed costs of an encode
+                    # call passed for a slow rate (Q2C 25% + INT4 predicted at 51 s for 1.8 s, 32k tokens
+                    # in 4k segments: bench/results/ttft-h100-rerun4), and an option predicted that slow
+                    # is never sent, so its rate is never corrected.
                     unknown = [o for o in choices if o.name not in encode_rates and not o.text]
+                    probe_tokens = min(max(RATE_TOKENS, bounds[0][1] - bounds[0][0]), n_ctx)
                     if unknown:
                         probe = asyncio.create_task(
-                            asyncio.to_thread(
-                                encode_rates_of, pre, scores, unknown, g, min(RATE_TOKENS, n_ctx)
-                            )
+                            asyncio.to_thread(encode_rates_of, pre, scores, unknown, g, probe_tokens)
                         )
                         _PROBES.add(probe)  # runs on past this send if it must: the next send plans with it
                         probe.add_done_callback(learn_probe)
