@@ -79,7 +79,8 @@ ttft() {
   install_scale
   # On a machine of two GPUs, RECEIVER_DEVICE=cuda:1 gives the receiver a GPU of its own (as a peer has).
   python3 -m kvlink.eval.cli ttft --model random:llama-3.1-8b --device cuda --tokens 32k \
-    --segment-tokens 4096 --rates 100M,1G,10G,100G --cold-rates 10G --drop 10G:1G --max-cell-s "${MAX_CELL_S:-30}" \
+    --segment-tokens 4096 --rates "${RATES:-100M,1G,10G,100G}" --cold-rates "${COLD_RATES-10G}" \
+    --drop "${DROP-10G:1G}" --max-cell-s "${MAX_CELL_S:-30}" \
     --threads 0 --max-new-tokens 2 --time-budget "${TTFT_BUDGET_S:-360}" --repeats "${REPEATS:-1}" \
     ${RECEIVER_DEVICE:+--receiver-device "$RECEIVER_DEVICE"} --out "$OUT/ttft"
 }

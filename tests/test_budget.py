@@ -755,7 +755,8 @@ def test_planner_picks_with_a_flat_table_are_unchanged(head64: Any) -> None:
 @pytest.mark.slow
 def test_the_shipped_table_is_per_context_length_from_calibration_questions(head64: Any) -> None:
     """The shipped table (2026-12-05): `kvlink-bench calibrate --task squad,long --holdout
-    bench/results/eval-gate-squad320-cpu` over the flat table's runs cut to their calibration-split
+    bench/results/eval-gate-squad320-cpu --holdout bench/results/eval-long300-h100 --holdout
+    bench/results/eval-long300-twins-h100` over the flat table's runs cut to their calibration-split
     questions (bench/calibration_only.py: 293 of each 300) and the long task on the calibration split.
     Its SQuAD bucket rates every config it kept as the flat table did, within 0.01, and keeps a refined
     config only where the evaluation run showed its gain over its plain twin: the flat table's 6.25% pick
