@@ -341,6 +341,30 @@ async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
     assert all(ENCODE_RATES[lm.fingerprint, name] > 0 for name in options[1:])
 
 
+async def test_a_failed_encode_rate_probe_costs_a_warning_not_the_send(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import kvlink.client.stream as client_stream
+
+    def broken(*args: Any) -> dict[str, float]:
+        raise RuntimeError("out of memory while probing")
+
+    monkeypatch.setattr(client_stream, "encode_rates_of", broken)
+    options = ("text", "fp16", "q2c50%+kint4c/vint4t-g32")
+    for name in options:
+        ENCODE_RATES.pop((lm.fingerprint, name), None)
+    with caplog.at_level(logging.WARNING, logger="kvlink.client.stream"):
+        async with receiver(lm) as (target, _service):
+            result = await send_streamed(target, CONTEXT, QUESTION, lm=lm, segment_tokens=160, allowed=options,
+                                         links=LinkMemory())  # fmt: skip
+        for _ in range(100):
+            if "encode-rate probe failed" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+    assert result.answer.finish_reason and len(result.segments) >= 8
+    assert "encode-rate probe failed" in caplog.text and "out of memory while probing" in caplog.text
+
+
 class _HostileCosts(KVLinkService):
     """A receiver whose Welcome advertises costs no plan can use (NaN decode rates, a duplicated prefill
     length that would divide by zero, a negative call cost, thousands of formats)."""

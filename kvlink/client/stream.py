@@ -283,9 +283,13 @@ async def send_streamed(
 
         def learn_probe(probe: asyncio.Task[dict[str, float]]) -> None:
             _PROBES.discard(probe)
-            if probe.cancelled() or probe.exception() is not None:
-                logger.warning("the encode-rate probe failed (%r): planning with the last encode's rate",
-                               None if probe.cancelled() else probe.exception())  # fmt: skip
+            if probe.cancelled():  # its event loop closed first (a one-shot send that outlived it)
+                return
+            if probe.exception() is not None:
+                logger.warning(
+                    "the encode-rate probe failed (%r): planning with the last encode's rate",
+                    probe.exception(),
+                )
                 return
             for name, rate in probe.result().items():
                 encode_rates.setdefault(name, rate)  # a segment's own encode, if one came first, stands
