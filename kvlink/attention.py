@@ -78,12 +78,9 @@ def use_prefix_attention(model: Any) -> bool:
     """Switch a model on "sdpa" to IMPLEMENTATION (the same attention for every call that does not ask
     for PREFIX_CAUSAL). Returns whether the model now uses it; models on another implementation keep it."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(
-        model, "set_attn_implementation"
-    ):
-        return prefix_causal_ok(model)
-    register()
-    model.set_attn_implementation(IMPLEMENTATION)
+    if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation"):
+        register()
+        model.set_attn_implementation(IMPLEMENTATION)
     return prefix_causal_ok(model)
 
 

@@ -664,7 +664,7 @@ class Planner:
         """Whether segment i under `option` is a whole prefill: text at the context's start, what the
         receiver's advertised rates time. It is planned unscaled and teaches no scale (recompute_scale is
         learned after a prefix: on the H100 grid a first text segment ran at 0.3-1.0x of the advertised
-        time, later ones at 1.2-1.9x, the attention over the prefix under the cache's mask)."""
+        time, later ones at 1.2-1.9x, their attention then over the prefix under an explicit mask)."""
         return option.text and self.bounds[i][0] == 0
 
     def work_s(self, option: Option, i: int, costs: Costs) -> float:
