@@ -145,9 +145,49 @@ gate() {
   cat "$out"/samples*.jsonl | wc -l
 }
 
+# Issue 24's cross-layer transform coding (research/screen_combo.py, research/README.md "GPU commands"),
+# MEASURED on the evaluation split: `xl squad` (300 questions, 25 / 18.75 / 12.5% against the planner's picks)
+# or `xl long` (300 questions of 2k-8k tokens, 10 / 6.25%), SHARDS processes sharing the GPU. The scale
+# wheels (with constriction, the CPU rANS coder) must have been installed by a call carrying .carry/scale
+# (`bash bench/gpu_session.sh wheels`) on the same warm machine.
+XL_PICK=kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question
+xl() {
+  install_model
+  export RESEARCH_DEVICE=cuda RESEARCH_THREADS=2 KVLINK_RESEARCH_CACHE=$KEEP/kvr
+  local n=${SHARDS:-6} task=$2 only baselines name
+  if [ "$task" = squad ]; then
+    only=aqua22-pca@25,aqua22-pca@18.75,aqua22-pca@12.5
+    baselines="q2c90%/layer+$XL_PICK,q2c65%/layer+$XL_PICK,q2c40%/layer+$XL_PICK"
+  else
+    export RESEARCH_ANS=0
+    only=aqua22-pca@10,aqua22-pca@6.25
+    baselines="q2c35%/layer+$XL_PICK,q2c20%/layer+$XL_PICK"
+  fi
+  only=${XL_ONLY:-$only} baselines=${XL_BASELINES:-$baselines}
+  name=xl-$task-eval-${XL_TAG:-gpu}
+  python3 research/screen_combo.py 1 --only aqua22-pca@25 --fit-only
+  for k in $(seq 0 $((n - 1))); do
+    timeout "${XL_BUDGET_S:-540}" python3 research/screen_combo.py "${XL_N:-300}" --task "$task" --split evaluation \
+      --shard "$k/$n" --name "$name" --only "$only" --baselines "$baselines" > "$KEEP/xl-$task-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -n 2 "$KEEP"/xl-"$task"-*.log
+  mkdir -p "$OUT/$name"
+  cp research/results/"$name"/results-*.json "$OUT/$name/" 2>/dev/null || true
+  (cd "$KEEP" && tar czf "$OUT/$name/logs.tgz" xl-"$task"-*.log)
+}
+
+wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
+  mkdir -p "$KEEP" && rm -rf "$KEEP/proto" && cp -r "$CARRY/scale/proto" "$KEEP/proto"
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+}
+
 case "${1:-}" in
   prep) prep ;;
   part) keep_part ;;
+  wheels) wheels ;;
+  xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|ttft|part|long|gate|profile (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl (see the header)"; exit 2 ;;
 esac

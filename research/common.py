@@ -311,6 +311,21 @@ def run_screen(
             r["kl"].append(kl)
             r["wire_frac"].append(nbytes.total(c.framing) / c.fp16_bytes)
         print(f"{i + 1}/{len(examples)} {example.eid} T={c.kv.length} {time.time() - started:.0f}s", flush=True)
+        _write(name, shard, split, task, examples[: i + 1], rows, started, meta)  # a cut run keeps its questions
+    return _write(name, shard, split, task, examples, rows, started, meta, final=True)
+
+
+def _write(
+    name: str,
+    shard: tuple[int, int],
+    split: str,
+    task: str,
+    examples: Sequence[Example],
+    rows: dict[str, dict[str, list[float]]],
+    started: float,
+    meta: dict[str, Any] | None,
+    final: bool = False,
+) -> dict[str, Any]:
     summary = {k: summarize(v) for k, v in rows.items()}
     result = {
         "meta": {
@@ -338,7 +353,8 @@ def run_screen(
     out.mkdir(parents=True, exist_ok=True)
     file = "results.json" if shard[1] == 1 else f"results-{shard[0]}of{shard[1]}.json"
     (out / file).write_text(json.dumps(result, indent=1) + "\n")
-    print_summary(result)
+    if final:
+        print_summary(result)
     return result
 
 

@@ -1,0 +1,276 @@
+"""Interleaved rANS: lossless coding of integer symbols under fixed frequency tables.
+
+The entropy coder of issue 24's transform-coding design (research/README.md, "Design note: a
+cross-layer transform-coding stage"): transform coefficients, rounded to a step, are coded with a
+quantized Laplace distribution per component, whose table a profile fixes. The tables are data (a
+`Tables` of integer frequencies), never recomputed from floats on the receiver, so sender and
+receiver agree bit for bit whatever their hardware.
+
+A tensor of symbols (N, F) is flattened row by row; symbol n goes to lane n % LANES at step
+n // LANES, so LANES states decode side by side (one thread each in a kernel). Each symbol has
+the table of its component (column), given per tensor. Symbols outside [-MAX_SYMBOL, MAX_SYMBOL]
+are coded as ESCAPE and their values follow the words, as int16.
+
+Stream of one tensor (little-endian):
+
+    u32       n_words
+    u32 x 32  the lanes' states after encoding (where decoding starts)
+    u16 x n_words   renormalization words, in the order the decoder reads them: step by step,
+                    lane 0 first
+    i16 x n_escapes the escaped values, in symbol order (n_escapes: the ESCAPE symbols decoded)
+
+States live in [2^16, 2^32), probabilities in 1/2^16, words are 16 bits: one symbol moves at most
+one word. Decoding checks what a hostile stream could bend: sizes against the part before reading,
+every lane back at the initial state and every word read at the end (a coder integrity check on top
+of the message checksums), escapes canonical (outside the directly coded range) and their count
+exact. Nothing is read outside the stream, whatever it holds.
+
+numpy here is the reference, vectorized over lanes and tensors (a message's tensors are coded in one
+call); a GPU decode kernel has this as its specification.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PROB_BITS = 16
+TOTAL = 1 << PROB_BITS
+LOWER = 1 << 16
+"""States are in [LOWER, LOWER << 16); the encoder starts (and the decoder must end) at LOWER."""
+LANES = 32
+MAX_SYMBOL = 255
+ALPHABET = 2 * MAX_SYMBOL + 2
+ESCAPE = ALPHABET - 1
+MAX_ESCAPED = 32767
+HEADER = 4 + 4 * LANES
+SCALE_STEPS = 8
+"""Laplace tables are 1/SCALE_STEPS of an octave apart: table j has scale 2^(j / SCALE_STEPS) steps."""
+J_MIN, J_MAX = -128, 127
+
+
+class AnsError(ValueError):
+    """A stream that does not decode: its message quotes what is wrong."""
+
+
+def laplace_frequencies(scale: float) -> np.ndarray:
+    """Integer frequencies (ALPHABET,) of a zero-mean Laplace of `scale` (in steps) rounded to the
+    integers: symbols -MAX_SYMBOL..MAX_SYMBOL, then ESCAPE (the mass beyond). Each >= 1, sum TOTAL."""
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    k = np.abs(np.arange(-MAX_SYMBOL, MAX_SYMBOL + 1, dtype=np.float64))
+    inv = 1.0 / scale
+    # P(0) = 1 - e^(-1/2s); P(k) = e^(-(|k| - 1/2)/s) (1 - e^(-1/s)) / 2
+    p = np.where(
+        k == 0, -np.expm1(-0.5 * inv), 0.5 * np.exp(-(np.maximum(k, 1) - 0.5) * inv) * -np.expm1(-inv)
+    )
+    tail = math.exp(-(MAX_SYMBOL + 0.5) * inv)  # both tails together
+    p = np.append(p, tail)
+    freq = np.floor(p / p.sum() * (TOTAL - ALPHABET)).astype(np.int64) + 1
+    freq[MAX_SYMBOL] += TOTAL - int(freq.sum())  # the rest to the mode (symbol 0)
+    return freq.astype(np.uint32)
+
+
+def laplace_tables() -> Tables:
+    """The table of every scale index j in [J_MIN, J_MAX] (row j - J_MIN): what a profile ships."""
+    return Tables(np.stack([laplace_frequencies(2.0 ** (j / SCALE_STEPS)) for j in range(J_MIN, J_MAX + 1)]))
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Frequency tables (K, ALPHABET): row k is a distribution over the symbols and ESCAPE."""
+
+    freq: np.ndarray
+
+    def __post_init__(self) -> None:
+        f = np.asarray(self.freq)
+        if f.ndim != 2 or f.shape[1] != ALPHABET or f.shape[0] < 1:
+            raise ValueError(f"tables must be (K, {ALPHABET}), got shape {f.shape}")
+        if (f < 1).any() or (f.astype(np.int64).sum(1) != TOTAL).any():
+            bad = int(np.flatnonzero((f < 1).any(1) | (f.astype(np.int64).sum(1) != TOTAL))[0])
+            raise ValueError(f"table {bad}: frequencies must be >= 1 and sum to {TOTAL}")
+        object.__setattr__(self, "freq", f.astype(np.uint32))
+        cum = np.zeros((f.shape[0], ALPHABET + 1), dtype=np.uint32)
+        np.cumsum(f, axis=1, out=cum[:, 1:])
+        object.__setattr__(self, "_cum", cum)
+
+    @property
+    def cum(self) -> np.ndarray:
+        """(K, ALPHABET + 1): cum[k, s] = the frequencies of table k below symbol s."""
+        return self._cum  # type: ignore[attr-defined, no-any-return]
+
+    def __len__(self) -> int:
+        return int(self.freq.shape[0])
+
+    def code_bits(self, symbols: np.ndarray, tables: np.ndarray) -> float:
+        """The model's code length (bits) of (B, N, F) symbols under per-component tables (B, F),
+        escapes' 16 bits included: a stream is this / 8 plus its header and at most 2 bytes a lane."""
+        idx = _symbol_index(symbols)
+        freq = self.freq[_broadcast_tables(tables, symbols.shape), idx]
+        escapes = int((idx == ESCAPE).sum())
+        return float(PROB_BITS * idx.size - np.log2(freq).sum()) + 16 * escapes
+
+
+def _symbol_index(symbols: np.ndarray) -> np.ndarray:
+    s = np.asarray(symbols, dtype=np.int64)
+    return np.where(np.abs(s) <= MAX_SYMBOL, s + MAX_SYMBOL, ESCAPE)
+
+
+def _broadcast_tables(tables: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    b, _, f = shape
+    t = np.asarray(tables, dtype=np.int64)
+    if t.shape != (b, f):
+        raise ValueError(f"tables must be (B, F) = {(b, f)}, got {t.shape}")
+    return t[:, None, :]
+
+
+def _check_tables(tables: np.ndarray, n_tables: int) -> np.ndarray:
+    t = np.asarray(tables, dtype=np.int64)
+    if t.size and (t.min() < 0 or t.max() >= n_tables):
+        raise ValueError(f"table indices must be in [0, {n_tables}), got {int(t.min())}..{int(t.max())}")
+    return t
+
+
+def _lanes(b: int, n: int, f: int, tables: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Steps S, the table of each (tensor, step, lane) (B, S, LANES) and which are symbols (S, LANES)."""
+    total = n * f
+    steps = -(-total // LANES)
+    flat = np.arange(steps * LANES).reshape(steps, LANES)
+    active = flat < total
+    component = np.where(active, flat % max(f, 1), 0)
+    return steps, tables[:, component], active
+
+
+def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes]:
+    """Code each tensor of `symbols` (B, N, F) integers under its components' tables (B, F) (indices
+    into `model`): B streams. ValueError for a symbol beyond +-MAX_ESCAPED or a table out of range."""
+    sym = np.asarray(symbols, dtype=np.int64)
+    if sym.ndim != 3:
+        raise ValueError(f"symbols must be (B, N, F), got shape {sym.shape}")
+    b, n, f = sym.shape
+    if sym.size and int(np.abs(sym).max()) > MAX_ESCAPED:
+        raise ValueError(f"symbols must be within +-{MAX_ESCAPED}, got {int(np.abs(sym).max())}")
+    tab = _check_tables(tables, len(model))
+    if tab.shape != (b, f):
+        raise ValueError(f"tables must be (B, F) = {(b, f)}, got {tab.shape}")
+    steps, lane_tab, active = _lanes(b, n, f, tab)
+    flat_idx = np.zeros((b, steps * LANES), dtype=np.int64)
+    flat_idx[:, : n * f] = _symbol_index(sym.reshape(b, n * f))
+    idx = flat_idx.reshape(b, steps, LANES)
+    freq = model.freq[lane_tab, idx].astype(np.uint64)  # (B, S, LANES)
+    start = model.cum[lane_tab, idx].astype(np.uint64)
+    x = np.full((b, LANES), LOWER, dtype=np.uint64)
+    words = np.zeros((steps, b, LANES), dtype=np.uint16)
+    emitted = np.zeros((steps, b, LANES), dtype=bool)
+    for t in range(steps - 1, -1, -1):  # the decoder reads step 0 first
+        f_t, c_t, act = freq[:, t], start[:, t], active[t]
+        out = (x >= (f_t << np.uint64(16))) & act
+        words[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
+        emitted[t] = out
+        x = np.where(out, x >> np.uint64(16), x)
+        x = np.where(act, ((x // f_t) << np.uint64(PROB_BITS)) + x % f_t + c_t, x)
+    streams = []
+    flat_sym = sym.reshape(b, n * f)
+    for i in range(b):
+        w = words[:, i][emitted[:, i]]  # (S, LANES) order: step by step, lane 0 first
+        escaped = flat_sym[i][np.abs(flat_sym[i]) > MAX_SYMBOL]
+        streams.append(
+            np.array([w.size], dtype="<u4").tobytes()
+            + x[i].astype("<u4").tobytes()
+            + w.astype("<u2").tobytes()
+            + escaped.astype("<i2").tobytes()
+        )
+    return streams
+
+
+def decode(streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables) -> np.ndarray:
+    """The (B, N, F) int32 symbols of B streams (as `encode` wrote them) of N rows under per-component
+    tables (B, F). AnsError (naming the tensor) for any stream that does not decode exactly."""
+    tab = _check_tables(tables, len(model))
+    if tab.ndim != 2 or tab.shape[0] != len(streams):
+        raise ValueError(f"tables must be (B, F) with B = {len(streams)} streams, got {tab.shape}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    b, f = tab.shape
+    steps, lane_tab, active = _lanes(b, n, f, tab)
+    x = np.zeros((b, LANES), dtype=np.uint64)
+    n_words = np.zeros(b, dtype=np.int64)
+    offsets = np.zeros(b, dtype=np.int64)
+    bodies = []
+    for i, s in enumerate(streams):
+        if len(s) < HEADER:
+            raise AnsError(f"stream {i}: {len(s)} bytes, shorter than its {HEADER}-byte header")
+        n_words[i] = int(np.frombuffer(s, "<u4", 1)[0])
+        if HEADER + 2 * n_words[i] > len(s):
+            raise AnsError(f"stream {i}: {n_words[i]} words do not fit its {len(s)} bytes")
+        if n_words[i] > steps * LANES:
+            raise AnsError(
+                f"stream {i}: {n_words[i]} words for {steps * LANES} symbols (one word each at most)"
+            )
+        x[i] = np.frombuffer(s, "<u4", LANES, 4)
+        bodies.append(np.frombuffer(s, "<u2", int(n_words[i]), HEADER).astype(np.uint64))
+        offsets[i] = offsets[i - 1] + n_words[i - 1] if i else 0
+    if (x < LOWER).any():
+        bad = int(np.flatnonzero((x < LOWER).any(1))[0])
+        raise AnsError(f"stream {bad}: a lane starts below {LOWER}, outside the coder's states")
+    pool = np.concatenate([*bodies, np.zeros(1, dtype=np.uint64)])  # one pad word: reads stay inside
+    limit = offsets + n_words  # a lane may not read past its own tensor's words
+    read = np.zeros(b, dtype=np.int64)
+    cum = model.cum.astype(np.int64)
+    freq_all = model.freq.astype(np.uint64)
+    out = np.zeros((b, steps, LANES), dtype=np.int64)
+    mask16 = np.uint64(0xFFFF)
+    for t in range(steps):
+        act = active[t]
+        k = lane_tab[:, t]  # (B, LANES)
+        slot = (x & mask16).astype(np.int64)
+        lo = np.zeros((b, LANES), dtype=np.int64)
+        hi = np.full((b, LANES), ALPHABET, dtype=np.int64)
+        while True:  # the symbol s with cum[k, s] <= slot < cum[k, s + 1]
+            mid = (lo + hi) >> 1
+            go = cum[k, mid] <= slot
+            lo = np.where(go & (hi - lo > 1), mid, lo)
+            hi = np.where(~go & (hi - lo > 1), mid, hi)
+            if (hi - lo <= 1).all():
+                break
+        x_new = freq_all[k, lo] * (x >> np.uint64(PROB_BITS)) + (slot - cum[k, lo]).astype(np.uint64)
+        x = np.where(act, x_new, x)
+        out[:, t] = lo
+        need = (x < LOWER) & act
+        pos = offsets[:, None] + read[:, None] + np.cumsum(need, axis=1) - 1
+        ok = need & (pos < limit[:, None])
+        word = pool[np.where(ok, pos, len(pool) - 1)]
+        x = np.where(need, (x << np.uint64(16)) | word, x)
+        read += need.sum(1)
+    if (read > n_words).any():
+        bad = int(np.flatnonzero(read > n_words)[0])
+        raise AnsError(f"stream {bad}: decoding needs {read[bad]} words, the stream has {n_words[bad]}")
+    if (read < n_words).any():
+        bad = int(np.flatnonzero(read < n_words)[0])
+        raise AnsError(f"stream {bad}: {n_words[bad] - read[bad]} of its {n_words[bad]} words left unread")
+    if (x != LOWER).any():
+        bad = int(np.flatnonzero((x != LOWER).any(1))[0])
+        raise AnsError(f"stream {bad}: a lane does not end at the coder's initial state (corrupt stream)")
+    idx = out.reshape(b, steps * LANES)[:, : n * f]
+    symbols = idx - MAX_SYMBOL
+    for i, s in enumerate(streams):
+        where = np.flatnonzero(idx[i] == ESCAPE)
+        start = HEADER + 2 * int(n_words[i])
+        if len(s) != start + 2 * where.size:
+            raise AnsError(
+                f"stream {i}: {where.size} escaped values take {2 * where.size} bytes after the words, "
+                f"the stream has {len(s) - start}"
+            )
+        values = np.frombuffer(s, "<i2", where.size, start).astype(np.int64)
+        if (np.abs(values) <= MAX_SYMBOL).any():
+            raise AnsError(f"stream {i}: an escaped value within +-{MAX_SYMBOL} (not canonical)")
+        symbols[i, where] = values
+    return symbols.reshape(b, n, f).astype(np.int32)
+
+
+def stream_bytes(n_words: int, n_escapes: int) -> int:
+    """Bytes of one tensor's stream."""
+    return HEADER + 2 * n_words + 2 * n_escapes

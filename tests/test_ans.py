@@ -1,0 +1,126 @@
+"""kvlink.ans: the interleaved rANS coder round-trips exactly, costs its model's code length, and
+refuses every stream it cannot decode exactly (never reading outside it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvlink import ans
+
+MODEL = ans.laplace_tables()
+
+
+def _laplace(seed: int, b: int, n: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.2, 60.0, size=(b, f))
+    sym = np.round(rng.laplace(0.0, scale[:, None, :], size=(b, n, f))).astype(np.int64)
+    tab = np.clip(np.round(ans.SCALE_STEPS * np.log2(scale)).astype(int), ans.J_MIN, ans.J_MAX) - ans.J_MIN
+    return sym, tab
+
+
+@pytest.mark.parametrize(("b", "n", "f"), [(3, 37, 24), (1, 1, 1), (2, 5, 33), (4, 64, 64), (2, 0, 8)])
+def test_streams_decode_to_the_symbols_they_code(b: int, n: int, f: int) -> None:
+    sym, tab = _laplace(b * 1000 + n + f, b, n, f)
+    if sym.size:
+        sym.flat[0] = 1000  # escaped values, both signs and the extremes
+        sym.flat[-1] = -ans.MAX_ESCAPED
+        sym.flat[len(sym.flat) // 2] = ans.MAX_SYMBOL  # the largest value coded directly
+    streams = ans.encode(sym, tab, MODEL)
+    assert len(streams) == b
+    out = ans.decode(streams, n, tab, MODEL)
+    assert out.dtype == np.int32 and out.shape == (b, n, f)
+    np.testing.assert_array_equal(out, sym)
+
+
+def test_a_stream_costs_its_models_code_length() -> None:
+    sym, tab = _laplace(7, 6, 200, 192)
+    streams = ans.encode(sym, tab, MODEL)
+    bits = MODEL.code_bits(sym, tab)
+    total = sum(len(s) for s in streams)
+    # header per tensor, and at most two bytes a lane of slack in the final states
+    assert (
+        bits / 8 - 2 * ans.LANES * len(streams) <= total - ans.HEADER * len(streams) <= bits / 8 * 1.002 + 8
+    )
+    # each stream alone: its own model cost
+    one = ans.encode(sym[:1], tab[:1], MODEL)[0]
+    assert one == streams[0]
+
+
+def test_a_sharper_table_codes_fewer_bytes() -> None:
+    rng = np.random.default_rng(1)
+    sym = np.round(rng.laplace(0.0, 1.0, size=(1, 400, 32))).astype(np.int64)
+    matched = np.full((1, 32), -ans.J_MIN)  # scale 1
+    wide = np.full((1, 32), 40 - ans.J_MIN)  # scale 2^5
+    assert len(ans.encode(sym, matched, MODEL)[0]) < 0.8 * len(ans.encode(sym, wide, MODEL)[0])
+
+
+def test_tables_are_distributions_with_every_symbol_possible() -> None:
+    assert MODEL.freq.shape == (ans.J_MAX - ans.J_MIN + 1, ans.ALPHABET)
+    assert (MODEL.freq >= 1).all()
+    assert (MODEL.freq.astype(np.int64).sum(1) == ans.TOTAL).all()
+    narrow, wide = MODEL.freq[0], MODEL.freq[-1]
+    assert narrow[ans.MAX_SYMBOL] > 0.99 * ans.TOTAL  # scale 2^-16: nearly always 0
+    assert wide[ans.ESCAPE] > 0.9 * ans.TOTAL  # scale 2^15.9: nearly always beyond 255
+    with pytest.raises(ValueError, match="sum to"):
+        ans.Tables(np.ones((2, ans.ALPHABET), dtype=np.uint32))
+    with pytest.raises(ValueError, match="positive finite"):
+        ans.laplace_frequencies(0.0)
+
+
+def test_the_encoder_refuses_what_it_cannot_code() -> None:
+    sym = np.zeros((1, 2, 4), dtype=np.int64)
+    tab = np.zeros((1, 4), dtype=np.int64)
+    sym[0, 0, 0] = ans.MAX_ESCAPED + 1
+    with pytest.raises(ValueError, match="within"):
+        ans.encode(sym, tab, MODEL)
+    with pytest.raises(ValueError, match="table indices"):
+        ans.encode(np.zeros((1, 2, 4)), np.full((1, 4), len(MODEL)), MODEL)
+    with pytest.raises(ValueError, match=r"\(B, F\)"):
+        ans.encode(np.zeros((1, 2, 4)), np.zeros((1, 3)), MODEL)
+
+
+def _streams() -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    sym, tab = _laplace(3, 3, 40, 32)
+    sym[1, 4, 5] = 700
+    return ans.encode(sym, tab, MODEL), sym, tab
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda s: s[: ans.HEADER - 1], "shorter than its"),
+        (lambda s: s[:-2], "escaped values"),
+        (lambda s: s + b"\0\0", "escaped values|left unread"),
+        (lambda s: (10**6).to_bytes(4, "little") + s[4:], "do not fit"),
+        (
+            lambda s: (int.from_bytes(s[:4], "little") - 1).to_bytes(4, "little") + s[4:-2],
+            "words|initial state",
+        ),
+        (lambda s: s[:4] + (5).to_bytes(4, "little") + s[8:], "starts below"),
+        (lambda s: s[:200] + bytes([s[200] ^ 0x10]) + s[201:], "words|initial state|escaped"),
+        (lambda s: s[:-2] + (3).to_bytes(2, "little", signed=True), "not canonical"),
+    ],
+)
+def test_a_damaged_stream_is_refused_naming_it(mangle: object, message: str) -> None:
+    streams, _, tab = _streams()
+    damaged = list(streams)
+    damaged[1] = mangle(streams[1])  # type: ignore[operator]
+    with pytest.raises(ans.AnsError, match=f"stream 1: .*({message})"):
+        ans.decode(damaged, 40, tab, MODEL)
+
+
+def test_every_single_bit_flip_is_refused_or_decodes_other_symbols_without_reading_outside() -> None:
+    sym, tab = _laplace(5, 1, 12, 32)
+    stream = ans.encode(sym, tab, MODEL)[0]
+    refused = 0
+    for bit in range(8 * len(stream)):
+        bad = bytearray(stream)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        try:
+            out = ans.decode([bytes(bad)], 12, tab, MODEL)
+        except ans.AnsError:
+            refused += 1
+        else:
+            assert out.shape == sym.shape  # a flip the coder cannot see: the checksums' job
+    assert refused > 0.9 * 8 * len(stream)
