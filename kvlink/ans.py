@@ -50,6 +50,8 @@ HEADER = 4 + 4 * LANES
 SCALE_STEPS = 8
 """Laplace tables are 1/SCALE_STEPS of an octave apart: table j has scale 2^(j / SCALE_STEPS) steps."""
 J_MIN, J_MAX = -128, 127
+SEARCH_STEPS = math.ceil(math.log2(ALPHABET))
+"""Bisection steps that find a slot's symbol among ALPHABET."""
 
 
 class AnsError(ValueError):
@@ -186,19 +188,20 @@ def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes
     return streams
 
 
-def decode(streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables) -> np.ndarray:
-    """The (B, N, F) int32 symbols of B streams (as `encode` wrote them) of N rows under per-component
-    tables (B, F). AnsError (naming the tensor) for any stream that does not decode exactly."""
-    tab = _check_tables(tables, len(model))
-    if tab.ndim != 2 or tab.shape[0] != len(streams):
-        raise ValueError(f"tables must be (B, F) with B = {len(streams)} streams, got {tab.shape}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    b, f = tab.shape
-    steps, lane_tab, active = _lanes(b, n, f, tab)
-    x = np.zeros((b, LANES), dtype=np.uint64)
+@dataclass
+class _Streams:
+    """B streams' headers read and checked: words pooled (one pad word after them), states (B, LANES)."""
+
+    pool: np.ndarray
+    offsets: np.ndarray
+    n_words: np.ndarray
+    states: np.ndarray
+
+
+def _parse(streams: Sequence[bytes], steps: int) -> _Streams:
+    b = len(streams)
+    states = np.zeros((b, LANES), dtype=np.uint64)
     n_words = np.zeros(b, dtype=np.int64)
-    offsets = np.zeros(b, dtype=np.int64)
     bodies = []
     for i, s in enumerate(streams):
         if len(s) < HEADER:
@@ -210,14 +213,56 @@ def decode(streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables) 
             raise AnsError(
                 f"stream {i}: {n_words[i]} words for {steps * LANES} symbols (one word each at most)"
             )
-        x[i] = np.frombuffer(s, "<u4", LANES, 4)
-        bodies.append(np.frombuffer(s, "<u2", int(n_words[i]), HEADER).astype(np.uint64))
-        offsets[i] = offsets[i - 1] + n_words[i - 1] if i else 0
-    if (x < LOWER).any():
-        bad = int(np.flatnonzero((x < LOWER).any(1))[0])
+        states[i] = np.frombuffer(s, "<u4", LANES, 4)
+        bodies.append(np.frombuffer(s, "<u2", int(n_words[i]), HEADER))
+    if (states < LOWER).any():
+        bad = int(np.flatnonzero((states < LOWER).any(1))[0])
         raise AnsError(f"stream {bad}: a lane starts below {LOWER}, outside the coder's states")
-    pool = np.concatenate([*bodies, np.zeros(1, dtype=np.uint64)])  # one pad word: reads stay inside
-    limit = offsets + n_words  # a lane may not read past its own tensor's words
+    offsets = np.concatenate([[0], np.cumsum(n_words)[:-1]]).astype(np.int64)
+    pool = np.concatenate([*bodies, np.zeros(1, dtype=np.uint16)])
+    return _Streams(pool, offsets, n_words, states)
+
+
+def decode(
+    streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables, device: str | None = None
+) -> np.ndarray:
+    """The (B, N, F) int32 symbols of B streams (as `encode` wrote them) of N rows under per-component
+    tables (B, F). AnsError (naming the tensor) for any stream that does not decode exactly. `device`
+    "cuda..." decodes with the Triton kernel (kvlink.kernels.ans; KVLINK_KERNELS as for the others)."""
+    tab = _check_tables(tables, len(model))
+    if tab.ndim != 2 or tab.shape[0] != len(streams):
+        raise ValueError(f"tables must be (B, F) with B = {len(streams)} streams, got {tab.shape}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    f = tab.shape[1]
+    steps = -(-n * f // LANES)
+    parsed = _parse(streams, steps)
+    if device is not None and _backend(device) == "triton":
+        from kvlink.kernels.ans import decode_lanes
+
+        idx, final, read = decode_lanes(parsed, tab, n, model, device)
+    else:
+        idx, final, read = _decode_lanes(parsed, tab, n, model)
+    return _finish(streams, parsed, idx, final, read, n, f)
+
+
+def _backend(device: str) -> str:
+    import torch
+
+    from kvlink.kernels import backend_for
+
+    return backend_for(torch.device(device))
+
+
+def _decode_lanes(
+    parsed: _Streams, tab: np.ndarray, n: int, model: Tables
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reference: symbol indices (B, N * F), final states (B, LANES), words read (B,)."""
+    b, f = tab.shape
+    steps, lane_tab, active = _lanes(b, n, f, tab)
+    x = parsed.states.copy()
+    pool = parsed.pool.astype(np.uint64)
+    limit = parsed.offsets + parsed.n_words  # a lane may not read past its own tensor's words
     read = np.zeros(b, dtype=np.int64)
     cum = model.cum.astype(np.int64)
     freq_all = model.freq.astype(np.uint64)
@@ -229,33 +274,44 @@ def decode(streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables) 
         slot = (x & mask16).astype(np.int64)
         lo = np.zeros((b, LANES), dtype=np.int64)
         hi = np.full((b, LANES), ALPHABET, dtype=np.int64)
-        while True:  # the symbol s with cum[k, s] <= slot < cum[k, s + 1]
+        for _ in range(SEARCH_STEPS):  # the symbol s with cum[k, s] <= slot < cum[k, s + 1]
             mid = (lo + hi) >> 1
             go = cum[k, mid] <= slot
-            lo = np.where(go & (hi - lo > 1), mid, lo)
-            hi = np.where(~go & (hi - lo > 1), mid, hi)
-            if (hi - lo <= 1).all():
-                break
+            lo = np.where(go, mid, lo)
+            hi = np.where(go, hi, mid)
         x_new = freq_all[k, lo] * (x >> np.uint64(PROB_BITS)) + (slot - cum[k, lo]).astype(np.uint64)
         x = np.where(act, x_new, x)
         out[:, t] = lo
         need = (x < LOWER) & act
-        pos = offsets[:, None] + read[:, None] + np.cumsum(need, axis=1) - 1
+        pos = parsed.offsets[:, None] + read[:, None] + np.cumsum(need, axis=1) - 1
         ok = need & (pos < limit[:, None])
         word = pool[np.where(ok, pos, len(pool) - 1)]
         x = np.where(need, (x << np.uint64(16)) | word, x)
         read += need.sum(1)
+    return out.reshape(b, steps * LANES)[:, : n * f], x, read
+
+
+def _finish(
+    streams: Sequence[bytes],
+    parsed: _Streams,
+    idx: np.ndarray,
+    final: np.ndarray,
+    read: np.ndarray,
+    n: int,
+    f: int,
+) -> np.ndarray:
+    """The checks after decoding (words read, final states, escapes) and the escaped values put in."""
+    n_words = parsed.n_words
     if (read > n_words).any():
         bad = int(np.flatnonzero(read > n_words)[0])
         raise AnsError(f"stream {bad}: decoding needs {read[bad]} words, the stream has {n_words[bad]}")
     if (read < n_words).any():
         bad = int(np.flatnonzero(read < n_words)[0])
         raise AnsError(f"stream {bad}: {n_words[bad] - read[bad]} of its {n_words[bad]} words left unread")
-    if (x != LOWER).any():
-        bad = int(np.flatnonzero((x != LOWER).any(1))[0])
+    if (final != LOWER).any():
+        bad = int(np.flatnonzero((final != LOWER).any(1))[0])
         raise AnsError(f"stream {bad}: a lane does not end at the coder's initial state (corrupt stream)")
-    idx = out.reshape(b, steps * LANES)[:, : n * f]
-    symbols = idx - MAX_SYMBOL
+    symbols = idx.astype(np.int64) - MAX_SYMBOL
     for i, s in enumerate(streams):
         where = np.flatnonzero(idx[i] == ESCAPE)
         start = HEADER + 2 * int(n_words[i])
@@ -268,7 +324,7 @@ def decode(streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables) 
         if (np.abs(values) <= MAX_SYMBOL).any():
             raise AnsError(f"stream {i}: an escaped value within +-{MAX_SYMBOL} (not canonical)")
         symbols[i, where] = values
-    return symbols.reshape(b, n, f).astype(np.int32)
+    return symbols.reshape(len(streams), n, f).astype(np.int32)
 
 
 def stream_bytes(n_words: int, n_escapes: int) -> int:

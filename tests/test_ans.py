@@ -3,6 +3,8 @@ refuses every stream it cannot decode exactly (never reading outside it)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,32 @@ def test_every_single_bit_flip_is_refused_or_decodes_other_symbols_without_readi
         else:
             assert out.shape == sym.shape  # a flip the coder cannot see: the checksums' job
     assert refused > 0.9 * 8 * len(stream)
+
+
+DEVICE = os.environ.get("KVLINK_TEST_DEVICE", "cpu")
+
+
+@pytest.mark.parametrize(("b", "n", "f"), [(2, 9, 40), (1, 3, 7), (3, 4, 64)])
+def test_the_kernel_decodes_what_the_reference_decodes(
+    monkeypatch: pytest.MonkeyPatch, b: int, n: int, f: int
+) -> None:
+    monkeypatch.setenv("KVLINK_KERNELS", "triton")
+    sym, tab = _laplace(11 + n, b, n, f)
+    sym.flat[0] = -4000
+    streams = ans.encode(sym, tab, MODEL)
+    np.testing.assert_array_equal(ans.decode(streams, n, tab, MODEL, device=DEVICE), sym)
+
+
+@pytest.mark.parametrize("at", [ans.HEADER + 5, ans.HEADER - 3, -1])
+def test_the_kernel_refuses_what_the_reference_refuses(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    sym, tab = _laplace(13, 2, 6, 32)
+    streams = ans.encode(sym, tab, MODEL)
+    bad = bytearray(streams[1])
+    bad[at] ^= 0x41
+    damaged = [streams[0], bytes(bad)]
+    with pytest.raises(ans.AnsError) as reference:
+        ans.decode(damaged, 6, tab, MODEL)
+    monkeypatch.setenv("KVLINK_KERNELS", "triton")
+    with pytest.raises(ans.AnsError) as kernel:
+        ans.decode(damaged, 6, tab, MODEL, device=DEVICE)
+    assert str(kernel.value) == str(reference.value)

@@ -1,0 +1,114 @@
+"""Triton rANS decode (kvlink.ans): one program per tensor, one thread per lane.
+
+The specification is `kvlink.ans._decode_lanes` (numpy); this kernel returns the same three
+things, symbol indices (B, N * F), the lanes' final states (B, LANES) and the words each tensor read
+(B,), and `kvlink.ans` runs the same checks on them (words read, final states, escapes). Each step,
+the lanes find their slots' symbols by bisection over their tables' cumulative frequencies, update
+their states, and those that fall below LOWER read the next words in lane order (a prefix sum over
+the lanes). A lane never reads past its tensor's words (masked loads; the host refuses the stream).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from kvlink.kernels._triton import tl, triton
+
+if TYPE_CHECKING:
+    from kvlink.ans import Tables, _Streams
+
+
+@triton.jit
+def _ans_decode_kernel(
+    words_ptr,  # int32 (sum of n_words + 1,): every tensor's 16-bit words, pooled
+    offsets_ptr,  # int64 (B,): where each tensor's words start in the pool
+    n_words_ptr,  # int64 (B,)
+    states_ptr,  # int64 (B, LANES): where decoding starts
+    tables_ptr,  # int32 (B, F): each component's table
+    cum_ptr,  # int32 (K, ALPHABET + 1)
+    freq_ptr,  # int32 (K, ALPHABET)
+    out_ptr,  # int16 (B, total): symbol indices
+    final_ptr,  # int64 (B, LANES)
+    read_ptr,  # int64 (B,)
+    total,  # N * F symbols per tensor
+    F,
+    steps,
+    LANES: tl.constexpr,
+    ALPHABET: tl.constexpr,
+    SEARCH: tl.constexpr,
+    LOWER: tl.constexpr,
+):
+    b = tl.program_id(0)
+    lane = tl.arange(0, LANES)
+    x = tl.load(states_ptr + b * LANES + lane)
+    base = tl.load(offsets_ptr + b)
+    limit = tl.load(n_words_ptr + b)
+    read = tl.zeros((LANES,), dtype=tl.int64)  # the same in every lane: words read so far
+    for t in range(steps):
+        n = t * LANES + lane
+        act = n < total
+        k = tl.load(tables_ptr + b * F + n % F, mask=act, other=0)
+        slot = x & 0xFFFF
+        lo = tl.zeros((LANES,), dtype=tl.int32)
+        hi = tl.full((LANES,), ALPHABET, dtype=tl.int32)
+        for _ in tl.static_range(SEARCH):
+            mid = (lo + hi) >> 1
+            go = tl.load(cum_ptr + k * (ALPHABET + 1) + mid).to(tl.int64) <= slot
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        f = tl.load(freq_ptr + k * ALPHABET + lo).to(tl.int64)
+        c = tl.load(cum_ptr + k * (ALPHABET + 1) + lo).to(tl.int64)
+        x = tl.where(act, f * (x >> 16) + slot - c, x)
+        tl.store(out_ptr + b * total + n, lo.to(tl.int16), mask=act)
+        need = (x < LOWER) & act
+        pos = read + tl.cumsum(need.to(tl.int64), 0) - 1
+        ok = need & (pos < limit)
+        w = tl.load(words_ptr + base + pos, mask=ok, other=0).to(tl.int64)
+        x = tl.where(need, (x << 16) | w, x)
+        read = read + tl.sum(need.to(tl.int64), 0)
+    tl.store(final_ptr + b * LANES + lane, x)
+    tl.store(read_ptr + b + lane * 0, read, mask=lane == 0)
+
+
+def decode_lanes(
+    parsed: _Streams, tables: np.ndarray, n: int, model: Tables, device: str | torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`kvlink.ans._decode_lanes` on `device` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    from kvlink.ans import ALPHABET, LANES, LOWER, SEARCH_STEPS
+
+    dev = torch.device(device)
+    b, f = tables.shape
+    total = n * f
+    steps = -(-total // LANES)
+
+    def put(a: np.ndarray, dtype: torch.dtype) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dtype)
+
+    out = torch.zeros((b, max(total, 1)), dtype=torch.int16, device=dev)
+    final = torch.zeros((b, LANES), dtype=torch.int64, device=dev)
+    read = torch.zeros(b, dtype=torch.int64, device=dev)
+    if b:
+        _ans_decode_kernel[(b,)](
+            put(parsed.pool.astype(np.int32), torch.int32),
+            put(parsed.offsets, torch.int64),
+            put(parsed.n_words, torch.int64),
+            put(parsed.states.astype(np.int64), torch.int64),
+            put(tables.astype(np.int32), torch.int32),
+            put(model.cum.astype(np.int32), torch.int32),
+            put(model.freq.astype(np.int32), torch.int32),
+            out,
+            final,
+            read,
+            total,
+            max(f, 1),
+            steps,
+            LANES=LANES,
+            ALPHABET=ALPHABET,
+            SEARCH=SEARCH_STEPS,
+            LOWER=LOWER,
+        )
+    idx = out.cpu().numpy().astype(np.int64)[:, :total]
+    return idx, final.cpu().numpy().astype(np.uint64), read.cpu().numpy()
