@@ -1,0 +1,298 @@
+"""The residual profile of transform coding: PCA bases, scales and entropy tables of predicted tensors.
+
+Issue 24's `xl` design (research/README.md, "Design note"): each layer's K and V are predicted from
+what the receiver decoded (kvlink.predict), the residual is rotated into its principal components,
+rounded to one step per tensor and rANS-coded (kvlink.ans) under a quantized Laplace per component.
+A `ResidualProfile` is what both sides must hold for that, calibrated once per model and named by
+the sha256 of its file; it belongs to one predictor profile (`predictors`, its hash). With F =
+kv_heads * head_dim, per (layer l, kind) it holds
+
+    mean   (F,)     the residual's mean on the fit text (keys before RoPE, as the predictors see them)
+    basis  (F, F)   orthonormal columns, the residual's principal components by decreasing variance
+    scale  (F,)     integer scale index j0 = round(8 log2 sqrt(var / 2)): the Laplace scale of each
+                    component, in 1/8 octaves of one unit
+    weight          integer o = round(4 log2 w), w = (KL of the tensor alone at INT2) / (its INT2
+                    squared error): how much a unit of this tensor's error costs the answer
+
+and for the whole model the frequency tables (kvlink.ans.laplace_tables, shipped as data so that no
+receiver derives a table from floats). A message at rate index E (1/8 octaves) codes tensor (l, kind)
+with step 2^((E - o) / 8), i.e. steps inversely proportional to sqrt(w) as rate-distortion theory asks
+when the error is weighted by w, and codes component f with table clip(j0[f] - E + o) (`tables_for`).
+
+File: ONE safetensors file, float32 tensors (integers stored exactly), canonical bytes
+(kvlink.lowrank's serializer):
+
+    layer.{l}.{k|v}.mean (F,) / .basis (F, F) / .scale (F,)
+    weight (L, 2)
+    tables (256, kvlink.ans.ALPHABET)
+
+and string metadata: format, version, fingerprint, predictors, layers, kv_heads, head_dim, tokens,
+texts. Fitting (`fit_residuals`): the predictors' closed loop (kvlink.predict.fit_predictors' order,
+through the recipe they were fitted for), residual sums in float64, eigendecomposition per tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvlink import ans
+from kvlink.lowrank import _canonical_bytes, _int_metadata, write_canonical
+from kvlink.predict import KINDS, PredictorProfile, rows
+
+logger = logging.getLogger(__name__)
+
+RESIDUAL_FORMAT = "kvlink.residual"
+RESIDUAL_VERSION = "1"
+MIN_VARIANCE = 1e-12
+"""A component's variance floor (a component the fit text never moves still gets a table)."""
+
+
+@dataclass
+class ResidualProfile:
+    """Per (layer, kind) the residual's mean, basis and scale indices; per tensor a weight index; the
+    entropy tables. See the module docstring. Treat as immutable: `hash` is computed once."""
+
+    fingerprint: str
+    predictors: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    means: dict[tuple[int, str], Tensor]
+    bases: dict[tuple[int, str], Tensor]
+    scales: dict[tuple[int, str], Tensor]
+    weight: Tensor
+    tables: ans.Tables
+    tokens: int = 0
+    texts: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fingerprint, str) or not self.fingerprint:
+            raise ValueError(f"fingerprint must be a non-empty string, got {self.fingerprint!r}")
+        if not isinstance(self.predictors, str) or len(self.predictors) != 64:
+            raise ValueError(f"predictors must be a predictor profile's sha256 hex, got {self.predictors!r}")
+        for name in ("layers", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        f = self.features
+        want = {(layer, kind) for layer in range(self.layers) for kind in KINDS}
+        for what, table, shape in (("mean", self.means, (f,)), ("basis", self.bases, (f, f)),
+                                   ("scale", self.scales, (f,))):  # fmt: skip
+            if set(table) != want:
+                missing = sorted(want - set(table))[:2]
+                raise ValueError(f"residual profile needs a {what} per layer and kind, missing {missing}")
+            for (layer, kind), t in table.items():
+                if tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"layer.{layer}.{kind}.{what} is {tuple(t.shape)}, expected {shape} of finite values"
+                    )
+        for (layer, kind), s in self.scales.items():
+            if not bool((s == s.round()).all()) or not bool(((s >= -1024) & (s <= 1024)).all()):
+                raise ValueError(f"layer.{layer}.{kind}.scale must hold integers in [-1024, 1024]")
+        if tuple(self.weight.shape) != (self.layers, 2) or not bool(
+            (self.weight == self.weight.round()).all()
+        ):
+            raise ValueError(f"weight must be ({self.layers}, 2) integers, got {tuple(self.weight.shape)}")
+        if len(self.tables) != ans.J_MAX - ans.J_MIN + 1:
+            raise ValueError(f"tables must hold {ans.J_MAX - ans.J_MIN + 1} rows, got {len(self.tables)}")
+
+    @property
+    def features(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def step(self, layer: int, kind: str, rate: int) -> float:
+        """The quantization step of tensor (layer, kind) at rate index `rate` (1/8 octaves)."""
+        o = int(self.weight[layer, KINDS.index(kind)])
+        return 2.0 ** ((rate - o) / ans.SCALE_STEPS)
+
+    def tables_for(self, layer: int, kind: str, rate: int) -> np.ndarray:
+        """(F,) each component's table index (into `tables`) at rate index `rate`."""
+        o = int(self.weight[layer, KINDS.index(kind)])
+        j = self.scales[(layer, kind)].to(torch.int64).cpu().numpy() - rate + o
+        return np.clip(j, ans.J_MIN, ans.J_MAX) - ans.J_MIN  # type: ignore[no-any-return]
+
+    def check_for(self, predictors: PredictorProfile) -> None:
+        """ValueError unless this profile was fitted on the residuals of `predictors`."""
+        if predictors.hash != self.predictors:
+            raise ValueError(
+                f"residual profile belongs to predictors {self.predictors[:12]!r}, not {predictors.hash[:12]!r}"
+            )
+
+    # --- file ----------------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": RESIDUAL_FORMAT, "version": RESIDUAL_VERSION, "fingerprint": self.fingerprint,
+            "predictors": self.predictors, "layers": str(self.layers), "kv_heads": str(self.kv_heads),
+            "head_dim": str(self.head_dim), "tokens": str(self.tokens), "texts": str(self.texts),
+        }  # fmt: skip
+
+    def to_bytes(self) -> bytes:
+        """The canonical file bytes: the same profile always gives the same bytes."""
+        tensors: list[tuple[str, Tensor]] = []
+        for layer in range(self.layers):
+            for kind in KINDS:
+                key = (layer, kind)
+                tensors += [(f"layer.{layer}.{kind}.mean", self.means[key]),
+                            (f"layer.{layer}.{kind}.basis", self.bases[key]),
+                            (f"layer.{layer}.{kind}.scale", self.scales[key])]  # fmt: skip
+        tensors += [
+            ("weight", self.weight),
+            ("tables", torch.from_numpy(self.tables.freq.astype(np.float32))),
+        ]
+        return _canonical_bytes(tensors, self.metadata())
+
+    @cached_property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
+        logger.info("saved residual profile %s to %s", self.hash[:12], path)
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ResidualProfile:
+        """Parse and validate profile bytes; any problem raises ValueError naming it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load
+
+        try:
+            raw = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{source} is not a valid safetensors file: {exc}") from None
+        (size,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        if metadata.get("format") != RESIDUAL_FORMAT:
+            raise ValueError(f"{source} is not a kvlink residual profile (format {metadata.get('format')!r})")
+        if metadata.get("version") != RESIDUAL_VERSION:
+            raise ValueError(f"{source}: unsupported residual profile version {metadata.get('version')!r}")
+        layers = _int_metadata(metadata, "layers", 1)
+        parts = ("mean", "basis", "scale")
+        allowed = {"weight", "tables"} | {
+            f"layer.{i}.{k}.{p}" for i in range(layers) for k in KINDS for p in parts
+        }
+        extra = sorted(set(raw) - allowed)
+        if extra or "weight" not in raw or "tables" not in raw:
+            raise ValueError(f"{source}: unexpected tensors {extra[:4]} or no weight/tables")
+        table: dict[str, dict[tuple[int, str], Tensor]] = {p: {} for p in parts}
+        for name, t in raw.items():
+            if name.startswith("layer."):
+                _, layer, kind, part = name.split(".")
+                table[part][(int(layer), kind)] = t
+        freq = raw["tables"]
+        try:
+            if not bool((freq == freq.round()).all()) or bool((freq < 0).any()):
+                raise ValueError("tables must hold non-negative integers")
+            return cls(
+                str(metadata.get("fingerprint", "")), str(metadata.get("predictors", "")), layers,
+                _int_metadata(metadata, "kv_heads", 1), _int_metadata(metadata, "head_dim", 1),
+                table["mean"], table["basis"], table["scale"], raw["weight"],
+                ans.Tables(freq.numpy().astype(np.uint32)),
+                _int_metadata(metadata, "tokens", 0), _int_metadata(metadata, "texts", 0),
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ResidualProfile:
+        profile = cls.from_bytes(Path(path).read_bytes(), source=str(path))
+        logger.info("loaded residual profile %s from %s", profile.hash[:12], path)
+        return profile
+
+
+# --- fitting ---------------------------------------------------------------------------------------------
+def _int2_mse(x: Tensor, kind: str) -> float:
+    """Mean squared error of `x` (H, N, D) under INT2 in groups of 64 (keys per channel, values per token):
+    the error the sensitivity profile's KL was measured with."""
+    from kvlink.quant import QuantSpec, dequantize, quantize
+
+    spec = QuantSpec("int2", 64, "channel" if kind == "k" else "token")
+    x = x.float().cpu()
+    return float(((dequantize(quantize(x, spec)) - x) ** 2).mean())
+
+
+def fit_residuals(
+    model: Any,
+    texts: Sequence[Tensor],
+    predictors: PredictorProfile,
+    recipe: Any,
+    sensitivity: Any,
+) -> ResidualProfile:
+    """The residual profile of `predictors` on `model`, fitted on `texts` (token-id tensors, each
+    prefilled alone) through `recipe` (the recipe the predictors were fitted through, with its
+    Predict stage: each prediction is made from the tensors as the codec decodes them under it).
+    `sensitivity` (kvlink.layerbits.Sensitivity) gives each tensor's KL at INT2. Sink entries are
+    left out of the sums (they travel at float16). Deterministic on a given device and thread count."""
+    from kvlink.cache import prefill
+    from kvlink.codec import Codec
+    from kvlink.models import geometry_of
+    from kvlink.predict import _sink_of, _target
+    from kvlink.stages.predict import PredictState
+
+    geometry = geometry_of(model.config)
+    predictors.check_geometry(geometry)
+    if sensitivity.num_layers != geometry.num_layers:
+        raise ValueError(f"sensitivity has {sensitivity.num_layers} layers, the model {geometry.num_layers}")
+    if not texts:
+        raise ValueError("fit_residuals needs at least one text")
+    started = time.perf_counter()
+    codec = Codec(recipe, geometry, predictors)
+    kvs = [prefill(model, ids.reshape(-1).long()).kv.to(dtype=torch.float32) for ids in texts]
+    states = [PredictState(predictors, kv.positions[0]) for kv in kvs]
+    skip = {kind: _sink_of(recipe, kind) for kind in KINDS}
+    f = predictors.features
+    means: dict[tuple[int, str], Tensor] = {}
+    bases: dict[tuple[int, str], Tensor] = {}
+    scales: dict[tuple[int, str], Tensor] = {}
+    weight = torch.zeros(geometry.num_layers, 2)
+    for layer in range(geometry.num_layers):
+        for j, kind in enumerate(KINDS):
+            on = kvs[0].keys[0].device
+            total = torch.zeros(f, dtype=torch.float64, device=on)
+            outer = torch.zeros(f, f, dtype=torch.float64, device=on)
+            count, mse = 0, 0.0
+            w = predictors.weight(layer, kind)
+            for kv, state in zip(kvs, states, strict=True):
+                tensor = kv.keys[layer] if kind == "k" else kv.values[layer]
+                if w is None:  # not predicted: the Predict stage hands on the tensor as cached
+                    y = rows(tensor.float())  # (N, F)
+                else:  # keys before RoPE, less their prediction
+                    y = rows(_target(kv, layer, kind, state) - state.predict(layer, kind, w))
+                y = y[skip[kind] :].double()
+                total += y.sum(0)
+                outer += y.T @ y
+                count += int(y.shape[0])
+                mse += _int2_mse(tensor, kind) * tensor.numel()
+            mean = total / max(count, 1)
+            cov = outer / max(count, 1) - torch.outer(mean, mean)
+            var, vec = torch.linalg.eigh(cov)
+            order = var.argsort(descending=True)
+            var = var[order].clamp_min(MIN_VARIANCE)
+            means[(layer, kind)] = mean.float().cpu()
+            bases[(layer, kind)] = vec[:, order].float().cpu()
+            scales[(layer, kind)] = torch.round(ans.SCALE_STEPS * torch.log2((var / 2).sqrt())).float().cpu()
+            kl = (sensitivity.k if kind == "k" else sensitivity.v)[layer]
+            elements = sum((kv.keys[layer] if kind == "k" else kv.values[layer]).numel() for kv in kvs)
+            weight[layer, j] = round(4 * math.log2(max(kl, 1e-7) / max(mse / elements, 1e-30)))
+            for kv, state in zip(kvs, states, strict=True):
+                codec.encode_one(kv, layer, kind, state)  # decodes it into `state`, as the receiver will
+    profile = ResidualProfile(
+        predictors.fingerprint, predictors.hash, geometry.num_layers, geometry.kv_heads, geometry.head_dim,
+        means, bases, scales, weight, ans.laplace_tables(), sum(kv.length for kv in kvs), len(texts),
+    )  # fmt: skip
+    logger.info("fitted residual profile %s in %.1f s", profile.hash[:12], time.perf_counter() - started)
+    return profile
