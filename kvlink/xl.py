@@ -1,0 +1,201 @@
+"""Cross-layer transform coding of a whole cache (`xl`, issue 24): the codec core, before the stages.
+
+The arithmetic of research/README.md's design note with the product's pieces: every layer's K and V
+predicted from what the receiver decoded (kvlink.predict, closed loop through
+kvlink.stages.predict.PredictState), the residual rotated into its principal components and rounded
+to one step per tensor (kvlink.residual.ResidualProfile), the symbols rANS-coded (kvlink.ans). Every
+position travels (cross-layer prediction needs one position set); the first `sink` residual rows of
+each tensor travel at float16 (the Predict stage's order: Sink after Predict).
+
+    encode(kv, predictors, residual, rate)  -> Coded (per tensor: sink bytes, rANS stream)
+    decode(coded, predictors, residual, positions, length) -> ContextKV
+    fit_rate(kv, predictors, residual, budget) -> the finest rate index whose message fits `budget` bytes
+
+Not yet a stage: the wire, the receiver's checks and the planner do not know it (the stages that will
+carry it: a Pca transform, a unit-step rounding format and an rANS entropy stage; docs/stages.md).
+The sender's chain and the receiver's decode are the same function (`_chain`), so they agree up to
+float rounding; the entropy model depends only on the profile and the rate, never on decoded values, so
+such rounding can never desynchronize the coder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kvlink import ans
+from kvlink.cache import ContextKV
+from kvlink.predict import KINDS, PredictorProfile, rows, unrows
+from kvlink.residual import ResidualProfile
+from kvlink.stages.predict import PredictState
+
+RATES = range(-160, 161)
+"""Rate indices a message may take (1/8 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
+
+
+@dataclass
+class Coded:
+    """A coded cache: per tensor (layer 0 K, layer 0 V, layer 1 K, ...) its float16 sink rows
+    (sink, F) and its rANS stream of the other rows' symbols."""
+
+    rate: int
+    sink: int
+    length: int
+    n: int  # rows per tensor
+    sinks: list[bytes]
+    streams: list[bytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the message body: sinks and streams (a header adds the rate, sink and lengths)."""
+        return sum(map(len, self.sinks)) + sum(map(len, self.streams))
+
+
+def _check(predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int) -> None:
+    residual.check_for(predictors)
+    if rate not in RATES:
+        raise ValueError(f"rate must be in [{RATES.start}, {RATES.stop - 1}], got {rate!r}")
+    if sink < 0:
+        raise ValueError(f"sink must be >= 0, got {sink!r}")
+
+
+def _chain(
+    predictors: PredictorProfile,
+    residual: ResidualProfile,
+    rate: int,
+    positions: Tensor,
+    sink: int,
+    kv: ContextKV | None = None,
+    symbols: Tensor | None = None,
+    sinks: list[Tensor] | None = None,
+) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor]]:
+    """Code (`kv` given) or decode (`symbols` (2L, N - sink, F) and `sinks` given) every tensor in order.
+    Returns the decoded keys (after RoPE) and values (H, N, D), the symbols and the float16 sink rows."""
+    state = PredictState(predictors, positions)
+    heads = predictors.kv_heads
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    all_symbols: list[Tensor] = []
+    all_sinks: list[Tensor] = []
+    for layer in range(predictors.layers):
+        for kind in KINDS:
+            i = 2 * layer + KINDS.index(kind)
+            w = predictors.weight(layer, kind)
+            prediction = state.predict(layer, kind, w) if w is not None else None
+            mean, basis = residual.means[(layer, kind)], residual.bases[(layer, kind)]
+            step = residual.step(layer, kind, rate)
+            if kv is not None:
+                x = (kv.keys if kind == "k" else kv.values)[layer].float()
+                target = state.unrope(x) if (kind == "k" and w is not None) else x
+                r = rows(target if prediction is None else target - prediction)  # (N, F)
+                head = r[:sink].half()
+                y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
+                sym = torch.round(y / step).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
+            else:
+                assert symbols is not None and sinks is not None
+                head, sym = sinks[i], symbols[i].float()
+            body = (sym * step) @ basis.T.to(sym.device) + mean.to(sym.device)
+            decoded = unrows(torch.cat([head.float().to(body.device), body]), heads)
+            if prediction is not None:
+                decoded = decoded + prediction.to(decoded.device)
+            if kind == "k":
+                state.record(layer, kind, decoded if w is not None else state.unrope(decoded))
+                keys.append(state.rope(decoded) if w is not None else decoded)
+            else:
+                state.record(layer, kind, decoded)
+                values.append(decoded)
+            all_symbols.append(sym.to(torch.int32))
+            all_sinks.append(head)
+    return keys, values, torch.stack(all_symbols), all_sinks
+
+
+def _tables(residual: ResidualProfile, rate: int) -> np.ndarray:
+    return np.stack(
+        [residual.tables_for(layer, kind, rate) for layer in range(residual.layers) for kind in KINDS]
+    )
+
+
+def encode(
+    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int = 1
+) -> Coded:
+    """Code `kv` (every position of one context, the same in every layer) at rate index `rate`."""
+    _check(predictors, residual, rate, sink)
+    positions = kv.positions[0]
+    if any(not torch.equal(p, positions) for p in kv.positions) or kv.num_layers != predictors.layers:
+        raise ValueError("xl codes one position set for every layer of the predictors' model")
+    n = int(positions.numel())
+    if n <= sink:
+        raise ValueError(f"xl needs more than the {sink} sink rows, got {n} positions")
+    _, _, symbols, sinks = _chain(predictors, residual, rate, positions, sink, kv=kv)
+    streams = ans.encode(symbols.cpu().numpy(), _tables(residual, rate), residual.tables)
+    return Coded(rate, sink, kv.length, n, [s.cpu().numpy().astype("<f2").tobytes() for s in sinks], streams)
+
+
+def decode(
+    coded: Coded,
+    predictors: PredictorProfile,
+    residual: ResidualProfile,
+    positions: Tensor,
+    device: str = "cpu",
+) -> ContextKV:
+    """The cache `coded` carries, at `positions` (N,) (the sender's), keys after RoPE."""
+    _check(predictors, residual, coded.rate, coded.sink)
+    f = residual.features
+    if int(positions.numel()) != coded.n or len(coded.streams) != 2 * residual.layers:
+        raise ValueError(f"coded message of {coded.n} rows and {len(coded.streams)} tensors does not fit")
+    for i, s in enumerate(coded.sinks):
+        if len(s) != 2 * coded.sink * f:
+            raise ValueError(f"tensor {i}: sink part of {len(s)} bytes, expected {2 * coded.sink * f}")
+    symbols = ans.decode(
+        coded.streams, coded.n - coded.sink, _tables(residual, coded.rate), residual.tables, device
+    )
+    sym = torch.from_numpy(symbols).to(device)
+    sinks = [
+        torch.from_numpy(np.frombuffer(s, "<f2").reshape(coded.sink, f).copy()).to(device)
+        for s in coded.sinks
+    ]
+    keys, values, _, _ = _chain(
+        predictors, residual, coded.rate, positions.to(device), coded.sink, symbols=sym, sinks=sinks
+    )
+    return ContextKV(keys, values, [positions.to(device)] * residual.layers, coded.length)
+
+
+def estimated_bytes(
+    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int = 1
+) -> float:
+    """The message body's bytes at `rate` from the entropy model's code length (no rANS pass)."""
+    _check(predictors, residual, rate, sink)
+    _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv)
+    bits = residual.tables.code_bits(symbols.cpu().numpy(), _tables(residual, rate))
+    tensors = 2 * residual.layers
+    return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features)
+
+
+def fit_rate(
+    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, budget: int, sink: int = 1
+) -> Coded:
+    """The finest rate whose message body fits `budget` bytes (bisection over the rate indices on the model
+    code length, then exact: the coded message is returned). ValueError when even the coarsest does not fit."""
+    lo, hi = RATES.start, RATES.stop - 1  # bytes fall as the rate index rises
+    if estimated_bytes(kv, predictors, residual, hi, sink) > budget:
+        raise ValueError(f"no rate fits {budget} bytes (the coarsest needs more)")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimated_bytes(kv, predictors, residual, mid, sink) > budget:
+            lo = mid
+        else:
+            hi = mid
+    # The estimate is the code length; a stream differs by its header and up to two bytes a lane: settle
+    # on exact sizes around it (a size falls as the rate index rises).
+    coded = encode(kv, predictors, residual, hi, sink)
+    while coded.nbytes > budget and coded.rate < RATES.stop - 1:
+        coded = encode(kv, predictors, residual, coded.rate + 1, sink)
+    while coded.rate > RATES.start:
+        finer = encode(kv, predictors, residual, coded.rate - 1, sink)
+        if finer.nbytes > budget:
+            break
+        coded = finer
+    return coded

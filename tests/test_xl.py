@@ -1,0 +1,99 @@
+"""kvlink.xl: the transform-coding core codes a whole cache through the predictors, the residual
+profile and rANS; the receiver decodes exactly what the sender's closed loop decoded; the rate fits a
+byte budget; what does not belong is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_FAMILIES, ToyTokenizer, random_ids, tiny_model
+from kvlink import ans, xl
+from kvlink.cache import prefill
+from kvlink.layerbits import Sensitivity
+from kvlink.models import LoadedModel, wrap
+from kvlink.predict import PredictorProfile, fit_predictors
+from kvlink.recipe import Recipe
+from kvlink.residual import ResidualProfile, fit_residuals
+
+FIT = "xpred+kint2c/vint2t-g16+sink1"
+
+
+def _fit(family: str) -> tuple[LoadedModel, PredictorProfile, ResidualProfile]:
+    lm = wrap(tiny_model(family, seed=TINY_FAMILIES.index(family)), ToyTokenizer(), name=f"tiny-{family}")
+    texts = [random_ids(64, seed=100 + i) for i in range(6)]
+    recipe = Recipe.from_name(FIT)
+    predictors = fit_predictors(lm.model, texts, recipe, lm.fingerprint)
+    layers = lm.geometry.num_layers
+    sens = Sensitivity("tiny", k=(0.1,) * layers, v=(0.05,) * layers)
+    return lm, predictors, fit_residuals(lm.model, texts, predictors, recipe, sens)
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def fitted(request: pytest.FixtureRequest) -> tuple[LoadedModel, PredictorProfile, ResidualProfile]:
+    return _fit(request.param)
+
+
+def _kv(lm: LoadedModel, n: int = 70, seed: int = 9):
+    return prefill(lm.model, random_ids(n, seed=seed)).kv.to(dtype=torch.float32)
+
+
+def _rel(decoded, kv) -> float:
+    err = sum(float((d - k).norm() ** 2) for d, k in zip(decoded.keys + decoded.values, kv.keys + kv.values))
+    return (err / sum(float(k.norm() ** 2) for k in kv.keys + kv.values)) ** 0.5
+
+
+def test_the_receiver_decodes_what_the_senders_closed_loop_decoded(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    coded = xl.encode(kv, predictors, residual, rate=-8)
+    sent_keys, sent_values, _, _ = xl._chain(predictors, residual, -8, kv.positions[0], 1, kv=kv)
+    decoded = xl.decode(coded, predictors, residual, kv.positions[0])
+    for a, b in zip(decoded.keys + decoded.values, sent_keys + sent_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert decoded.length == kv.length and torch.equal(decoded.positions[-1], kv.positions[0])
+    # the sink rows are the cache's own, at float16
+    torch.testing.assert_close(decoded.values[0][:, :1], kv.values[0][:, :1], rtol=1e-3, atol=1e-3)
+
+
+def test_a_finer_rate_costs_more_bytes_and_errs_less(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    coarse, fine = (xl.encode(kv, predictors, residual, rate=r) for r in (16, -40))
+    assert fine.nbytes > coarse.nbytes
+    err_fine = _rel(xl.decode(fine, predictors, residual, kv.positions[0]), kv)
+    err_coarse = _rel(xl.decode(coarse, predictors, residual, kv.positions[0]), kv)
+    assert err_fine < err_coarse / 4 and err_fine < 0.05
+
+
+def test_the_rate_fits_the_budget_as_finely_as_it_can(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    fp16 = sum(k.numel() + v.numel() for k, v in zip(kv.keys, kv.values)) * 2
+    budget = fp16 // 4
+    coded = xl.fit_rate(kv, predictors, residual, budget)
+    assert coded.nbytes <= budget
+    assert xl.encode(kv, predictors, residual, coded.rate - 1).nbytes > budget
+    assert xl.estimated_bytes(kv, predictors, residual, coded.rate) == pytest.approx(coded.nbytes, rel=0.05)
+    with pytest.raises(ValueError, match="no rate fits"):
+        xl.fit_rate(kv, predictors, residual, 100)
+
+
+def test_what_does_not_belong_is_refused(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    coded = xl.encode(kv, predictors, residual, rate=0)
+    other = _fit("qwen2" if lm.name != "tiny-qwen2" else "llama")[1]
+    with pytest.raises(ValueError, match="belongs to predictors"):
+        xl.decode(coded, other, residual, kv.positions[0])
+    with pytest.raises(ValueError, match="does not fit"):
+        xl.decode(coded, predictors, residual, kv.positions[0][:-1])
+    coded.sinks[3] = coded.sinks[3][:-2]
+    with pytest.raises(ValueError, match="tensor 3: sink part"):
+        xl.decode(coded, predictors, residual, kv.positions[0])
+    good = xl.encode(kv, predictors, residual, rate=0)
+    good.streams[5] = good.streams[5][:-3] + bytes([good.streams[5][-3] ^ 0xFF]) + good.streams[5][-2:]
+    with pytest.raises(ans.AnsError, match="stream 5"):
+        xl.decode(good, predictors, residual, kv.positions[0])
+    with pytest.raises(ValueError, match="rate must be"):
+        xl.encode(kv, predictors, residual, rate=1000)
