@@ -15,9 +15,10 @@ kv_heads * head_dim, per (layer l, kind) it holds
                     squared error): how much a unit of this tensor's error costs the answer
 
 and for the whole model the frequency tables (kvlink.ans.laplace_tables, shipped as data so that no
-receiver derives a table from floats). A message at rate index E (1/8 octaves) codes tensor (l, kind)
-with step 2^((E - o) / 8), i.e. steps inversely proportional to sqrt(w) as rate-distortion theory asks
-when the error is weighted by w, and codes component f with table clip(j0[f] - E + o) (`tables_for`).
+receiver derives a table from floats). A message at rate index E (1/32 octaves) codes tensor (l, kind)
+with step 2^(E / 32 - o / 8), i.e. steps inversely proportional to sqrt(w) as rate-distortion theory asks
+when the error is weighted by w, and codes component f with table clip(j0[f] - round(E / 4) + o)
+(`tables_for`: the table of the nearest 1/8 octave).
 
 File: ONE safetensors file, float32 tensors (integers stored exactly), canonical bytes
 (kvlink.lowrank's serializer):
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 RESIDUAL_FORMAT = "kvlink.residual"
 RESIDUAL_VERSION = "1"
+RATE_STEPS = 32
+"""A message's rate index moves its steps by 1/RATE_STEPS of an octave (a budget is filled to ~1%)."""
+_PER_TABLE = RATE_STEPS // ans.SCALE_STEPS
 MIN_VARIANCE = 1e-12
 """A component's variance floor (a component the fit text never moves still gets a table)."""
 
@@ -115,14 +119,16 @@ class ResidualProfile:
         return self.kv_heads * self.head_dim
 
     def step(self, layer: int, kind: str, rate: int) -> float:
-        """The quantization step of tensor (layer, kind) at rate index `rate` (1/8 octaves)."""
+        """The quantization step of tensor (layer, kind) at rate index `rate` (1/RATE_STEPS octaves)."""
         o = int(self.weight[layer, KINDS.index(kind)])
-        return 2.0 ** ((rate - o) / ans.SCALE_STEPS)
+        return 2.0 ** (rate / RATE_STEPS - o / ans.SCALE_STEPS)
 
     def tables_for(self, layer: int, kind: str, rate: int) -> np.ndarray:
-        """(F,) each component's table index (into `tables`) at rate index `rate`."""
+        """(F,) each component's table index (into `tables`) at rate index `rate`: the table of the scale
+        nearest the component's, in steps (integer arithmetic only)."""
         o = int(self.weight[layer, KINDS.index(kind)])
-        j = self.scales[(layer, kind)].to(torch.int64).cpu().numpy() - rate + o
+        coarse = (rate + _PER_TABLE // 2) // _PER_TABLE  # the rate in the tables' 1/8 octaves
+        j = self.scales[(layer, kind)].to(torch.int64).cpu().numpy() - coarse + o
         return np.clip(j, ans.J_MIN, ans.J_MAX) - ans.J_MIN  # type: ignore[no-any-return]
 
     def check_for(self, predictors: PredictorProfile) -> None:

@@ -32,8 +32,8 @@ from kvlink.predict import KINDS, PredictorProfile, rows, unrows
 from kvlink.residual import ResidualProfile
 from kvlink.stages.predict import PredictState
 
-RATES = range(-160, 161)
-"""Rate indices a message may take (1/8 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
+RATES = range(-640, 641)
+"""Rate indices a message may take (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
 
 
 @dataclass

@@ -114,7 +114,7 @@ def test_a_residual_codes_within_half_a_step_and_a_higher_rate_costs_fewer_bytes
     residual = rows(kv.values[0] - state.predict(0, "v", w))  # (N, F)
     y = (residual - profile.means[(0, "v")]) @ profile.bases[(0, "v")]
     sizes = []
-    for rate in (-8, 8):
+    for rate in (-32, 32):
         step = profile.step(0, "v", rate)
         sym = torch.round(y / step).long().numpy()[None]
         tables = profile.tables_for(0, "v", rate)[None]

@@ -46,8 +46,8 @@ def _rel(decoded, kv) -> float:
 def test_the_receiver_decodes_what_the_senders_closed_loop_decoded(fitted) -> None:
     lm, predictors, residual = fitted
     kv = _kv(lm)
-    coded = xl.encode(kv, predictors, residual, rate=-8)
-    sent_keys, sent_values, _, _ = xl._chain(predictors, residual, -8, kv.positions[0], 1, kv=kv)
+    coded = xl.encode(kv, predictors, residual, rate=-32)
+    sent_keys, sent_values, _, _ = xl._chain(predictors, residual, -32, kv.positions[0], 1, kv=kv)
     decoded = xl.decode(coded, predictors, residual, kv.positions[0])
     for a, b in zip(decoded.keys + decoded.values, sent_keys + sent_values, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -59,7 +59,7 @@ def test_the_receiver_decodes_what_the_senders_closed_loop_decoded(fitted) -> No
 def test_a_finer_rate_costs_more_bytes_and_errs_less(fitted) -> None:
     lm, predictors, residual = fitted
     kv = _kv(lm)
-    coarse, fine = (xl.encode(kv, predictors, residual, rate=r) for r in (16, -40))
+    coarse, fine = (xl.encode(kv, predictors, residual, rate=r) for r in (64, -160))
     assert fine.nbytes > coarse.nbytes
     err_fine = _rel(xl.decode(fine, predictors, residual, kv.positions[0]), kv)
     err_coarse = _rel(xl.decode(coarse, predictors, residual, kv.positions[0]), kv)
