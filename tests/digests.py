@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -410,6 +411,40 @@ def environment(lm: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+    }
+
+
+MACHINE_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+)
+"""The CPU flags recorded with a baseline: the vector units torch and MKL choose their float kernels by."""
+
+
+def machine() -> dict[str, Any]:
+    """The CPU the digests are computed on: the float32 prefill's bits depend on its vector units."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "model name", "flags") and key not in info:
+                info[key] = value.strip()
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu": info.get("model name", platform.processor() or platform.machine()),
+        "vendor": info.get("vendor_id", ""),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in MACHINE_FLAGS if f in flags],
     }
 
 

@@ -27,6 +27,13 @@ A pick's 12bfafe label is compared with its name through kvlink.recipe.migrate_n
 
 The baseline holds for the model it was made with: a different embedded-model fingerprint (another
 transformers version may convert the GGUF differently) fails here with that message, not a skip.
+
+It also holds for the CPU it was made on: the float32 prefill's bits depend on the vector units torch
+and MKL choose their kernels by (the first baseline, made on another machine, differs from every
+prefill on a Xeon with AVX-512 FP16 and AMX, and no ATEN_CPU_CAPABILITY / MKL_CBWR setting reproduces
+it). The file records its machine (digests.machine()); when the prefills differ, the failure names both
+machines. On a new machine, remake the baseline with bench/rebaseline_digests.sh: commit 12bfafe's
+code on this machine (the code the guard is about), never the current code.
 """
 
 from __future__ import annotations
@@ -141,6 +148,18 @@ def _report(what: str, lines: list[str], env: dict[str, Any], now_env: dict[str,
     return f"{len(lines)} {what} differ from commit 12bfafe's:\n  {shown}{more}{versions}"
 
 
+def _machine_note() -> str:
+    made_on = json.loads(digests.BASELINE.read_text()).get("machine")
+    here = digests.machine()
+    if made_on == here:
+        return f"\n(on the machine the baseline was made on: {here})"
+    return (
+        f"\nThe baseline was made on {made_on}, this machine is {here}: a CPU with other vector units "
+        "computes the float32 prefill in another order. If the token ids agree, remake the baseline on this "
+        "machine with 12bfafe's code: bash bench/rebaseline_digests.sh (never from the current code)."
+    )
+
+
 def test_the_embedded_model_is_the_baselines(embedded: Any, baseline: dict[str, Any]) -> None:
     problem = _fingerprint_problem(embedded, baseline)
     assert problem is None, problem
@@ -156,7 +175,9 @@ def test_the_contexts_and_their_prefills_are_the_baselines(
         name = before["facts"]["name"]
         lines += [f"{name} facts{d}" for d in digests.differences(before["facts"], after["facts"])]
         lines += [f"{name} prefill {d}" for d in digests.differences(before["prefills"], after["prefills"])]
-    assert not lines, _report("contexts or prefills", lines, baseline["environment"], now["environment"])
+    assert not lines, _report("contexts or prefills", lines, baseline["environment"], now["environment"]) + (
+        _machine_note()
+    )
 
 
 def test_the_baselines_labels_name_the_configs_they_did(baseline: dict[str, Any]) -> None:
