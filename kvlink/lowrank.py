@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -120,6 +120,51 @@ def write_canonical(path: str | Path, data: bytes) -> tuple[Path, str]:
     return path, hashlib.sha256(data).hexdigest()
 
 
+class CanonicalFile:
+    """A profile that is one canonical safetensors file, named by the sha256 of its bytes: subclasses give
+    `to_bytes` and `what` (the words its messages and logs use)."""
+
+    what: ClassVar[str]
+
+    def to_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    @cached_property
+    def hash(self) -> str:
+        """sha256 hex of the canonical bytes, i.e. of the file `save` writes."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as one safetensors file (atomically: temp file, then rename)."""
+        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
+        logger.info("saved %s %s to %s", self.what, self.hash[:12], path)
+        return path
+
+
+def read_canonical(
+    data: bytes, source: str, what: str, fmt: str, version: str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a kvlink profile file (`what`: "profile", "predictor profile", ...), checked
+    to be a safetensors file of format `fmt` at `version`; any problem raises ValueError naming `source`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        raw = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{source} is not a valid safetensors file: {exc}") from None
+    # safetensors validated the header above, so reading its metadata back is safe.
+    (size,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    if metadata.get("format") != fmt:
+        raise ValueError(f"{source} is not a kvlink {what} (format {metadata.get('format')!r})")
+    if metadata.get("version") != version:
+        raise ValueError(
+            f"{source}: unsupported {what} version {metadata.get('version')!r}, expected {version!r}"
+        )
+    return raw, metadata
+
+
 def _int_metadata(metadata: dict[str, str], key: str, minimum: int) -> int:
     value = metadata.get(key)
     if value is None:
@@ -134,7 +179,7 @@ def _int_metadata(metadata: dict[str, str], key: str, minimum: int) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class ModelProfile:
+class ModelProfile(CanonicalFile):
     """A calibrated projection for one model: per (layer, kind) a PCA basis and mean.
 
     bases[(l, kind)]: (kv_heads, head_dim, r_max) float32, orthonormal columns
@@ -142,6 +187,8 @@ class ModelProfile:
     kind is "k" (keys, after RoPE) or "v". `tokens` is the number of
     calibration tokens. Treat a profile as immutable: `hash` is computed once.
     """
+
+    what: ClassVar[str] = "profile"
 
     fingerprint: str
     r_max: int
@@ -279,40 +326,10 @@ class ModelProfile:
                 tensors.append((f"layer.{layer}.{kind}.mean", self.means[(layer, kind)]))
         return _canonical_bytes(tensors, self.metadata())
 
-    @cached_property
-    def hash(self) -> str:
-        """sha256 hex of the canonical bytes, i.e. of the file `save` writes."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
-
-    def save(self, path: str | Path) -> Path:
-        """Write the profile as one safetensors file (atomically: temp file, then rename)."""
-        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
-        logger.info(
-            "saved profile %s (r_max %d, %d layers) to %s", self.hash[:12], self.r_max, self.num_layers, path
-        )
-        return path
-
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ModelProfile:
         """Parse and validate profile bytes; any problem raises ValueError naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as st_load
-
-        try:
-            raw = st_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{source} is not a valid safetensors file: {exc}") from None
-        # safetensors validated the header above, so reading its metadata back is safe.
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-        metadata = header.get("__metadata__") or {}
-        if metadata.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"{source} is not a kvlink profile (format {metadata.get('format')!r})")
-        version = metadata.get("version")
-        if version != PROFILE_VERSION:
-            raise ValueError(
-                f"{source}: unsupported profile version {version!r}, expected {PROFILE_VERSION!r}"
-            )
+        raw, metadata = read_canonical(data, source, "profile", PROFILE_FORMAT, PROFILE_VERSION)
         fingerprint = metadata.get("fingerprint")
         if not fingerprint:
             raise ValueError(f"{source}: profile metadata lacks 'fingerprint'")

@@ -39,14 +39,13 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from kvlink.lowrank import _canonical_bytes, _int_metadata, write_canonical
+from kvlink.lowrank import CanonicalFile, _canonical_bytes, _int_metadata, read_canonical
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +113,14 @@ class Rotary:
 
 
 @dataclass(frozen=True, eq=False)
-class PredictorProfile:
+class PredictorProfile(CanonicalFile):
     """Per (layer, kind) a predictor weight (see the module docstring) or none; the model's RoPE.
 
     weights[(l, kind)]: float32 ((2F + 1) or (F + 1), F); absent: that tensor is not predicted.
     Treat a profile as immutable: `hash` is computed once.
     """
+
+    what: ClassVar[str] = "predictor profile"
 
     fingerprint: str
     layers: int
@@ -222,35 +223,10 @@ class PredictorProfile:
                     tensors.append((f"layer.{layer}.{kind}.weight", w))
         return _canonical_bytes(tensors, self.metadata())
 
-    @cached_property
-    def hash(self) -> str:
-        """sha256 hex of the canonical bytes, i.e. of the file `save` writes."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
-
-    def save(self, path: str | Path) -> Path:
-        """Write the profile as one safetensors file (atomically: temp file, then rename)."""
-        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
-        logger.info("saved predictor profile %s to %s", self.hash[:12], path)
-        return path
-
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> PredictorProfile:
         """Parse and validate profile bytes; any problem raises ValueError naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as st_load
-
-        try:
-            raw = st_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{source} is not a valid safetensors file: {exc}") from None
-        (size,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-        if metadata.get("format") != PREDICTOR_FORMAT:
-            raise ValueError(
-                f"{source} is not a kvlink predictor profile (format {metadata.get('format')!r})"
-            )
-        if metadata.get("version") != PREDICTOR_VERSION:
-            raise ValueError(f"{source}: unsupported predictor profile version {metadata.get('version')!r}")
+        raw, metadata = read_canonical(data, source, "predictor profile", PREDICTOR_FORMAT, PREDICTOR_VERSION)
         layers = _int_metadata(metadata, "layers", 1)
         allowed = {"rotary.inv_freq"} | {f"layer.{i}.{k}.weight" for i in range(layers) for k in KINDS}
         extra = sorted(set(raw) - allowed)

@@ -34,24 +34,20 @@ through the recipe they were fitted for), residual sums in float64, eigendecompo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kvlink import ans
-from kvlink.lowrank import _canonical_bytes, _int_metadata, write_canonical
+from kvlink.lowrank import CanonicalFile, _canonical_bytes, _int_metadata, read_canonical
 from kvlink.predict import KINDS, PredictorProfile, rows
 
 logger = logging.getLogger(__name__)
@@ -66,9 +62,11 @@ MIN_VARIANCE = 1e-12
 
 
 @dataclass
-class ResidualProfile:
+class ResidualProfile(CanonicalFile):
     """Per (layer, kind) the residual's mean, basis and scale indices; per tensor a weight index; the
     entropy tables. See the module docstring. Treat as immutable: `hash` is computed once."""
+
+    what: ClassVar[str] = "residual profile"
 
     fingerprint: str
     predictors: str
@@ -161,31 +159,10 @@ class ResidualProfile:
         ]
         return _canonical_bytes(tensors, self.metadata())
 
-    @cached_property
-    def hash(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
-
-    def save(self, path: str | Path) -> Path:
-        path, self.__dict__["hash"] = write_canonical(path, self.to_bytes())
-        logger.info("saved residual profile %s to %s", self.hash[:12], path)
-        return path
-
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ResidualProfile:
         """Parse and validate profile bytes; any problem raises ValueError naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as st_load
-
-        try:
-            raw = st_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{source} is not a valid safetensors file: {exc}") from None
-        (size,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-        if metadata.get("format") != RESIDUAL_FORMAT:
-            raise ValueError(f"{source} is not a kvlink residual profile (format {metadata.get('format')!r})")
-        if metadata.get("version") != RESIDUAL_VERSION:
-            raise ValueError(f"{source}: unsupported residual profile version {metadata.get('version')!r}")
+        raw, metadata = read_canonical(data, source, "residual profile", RESIDUAL_FORMAT, RESIDUAL_VERSION)
         layers = _int_metadata(metadata, "layers", 1)
         parts = ("mean", "basis", "scale")
         allowed = {"weight", "tables"} | {
