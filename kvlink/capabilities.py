@@ -6,7 +6,7 @@
 
 A capability is a string a stage names (Stage.capability): "select:q2c",
 "sink", "rotate", "clamp", "lowrank:svd", "lowrank:profile", "predict", "format:int4cw",
-"zstd". A receiver lists its own in its Welcome (a "lowrank:profile" or a
+"zstd", "pca", "ans". A receiver lists its own in its Welcome (a "lowrank:profile" or a
 "predict" only when it holds such a profile, whose hashes it lists too); the
 planner weighs only recipes the receiver decodes, the
 sender refuses a pinned one it does not, and the receiver refuses a header whose
@@ -30,14 +30,15 @@ class CapabilityError(ValueError):
 
 
 def local_capabilities(
-    profiles: bool = True, text_segments: bool = True, predictors: bool = True
+    profiles: bool = True, text_segments: bool = True, predictors: bool = True, residuals: bool = True
 ) -> frozenset[str]:
     """Every capability of this process: its selectors, stages and formats (low rank by a calibrated
     profile only when `profiles`: a receiver advertises it only when it holds one), segmented contexts
     ("segment", kvlink.stream) and recomputing text segments ("segment:text", unless `text_segments`
     is False: a receiver may refuse to spend its model's time on them). "predict" (cross-layer
     predictors, kvlink.stages.predict) only when `predictors`: a receiver advertises it only when it
-    holds a predictor profile."""
+    holds a predictor profile. "pca" and "ans" (transform coding, kvlink.stages.pca) only when
+    `residuals`: a receiver advertises them only when it holds a residual profile."""
     from kvlink.stages import registered_stages
 
     caps = {f"select:{m}" for m in registered_selectors()}
@@ -50,6 +51,8 @@ def local_capabilities(
             caps |= {"lowrank:svd", *(["lowrank:profile"] if profiles else [])}
         elif name == "predict":
             caps |= {"predict"} if predictors else set()
+        elif name in ("pca", "ans"):
+            caps |= {name} if residuals else set()
         else:
             caps.add(name)
     return frozenset(caps)

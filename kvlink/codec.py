@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -35,7 +35,7 @@ from kvlink.quant import QuantizedTensor, QuantSpec, part_sizes, widths_shape
 from kvlink.quant.widths import unpack_widths
 from kvlink.recipe import KINDS, Pipeline, Recipe
 from kvlink.select import keep_count
-from kvlink.stages import Item, LowRank, Predict, Quantize, Stage, Transform
+from kvlink.stages import Item, LowRank, Pca, Predict, Quantize, Stage, Transform
 from kvlink.stages.predict import PredictState
 from kvlink.stages.tensors import from_bytes
 
@@ -180,9 +180,12 @@ class Codec:
     """Encode a prefilled context under a Recipe and decode it back (reference path). profile: the
     calibrated profile the recipe needs: the low-rank projection (kvlink.lowrank.ModelProfile) of a
     LowRank("profile") stage, or the cross-layer predictors (kvlink.predict.PredictorProfile) of a
-    Predict stage (the codec's recipe then names its hash; the two stages do not compose)."""
+    Predict stage (the codec's recipe then names its hash; the two stages do not compose). residual: the
+    residual profile (kvlink.residual.ResidualProfile) of a Pca stage, fitted on those predictors."""
 
-    def __init__(self, recipe: Recipe, geometry: Geometry, profile: Any | None = None) -> None:
+    def __init__(
+        self, recipe: Recipe, geometry: Geometry, profile: Any | None = None, residual: Any | None = None
+    ) -> None:
         if not isinstance(recipe, Recipe):
             raise TypeError(f"Codec takes a kvlink.recipe.Recipe, got {type(recipe).__name__}")
         recipe.check(geometry)
@@ -207,10 +210,24 @@ class Codec:
             profile.check_geometry(geometry)
             bound = predicts[0].bind(profile.hash)  # the profile travels by hash in the stage
             recipe = _with_stage(recipe, predicts[0], bound)
+        pcas = [s for s in recipe.stages() if isinstance(s, Pca)]
+        if pcas:
+            from kvlink.residual import ResidualProfile
+
+            if not isinstance(residual, ResidualProfile):
+                raise ValueError(
+                    "pca needs the residual profile (kvlink.residual.ResidualProfile) of its predictors, "
+                    f"got {type(residual).__name__}"
+                )
+            assert isinstance(profile, PredictorProfile)  # Pca.check_recipe: pca comes with predict
+            residual.check_for(profile)
+            residual.check_geometry(geometry)
+            recipe = _with_stage(recipe, pcas[0], pcas[0].bind(residual.hash))
         self.recipe = recipe
         self.geometry = geometry
         self.profile = profile
         self.predictor = profile if predicts else None
+        self.residual = residual if pcas else None
 
     # --- sizes -------------------------------------------------------------
     def stored_shape(self, kind: str, n_kept: int, layer: int = 0) -> tuple[int, int, int]:
@@ -315,6 +332,10 @@ class Codec:
             tz = time.perf_counter()
             recipe.zstd.compress(tensors)
             timings["zstd_s"] = time.perf_counter() - tz
+        if recipe.ans is not None:
+            ta = time.perf_counter()
+            recipe.ans.compress(tensors, self.residual)
+            timings["ans_s"] = time.perf_counter() - ta
         profile_hash = self.profile.hash if self.profile is not None and recipe.has("lowrank") and any(
             isinstance(s, LowRank) and s.mode == "profile" for s in recipe.stages()
         ) else None  # fmt: skip
@@ -337,6 +358,7 @@ class Codec:
         item.info["positions"] = kv.positions[layer]
         if state is not None:
             item.info["predict"] = state
+        item.info["pca"] = self.residual
         for transform in item.transforms:
             transform.apply(item, self)
         if state is not None:
@@ -380,6 +402,14 @@ class Codec:
                     f"(it holds {held!r})"
                 )
             state = PredictState(self.predictor, sets[0].to(device))
+        pcas = [s for s in encoded.recipe.stages() if isinstance(s, Pca)]
+        if pcas:
+            held = self.residual.hash if self.residual is not None else None
+            if pcas[0].profile != held:
+                raise ValueError(
+                    f"message codes with residual profile {pcas[0].profile!r}, which this codec lacks "
+                    f"(it holds {held!r})"
+                )
         for t in encoded.tensors:
             if t.shape[1] != sets[t.layer].numel():
                 raise ValueError(
@@ -390,7 +420,14 @@ class Codec:
                 raise ValueError(
                     f"layer {t.layer} {t.kind}: stored shape {t.stored}, its recipe makes {want}"
                 )
-        decoded = self._decode_tensors(encoded.tensors, device, dtype, state)
+        tensors = encoded.tensors
+        if encoded.recipe.ans is not None:  # every codes part is an rANS stream: its float16 symbols back
+            symbols = encoded.recipe.ans.decompress(tensors, self.residual, str(device))
+            tensors = [
+                replace(t, parts={**t.parts, "codes": Part(data, t.parts["codes"].raw_size)})
+                for t, data in zip(tensors, symbols, strict=True)
+            ]
+        decoded = self._decode_tensors(tensors, device, dtype, state)
         keys = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "k"]
         values = [x for t, x in zip(encoded.tensors, decoded, strict=True) if t.kind == "v"]
         return ContextKV(keys, values, [s.to(device) for s in sets], encoded.length)
@@ -418,8 +455,9 @@ class Codec:
 
         parts = [self._checked_parts(t) for t in tensors]
         items = [Item(t.layer, t.kind, t.shape, t.stages) for t in tensors]
-        if state is not None:
-            for it in items:
+        for it in items:
+            it.info["pca"] = self.residual
+            if state is not None:
                 it.info["predict"] = state
         out: list[Tensor | None] = [None] * len(tensors)
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -492,6 +530,8 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     working = 4 * max(min(DECODE_STACK_BYTES, fp32), largest)
     if encoded.recipe.has("predict"):  # the decoded K and V it predicts from, its inputs and prediction
         working += 2 * largest + 2 * (largest + 4 * encoded.tensors[0].shape[1]) + largest
+    if encoded.recipe.ans is not None:  # the decoded symbols (int32), as float16 parts, and the lanes' tables
+        working += fp32 + raw + 8 * sum(t.stored[0] * t.stored[2] for t in encoded.tensors)
     return decoded + positions + 2 * raw + working
 
 

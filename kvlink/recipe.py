@@ -26,6 +26,7 @@ The grammar (`name`, `from_name`): tokens joined by "+", in this order:
     kwidths-question        a width per key channel / per value row, from the question
     vwidths-question
     zstd3                   Zstd
+    ans                     Ans: the rANS stage of transform coding (xpred+fp16+pca1-r0+ans)
 
 The shipped quality tables and sensitivity profiles are keyed by these names;
 `migrate_name` turns a name of the grammar before 2026-12 (kvlink 12bfafe and
@@ -43,7 +44,18 @@ from typing import Any
 from kvlink.cache import Observe
 from kvlink.models import Geometry
 from kvlink.quant.formats import INT_WIDTHS, format_spec
-from kvlink.stages import LowRank, Quantize, Rotate, Select, Sink, Stage, Transform, Zstd, registered_stages
+from kvlink.stages import (
+    Ans,
+    LowRank,
+    Quantize,
+    Rotate,
+    Select,
+    Sink,
+    Stage,
+    Transform,
+    Zstd,
+    registered_stages,
+)
 from kvlink.stages.base import stage_class
 
 KINDS: tuple[str, ...] = ("k", "v")
@@ -87,6 +99,7 @@ class Recipe:
     k: tuple[Pipeline, ...] = ((Quantize("fp16", 32, "channel"),),)
     v: tuple[Pipeline, ...] = ((Quantize("fp16", 32, "token"),),)
     zstd: Zstd | None = None
+    ans: Ans | None = None
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -100,6 +113,8 @@ class Recipe:
             raise ValueError(f"select must be a Select stage, got {self.select!r}")
         if self.zstd is not None and not isinstance(self.zstd, Zstd):
             raise ValueError(f"zstd must be a Zstd stage, got {self.zstd!r}")
+        if self.ans is not None and not isinstance(self.ans, Ans):
+            raise ValueError(f"ans must be an Ans stage, got {self.ans!r}")
         for stage in self.stages():
             stage.check_recipe(self)
 
@@ -124,6 +139,8 @@ class Recipe:
                         yield stage
         if self.zstd is not None:
             yield self.zstd
+        if self.ans is not None:
+            yield self.ans
 
     def quantizers(self, kind: str) -> list[Quantize]:
         return [p[-1] for p in (self.k if kind == "k" else self.v)]  # type: ignore[misc]
@@ -194,6 +211,7 @@ class Recipe:
             tuple(tuple(tuple(s.size_key()) for s in p) for p in self.k),
             tuple(tuple(tuple(s.size_key()) for s in p) for p in self.v),
             self.zstd.size_key() if self.zstd is not None else (),
+            self.ans.size_key() if self.ans is not None else (),
         )
 
     # --- variants ------------------------------------------------------------------------------------------
@@ -266,6 +284,7 @@ class Recipe:
             "select": {"stage": "select", **self.select.params()} if self.select else None,
             "k": stages(self.k), "v": stages(self.v),
             "zstd": {"stage": "zstd", **self.zstd.params()} if self.zstd else None,
+            **({"ans": {"stage": "ans"}} if self.ans is not None else {}),
         }  # fmt: skip
 
     @classmethod
@@ -290,6 +309,7 @@ class Recipe:
             select=stage(data["select"]) if data.get("select") else None,  # type: ignore[arg-type]
             k=layers(data["k"]), v=layers(data["v"]),
             zstd=stage(data["zstd"]) if data.get("zstd") else None,  # type: ignore[arg-type]
+            ans=stage(data["ans"]) if data.get("ans") else None,  # type: ignore[arg-type]
         )  # fmt: skip
 
 
@@ -476,6 +496,8 @@ def _render(recipe: Recipe) -> str:
             tokens.append(f"{kind}widths-question")
     if recipe.zstd is not None:
         tokens.append(recipe.zstd.token())
+    if recipe.ans is not None:
+        tokens.append(recipe.ans.token())
     return "+".join(tokens)
 
 
@@ -559,6 +581,7 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
     rounding = False
     widths = {"k": False, "v": False}
     zstd: Zstd | None = None
+    entropy_ans: Ans | None = None
     for token in tokens:
         try:
             if token == "fp16":
@@ -573,6 +596,8 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
                 widths[token[0]] = True
             elif (m := re.fullmatch(r"zstd(\d+)", token)) is not None:
                 zstd = Zstd(int(m[1]))
+            elif token == "ans":
+                entropy_ans = Ans()
             elif (
                 (m := _SELECT.fullmatch(token)) is not None
                 and select is None
@@ -637,7 +662,7 @@ def _parse(name: str, allocations: AllocationResolver | None) -> Recipe:
             pipelines.append(tuple(stages))
         layers[kind] = tuple(pipelines)
     del fields
-    recipe = Recipe(select, layers["k"], layers["v"], zstd)
+    recipe = Recipe(select, layers["k"], layers["v"], zstd, entropy_ans)
     if rounding and not any(q.rounding == "query" for q in recipe.quantizers("k")):
         raise ValueError(f"recipe name {name[:128]!r}: round-query needs INT keys")
     for kind in KINDS:

@@ -129,6 +129,15 @@ class ResidualProfile(CanonicalFile):
         j = self.scales[(layer, kind)].to(torch.int64).cpu().numpy() - coarse + o
         return np.clip(j, ans.J_MIN, ans.J_MAX) - ans.J_MIN  # type: ignore[no-any-return]
 
+    def check_geometry(self, geometry: Any) -> None:
+        """ValueError unless this profile was fitted for a model of `geometry`'s layers, heads and dims."""
+        mine = (self.layers, self.kv_heads, self.head_dim)
+        theirs = (geometry.num_layers, geometry.kv_heads, geometry.head_dim)
+        if mine != theirs:
+            raise ValueError(
+                f"residual profile is for (layers, kv_heads, head_dim) {mine}, the model has {theirs}"
+            )
+
     def check_for(self, predictors: PredictorProfile) -> None:
         """ValueError unless this profile was fitted on the residuals of `predictors`."""
         if predictors.hash != self.predictors:

@@ -11,8 +11,9 @@ each tensor travel at float16 (the Predict stage's order: Sink after Predict).
     decode(coded, predictors, residual, positions, length) -> ContextKV
     fit_rate(kv, predictors, residual, budget) -> the finest rate index whose message fits `budget` bytes
 
-Not yet a stage: the wire, the receiver's checks and the planner do not know it (the stages that will
-carry it: a Pca transform, a unit-step rounding format and an rANS entropy stage; docs/stages.md).
+The stages kvlink.stages.pca and kvlink.stages.ans carry it in a message (`xpred+fp16+pca1-r<rate>+ans`:
+the same streams byte for byte, tests/test_xl_stages.py); this module stays the reference and the
+rate search (`fit_rate`) the planner is to use.
 The sender's chain and the receiver's decode are the same function (`_chain`), so they agree up to
 float rounding; the entropy model depends only on the profile and the rate, never on decoded values, so
 such rounding can never desynchronize the coder.

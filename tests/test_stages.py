@@ -27,9 +27,12 @@ from kvlink.codec import Codec
 from kvlink.models import Geometry
 from kvlink.predict import PredictorProfile, Rotary
 from kvlink.recipe import Recipe, build
+from kvlink.residual import ResidualProfile
 from kvlink.stages import (
+    Ans,
     Clamp,
     LowRank,
+    Pca,
     Predict,
     Quantize,
     Rotate,
@@ -39,6 +42,7 @@ from kvlink.stages import (
     Zstd,
     registered_stages,
 )
+from kvlink.stages.ans import bound
 
 G = Geometry(num_layers=3, kv_heads=2, head_dim=16, q_heads=4)
 T = 37
@@ -53,6 +57,7 @@ class Row:
     recipe: Recipe
     max_error: float
     profile: Any = None  # the calibrated profile its codec needs (Codec's third argument)
+    residual: Any = None  # the residual profile of transform coding (Codec's fourth)
 
 
 INT4 = build(k_bits=4, v_bits=4)
@@ -70,6 +75,25 @@ def _predictors() -> PredictorProfile:
     return PredictorProfile(FP, G.num_layers, G.kv_heads, G.head_dim, rotary, weights)
 
 
+def _residual(predictors: PredictorProfile) -> ResidualProfile:
+    """A residual profile for G bound to `predictors`: seeded orthonormal bases, zero means, integer scales
+    and weights (the mechanics, not a fit)."""
+    from kvlink import ans
+
+    g = torch.Generator().manual_seed(2)
+    f = G.kv_heads * G.head_dim
+    keys = [(layer, kind) for layer in range(G.num_layers) for kind in ("k", "v")]
+    bases = {key: torch.linalg.qr(torch.randn(f, f, generator=g))[0] for key in keys}
+    scales = {key: torch.arange(f, 0, -1, dtype=torch.float32) // 4 - 2 for key in keys}
+    weight = torch.tensor([[2.0, 0.0]] * G.num_layers)
+    means = {key: torch.zeros(f) for key in keys}
+    return ResidualProfile(FP, predictors.hash, G.num_layers, G.kv_heads, G.head_dim, means, bases, scales, weight,
+                           ans.laplace_tables())  # fmt: skip
+
+
+PREDICTORS = _predictors()
+XL = Recipe.from_name("random50%@s3+xpred+fp16+pca1-r-96+ans")
+
 MATRIX: dict[str, Row] = {
     "select": Row(Select("random", 0.5, "layer", seed=3), build(selector="random", retention=0.5, scope="layer", seed=3, k_bits=8, v_bits=8), 0.02),
     "sink": Row(Sink(2), INT4.with_transform(Sink(2)), 0.2),
@@ -78,7 +102,9 @@ MATRIX: dict[str, Row] = {
     "rotate": Row(Rotate(5), INT4.with_transform(Rotate(5)), 0.2),
     "quantize": Row(Quantize("int3", 8, "channel"), Recipe(k=((Quantize("int3", 8, "channel"),),), v=((Quantize("nf4", 8, "token"),),)), 0.3),
     "zstd": Row(Zstd(3), build(k_bits=2, v_bits=2, zstd_level=3), 0.8),
-    "predict": Row(Predict(), Recipe.from_name("random50%@s3+xpred+kint4c/vint4t-g32+sink1"), 0.3, _predictors()),
+    "predict": Row(Predict(), Recipe.from_name("random50%@s3+xpred+kint4c/vint4t-g32+sink1"), 0.3, PREDICTORS),
+    "pca": Row(Pca(1, -96), XL, 0.1, PREDICTORS, _residual(PREDICTORS)),
+    "ans": Row(Ans(), XL, 0.1, PREDICTORS, _residual(PREDICTORS)),
 }  # fmt: skip
 
 
@@ -127,7 +153,7 @@ def test_the_name_round_trips(name: str) -> None:
 def test_the_wire_carries_it_and_a_receiver_without_it_refuses(name: str) -> None:
     row = MATRIX[name]
     assert wire.recipe_from_pb(wire.recipe_to_pb(row.recipe), G.num_layers) == row.recipe
-    encoded = Codec(row.recipe, G, row.profile).encode_kv(_kv(), _kept(row.recipe))
+    encoded = Codec(row.recipe, G, row.profile, row.residual).encode_kv(_kv(), _kept(row.recipe))
     header = wire.to_frames(encoded, "s", "m", FP, 1 << 20)[0]
     lacking = local_capabilities() - {row.stage.capability()}
     with pytest.raises(wire.WireError) as info:
@@ -139,13 +165,19 @@ def test_the_wire_carries_it_and_a_receiver_without_it_refuses(name: str) -> Non
 def test_sizes_encode_and_decode_through_the_wire(name: str) -> None:
     row = MATRIX[name]
     kv, kept = _kv(), _kept(row.recipe)
-    codec = Codec(row.recipe, G, row.profile)
+    codec = Codec(row.recipe, G, row.profile, row.residual)
     encoded = codec.encode_kv(kv, kept)
     predicted = codec.predicted_sizes(T, kept)
-    if row.recipe.zstd is None:
+    if row.recipe.zstd is None and row.recipe.ans is None:
         assert encoded.sizes().as_dict() == predicted.as_dict()
-    else:  # zstd only shrinks parts
+    elif row.recipe.zstd is not None:  # zstd only shrinks parts
         assert encoded.sizes().total <= predicted.total
+    else:  # every codes part is an rANS stream within its bound; every other part is exact
+        codes = [t.parts["codes"] for t in encoded.tensors]
+        assert all(len(c.data) <= bound(c.raw_size) for c in codes)
+        assert encoded.sizes().total - sum(len(c.data) for c in codes) == predicted.total - sum(
+            c.raw_size for c in codes
+        )
     asm = wire.Assembler(FP, G)
     for frame in wire.to_frames(encoded, "s", "m", FP, 256):
         asm.feed(frame)

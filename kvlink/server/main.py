@@ -507,7 +507,7 @@ def measure_receiver(
 
     limit = max_positions(lm.model.config) or max_tokens
     vocab = int(getattr(lm.model.config, "vocab_size", 0) or len(lm.tokenizer))
-    caps = capabilities if capabilities is not None else local_capabilities(profiles=False)
+    caps = capabilities if capabilities is not None else local_capabilities(profiles=False, residuals=False)
     options = kv_options(lm.fingerprint, lm.name, caps, lm.geometry, 0.0)
     formats = [o.recipe for o in options if o.recipe is not None]
     return measure_costs(lm.model, lm.geometry, min(max_tokens, limit - 64), vocab, formats=formats)

@@ -242,10 +242,12 @@ class KVLinkService:
         self.profiles = {p.hash: p for p in held if not isinstance(p, PredictorProfile)}
         self.profile_hashes = tuple(sorted({*self.profiles, *self.predictors}))
         # What it decodes: everything registered here, low rank by a profile (cross-layer prediction by
-        # predictors) only when it holds one.
+        # predictors) only when it holds one; not yet transform coding (pca, ans): it holds no residual
+        # profiles (kvlink.residual), so a sender's capability check refuses such a recipe before sending.
         self.capabilities = local_capabilities(
-            profiles=bool(self.profiles), text_segments=text_segments, predictors=bool(self.predictors)
-        )
+            profiles=bool(self.profiles), text_segments=text_segments, predictors=bool(self.predictors),
+            residuals=False,
+        )  # fmt: skip
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int) and vocab > 0:
             self.limits = replace(self.limits, max_token_id=vocab - 1)

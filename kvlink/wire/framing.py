@@ -277,6 +277,8 @@ def recipe_to_pb(recipe: Recipe) -> pb.Recipe:
             msg.pipelines.add(kind=_KIND_TO_PB[kind], layers=ids, stages=[_stage_to_pb(s) for s in pipeline])
     if recipe.zstd is not None:
         msg.zstd.CopyFrom(_stage_to_pb(recipe.zstd))
+    if recipe.ans is not None:
+        msg.ans.CopyFrom(_stage_to_pb(recipe.ans))
     return msg
 
 

@@ -23,7 +23,8 @@ from kvlink.models import Geometry
 from kvlink.quant import AXES, QuantSpec
 from kvlink.recipe import KINDS, Pipeline, Recipe
 from kvlink.select import keep_count
-from kvlink.stages import Quantize, Select, Stage, Zstd, stage_class
+from kvlink.stages import Ans, Quantize, Select, Stage, Zstd, stage_class
+from kvlink.stages.ans import bound as ans_bound
 from kvlink.wire._common import _KIND_FROM_PB, _PART_FROM_PB, _POS_FROM_PB, WireError, _geometry_from_pb, pb
 from kvlink.wire.capabilities import check_format, check_profile, check_recipe, check_zstd
 
@@ -272,6 +273,9 @@ def recipe_from_pb(msg: pb.Recipe, num_layers: int, capabilities: frozenset[str]
         raise WireError("MALFORMED", f"recipe select is a {select.name!r} stage")
     if zstd is not None and not isinstance(zstd, Zstd):
         raise WireError("MALFORMED", f"recipe zstd is a {zstd.name!r} stage")
+    ans = _stage_from_pb(msg.ans, "recipe ans", capabilities) if msg.HasField("ans") else None
+    if ans is not None and not isinstance(ans, Ans):
+        raise WireError("MALFORMED", f"recipe ans is a {ans.name!r} stage")
     layers: dict[str, list[Pipeline | None]] = {kind: [None] * num_layers for kind in KINDS}
     whole: dict[str, Pipeline | None] = dict.fromkeys(KINDS)
     for i, p in enumerate(msg.pipelines):
@@ -301,7 +305,7 @@ def recipe_from_pb(msg: pb.Recipe, num_layers: int, capabilities: frozenset[str]
         else:
             raise WireError("SHAPE", f"recipe leaves {kind} layers without a pipeline")
     try:
-        recipe = Recipe(select, pipelines["k"], pipelines["v"], zstd)  # type: ignore[arg-type]
+        recipe = Recipe(select, pipelines["k"], pipelines["v"], zstd, ans)  # type: ignore[arg-type]
     except (ValueError, TypeError) as exc:
         raise WireError("MALFORMED", f"recipe: {exc}") from None
     check_recipe(recipe, capabilities)
@@ -584,7 +588,13 @@ def _validate_header(
             raise WireError(
                 "SHAPE", f"{where}: raw size {raw} does not match {n} bytes of its shape and spec"
             )
-        if not zstd and got != n:
+        coded = recipe.ans is not None and key[2] == "codes"  # an rANS stream: its size is the data's
+        if coded and got > ans_bound(n):
+            raise WireError(
+                "SHAPE",
+                f"{where}: a {got}-byte rANS stream exceeds the bound {ans_bound(n)} for {n} raw bytes",
+            )
+        if not zstd and not coded and got != n:
             raise WireError("SHAPE", f"{where}: chunks hold {got} bytes, its shape and spec need {n}")
         if zstd and got > zstd_bound(n):
             raise WireError(

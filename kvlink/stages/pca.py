@@ -1,0 +1,150 @@
+"""Pca: transform coding of a cross-layer residual (issue 24's `xl`): sink rows, principal components, a step.
+
+After Predict, each tensor is the residual of its cross-layer prediction. This stage keeps its first
+`sink` rows at float16 (the `sink` part, as the Sink stage does), rotates the other rows (one row per
+position, heads side by side: (N, H * D)) into the principal components of the residual profile
+(kvlink.residual.ResidualProfile: per (layer, kind) a mean and an orthonormal basis) and rounds them to
+one step per tensor, 2^(rate / 32) times the profile's weight for that tensor. The Quantize stage after
+it is float16 and carries the integer symbols exactly (|symbol| <= FP16_EXACT); the Ans entropy stage
+codes them under the profile's Laplace tables (kvlink.stages.ans). The receiver's arithmetic on the way
+out is the closed loop's, so the sender predicts from what the receiver decodes.
+
+    xpred+fp16+pca1-r-96+ans        # predictors, 1 sink row, rate index -96 (finer: lower), rANS
+
+The residual profile travels by hash (`profile`; "": the codec's own, bound when the codec is made), like
+Predict's predictors; a receiver decodes the stage only when it holds it.
+
+Composes with: Predict (required: the profile is fitted on its residuals), a float16 Quantize, the
+Ans entropy stage (required: float16 symbols unentropy-coded cost more than float16 itself); in every
+K and V pipeline; not with Sink, Clamp, Rotate or a low-rank latent (this stage is their place).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from kvlink.stages.base import Item, Transform, register
+from kvlink.stages.tensors import from_bytes, tensor_bytes
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+RATES = range(-640, 641)
+"""Rate indices (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights), as kvlink.xl's."""
+FP16_EXACT = 2048
+"""The largest symbol magnitude float16 holds exactly: symbols are clamped to it."""
+
+
+@register
+@dataclass(frozen=True)
+class Pca(Transform):
+    """The first `sink` rows at float16, the rest in the residual profile's components at one step."""
+
+    name: ClassVar[str] = "pca"
+    order: ClassVar[int] = 7  # after Predict (5), before everything else
+    quantized_only: ClassVar[bool] = False  # its Quantize is float16: it carries the symbols
+    needs_float32: ClassVar[bool] = True
+    stackable: ClassVar[bool] = False  # a basis and a step per tensor
+
+    sink: int = 1
+    rate: int = 0
+    profile: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"pca sink rows must be an integer >= 0, got {self.sink!r}")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate not in RATES:
+            raise ValueError(
+                f"pca rate must be an integer in [{RATES.start}, {RATES.stop - 1}], got {self.rate!r}"
+            )
+        if not isinstance(self.profile, str) or (self.profile and not _HASH.fullmatch(self.profile)):
+            raise ValueError(f"pca profile must be a sha256 hex digest or '', got {str(self.profile)[:80]!r}")
+
+    def size_key(self) -> tuple[Any, ...]:
+        return ("pca", self.sink, self.rate)
+
+    def profiles(self) -> tuple[str, ...]:
+        return (self.profile,)
+
+    def capability(self) -> str:
+        return "pca"
+
+    def count(self, n: int) -> int:
+        return min(self.sink, n)
+
+    def stored(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        h, n, d = shape
+        return (h, n - self.count(n), d)
+
+    def part_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
+        h, n, d = shape
+        return {"sink": h * self.count(n) * d * 2}
+
+    def check_recipe(self, recipe: Any) -> None:
+        if not recipe.has("predict"):
+            raise ValueError("pca codes a cross-layer residual: it needs xpred (the Predict stage)")
+        if getattr(recipe, "ans", None) is None:
+            raise ValueError("pca's symbols travel rANS-coded: it needs the ans entropy stage")
+        for kind in ("k", "v"):
+            for pipeline in recipe.k if kind == "k" else recipe.v:
+                if self not in pipeline:
+                    raise ValueError(
+                        f"pca must be in every K and V pipeline (one rate and profile for the message), a {kind} "
+                        f"pipeline lacks it: {[s.name for s in pipeline]}"
+                    )
+                others = [s.name for s in pipeline[:-1] if s.name not in ("predict", "pca")]
+                if others:
+                    raise ValueError(f"pca with {others}: pca keeps its own sink rows and basis")
+                if pipeline[-1].format != "fp16":  # type: ignore[attr-defined]
+                    raise ValueError(
+                        f"pca's symbols are carried by a float16 Quantize, got {pipeline[-1].format!r}"  # type: ignore[attr-defined]
+                    )
+
+    def bind(self, profile_hash: str) -> Pca:
+        """This stage naming `profile_hash` (ValueError when it names another profile)."""
+        if self.profile and self.profile != profile_hash:
+            raise ValueError(
+                f"recipe codes with residual profile {self.profile!r}, the codec holds {profile_hash!r}"
+            )
+        return Pca(self.sink, self.rate, profile_hash)
+
+    def apply(self, item: Item, context: Any) -> None:
+        from kvlink.codec import Part
+        from kvlink.predict import rows, unrows
+
+        profile = item.info["pca"]
+        x = item.x
+        assert x is not None
+        r = rows(x.float())
+        s = self.count(int(r.shape[0]))
+        raw = tensor_bytes(unrows(r[:s], x.shape[0]).to(torch.float16))
+        item.parts["sink"] = Part(raw, len(raw))
+        mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
+        step = profile.step(item.layer, item.kind, self.rate)
+        y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
+        symbols = torch.round(y / step).clamp(-FP16_EXACT, FP16_EXACT)
+        item.x = unrows(symbols, x.shape[0])
+
+    def undo_one(self, x: Tensor, item: Item, parts: Mapping[str, bytes], dtype: torch.dtype) -> Tensor:
+        from kvlink.predict import rows, unrows
+
+        profile = item.info["pca"]
+        h, n, d = item.shape
+        s = self.count(n)
+        mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
+        step = profile.step(item.layer, item.kind, self.rate)
+        body = (rows(x.float()) * step) @ basis.T.to(x.device) + mean.to(x.device)
+        head = rows(from_bytes(parts["sink"], torch.float16, (h, s, d), x.device).float())
+        return unrows(torch.cat([head, body]), h)
+
+    def token(self) -> str:
+        return f"pca{self.sink}-r{self.rate}"
+
+    @classmethod
+    def parse_token(cls, text: str) -> Pca | None:
+        m = re.fullmatch(r"pca(\d+)-r(-?\d+)", text)
+        return cls(int(m[1]), int(m[2])) if m else None

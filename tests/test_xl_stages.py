@@ -1,0 +1,176 @@
+"""Transform coding as stages (kvlink.stages.pca, kvlink.stages.ans): a recipe `xpred+fp16+pca1-r<rate>+ans`
+codes exactly what the kvlink.xl core codes (the same rANS streams, byte for byte, and the same decoded
+cache), crosses the wire, and refuses what does not compose, a foreign profile and a damaged stream."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_xl import _fit, _kv
+
+from conftest import TINY_FAMILIES
+from kvlink import ans, wire, xl
+from kvlink.capabilities import CapabilityError, check, local_capabilities
+from kvlink.codec import Codec, EncodedKV, Part, decode_cost
+from kvlink.recipe import Recipe
+from kvlink.stages.ans import bound
+
+FP = "f" * 64
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def fitted(request: pytest.FixtureRequest):
+    return _fit(request.param)
+
+
+def _codec(lm, predictors, residual, rate: int = -32) -> Codec:
+    return Codec(Recipe.from_name(f"xpred+fp16+pca1-r{rate}+ans"), lm.geometry, predictors, residual)
+
+
+@pytest.mark.parametrize("rate", [-32, 64])
+def test_the_stages_code_exactly_what_the_xl_core_codes(fitted, rate: int) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    core = xl.encode(kv, predictors, residual, rate=rate)
+    codec = _codec(lm, predictors, residual, rate)
+    encoded = codec.encode_kv(kv)
+    assert [t.parts["codes"].data for t in encoded.tensors] == core.streams
+    assert [t.parts["sink"].data for t in encoded.tensors] == core.sinks
+    assert encoded.sizes().total == core.nbytes  # the message's parts are the core's body, nothing else
+    assert encoded.recipe.name == f"xpred+fp16+pca1-r{rate}+ans"
+    pca = next(s for s in encoded.recipe.stages() if s.name == "pca")
+    assert pca.profile == residual.hash  # the residual profile travels by hash, like the predictors
+    mine, theirs = codec.decode(encoded), xl.decode(core, predictors, residual, kv.positions[0])
+    for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
+        assert torch.equal(a, b)
+    assert decode_cost(encoded, torch.float32) > sum(
+        4 * k.numel() + 4 * v.numel() for k, v in zip(kv.keys, kv.values)
+    )
+
+
+def test_a_coarser_rate_costs_fewer_bytes_and_errs_more(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm)
+    sizes, errors = [], []
+    for rate in (-96, 0, 96):
+        codec = _codec(lm, predictors, residual, rate)
+        encoded = codec.encode_kv(kv)
+        decoded = codec.decode(encoded)
+        sizes.append(encoded.sizes().total)
+        errors.append(max(float((d - k).abs().max()) for d, k in zip(decoded.values, kv.values)))
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert errors[0] < errors[1] < errors[2]
+
+
+def _frames(encoded: EncodedKV) -> list:
+    return wire.to_frames(encoded, "session-1", "message-1", FP, 1 << 10)
+
+
+def _assemble(frames, lm, hashes):
+    asm = wire.Assembler(FP, geometry=lm.geometry, profile_hashes=hashes)
+    for frame in frames:
+        asm.feed(frame)
+    assert asm.complete
+    return asm.finish()[0]
+
+
+def test_a_message_crosses_the_wire_and_decodes_the_same(fitted) -> None:
+    lm, predictors, residual = fitted
+    codec = _codec(lm, predictors, residual)
+    encoded = codec.encode_kv(_kv(lm))
+    received = _assemble(_frames(encoded), lm, {predictors.hash, residual.hash})
+    assert received.recipe == encoded.recipe and received.tensors == encoded.tensors
+    mine, theirs = codec.decode(encoded), codec.decode(received)
+    for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_stream_beyond_its_bound_is_refused_before_decoding(fitted) -> None:
+    lm, predictors, residual = fitted
+    codec = _codec(lm, predictors, residual)
+    encoded = codec.encode_kv(_kv(lm))
+    first = encoded.tensors[0]
+    raw = first.parts["codes"].raw_size
+    padded = Part(first.parts["codes"].data + bytes(bound(raw)), raw)
+    bad = replace(
+        encoded, tensors=[replace(first, parts={**first.parts, "codes": padded}), *encoded.tensors[1:]]
+    )
+    with pytest.raises(wire.WireError) as info:
+        _assemble(_frames(bad), lm, {predictors.hash, residual.hash})
+    assert info.value.code == "SHAPE" and "rANS stream exceeds the bound" in info.value.message
+    with pytest.raises(ValueError, match=r"layer 0 k: rANS stream of .* exceeds the bound"):
+        codec.decode(bad)
+
+
+def test_a_damaged_stream_is_refused_naming_it(fitted) -> None:
+    lm, predictors, residual = fitted
+    codec = _codec(lm, predictors, residual)
+    encoded = codec.encode_kv(_kv(lm))
+    third = encoded.tensors[2]
+    data = third.parts["codes"].data
+    for damaged in (data[:-2], data[: ans.HEADER] + bytes(len(data) - ans.HEADER)):
+        part = Part(damaged, third.parts["codes"].raw_size)
+        tensors = [
+            *encoded.tensors[:2],
+            replace(third, parts={**third.parts, "codes": part}),
+            *encoded.tensors[3:],
+        ]
+        with pytest.raises(ans.AnsError, match=r"ans codes part: .*stream 2"):
+            codec.decode(replace(encoded, tensors=tensors))
+
+
+def test_a_codec_without_the_right_profiles_refuses(fitted) -> None:
+    lm, predictors, residual = fitted
+    recipe = Recipe.from_name("xpred+fp16+pca1-r0+ans")
+    with pytest.raises(ValueError, match="pca needs the residual profile"):
+        Codec(recipe, lm.geometry, predictors)
+    _, _, other_residual = _fit("qwen2" if lm.name != "tiny-qwen2" else "llama")
+    with pytest.raises(ValueError, match="residual profile belongs to predictors"):
+        Codec(recipe, lm.geometry, predictors, other_residual)
+    encoded = _codec(lm, predictors, residual).encode_kv(_kv(lm))
+    refitted = replace(residual, tokens=residual.tokens + 1)  # the same arithmetic, another profile (hash)
+    with pytest.raises(ValueError, match=r"residual profile .* which this codec lacks"):
+        Codec(recipe, lm.geometry, predictors, refitted).decode(encoded)
+
+
+def test_names_read_back_and_what_does_not_compose_is_refused() -> None:
+    recipe = Recipe.from_name("xpred+fp16+pca2-r-96+ans")
+    assert recipe.name == "xpred+fp16+pca2-r-96+ans"
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert {"predict", "pca", "ans"} <= recipe.capabilities()
+    for name, needle in [
+        ("xpred+fp16+pca1-r0", "needs the ans entropy stage"),
+        ("fp16+pca1-r0+ans", "needs xpred"),
+        ("xpred+fp16+ans", "ans codes the symbols of the pca stage"),
+        ("xpred+kint4c/vint4t-g32+pca1-r0+ans", "float16 Quantize"),
+        ("xpred+fp16+pca1-r0+ans+zstd3", "choose one entropy stage"),
+        ("xpred+fp16+pca1-r641+ans", r"rate must be an integer in \[-640, 640\]"),
+        ("q2c50%/layer+xpred+fp16+pca1-r0+ans", "ONE kept position set"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            Recipe.from_name(name)
+
+
+def test_a_receiver_without_residual_profiles_does_not_advertise_transform_coding() -> None:
+    recipe = Recipe.from_name("xpred+fp16+pca1-r0+ans")
+    held = local_capabilities(residuals=False)
+    assert "predict" in held and not {"pca", "ans"} & held
+    with pytest.raises(CapabilityError, match="ans, pca"):
+        check(recipe, held)
+    check(recipe, local_capabilities())
+
+
+def test_global_selection_composes(fitted) -> None:
+    lm, predictors, residual = fitted
+    kv = _kv(lm, n=80)
+    codec = Codec(Recipe.from_name("random50%+xpred+fp16+pca1-r-32+ans"), lm.geometry, predictors, residual)
+    kept = [
+        torch.sort(torch.randperm(80, generator=torch.Generator().manual_seed(3))[:40]).values
+    ] * lm.geometry.num_layers
+    encoded = codec.encode_kv(kv, kept)
+    decoded = codec.decode(encoded)
+    assert all(torch.equal(p, kept[0]) for p in decoded.positions)
+    core = xl.encode(kv.select(kept), predictors, residual, rate=-32)
+    assert [t.parts["codes"].data for t in encoded.tensors] == core.streams
