@@ -901,7 +901,14 @@ def plan(
         size_key = recipe.size_key()
         est = estimates.get(size_key)
         if est is None:
-            est = estimates[size_key] = _estimate(Codec(recipe, geometry, profile), length)
+            codec = Codec(recipe, geometry, profile)
+            if recipe.ans is not None:  # transform coding's size is the data's: measured by encoding
+                encoded = codec.encode_kv(prefill.kv, codec.select(prefill), prefill.observation)
+                size, allowance = framed_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+                est = size.total + allowance
+            else:
+                est = _estimate(codec, length)
+            estimates[size_key] = est
         return est
 
     for recipe in candidate_recipes(geometry, constraints, sensitivity):
@@ -951,7 +958,12 @@ def plan(
         hopeless = cand.estimated_bytes >= zstd_failed.get(widths, math.inf) or (
             zstd_saved is not None and need > zstd_saved + ZSTD_SPREAD
         )
-        if allow_zstd and zstd_tries < MAX_ZSTD_TRIES and cand.estimated_bytes <= budget_bytes * ZSTD_REACH:
+        if (
+            allow_zstd
+            and cand.recipe.ans is None  # rANS already codes its parts: one entropy stage
+            and zstd_tries < MAX_ZSTD_TRIES
+            and cand.estimated_bytes <= budget_bytes * ZSTD_REACH
+        ):
             if hopeless:
                 cand.note = f"zstd not tried: needs {need:.1%}, tries saved at most {zstd_saved or 0.0:.1%}"
             else:

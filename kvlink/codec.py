@@ -181,7 +181,8 @@ class Codec:
     calibrated profile the recipe needs: the low-rank projection (kvlink.lowrank.ModelProfile) of a
     LowRank("profile") stage, or the cross-layer predictors (kvlink.predict.PredictorProfile) of a
     Predict stage (the codec's recipe then names its hash; the two stages do not compose). residual: the
-    residual profile (kvlink.residual.ResidualProfile) of a Pca stage, fitted on those predictors."""
+    residual profile (kvlink.residual.ResidualProfile) of a Pca stage, fitted on those predictors (or both
+    as `profile`, a kvlink.residual.TransformProfiles)."""
 
     def __init__(
         self, recipe: Recipe, geometry: Geometry, profile: Any | None = None, residual: Any | None = None
@@ -190,6 +191,11 @@ class Codec:
             raise TypeError(f"Codec takes a kvlink.recipe.Recipe, got {type(recipe).__name__}")
         recipe.check(geometry)
         from kvlink.predict import PredictorProfile
+        from kvlink.residual import TransformProfiles
+
+        if isinstance(profile, TransformProfiles):  # transform coding's predictors and residual profile
+            residual = profile.residual
+            profile = profile.predictors
 
         profiled = [s for s in recipe.stages() if isinstance(s, LowRank) and s.mode == "profile"]
         if profiled:

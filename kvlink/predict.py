@@ -259,18 +259,40 @@ class PredictorProfile(CanonicalFile):
 
 def is_predictor_file(path: str | Path) -> bool:
     """Whether `path` is a predictor profile (by its metadata's format), without loading its tensors."""
+    return file_format(path) == PREDICTOR_FORMAT
+
+
+def file_format(path: str | Path) -> str | None:
+    """The metadata format of the profile file `path` (None when it has none), without loading its tensors."""
     with Path(path).open("rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
-            return False
+            return None
         (size,) = struct.unpack("<Q", head)
         if size > 1 << 20:
-            return False
+            return None
         try:
             header = json.loads(handle.read(size))
         except ValueError:
-            return False
-    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == PREDICTOR_FORMAT
+            return None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        return None
+    fmt = header["__metadata__"].get("format")
+    return fmt if isinstance(fmt, str) else None
+
+
+def load_profile(path: str | Path) -> Any:
+    """The calibrated profile in `path`, by its format: a low-rank projection (kvlink.lowrank.ModelProfile),
+    predictors (PredictorProfile) or a residual profile (kvlink.residual.ResidualProfile)."""
+    from kvlink.lowrank import ModelProfile
+    from kvlink.residual import RESIDUAL_FORMAT, ResidualProfile
+
+    fmt = file_format(path)
+    if fmt == PREDICTOR_FORMAT:
+        return PredictorProfile.load(path)
+    if fmt == RESIDUAL_FORMAT:
+        return ResidualProfile.load(path)
+    return ModelProfile.load(path)
 
 
 # --- fitting ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -129,6 +129,22 @@ class ResidualProfile(CanonicalFile):
         j = self.scales[(layer, kind)].to(torch.int64).cpu().numpy() - coarse + o
         return np.clip(j, ans.J_MIN, ans.J_MAX) - ans.J_MIN  # type: ignore[no-any-return]
 
+    def check_fingerprint(self, fingerprint: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise ValueError(
+                f"residual profile was fitted for model {self.fingerprint[:12]!r}, not for {fingerprint[:12]!r}"
+            )
+
+    def to(self, device: torch.device | str) -> ResidualProfile:
+        """The same profile (same hash) with its means and bases on `device`."""
+        moved = replace(
+            self,
+            means={k: t.to(device) for k, t in self.means.items()},
+            bases={k: t.to(device) for k, t in self.bases.items()},
+        )
+        moved.__dict__["hash"] = self.hash
+        return moved
+
     def check_geometry(self, geometry: Any) -> None:
         """ValueError unless this profile was fitted for a model of `geometry`'s layers, heads and dims."""
         mine = (self.layers, self.kv_heads, self.head_dim)
@@ -204,6 +220,51 @@ class ResidualProfile(CanonicalFile):
         profile = cls.from_bytes(Path(path).read_bytes(), source=str(path))
         logger.info("loaded residual profile %s from %s", profile.hash[:12], path)
         return profile
+
+
+@dataclass(frozen=True)
+class TransformProfiles:
+    """What transform coding (Predict + Pca) decodes with: the predictors and the residual profile fitted
+    on their residuals. Held and passed as one profile (kvlink-serve --profile, kvlink-send --profile, a
+    Codec's `profile`); `hashes` are the two the message's stages name."""
+
+    predictors: PredictorProfile
+    residual: ResidualProfile
+
+    def __post_init__(self) -> None:
+        self.residual.check_for(self.predictors)
+
+    @property
+    def hash(self) -> str:
+        return self.residual.hash
+
+    @property
+    def hashes(self) -> tuple[str, str]:
+        return (self.predictors.hash, self.residual.hash)
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        self.predictors.check_fingerprint(fingerprint)
+        self.residual.check_fingerprint(fingerprint)
+
+    def to(self, device: torch.device | str) -> TransformProfiles:
+        return TransformProfiles(self.predictors.to(device), self.residual.to(device))
+
+
+def pair_profiles(profiles: Sequence[Any]) -> list[Any]:
+    """`profiles` with each residual profile joined to the predictors it was fitted on (TransformProfiles),
+    those predictors kept on their own too; ValueError naming a residual profile whose predictors are not
+    among them."""
+    predictors = {p.hash: p for p in profiles if isinstance(p, PredictorProfile)}
+    out = [p for p in profiles if not isinstance(p, ResidualProfile)]
+    for p in profiles:
+        if isinstance(p, ResidualProfile):
+            if p.predictors not in predictors:
+                raise ValueError(
+                    f"residual profile {p.hash[:12]} was fitted on predictors {p.predictors[:12]}: give that "
+                    "predictor profile too"
+                )
+            out.append(TransformProfiles(predictors[p.predictors], p))
+    return out
 
 
 # --- fitting ---------------------------------------------------------------------------------------------

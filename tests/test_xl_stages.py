@@ -4,13 +4,15 @@ cache), crosses the wire, and refuses what does not compose, a foreign profile a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
+import grpc
 import pytest
 import torch
 from test_xl import _fit, _kv
 
-from conftest import TINY_FAMILIES
+from conftest import TINY_FAMILIES, random_ids
 from kvlink import ans, wire, xl
 from kvlink.capabilities import CapabilityError, check, local_capabilities
 from kvlink.codec import Codec, EncodedKV, Part, decode_cost
@@ -174,3 +176,114 @@ def test_global_selection_composes(fitted) -> None:
     assert all(torch.equal(p, kept[0]) for p in decoded.positions)
     core = xl.encode(kv.select(kept), predictors, residual, rate=-32)
     assert [t.parts["codes"].data for t in encoded.tensors] == core.streams
+
+
+# --- the receiver -----------------------------------------------------------------------------------------
+TINY = "random:tiny-llama"
+CONTEXT = " ".join(f"Paragraph {i} says that the code of box {i} is {7 * i + 3}." for i in range(12))
+QUESTION = "What is the code of box 4?"
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The tiny random Llama with a real tokenizer, its predictors and residual profile fitted on it."""
+    from kvlink.layerbits import Sensitivity
+    from kvlink.models import load_model
+    from kvlink.predict import fit_predictors
+    from kvlink.residual import fit_residuals
+
+    lm = load_model(TINY)
+    texts = [random_ids(64, seed=200 + i) for i in range(6)]
+    recipe = Recipe.from_name("xpred+kint2c/vint2t-g16+sink1")
+    predictors = fit_predictors(lm.model, texts, recipe, lm.fingerprint)
+    layers = lm.geometry.num_layers
+    sensitivity = Sensitivity("tiny", k=(0.1,) * layers, v=(0.05,) * layers)
+    return lm, predictors, fit_residuals(lm.model, texts, predictors, recipe, sensitivity)
+
+
+@contextlib.asynccontextmanager
+async def _receiver(lm, profiles):
+    from kvlink.metrics import MetricsRegistry
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
+
+    service = KVLinkService(lm, SessionStore(), MetricsRegistry(), profiles=profiles)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        await server.stop(None)
+
+
+async def test_a_receiver_holding_the_profiles_answers_as_the_sender_does_locally(served) -> None:
+    from kvlink.budget import Constraints
+    from kvlink.cache import prefill
+    from kvlink.client.sender import send_context
+    from kvlink.generate import greedy_answer
+    from kvlink.prompt import context_ids, question_ids
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = served
+    profiles = TransformProfiles(predictors, residual)
+    recipe = Recipe.from_name("xpred+fp16+pca1-r-64+ans")
+    async with _receiver(lm, [residual, predictors]) as (target, service):
+        assert {"pca", "ans", "predict"} <= service.capabilities
+        assert {predictors.hash, residual.hash} <= set(service.profile_hashes)
+        result = await send_context(
+            target, CONTEXT, QUESTION, 1.0, lm=lm, constraints=Constraints(recipe=recipe, zstd=False),
+            max_new_tokens=6, profile=profiles,
+        )  # fmt: skip
+        held = service.store.get("anonymous", result.session_id, result.message_id)
+    assert result.plan.recipe.name == recipe.name
+    local = Codec(recipe, lm.geometry, profiles)
+    ctx, q = context_ids(lm.tokenizer, CONTEXT), question_ids(lm.tokenizer, QUESTION)
+    kv = local.decode(local.encode_kv(prefill(lm.model, ctx).kv))
+    assert held is not None  # the receiver's cache is the sender's own decode, bit for bit
+    for a, b in zip(held.keys + held.values, kv.keys + kv.values, strict=True):
+        assert torch.equal(a.cpu(), b.to(a.dtype).cpu())
+    expected = greedy_answer(lm.model, lm.tokenizer, kv, q, max_new_tokens=6)
+    assert list(result.answer.token_ids) == expected.token_ids
+
+
+async def test_a_receiver_without_the_residual_profile_is_refused_at_the_hello(served) -> None:
+    from kvlink.budget import Constraints
+    from kvlink.client.sender import SendError, send_context
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = served
+    recipe = Recipe.from_name("xpred+fp16+pca1-r-64+ans")
+    async with _receiver(lm, [predictors]) as (target, service):
+        assert "predict" in service.capabilities and not {"pca", "ans"} & service.capabilities
+        with pytest.raises(SendError) as info:
+            await send_context(
+                target, CONTEXT, QUESTION, 1.0, lm=lm, constraints=Constraints(recipe=recipe, zstd=False),
+                profile=TransformProfiles(predictors, residual),
+            )  # fmt: skip
+    assert info.value.code == "UNKNOWN_CODEC" and residual.hash in info.value.message
+    assert predictors.hash not in info.value.message.split("holds:")[0]  # the one it lacks is named
+
+
+def test_a_residual_profile_without_its_predictors_is_refused_at_start(served) -> None:
+    from kvlink.metrics import MetricsRegistry
+    from kvlink.server.service import KVLinkService
+    from kvlink.server.store import SessionStore
+
+    lm, _, residual = served
+    with pytest.raises(ValueError, match="give that predictor profile too"):
+        KVLinkService(lm, SessionStore(), MetricsRegistry(), profiles=[residual])
+
+
+def test_kvlink_send_reads_a_residual_profile_and_its_predictors(served, tmp_path) -> None:
+    from kvlink.client.main import UsageError, read_profile
+    from kvlink.residual import TransformProfiles
+
+    _, predictors, residual = served
+    p, r = predictors.save(tmp_path / "p.safetensors"), residual.save(tmp_path / "r.safetensors")
+    both = read_profile([str(r), str(p)])
+    assert isinstance(both, TransformProfiles) and both.hashes == (predictors.hash, residual.hash)
+    assert read_profile([str(p)]).hash == predictors.hash and read_profile([]) is None
+    with pytest.raises(UsageError, match="give that predictor profile too"):
+        read_profile([str(r)])

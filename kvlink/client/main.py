@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         "kvlink.recipe); it must fit the budget. Default: the planner chooses",
     )  # fmt: skip
     p.add_argument(
-        "--profile", metavar="FILE", default=None,
-        help="the calibrated profile a --config recipe needs: the low-rank projection of 'profile-r<n>' "
-        "or the predictors of 'xpred' (the receiver must hold the same one: kvlink-serve --profile FILE)",
+        "--profile", metavar="FILE", action="append", default=[],
+        help="the calibrated profile a --config recipe needs: the low-rank projection of 'profile-r<n>', "
+        "the predictors of 'xpred', or for 'pca' the residual profile and its predictors (this option twice); "
+        "the receiver must hold the same: kvlink-serve --profile FILE",
     )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")
@@ -253,16 +254,34 @@ def constraints_from_args(args: argparse.Namespace) -> Constraints:
         raise UsageError(str(exc)) from None
 
 
-def read_profile(path: str) -> Any:
-    """The calibrated profile in `path` (kvlink.lowrank.ModelProfile, or kvlink.predict.PredictorProfile
-    by the file's format); UsageError naming the file."""
-    from kvlink.lowrank import ModelProfile
-    from kvlink.predict import PredictorProfile, is_predictor_file
+def read_profile(paths: list[str]) -> Any:
+    """The calibrated profile in `paths` (each file by its format: kvlink.lowrank.ModelProfile,
+    kvlink.predict.PredictorProfile, or a kvlink.residual.ResidualProfile with its predictors, joined into
+    one TransformProfiles), or None for none; UsageError naming the file, or when they are not one profile."""
+    from kvlink.predict import load_profile
+    from kvlink.residual import TransformProfiles, pair_profiles
 
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(load_profile(path))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--profile {path!r}: {exc}") from None
     try:
-        return PredictorProfile.load(path) if is_predictor_file(path) else ModelProfile.load(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--profile {path!r}: {exc}") from None
+        profiles = pair_profiles(loaded)
+    except ValueError as exc:
+        raise UsageError(f"--profile: {exc}") from None
+    bundles = [p for p in profiles if isinstance(p, TransformProfiles)]
+    if bundles:  # the predictors that came with a residual profile belong to it
+        inside = {b.predictors.hash for b in bundles}
+        profiles = [
+            *bundles,
+            *(p for p in profiles if not isinstance(p, TransformProfiles) and p.hash not in inside),
+        ]
+    if len(profiles) > 1:
+        raise UsageError(f"--profile: {len(profiles)} profiles given, a message uses one (or a residual profile "
+                         "and its predictors)")  # fmt: skip
+    return profiles[0] if profiles else None
 
 
 def read_context(source: str) -> str:
@@ -445,7 +464,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--explain-top must be >= 0, got {args.explain_top}")
     security = security_from_args(args)
     context = read_context(args.context)
-    profile = read_profile(args.profile) if args.profile else None
+    profile = read_profile(args.profile)
     try:
         models.check_device(args.device)
         models.check_model(args.model, args.download)

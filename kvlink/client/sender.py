@@ -615,17 +615,20 @@ async def _send(
         raise ValueError(f"min_rate_bps must be > 0, got {min_rate_bps!r}")
     pinned = config or (constraints.recipe if constraints is not None else None)
     profiled = (
-        pinned if pinned is not None and {"lowrank:profile", "predict"} & pinned.capabilities() else None
+        pinned
+        if pinned is not None and {"lowrank:profile", "predict", "pca"} & pinned.capabilities()
+        else None
     )
-    needed_profile: str | None = None  # the hash of the calibrated profile the receiver must hold
+    needed: tuple[str, ...] = ()  # the hashes of the calibrated profiles the receiver must hold
     if profiled is not None:
         if profile is None:
             raise ValueError(
                 f"recipe {profiled.name!r} {'predicts' if profiled.has('predict') else 'projects'} with a "
-                "calibrated profile: pass it (profile=, a kvlink.lowrank.ModelProfile or "
-                "kvlink.predict.PredictorProfile that the receiver holds too)"
+                "calibrated profile: pass it (profile=, a kvlink.lowrank.ModelProfile, "
+                "kvlink.predict.PredictorProfile or kvlink.residual.TransformProfiles that the receiver "
+                "holds too)"
             )
-        needed_profile = profile.hash
+        needed = tuple(getattr(profile, "hashes", (profile.hash,)))
     stage = on_stage or (lambda name, detail: None)
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
@@ -637,11 +640,12 @@ async def _send(
         channel = await stack.enter_async_context(security.channel(target, channel_options()))
         welcome = await hello(channel, fingerprint, timeout=timeout, metadata=meta)
         chunk_bytes = min(1 << 20, welcome.max_chunk_bytes)
-        if profiled is not None and needed_profile not in welcome.profile_hashes:
+        lacking = [h for h in needed if h not in welcome.profile_hashes]
+        if profiled is not None and lacking:
             held = ", ".join(welcome.profile_hashes) or "none"
             raise SendError(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"the receiver does not hold the calibrated profile {needed_profile} that recipe "
+                f"the receiver does not hold the calibrated profile {', '.join(lacking)} that recipe "
                 f"{profiled.name!r} needs (it holds: {held}); start it with --profile FILE",
                 code="UNKNOWN_CODEC", rpc="Hello",
             )  # fmt: skip

@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", metavar="FILE", action="append", default=[],
         help="a calibrated profile of the model (.safetensors; repeatable): a low-rank projection "
-        "(kvlink.lowrank) or cross-layer predictors (kvlink.predict, the xpred stage): messages that "
-        "use it are decoded, and its hash is advertised",
+        "(kvlink.lowrank), cross-layer predictors (kvlink.predict, the xpred stage) or a residual profile "
+        "(kvlink.residual, the pca stage; give its predictors too): messages that use it are decoded, and "
+        "its hash is advertised",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="model dtype")
 
@@ -564,13 +565,9 @@ async def serve(args: argparse.Namespace, security: Security | None = None) -> i
         args.max_cached_bytes // 2 if guard.mode in ("tenants", "certificates") else args.max_cached_bytes
     )
     store = SessionStore(ttl_s=args.session_ttl, max_bytes=args.max_cached_bytes, owner_max_bytes=share)
-    from kvlink.lowrank import ModelProfile
-    from kvlink.predict import PredictorProfile, is_predictor_file
+    from kvlink.predict import load_profile
 
-    profiles: list[Any] = [
-        PredictorProfile.load(path) if is_predictor_file(path) else ModelProfile.load(path)
-        for path in args.profile
-    ]
+    profiles: list[Any] = [load_profile(path) for path in args.profile]
     make_service: Callable[..., KVLinkService] = KVLinkService
     if args.store:  # a replica of a fleet: its messages go to the shared store too
         from kvlink.server.fleet import FleetService, open_shared

@@ -234,19 +234,25 @@ class KVLinkService:
         self.max_new_tokens = max_new_tokens
         self.max_question_tokens = max_question_tokens
         from kvlink.predict import PredictorProfile
+        from kvlink.residual import ResidualProfile, TransformProfiles, pair_profiles
 
-        held = [p.to(lm.device) for p in profiles]
+        held = [p.to(lm.device) for p in pair_profiles(list(profiles))]
         for p in held:
             p.check_fingerprint(lm.fingerprint)
+        self.residuals = {p.hash: p for p in held if isinstance(p, TransformProfiles)}
         self.predictors = {p.hash: p for p in held if isinstance(p, PredictorProfile)}
-        self.profiles = {p.hash: p for p in held if not isinstance(p, PredictorProfile)}
-        self.profile_hashes = tuple(sorted({*self.profiles, *self.predictors}))
+        self.predictors.update({p.predictors.hash: p.predictors for p in self.residuals.values()})
+        self.profiles = {
+            p.hash: p
+            for p in held
+            if not isinstance(p, PredictorProfile | ResidualProfile | TransformProfiles)
+        }
+        self.profile_hashes = tuple(sorted({*self.profiles, *self.predictors, *self.residuals}))
         # What it decodes: everything registered here, low rank by a profile (cross-layer prediction by
-        # predictors) only when it holds one; not yet transform coding (pca, ans): it holds no residual
-        # profiles (kvlink.residual), so a sender's capability check refuses such a recipe before sending.
+        # predictors, transform coding by a residual profile) only when it holds one.
         self.capabilities = local_capabilities(
             profiles=bool(self.profiles), text_segments=text_segments, predictors=bool(self.predictors),
-            residuals=False,
+            residuals=bool(self.residuals),
         )  # fmt: skip
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int) and vocab > 0:
@@ -350,8 +356,12 @@ class KVLinkService:
 
     def profile_of(self, encoded: EncodedKV) -> Any:
         """The calibrated profile held here that `encoded` decodes with (None: none it names is held):
-        the predictors its stages name (Predict), else the low-rank projection its header names."""
+        the predictors and residual profile its stages name (Predict and Pca: transform coding), the
+        predictors (Predict), else the low-rank projection its header names."""
         named = [h for stage in encoded.recipe.stages() for h in stage.profiles()]
+        pca = [s.profile for s in encoded.recipe.stages() if s.name == "pca"]  # type: ignore[attr-defined]
+        if pca:
+            return self.residuals.get(pca[0])
         if named:
             return self.predictors.get(named[0])
         return self.profiles.get(encoded.profile_hash or "")
