@@ -42,7 +42,7 @@ from kvlink.quant import TOKEN_WIDTH_FORMATS, WIDTH_FORMATS
 from kvlink.quant.formats import format_spec
 from kvlink.recipe import Recipe, build, format_of, migrate_name
 from kvlink.select import SCOPES, get_selector
-from kvlink.stages import LowRank, Quantize, Select, Sink
+from kvlink.stages import LowRank, Pca, Quantize, Select, Sink
 from kvlink.stages.select import DEFAULT_WINDOW
 
 ROTATIONS: tuple[str, ...] = ("none", "k", "v", "kv")
@@ -824,6 +824,65 @@ def _rank(c: Candidate) -> tuple[bool, float, int]:
     return (unknown, 0.0 if unknown else -c.expected_quality, c.estimated_bytes)
 
 
+def fit_rate(
+    recipe: Recipe,
+    prefill: Prefill,
+    geometry: Geometry,
+    profile: Any,
+    budget_bytes: int,
+    framed: Callable[[EncodedKV], int],
+) -> Recipe:
+    """`recipe` (with a Pca stage) at the finest rate index whose message, `framed` (its wire bytes), fits
+    `budget_bytes`; at the coarsest rate when none does (the planner then reports it unreachable). The
+    search runs on the entropy model's code length (kvlink.xl.estimated_bytes, no rANS pass) plus the
+    framing measured once, then settles on exact sizes (a size falls as the rate index rises)."""
+    from kvlink import xl
+    from kvlink.residual import TransformProfiles
+    from kvlink.stages.pca import RATES
+
+    if not isinstance(profile, TransformProfiles):
+        raise ValueError(
+            f"recipe {recipe.name!r} codes with a residual profile: pass it with its predictors (profile=, a "
+            "kvlink.residual.TransformProfiles)"
+        )
+    pca = next(s for s in recipe.stages() if isinstance(s, Pca))
+
+    def at(rate: int) -> Recipe:
+        return recipe.replacing(pca, pca.at(rate))
+
+    first = Codec(at(0), geometry, profile)
+    kept = first.select(prefill)
+    kv = prefill.kv.select(kept) if kept is not None else prefill.kv
+
+    def exact(rate: int) -> int:
+        return framed(Codec(at(rate), geometry, profile).encode_kv(prefill.kv, kept, prefill.observation))
+
+    encoded = first.encode_kv(prefill.kv, kept, prefill.observation)
+    body = sum(
+        len(p.data) for t in encoded.tensors for name, p in t.parts.items() if name in ("codes", "sink")
+    )
+    overhead = framed(encoded) - body  # positions, framing: the same at any rate
+
+    def estimate(rate: int) -> float:
+        return xl.estimated_bytes(kv, profile.predictors, profile.residual, rate, pca.sink) + overhead
+
+    lo, hi = RATES.start, RATES.stop - 1  # bytes fall as the rate index rises
+    if estimate(hi) > budget_bytes:
+        return at(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate(mid) > budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    rate = hi
+    while exact(rate) > budget_bytes and rate < RATES.stop - 1:
+        rate += 1
+    while rate > RATES.start and exact(rate - 1) <= budget_bytes:
+        rate -= 1
+    return at(rate)
+
+
 def _estimate(codec: Codec, length: int) -> int:
     """Upper bound of the wire bytes of `codec`'s message before encoding."""
     sizes = codec.predicted_sizes(length)
@@ -911,7 +970,14 @@ def plan(
             estimates[size_key] = est
         return est
 
+    def framed(encoded: EncodedKV) -> int:
+        size, allowance = framed_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
+        return size.total + allowance  # type: ignore[no-any-return]
+
     for recipe in candidate_recipes(geometry, constraints, sensitivity):
+        pca = next((s for s in recipe.stages() if isinstance(s, Pca)), None)
+        if pca is not None and pca.rate is None:  # transform coding: the finest rate that fits the budget
+            recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
         if recipe.per_layer("k") or recipe.per_layer("v"):  # no prior for an allocation: only a measurement
             base = quality.measured(recipe, length)
             best = _measured_best(quality, recipe, base, free, length)

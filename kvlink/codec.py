@@ -35,7 +35,7 @@ from kvlink.quant import QuantizedTensor, QuantSpec, part_sizes, widths_shape
 from kvlink.quant.widths import unpack_widths
 from kvlink.recipe import KINDS, Pipeline, Recipe
 from kvlink.select import keep_count
-from kvlink.stages import Item, LowRank, Pca, Predict, Quantize, Stage, Transform
+from kvlink.stages import Item, LowRank, Pca, Predict, Quantize, Transform
 from kvlink.stages.predict import PredictState
 from kvlink.stages.tensors import from_bytes
 
@@ -215,7 +215,7 @@ class Codec:
                 )
             profile.check_geometry(geometry)
             bound = predicts[0].bind(profile.hash)  # the profile travels by hash in the stage
-            recipe = _with_stage(recipe, predicts[0], bound)
+            recipe = recipe.replacing(predicts[0], bound)
         pcas = [s for s in recipe.stages() if isinstance(s, Pca)]
         if pcas:
             from kvlink.residual import ResidualProfile
@@ -228,7 +228,7 @@ class Codec:
             assert isinstance(profile, PredictorProfile)  # Pca.check_recipe: pca comes with predict
             residual.check_for(profile)
             residual.check_geometry(geometry)
-            recipe = _with_stage(recipe, pcas[0], pcas[0].bind(residual.hash))
+            recipe = recipe.replacing(pcas[0], pcas[0].bind(residual.hash))
         self.recipe = recipe
         self.geometry = geometry
         self.profile = profile
@@ -539,16 +539,6 @@ def decode_cost(encoded: EncodedKV, dtype: torch.dtype) -> int:
     if encoded.recipe.ans is not None:  # the decoded symbols (int32), as float16 parts, and the lanes' tables
         working += fp32 + raw + 8 * sum(t.stored[0] * t.stored[2] for t in encoded.tensors)
     return decoded + positions + 2 * raw + working
-
-
-def _with_stage(recipe: Recipe, old: Stage, new: Stage) -> Recipe:
-    """`recipe` with stage `old` replaced by `new` in every pipeline."""
-    from dataclasses import replace
-
-    def swap(layers: tuple[Pipeline, ...]) -> tuple[Pipeline, ...]:
-        return tuple(tuple(new if s == old else s for s in p) for p in layers)
-
-    return replace(recipe, k=swap(recipe.k), v=swap(recipe.v))
 
 
 def _quantized(

@@ -218,6 +218,14 @@ class Recipe:
     def with_zstd(self, level: int | None) -> Recipe:
         return replace(self, zstd=Zstd(level) if level else None)
 
+    def replacing(self, old: Stage, new: Stage) -> Recipe:
+        """This recipe with tensor stage `old` replaced by `new` in every pipeline."""
+
+        def swap(layers: tuple[Pipeline, ...]) -> tuple[Pipeline, ...]:
+            return tuple(tuple(new if s == old else s for s in p) for p in layers)
+
+        return replace(self, k=swap(self.k), v=swap(self.v))
+
     def without(self, name: str, kind: str | None = None) -> Recipe:
         """This recipe less every `name` transform (of `kind`), or its Select ("select"), or its question-
         aware quantization ("round": the rounding; "kwidths", "vwidths": the widths of that kind)."""

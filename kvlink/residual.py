@@ -267,6 +267,48 @@ def pair_profiles(profiles: Sequence[Any]) -> list[Any]:
     return out
 
 
+XL_FIT = "xpred+kint2c/vint2t-g64+sink1"
+"""The recipe transform coding's predictors are fitted through (the closed loop at INT2, as screened)."""
+
+
+def residual_path(fingerprint: str, predictors_hash: str) -> Path:
+    """Where the residual profile of the model with `fingerprint` on the predictors `predictors_hash` is
+    cached: <cache_dir>/profiles/<fingerprint>-residual-<12 hex of the predictors' hash>.safetensors."""
+    from kvlink.lowrank import default_profile_path
+
+    base = default_profile_path(fingerprint)
+    return base.with_name(f"{fingerprint}-residual-{predictors_hash[:12]}.safetensors")
+
+
+def cached_transform_profiles(lm: Any, texts: int | None = None) -> TransformProfiles:
+    """The predictors and residual profile transform coding (`xpred+fp16+pca...+ans`) uses on `lm`: loaded
+    from the cache or fitted on the calibration split's odd paragraphs (`texts` of them; all when None)
+    and saved there. The residual's step weights come from the model's sensitivity profile (ValueError
+    when it has none: `kvlink-bench sensitivity` measures one)."""
+    from kvlink.layerbits import Sensitivity
+    from kvlink.predict import cached_predictors, fit_texts
+    from kvlink.prompt import context_ids
+    from kvlink.recipe import Recipe
+
+    recipe = Recipe.from_name(XL_FIT)
+    predictors = cached_predictors(lm, recipe, texts)
+    path = residual_path(lm.fingerprint, predictors.hash)
+    if path.is_file():
+        residual = ResidualProfile.load(path)
+        residual.check_fingerprint(lm.fingerprint)
+    else:
+        sensitivity = Sensitivity.for_model(lm.fingerprint, lm.name)
+        if sensitivity is None:
+            raise ValueError(
+                f"transform coding weighs each tensor by its measured sensitivity, and {lm.name} has no "
+                f"sensitivity profile: measure one first (kvlink-bench sensitivity --model {lm.name})"
+            )
+        ids = [context_ids(lm.tokenizer, t).to(lm.device) for t in fit_texts(texts)]
+        residual = fit_residuals(lm.model, ids, predictors, recipe, sensitivity)
+        residual.save(path)
+    return TransformProfiles(predictors, residual.to(lm.device))
+
+
 # --- fitting ---------------------------------------------------------------------------------------------
 def _int2_mse(x: Tensor, kind: str) -> float:
     """Mean squared error of `x` (H, N, D) under INT2 in groups of 64 (keys per channel, values per token):

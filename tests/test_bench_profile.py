@@ -58,3 +58,33 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="exists"):
         main(["profile", "--model", TINY, "--config", "xpred+kint4c/vint4t-g64", "--out", str(out)])
     assert out.read_bytes() == b"mine"  # nothing lost
+
+
+def test_transform_coding_profiles_are_written_as_a_pair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvlink.layerbits import Sensitivity, default_path
+    from kvlink.predict import load_profile
+    from kvlink.residual import ResidualProfile, pair_profiles
+
+    out = tmp_path / "xl.safetensors"
+    argv = ["profile", "--model", TINY, "--config", "xpred+fp16+pca1+ans", "--out", str(out)]
+    with pytest.raises(SystemExit, match="no sensitivity profile: measure one first"):
+        main(argv)
+    lm = load_model(TINY)
+    layers = lm.geometry.num_layers
+    Sensitivity(lm.name, k=tuple(0.1 * (i + 1) for i in range(layers)), v=(0.05,) * layers).save(
+        default_path(lm.fingerprint)
+    )
+    assert main(argv) == 0
+    twin = tmp_path / "xl-predictors.safetensors"
+    residual, predictors = ResidualProfile.load(out), PredictorProfile.load(twin)
+    assert residual.predictors == predictors.hash and residual.fingerprint == lm.fingerprint
+    assert predictors.fitted_for == "xpred+kint2c/vint2t-g64+sink1"  # fitted through INT2, as screened
+    printed = capsys.readouterr().out
+    assert f"sha256 {residual.hash}" in printed and f"--profile {out} --profile {twin}" in printed
+    # The files load by their format and pair into what a codec and a receiver hold.
+    (paired,) = [p for p in pair_profiles([load_profile(out), load_profile(twin)]) if hasattr(p, "hashes")]
+    assert paired.hashes == (predictors.hash, residual.hash)
+    again = tmp_path / "again.safetensors"  # cached: the same bytes
+    assert main([*argv[:-1], str(again)]) == 0 and again.read_bytes() == out.read_bytes()

@@ -228,16 +228,17 @@ async def test_a_receiver_holding_the_profiles_answers_as_the_sender_does_locall
 
     lm, predictors, residual = served
     profiles = TransformProfiles(predictors, residual)
-    recipe = Recipe.from_name("xpred+fp16+pca1-r-64+ans")
+    free = Recipe.from_name("xpred+fp16+pca1+ans")  # the planner fits the rate to the budget
     async with _receiver(lm, [residual, predictors]) as (target, service):
         assert {"pca", "ans", "predict"} <= service.capabilities
         assert {predictors.hash, residual.hash} <= set(service.profile_hashes)
         result = await send_context(
-            target, CONTEXT, QUESTION, 1.0, lm=lm, constraints=Constraints(recipe=recipe, zstd=False),
+            target, CONTEXT, QUESTION, 0.5, lm=lm, constraints=Constraints(recipe=free, zstd=False),
             max_new_tokens=6, profile=profiles,
         )  # fmt: skip
         held = service.store.get("anonymous", result.session_id, result.message_id)
-    assert result.plan.recipe.name == recipe.name
+    recipe = result.plan.recipe
+    assert recipe.name.startswith("xpred+fp16+pca1-r") and result.plan.total_bytes <= result.plan.budget_bytes
     local = Codec(recipe, lm.geometry, profiles)
     ctx, q = context_ids(lm.tokenizer, CONTEXT), question_ids(lm.tokenizer, QUESTION)
     kv = local.decode(local.encode_kv(prefill(lm.model, ctx).kv))
@@ -287,3 +288,32 @@ def test_kvlink_send_reads_a_residual_profile_and_its_predictors(served, tmp_pat
     assert read_profile([str(p)]).hash == predictors.hash and read_profile([]) is None
     with pytest.raises(UsageError, match="give that predictor profile too"):
         read_profile([str(r)])
+
+
+# --- the planner: the rate fitted to a budget ----------------------------------------------------------------
+def test_the_planner_fits_the_finest_rate_that_fits_the_budget(fitted) -> None:
+    from kvlink.budget import BudgetError, Constraints, framed_size, plan
+    from kvlink.cache import prefill
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = fitted
+    profiles = TransformProfiles(predictors, residual)
+    pre = prefill(lm.model, random_ids(300, seed=4))
+    free = Recipe.from_name("xpred+fp16+pca1+ans")
+    assert free.name == "xpred+fp16+pca1+ans" and Recipe.from_dict(free.to_dict()) == free
+    with pytest.raises(ValueError, match="rate is left to the planner"):
+        Codec(free, lm.geometry, profiles)
+    for budget in (0.3, 0.2):
+        chosen = plan(pre, lm.geometry, lm.fingerprint, budget, constraints=Constraints(recipe=free, zstd=False),
+                      session_id="s" * 32, message_id="m" * 32, profile=profiles)  # fmt: skip
+        pca = next(s for s in chosen.recipe.stages() if s.name == "pca")
+        assert pca.rate is not None and chosen.total_bytes <= chosen.budget_bytes
+        finer = Codec(chosen.recipe.replacing(pca, pca.at(pca.rate - 1)), lm.geometry, profiles)
+        size, allowance = framed_size(finer.encode_kv(pre.kv), "s" * 32, "m" * 32, lm.fingerprint, 1 << 20)
+        assert size.total + allowance > chosen.budget_bytes  # one step finer does not fit
+    with pytest.raises(BudgetError, match="pca1-r640"):
+        plan(pre, lm.geometry, lm.fingerprint, 0.002, constraints=Constraints(recipe=free, zstd=False),
+             profile=profiles)  # fmt: skip
+    with pytest.raises(ValueError, match="TransformProfiles"):
+        plan(pre, lm.geometry, lm.fingerprint, 0.25, constraints=Constraints(recipe=free, zstd=False),
+             profile=predictors)  # fmt: skip

@@ -33,7 +33,10 @@ def _pca(tensor: Any) -> Any:
 
 
 def _tables(residual: Any, tensors: list[Any]) -> np.ndarray:
-    return np.stack([residual.tables_for(t.layer, t.kind, _pca(t).rate) for t in tensors])
+    rates = [_pca(t).rate for t in tensors]
+    if any(r is None for r in rates):
+        raise ValueError("ans needs the pca stage's rate: a message always has one")
+    return np.stack([residual.tables_for(t.layer, t.kind, r) for t, r in zip(tensors, rates, strict=True)])
 
 
 @register

@@ -10,6 +10,7 @@ codes them under the profile's Laplace tables (kvlink.stages.ans). The receiver'
 out is the closed loop's, so the sender predicts from what the receiver decodes.
 
     xpred+fp16+pca1-r-96+ans        # predictors, 1 sink row, rate index -96 (finer: lower), rANS
+    xpred+fp16+pca1+ans             # the rate left to the planner: the finest that fits the budget
 
 The residual profile travels by hash (`profile`; "": the codec's own, bound when the codec is made), like
 Predict's predictors; a receiver decodes the stage only when it holds it.
@@ -51,13 +52,15 @@ class Pca(Transform):
     stackable: ClassVar[bool] = False  # a basis and a step per tensor
 
     sink: int = 1
-    rate: int = 0
+    rate: int | None = None
     profile: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"pca sink rows must be an integer >= 0, got {self.sink!r}")
-        if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate not in RATES:
+        if self.rate is not None and (
+            isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate not in RATES
+        ):
             raise ValueError(
                 f"pca rate must be an integer in [{RATES.start}, {RATES.stop - 1}], got {self.rate!r}"
             )
@@ -66,6 +69,13 @@ class Pca(Transform):
 
     def size_key(self) -> tuple[Any, ...]:
         return ("pca", self.sink, self.rate)
+
+    def check(self, geometry: Any) -> None:
+        if self.rate is None:  # a codec and a message always have one
+            raise ValueError(
+                "pca's rate is left to the planner (a budget fits it); to encode directly, name one: "
+                f"pca{self.sink}-r<rate>"
+            )
 
     def profiles(self) -> tuple[str, ...]:
         return (self.profile,)
@@ -104,6 +114,10 @@ class Pca(Transform):
                         f"pca's symbols are carried by a float16 Quantize, got {pipeline[-1].format!r}"  # type: ignore[attr-defined]
                     )
 
+    def at(self, rate: int) -> Pca:
+        """This stage at rate index `rate`."""
+        return Pca(self.sink, rate, self.profile)
+
     def bind(self, profile_hash: str) -> Pca:
         """This stage naming `profile_hash` (ValueError when it names another profile)."""
         if self.profile and self.profile != profile_hash:
@@ -111,6 +125,10 @@ class Pca(Transform):
                 f"recipe codes with residual profile {self.profile!r}, the codec holds {profile_hash!r}"
             )
         return Pca(self.sink, self.rate, profile_hash)
+
+    def step(self, profile: Any, layer: int, kind: str) -> float:
+        assert self.rate is not None  # check(): a codec's recipe has a rate
+        return profile.step(layer, kind, self.rate)  # type: ignore[no-any-return]
 
     def apply(self, item: Item, context: Any) -> None:
         from kvlink.codec import Part
@@ -124,7 +142,7 @@ class Pca(Transform):
         raw = tensor_bytes(unrows(r[:s], x.shape[0]).to(torch.float16))
         item.parts["sink"] = Part(raw, len(raw))
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
-        step = profile.step(item.layer, item.kind, self.rate)
+        step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
         symbols = torch.round(y / step).clamp(-FP16_EXACT, FP16_EXACT)
         item.x = unrows(symbols, x.shape[0])
@@ -136,15 +154,15 @@ class Pca(Transform):
         h, n, d = item.shape
         s = self.count(n)
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
-        step = profile.step(item.layer, item.kind, self.rate)
+        step = self.step(profile, item.layer, item.kind)
         body = (rows(x.float()) * step) @ basis.T.to(x.device) + mean.to(x.device)
         head = rows(from_bytes(parts["sink"], torch.float16, (h, s, d), x.device).float())
         return unrows(torch.cat([head, body]), h)
 
     def token(self) -> str:
-        return f"pca{self.sink}-r{self.rate}"
+        return f"pca{self.sink}" + ("" if self.rate is None else f"-r{self.rate}")
 
     @classmethod
     def parse_token(cls, text: str) -> Pca | None:
-        m = re.fullmatch(r"pca(\d+)-r(-?\d+)", text)
-        return cls(int(m[1]), int(m[2])) if m else None
+        m = re.fullmatch(r"pca(\d+)(?:-r(-?\d+))?", text)
+        return cls(int(m[1]), None if m[2] is None else int(m[2])) if m else None
