@@ -57,7 +57,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("prefill_s", "prefill (sender)"),
     ("select_s", "select (sender)"),
     ("quantize_s", "quantize (sender)"),
-    ("pack_s", "pack + zstd + frame (sender)"),
+    ("pack_s", "pack + zstd or rANS + frame (sender)"),
     ("plan_s", "plan, all tries incl. select/quantize (sender)"),
     ("transfer_s", "transfer (first frame to receipt)"),
     ("receive_s", "receive (receiver: first to last frame)"),

@@ -678,7 +678,7 @@ async def _send(
         frames = await asyncio.to_thread(
             wire.to_frames, chosen.encoded, session_id, message_id, fingerprint, chunk_bytes
         )
-        timings["pack_s"] = time.perf_counter() - t0 + enc_t.get("zstd_s", 0.0)
+        timings["pack_s"] = time.perf_counter() - t0 + enc_t.get("zstd_s", 0.0) + enc_t.get("ans_s", 0.0)
         transfer_timeout = timeout + 8 * chosen.total_bytes / min_rate_bps
 
         # The first try shares the Hello connection; a retry gets a connection of its own, and the

@@ -23,9 +23,9 @@ EPILOG = """\
     kvlink-serve --profile xpred.safetensors ...
     kvlink-send --config "xpred+kint3c/vint3t-g64+sink1" --profile xpred.safetensors ...
 
-    kvlink-bench profile --config "xpred+fp16+pca1-r0+ans" --out xl.safetensors   # + xl-predictors.safetensors
+    kvlink-bench profile --config "xpred+fp16+pca1+ans" --out xl.safetensors   # + xl-predictors.safetensors
     kvlink-serve --profile xl.safetensors --profile xl-predictors.safetensors ...
-    kvlink-send --recipe "xpred+fp16+pca1-r0+ans" --budget 12.5% \
+    kvlink-send --config "xpred+fp16+pca1+ans" --budget 12.5% \\
         --profile xl.safetensors --profile xl-predictors.safetensors ...
 """
 
@@ -106,6 +106,6 @@ def _transform_profiles(lm: Any, recipe: Any, out: Path, started: float) -> int:
         f"{profiles.residual.hash})\n{twin}: its predictors ({twin.stat().st_size:,} B, sha256 "
         f"{profiles.predictors.hash}; {time.perf_counter() - started:.0f} s)\n"
         f"  receiver: kvlink-serve --profile {out} --profile {twin} ...\n"
-        f"  sender:   kvlink-send --recipe {recipe.name!r} --profile {out} --profile {twin} ..."
+        f"  sender:   kvlink-send --config {recipe.name!r} --profile {out} --profile {twin} ..."
     )
     return 0
