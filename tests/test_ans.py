@@ -155,3 +155,13 @@ def test_the_kernel_refuses_what_the_reference_refuses(monkeypatch: pytest.Monke
     with pytest.raises(ans.AnsError) as kernel:
         ans.decode(damaged, 6, tab, MODEL, device=DEVICE)
     assert str(kernel.value) == str(reference.value)
+
+
+def test_the_kernel_is_used_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not yet compiled on a GPU: a CUDA receiver decodes with the reference unless KVLINK_KERNELS=triton."""
+    monkeypatch.delenv("KVLINK_KERNELS", raising=False)
+    assert ans._backend("cuda") == "reference"
+    monkeypatch.setenv("KVLINK_KERNELS", "auto")
+    assert ans._backend("cuda:1") == "reference"
+    monkeypatch.setenv("KVLINK_KERNELS", "reference")
+    assert ans._backend("cuda") == "reference"
