@@ -442,6 +442,11 @@ def cached_predictors(lm: Any, recipe: Any, texts: int | None = None) -> Predict
     None) and saved there. Deterministic on one device and thread count: give the receiver this file."""
     from kvlink.prompt import context_ids
 
+    if recipe.has("pca"):
+        raise ValueError(
+            f"{recipe.name!r} is transform coding: its predictors come with a residual profile "
+            "(kvlink.residual.cached_transform_profiles)"
+        )
     fit = fit_recipe(recipe)
     path = predictor_path(lm.fingerprint, fit.name)
     if path.is_file():

@@ -88,3 +88,12 @@ def test_transform_coding_profiles_are_written_as_a_pair(
     assert paired.hashes == (predictors.hash, residual.hash)
     again = tmp_path / "again.safetensors"  # cached: the same bytes
     assert main([*argv[:-1], str(again)]) == 0 and again.read_bytes() == out.read_bytes()
+    # The benchmark grid encodes a transform-coding config with the same pair; the predictors alone refuse it.
+    from kvlink.eval.grid import _profile_for
+    from kvlink.predict import cached_predictors
+    from kvlink.recipe import Recipe
+
+    fixed = Recipe.from_name("xpred+fp16+pca1-r-32+ans")
+    assert _profile_for(lm, fixed, None).hashes == paired.hashes
+    with pytest.raises(ValueError, match="is transform coding"):
+        cached_predictors(lm, fixed)

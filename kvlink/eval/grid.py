@@ -433,9 +433,14 @@ def bench_profile(lm: LoadedModel, path: str | Path | None = None, texts: int = 
 
 
 def _profile_for(lm: LoadedModel, config: Recipe, profile: ModelProfile | None) -> Any:
-    """The calibrated profile `config` encodes with: its cross-layer predictors when it predicts (fitted
+    """The calibrated profile `config` encodes with: under transform coding its predictors and residual
+    profile (kvlink.residual.cached_transform_profiles); its cross-layer predictors when it predicts (fitted
     once through its quantization on the calibration split's odd paragraphs and cached:
     kvlink.predict.cached_predictors), else the benchmark's projection `profile`."""
+    if config.has("pca"):  # transform coding: the predictors and residual profile, as kvlink-bench profile
+        from kvlink.residual import cached_transform_profiles
+
+        return cached_transform_profiles(lm)
     if config.has("predict"):
         from kvlink.predict import cached_predictors
 
