@@ -838,7 +838,7 @@ def fit_rate(
     framing measured once, then settles on exact sizes (a size falls as the rate index rises)."""
     from kvlink import xl
     from kvlink.residual import TransformProfiles
-    from kvlink.stages.pca import RATES
+    from kvlink.stages.pca import FP16_EXACT, RATES
 
     if not isinstance(profile, TransformProfiles):
         raise ValueError(
@@ -850,12 +850,16 @@ def fit_rate(
     def at(rate: int) -> Recipe:
         return recipe.replacing(pca, pca.at(rate))
 
-    first = Codec(at(0), geometry, profile)
+    coarsest = RATES.stop - 1
+    first = Codec(at(coarsest), geometry, profile)
     kept = first.select(prefill)
     kv = prefill.kv.select(kept) if kept is not None else prefill.kv
 
-    def exact(rate: int) -> int:
-        return framed(Codec(at(rate), geometry, profile).encode_kv(prefill.kv, kept, prefill.observation))
+    def exact(rate: int) -> float:
+        try:
+            return framed(Codec(at(rate), geometry, profile).encode_kv(prefill.kv, kept, prefill.observation))
+        except ValueError:  # too fine for the float16 symbols (Pca refuses it): never a pick
+            return math.inf
 
     encoded = first.encode_kv(prefill.kv, kept, prefill.observation)
     body = sum(
@@ -864,9 +868,10 @@ def fit_rate(
     overhead = framed(encoded) - body  # positions, framing: the same at any rate
 
     def estimate(rate: int) -> float:
-        return xl.estimated_bytes(kv, profile.predictors, profile.residual, rate, pca.sink) + overhead
+        est = xl.estimated_bytes(kv, profile.predictors, profile.residual, rate, pca.sink, FP16_EXACT)
+        return est + overhead
 
-    lo, hi = RATES.start, RATES.stop - 1  # bytes fall as the rate index rises
+    lo, hi = RATES.start, coarsest  # bytes fall as the rate index rises (infinite where too fine)
     if estimate(hi) > budget_bytes:
         return at(hi)
     while hi - lo > 1:
@@ -876,7 +881,7 @@ def fit_rate(
         else:
             hi = mid
     rate = hi
-    while exact(rate) > budget_bytes and rate < RATES.stop - 1:
+    while exact(rate) > budget_bytes and rate < coarsest:
         rate += 1
     while rate > RATES.start and exact(rate - 1) <= budget_bytes:
         rate -= 1

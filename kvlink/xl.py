@@ -21,6 +21,7 @@ such rounding can never desynchronize the coder.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,11 +166,19 @@ def decode(
 
 
 def estimated_bytes(
-    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int = 1
+    kv: ContextKV,
+    predictors: PredictorProfile,
+    residual: ResidualProfile,
+    rate: int,
+    sink: int = 1,
+    max_symbol: int | None = None,
 ) -> float:
-    """The message body's bytes at `rate` from the entropy model's code length (no rANS pass)."""
+    """The message body's bytes at `rate` from the entropy model's code length (no rANS pass); infinite when
+    a symbol's magnitude exceeds `max_symbol` (the stages' float16 carrier: kvlink.stages.pca.FP16_EXACT)."""
     _check(predictors, residual, rate, sink)
     _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv)
+    if max_symbol is not None and symbols.numel() and int(symbols.abs().max()) > max_symbol:
+        return math.inf
     bits = residual.tables.code_bits(symbols.cpu().numpy(), _tables(residual, rate))
     tensors = 2 * residual.layers
     return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features)

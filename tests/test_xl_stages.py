@@ -317,3 +317,22 @@ def test_the_planner_fits_the_finest_rate_that_fits_the_budget(fitted) -> None:
     with pytest.raises(ValueError, match="TransformProfiles"):
         plan(pre, lm.geometry, lm.fingerprint, 0.25, constraints=Constraints(recipe=free, zstd=False),
              profile=predictors)  # fmt: skip
+
+
+def test_a_rate_too_fine_for_float16_symbols_is_refused_and_the_planner_stops_short_of_it(fitted) -> None:
+    from kvlink.budget import Constraints, plan
+    from kvlink.cache import prefill
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = fitted
+    profiles = TransformProfiles(predictors, residual)
+    pre = prefill(lm.model, random_ids(300, seed=4))
+    with pytest.raises(ValueError, match=r"pca rate -600 is too fine for this cache: .* symbols up to \d+"):
+        _codec(lm, predictors, residual, -600).encode_kv(pre.kv)
+    free = Recipe.from_name("xpred+fp16+pca1+ans")
+    chosen = plan(pre, lm.geometry, lm.fingerprint, 1.0, constraints=Constraints(recipe=free, zstd=False),
+                  profile=profiles)  # fmt: skip
+    pca = next(s for s in chosen.recipe.stages() if s.name == "pca")
+    assert chosen.total_bytes <= chosen.budget_bytes
+    with pytest.raises(ValueError, match="too fine"):  # a whole FP16 budget: the finest rate float16 carries
+        Codec(chosen.recipe.replacing(pca, pca.at(pca.rate - 1)), lm.geometry, profiles).encode_kv(pre.kv)

@@ -5,7 +5,8 @@ After Predict, each tensor is the residual of its cross-layer prediction. This s
 position, heads side by side: (N, H * D)) into the principal components of the residual profile
 (kvlink.residual.ResidualProfile: per (layer, kind) a mean and an orthonormal basis) and rounds them to
 one step per tensor, 2^(rate / 32) times the profile's weight for that tensor. The Quantize stage after
-it is float16 and carries the integer symbols exactly (|symbol| <= FP16_EXACT); the Ans entropy stage
+it is float16 and carries the integer symbols exactly (|symbol| <= FP16_EXACT: a finer rate is refused,
+and the planner fits the finest rate within it); the Ans entropy stage
 codes them under the profile's Laplace tables (kvlink.stages.ans). The receiver's arithmetic on the way
 out is the closed loop's, so the sender predicts from what the receiver decodes.
 
@@ -37,7 +38,7 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 RATES = range(-640, 641)
 """Rate indices (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights), as kvlink.xl's."""
 FP16_EXACT = 2048
-"""The largest symbol magnitude float16 holds exactly: symbols are clamped to it."""
+"""The largest symbol magnitude float16 holds exactly: a rate whose symbols go beyond it is refused."""
 
 
 @register
@@ -144,7 +145,14 @@ class Pca(Transform):
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
         step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
-        symbols = torch.round(y / step).clamp(-FP16_EXACT, FP16_EXACT)
+        symbols = torch.round(y / step)
+        peak = int(symbols.abs().max()) if symbols.numel() else 0
+        if peak > FP16_EXACT:  # float16 would round it: never a silent error
+            raise ValueError(
+                f"pca rate {self.rate} is too fine for this cache: layer {item.layer} {item.kind} has symbols up "
+                f"to {peak}, beyond the +-{FP16_EXACT} float16 carries exactly; name a coarser rate, or leave it "
+                f"to the planner (pca{self.sink})"
+            )
         item.x = unrows(symbols, x.shape[0])
 
     def undo_one(self, x: Tensor, item: Item, parts: Mapping[str, bytes], dtype: torch.dtype) -> Tensor:
