@@ -177,6 +177,28 @@ xl() {
   (cd "$KEEP" && tar czf "$OUT/$name/logs.tgz" xl-"$task"-*.log)
 }
 
+# Issue 24: `xl` THROUGH THE PRODUCT (research/eval_xl_product.py: the planner's rate, the stages' encode, exact
+# framed bytes, a codec holding the two profiles decodes), on the GPU, evaluation split: `xlp squad` (300
+# questions at 25 / 18.75 / 12.5%) or `xlp long` (300 questions of 2k-8k tokens at 10%). The profiles are
+# fitted once on the device (its tokenizer's fingerprint differs from the CPU machine's), then SHARDS processes
+# share the GPU; results live in $KEEP (a second call on the warm machine resumes them) and come back as one
+# tarball. After `wheels` and the three model parts.
+xlp() {
+  install_model
+  export RESEARCH_DEVICE=cuda RESEARCH_THREADS=1 KVLINK_RESEARCH_CACHE=$KEEP/kvr RESEARCH_RESULTS=$KEEP/results
+  local n=${SHARDS:-16} task=$2 budgets name
+  budgets=$([ "$task" = squad ] && echo 25,18.75,12.5 || echo 10)
+  budgets=${XLP_BUDGETS:-$budgets} name=xl-product-$task-eval-${XL_TAG:-gpu}
+  python3 research/eval_xl_product.py --fit-only
+  for k in $(seq 0 $((n - 1))); do
+    timeout "${XL_BUDGET_S:-480}" python3 research/eval_xl_product.py "${XL_N:-300}" --task "$task" \
+      --budgets "$budgets" --name "$name" --shard "$k/$n" --resume > "$KEEP/xlp-$task-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 1 "$KEEP"/xlp-"$task"-*.log
+  (cd "$KEEP" && tar czf "$OUT/$name.tgz" "results/$name" xlp-"$task"-*.log)
+}
+
 wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
   mkdir -p "$KEEP" && rm -rf "$KEEP/proto" && cp -r "$CARRY/scale/proto" "$KEEP/proto"
@@ -188,6 +210,7 @@ case "${1:-}" in
   part) keep_part ;;
   wheels) wheels ;;
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp (see the header)"; exit 2 ;;
 esac

@@ -286,16 +286,26 @@ def run_screen(
     split: str = "calibration",
     shard: tuple[int, int] = (0, 1),
     task: str = "squad",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `candidates` (and kvlink `baselines`) on `n` screened questions; write
     research/results/<name>/results.json (results-<k>of<n>.json for shard k of n: questions k, k+n, ...;
-    research/merge_shards.py joins them); return it."""
+    research/merge_shards.py joins them; RESEARCH_RESULTS moves research/results); return it. `resume`
+    keeps the questions an earlier, cut run of the same file answered and goes on after them."""
     examples = screen_examples(n, offset, split, task)[shard[0] :: shard[1]]
     configs: list[GridConfig] = resolve(["fp16", *baselines], lm().geometry, sensitivity())
     evaluator = Evaluator(lm(), configs, RunSettings(max_new_tokens=16, batch=8, ppl=False))
     rows: dict[str, dict[str, list[float]]] = {}
+    done = 0
+    if resume and _result_path(name, shard).is_file():
+        earlier = json.loads(_result_path(name, shard).read_text())
+        done = len(earlier["eids"])
+        if earlier["eids"] != [e.eid for e in examples[:done]]:
+            raise ValueError(f"{_result_path(name, shard)} holds other questions: not a cut run of this one")
+        rows = earlier["per_question"]
+        print(f"resuming after {done} questions", flush=True)
     started = time.time()
-    for i, example in enumerate(examples):
+    for i, example in enumerate(examples[done:], start=done):
         c = prepare(example, evaluator)
         for base in baselines:
             rec = c.baseline[base]
@@ -313,6 +323,11 @@ def run_screen(
         print(f"{i + 1}/{len(examples)} {example.eid} T={c.kv.length} {time.time() - started:.0f}s", flush=True)
         _write(name, shard, split, task, examples[: i + 1], rows, started, meta)  # a cut run keeps its questions
     return _write(name, shard, split, task, examples, rows, started, meta, final=True)
+
+
+def _result_path(name: str, shard: tuple[int, int]) -> Path:
+    root = Path(os.environ.get("RESEARCH_RESULTS", ROOT / "results"))
+    return root / name / ("results.json" if shard[1] == 1 else f"results-{shard[0]}of{shard[1]}.json")
 
 
 def _write(
@@ -349,10 +364,9 @@ def _write(
         "summary": summary,
         "per_question": {k: {m: [round(x, 6) for x in v[m]] for m in v} for k, v in rows.items()},
     }
-    out = ROOT / "results" / name
-    out.mkdir(parents=True, exist_ok=True)
-    file = "results.json" if shard[1] == 1 else f"results-{shard[0]}of{shard[1]}.json"
-    (out / file).write_text(json.dumps(result, indent=1) + "\n")
+    path = _result_path(name, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
     if final:
         print_summary(result)
     return result

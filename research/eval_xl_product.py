@@ -2,7 +2,9 @@
 the codec encodes the message (exact framed wire bytes), a codec holding the same profiles decodes it.
 
 usage: PYTHONPATH=$PWD python research/eval_xl_product.py N [--budgets 25,18.75,12.5] [--name NAME]
-           [--split evaluation] [--shard K/M] [--against RUN:LABEL@]
+           [--split evaluation] [--task squad|long] [--shard K/M] [--resume] [--against RUN:LABEL@]
+       PYTHONPATH=$PWD python research/eval_xl_product.py --fit-only   (fit and cache the profiles, once,
+           before shards start: bench/gpu_session.sh xlp)
 
 Profiles: kvlink.residual.cached_transform_profiles (what `kvlink-bench profile --config
 "xpred+fp16+pca1+ans"` writes): predictors through INT2 on the calibration split's odd paragraphs, the
@@ -48,14 +50,20 @@ def pair_runs(mine: dict, other: dict, a: str, b: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("n", type=int)
+    ap.add_argument("n", type=int, nargs="?", default=0)
     ap.add_argument("--budgets", default="25,18.75,12.5")
     ap.add_argument("--name", default="xl-product")
     ap.add_argument("--split", default="evaluation", choices=("calibration", "evaluation"))
+    ap.add_argument("--task", default="squad", choices=("squad", "long"))
     ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--resume", action="store_true", help="go on after the questions a cut run answered")
+    ap.add_argument("--fit-only", action="store_true", help="fit (or load) the profiles and stop")
     ap.add_argument("--against", default=None, help="RUN:PREFIX, e.g. xl-squad-eval-cpu:aqua22-pca@")
     args = ap.parse_args()
     profiles = cached_transform_profiles(lm())
+    if args.fit_only:
+        print(f"profiles: predictors {profiles.predictors.hash}, residual {profiles.residual.hash}")
+        return 0
     recipe = Recipe.from_name(RECIPE)
     budgets = [float(b) for b in args.budgets.split(",")]
     geometry, fingerprint = lm().geometry, lm().fingerprint
@@ -77,8 +85,8 @@ def main() -> int:
         return out
 
     meta = {"recipe": RECIPE, "predictors": profiles.predictors.hash, "residual": profiles.residual.hash}
-    result = run_screen(args.name, candidates, args.n, [], 0, meta, split=args.split,
-                        shard=tuple(int(x) for x in args.shard.split("/")))  # fmt: skip
+    result = run_screen(args.name, candidates, args.n, [], 0, meta, split=args.split, task=args.task,
+                        shard=tuple(int(x) for x in args.shard.split("/")), resume=args.resume)  # fmt: skip
     if args.against:
         run, prefix = args.against.split(":", 1)
         other = json.loads((ROOT / "results" / run / "results.json").read_text())
