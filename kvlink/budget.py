@@ -834,8 +834,9 @@ def fit_rate(
 ) -> Recipe:
     """`recipe` (with a Pca stage) at the finest rate index whose message, `framed` (its wire bytes), fits
     `budget_bytes`; at the coarsest rate when none does (the planner then reports it unreachable). The
-    search runs on the entropy model's code length (kvlink.xl.estimated_bytes, no rANS pass) plus the
-    framing measured once, then settles on exact sizes (a size falls as the rate index rises)."""
+    search (kvlink.xl.search_rate) runs on the entropy model's code length (kvlink.xl.estimated_bytes, no
+    rANS pass) plus the framing measured once, then settles on exact sizes (a size falls as the rate index
+    rises)."""
     from kvlink import xl
     from kvlink.residual import TransformProfiles
     from kvlink.stages.pca import FP16_EXACT, RATES
@@ -871,21 +872,8 @@ def fit_rate(
         est = xl.estimated_bytes(kv, profile.predictors, profile.residual, rate, pca.sink, FP16_EXACT)
         return est + overhead
 
-    lo, hi = RATES.start, coarsest  # bytes fall as the rate index rises (infinite where too fine)
-    if estimate(hi) > budget_bytes:
-        return at(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if estimate(mid) > budget_bytes:
-            lo = mid
-        else:
-            hi = mid
-    rate = hi
-    while exact(rate) > budget_bytes and rate < coarsest:
-        rate += 1
-    while rate > RATES.start and exact(rate - 1) <= budget_bytes:
-        rate -= 1
-    return at(rate)
+    rate = xl.search_rate(estimate, exact, budget_bytes, RATES)  # the estimate is infinite where too fine
+    return at(coarsest if rate is None else rate)
 
 
 def _estimate(codec: Codec, length: int) -> int:

@@ -401,21 +401,11 @@ class Codec:
         state = None
         predicts = [s for s in encoded.recipe.stages() if isinstance(s, Predict)]
         if predicts:
-            held = self.predictor.hash if self.predictor is not None else None
-            if predicts[0].profile != held:
-                raise ValueError(
-                    f"message predicts with profile {predicts[0].profile!r}, which this codec lacks "
-                    f"(it holds {held!r})"
-                )
+            predicts[0].check_held(self.predictor.hash if self.predictor is not None else None)
             state = PredictState(self.predictor, sets[0].to(device))
         pcas = [s for s in encoded.recipe.stages() if isinstance(s, Pca)]
         if pcas:
-            held = self.residual.hash if self.residual is not None else None
-            if pcas[0].profile != held:
-                raise ValueError(
-                    f"message codes with residual profile {pcas[0].profile!r}, which this codec lacks "
-                    f"(it holds {held!r})"
-                )
+            pcas[0].check_held(self.residual.hash if self.residual is not None else None)
         for t in encoded.tensors:
             if t.shape[1] != sets[t.layer].numel():
                 raise ValueError(

@@ -10,6 +10,7 @@ each tensor travel at float16 (the Predict stage's order: Sink after Predict).
     encode(kv, predictors, residual, rate)  -> Coded (per tensor: sink bytes, rANS stream)
     decode(coded, predictors, residual, positions, length) -> ContextKV
     fit_rate(kv, predictors, residual, budget) -> the finest rate index whose message fits `budget` bytes
+    search_rate(estimate, exact, budget) -> that search over any size functions (kvlink.budget.fit_rate's too)
 
 The stages kvlink.stages.pca and kvlink.stages.ans carry it in a message (`xpred+fp16+pca1-r<rate>+ans`:
 the same streams byte for byte, tests/test_xl_stages.py); this module stays the reference and the
@@ -21,7 +22,9 @@ such rounding can never desynchronize the coder.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,28 +187,46 @@ def estimated_bytes(
     return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features)
 
 
-def fit_rate(
-    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, budget: int, sink: int = 1
-) -> Coded:
-    """The finest rate whose message body fits `budget` bytes (bisection over the rate indices on the model
-    code length, then exact: the coded message is returned). ValueError when even the coarsest does not fit."""
-    lo, hi = RATES.start, RATES.stop - 1  # bytes fall as the rate index rises
-    if estimated_bytes(kv, predictors, residual, hi, sink) > budget:
-        raise ValueError(f"no rate fits {budget} bytes (the coarsest needs more)")
+def search_rate(
+    estimate: Callable[[int], float], exact: Callable[[int], float], budget: float, rates: range = RATES
+) -> int | None:
+    """The finest rate index of `rates` (consecutive; a size falls as the index rises, an infinite size
+    never fits) whose `exact` size fits `budget`: a bisection on `estimate` (cheap: the entropy model's code
+    length), then a settling on exact sizes around it, coarser while the size exceeds the budget, then finer
+    while one step finer fits. None when even the coarsest rate's estimate exceeds the budget; the coarsest
+    when its exact size does. `exact` is called at most once a rate, and was called for the rate returned."""
+    lo, hi = rates.start, rates.stop - 1  # bytes fall as the rate index rises
+    if estimate(hi) > budget:
+        return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if estimated_bytes(kv, predictors, residual, mid, sink) > budget:
+        if estimate(mid) > budget:
             lo = mid
         else:
             hi = mid
-    # The estimate is the code length; a stream differs by its header and up to two bytes a lane: settle
-    # on exact sizes around it (a size falls as the rate index rises).
-    coded = encode(kv, predictors, residual, hi, sink)
-    while coded.nbytes > budget and coded.rate < RATES.stop - 1:
-        coded = encode(kv, predictors, residual, coded.rate + 1, sink)
-    while coded.rate > RATES.start:
-        finer = encode(kv, predictors, residual, coded.rate - 1, sink)
-        if finer.nbytes > budget:
-            break
-        coded = finer
-    return coded
+    # The estimate is the code length; a stream differs by its header and up to two bytes a lane: settle on
+    # exact sizes around it.
+    size = functools.cache(exact)
+    rate = hi
+    while size(rate) > budget and rate < rates.stop - 1:
+        rate += 1
+    while rate > rates.start and size(rate - 1) <= budget:
+        rate -= 1
+    return rate
+
+
+def fit_rate(
+    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, budget: int, sink: int = 1
+) -> Coded:
+    """The finest rate whose message body fits `budget` bytes (`search_rate` on the model code length, then
+    exact: the coded message is returned). ValueError when even the coarsest does not fit."""
+    coded: dict[int, Coded] = {}
+
+    def exact(rate: int) -> float:
+        coded[rate] = encode(kv, predictors, residual, rate, sink)
+        return coded[rate].nbytes
+
+    rate = search_rate(lambda r: estimated_bytes(kv, predictors, residual, r, sink), exact, budget)
+    if rate is None:
+        raise ValueError(f"no rate fits {budget} bytes (the coarsest needs more)")
+    return coded[rate]

@@ -72,6 +72,8 @@ def lm() -> LoadedModel:
 async def receiver(
     lm: LoadedModel, service_class: type[KVLinkService] = KVLinkService, **kwargs: Any
 ) -> AsyncIterator[tuple[str, KVLinkService]]:
+    """An in-process receiver on a loopback port: (its target, its service); kwargs go to the service, costs
+    COSTS unless given (tests/test_xl_stages.py's receiver too)."""
     kwargs.setdefault("costs", COSTS)
     service = service_class(lm, SessionStore(), MetricsRegistry(), **kwargs)
     server = grpc.aio.server()

@@ -4,12 +4,11 @@ cache), crosses the wire, and refuses what does not compose, a foreign profile a
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
-import grpc
 import pytest
 import torch
+from test_stream import receiver
 from test_xl import _fit, _kv
 
 from conftest import TINY_FAMILIES, random_ids
@@ -201,23 +200,6 @@ def served():
     return lm, predictors, fit_residuals(lm.model, texts, predictors, recipe, sensitivity)
 
 
-@contextlib.asynccontextmanager
-async def _receiver(lm, profiles):
-    from kvlink.metrics import MetricsRegistry
-    from kvlink.server.service import KVLinkService
-    from kvlink.server.store import SessionStore
-
-    service = KVLinkService(lm, SessionStore(), MetricsRegistry(), profiles=profiles)
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((wire.raw_rpc_handler(service),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}", service
-    finally:
-        await server.stop(None)
-
-
 async def test_a_receiver_holding_the_profiles_answers_as_the_sender_does_locally(served) -> None:
     from kvlink.budget import Constraints
     from kvlink.cache import prefill
@@ -229,7 +211,7 @@ async def test_a_receiver_holding_the_profiles_answers_as_the_sender_does_locall
     lm, predictors, residual = served
     profiles = TransformProfiles(predictors, residual)
     free = Recipe.from_name("xpred+fp16+pca1+ans")  # the planner fits the rate to the budget
-    async with _receiver(lm, [residual, predictors]) as (target, service):
+    async with receiver(lm, profiles=[residual, predictors]) as (target, service):
         assert {"pca", "ans", "predict"} <= service.capabilities
         assert {predictors.hash, residual.hash} <= set(service.profile_hashes)
         result = await send_context(
@@ -256,7 +238,7 @@ async def test_a_receiver_without_the_residual_profile_is_refused_at_the_hello(s
 
     lm, predictors, residual = served
     recipe = Recipe.from_name("xpred+fp16+pca1-r-64+ans")
-    async with _receiver(lm, [predictors]) as (target, service):
+    async with receiver(lm, profiles=[predictors]) as (target, service):
         assert "predict" in service.capabilities and not {"pca", "ans"} & service.capabilities
         with pytest.raises(SendError) as info:
             await send_context(

@@ -1,9 +1,10 @@
 """Pca: transform coding of a cross-layer residual (issue 24's `xl`): sink rows, principal components, a step.
 
 After Predict, each tensor is the residual of its cross-layer prediction. This stage keeps its first
-`sink` rows at float16 (the `sink` part, as the Sink stage does), rotates the other rows (one row per
-position, heads side by side: (N, H * D)) into the principal components of the residual profile
-(kvlink.residual.ResidualProfile: per (layer, kind) a mean and an orthonormal basis) and rounds them to
+`sink` rows at float16 (the `sink` part: kvlink.stages.sink's functions, the Sink stage's bytes and layout),
+rotates the other rows (one row per position, heads side by side: (N, H * D)) into the principal
+components of the residual profile (kvlink.residual.ResidualProfile: per (layer, kind) a mean and an
+orthonormal basis) and rounds them to
 one step per tensor, 2^(rate / 32) times the profile's weight for that tensor. The Quantize stage after
 it is float16 and carries the integer symbols exactly (|symbol| <= FP16_EXACT: a finer rate is refused,
 and the planner fits the finest rate within it); the Ans entropy stage
@@ -32,9 +33,11 @@ import torch
 from torch import Tensor
 
 from kvlink.stages.base import Item, Transform, register
-from kvlink.stages.tensors import from_bytes, tensor_bytes
+from kvlink.stages.predict import bind_profile, check_profile_held, in_every_pipeline
+from kvlink.stages.sink import put_sink, sink_count, sink_part_sizes, sink_rows, sink_stored
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+_USES = "codes with residual profile"
 RATES = range(-640, 641)
 """Rate indices (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights), as kvlink.xl's."""
 FP16_EXACT = 2048
@@ -85,35 +88,27 @@ class Pca(Transform):
         return "pca"
 
     def count(self, n: int) -> int:
-        return min(self.sink, n)
+        return sink_count(self.sink, n)
 
     def stored(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        h, n, d = shape
-        return (h, n - self.count(n), d)
+        return sink_stored(self.sink, shape)
 
     def part_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
-        h, n, d = shape
-        return {"sink": h * self.count(n) * d * 2}
+        return sink_part_sizes(self.sink, shape)
 
     def check_recipe(self, recipe: Any) -> None:
         if not recipe.has("predict"):
             raise ValueError("pca codes a cross-layer residual: it needs xpred (the Predict stage)")
         if getattr(recipe, "ans", None) is None:
             raise ValueError("pca's symbols travel rANS-coded: it needs the ans entropy stage")
-        for kind in ("k", "v"):
-            for pipeline in recipe.k if kind == "k" else recipe.v:
-                if self not in pipeline:
-                    raise ValueError(
-                        f"pca must be in every K and V pipeline (one rate and profile for the message), a {kind} "
-                        f"pipeline lacks it: {[s.name for s in pipeline]}"
-                    )
-                others = [s.name for s in pipeline[:-1] if s.name not in ("predict", "pca")]
-                if others:
-                    raise ValueError(f"pca with {others}: pca keeps its own sink rows and basis")
-                if pipeline[-1].format != "fp16":  # type: ignore[attr-defined]
-                    raise ValueError(
-                        f"pca's symbols are carried by a float16 Quantize, got {pipeline[-1].format!r}"  # type: ignore[attr-defined]
-                    )
+        for pipeline in in_every_pipeline(self, recipe, "one rate and profile for the message"):
+            others = [s.name for s in pipeline[:-1] if s.name not in ("predict", "pca")]
+            if others:
+                raise ValueError(f"pca with {others}: pca keeps its own sink rows and basis")
+            if pipeline[-1].format != "fp16":  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"pca's symbols are carried by a float16 Quantize, got {pipeline[-1].format!r}"  # type: ignore[attr-defined]
+                )
 
     def at(self, rate: int) -> Pca:
         """This stage at rate index `rate`."""
@@ -121,18 +116,17 @@ class Pca(Transform):
 
     def bind(self, profile_hash: str) -> Pca:
         """This stage naming `profile_hash` (ValueError when it names another profile)."""
-        if self.profile and self.profile != profile_hash:
-            raise ValueError(
-                f"recipe codes with residual profile {self.profile!r}, the codec holds {profile_hash!r}"
-            )
-        return Pca(self.sink, self.rate, profile_hash)
+        return Pca(self.sink, self.rate, bind_profile(self.profile, profile_hash, _USES))
+
+    def check_held(self, held: str | None) -> None:
+        """ValueError unless a codec holding residual profile `held` (a hash; None: none) decodes it."""
+        check_profile_held(self.profile, held, _USES)
 
     def step(self, profile: Any, layer: int, kind: str) -> float:
         assert self.rate is not None  # check(): a codec's recipe has a rate
         return profile.step(layer, kind, self.rate)  # type: ignore[no-any-return]
 
     def apply(self, item: Item, context: Any) -> None:
-        from kvlink.codec import Part
         from kvlink.predict import rows, unrows
 
         profile = item.info["pca"]
@@ -140,8 +134,7 @@ class Pca(Transform):
         assert x is not None
         r = rows(x.float())
         s = self.count(int(r.shape[0]))
-        raw = tensor_bytes(unrows(r[:s], x.shape[0]).to(torch.float16))
-        item.parts["sink"] = Part(raw, len(raw))
+        put_sink(item, unrows(r[:s], x.shape[0]))
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
         step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
@@ -164,7 +157,7 @@ class Pca(Transform):
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
         step = self.step(profile, item.layer, item.kind)
         body = (rows(x.float()) * step) @ basis.T.to(x.device) + mean.to(x.device)
-        head = rows(from_bytes(parts["sink"], torch.float16, (h, s, d), x.device).float())
+        head = rows(sink_rows(parts["sink"], (h, s, d), x.device).float())
         return unrows(torch.cat([head, body]), h)
 
     def token(self) -> str:

@@ -20,16 +20,17 @@ the question's logits see).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from kvlink.stages.base import Item, Transform, register
+from kvlink.stages.base import Item, Stage, Transform, register
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+_USES = "predicts with profile"
 
 
 class PredictState:
@@ -87,6 +88,34 @@ class PredictState:
         self.layer[kind] = layer
 
 
+# --- also kvlink.stages.pca's: a profile named by hash, a stage in every K and V pipeline -------------------
+def bind_profile(named: str, held: str, uses: str) -> str:
+    """The profile hash a stage naming `named` ("": the codec's own) codes with in a codec holding `held`
+    (ValueError when it names another). uses: what the stage does with it, for the message."""
+    if named and named != held:
+        raise ValueError(f"recipe {uses} {named!r}, the codec holds {held!r}")
+    return held
+
+
+def check_profile_held(named: str, held: str | None, uses: str) -> None:
+    """ValueError unless a codec holding profile `held` (None: none) decodes a message naming `named`."""
+    if named != held:
+        raise ValueError(f"message {uses} {named!r}, which this codec lacks (it holds {held!r})")
+
+
+def in_every_pipeline(stage: Stage, recipe: Any, why: str) -> Iterator[tuple[Stage, ...]]:
+    """`recipe`'s K pipelines, then its V pipelines, each checked to have `stage` (ValueError at the first
+    that lacks it, saying `why` it must be in every one)."""
+    for kind in ("k", "v"):
+        for pipeline in recipe.k if kind == "k" else recipe.v:
+            if stage not in pipeline:
+                raise ValueError(
+                    f"{stage.name} must be in every K and V pipeline ({why}), a {kind} pipeline lacks it: "
+                    f"{[s.name for s in pipeline]}"
+                )
+            yield pipeline
+
+
 @register
 @dataclass(frozen=True)
 class Predict(Transform):
@@ -120,25 +149,19 @@ class Predict(Transform):
                 f"predict crosses layers: it needs ONE kept position set for all layers, got the "
                 f"per-layer selection {recipe.select.token()!r} (use scope 'global')"
             )
-        for kind in ("k", "v"):
-            for pipeline in recipe.k if kind == "k" else recipe.v:
-                if self not in pipeline:
-                    raise ValueError(
-                        f"predict must be in every K and V pipeline (each tensor feeds the next one's "
-                        f"prediction), a {kind} pipeline lacks it: {[s.name for s in pipeline]}"
-                    )
-                if any(s.name == "lowrank" for s in pipeline):
-                    raise ValueError("predict with a low-rank latent: choose one")
+        for pipeline in in_every_pipeline(self, recipe, "each tensor feeds the next one's prediction"):
+            if any(s.name == "lowrank" for s in pipeline):
+                raise ValueError("predict with a low-rank latent: choose one")
         if any(q.question_aware for q in recipe.quantizers("k")):
             raise ValueError("predict with question-aware key quantization: choose one")
 
     def bind(self, profile_hash: str) -> Predict:
         """This stage naming `profile_hash` (ValueError when it names another profile)."""
-        if self.profile and self.profile != profile_hash:
-            raise ValueError(
-                f"recipe predicts with profile {self.profile!r}, the codec holds {profile_hash!r}"
-            )
-        return Predict(profile_hash)
+        return Predict(bind_profile(self.profile, profile_hash, _USES))
+
+    def check_held(self, held: str | None) -> None:
+        """ValueError unless a codec holding predictors `held` (a hash; None: none) decodes this stage."""
+        check_profile_held(self.profile, held, _USES)
 
     def apply(self, item: Item, context: Any) -> None:
         state: PredictState = item.info["predict"]

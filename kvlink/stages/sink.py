@@ -5,6 +5,9 @@ would set the scale of a whole per-channel group; kept aside at fp16 they cost
 H x n x D x 2 bytes (the `sink` part, counted as payload) and the groups see
 only the rest. A recipe puts it in front of a quantized tensor's pipeline only
 (an fp16 tensor has nothing to protect).
+
+The sink part (how many rows, the shape left, its bytes and layout) is written once, in the functions
+below, for this stage and for kvlink.stages.pca (which keeps its residual's first rows the same way).
 """
 
 from __future__ import annotations
@@ -19,6 +22,36 @@ from torch import Tensor
 
 from kvlink.stages.base import Item, Transform, register
 from kvlink.stages.tensors import from_bytes, tensor_bytes
+
+
+def sink_count(sink: int, n: int) -> int:
+    """How many of a tensor's `n` kept rows its first `sink` are (fewer when fewer are kept)."""
+    return min(sink, n)
+
+
+def sink_stored(sink: int, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(H, N, D) -> (H, N - s, D): what the rest of the pipeline takes when the first s rows travel aside."""
+    h, n, d = shape
+    return (h, n - sink_count(sink, n), d)
+
+
+def sink_part_sizes(sink: int, shape: tuple[int, int, int]) -> dict[str, int]:
+    """The sink part of an (H, N, D) tensor: H x s x D float16."""
+    h, n, d = shape
+    return {"sink": h * sink_count(sink, n) * d * 2}
+
+
+def put_sink(item: Item, head: Tensor) -> None:
+    """`head`, the tensor's first s rows (H, s, D), as `item`'s sink part: float16, (H, s, D) row-major."""
+    from kvlink.codec import Part
+
+    raw = tensor_bytes(head.to(torch.float16))
+    item.parts["sink"] = Part(raw, len(raw))
+
+
+def sink_rows(data: bytes, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    """The float16 rows of a sink part, (H, s, D) (or (M, H, s, D): M tensors' parts joined)."""
+    return from_bytes(data, torch.float16, shape, device)
 
 
 @register
@@ -36,31 +69,25 @@ class Sink(Transform):
             raise ValueError(f"sink entries must be an integer >= 1, got {self.n!r}")
 
     def count(self, n_kept: int) -> int:
-        return min(self.n, n_kept)
+        return sink_count(self.n, n_kept)
 
     def stored(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-        h, n, d = shape
-        return (h, n - self.count(n), d)
+        return sink_stored(self.n, shape)
 
     def part_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
-        h, n, d = shape
-        return {"sink": h * self.count(n) * d * 2}
+        return sink_part_sizes(self.n, shape)
 
     def apply(self, item: Item, context: Any) -> None:
         x = item.x
         assert x is not None
         s = self.count(int(x.shape[1]))
-        from kvlink.codec import Part
-
-        raw = tensor_bytes(x[:, :s].to(torch.float16))
-        item.parts["sink"] = Part(raw, len(raw))
+        put_sink(item, x[:, :s])
         item.info["sink"] = s
         item.x = x[:, s:]
 
     def undo_one(self, x: Tensor, item: Item, parts: Mapping[str, bytes], dtype: torch.dtype) -> Tensor:
         h, n, d = item.shape
-        s = self.count(n)
-        head = from_bytes(parts["sink"], torch.float16, (h, s, d), x.device)
+        head = sink_rows(parts["sink"], (h, self.count(n), d), x.device)
         return torch.cat([head.to(dtype), x], dim=1)
 
     def undo_stack(
@@ -70,7 +97,7 @@ class Sink(Transform):
         s = self.count(items[0].shape[1])
         full = torch.empty((m, h, s + n, d), dtype=dtype, device=x.device)
         joined = b"".join(p["sink"] for p in parts)
-        full[:, :, :s] = from_bytes(joined, torch.float16, (m, h, s, d), x.device)
+        full[:, :, :s] = sink_rows(joined, (m, h, s, d), x.device)
         full[:, :, s:] = x
         return full
 
