@@ -35,10 +35,8 @@ from kvlink import ans
 from kvlink.cache import ContextKV
 from kvlink.predict import KINDS, PredictorProfile, rows, unrows
 from kvlink.residual import ResidualProfile
+from kvlink.stages.pca import RATES  # the rate indices a message may take
 from kvlink.stages.predict import PredictState
-
-RATES = range(-640, 641)
-"""Rate indices a message may take (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
 
 
 @dataclass
@@ -219,7 +217,9 @@ def fit_rate(
     kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, budget: int, sink: int = 1
 ) -> Coded:
     """The finest rate whose message body fits `budget` bytes (`search_rate` on the model code length, then
-    exact: the coded message is returned). ValueError when even the coarsest does not fit."""
+    exact: the coded message is returned). ValueError when even the coarsest's code length does not fit;
+    where that estimate fits but the exact stream (headers, a lane's last word) does not, the coarsest is
+    returned over `budget`: check `Coded.nbytes`."""
     coded: dict[int, Coded] = {}
 
     def exact(rate: int) -> float:

@@ -39,7 +39,7 @@ from kvlink.stages.sink import put_sink, sink_count, sink_part_sizes, sink_rows,
 _HASH = re.compile(r"[0-9a-f]{64}")
 _USES = "codes with residual profile"
 RATES = range(-640, 641)
-"""Rate indices (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights), as kvlink.xl's."""
+"""Rate indices a message may take (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
 FP16_EXACT = 2048
 """The largest symbol magnitude float16 holds exactly: a rate whose symbols go beyond it is refused."""
 
