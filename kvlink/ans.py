@@ -136,14 +136,13 @@ def _check_tables(tables: np.ndarray, n_tables: int) -> np.ndarray:
     return t
 
 
-def _lanes(b: int, n: int, f: int, tables: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Steps S, the table of each (tensor, step, lane) (B, S, LANES) and which are symbols (S, LANES)."""
+def _lanes(n: int, f: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Steps S, the component of each (step, lane) (S, LANES) and which are symbols (S, LANES)."""
     total = n * f
     steps = -(-total // LANES)
     flat = np.arange(steps * LANES).reshape(steps, LANES)
     active = flat < total
-    component = np.where(active, flat % max(f, 1), 0)
-    return steps, tables[:, component], active
+    return steps, np.where(active, flat % max(f, 1), 0), active
 
 
 def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes]:
@@ -158,22 +157,32 @@ def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes
     tab = _check_tables(tables, len(model))
     if tab.shape != (b, f):
         raise ValueError(f"tables must be (B, F) = {(b, f)}, got {tab.shape}")
-    steps, lane_tab, active = _lanes(b, n, f, tab)
-    flat_idx = np.zeros((b, steps * LANES), dtype=np.int64)
-    flat_idx[:, : n * f] = _symbol_index(sym.reshape(b, n * f))
-    idx = flat_idx.reshape(b, steps, LANES)
-    freq = model.freq[lane_tab, idx].astype(np.uint64)  # (B, S, LANES)
-    start = model.cum[lane_tab, idx].astype(np.uint64)
-    x = np.full((b, LANES), LOWER, dtype=np.uint64)
+    total = n * f
+    steps, component, active = _lanes(n, f)
+    # Step-major (S, B, LANES), so each step's rows are contiguous, and int32 indices (tables x ALPHABET
+    # stays far below 2^31). uint32 states are exact: a state is below 2^32, a frequency below 2^16, and
+    # after renormalization x < f << 16, so (x // f) << 16 stays below 2^32.
+    symbol = np.zeros((b, steps * LANES), dtype=np.int32)
+    symbol[:, :total] = _symbol_index(sym.reshape(b, total))
+    table = tab.astype(np.int32).T[component].transpose(0, 2, 1)  # (S, B, LANES)
+    at = table * ALPHABET + symbol.reshape(b, steps, LANES).transpose(1, 0, 2)
+    freq = np.take(model.freq, at)  # uint32, as the tables hold them
+    start = np.take(model.cum, at + table)  # cum rows are ALPHABET + 1 long
+    limit = freq << np.uint32(16)  # a state at or above it moves one word out first
+    x = np.full((b, LANES), LOWER, dtype=np.uint32)
     words = np.zeros((steps, b, LANES), dtype=np.uint16)
     emitted = np.zeros((steps, b, LANES), dtype=bool)
     for t in range(steps - 1, -1, -1):  # the decoder reads step 0 first
-        f_t, c_t, act = freq[:, t], start[:, t], active[t]
-        out = (x >= (f_t << np.uint64(16))) & act
-        words[t] = (x & np.uint64(0xFFFF)).astype(np.uint16)
+        act = active[t]
+        out = x >= limit[t]
+        if t == steps - 1:  # only the last step has lanes without a symbol
+            out &= act
+        words[t] = x  # the low 16 bits
         emitted[t] = out
-        x = np.where(out, x >> np.uint64(16), x)
-        x = np.where(act, ((x // f_t) << np.uint64(PROB_BITS)) + x % f_t + c_t, x)
+        np.right_shift(x, np.uint32(16), out=x, where=out)
+        q, r = np.divmod(x, freq[t])
+        coded = (q << np.uint32(PROB_BITS)) + r + start[t]
+        x = coded if t < steps - 1 else np.where(act, coded, x)
     streams = []
     flat_sym = sym.reshape(b, n * f)
     for i in range(b):
@@ -262,7 +271,8 @@ def _decode_lanes(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reference: symbol indices (B, N * F), final states (B, LANES), words read (B,)."""
     b, f = tab.shape
-    steps, lane_tab, active = _lanes(b, n, f, tab)
+    steps, component, active = _lanes(n, f)
+    lane_tab = tab[:, component]  # (B, S, LANES)
     x = parsed.states.copy()
     pool = parsed.pool.astype(np.uint64)
     limit = parsed.offsets + parsed.n_words  # a lane may not read past its own tensor's words
