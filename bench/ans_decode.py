@@ -37,13 +37,19 @@ SHAPES = [
 QUICK = [("quick", 4, 40, 64)]  # --quick: a check of this script on the CPU under TRITON_INTERPRET=1
 
 
-def message(b: int, n: int, f: int, seed: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """B streams of (N, F) Laplace symbols, each component at its own scale (0.2-60 steps), coded under
-    the table of that scale, as a residual profile assigns them."""
+def laplace_symbols(b: int, n: int, f: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, N, F) Laplace symbols, each component at its own scale (0.2-60 steps), and the table of that
+    scale for each component (B, F), as a residual profile assigns them (bench/ans_encode.py's too)."""
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.2, 60.0, size=(b, f))
     sym = np.round(rng.laplace(0.0, scale[:, None, :], size=(b, n, f))).astype(np.int64)
     tab = np.clip(np.round(ans.SCALE_STEPS * np.log2(scale)).astype(int), ans.J_MIN, ans.J_MAX) - ans.J_MIN
+    return sym, tab
+
+
+def message(b: int, n: int, f: int, seed: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """B streams of `laplace_symbols`, coded: (streams, tables, symbols)."""
+    sym, tab = laplace_symbols(b, n, f, seed)
     return ans.encode(sym, tab, ans.laplace_tables()), tab, sym
 
 

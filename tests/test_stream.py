@@ -311,7 +311,6 @@ async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
     """The sender times the KV options it has no encode rate for once the context is read, on a slice of
     a segment's size. That probe runs beside the segments: while it takes 3 s, segment after segment goes and is answered (it used to
     hold the next segment back until it was done), and its rates reach ENCODE_RATES when it ends."""
-
     probe_window: list[float] = []
     real = client_stream.encode_rates_of
 
@@ -351,7 +350,6 @@ async def test_a_slow_encode_rate_probe_does_not_hold_the_segments_back(
 async def test_a_failed_encode_rate_probe_costs_a_warning_not_the_send(
     lm: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-
     def broken(*args: Any) -> dict[str, float]:
         raise RuntimeError("out of memory while probing")
 
