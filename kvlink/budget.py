@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -256,6 +257,32 @@ def quality_key(recipe: Recipe) -> str:
     return (recipe.with_zstd(None) if recipe.zstd is not None else recipe).name
 
 
+def rate_fitted(recipe: Recipe) -> bool:
+    """Whether the planner fits `recipe`'s rate to each budget (a Pca stage without one): its quality
+    then depends on the budget, and a table measures it per budget (fitted_key)."""
+    return any(isinstance(s, Pca) and s.rate is None for s in recipe.stages())
+
+
+_FITTED = re.compile(r"(?P<name>.+)@(?P<pct>\d+(?:\.\d+)?)%")
+
+
+def fitted_key(recipe: Recipe, budget: float) -> str:
+    """Key of `recipe` measured with its rate fitted to `budget` (a fraction of FP16): '<name>@<budget>%',
+    e.g. 'xpred+fp16+pca1+ans@12.5%' (the name a quality run measures it by, too). ValueError for a
+    recipe whose rate is not left to the planner."""
+    if not rate_fitted(recipe):
+        raise ValueError(
+            f"recipe {recipe.name!r} has no rate for a budget to fit (only a pca stage without one has)"
+        )
+    return f"{quality_key(recipe)}@{100 * parse_budget(budget):.6g}%"
+
+
+def parse_fitted(key: str) -> tuple[str, float] | None:
+    """('<name>', budget fraction) of a fitted_key, None for any other key."""
+    m = _FITTED.fullmatch(key)
+    return None if m is None else (m["name"], float(m["pct"]) / 100.0)
+
+
 # Default expected quality (answer fidelity vs full KV, 0..1). Priors from the seed findings
 # (INT8 nearly free, INT4 mild, INT3 worse, INT2 catastrophic; Q2C > H2O > SnapKV > Random),
 # scaled to what a 135M model measured (issue 7's reference table). `kvlink-bench calibrate`
@@ -432,6 +459,37 @@ class QualityTable:
         """The measured quality of exactly `recipe` for a context of `tokens` tokens (the class docstring
         says which bucket answers), None when nothing measured it."""
         return self._measured(quality_key(recipe), self._order(tokens))
+
+    def _holding(self, tokens: int | None) -> LengthBucket | None:
+        if tokens is None:
+            return None
+        return next((b for b in self.buckets if b.lo <= tokens and (b.hi is None or tokens < b.hi)), None)
+
+    def fitted(self, recipe: Recipe, budget: float, tokens: int | None) -> tuple[float, float] | None:
+        """(quality, the budget it was measured at) of `recipe` with its rate fitted to `budget` (fitted_key),
+        for a context of `tokens` tokens: the entry measured at the largest budget at or below `budget`, in
+        the length bucket holding `tokens` only; None when that bucket measured it at no such budget.
+
+        Stricter than `measured`, on purpose: the planner fits the rate to the budget it is given, which
+        spends at least the bytes of the measured one (so the quality is at least as high), and a rate
+        fitted on one length says nothing of another: on the embedded model `xl` beats selection by 0.09-0.16
+        on SQuAD's ~200 tokens and only ties it at 2k-8k (docs/results.md). A flat table holds none."""
+        bucket = self._holding(tokens)
+        if bucket is None:
+            return None
+        name, best = quality_key(recipe), None
+        for key, value in bucket.entries.items():
+            parsed = parse_fitted(key)
+            at_or_below = parsed is not None and parsed[0] == name and parsed[1] <= budget + 1e-12
+            if parsed is not None and at_or_below and (best is None or parsed[1] > best[1]):
+                best = (value, parsed[1])
+        return best
+
+    def fitted_recipes(self, tokens: int | None) -> list[Recipe]:
+        """The rate-fitted recipes measured (at some budget) in the length bucket holding `tokens`."""
+        bucket = self._holding(tokens)
+        names = {p[0] for p in map(parse_fitted, bucket.entries) if p is not None} if bucket else set()
+        return [Recipe.from_name(name) for name in sorted(names)]
 
     def expected(self, recipe: Recipe, head_dim: int = 64, *, tokens: int | None = None) -> float:
         """The measured quality of `recipe` for a context of `tokens` tokens (None: any length); else that
@@ -818,6 +876,47 @@ def _measured_best(
     return best, best_value
 
 
+def transform_coding_free(c: Constraints) -> bool:
+    """Whether nothing `c` pins rules transform coding out (kvlink.xl: its selection, quantizer, sink rows and
+    entropy coder are its own, so any pinned choice of those, or zstd, is one it cannot honour)."""
+    return (
+        c.recipe is None
+        and c.method in (None, "none")
+        and c.retention in (None, 1.0)
+        and c.k_bits is None
+        and c.v_bits is None
+        and c.lowrank in (None, "none")
+        and c.rank is None
+        and c.group_size is None
+        and c.rotate in (None, "none")
+        and c.sink is None
+        and c.round_k is None
+        and c.k_widths is None
+        and c.v_widths is None
+        and c.zstd is not True
+    )
+
+
+def _transform_coded(
+    quality: QualityTable, profile: Any, constraints: Constraints, budget: float, tokens: int
+) -> list[tuple[Recipe, float]]:
+    """The rate-fitted recipes (rate still unset) the planner weighs for this message, with the quality
+    the table expects of each: those the table measured at this context length at or below `budget`
+    (QualityTable.fitted), when the sender holds their profiles (`profile`, a
+    kvlink.residual.TransformProfiles: the caller passes one only when the receiver holds it too),
+    nothing pinned rules them out and the receiver decodes their stages."""
+    from kvlink.residual import TransformProfiles
+
+    if not isinstance(profile, TransformProfiles) or not transform_coding_free(constraints):
+        return []
+    out = []
+    for recipe in quality.fitted_recipes(tokens):
+        found = quality.fitted(recipe, budget, tokens)
+        if found is not None and not missing(recipe, constraints.capabilities):
+            out.append((recipe, found[0]))
+    return out
+
+
 def _rank(c: Candidate) -> tuple[bool, float, int]:
     """Sort key: the best expected quality first, then the smaller message; the unreachable last."""
     unknown = math.isnan(c.expected_quality)
@@ -924,7 +1023,10 @@ def plan(
     Sensitivity.for_model(fingerprint, model_name)); those configs are weighed only where `quality`
     measured them. The ids are part of the framed size; empty ones are replaced by fresh uuid4 hex strings
     (read them back from `Plan.session_id` / `Plan.message_id` and send with those). profile: the
-    calibrated projection (kvlink.lowrank.ModelProfile) a pinned recipe with LowRank("profile") needs.
+    calibrated profile a pinned recipe needs (kvlink.lowrank.ModelProfile for LowRank("profile"),
+    kvlink.predict.PredictorProfile for Predict, kvlink.residual.TransformProfiles for Pca). Given a
+    TransformProfiles that the receiver holds too, the planner also weighs transform coding where `quality`
+    measured it at this length at or below `budget` (QualityTable.fitted), its rate fitted to the budget.
     """
     budget = parse_budget(budget)
     session_id = session_id or uuid.uuid4().hex
@@ -991,6 +1093,10 @@ def plan(
             est = estimate(recipe)
         else:
             expected = math.nan
+        candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
+    for recipe, expected in _transform_coded(quality, profile, constraints, budget, length):
+        recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
+        est = estimate(recipe)
         candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
     # Best quality first; among equals, the smaller message; the unreachable ones last.

@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", metavar="FILE", action="append", default=[],
         help="the calibrated profile a --config recipe needs: the low-rank projection of 'profile-r<n>', "
         "the predictors of 'xpred', or for 'pca' the residual profile and its predictors (this option twice); "
-        "the receiver must hold the same: kvlink-serve --profile FILE",
+        "the receiver must hold the same: kvlink-serve --profile FILE. Without --config, a residual profile and "
+        "its predictors let the planner weigh transform coding where the quality table measured it at the "
+        "context's length, if the receiver holds them",
     )  # fmt: skip
     zstd = p.add_mutually_exclusive_group()
     zstd.add_argument("--zstd", dest="zstd", action="store_true", default=None, help="always use zstd")

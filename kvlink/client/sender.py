@@ -506,9 +506,11 @@ async def send_context(
     takes 34 s). keep: the receiver keeps the context for follow-up questions until its TTL (else it
     is released after the answer). truncate: a context too long for the model is cut to fit (else
     ContextTooLong, before anything is sent). on_stage: told when each stage begins. profile: the
-    calibrated profile of a pinned recipe with a "profile-r<n>" stage (kvlink.lowrank.ModelProfile) or
-    an "xpred" one (kvlink.predict.PredictorProfile);
-    the receiver must hold the same one (SendError UNKNOWN_CODEC at the Hello otherwise). Raises
+    calibrated profile of a pinned recipe with a "profile-r<n>" stage (kvlink.lowrank.ModelProfile), an
+    "xpred" one (kvlink.predict.PredictorProfile) or a "pca" one (kvlink.residual.TransformProfiles);
+    the receiver must hold the same one (SendError UNKNOWN_CODEC at the Hello otherwise). Without a
+    pinned recipe, a TransformProfiles the receiver holds lets the planner weigh transform coding
+    (kvlink.budget.plan); one it does not hold is left out of the plan. Raises
     kvlink.budget.BudgetError when no config fits, SendError when a call fails.
     """
     parse_budget(budget)  # ValueError before anything loads
@@ -649,6 +651,14 @@ async def _send(
                 f"{profiled.name!r} needs (it holds: {held}); start it with --profile FILE",
                 code="UNKNOWN_CODEC", rpc="Hello",
             )  # fmt: skip
+        if profiled is None and profile is not None:  # the planner may weigh transform coding with it
+            offered = tuple(getattr(profile, "hashes", (profile.hash,)))
+            lacking = [h for h in offered if h not in welcome.profile_hashes]
+            if lacking:
+                stage(
+                    "connect", f"the receiver does not hold profile {', '.join(lacking)}: planning without it"
+                )
+                profile = None
         constraints = _for_receiver(constraints, welcome.capabilities)
 
         stage("prefill", "reading the context")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,7 @@ class GridConfig:
     name: str
     config: Recipe
     aliases: tuple[str, ...] = field(default=(), compare=False)
+    budget: float | None = None  # a rate-fitted recipe ('<name>@<budget>%'): the budget its rate is fitted to
 
     @property
     def family(self) -> str:
@@ -308,22 +310,44 @@ def resolve(
 
     Configs that do not fit the model (a rank above head_dim) are dropped with a warning.
     """
-    by_config: dict[Recipe, GridConfig] = {}
+    from kvlink.budget import fitted_key, parse_fitted, rate_fitted
+
+    by_config: dict[tuple[Recipe, float | None], GridConfig] = {}
     for name in expand_names(names):
         canonical = ALIASES.get(name, name)
-        config = parse_name(canonical, sensitivity)
+        fitted = parse_fitted(canonical)
+        config = parse_name(fitted[0] if fitted else canonical, sensitivity)
+        budget = fitted[1] if fitted else None
+        if fitted:
+            canonical = fitted_key(config, fitted[1])  # ValueError for a recipe with no rate to fit
+        elif rate_fitted(config):
+            raise ValueError(
+                f"config {name!r}: the planner fits its rate to a budget; name one, e.g. {name}@12.5%"
+            )
         if geometry is not None:
             try:
-                config.check(geometry)
+                at_rate(config).check(geometry)
             except ValueError as exc:
                 logger.warning("skipping config %s: %s", name, exc)
                 continue
-        known = by_config.get(config)
+        known = by_config.get((config, budget))
         if known is None:
-            by_config[config] = GridConfig(canonical, config, (name,) if name != canonical else ())
+            by_config[config, budget] = GridConfig(
+                canonical, config, (name,) if name != canonical else (), budget
+            )
         elif name != known.name and name not in known.aliases:
-            by_config[config] = GridConfig(known.name, config, (*known.aliases, name))
+            by_config[config, budget] = GridConfig(known.name, config, (*known.aliases, name), budget)
     return list(by_config.values())
+
+
+def at_rate(recipe: Recipe, rate: int | None = None) -> Recipe:
+    """`recipe` with its planner-fitted rate set (to `rate`, default the coarsest): what a codec encodes;
+    any other recipe unchanged."""
+    from kvlink.stages import Pca
+    from kvlink.stages.pca import RATES
+
+    pca = next((s for s in recipe.stages() if isinstance(s, Pca) and s.rate is None), None)
+    return recipe if pca is None else recipe.replacing(pca, pca.at(RATES.stop - 1 if rate is None else rate))
 
 
 def select_configs(
@@ -432,15 +456,16 @@ def bench_profile(lm: LoadedModel, path: str | Path | None = None, texts: int = 
     return profile.to(lm.device)
 
 
-def _profile_for(lm: LoadedModel, config: Recipe, profile: ModelProfile | None) -> Any:
+def _profile_for(lm: LoadedModel, config: Recipe, profile: Any) -> Any:
     """The calibrated profile `config` encodes with: under transform coding its predictors and residual
-    profile (kvlink.residual.cached_transform_profiles); its cross-layer predictors when it predicts (fitted
-    once through its quantization on the calibration split's odd paragraphs and cached:
+    profile (`profile` when it is a kvlink.residual.TransformProfiles, else
+    kvlink.residual.cached_transform_profiles); its cross-layer predictors when it predicts (fitted once
+    through its quantization on the calibration split's odd paragraphs and cached:
     kvlink.predict.cached_predictors), else the benchmark's projection `profile`."""
     if config.has("pca"):  # transform coding: the predictors and residual profile, as kvlink-bench profile
-        from kvlink.residual import cached_transform_profiles
+        from kvlink.residual import TransformProfiles, cached_transform_profiles
 
-        return cached_transform_profiles(lm)
+        return profile if isinstance(profile, TransformProfiles) else cached_transform_profiles(lm)
     if config.has("predict"):
         from kvlink.predict import cached_predictors
 
@@ -496,9 +521,11 @@ class Evaluator:
         self.profile = profile
         if needs_profile(self.configs) and profile is None:
             raise ValueError("configs with a calibrated projection (proj<r>) need a profile (bench_profile)")
-        self.codecs = {
-            c.name: Codec(c.config, lm.geometry, _profile_for(lm, c.config, profile)) for c in self.configs
+        self.profiles = {c.name: _profile_for(lm, c.config, profile) for c in self.configs}
+        self.codecs = {  # a rate-fitted config's at its coarsest rate (its kept set); _encode fits the rate
+            c.name: Codec(at_rate(c.config), lm.geometry, self.profiles[c.name]) for c in self.configs
         }
+        self._ids: tuple[Tensor, Tensor] | None = None  # the last prefilled context's and question's ids
         self.reference = Codec(Recipe(), lm.geometry)
         self.clock = _Clock(lm.device)
         self.select_s: dict[Select | None, float] = {}  # of the last prefilled context
@@ -512,6 +539,7 @@ class Evaluator:
 
         `rows`: the question's own tokens, the only Q2C observers (as the sender: kvlink.prompt.question_rows).
         """
+        self._ids = (ctx, q)
         kinds = {_observes(c.config) for c in configs} | {Observe.NONE}
         kinds |= {k for k in (_queries_for(c.config) for c in configs) if k is not None}
         kv, observations = prefill_observations(self.lm.model, ctx, q, kinds, self.settings.window, rows)
@@ -536,11 +564,16 @@ class Evaluator:
     ) -> tuple[ContextKV, dict[str, Any]]:
         lm, clock = self.lm, self.clock
         codec = self.codecs[c.name]
+        rec: dict[str, Any] = {}
+        if c.budget is not None:  # the rate the planner fits to the budget for this context
+            t0 = clock()
+            codec = self._fitted(c, kv)
+            rec.update(fit_s=clock() - t0, recipe=codec.recipe.name)
         t0 = clock()
         queries = _queries_for(c.config)
         encoded = codec.encode_kv(kv, kept, None if queries is None else self.observations[queries])
         t1 = clock()
-        rec: dict[str, Any] = {"encode_s": t1 - t0}
+        rec["encode_s"] = t1 - t0
         if sizes_too:
             sizes = encoded.sizes()
             rec.update(
@@ -560,6 +593,26 @@ class Evaluator:
         decoded = codec.decode(encoded, lm.device, lm.dtype)
         rec["wire_s"], rec["decode_s"] = t2 - t1, clock() - t2
         return decoded, rec
+
+    def _fitted(self, c: GridConfig, kv: ContextKV) -> Codec:
+        """The codec of `c` at the rate kvlink.budget.plan fits to c.budget for `kv` (its framed size
+        against the budget, as a sender's)."""
+        from kvlink.budget import fit_rate, framed_size
+
+        assert c.budget is not None and self._ids is not None
+        lm, profile = self.lm, self.profiles[c.name]
+
+        def framed(encoded: EncodedKV) -> int:
+            size, allowance = framed_size(
+                encoded, SESSION_ID, MESSAGE_ID, lm.fingerprint, self.settings.chunk_bytes
+            )
+            return size.total + allowance  # type: ignore[no-any-return]
+
+        obs = self.observations[_observes(c.config)]
+        prefill = Prefill(kv, obs, *self._ids)
+        budget_bytes = math.floor(c.budget * lm.geometry.fp16_bytes(kv.length))  # as plan()
+        recipe = fit_rate(c.config, prefill, lm.geometry, profile, budget_bytes, framed)
+        return Codec(recipe, lm.geometry, profile)
 
     def evaluate(
         self, example: Example, names: Iterable[str] | None = None, ppl: bool | None = None

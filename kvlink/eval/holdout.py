@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlink.budget import LengthBucket, QualityTable, quality_key
+from kvlink.budget import LengthBucket, QualityTable, fitted_key, quality_key
 from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
@@ -179,14 +179,23 @@ def check(
         by_config[str(r["config"])][str(r["eid"])] = float(value)
         wire[str(r["config"])].append(100.0 * float(r["wire_frac"]))
         lengths[str(r["config"])].append(int(r["T"]))
-    recipes = {name: Recipe.from_name(name) for name in by_config}
+    recipes = {name: _recipe(name) for name in by_config}
+    fitted = {name: fit for name in by_config if (fit := _budget(name)) is not None}
+
+    def promised(name: str) -> float | None:
+        """What the table promises `name`'s samples: its entry at each one's context length (a table per
+        length bucket rates a 3k-token and a 6k-token context differently), averaged like the samples."""
+        if name in fitted:
+            found = [table.fitted(recipes[name], fitted[name], t) for t in lengths[name]]
+            entries = [None if f is None or f[1] != fitted[name] else f[0] for f in found]
+        else:
+            entries = [table.measured(recipes[name], t) for t in lengths[name]]
+        return None if None in entries else statistics.fmean(e for e in entries if e is not None)
+
     cells = []
     for name, values in by_config.items():
         mean, lo, hi = bootstrap_ci(values.values())
-        # What the table promises these samples: its entry at each one's context length (a table per
-        # length bucket rates a 3k-token and a 6k-token context differently), averaged like the samples.
-        entries = [table.measured(recipes[name], t) for t in lengths[name]]
-        entry = None if None in entries else statistics.fmean(e for e in entries if e is not None)
+        entry = promised(name)
         if entry is None:
             verdict = "not in table"
         elif entry > hi + TOLERANCE:
@@ -197,8 +206,17 @@ def check(
             verdict = "holds"
         cells.append(Cell(name, len(values), mean, lo, hi, statistics.fmean(wire[name]), entry, verdict))
     cells.sort(key=lambda c: -c.wire_pct)
-    names = {r.name: n for n, r in recipes.items()}  # canonical name -> the run's name
-    wanted = [(n, names[t.name]) for n, r in recipes.items() for t in twins(r) if t.name in names]
+    names = {r.name: n for n, r in recipes.items() if n not in fitted}  # canonical name -> the run's name
+    wanted = [
+        (n, names[t.name]) for n, r in recipes.items() if n not in fitted for t in twins(r) if t.name in names
+    ]
+    for name, budget in fitted.items():  # against what the table would send instead: its best within budget
+        rivals = [
+            (value, n) for n in names.values()
+            if statistics.fmean(wire[n]) <= 100.0 * budget and (value := promised(n)) is not None
+        ]  # fmt: skip
+        if rivals:
+            wanted.append((name, max(rivals)[1]))
     wanted += [(a, b) for a, b in pairs if (a, b) not in wanted]
     out = []
     for a, b in wanted:
@@ -213,6 +231,22 @@ def check(
         diff, lo, hi = bootstrap_ci(by_config[a][e] - by_config[b][e] for e in common)
         out.append(Pair(a, b, len(common), diff, lo, hi))
     return cells, out
+
+
+def _budget(name: str) -> float | None:
+    """The budget a rate-fitted config name ('<recipe>@<budget>%') fits its rate to; None for the others."""
+    from kvlink.budget import parse_fitted
+
+    fitted = parse_fitted(name)
+    return None if fitted is None else fitted[1]
+
+
+def _recipe(name: str) -> Recipe:
+    """The recipe a config or table key names (a rate-fitted one's, its rate unset)."""
+    from kvlink.budget import parse_fitted
+
+    fitted = parse_fitted(name)
+    return Recipe.from_name(fitted[0] if fitted else name)
 
 
 def markdown(cells: Sequence[Cell], pairs: Sequence[Pair], quality: str = "fidelity") -> str:
@@ -273,9 +307,14 @@ def gate(
     from dataclasses import replace
 
     shown: dict[str, Pair] = {}  # quality key -> its pair against its plain twin
+    rivalled: dict[str, list[Pair]] = defaultdict(list)  # rate-fitted key -> its pairs against fixed configs
     for p in pairs:
+        if _budget(p.config) is not None:
+            if _budget(p.twin) is None:
+                rivalled[fitted_key(_recipe(p.config), _budget(p.config) or 0.0)].append(p)
+            continue
         config = Recipe.from_name(p.config)
-        if twins(config) and quality_key(Recipe.from_name(p.twin)) == quality_key(plain_twin(config)):
+        if twins(config) and quality_key(_recipe(p.twin)) == quality_key(plain_twin(config)):
             shown[quality_key(config)] = p
     held = None if lengths is None else sorted(set(lengths))
 
@@ -288,6 +327,18 @@ def gate(
         keys = set(table.entries)
     dropped: dict[str, str] = {}
     for key in sorted(keys):
+        if _budget(key) is not None:  # transform coding at a budget: it must beat what the table sends there
+            against = rivalled.get(key, [])
+            if not against:
+                dropped[key] = (
+                    "not paired on the evaluation split with a config the table sends at its budget"
+                )
+            elif not all(p.holds for p in against):
+                p = next(p for p in against if not p.holds)
+                dropped[key] = (
+                    f"gain over {p.twin!r} does not hold: {p.diff:+.3f} [{p.lo:+.3f}, {p.hi:+.3f}], n={p.n}"
+                )
+            continue
         recipe = Recipe.from_name(key)
         if not twins(recipe):
             continue

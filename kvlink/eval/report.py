@@ -123,16 +123,18 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 def _config_facts(name: str, codec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Family, label and quality-table key of config `name`: from the run's codec dict when known
     (a `mix` name needs the profile its bits were allocated from), else parsed from the name."""
+    from kvlink.budget import fitted_key, parse_fitted, quality_key, rate_fitted
+
+    fitted = parse_fitted(name)  # '<name>@<budget>%': the rate fitted to that budget
     try:
-        config = Recipe.from_dict(codec) if codec is not None else parse_name(name)
+        config = Recipe.from_dict(codec) if codec is not None else parse_name(fitted[0] if fitted else name)
     except (TypeError, ValueError):
         return {"family": "other", "label": name, "key": name}
-    from kvlink.budget import quality_key
-
+    key = fitted_key(config, fitted[1]) if fitted and rate_fitted(config) else quality_key(config)
     return {
         "family": family(config),
-        "label": config.name,
-        "key": quality_key(config),
+        "label": key if fitted else config.name,
+        "key": key,
         "codec": config.to_dict(),
     }
 
@@ -202,8 +204,14 @@ def frontier_names(summary: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 
 # --- planner check ---------------------------------------------------------------------------
 def _row_config(row: dict[str, Any]) -> Recipe:
-    """A summary row's codec: as the run used it when recorded, else parsed from its name."""
-    return Recipe.from_dict(row["codec"]) if "codec" in row else parse_name(row["config"])
+    """A summary row's codec: as the run used it when recorded, else parsed from its name (a rate-fitted
+    one's recipe, its rate unset)."""
+    from kvlink.budget import parse_fitted
+
+    if "codec" in row:
+        return Recipe.from_dict(row["codec"])
+    fitted = parse_fitted(row["config"])
+    return parse_name(fitted[0] if fitted else row["config"])
 
 
 def _row_tokens(row: dict[str, Any]) -> int | None:
@@ -228,7 +236,7 @@ def planner_check(
     fraction over all configs of `task`). Each result: budget, pick, its fraction and
     measured quality, on_frontier, and the best measured config that fits (for comparison).
     """
-    from kvlink.budget import plannable
+    from kvlink.budget import parse_fitted, plannable
 
     rows = [r for r in summary if r["task"] == task]
     if not rows:
@@ -239,26 +247,55 @@ def planner_check(
     for budget in budgets:
         fits = [r for r in rows if math.isfinite(r["wire_frac"]["mean"]) and r["wire_frac"]["mean"] <= budget]
         result: dict[str, Any] = {"budget": budget, "fits": len(fits)}
-        planned = [r for r in fits if plannable(_row_config(r))]  # the planner never sends the others
+        expected = {  # what the planner expects of each config it would weigh at this budget
+            r["config"]: table.expected(_row_config(r), tokens=_row_tokens(r))
+            for r in fits
+            if parse_fitted(str(r.get("key"))) is None and plannable(_row_config(r))
+        }  # the planner never sends the others
+        for r, value in _fitted_weighed(rows, table, budget):
+            expected[r["config"]] = value
+        planned = [r for r in fits if r["config"] in expected]
         if not planned:
             result.update(pick=None, on_frontier=False, note="no measured config the planner weighs fits")
             out.append(result)
             continue
-        pick = max(
-            planned,
-            key=lambda r: (table.expected(_row_config(r), tokens=_row_tokens(r)), -r["wire_frac"]["mean"]),
-        )
+        pick = max(planned, key=lambda r: (expected[r["config"]], -r["wire_frac"]["mean"]))
         best = max(fits, key=lambda r: (r[quality]["mean"], -r["wire_frac"]["mean"]))
         result.update(
             pick=pick["config"],
             pick_fraction=pick["wire_frac"]["mean"],
             pick_quality=pick[quality]["mean"],
-            expected_quality=table.expected(_row_config(pick), tokens=_row_tokens(pick)),
+            expected_quality=expected[pick["config"]],
             on_frontier=pick["config"] in on,
             best=best["config"],
             best_quality=best[quality]["mean"],
         )
         out.append(result)
+    return out
+
+
+def _fitted_weighed(
+    rows: Sequence[dict[str, Any]], table: Any, budget: float
+) -> list[tuple[dict[str, Any], float]]:
+    """The rate-fitted rows (key '<name>@<b>%') the planner's table answers for at `budget`, each with what
+    it expects (QualityTable.fitted at the row's mean length): of each recipe, the row measured at the
+    largest b <= budget, the one that entry came from; its rate was fitted to b, the planner's to `budget`."""
+    from kvlink.budget import parse_fitted
+
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    for r in rows:
+        parsed = parse_fitted(str(r.get("key")))
+        if (
+            parsed is not None
+            and parsed[1] <= budget + 1e-12
+            and parsed[1] > best.get(parsed[0], (-1.0, r))[0]
+        ):
+            best[parsed[0]] = (parsed[1], r)
+    out = []
+    for _, r in best.values():
+        found = table.fitted(_row_config(r), budget, _row_tokens(r))
+        if found is not None:
+            out.append((r, found[0]))
     return out
 
 

@@ -103,8 +103,16 @@ def quality_table(
         model=str(meta.get("fingerprint", "unknown")),
         entries=entries,
         source=source,
-        buckets=tuple(buckets) if len(buckets) > 1 else (),
+        buckets=tuple(buckets) if len(buckets) > 1 or any(_fits_rate(b) for b in buckets) else (),
     )
+
+
+def _fits_rate(bucket: LengthBucket) -> bool:
+    """Whether `bucket` holds a rate-fitted entry: the planner reads those only from the bucket of the
+    context's length (QualityTable.fitted), so a table holding one keeps its buckets even when one."""
+    from kvlink.budget import parse_fitted
+
+    return any(parse_fitted(key) is not None for key in bucket.entries)
 
 
 def _span(lo: int, hi: int | None) -> str:
