@@ -177,6 +177,37 @@ xl() {
   (cd "$KEEP" && tar czf "$OUT/$name/logs.tgz" xl-"$task"-*.log)
 }
 
+# Issue 24: transform coding into the planner's quality table. `table cal`: `xpred+fp16+pca1+ans` with its rate
+# fitted to 25 / 18.75 / 12.5 / 6.25% (kvlink-bench quality's `<recipe>@<budget>%` configs) on 300 calibration
+# questions off the paragraphs its profiles are fitted on (--exclude-fit-text), for `kvlink-bench calibrate`;
+# `table eval`: the same and the table's picks at those budgets on the evaluation split's first 300 questions,
+# for the gate (`calibrate --holdout`). The profiles are fitted once on the GPU (cached in $KVLINK_CACHE), then
+# SHARDS one-thread CPU processes (float32, as `gate`); a second call on the warm machine resumes a cut run.
+# After `wheels` and the three model parts; returns one tarball of the run and its logs.
+XL_FITTED="xpred+fp16+pca1+ans@25%,xpred+fp16+pca1+ans@18.75%,xpred+fp16+pca1+ans@12.5%,xpred+fp16+pca1+ans@6.25%"
+TABLE_PICKS="q2c90%/layer+$XL_PICK,q2c65%/layer+$XL_PICK,q2c40%/layer+$XL_PICK,q2c12.5%+kint4c/vint4t-g32"
+table() {
+  install_model
+  local n=${SHARDS:-16} which=$2 split configs extra=() out
+  if [ "$which" = cal ]; then
+    split=calibration configs=$XL_FITTED extra=(--exclude-fit-text)
+  else
+    split=evaluation configs="$XL_FITTED,$TABLE_PICKS"
+  fi
+  out=$KEEP/table-$which
+  [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
+    --out "$KEEP/xl.safetensors"
+  for k in $(seq 0 $((n - 1))); do
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 timeout "${TABLE_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality \
+      --device cpu --split "$split" --task squad:300 "${extra[@]}" --no-ppl --no-progress --configs "$configs" \
+      --shard "$k/$n" --resume --out "$out" > "$KEEP/table-$which-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 2 "$KEEP"/table-"$which"-0.log
+  cat "$out"/samples*.jsonl | wc -l
+  (cd "$KEEP" && tar czf "$OUT/table-$which.tgz" "table-$which" table-"$which"-*.log)
+}
+
 # Issue 24: `xl` THROUGH THE PRODUCT (research/eval_xl_product.py: the planner's rate, the stages' encode, exact
 # framed bytes, a codec holding the two profiles decodes), on the GPU, evaluation split: `xlp squad` (300
 # questions at 25 / 18.75 / 12.5%) or `xlp long` (300 questions of 2k-8k tokens at 10%). The profiles are
@@ -211,6 +242,7 @@ case "${1:-}" in
   wheels) wheels ;;
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|table (see the header)"; exit 2 ;;
 esac

@@ -249,7 +249,9 @@ def family(recipe: Recipe) -> str:
     modes = {s.mode for s in recipe.stages() if isinstance(s, LowRank)}
     if modes:
         parts.append("proj" if "profile" in modes else "svd")
-    if recipe.format("k") != "fp16" or recipe.format("v") != "fp16":
+    if recipe.has("pca"):
+        parts.append("xl")  # transform coding: predicted, rotated into components, entropy-coded
+    elif recipe.format("k") != "fp16" or recipe.format("v") != "fp16":
         parts.append("rot" if recipe.has("rotate") else "quant")
     return "+".join(parts) or "fp16"
 

@@ -69,6 +69,12 @@ def add_model_and_task_arguments(p: argparse.ArgumentParser) -> None:
         "(what calibrate takes), all (every article; any other --data file)",
     )  # fmt: skip
     p.add_argument(
+        "--exclude-fit-text", action="store_true",
+        help="leave out the calibration paragraphs the predictor and transform-coding profiles are fitted on "
+        "(kvlink.predict.fit_texts: the odd paragraphs of each calibration article), so that configs using "
+        "those profiles are not measured on their own fitting text",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", default=None, help="calibrated projection profile (default: calibrated and cached)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,11 +107,15 @@ def split_tasks(args: argparse.Namespace, lm: Any, specs: Sequence[tuple[str, in
 
     split = None if args.split == "all" else args.split
     long_range = args.long_tokens or tasks.LONG_TOKENS
+    exclude = list(tasks.reserved_contexts()) if split is None else []
+    if getattr(args, "exclude_fit_text", False):
+        from kvlink.predict import fit_texts
+
+        exclude += fit_texts()
     try:
         return tasks.build_tasks(
             lm.tokenizer, specs, data=args.data, seed=args.seed, long_range=long_range,
-            needle_range=getattr(args, "needle_tokens", None) or long_range,
-            exclude=tasks.reserved_contexts() if split is None else (), split=split,
+            needle_range=getattr(args, "needle_tokens", None) or long_range, exclude=exclude, split=split,
         )  # fmt: skip
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
