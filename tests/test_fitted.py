@@ -240,3 +240,19 @@ def test_a_fitted_entry_enters_only_where_it_beats_what_the_table_sends_at_its_b
     xl = Recipe.from_name(XL)
     assert kept.fitted(xl, 0.25, 200) == (0.95, 0.25) and kept.fitted(xl, 0.2, 200) is None
     assert json.loads(json.dumps(holdout.as_json(cells, pairs)))["pairs"]
+
+
+def test_calibration_questions_can_leave_out_the_paragraphs_the_profiles_are_fitted_on() -> None:
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from kvlink.eval.commands.common import split_tasks
+    from kvlink.predict import fit_texts
+
+    args = Namespace(split="calibration", long_tokens=None, data=None, seed=0, exclude_fit_text=True)
+    lm = SimpleNamespace(tokenizer=None)
+    kept = split_tasks(args, lm, [("squad", None)])
+    fit = set(fit_texts())
+    assert kept and not any(e.context in fit for e in kept)
+    every = split_tasks(Namespace(**{**vars(args), "exclude_fit_text": False}), lm, [("squad", None)])
+    assert {e.eid for e in kept} < {e.eid for e in every} and any(e.context in fit for e in every)
