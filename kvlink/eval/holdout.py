@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlink.budget import LengthBucket, QualityTable, fitted_key, quality_key
+from kvlink.budget import LengthBucket, QualityTable, fitted_key, parse_fitted, quality_key
 from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
@@ -164,7 +164,10 @@ def check(
 ) -> tuple[list[Cell], list[Pair]]:
     """The cells and pairs of one task's samples (evaluation split only) against `table`.
 
-    `pairs`: (config, other) names to compare besides each config's twins (kvlink.recipe names).
+    `pairs`: (config, other) names to compare besides each config's twins (kvlink.recipe names). A
+    rate-fitted config ('<recipe>@<budget>%', kvlink.budget.fitted_key) has no twins: it is held to the
+    table's entry at its budget and paired with the fixed config of the run that the table rates best
+    among those whose mean wire bytes fit its budget (what the planner would send instead).
     """
     rows = [r for r in evaluation_records(records) if r["task"] == task]
     if not rows:
@@ -235,16 +238,12 @@ def check(
 
 def _budget(name: str) -> float | None:
     """The budget a rate-fitted config name ('<recipe>@<budget>%') fits its rate to; None for the others."""
-    from kvlink.budget import parse_fitted
-
     fitted = parse_fitted(name)
     return None if fitted is None else fitted[1]
 
 
 def _recipe(name: str) -> Recipe:
     """The recipe a config or table key names (a rate-fitted one's, its rate unset)."""
-    from kvlink.budget import parse_fitted
-
     fitted = parse_fitted(name)
     return Recipe.from_name(fitted[0] if fitted else name)
 
@@ -299,6 +298,9 @@ def gate(
     split's other 322 (bench/results/eval-gated-squad642-cpu), and would make each further twin
     measured a further chance to drop a config by noise.
 
+    A rate-fitted entry ('<recipe>@<budget>%') enters only when `pairs` pairs it with a fixed config (check
+    pairs it with the one the table rates best within its budget) and every such pair holds.
+
     `lengths`: the context lengths of the evaluation samples behind `pairs`. A table per length then
     loses the entries only in the buckets those lengths fall in (and in its mean over every length): a
     gain shown or not on ~200-token SQuAD paragraphs says nothing of the same refinement at 6k tokens,
@@ -309,9 +311,10 @@ def gate(
     shown: dict[str, Pair] = {}  # quality key -> its pair against its plain twin
     rivalled: dict[str, list[Pair]] = defaultdict(list)  # rate-fitted key -> its pairs against fixed configs
     for p in pairs:
-        if _budget(p.config) is not None:
+        budget = _budget(p.config)
+        if budget is not None:
             if _budget(p.twin) is None:
-                rivalled[fitted_key(_recipe(p.config), _budget(p.config) or 0.0)].append(p)
+                rivalled[fitted_key(_recipe(p.config), budget)].append(p)
             continue
         config = Recipe.from_name(p.config)
         if twins(config) and quality_key(_recipe(p.twin)) == quality_key(plain_twin(config)):
