@@ -257,6 +257,18 @@ def quality_key(recipe: Recipe) -> str:
     return (recipe.with_zstd(None) if recipe.zstd is not None else recipe).name
 
 
+def _shape(recipe: Recipe) -> tuple[Any, ...]:
+    """What `recipe` shares with every twin a quality lookup tries for it (less sink entries, per-layer sets,
+    rotation, question-aware rounding or widths; kvlink.budget's twins): its selection method and share
+    kept, and the formats and groups of its K and V quantizers (as sets: layers alike or not)."""
+    return (
+        recipe.method,
+        recipe.retention,
+        frozenset((q.format, q.group) for q in recipe.quantizers("k")),
+        frozenset((q.format, q.group) for q in recipe.quantizers("v")),
+    )
+
+
 def rate_fitted(recipe: Recipe) -> bool:
     """Whether the planner fits `recipe`'s rate to each budget (a Pca stage without one): its quality
     then depends on the budget, and a table measures it per budget (fitted_key)."""
@@ -423,6 +435,8 @@ class QualityTable:
     )
     _orders: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False, compare=False)
     _keys: frozenset[str] | None = field(default=None, repr=False, compare=False)  # of every bucket
+    _shapes: frozenset[tuple[Any, ...]] | None = field(default=None, repr=False, compare=False)
+    _shapes_known: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.buckets = tuple(sorted(self.buckets, key=lambda b: b.lo))
@@ -454,6 +468,20 @@ class QualityTable:
             if key in self._keys:  # measured, but only on contexts longer than this one
                 return None
         return self.entries.get(key)
+
+    def might_measure(self, recipe: Recipe) -> bool:
+        """False only when no entry of the table (any bucket, any length) can be `recipe` or one of the twins
+        a lookup tries for it (`expected`'s and the planner's): those keep its selection method and share
+        kept and each quantizer's format and group, so no entry sharing them means nothing to find. Lets
+        the planner skip building and naming the twins of the thousands of configs no table measured."""
+        if not self._shapes_known:
+            keys = {k for b in self.buckets for k in b.entries} | set(self.entries)
+            try:
+                self._shapes = frozenset(_shape(Recipe.from_name(k)) for k in keys if parse_fitted(k) is None)
+            except ValueError:  # a key this kvlink cannot read: never rule anything out
+                self._shapes = None
+            self._shapes_known = True
+        return self._shapes is None or _shape(recipe) in self._shapes
 
     def measured(self, recipe: Recipe, tokens: int | None = None) -> float | None:
         """The measured quality of exactly `recipe` for a context of `tokens` tokens (the class docstring
@@ -517,6 +545,8 @@ class QualityTable:
             drops.append(lambda r: r.without("kwidths"))
         if any(q.widths != "uniform" for q in recipe.quantizers("v")):
             drops.append(lambda r: r.without("vwidths"))
+        if not self.might_measure(recipe):  # no twin can be measured: the prior, as the loop would end
+            return UNMEASURED_ROTATION ** len(drops) * default_quality(recipe, head_dim)
         for n in range(len(drops) + 1):
             for chosen in itertools.combinations(drops, n):
                 twin = recipe
@@ -843,6 +873,8 @@ def _measured_best(
     logits (free: same bytes), per-channel key widths (4 bits per channel and head more) and per-row
     value widths (4 bits per row and head more), alone or together, each only where `free` (rounding,
     key widths, value widths) allows. None when nothing is known."""
+    if not quality.might_measure(recipe):  # none of its twins can be measured: what the search would end on
+        return None if expected is None else (recipe, expected)
     free_rounding, free_widths, free_vwidths = free
     options: list[Callable[[Recipe], Recipe | None]] = []
     keys = recipe.quantizers("k")

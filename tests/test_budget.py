@@ -829,3 +829,30 @@ def test_planner_choice_follows_the_context_length(head64: Any) -> None:
     assert picked(table, 1500) == long_good
     flat = QualityTable(entries=short_entries)
     assert picked(flat, 300) == picked(flat, 1500) == short_good
+
+
+def test_skipping_twins_no_table_can_hold_changes_no_lookup() -> None:
+    """QualityTable.might_measure lets lookups skip the twins of configs no entry shares a shape with: every
+    expectation and every twin the planner takes is what the full search over twins gives."""
+    from kvlink.budget import _measured_best, shipped_quality_path
+    from kvlink.eval.holdout import twins
+    from kvlink.layerbits import Sensitivity
+
+    geometry = Geometry(num_layers=30, kv_heads=3, head_dim=64, q_heads=9)
+    sensitivity = Sensitivity.for_model("", "smollm2-135m-instruct")
+    candidates = candidate_recipes(geometry, None, sensitivity)[::37]
+    for path in (shipped_quality_path("smollm2-135m-instruct"), FLAT_TABLE):
+        fast, full = QualityTable.load(path), QualityTable.load(path)
+        full._shapes, full._shapes_known = None, True  # never rules anything out: every twin is built
+        measured = [Recipe.from_name(k) for k in fast.entries if "@" not in k]
+        recipes = [*candidates, *measured, *(t for r in measured for t in twins(r))]
+        skipped = sum(not fast.might_measure(r) for r in recipes)
+        assert 0 < skipped < len(recipes)
+        for recipe in recipes:
+            for tokens in (None, 200, 6000):
+                assert fast.expected(recipe, tokens=tokens) == full.expected(recipe, tokens=tokens), (
+                    recipe.name
+                )
+                for free in ((True, True, True), (True, False, True)):
+                    got = _measured_best(fast, recipe, 0.5, free, tokens)
+                    assert got == _measured_best(full, recipe, 0.5, free, tokens), recipe.name
