@@ -205,11 +205,16 @@ class Recipe:
             stage.check(geometry)
 
     def size_key(self) -> tuple[Any, ...]:
-        """What decides this recipe's size (rotations, seeds, rounding and windows do not)."""
+        """What decides this recipe's size (rotations, seeds, rounding and windows do not: a stage of no
+        bytes, whose size key is empty, leaves no trace in it)."""
+
+        def pipelines(layers: tuple[Pipeline, ...]) -> tuple[tuple[Any, ...], ...]:
+            return tuple(tuple(key for s in p if (key := tuple(s.size_key()))) for p in layers)
+
         return (
             self.select.size_key() if self.select is not None else (),
-            tuple(tuple(tuple(s.size_key()) for s in p) for p in self.k),
-            tuple(tuple(tuple(s.size_key()) for s in p) for p in self.v),
+            pipelines(self.k),
+            pipelines(self.v),
             self.zstd.size_key() if self.zstd is not None else (),
             self.ans.size_key() if self.ans is not None else (),
         )

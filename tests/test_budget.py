@@ -856,3 +856,18 @@ def test_skipping_twins_no_table_can_hold_changes_no_lookup() -> None:
                 for free in ((True, True, True), (True, False, True)):
                     got = _measured_best(fast, recipe, 0.5, free, tokens)
                     assert got == _measured_best(full, recipe, 0.5, free, tokens), recipe.name
+
+
+def test_a_stage_of_no_bytes_leaves_the_size_key_alone(prefilled: tuple[Any, Any]) -> None:
+    """The planner sizes a rotated config by its unrotated twin's estimate: rotation adds no byte."""
+    from kvlink.codec import Codec
+
+    lm, pre = prefilled
+    plain, rotated = (
+        build(k_bits=4, v_bits=3, group_size=32),
+        build(k_bits=4, v_bits=3, group_size=32, rotate="kv"),
+    )
+    assert rotated != plain and rotated.size_key() == plain.size_key()
+    assert build(k_bits=4, v_bits=3, group_size=32, sink=1).size_key() != plain.size_key()
+    sizes = [Codec(r, lm.geometry).encode(pre).sizes().total for r in (plain, rotated)]
+    assert sizes[0] == sizes[1]
