@@ -522,6 +522,8 @@ def test_kvlink_send_needs_a_budget_unless_the_goal_is_ttft(capsys: pytest.Captu
     assert "--segment-tokens must be >= 1" in capsys.readouterr().err
     assert client_main.main([*argv, "--goal", "ttft", "--min-quality", "1.5"]) == 2
     assert "--min-quality must be in [0, 1]" in capsys.readouterr().err
+    assert client_main.main([*argv, "--goal", "ttft", "--profile", "xl.safetensors"]) == 2
+    assert "--profile is for --goal bytes" in capsys.readouterr().err
 
 
 async def test_a_receiver_out_of_memory_refuses_the_message_and_keeps_serving(

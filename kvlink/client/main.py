@@ -456,6 +456,11 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--segment-tokens must be >= 1, got {args.segment_tokens}")
         if not 0.0 <= args.min_quality <= 1.0:
             raise UsageError(f"--min-quality must be in [0, 1], got {args.min_quality}")
+        if args.profile:
+            raise UsageError(
+                "--profile is for --goal bytes: the segmented sender (--goal ttft) plans its segments without "
+                "calibrated profiles"
+            )
     constraints = constraints_from_args(args)
     if not args.question.strip():
         raise UsageError("the question is empty")
