@@ -420,7 +420,8 @@ class QualityTable:
     ~200), so a config measured only on long contexts would be overrated on short ones; measured only on
     shorter ones it is rated low, which costs a pick, not a promise. Only when no such bucket nor
     `entries` holds the key itself are its twins looked up (the same way), then the prior (`expected`).
-    Without T (tokens=None) only `entries` answer.
+    Without T (tokens=None) only `entries` answer. A recipe whose rate the planner fits to the budget
+    (transform coding) is keyed per budget, '<name>@<budget>%' (fitted_key), and answered only by `fitted`.
 
     Lookups are memoized: fill `entries` and `buckets` before the first `expected` call.
     """
