@@ -479,7 +479,7 @@ class QualityTable:
             keys = {k for b in self.buckets for k in b.entries} | set(self.entries)
             try:
                 self._shapes = frozenset(_shape(Recipe.from_name(k)) for k in keys if parse_fitted(k) is None)
-            except ValueError:  # a key this kvlink cannot read: never rule anything out
+            except (KeyError, ValueError):  # a key this kvlink cannot read: never rule anything out
                 self._shapes = None
             self._shapes_known = True
         return self._shapes is None or _shape(recipe) in self._shapes
@@ -509,8 +509,9 @@ class QualityTable:
         name, best = quality_key(recipe), None
         for key, value in bucket.entries.items():
             parsed = parse_fitted(key)
-            at_or_below = parsed is not None and parsed[0] == name and parsed[1] <= budget + 1e-12
-            if parsed is not None and at_or_below and (best is None or parsed[1] > best[1]):
+            if parsed is None or parsed[0] != name or parsed[1] > budget + 1e-12:
+                continue  # another recipe, or measured at more bytes than the budget gives
+            if best is None or parsed[1] > best[1]:
                 best = (value, parsed[1])
         return best
 
