@@ -1,0 +1,150 @@
+"""The budget planner's time (kvlink.budget.plan) against an earlier commit's, side by side in one run: each
+version plans the same contexts at the same budgets in its own process, in alternating rounds; the picks and
+every candidate weighed (name, estimated bytes, expected quality, fits) must be identical.
+
+usage: python bench/plan_time.py --baseline COMMIT --out FILE.json [--questions 3] [--rounds 2]
+
+The baseline is `git archive COMMIT kvlink` unpacked into a temporary folder (with this checkout's generated
+protobuf stubs) and imported from there. Contexts: the first questions of the evaluation split on the
+embedded model (float32, CPU, one thread), prefilled with the question observed; budgets 50, 25, 18.75, 12.5
+and 6.25%; both versions rank by the same quality table (this checkout's shipped file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = (0.5, 0.25, 0.1875, 0.125, 0.0625)
+TABLE = ROOT / "kvlink" / "data" / "quality" / "smollm2-135m-instruct.json"
+
+
+def worker(questions: int) -> None:
+    """Plan every (question, budget) with the kvlink on sys.path; one JSON line per plan on stdout."""
+    import torch
+
+    torch.set_num_threads(1)
+    from kvlink.budget import QualityTable, plan
+    from kvlink.cache import Observe, prefill
+    from kvlink.eval.tasks import squad_examples
+    from kvlink.models import load_model
+    from kvlink.prompt import question_rows
+
+    lm = load_model(None, device="cpu")
+    table = QualityTable.load(TABLE)
+    for ex in squad_examples(None, questions, (), "evaluation"):
+        ctx, q = ex.encode(lm.tokenizer)
+        pre = prefill(lm.model, ctx, q, Observe.QUESTION, 32, question_rows(lm.tokenizer, ex.question))
+        for budget in BUDGETS:
+            started = time.perf_counter()
+            chosen = plan(pre, lm.geometry, lm.fingerprint, budget, quality=table, session_id="s" * 32,
+                          message_id="m" * 32)  # fmt: skip
+            seconds = time.perf_counter() - started
+            weighed = [
+                [c.recipe.name, c.estimated_bytes, None if c.expected_quality != c.expected_quality
+                 else round(c.expected_quality, 12), c.fits]
+                for c in chosen.candidates
+            ]  # fmt: skip
+            digest = hashlib.sha256(json.dumps([chosen.recipe.name, chosen.total_bytes, weighed]).encode())
+            print(json.dumps({"eid": ex.eid, "T": int(ctx.numel()), "budget": budget, "s": seconds,
+                              "pick": chosen.recipe.name, "bytes": chosen.total_bytes,
+                              "candidates": len(weighed), "digest": digest.hexdigest()}), flush=True)  # fmt: skip
+
+
+def baseline_tree(commit: str) -> Path:
+    """`commit`'s kvlink package in a temporary folder, with this checkout's protobuf stubs."""
+    archive = subprocess.run(
+        ["git", "archive", commit, "kvlink"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    folder = Path(tempfile.mkdtemp(prefix="kvlink-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    for stub in (ROOT / "kvlink" / "_proto").glob("*_pb2*.py*"):
+        shutil.copy(stub, folder / "kvlink" / "_proto" / stub.name)
+    return folder
+
+
+def run(tree: Path, questions: int) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", str(questions)],
+        cwd=tempfile.gettempdir(), env=env, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", help="the commit whose planner is the baseline")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--questions", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        worker(args.worker)
+        return 0
+    if not args.baseline or not args.out:
+        ap.error("--baseline and --out are required")
+    trees = {"baseline": baseline_tree(args.baseline), "current": ROOT}
+    times: dict[str, dict[tuple[str, float], list[float]]] = {name: {} for name in trees}
+    plans: dict[str, dict[tuple[str, float], dict]] = {name: {} for name in trees}
+    for r in range(args.rounds):
+        for name, tree in trees.items():
+            started = time.perf_counter()
+            for row in run(tree, args.questions):
+                key = (row["eid"], row["budget"])
+                times[name].setdefault(key, []).append(row["s"])
+                plans[name][key] = row
+            print(f"round {r + 1} {name}: {time.perf_counter() - started:.1f} s", flush=True)
+    rows = []
+    for key in sorted(plans["current"]):
+        new, old = plans["current"][key], plans["baseline"][key]
+        t_new, t_old = statistics.median(times["current"][key]), statistics.median(times["baseline"][key])
+        rows.append({
+            "eid": key[0], "T": new["T"], "budget": key[1], "pick": new["pick"], "bytes": new["bytes"],
+            "candidates": new["candidates"], "identical": new["digest"] == old["digest"]
+            and new["pick"] == old["pick"] and new["bytes"] == old["bytes"],
+            "baseline_s": round(t_old, 3), "current_s": round(t_new, 3), "speedup": round(t_old / t_new, 2),
+        })  # fmt: skip
+    total_old = sum(r["baseline_s"] for r in rows)
+    total_new = sum(r["current_s"] for r in rows)
+    doc = {
+        "baseline": args.baseline,
+        "current": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread a process",
+        "rounds": args.rounds,
+        "all_identical": all(r["identical"] for r in rows),
+        "total_baseline_s": round(total_old, 2),
+        "total_current_s": round(total_new, 2),
+        "speedup": round(total_old / total_new, 2),
+        "plans": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['eid']} T={r['T']} {100 * r['budget']:g}%: {r['baseline_s']:.2f} -> {r['current_s']:.2f} s "
+              f"({r['speedup']}x), identical {r['identical']}, {r['pick']}")  # fmt: skip
+    print(
+        f"total {total_old:.1f} -> {total_new:.1f} s ({doc['speedup']}x); all identical: {doc['all_identical']}"
+    )
+    return 0 if doc["all_identical"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
