@@ -208,6 +208,17 @@ table() {
   (cd "$KEEP" && tar czf "$OUT/table-$which.tgz" "table-$which" table-"$which"-*.log)
 }
 
+# Transform coding chosen by the planner end to end on the GPU (bench/xl_planned.py): kvlink-serve and a
+# sender holding the two profile files, no pinned config, the receiver decoding with the Triton kernels.
+# After `wheels` and the three model parts.
+planned() {
+  install_model
+  [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
+    --out "$KEEP/xl.safetensors"
+  python3 bench/xl_planned.py --profiles "$KEEP" --out "$OUT/planned/results.json" --device cuda \
+    --questions "${PLANNED_N:-3}"
+}
+
 # Issue 24: `xl` THROUGH THE PRODUCT (research/eval_xl_product.py: the planner's rate, the stages' encode, exact
 # framed bytes, a codec holding the two profiles decodes), on the GPU, evaluation split: `xlp squad` (300
 # questions at 25 / 18.75 / 12.5%) or `xlp long` (300 questions of 2k-8k tokens at 10%). The profiles are
@@ -243,6 +254,7 @@ case "${1:-}" in
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|table (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|table|planned (see the header)"; exit 2 ;;
 esac
