@@ -44,6 +44,7 @@ from kvlink.quant.formats import format_spec
 from kvlink.recipe import Recipe, build, format_of, migrate_name
 from kvlink.select import SCOPES, get_selector
 from kvlink.stages import LowRank, Pca, Quantize, Select, Sink
+from kvlink.stages.pca import RATES
 from kvlink.stages.select import DEFAULT_WINDOW
 
 ROTATIONS: tuple[str, ...] = ("none", "k", "v", "kv")
@@ -273,6 +274,13 @@ def rate_fitted(recipe: Recipe) -> bool:
     """Whether the planner fits `recipe`'s rate to each budget (a Pca stage without one): its quality
     then depends on the budget, and a table measures it per budget (fitted_key)."""
     return any(isinstance(s, Pca) and s.rate is None for s in recipe.stages())
+
+
+def at_rate(recipe: Recipe, rate: int | None = None) -> Recipe:
+    """`recipe` with the rate the planner fits set to `rate` (default the coarsest, kvlink.stages.pca.RATES):
+    what a codec encodes; a recipe without a rate to fit is returned unchanged."""
+    pca = next((s for s in recipe.stages() if isinstance(s, Pca) and s.rate is None), None)
+    return recipe if pca is None else recipe.replacing(pca, pca.at(RATES.stop - 1 if rate is None else rate))
 
 
 _FITTED = re.compile(r"(?P<name>.+)@(?P<pct>\d+(?:\.\d+)?)%")
@@ -972,7 +980,7 @@ def fit_rate(
     rises)."""
     from kvlink import xl
     from kvlink.residual import TransformProfiles
-    from kvlink.stages.pca import FP16_EXACT, RATES
+    from kvlink.stages.pca import FP16_EXACT
 
     if not isinstance(profile, TransformProfiles):
         raise ValueError(
@@ -980,18 +988,18 @@ def fit_rate(
             "kvlink.residual.TransformProfiles)"
         )
     pca = next(s for s in recipe.stages() if isinstance(s, Pca))
-
-    def at(rate: int) -> Recipe:
-        return recipe.replacing(pca, pca.at(rate))
-
     coarsest = RATES.stop - 1
-    first = Codec(at(coarsest), geometry, profile)
+    first = Codec(at_rate(recipe, coarsest), geometry, profile)
     kept = first.select(prefill)
     kv = prefill.kv.select(kept) if kept is not None else prefill.kv
 
     def exact(rate: int) -> float:
         try:
-            return framed(Codec(at(rate), geometry, profile).encode_kv(prefill.kv, kept, prefill.observation))
+            return framed(
+                Codec(at_rate(recipe, rate), geometry, profile).encode_kv(
+                    prefill.kv, kept, prefill.observation
+                )
+            )
         except ValueError:  # too fine for the float16 symbols (Pca refuses it): never a pick
             return math.inf
 
@@ -1006,7 +1014,7 @@ def fit_rate(
         return est + overhead
 
     rate = xl.search_rate(estimate, exact, budget_bytes, RATES)  # the estimate is infinite where too fine
-    return at(coarsest if rate is None else rate)
+    return at_rate(recipe, rate)  # None (none fits): the coarsest
 
 
 def _estimate(codec: Codec, length: int) -> int:

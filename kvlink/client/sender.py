@@ -621,16 +621,15 @@ async def _send(
         if pinned is not None and {"lowrank:profile", "predict", "pca"} & pinned.capabilities()
         else None
     )
-    needed: tuple[str, ...] = ()  # the hashes of the calibrated profiles the receiver must hold
-    if profiled is not None:
-        if profile is None:
-            raise ValueError(
-                f"recipe {profiled.name!r} {'predicts' if profiled.has('predict') else 'projects'} with a "
-                "calibrated profile: pass it (profile=, a kvlink.lowrank.ModelProfile, "
-                "kvlink.predict.PredictorProfile or kvlink.residual.TransformProfiles that the receiver "
-                "holds too)"
-            )
-        needed = tuple(getattr(profile, "hashes", (profile.hash,)))
+    if profiled is not None and profile is None:
+        raise ValueError(
+            f"recipe {profiled.name!r} {'predicts' if profiled.has('predict') else 'projects'} with a "
+            "calibrated profile: pass it (profile=, a kvlink.lowrank.ModelProfile, "
+            "kvlink.predict.PredictorProfile or kvlink.residual.TransformProfiles that the receiver "
+            "holds too)"
+        )
+    # the hashes of the calibrated profiles the receiver must hold for the profile to be used
+    needed: tuple[str, ...] = () if profile is None else tuple(getattr(profile, "hashes", (profile.hash,)))
     stage = on_stage or (lambda name, detail: None)
     session_id = session_id or uuid.uuid4().hex
     message_id = uuid.uuid4().hex
@@ -651,14 +650,9 @@ async def _send(
                 f"{profiled.name!r} needs (it holds: {held}); start it with --profile FILE",
                 code="UNKNOWN_CODEC", rpc="Hello",
             )  # fmt: skip
-        if profiled is None and profile is not None:  # the planner may weigh transform coding with it
-            offered = tuple(getattr(profile, "hashes", (profile.hash,)))
-            lacking = [h for h in offered if h not in welcome.profile_hashes]
-            if lacking:
-                stage(
-                    "connect", f"the receiver does not hold profile {', '.join(lacking)}: planning without it"
-                )
-                profile = None
+        if lacking:  # unpinned, the planner would have weighed transform coding with it
+            stage("connect", f"the receiver does not hold profile {', '.join(lacking)}: planning without it")
+            profile = None
         constraints = _for_receiver(constraints, welcome.capabilities)
 
         stage("prefill", "reading the context")

@@ -312,7 +312,7 @@ def resolve(
 
     Configs that do not fit the model (a rank above head_dim) are dropped with a warning.
     """
-    from kvlink.budget import fitted_key, parse_fitted, rate_fitted
+    from kvlink.budget import at_rate, fitted_key, parse_fitted, rate_fitted
 
     by_config: dict[tuple[Recipe, float | None], GridConfig] = {}
     for name in expand_names(names):
@@ -340,16 +340,6 @@ def resolve(
         elif name != known.name and name not in known.aliases:
             by_config[config, budget] = GridConfig(known.name, config, (*known.aliases, name), budget)
     return list(by_config.values())
-
-
-def at_rate(recipe: Recipe, rate: int | None = None) -> Recipe:
-    """`recipe` with its planner-fitted rate set (to `rate`, default the coarsest): what a codec encodes;
-    any other recipe unchanged."""
-    from kvlink.stages import Pca
-    from kvlink.stages.pca import RATES
-
-    pca = next((s for s in recipe.stages() if isinstance(s, Pca) and s.rate is None), None)
-    return recipe if pca is None else recipe.replacing(pca, pca.at(RATES.stop - 1 if rate is None else rate))
 
 
 def select_configs(
@@ -523,6 +513,8 @@ class Evaluator:
         self.profile = profile
         if needs_profile(self.configs) and profile is None:
             raise ValueError("configs with a calibrated projection (proj<r>) need a profile (bench_profile)")
+        from kvlink.budget import at_rate
+
         self.profiles = {c.name: _profile_for(lm, c.config, profile) for c in self.configs}
         self.codecs = {  # a rate-fitted config's at its coarsest rate (its kept set); _encode fits the rate
             c.name: Codec(at_rate(c.config), lm.geometry, self.profiles[c.name]) for c in self.configs

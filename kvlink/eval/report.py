@@ -236,7 +236,7 @@ def planner_check(
     fraction over all configs of `task`). Each result: budget, pick, its fraction and
     measured quality, on_frontier, and the best measured config that fits (for comparison).
     """
-    from kvlink.budget import parse_fitted, plannable
+    from kvlink.budget import plannable
 
     rows = [r for r in summary if r["task"] == task]
     if not rows:
@@ -250,8 +250,8 @@ def planner_check(
         expected = {  # what the planner expects of each config it would weigh at this budget
             r["config"]: table.expected(_row_config(r), tokens=_row_tokens(r))
             for r in fits
-            if parse_fitted(str(r.get("key"))) is None and plannable(_row_config(r))
-        }  # the planner never sends the others
+            if plannable(_row_config(r))  # the planner never sends the others (nor rate-fitted ones this way)
+        }
         for r, value in _fitted_weighed(rows, table, budget):
             expected[r["config"]] = value
         planned = [r for r in fits if r["config"] in expected]
