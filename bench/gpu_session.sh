@@ -241,6 +241,30 @@ xlp() {
   (cd "$KEEP" && tar czf "$OUT/$name.tgz" "results/$name" xlp-"$task"-*.log)
 }
 
+# Issue 24: which positions to keep on long contexts (research/screen_select_long.py: Q2C variants registered
+# as selectors, each through kvlink's codec). `sel calibration` screens SEL_CONFIGS on SEL_N calibration questions
+# of the long task; `sel evaluation` measures the ones chosen there (SEL_CONFIGS again) on the evaluation split.
+# SHARDS processes share the GPU; results live in $KEEP (a second call resumes) and come back as one tarball.
+# After `wheels` and the three model parts.
+SEL_CONFIGS="q2c40%/layer+fp16,q2cmax_k7_40%/layer+fp16,q2cmax_k15_40%/layer+fp16,q2cmax_k31_40%/layer+fp16,\
+q2cmax_k63_40%/layer+fp16,q2cavg_k7_40%/layer+fp16,q2cavg_k31_40%/layer+fp16,q2chead_40%/layer+fp16,\
+q2cpeak_40%/layer+fp16,q2c25%/layer+fp16,q2cmax_k15_25%/layer+fp16,q2cavg_k15_25%/layer+fp16,\
+q2cpeak_25%/layer+fp16,q2c60%/layer+fp16,q2c40%/layer+$XL_PICK,q2cmax_k15_40%/layer+$XL_PICK"
+sel() {
+  install_model
+  export RESEARCH_DEVICE=cuda RESEARCH_THREADS=1 KVLINK_RESEARCH_CACHE=$KEEP/kvr RESEARCH_RESULTS=$KEEP/results
+  local n=${SHARDS:-8} split=$2 name
+  name=select-long-$split-${SEL_TAG:-gpu}
+  python3 -c "from kvlink.models import load_model; load_model(None, device='cpu')" >/dev/null  # convert once
+  for k in $(seq 0 $((n - 1))); do
+    timeout "${SEL_BUDGET_S:-480}" python3 research/screen_select_long.py "${SEL_N:-150}" --split "$split" \
+      --configs "${SEL:-$SEL_CONFIGS}" --name "$name" --shard "$k/$n" --resume > "$KEEP/sel-$split-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 1 "$KEEP"/sel-"$split"-*.log
+  (cd "$KEEP" && tar czf "$OUT/$name.tgz" "results/$name" sel-"$split"-*.log)
+}
+
 wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
   mkdir -p "$KEEP" && rm -rf "$KEEP/proto" && cp -r "$CARRY/scale/proto" "$KEEP/proto"
@@ -252,9 +276,10 @@ case "${1:-}" in
   part) keep_part ;;
   wheels) wheels ;;
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  sel) set -o pipefail; sel "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|table|planned (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|sel|table|planned (see the header)"; exit 2 ;;
 esac
