@@ -106,6 +106,26 @@ long() {
   wc -l "$KEEP"/long/samples*.jsonl || true
 }
 
+# Issue 24: full-retention quantizers and mixes on long contexts, for the quality table's long buckets: the same
+# CONFIGS on PAIR_N calibration and PAIR_N evaluation questions of the long task, two processes sharing the GPU
+# (`calibrate` takes the first, `calibrate --holdout` / `holdout` the second). After the three model parts.
+PAIR_CONFIGS="fp16,kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
+kint8c/vint4t-g64+sink1+vwidths-question,q2c90%/layer+kint8c/vint4t-g64+sink1+vwidths-question,\
+kint3c/vint3t-g64+sink1+round-query,q2c60%/layer+kint4c/vint3t-g64+sink1+round-query"
+longpair() {
+  install_model
+  python3 -c "from kvlink.models import load_model; load_model(None, device='cpu')" >/dev/null  # convert once
+  for split in calibration evaluation; do
+    timeout "${LONG_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
+      --task "long:${PAIR_N:-150}" --no-ppl --no-progress --configs "${CONFIGS:-$PAIR_CONFIGS}" --resume \
+      --out "$KEEP/pair-$split" > "$KEEP/pair-$split.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 2 "$KEEP"/pair-*.log
+  wc -l "$KEEP"/pair-*/samples*.jsonl || true
+  (cd "$KEEP" && tar czf "$OUT/longpair.tgz" pair-calibration pair-evaluation pair-*.log)
+}
+
 # The quality table's refined configs on the frontier and their simpler twins, on the evaluation split's
 # first 320 SQuAD questions, on the device's CPU cores (float32, as the CPU evaluation runs): SHARDS
 # processes of one thread, examples K, K+N, ... each; --resume continues a cut run. For
@@ -280,6 +300,6 @@ case "${1:-}" in
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  ttft|long|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|xl|xlp|sel|table|planned (see the header)"; exit 2 ;;
+  ttft|long|longpair|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|table|planned (see the header)"; exit 2 ;;
 esac
