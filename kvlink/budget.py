@@ -303,6 +303,12 @@ def parse_fitted(key: str) -> tuple[str, float] | None:
     return None if m is None else (m["name"], float(m["pct"]) / 100.0)
 
 
+def split_fitted(name: str) -> tuple[str, float | None]:
+    """('<name>', budget fraction) of a fitted_key; (name, None) for any other config name or key."""
+    fitted = parse_fitted(name)
+    return (name, None) if fitted is None else fitted
+
+
 # Default expected quality (answer fidelity vs full KV, 0..1). Priors from the seed findings
 # (INT8 nearly free, INT4 mild, INT3 worse, INT2 catastrophic; Q2C > H2O > SnapKV > Random),
 # scaled to what a 135M model measured (issue 7's reference table). `kvlink-bench calibrate`

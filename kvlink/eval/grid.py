@@ -312,16 +312,15 @@ def resolve(
 
     Configs that do not fit the model (a rank above head_dim) are dropped with a warning.
     """
-    from kvlink.budget import at_rate, fitted_key, parse_fitted, rate_fitted
+    from kvlink.budget import at_rate, fitted_key, rate_fitted, split_fitted
 
     by_config: dict[tuple[Recipe, float | None], GridConfig] = {}
     for name in expand_names(names):
         canonical = ALIASES.get(name, name)
-        fitted = parse_fitted(canonical)
-        config = parse_name(fitted[0] if fitted else canonical, sensitivity)
-        budget = fitted[1] if fitted else None
-        if fitted:
-            canonical = fitted_key(config, fitted[1])  # ValueError for a recipe with no rate to fit
+        base, budget = split_fitted(canonical)
+        config = parse_name(base, sensitivity)
+        if budget is not None:
+            canonical = fitted_key(config, budget)  # ValueError for a recipe with no rate to fit
         elif rate_fitted(config):
             raise ValueError(
                 f"config {name!r}: the planner fits its rate to a budget; name one, e.g. {name}@12.5%"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kvlink.budget import LengthBucket, QualityTable, fitted_key, parse_fitted, quality_key
+from kvlink.budget import LengthBucket, QualityTable, fitted_key, quality_key, split_fitted
 from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
@@ -238,14 +238,12 @@ def check(
 
 def _budget(name: str) -> float | None:
     """The budget a rate-fitted config name ('<recipe>@<budget>%') fits its rate to; None for the others."""
-    fitted = parse_fitted(name)
-    return None if fitted is None else fitted[1]
+    return split_fitted(name)[1]
 
 
 def _recipe(name: str) -> Recipe:
     """The recipe a config or table key names (a rate-fitted one's, its rate unset)."""
-    fitted = parse_fitted(name)
-    return Recipe.from_name(fitted[0] if fitted else name)
+    return Recipe.from_name(split_fitted(name)[0])
 
 
 def markdown(cells: Sequence[Cell], pairs: Sequence[Pair], quality: str = "fidelity") -> str:

@@ -123,17 +123,17 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 def _config_facts(name: str, codec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Family, label and quality-table key of config `name`: from the run's codec dict when known
     (a `mix` name needs the profile its bits were allocated from), else parsed from the name."""
-    from kvlink.budget import fitted_key, parse_fitted, quality_key, rate_fitted
+    from kvlink.budget import fitted_key, quality_key, rate_fitted, split_fitted
 
-    fitted = parse_fitted(name)  # '<name>@<budget>%': the rate fitted to that budget
+    base, budget = split_fitted(name)  # '<name>@<budget>%': the rate fitted to that budget
     try:
-        config = Recipe.from_dict(codec) if codec is not None else parse_name(fitted[0] if fitted else name)
+        config = Recipe.from_dict(codec) if codec is not None else parse_name(base)
     except (TypeError, ValueError):
         return {"family": "other", "label": name, "key": name}
-    key = fitted_key(config, fitted[1]) if fitted and rate_fitted(config) else quality_key(config)
+    key = fitted_key(config, budget) if budget is not None and rate_fitted(config) else quality_key(config)
     return {
         "family": family(config),
-        "label": key if fitted else config.name,
+        "label": key if budget is not None else config.name,
         "key": key,
         "codec": config.to_dict(),
     }
@@ -206,12 +206,11 @@ def frontier_names(summary: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 def _row_config(row: dict[str, Any]) -> Recipe:
     """A summary row's codec: as the run used it when recorded, else parsed from its name (a rate-fitted
     one's recipe, its rate unset)."""
-    from kvlink.budget import parse_fitted
+    from kvlink.budget import split_fitted
 
     if "codec" in row:
         return Recipe.from_dict(row["codec"])
-    fitted = parse_fitted(row["config"])
-    return parse_name(fitted[0] if fitted else row["config"])
+    return parse_name(split_fitted(row["config"])[0])
 
 
 def _row_tokens(row: dict[str, Any]) -> int | None:
