@@ -19,6 +19,7 @@ achievable fraction.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -756,13 +757,27 @@ def candidate_recipes(
 
     With a `sensitivity` profile of the model, also the per-layer allocations at MIX_AVERAGES
     mean bits (unrotated, no low rank), unless bits are pinned or `constraints.layer_bits` is off.
+    The space depends on nothing else, so a process builds it once per (geometry, constraints,
+    sensitivity): a sender's later plans take it from memory (25,871 recipes for the embedded model).
     """
-    c = constraints or Constraints()
+    g = geometry
+    return list(
+        _candidates(
+            (g.num_layers, g.kv_heads, g.head_dim, g.q_heads), constraints or Constraints(), sensitivity
+        )
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _candidates(
+    shape: tuple[int, int, int, int], c: Constraints, sensitivity: Sensitivity | None
+) -> tuple[Recipe, ...]:
+    geometry = Geometry(*shape)
     if c.recipe is not None:
         lacking = missing(c.recipe, c.capabilities)
         if lacking:
             raise ValueError(f"the receiver does not decode {', '.join(lacking)} of recipe {c.recipe.name!r}")
-        return [c.recipe]
+        return (c.recipe,)
     method = c.method or "q2c"
     retentions = [c.retention] if c.retention is not None else list(RETENTIONS)
     if method == "none":
@@ -821,7 +836,7 @@ def candidate_recipes(
                 k_layer_bits=k_mix, v_layer_bits=v_mix, round_k="query" if c.round_k == "query" else "nearest",
             )
         )  # fmt: skip
-    return out
+    return tuple(out)
 
 
 def _mixes(

@@ -871,3 +871,23 @@ def test_a_stage_of_no_bytes_leaves_the_size_key_alone(prefilled: tuple[Any, Any
     assert build(k_bits=4, v_bits=3, group_size=32, sink=1).size_key() != plain.size_key()
     sizes = [Codec(r, lm.geometry).encode(pre).sizes().total for r in (plain, rotated)]
     assert sizes[0] == sizes[1]
+
+
+def test_the_search_space_is_built_once_per_geometry_constraints_and_profile() -> None:
+    from kvlink.layerbits import Sensitivity
+
+    g = Geometry(num_layers=3, kv_heads=1, head_dim=64, q_heads=2)
+    first = candidate_recipes(g, Constraints(zstd=False))
+    first.clear()  # a caller's list is its own: the next plan gets the whole space again
+    again = candidate_recipes(Geometry(num_layers=3, kv_heads=1, head_dim=64, q_heads=2), Constraints(zstd=False))
+    assert again and again == candidate_recipes(g, Constraints(zstd=False))
+    assert any(r.has("rotate") for r in again)
+    # Another geometry, other constraints, another profile: each its own space, never a remembered one.
+    odd = candidate_recipes(Geometry(num_layers=3, kv_heads=1, head_dim=48, q_heads=2), Constraints(zstd=False))
+    assert odd and not any(r.has("rotate") for r in odd)  # no Hadamard of 48
+    pinned = candidate_recipes(g, Constraints(zstd=False, k_bits=4, v_bits=4))
+    assert pinned and {(r.format("k"), r.format("v")) for r in pinned} == {("int4", "int4")}
+    profile = Sensitivity(model="toy", k=(1.0, 5.0, 1.0), v=(1.0, 1.0, 2.0))
+    mixed = candidate_recipes(g, Constraints(zstd=False), profile)
+    assert len(mixed) > len(again) and any(r.per_layer("k") for r in mixed)
+    assert not any(r.per_layer("k") for r in again)
