@@ -879,11 +879,15 @@ def test_the_search_space_is_built_once_per_geometry_constraints_and_profile() -
     g = Geometry(num_layers=3, kv_heads=1, head_dim=64, q_heads=2)
     first = candidate_recipes(g, Constraints(zstd=False))
     first.clear()  # a caller's list is its own: the next plan gets the whole space again
-    again = candidate_recipes(Geometry(num_layers=3, kv_heads=1, head_dim=64, q_heads=2), Constraints(zstd=False))
+    again = candidate_recipes(
+        Geometry(num_layers=3, kv_heads=1, head_dim=64, q_heads=2), Constraints(zstd=False)
+    )
     assert again and again == candidate_recipes(g, Constraints(zstd=False))
     assert any(r.has("rotate") for r in again)
     # Another geometry, other constraints, another profile: each its own space, never a remembered one.
-    odd = candidate_recipes(Geometry(num_layers=3, kv_heads=1, head_dim=48, q_heads=2), Constraints(zstd=False))
+    odd = candidate_recipes(
+        Geometry(num_layers=3, kv_heads=1, head_dim=48, q_heads=2), Constraints(zstd=False)
+    )
     assert odd and not any(r.has("rotate") for r in odd)  # no Hadamard of 48
     pinned = candidate_recipes(g, Constraints(zstd=False, k_bits=4, v_bits=4))
     assert pinned and {(r.format("k"), r.format("v")) for r in pinned} == {("int4", "int4")}
