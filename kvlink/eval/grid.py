@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from kvlink.prompt import encode_text, question_rows
 from kvlink.recipe import Recipe, layer_bits_id
 from kvlink.select import registered_selectors
 from kvlink.stages import LowRank, Select
+
+if TYPE_CHECKING:
+    from kvlink.residual import TransformProfiles
 
 logger = logging.getLogger(__name__)
 
@@ -504,7 +507,7 @@ class Evaluator:
         lm: LoadedModel,
         configs: Sequence[GridConfig],
         settings: RunSettings | None = None,
-        profile: ModelProfile | None = None,
+        profile: ModelProfile | TransformProfiles | None = None,
     ) -> None:
         self.lm = lm
         self.configs = list(configs)
@@ -775,7 +778,7 @@ def run_quality(
     configs: Sequence[GridConfig],
     samples_path: str | Path,
     settings: RunSettings | None = None,
-    profile: ModelProfile | None = None,
+    profile: ModelProfile | TransformProfiles | None = None,
     resume: bool = False,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
