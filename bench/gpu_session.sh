@@ -109,21 +109,26 @@ long() {
 # Issue 24: full-retention quantizers and mixes on long contexts, for the quality table's long buckets: the same
 # CONFIGS on PAIR_N calibration and PAIR_N evaluation questions of the long task, two processes sharing the GPU
 # (`calibrate` takes the first, `calibrate --holdout` / `holdout` the second). After the three model parts.
+# Done on 2026-12-06 (bench/results/calib-long100-full-h100, eval-long99-full-h100). The gate of the long
+# buckets needs each refined config's plain twin on the same evaluation questions; next:
+#   CONFIGS="fp16,kint8c/vint4t-g64,q2c90%+kint8c/vint4t-g64,kint4c/vint3t-g64,kint3c/vint3t-g64,\
+#   q2c60%+kint4c/vint3t-g64" PAIR_N=99 SPLITS=evaluation PAIR_TAG=twins bash bench/gpu_session.sh longpair
 PAIR_CONFIGS="fp16,kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question,\
 kint8c/vint4t-g64+sink1+vwidths-question,q2c90%/layer+kint8c/vint4t-g64+sink1+vwidths-question,\
 kint3c/vint3t-g64+sink1+round-query,q2c60%/layer+kint4c/vint3t-g64+sink1+round-query"
 longpair() {
   install_model
   python3 -c "from kvlink.models import load_model; load_model(None, device='cpu')" >/dev/null  # convert once
-  for split in calibration evaluation; do
+  local tag=${PAIR_TAG:-pair} split
+  for split in ${SPLITS:-calibration evaluation}; do
     timeout "${LONG_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
       --task "long:${PAIR_N:-150}" --no-ppl --no-progress --configs "${CONFIGS:-$PAIR_CONFIGS}" --resume \
-      --out "$KEEP/pair-$split" > "$KEEP/pair-$split.log" 2>&1 &
+      --out "$KEEP/$tag-$split" > "$KEEP/$tag-$split.log" 2>&1 &
   done
   wait || true
-  tail -qn 2 "$KEEP"/pair-*.log
-  wc -l "$KEEP"/pair-*/samples*.jsonl || true
-  (cd "$KEEP" && tar czf "$OUT/longpair.tgz" pair-calibration pair-evaluation pair-*.log)
+  tail -qn 2 "$KEEP"/"$tag"-*.log
+  wc -l "$KEEP"/"$tag"-*/samples*.jsonl || true
+  (cd "$KEEP" && tar czf "$OUT/longpair-$tag.tgz" "$tag"-*)
 }
 
 # The quality table's refined configs on the frontier and their simpler twins, on the evaluation split's
