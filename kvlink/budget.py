@@ -757,8 +757,9 @@ def candidate_recipes(
 
     With a `sensitivity` profile of the model, also the per-layer allocations at MIX_AVERAGES
     mean bits (unrotated, no low rank), unless bits are pinned or `constraints.layer_bits` is off.
-    The space depends on nothing else, so a process builds it once per (geometry, constraints,
-    sensitivity): a sender's later plans take it from memory (25,871 recipes for the embedded model).
+    The space depends on nothing else, so a process keeps the last four it built, by (geometry,
+    constraints, sensitivity): a sender's later plans take it from memory (25,871 recipes, about 21 MB,
+    for the embedded model).
     """
     g = geometry
     return list(
@@ -768,7 +769,7 @@ def candidate_recipes(
     )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)  # about 21 MB a space of the embedded model's geometry
 def _candidates(
     shape: tuple[int, int, int, int], c: Constraints, sensitivity: Sensitivity | None
 ) -> tuple[Recipe, ...]:
