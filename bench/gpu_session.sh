@@ -278,7 +278,7 @@ q2cpeak_25%/layer+fp16,q2c60%/layer+fp16,q2c40%/layer+$XL_PICK,q2cmax_k15_40%/la
 sel() {
   install_model
   export RESEARCH_DEVICE=cuda RESEARCH_THREADS=1 KVLINK_RESEARCH_CACHE=$KEEP/kvr RESEARCH_RESULTS=$KEEP/results
-  local n=${SHARDS:-8} split=$2 name
+  local n=${SHARDS:-6} split=$2 name
   name=select-long-$split-${SEL_TAG:-gpu}
   python3 -c "from kvlink.models import load_model; load_model(None, device='cpu')" >/dev/null  # convert once
   for k in $(seq 0 $((n - 1))); do
