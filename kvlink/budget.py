@@ -28,7 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -761,19 +761,14 @@ def candidate_recipes(
     constraints, sensitivity): a sender's later plans take it from memory (25,871 recipes, about 21 MB,
     for the embedded model).
     """
-    g = geometry
-    return list(
-        _candidates(
-            (g.num_layers, g.kv_heads, g.head_dim, g.q_heads), constraints or Constraints(), sensitivity
-        )
-    )
+    return list(_candidates(astuple(geometry), constraints or Constraints(), sensitivity))
 
 
 @functools.lru_cache(maxsize=4)  # about 21 MB a space of the embedded model's geometry
 def _candidates(
-    shape: tuple[int, int, int, int], c: Constraints, sensitivity: Sensitivity | None
+    shape: tuple[Any, ...], c: Constraints, sensitivity: Sensitivity | None
 ) -> tuple[Recipe, ...]:
-    geometry = Geometry(*shape)
+    geometry = Geometry(*shape)  # its fields, in order: a key lru_cache can hash
     if c.recipe is not None:
         lacking = missing(c.recipe, c.capabilities)
         if lacking:
