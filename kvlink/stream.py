@@ -349,7 +349,7 @@ def measure_costs(
     # The fixed cost of one segment: a 16-token INT4 message through the receiver's own parse, verify
     # and decode (what every segment pays whatever its length).
     small = codec.encode(read(model, ids[: min(16, n)]))
-    frames = [f.SerializeToString() for f in wire.to_frames(small, "probe", "probe", "cost-probe", 1 << 20)]
+    frames = [wire.frame_bytes(f) for f in wire.to_frames(small, "probe", "probe", "cost-probe", 1 << 20)]
 
     def one_segment() -> None:
         asm = wire.Assembler("cost-probe", geometry)

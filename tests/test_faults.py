@@ -199,7 +199,7 @@ async def test_sender_disconnects_mid_stream(
         async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
             call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(timeout=30)
             for frame in frames[:40]:
-                await call.write(frame.SerializeToString())
+                await call.write(wire.frame_bytes(frame))
             await asyncio.sleep(0.2)
             call.cancel()
     await assert_not_kept(rx, good, message_id, before)
@@ -212,7 +212,7 @@ async def test_stall_past_the_receivers_stall_timeout(
 ) -> None:
     before = await settle(rx)
     message_id = uuid.uuid4().hex
-    raws = [f.SerializeToString() for f in good.frames(embedded, message_id)[:4]]  # header + 3 chunks
+    raws = [wire.frame_bytes(f) for f in good.frames(embedded, message_id)[:4]]  # header + 3 chunks
     started = time.monotonic()
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
         signals, error = await raw_transfer(ch, raws, timeout=60, close=False)  # then silence
@@ -228,7 +228,7 @@ async def test_stall_past_the_receivers_stall_timeout(
 async def test_stall_past_the_senders_deadline(rx: Receiver, embedded: LoadedModel, good: Message) -> None:
     before = await settle(rx)
     message_id = uuid.uuid4().hex
-    raws = [f.SerializeToString() for f in good.frames(embedded, message_id)[:4]]
+    raws = [wire.frame_bytes(f) for f in good.frames(embedded, message_id)[:4]]
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
         _, error = await raw_transfer(ch, raws, timeout=1.0, close=False)
     assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -240,7 +240,7 @@ async def test_stall_past_the_senders_deadline(rx: Receiver, embedded: LoadedMod
 async def test_duplicated_chunk_is_refused(rx: Receiver, embedded: LoadedModel, good: Message) -> None:
     before = await settle(rx)
     message_id = uuid.uuid4().hex
-    raws = [f.SerializeToString() for f in good.frames(embedded, message_id)]
+    raws = [wire.frame_bytes(f) for f in good.frames(embedded, message_id)]
     duplicated = [*raws[:4], raws[3], *raws[4:]]  # chunk 2 twice in a row
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
         signals, error = await raw_transfer(ch, duplicated, timeout=30)
@@ -261,7 +261,7 @@ async def test_out_of_order_chunks_are_accepted(rx: Receiver, embedded: LoadedMo
     shuffled = [frames[0], *chunks[1::2][::-1], *chunks[0::2], frames[-1]]  # odd ids backwards, then even ids
     assert sorted(f.chunk.chunk_id for f in shuffled[1:-1]) == list(range(len(chunks)))
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
-        signals, error = await raw_transfer(ch, [f.SerializeToString() for f in shuffled], timeout=60)
+        signals, error = await raw_transfer(ch, [wire.frame_bytes(f) for f in shuffled], timeout=60)
         assert error is None, error
         events = [wire.read_signal(s) for s in signals]
         receipts = [e for e in events if isinstance(e, wire.Receipt)]

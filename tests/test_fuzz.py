@@ -90,7 +90,7 @@ def _sample(config: Recipe, seed: int) -> Sample:
     kv = ContextKV(keys, values, [torch.arange(T)] * GEOM.num_layers, T)
     encoded = Codec(config, GEOM).encode_kv(kv, kept)
     frames = wire.to_frames(encoded, "session", "message", FP, CHUNK)
-    return Sample(encoded, tuple(f.SerializeToString() for f in frames))
+    return Sample(encoded, tuple(wire.frame_bytes(f) for f in frames))
 
 
 SAMPLES = tuple(_sample(c, i) for i, c in enumerate(CONFIGS))
@@ -446,14 +446,14 @@ def mutated_header(draw: st.DrawFn) -> tuple[Sample, list[bytes], list[str]]:
     sample = draw(st.sampled_from(SAMPLES))
     frame = wire.parse_frame(sample.raws[0])
     changes = [_mutate_header(draw, frame.header) for _ in range(draw(st.integers(1, 3)))]
-    header_raw = frame.SerializeToString()
+    header_raw = wire.frame_bytes(frame)
     trailer = wire.parse_frame(sample.raws[-1])
     if draw(st.integers(0, 9)):  # mostly a consistent header CRC, to reach validation past the trailer
         trailer.trailer.header_crc32c = google_crc32c.value(header_raw)
     if draw(st.booleans()):  # and the trailer's totals of the new table
         trailer.trailer.chunk_count = len(frame.header.payload)
         trailer.trailer.payload_bytes = sum(r.size for r in frame.header.payload)
-    return sample, [header_raw, *sample.raws[1:-1], trailer.SerializeToString()], changes
+    return sample, [header_raw, *sample.raws[1:-1], wire.frame_bytes(trailer)], changes
 
 
 @given(mutated_header())
@@ -503,11 +503,11 @@ def test_consistent_messages_with_arbitrary_payload_decode_or_value_error(
         blob = data.draw(st.binary(min_size=size, max_size=size))
         row.size, row.crc32c = len(blob), google_crc32c.value(blob)
         chunks[cid].chunk.data, chunks[cid].chunk.crc32c = blob, row.crc32c
-    header_raw = header.SerializeToString()
+    header_raw = wire.frame_bytes(header)
     trailer = wire.parse_frame(sample.raws[-1])
     trailer.trailer.header_crc32c = google_crc32c.value(header_raw)
     trailer.trailer.payload_bytes = sum(r.size for r in header.header.payload)
-    raws = [header_raw, *(c.SerializeToString() for c in chunks), trailer.SerializeToString()]
+    raws = [header_raw, *(wire.frame_bytes(c) for c in chunks), wire.frame_bytes(trailer)]
     try:
         encoded, _ = deliver(raws)
     except wire.WireError as err:  # a zstd part's bytes over its bound, say

@@ -147,7 +147,7 @@ async def refused_raw(rx: Receiver, frames: list[Any], tenant: str = "mallory") 
 
     async def stream() -> AsyncIterator[bytes]:
         for frame in frames:
-            yield frame.SerializeToString()
+            yield wire.frame_bytes(frame)
 
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
         call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
@@ -236,7 +236,7 @@ async def test_position_sets_of_millions_are_decoded_without_blocking(
     asm = wire.Assembler(embedded.fingerprint, embedded.geometry, wire.WireLimits())
     started = time.perf_counter()
     with pytest.raises(wire.WireError) as info:
-        asm.feed_raw(frames[0].SerializeToString())
+        asm.feed_raw(wire.frame_bytes(frames[0]))
     assert info.value.code == "SHAPE", info.value  # positions decoded and valid; the tensors do not match
     assert time.perf_counter() - started < 2.0
 
@@ -403,7 +403,7 @@ async def test_a_trickling_transfer_ends_at_the_message_deadline(rx: Receiver, e
 
     async def trickle() -> AsyncIterator[bytes]:
         for frame in frames:  # one frame every 1.5 s: never a stall, but never done either
-            yield frame.SerializeToString()
+            yield wire.frame_bytes(frame)
             await asyncio.sleep(STALL_S * 0.75)
 
     started = time.perf_counter()

@@ -233,16 +233,16 @@ def test_tampered_layer_bits_are_refused() -> None:
     assert [(list(p.layers), p.stages[-1].params["format"]) for p in keys] == [
         ([0], "int8"), ([1], "int2"), ([2], "int4"),
     ]  # fmt: skip
-    short = wire.parse_frame(frames[0].SerializeToString())
+    short = wire.parse_frame(wire.frame_bytes(frames[0]))
     del short.header.recipe.pipelines[2]  # layer 2's keys without a pipeline
     err = _refused([short, *frames[1:]])
     assert err.code == "SHAPE" and "k layers without a pipeline" in err.message
-    swapped = wire.parse_frame(frames[0].SerializeToString())
+    swapped = wire.parse_frame(wire.frame_bytes(frames[0]))
     swapped.header.recipe.pipelines[0].layers[:] = [1]  # the recipe says 2, 8, 4 bits;
     swapped.header.recipe.pipelines[1].layers[:] = [0]  # the entries still say 8, 2, 4
     err = _refused([swapped, *frames[1:]])
     assert err.code == "MALFORMED" and "layer 0 k: spec" in err.message
-    odd = wire.parse_frame(frames[0].SerializeToString())
+    odd = wire.parse_frame(wire.frame_bytes(frames[0]))
     odd.header.recipe.pipelines[1].stages[-1].params["format"] = "int6"
     err = _refused([odd, *frames[1:]])
     assert err.code == "UNKNOWN_CODEC" and "int6" in err.message

@@ -101,7 +101,7 @@ encoded = Codec(recipe, lm.geometry).encode(prefill(lm.model, ctx, question, obs
 frames = wire.to_frames(encoded, "session-1", "message-1", lm.fingerprint, 256)
 receiver = wire.Assembler(lm.fingerprint, lm.geometry)
 for frame in frames:
-    receiver.feed_raw(frame.SerializeToString())
+    receiver.feed_raw(wire.frame_bytes(frame))
 received, receipt = receiver.finish()
 sent, decoded = Codec(recipe, lm.geometry).decode(encoded), Codec(recipe, lm.geometry).decode(received)
 assert all(torch.equal(a, b) for a, b in zip(sent.keys + sent.values, decoded.keys + decoded.values))

@@ -206,7 +206,7 @@ async def _refused(
 
 
 def _edited_header(frames: list[Any], edit: Callable[[Any], None]) -> list[Any]:
-    header = wire.parse_frame(frames[0].SerializeToString())
+    header = wire.parse_frame(wire.frame_bytes(frames[0]))
     edit(header.header)
     return [header, *frames[1:]]
 
@@ -217,7 +217,7 @@ def _flip(chunk_id: int, times: int) -> Callable[[Any, int], Any]:
     def hook(frame: Any, attempt: int) -> Any:
         if frame.WhichOneof("frame") != "chunk" or frame.chunk.chunk_id != chunk_id or attempt >= times:
             return frame
-        bad = wire.parse_frame(frame.SerializeToString())
+        bad = wire.parse_frame(wire.frame_bytes(frame))
         data = bytearray(bad.chunk.data)
         data[len(data) // 2] ^= 0x40
         bad.chunk.data = bytes(data)
@@ -361,7 +361,7 @@ async def test_cancel_frame_and_disconnect_discard_the_message(
     async with _channel(server.target) as ch:
         call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(timeout=30)
         for frame in _frames(embedded, good.encoded, message_id)[:6]:
-            await call.write(frame.SerializeToString())
+            await call.write(wire.frame_bytes(frame))
         await asyncio.sleep(0.2)
         call.cancel()
         with pytest.raises(SendError) as info:

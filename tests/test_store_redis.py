@@ -580,7 +580,7 @@ async def test_the_store_stopped_costs_a_transfer_unavailable_and_nothing_else(
     # During a transfer: the header's id check passed (an Ack proves it), the store goes before the trailer.
     mid = uuid.uuid4().hex
     frames = [
-        f.SerializeToString() for f in wire.to_frames(msg.encoded, "s1", mid, embedded.fingerprint, 1 << 20)
+        wire.frame_bytes(f) for f in wire.to_frames(msg.encoded, "s1", mid, embedded.fingerprint, 1 << 20)
     ]
     async with grpc.aio.insecure_channel(fleet.b.target) as ch:
         call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def _frames(encoded: EncodedKV, chunk_bytes: int = 1 << 20) -> list[Any]:
 
 
 def _copy(frame: Any) -> Any:
-    return wire.parse_frame(frame.SerializeToString())
+    return wire.parse_frame(wire.frame_bytes(frame))
 
 
 def _asm(**kwargs: Any) -> wire.Assembler:
@@ -461,7 +462,7 @@ def test_header_damaged_in_transit_is_corrupt() -> None:
     """A header that still validates (an unchecked field changed) fails the trailer's header CRC32C."""
     encoded = _encode(CONFIGS["int4/int2-random-global"])
     frames = _frames(encoded, 64)
-    assert frames[-1].trailer.header_crc32c == google_crc32c.value(frames[0].SerializeToString())
+    assert frames[-1].trailer.header_crc32c == google_crc32c.value(wire.frame_bytes(frames[0]))
     header = _copy(frames[0])
     header.header.recipe.select.params["seed"] = (
         "5"  # the selector's seed: not used to decode, so not validated
@@ -474,7 +475,7 @@ def test_header_damaged_in_transit_is_corrupt() -> None:
     # The same bytes, as the server receives them (feed_raw): the CRC is taken over the raw frame.
     asm = _asm()
     for frame in frames:
-        asm.feed_raw(frame.SerializeToString())
+        asm.feed_raw(wire.frame_bytes(frame))
     _same(encoded, asm.finish()[0])
 
 
@@ -487,11 +488,11 @@ def test_chunk_before_header_is_refused() -> None:
 
 def test_frame_kind_is_read_from_the_tags_and_each_kind_has_its_own_size_cap() -> None:
     frames = _frames(_encode(CONFIGS["fp16-full"]))
-    assert [wire.frame_kind(f.SerializeToString()) for f in (frames[0], frames[1], frames[-1])] == [
+    assert [wire.frame_kind(wire.frame_bytes(f)) for f in (frames[0], frames[1], frames[-1])] == [
         "header", "chunk", "trailer",
     ]  # fmt: skip
-    assert wire.frame_kind(wire.cancel_frame("x").SerializeToString()) == "cancel"
-    two = frames[1].SerializeToString() + frames[-1].SerializeToString()  # protobuf would parse this
+    assert wire.frame_kind(wire.frame_bytes(wire.cancel_frame("x"))) == "cancel"
+    two = wire.frame_bytes(frames[1]) + wire.frame_bytes(frames[-1])  # protobuf would parse this
     for raw, needle in (
         (b"\xff\xff\xff", "broken varint"),
         (two, "carries 2 of"),
@@ -505,16 +506,16 @@ def test_frame_kind_is_read_from_the_tags_and_each_kind_has_its_own_size_cap() -
     # A chunk frame is held to the chunk size, a trailer to a few bytes, before either is parsed.
     limits = wire.WireLimits(max_chunk_bytes=1024, max_message_bytes=1 << 20)
     asm = _asm(limits=limits)
-    asm.feed_raw(_frames(_encode(CONFIGS["fp16-full"]), chunk_bytes=1024)[0].SerializeToString())
+    asm.feed_raw(wire.frame_bytes(_frames(_encode(CONFIGS["fp16-full"]), chunk_bytes=1024)[0]))
     big = wire.pb.TransferFrame(protocol_version=1, chunk=wire.pb.Chunk(chunk_id=0, data=bytes(4096)))
-    _raises("TOO_LARGE", lambda: asm.feed_raw(big.SerializeToString()), "chunk frame of", "limit for a chunk")
+    _raises("TOO_LARGE", lambda: asm.feed_raw(wire.frame_bytes(big)), "chunk frame of", "limit for a chunk")
     asm = _asm(limits=limits)
     fat = wire.pb.TransferFrame(protocol_version=1, cancel=wire.pb.Cancel(reason="x" * 8192))
-    _raises("TOO_LARGE", lambda: asm.feed_raw(fat.SerializeToString()), "cancel frame of")
+    _raises("TOO_LARGE", lambda: asm.feed_raw(wire.frame_bytes(fat)), "cancel frame of")
     # A second header is refused from its tags, unparsed.
     asm = _asm()
-    asm.feed_raw(frames[0].SerializeToString())
-    _raises("ORDER", lambda: asm.feed_raw(frames[0].SerializeToString()), "second header")
+    asm.feed_raw(wire.frame_bytes(frames[0]))
+    _raises("ORDER", lambda: asm.feed_raw(wire.frame_bytes(frames[0])), "second header")
 
 
 def test_ids_are_letters_digits_and_a_few_marks() -> None:
@@ -529,7 +530,7 @@ def test_a_refused_message_keeps_no_buffer() -> None:
     """The sticky error is a fresh copy without traceback, and the plan (parsed header) is dropped."""
     frames = _frames(_encode(CONFIGS["fp16-full"]))
     asm = _asm()
-    asm.feed_raw(frames[0].SerializeToString())
+    asm.feed_raw(wire.frame_bytes(frames[0]))
     bad = wire.pb.TransferFrame(protocol_version=1, chunk=wire.pb.Chunk(chunk_id=10**6, data=b"x"))
     with pytest.raises(wire.WireError) as first:
         asm.feed(bad)
@@ -684,7 +685,7 @@ def test_over_limit_message(limits: wire.WireLimits, needle: str) -> None:
 
 def test_malformed_protobuf_bytes() -> None:
     frames = _frames(_encode(CONFIGS["fp16-full"]))
-    raw = frames[0].SerializeToString()
+    raw = wire.frame_bytes(frames[0])
     for junk in (b"\xff\xff\xff", raw[: len(raw) // 2], b"\x12\x80"):
         err = _raises("MALFORMED", functools.partial(wire.parse_frame, junk), "not a kvlink TransferFrame")
         assert err.status_code == grpc.StatusCode.INVALID_ARGUMENT
@@ -910,7 +911,7 @@ def test_unknown_header_fields_are_refused(where: str) -> None:
     target = {"header": header, "recipe": header.recipe, "stage": header.recipe.pipelines[0].stages[0],
               "tensor-spec": header.tensors[3].spec, "payload-entry": header.payload[2]}[where]  # fmt: skip
     target.MergeFromString(extra)
-    tampered = wire.parse_frame(frames[0].SerializeToString())
+    tampered = wire.parse_frame(wire.frame_bytes(frames[0]))
     err = _raises("UNKNOWN_CODEC", lambda: _asm().feed(tampered), "[111]", "newer kvlink sender")
     assert err.status_code == grpc.StatusCode.UNIMPLEMENTED
     good = _frames(_encode(CONFIGS["int4/int2-random-global"]))  # the same receiver config takes a good one
@@ -929,3 +930,33 @@ def test_chunk_frame_size_without_building_the_frame(chunk_id: int, n: int) -> N
         )
         assert wire.chunk_frame_size(chunk_id, n, crc) == wire.frame_size(frame)
     assert wire.chunk_frame_size(chunk_id, n, 0) == wire.chunk_frame_size(chunk_id, n) - 5
+
+
+_ONE_MESSAGE = """
+import hashlib, sys, torch
+from kvlink import wire
+from kvlink.cache import ContextKV
+from kvlink.codec import Codec
+from kvlink.models import Geometry
+from kvlink.recipe import Recipe
+torch.manual_seed(0)
+T = 24
+kv = ContextKV([torch.randn(2, T, 64) for _ in range(3)], [torch.randn(2, T, 64) for _ in range(3)], [torch.arange(T)] * 3, T)
+recipe = Recipe.from_name("q2c50%+kint4c/vint3t-g64+sink1+zstd3")
+encoded = Codec(recipe, Geometry(3, 2, 64, 4)).encode_kv(kv, [torch.arange(0, T, 2)] * 3)
+frames = wire.to_frames(encoded, "s" * 32, "m" * 32, "fingerprint", 256)
+sys.stdout.write(hashlib.sha256(b"".join(wire.frame_bytes(f) for f in frames)).hexdigest())
+"""
+
+
+def test_one_message_is_the_same_bytes_in_every_process() -> None:
+    # A header's stage params are a protobuf map, whose default order differs between processes; kvlink
+    # sends frames serialized deterministically, and the trailer's CRC is over those bytes.
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE_MESSAGE], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )  # fmt: skip
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1 and len(next(iter(digests))) == 64

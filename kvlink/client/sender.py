@@ -281,7 +281,7 @@ async def transfer(
             out: Any = fault(frame, attempt) if fault is not None else frame
             if out is None:
                 break
-            raw = out if isinstance(out, bytes) else out.SerializeToString()
+            raw = out if isinstance(out, bytes) else wire.frame_bytes(out)
             await call.write(raw)
             sent["frames"] += 1
             sent["bytes"] += len(raw) + wire.GRPC_PREFIX_BYTES

@@ -137,7 +137,7 @@ async def send_raw(
 
     async def stream() -> AsyncIterator[bytes]:
         for frame in frames:
-            yield frame if isinstance(frame, bytes) else frame.SerializeToString()
+            yield frame if isinstance(frame, bytes) else wire.frame_bytes(frame)
             if pace_s:
                 await asyncio.sleep(pace_s)
 
@@ -193,7 +193,7 @@ def prepare_payloads(lm: Any, goods: list[Good]) -> Payloads:
     from kvlink import wire
 
     def raw(frames: list[Any]) -> list[bytes]:
-        return [f.SerializeToString() for f in frames]
+        return [wire.frame_bytes(f) for f in frames]
 
     good = goods[0].encoded
     return Payloads(

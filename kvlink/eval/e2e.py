@@ -65,7 +65,7 @@ def e2e_example(
         queries = _queries_for(c.config)
         encoded = codec.encode_kv(kv, kept, None if queries is None else observations[queries])
         frames = wire.to_frames(encoded, "0" * 32, "1" * 32, lm.fingerprint, 1 << 20)
-        blobs = [f.SerializeToString() for f in frames]
+        blobs = [wire.frame_bytes(f) for f in frames]
         return blobs, time.perf_counter() - t0, int(encoded.fp16_bytes())
 
     def receive_kv(c: Any, link: PacedSocketPair | None, blobs: list[bytes]) -> dict[str, float]:

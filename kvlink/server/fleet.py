@@ -111,7 +111,7 @@ class FleetService(KVLinkService):
                         encoded, stream.session_id, segment_id, self.lm.fingerprint,
                         self.limits.max_chunk_bytes, segment,
                     )  # fmt: skip
-                out += [f.SerializeToString() for f in frames]
+                out += [wire.frame_bytes(f) for f in frames]
             return out
 
         await self._put_shared(stream.owner, await asyncio.to_thread(framed), record)
@@ -150,7 +150,7 @@ class FleetService(KVLinkService):
         frames = wire.to_frames(
             encoded, session_id, message_id, self.lm.fingerprint, self.limits.max_chunk_bytes
         )
-        return [f.SerializeToString() for f in frames]
+        return [wire.frame_bytes(f) for f in frames]
 
     def _unshare(self, owner: str, message_id: str) -> None:
         def forget() -> None:

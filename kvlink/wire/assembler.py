@@ -17,7 +17,7 @@ from kvlink.models import Geometry
 from kvlink.recipe import Recipe
 from kvlink.wire._common import WireError, _check_version, pb
 from kvlink.wire.capabilities import local_capabilities
-from kvlink.wire.framing import GRPC_PREFIX_BYTES, PART_ORDER, _Tally, frame_size, signal_size
+from kvlink.wire.framing import GRPC_PREFIX_BYTES, PART_ORDER, _Tally, frame_bytes, frame_size, signal_size
 from kvlink.wire.grpc import frame_kind, parse_frame
 from kvlink.wire.messages import Ack, Nack, Receipt, _ack_signal, _nack_signal, read_signal
 from kvlink.wire.segments import Segment
@@ -261,7 +261,7 @@ class Assembler:
                 frame, self.fingerprint, self.geometry, self.limits, self.capabilities, self.profile_hashes
             )
             self._validate_s = time.perf_counter() - t0
-            self._header_crc = google_crc32c.value(raw if raw is not None else frame.SerializeToString())
+            self._header_crc = google_crc32c.value(raw if raw is not None else frame_bytes(frame))
             self._plan = plan
             self._segment = plan.segment
             self._ids = (plan.header.session_id, plan.header.message_id)

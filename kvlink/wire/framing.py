@@ -326,13 +326,20 @@ def text_frames(
     return _framed(header, [])
 
 
+def frame_bytes(frame: pb.TransferFrame) -> bytes:
+    """A frame as kvlink sends it: serialized deterministically (map entries, such as a stage's params, in
+    key order; the default order varies between processes), so one message is the same bytes in every
+    process. The trailer's header CRC is over these bytes: whatever sends frames sends these."""
+    return frame.SerializeToString(deterministic=True)
+
+
 def _framed(header: pb.Header, chunks: list[pb.TransferFrame]) -> list[pb.TransferFrame]:
-    """[Header, *chunks, Trailer], the trailer checking the header frame's bytes."""
+    """[Header, *chunks, Trailer], the trailer checking the header frame's bytes (frame_bytes)."""
     header_frame = pb.TransferFrame(protocol_version=PROTOCOL_VERSION, header=header)
     trailer = pb.Trailer(
         chunk_count=len(chunks),
         payload_bytes=sum(e.size for e in header.payload),
-        header_crc32c=google_crc32c.value(header_frame.SerializeToString()),
+        header_crc32c=google_crc32c.value(frame_bytes(header_frame)),
     )
     return [header_frame, *chunks, pb.TransferFrame(protocol_version=PROTOCOL_VERSION, trailer=trailer)]
 

@@ -16,6 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kvlink.wire._common import ERROR_CODES, PROTOCOL_VERSION, WireError, pb, pb_grpc
+from kvlink.wire.framing import frame_bytes
 
 # --- service and errors -----------------------------------------------------------------------
 SERVICE_NAME: Final = "kvlink.v2.KVLink"
@@ -142,8 +143,18 @@ def parse_release(raw: bytes) -> pb.Release:
 # --- handlers and stubs for server/ and client/ -----------------------------------------------
 KVLinkServicer = pb_grpc.KVLinkServicer
 """Base class of the typed servicer (requests arrive parsed by gRPC)."""
-KVLinkStub = pb_grpc.KVLinkStub
-"""Client stub: KVLinkStub(channel).Hello(hello_to_proto(...)), .Transfer(frames), .Ask(...)."""
+
+
+class KVLinkStub(pb_grpc.KVLinkStub):  # type: ignore[misc]
+    """Client stub: KVLinkStub(channel).Hello(hello_to_proto(...)), .Transfer(frames), .Ask(...). Its Transfer
+    serializes each frame as frame_bytes does (deterministically): the bytes the trailer's header CRC is over
+    (the generated stub's default order of map entries can differ from them)."""
+
+    def __init__(self, channel: Any) -> None:
+        super().__init__(channel)
+        self.Transfer = channel.stream_stream(
+            TRANSFER_METHOD, request_serializer=frame_bytes, response_deserializer=pb.Signal.FromString
+        )
 
 
 def raw_rpc_handler(servicer: Any) -> grpc.GenericRpcHandler:
