@@ -143,21 +143,37 @@ async def refused(rx: Receiver, frames: list[Any], tenant: str = "mallory") -> S
 
 async def refused_raw(rx: Receiver, frames: list[Any], tenant: str = "mallory") -> wire.WireError:
     """Send frames as they are (no Outbox checks: they may contradict themselves) and return the
-    receiver's refusal."""
-
-    async def stream() -> AsyncIterator[bytes]:
-        for frame in frames:
-            yield wire.frame_bytes(frame)
-
+    receiver's refusal: its Error signal, else the call's status. The reader runs from the start: once a
+    write loses the race with the receiver's abort (frames still going out after the refusal), grpc.aio
+    ends the call INTERNAL and drops what was not read, the Error signal included."""
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
         call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
-            stream(), timeout=120, metadata=bearer(TOKENS[tenant])
+            timeout=120, metadata=bearer(TOKENS[tenant])
         )
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for _ in call:
-                pass
-    err = wire.error_from_rpc(info.value)
-    assert err is not None, info.value
+        signals: list[Any] = []
+
+        async def read() -> grpc.aio.AioRpcError | None:
+            try:
+                while (signal := await call.read()) is not grpc.aio.EOF:
+                    signals.append(signal)
+            except grpc.aio.AioRpcError as exc:
+                return exc
+            return None
+
+        reader = asyncio.create_task(read())
+        try:
+            for frame in frames:
+                await call.write(wire.frame_bytes(frame))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the receiver ended the call; its verdict is what the reader got
+        status = await reader
+    for signal in signals:
+        event = wire.read_signal(signal)
+        if isinstance(event, wire.RemoteError):
+            return wire.WireError(event.code, event.message)
+    err = wire.error_from_rpc(status) if status is not None else None
+    assert err is not None, (status, signals)
     return err
 
 
@@ -201,6 +217,15 @@ async def test_a_decompression_bomb_costs_no_memory(rx: Receiver, embedded: Load
     err = await refused_raw(rx, frames)
     assert err.code == "MALFORMED" and "zstd" in err.message, err
     assert peak_rss(rx) - before < 64 * MIB, (peak_rss(rx) - before) / MIB
+
+
+async def test_the_refusal_reaches_a_sender_that_keeps_writing(rx: Receiver, embedded: LoadedModel) -> None:
+    # 300 more chunk frames after the bomb: writes go on after the receiver's refusal and lose the race with
+    # its abort; the receiver's Error signal, sent before it, still says why (the call's status cannot).
+    frames = bomb_frames(embedded, uuid.uuid4().hex, claimed=512 * MIB)
+    for _ in range(3):
+        err = await refused_raw(rx, [*frames[:-1], *[frames[1]] * 300, frames[-1]])
+        assert err.code == "MALFORMED" and "zstd" in err.message, err
 
 
 # --- 2. headers that would block the event loop --------------------------------------------------------------
