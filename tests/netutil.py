@@ -1,6 +1,7 @@
 """Loopback plumbing shared by the fault, load and security tests: a kvlink-serve subprocess, a TCP proxy
-that injects faults (bit flips, a cut connection, another source address), and a throwaway PKI made
-with `cryptography` at test time. Everything listens on 127.0.0.1 only."""
+that injects faults (bit flips, a cut connection, another source address), a raw Transfer (frames as
+given) with the receiver's refusal read back, and a throwaway PKI made with `cryptography` at test time.
+Everything listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 
+from kvlink import wire
 from kvlink.server.local import free_port as free_port  # re-exported for the tests
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,6 +226,50 @@ class FaultProxy:
         finally:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 writer.close()
+
+
+async def raw_transfer(
+    ch: grpc.aio.Channel,
+    raws: Sequence[bytes],
+    timeout: float,
+    close: bool = True,
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> tuple[list[Any], grpc.aio.AioRpcError | None]:
+    """Write frames as given (no Outbox: duplicates and any order allowed) while reading every signal.
+
+    The reader runs from the start: once a write has lost the race with the receiver's abort, grpc.aio
+    reports INTERNAL for the call and drops what was not read yet, the receiver's Error signal included."""
+    call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
+        timeout=timeout, metadata=metadata
+    )
+    signals: list[Any] = []
+
+    async def read() -> grpc.aio.AioRpcError | None:
+        try:
+            while (got := await call.read()) is not grpc.aio.EOF:  # (`signal` is the module here)
+                signals.append(got)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    reader = asyncio.create_task(read())
+    try:
+        for raw in raws:
+            await call.write(raw)
+        if close:
+            await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the receiver ended the call; its verdict is what the reader got
+    return signals, await reader
+
+
+def refusal(signals: list[Any], error: grpc.aio.AioRpcError | None) -> wire.WireError | None:
+    """The receiver's refusal of a raw Transfer: its Error signal, else the call's trailing metadata."""
+    for s in signals:
+        event = wire.read_signal(s)
+        if isinstance(event, wire.RemoteError):
+            return wire.WireError(event.code, event.message)
+    return wire.error_from_rpc(error) if error is not None else None
 
 
 def can_bind(address: str) -> bool:

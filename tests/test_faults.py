@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
 from kvlink.server.store import kv_nbytes
-from netutil import Fault, FaultProxy, Receiver, can_bind, free_port, serving, settle
+from netutil import Fault, FaultProxy, Receiver, can_bind, free_port, raw_transfer, refusal, serving, settle
 
 STALL_S = 3.0
 MAX_CALLS, PER_PEER = 24, 20
@@ -140,42 +140,9 @@ async def assert_not_kept(rx: Receiver, good: Message, message_id: str, before: 
     assert rx.alive()
 
 
-async def raw_transfer(
-    ch: grpc.aio.Channel, raws: Sequence[bytes], timeout: float, close: bool = True
-) -> tuple[list[Any], grpc.aio.AioRpcError | None]:
-    """Write frames as given (no Outbox: duplicates and any order allowed) while reading every signal.
-
-    The reader runs from the start: once a write has lost the race with the receiver's abort, grpc.aio
-    reports INTERNAL for the call and drops what was not read yet, the receiver's Error signal included."""
-    call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(timeout=timeout)
-    signals: list[Any] = []
-
-    async def read() -> grpc.aio.AioRpcError | None:
-        try:
-            while (signal := await call.read()) is not grpc.aio.EOF:
-                signals.append(signal)
-        except grpc.aio.AioRpcError as exc:
-            return exc
-        return None
-
-    reader = asyncio.create_task(read())
-    try:
-        for raw in raws:
-            await call.write(raw)
-        if close:
-            await call.done_writing()
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass  # the receiver ended the call; its verdict is what the reader got
-    return signals, await reader
-
-
 def verdict(signals: list[Any], error: grpc.aio.AioRpcError | None) -> str | None:
     """The receiver's kvlink error code: from its Error signal, else from the call's trailing metadata."""
-    for s in signals:
-        event = wire.read_signal(s)
-        if isinstance(event, wire.RemoteError):
-            return event.code
-    found = wire.error_from_rpc(error) if error is not None else None
+    found = refusal(signals, error)
     return found.code if found else None
 
 

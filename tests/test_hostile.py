@@ -49,7 +49,7 @@ from kvlink.generate import greedy_answer
 from kvlink.models import LoadedModel
 from kvlink.prompt import context_ids, question_ids
 from kvlink.recipe import build
-from netutil import Receiver, free_port, serving
+from netutil import Receiver, free_port, raw_transfer, refusal, serving
 
 TOKENS = {
     "alice": "tok-alice-" + "a" * 20,
@@ -143,37 +143,14 @@ async def refused(rx: Receiver, frames: list[Any], tenant: str = "mallory") -> S
 
 async def refused_raw(rx: Receiver, frames: list[Any], tenant: str = "mallory") -> wire.WireError:
     """Send frames as they are (no Outbox checks: they may contradict themselves) and return the
-    receiver's refusal: its Error signal, else the call's status. The reader runs from the start: once a
-    write loses the race with the receiver's abort (frames still going out after the refusal), grpc.aio
-    ends the call INTERNAL and drops what was not read, the Error signal included."""
+    receiver's refusal (netutil.raw_transfer reads from the start: a write that loses the race with the
+    receiver's abort must not lose its Error signal)."""
     async with grpc.aio.insecure_channel(rx.target, channel_options()) as ch:
-        call = ch.stream_stream(wire.TRANSFER_METHOD, response_deserializer=wire.parse_signal)(
-            timeout=120, metadata=bearer(TOKENS[tenant])
+        signals, error = await raw_transfer(
+            ch, [wire.frame_bytes(f) for f in frames], timeout=120, metadata=bearer(TOKENS[tenant])
         )
-        signals: list[Any] = []
-
-        async def read() -> grpc.aio.AioRpcError | None:
-            try:
-                while (signal := await call.read()) is not grpc.aio.EOF:
-                    signals.append(signal)
-            except grpc.aio.AioRpcError as exc:
-                return exc
-            return None
-
-        reader = asyncio.create_task(read())
-        try:
-            for frame in frames:
-                await call.write(wire.frame_bytes(frame))
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the receiver ended the call; its verdict is what the reader got
-        status = await reader
-    for signal in signals:
-        event = wire.read_signal(signal)
-        if isinstance(event, wire.RemoteError):
-            return wire.WireError(event.code, event.message)
-    err = wire.error_from_rpc(status) if status is not None else None
-    assert err is not None, (status, signals)
+    err = refusal(signals, error)
+    assert err is not None, (error, signals)
     return err
 
 
