@@ -290,6 +290,37 @@ sel() {
   (cd "$KEEP" && tar czf "$OUT/$name.tgz" "results/$name" sel-"$split"-*.log)
 }
 
+# Issue 24: `xl` with question-aware steps per position (research/screen_xl_weighted.py) on the long task:
+# `xlw calibration` screens XLW (candidates) against XLW_BASELINES on XLW_N calibration questions, `xlw evaluation`
+# measures the chosen ones on the evaluation split. SHARDS processes share the GPU; with TWINS=1 the long buckets'
+# twins run (`longpair`'s next run, written above) shares it in one more process. Results live in $KEEP (a
+# second call resumes) and come back as one tarball. After `wheels` and the three model parts.
+XLW_CONFIGS="xlw0g@10,xlw0.5g@10,xlw0.25l@10,xlw0.5l@10,xlw0.75l@10,xlw0.5l@6.25,xlw0.75l@6.25"
+TWIN_CONFIGS="fp16,kint8c/vint4t-g64,q2c90%+kint8c/vint4t-g64,kint4c/vint3t-g64,kint3c/vint3t-g64,\
+q2c60%+kint4c/vint3t-g64"
+xlw() {
+  install_model
+  export RESEARCH_DEVICE=cuda RESEARCH_THREADS=1 KVLINK_RESEARCH_CACHE=$KEEP/kvr RESEARCH_RESULTS=$KEEP/results
+  local n=${SHARDS:-6} split=$2 name
+  name=xl-weighted-long-$split-${XLW_TAG:-gpu}
+  python3 research/screen_xl_weighted.py 1 --fit-only
+  if [ "${TWINS:-0}" = 1 ]; then
+    timeout "${XLW_BUDGET_S:-500}" python3 -m kvlink.eval.cli quality --device cuda --split evaluation \
+      --task long:99 --no-ppl --no-progress --configs "$TWIN_CONFIGS" --resume --out "$KEEP/twins-evaluation" \
+      > "$KEEP/twins-evaluation.log" 2>&1 &
+  fi
+  for k in $(seq 0 $((n - 1))); do
+    timeout "${XLW_BUDGET_S:-500}" python3 research/screen_xl_weighted.py "${XLW_N:-100}" --split "$split" \
+      --configs "${XLW:-$XLW_CONFIGS}" --baselines "${XLW_BASELINES:-q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK}" --name "$name" \
+      --shard "$k/$n" --resume > "$KEEP/xlw-$split-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 1 "$KEEP"/xlw-"$split"-*.log "$KEEP"/twins-*.log 2>/dev/null || true
+  wc -l "$KEEP"/twins-evaluation/samples*.jsonl 2>/dev/null || true
+  (cd "$KEEP" && tar czf "$OUT/$name.tgz" "results/$name" xlw-"$split"-*.log \
+    $( [ -d twins-evaluation ] && echo twins-evaluation twins-evaluation.log ))
+}
+
 wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
   mkdir -p "$KEEP" && rm -rf "$KEEP/proto" && cp -r "$CARRY/scale/proto" "$KEEP/proto"
@@ -301,10 +332,11 @@ case "${1:-}" in
   part) keep_part ;;
   wheels) wheels ;;
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  xlw) set -o pipefail; xlw "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   sel) set -o pipefail; sel "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|longpair|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|table|planned (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|xlw|table|planned (see the header)"; exit 2 ;;
 esac
