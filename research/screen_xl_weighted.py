@@ -24,7 +24,6 @@ usage: PYTHONPATH=$PWD python research/screen_xl_weighted.py N [--task long] [--
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -34,15 +33,15 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from check_xl import HEADER, profiles  # noqa: E402
-from common import Bytes, Context, lm, run_screen, write_paired  # noqa: E402
+from check_xl import HEADER, profiles
+from common import Bytes, Context, lm, run_screen, write_paired
 
-from kvlink import ans, xl  # noqa: E402
-from kvlink.cache import ContextKV  # noqa: E402
-from kvlink.predict import KINDS, PredictorProfile, rows, unrows  # noqa: E402
-from kvlink.residual import ResidualProfile  # noqa: E402
-from kvlink.select.q2c import Q2C  # noqa: E402
-from kvlink.stages.predict import PredictState  # noqa: E402
+from kvlink import ans, xl
+from kvlink.cache import ContextKV
+from kvlink.predict import KINDS, PredictorProfile, rows, unrows
+from kvlink.residual import ResidualProfile
+from kvlink.select.q2c import Q2C
+from kvlink.stages.predict import PredictState
 
 G = 127
 SINK = 1
@@ -120,7 +119,9 @@ def _log_freq(residual: ResidualProfile, device: torch.device) -> Tensor:
     return _LOG_FREQ[key]
 
 
-def fit(c: Context, predictors: PredictorProfile, residual: ResidualProfile, g: Tensor, target: float) -> tuple[ContextKV, float]:
+def fit(
+    c: Context, predictors: PredictorProfile, residual: ResidualProfile, g: Tensor, target: float
+) -> tuple[ContextKV, float]:
     """The finest integer rate whose body (code length + per tensor rANS header and sinks) fits `target`."""
     fixed = 2 * predictors.layers * (ans.HEADER + 2 * SINK * residual.features)
     memo: dict[int, float] = {}  # sizes only: a long context's decoded cache is hundreds of MB a rate
@@ -148,7 +149,9 @@ def main() -> int:
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--pairs", default="", help="BASE:CANDIDATE,... to pair when the run is whole")
     ap.add_argument("--resume", action="store_true", help="go on after the questions a cut run answered")
-    ap.add_argument("--fit-only", action="store_true", help="fit (or load) the profiles and stop: before shards")
+    ap.add_argument(
+        "--fit-only", action="store_true", help="fit (or load) the profiles and stop: before shards"
+    )
     args = ap.parse_args()
     predictors, residual = profiles()
     if args.fit_only:
@@ -162,7 +165,11 @@ def main() -> int:
         for name in configs:
             head, budget = name.removeprefix("xlw").split("@")
             gamma, scope = float(head[:-1]), head[-1]
-            g = shifts(c, gamma, scope) if gamma else torch.zeros(c.kv.num_layers, c.kv.length, dtype=torch.int64)
+            g = (
+                shifts(c, gamma, scope)
+                if gamma
+                else torch.zeros(c.kv.num_layers, c.kv.length, dtype=torch.int64)
+            )
             side = 0 if not gamma else (c.kv.length if scope == "g" else c.kv.num_layers * c.kv.length)
             target = float(budget) / 100 * c.fp16_bytes - c.framing - HEADER - side
             decoded, body = fit(c, predictors, residual, g, target)
