@@ -8,8 +8,10 @@ receiver agree bit for bit whatever their hardware.
 
 A tensor of symbols (N, F) is flattened row by row; symbol n goes to lane n % LANES at step
 n // LANES, so LANES states decode side by side (one thread each in a kernel). Each symbol has
-the table of its component (column), given per tensor. Symbols outside [-MAX_SYMBOL, MAX_SYMBOL]
-are coded as ESCAPE and their values follow the words, as int16.
+the table of its component (column), given per tensor, moved by its row's shift when the tensor has
+shifts (one integer a row: table index clip(table[f] - shift[row], 0, K - 1), a row whose step is
+2^(shift / SCALE_STEPS) times coarser). Symbols outside [-MAX_SYMBOL, MAX_SYMBOL] are coded as
+ESCAPE and their values follow the words, as int16.
 
 Stream of one tensor (little-endian):
 
@@ -50,6 +52,8 @@ HEADER = 4 + 4 * LANES
 SCALE_STEPS = 8
 """Laplace tables are 1/SCALE_STEPS of an octave apart: table j has scale 2^(j / SCALE_STEPS) steps."""
 J_MIN, J_MAX = -128, 127
+MAX_SHIFT = 127
+"""A row's shift (in tables, 1/SCALE_STEPS octaves) is within +-MAX_SHIFT: one signed byte."""
 SEARCH_STEPS = math.ceil(math.log2(ALPHABET))
 """Bisection steps that find a slot's symbol among ALPHABET."""
 
@@ -107,11 +111,12 @@ class Tables:
     def __len__(self) -> int:
         return int(self.freq.shape[0])
 
-    def code_bits(self, symbols: np.ndarray, tables: np.ndarray) -> float:
-        """The model's code length (bits) of (B, N, F) symbols under per-component tables (B, F),
-        escapes' 16 bits included: a stream is this / 8 plus its header and at most 2 bytes a lane."""
+    def code_bits(self, symbols: np.ndarray, tables: np.ndarray, shifts: np.ndarray | None = None) -> float:
+        """The model's code length (bits) of (B, N, F) symbols under per-component tables (B, F) (and
+        per-row `shifts` (B, N)), escapes' 16 bits included: a stream is this / 8 plus its header and at
+        most 2 bytes a lane."""
         idx = _symbol_index(symbols)
-        freq = self.freq[_broadcast_tables(tables, symbols.shape), idx]
+        freq = self.freq[_symbol_tables(tables, shifts, symbols.shape, len(self)), idx]
         escapes = int((idx == ESCAPE).sum())
         return float(PROB_BITS * idx.size - np.log2(freq).sum()) + 16 * escapes
 
@@ -121,12 +126,26 @@ def _symbol_index(symbols: np.ndarray) -> np.ndarray:
     return np.where(np.abs(s) <= MAX_SYMBOL, s + MAX_SYMBOL, ESCAPE)
 
 
-def _broadcast_tables(tables: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    b, _, f = shape
+def _symbol_tables(
+    tables: np.ndarray, shifts: np.ndarray | None, shape: tuple[int, ...], n_tables: int
+) -> np.ndarray:
+    """Each symbol's table index, broadcastable to `shape` (B, N, F)."""
+    b, n, f = shape
     t = np.asarray(tables, dtype=np.int64)
     if t.shape != (b, f):
         raise ValueError(f"tables must be (B, F) = {(b, f)}, got {t.shape}")
-    return t[:, None, :]
+    if shifts is None:
+        return t[:, None, :]
+    return np.clip(t[:, None, :] - _check_shifts(shifts, b, n)[:, :, None], 0, n_tables - 1)
+
+
+def _check_shifts(shifts: np.ndarray, b: int, n: int) -> np.ndarray:
+    s = np.asarray(shifts)
+    if s.shape != (b, n) or not np.issubdtype(s.dtype, np.integer):
+        raise ValueError(f"shifts must be integers (B, N) = {(b, n)}, got {s.dtype} {s.shape}")
+    if s.size and int(np.abs(s.astype(np.int64)).max()) > MAX_SHIFT:
+        raise ValueError(f"shifts must be within +-{MAX_SHIFT}, got {int(np.abs(s.astype(np.int64)).max())}")
+    return s.astype(np.int64)
 
 
 def _check_tables(tables: np.ndarray, n_tables: int) -> np.ndarray:
@@ -136,18 +155,31 @@ def _check_tables(tables: np.ndarray, n_tables: int) -> np.ndarray:
     return t
 
 
-def _lanes(n: int, f: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """Steps S, the component of each (step, lane) (S, LANES) and which are symbols (S, LANES)."""
+def _lanes(n: int, f: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps S, the component and the row of each (step, lane) (S, LANES) and which are symbols."""
     total = n * f
     steps = -(-total // LANES)
     flat = np.arange(steps * LANES).reshape(steps, LANES)
     active = flat < total
-    return steps, np.where(active, flat % max(f, 1), 0), active
+    return steps, np.where(active, flat % max(f, 1), 0), np.where(active, flat // max(f, 1), 0), active
 
 
-def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes]:
+def _lane_tables(
+    tab: np.ndarray, shifts: np.ndarray | None, component: np.ndarray, row: np.ndarray, n_tables: int
+) -> np.ndarray:
+    """(B, S, LANES): the table of each tensor's symbol at each (step, lane)."""
+    lane_tab = tab[:, component]
+    if shifts is None:
+        return lane_tab
+    return np.clip(lane_tab - shifts[:, row], 0, n_tables - 1)  # type: ignore[no-any-return]
+
+
+def encode(
+    symbols: np.ndarray, tables: np.ndarray, model: Tables, shifts: np.ndarray | None = None
+) -> list[bytes]:
     """Code each tensor of `symbols` (B, N, F) integers under its components' tables (B, F) (indices
-    into `model`): B streams. ValueError for a symbol beyond +-MAX_ESCAPED or a table out of range."""
+    into `model`), moved per row by `shifts` (B, N) when given: B streams. ValueError for a symbol
+    beyond +-MAX_ESCAPED, a table out of range or a shift beyond +-MAX_SHIFT."""
     sym = np.asarray(symbols, dtype=np.int64)
     if sym.ndim != 3:
         raise ValueError(f"symbols must be (B, N, F), got shape {sym.shape}")
@@ -157,14 +189,18 @@ def encode(symbols: np.ndarray, tables: np.ndarray, model: Tables) -> list[bytes
     tab = _check_tables(tables, len(model))
     if tab.shape != (b, f):
         raise ValueError(f"tables must be (B, F) = {(b, f)}, got {tab.shape}")
+    shift = None if shifts is None else _check_shifts(shifts, b, n)
     total = n * f
-    steps, component, active = _lanes(n, f)
+    steps, component, row, active = _lanes(n, f)
     # Step-major (S, B, LANES), so each step's rows are contiguous, and int32 indices (tables x ALPHABET
     # stays far below 2^31). uint32 states are exact: a state is below 2^32, a frequency below 2^16, and
     # after renormalization x < f << 16, so (x // f) << 16 stays below 2^32.
     symbol = np.zeros((b, steps * LANES), dtype=np.int32)
     symbol[:, :total] = _symbol_index(sym.reshape(b, total))
-    table = tab.astype(np.int32).T[component].transpose(0, 2, 1)  # (S, B, LANES)
+    # (S, B, LANES), in int32 (a long message has ~10^8 symbols)
+    table = _lane_tables(
+        tab.astype(np.int32), None if shift is None else shift.astype(np.int32), component, row, len(model)
+    ).transpose(1, 0, 2)
     at = table * ALPHABET + symbol.reshape(b, steps, LANES).transpose(1, 0, 2)
     freq = np.take(model.freq, at)  # uint32, as the tables hold them
     start = np.take(model.cum, at + table)  # cum rows are ALPHABET + 1 long
@@ -233,25 +269,32 @@ def _parse(streams: Sequence[bytes], steps: int) -> _Streams:
 
 
 def decode(
-    streams: Sequence[bytes], n: int, tables: np.ndarray, model: Tables, device: str | None = None
+    streams: Sequence[bytes],
+    n: int,
+    tables: np.ndarray,
+    model: Tables,
+    device: str | None = None,
+    shifts: np.ndarray | None = None,
 ) -> np.ndarray:
     """The (B, N, F) int32 symbols of B streams (as `encode` wrote them) of N rows under per-component
-    tables (B, F). AnsError (naming the tensor) for any stream that does not decode exactly. `device`
-    "cuda..." decodes with the Triton kernel (kvlink.kernels.ans) unless KVLINK_KERNELS=reference."""
+    tables (B, F) and per-row `shifts` (B, N) when the streams were coded with them. AnsError (naming
+    the tensor) for any stream that does not decode exactly. `device` "cuda..." decodes with the Triton
+    kernel (kvlink.kernels.ans) unless KVLINK_KERNELS=reference."""
     tab = _check_tables(tables, len(model))
     if tab.ndim != 2 or tab.shape[0] != len(streams):
         raise ValueError(f"tables must be (B, F) with B = {len(streams)} streams, got {tab.shape}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    shift = None if shifts is None else _check_shifts(shifts, len(streams), n)
     f = tab.shape[1]
     steps = -(-n * f // LANES)
     parsed = _parse(streams, steps)
     if device is not None and _backend(device) == "triton":
         from kvlink.kernels.ans import decode_lanes
 
-        idx, final, read = decode_lanes(parsed, tab, n, model, device)
+        idx, final, read = decode_lanes(parsed, tab, n, model, device, shift)
     else:
-        idx, final, read = _decode_lanes(parsed, tab, n, model)
+        idx, final, read = _decode_lanes(parsed, tab, n, model, shift)
     return _finish(streams, parsed, idx, final, read, n, f)
 
 
@@ -267,12 +310,12 @@ def _backend(device: str) -> str:
 
 
 def _decode_lanes(
-    parsed: _Streams, tab: np.ndarray, n: int, model: Tables
+    parsed: _Streams, tab: np.ndarray, n: int, model: Tables, shifts: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reference: symbol indices (B, N * F), final states (B, LANES), words read (B,)."""
     b, f = tab.shape
-    steps, component, active = _lanes(n, f)
-    lane_tab = tab[:, component]  # (B, S, LANES)
+    steps, component, row, active = _lanes(n, f)
+    lane_tab = _lane_tables(tab, shifts, component, row, len(model))  # (B, S, LANES)
     x = parsed.states.copy()
     pool = parsed.pool.astype(np.uint64)
     limit = parsed.offsets + parsed.n_words  # a lane may not read past its own tensor's words

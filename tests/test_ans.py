@@ -171,3 +171,70 @@ def test_a_cuda_receiver_decodes_with_the_kernel_unless_told_otherwise(
     assert ans._backend("cuda:1") == ("triton" if HAS_TRITON else "reference")
     monkeypatch.setenv("KVLINK_KERNELS", "reference")
     assert ans._backend("cuda") == "reference"
+
+
+def _shifted(seed: int, b: int, n: int, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symbols whose rows are coded 2^(shift/8) times coarser: row r's scale divided by that."""
+    rng = np.random.default_rng(seed)
+    shifts = rng.integers(-ans.MAX_SHIFT, ans.MAX_SHIFT + 1, size=(b, n))
+    shifts[:, : min(n, 3)] = [ans.MAX_SHIFT, -ans.MAX_SHIFT, 0][: min(n, 3)]  # both extremes, and none
+    scale = rng.uniform(0.5, 60.0, size=(b, f))
+    row_scale = scale[:, None, :] * 2.0 ** (-shifts[:, :, None] / ans.SCALE_STEPS)
+    sym = np.clip(np.round(rng.laplace(0.0, row_scale)), -ans.MAX_ESCAPED, ans.MAX_ESCAPED).astype(np.int64)
+    tab = np.clip(np.round(ans.SCALE_STEPS * np.log2(scale)).astype(int), ans.J_MIN, ans.J_MAX) - ans.J_MIN
+    return sym, tab, shifts
+
+
+@pytest.mark.parametrize(("b", "n", "f"), [(3, 37, 24), (1, 1, 1), (2, 5, 33), (2, 0, 8)])
+def test_shifted_rows_decode_to_the_symbols_they_code(b: int, n: int, f: int) -> None:
+    sym, tab, shifts = _shifted(b * 7 + n + f, b, n, f)
+    if sym.size:
+        sym.flat[0] = -3000  # an escape under the sharpest table of all (shift +127)
+    streams = ans.encode(sym, tab, MODEL, shifts)
+    np.testing.assert_array_equal(ans.decode(streams, n, tab, MODEL, shifts=shifts), sym)
+    if n >= 5:  # the shifts are part of the code: without them the streams are other symbols, or refused
+        try:
+            wrong = ans.decode(streams, n, tab, MODEL)
+        except ans.AnsError:
+            return
+        assert not np.array_equal(wrong, sym)
+
+
+def test_a_shift_is_its_rows_table_moved_and_costs_that_tables_code_length() -> None:
+    sym, tab, shifts = _shifted(5, 2, 300, 40)
+    streams = ans.encode(sym, tab, MODEL, shifts)
+    bits = MODEL.code_bits(sym, tab, shifts)
+    total = sum(len(s) for s in streams) - ans.HEADER * len(streams)
+    assert bits / 8 - 2 * ans.LANES * len(streams) <= total <= bits / 8 * 1.002 + 8
+    # one row alone under its moved tables codes as that row does among the others' shifts
+    r = 17
+    moved = np.clip(tab - shifts[:, r : r + 1], 0, len(MODEL) - 1)
+    assert MODEL.code_bits(sym[:, r : r + 1], moved) == pytest.approx(
+        MODEL.code_bits(sym[:, r : r + 1], tab, shifts[:, r : r + 1])
+    )
+    # matched shifts pay: the same symbols coded without them cost more
+    assert total < 0.9 * (sum(len(s) for s in ans.encode(sym, tab, MODEL)) - ans.HEADER * len(streams))
+
+
+def test_shifts_out_of_shape_or_range_are_refused() -> None:
+    sym, tab, shifts = _shifted(3, 2, 6, 8)
+    streams = ans.encode(sym, tab, MODEL, shifts)
+    for bad, what in (
+        (shifts[:, :5], "shifts must be integers"),
+        (shifts.astype(float), "shifts must be integers"),
+        (np.full_like(shifts, ans.MAX_SHIFT + 1), "within"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            ans.encode(sym, tab, MODEL, bad)
+        with pytest.raises(ValueError, match=what):
+            ans.decode(streams, 6, tab, MODEL, shifts=bad)
+
+
+@pytest.mark.parametrize(("b", "n", "f"), [(2, 9, 40), (1, 3, 7)])
+def test_the_kernel_decodes_shifted_rows_as_the_reference(
+    monkeypatch: pytest.MonkeyPatch, b: int, n: int, f: int
+) -> None:
+    monkeypatch.setenv("KVLINK_KERNELS", "triton")
+    sym, tab, shifts = _shifted(19 + n, b, n, f)
+    streams = ans.encode(sym, tab, MODEL, shifts)
+    np.testing.assert_array_equal(ans.decode(streams, n, tab, MODEL, device=DEVICE, shifts=shifts), sym)

@@ -3,7 +3,8 @@
 The specification is `kvlink.ans._decode_lanes` (numpy); this kernel returns the same three
 things, symbol indices (B, N * F), the lanes' final states (B, LANES) and the words each tensor read
 (B,), and `kvlink.ans` runs the same checks on them (words read, final states, escapes). Each step,
-the lanes find their slots' symbols by bisection over their tables' cumulative frequencies, update
+the lanes find their slots' symbols by bisection over their tables' cumulative frequencies (a
+component's table, moved by its row's shift when the tensor has shifts), update
 their states, and those that fall below LOWER read the next words in lane order (a prefix sum over
 the lanes). A lane never reads past its tensor's words (masked loads; the host refuses the stream).
 """
@@ -28,6 +29,7 @@ def _ans_decode_kernel(
     n_words_ptr,  # int64 (B,)
     states_ptr,  # int64 (B, LANES): where decoding starts
     tables_ptr,  # int32 (B, F): each component's table
+    shifts_ptr,  # int32 (B, N): each row's shift of its tables (read only when SHIFTED)
     cum_ptr,  # int32 (K, ALPHABET + 1)
     freq_ptr,  # int32 (K, ALPHABET)
     out_ptr,  # int16 (B, total): symbol indices
@@ -35,7 +37,10 @@ def _ans_decode_kernel(
     read_ptr,  # int64 (B,)
     total,  # N * F symbols per tensor
     F,
+    N,
+    K,  # tables in the model
     steps,
+    SHIFTED: tl.constexpr,
     LANES: tl.constexpr,
     ALPHABET: tl.constexpr,
     SEARCH: tl.constexpr,
@@ -51,6 +56,9 @@ def _ans_decode_kernel(
         n = t * LANES + lane
         act = n < total
         k = tl.load(tables_ptr + b * F + n % F, mask=act, other=0)
+        if SHIFTED:
+            shift = tl.load(shifts_ptr + b * N + n // F, mask=act, other=0)
+            k = tl.minimum(tl.maximum(k - shift, 0), K - 1)
         slot = x & 0xFFFF
         lo = tl.zeros((LANES,), dtype=tl.int32)
         hi = tl.full((LANES,), ALPHABET, dtype=tl.int32)
@@ -74,7 +82,12 @@ def _ans_decode_kernel(
 
 
 def decode_lanes(
-    parsed: _Streams, tables: np.ndarray, n: int, model: Tables, device: str | torch.device
+    parsed: _Streams,
+    tables: np.ndarray,
+    n: int,
+    model: Tables,
+    device: str | torch.device,
+    shifts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`kvlink.ans._decode_lanes` on `device` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     from kvlink.ans import ALPHABET, LANES, LOWER, SEARCH_STEPS
@@ -97,6 +110,7 @@ def decode_lanes(
             put(parsed.n_words, torch.int64),
             put(parsed.states.astype(np.int64), torch.int64),
             put(tables.astype(np.int32), torch.int32),
+            put(np.zeros(1) if shifts is None else shifts.astype(np.int32), torch.int32),
             put(model.cum.astype(np.int32), torch.int32),
             put(model.freq.astype(np.int32), torch.int32),
             out,
@@ -104,7 +118,10 @@ def decode_lanes(
             read,
             total,
             max(f, 1),
+            max(n, 1),
+            len(model),
             steps,
+            SHIFTED=shifts is not None,
             LANES=LANES,
             ALPHABET=ALPHABET,
             SEARCH=SEARCH_STEPS,
