@@ -32,6 +32,7 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from kvlink import wire
@@ -997,7 +998,7 @@ def fit_rate(
     rises)."""
     from kvlink import xl
     from kvlink.residual import TransformProfiles
-    from kvlink.stages.pca import FP16_EXACT
+    from kvlink.stages.pca import FP16_EXACT, question_shifts
 
     if not isinstance(profile, TransformProfiles):
         raise ValueError(
@@ -1022,12 +1023,26 @@ def fit_rate(
 
     encoded = first.encode_kv(prefill.kv, kept, prefill.observation)
     body = sum(
-        len(p.data) for t in encoded.tensors for name, p in t.parts.items() if name in ("codes", "sink")
+        len(p.data)
+        for t in encoded.tensors
+        for name, p in t.parts.items()
+        if name in ("codes", "sink", "shifts")
     )
     overhead = framed(encoded) - body  # positions, framing: the same at any rate
+    shifts = None
+    if pca.question:  # question-aware steps: the same shifts at every rate
+        positions = kv.positions[0]
+        shifts = torch.stack(
+            [
+                question_shifts(prefill.observation, layer, positions, pca.sink, pca.question)
+                for layer in range(kv.num_layers)
+            ]
+        )
 
     def estimate(rate: int) -> float:
-        est = xl.estimated_bytes(kv, profile.predictors, profile.residual, rate, pca.sink, FP16_EXACT)
+        est = xl.estimated_bytes(
+            kv, profile.predictors, profile.residual, rate, pca.sink, FP16_EXACT, shifts=shifts
+        )
         return est + overhead
 
     rate = xl.search_rate(estimate, exact, budget_bytes, RATES)  # the estimate is infinite where too fine

@@ -362,6 +362,7 @@ class Codec:
         shape = (int(x.shape[0]), int(x.shape[1]), int(x.shape[2]))
         item = Item(layer, kind, shape, self.recipe.pipeline(kind, layer), x.float())
         item.info["positions"] = kv.positions[layer]
+        item.info["observation"] = observation
         if state is not None:
             item.info["predict"] = state
         item.info["pca"] = self.residual

@@ -9,6 +9,7 @@ each tensor travel at float16 (the Predict stage's order: Sink after Predict).
 
     encode(kv, predictors, residual, rate)  -> Coded (per tensor: sink bytes, rANS stream)
     decode(coded, predictors, residual, positions, length) -> ContextKV
+    (shifts=: question-aware steps, (L, N - sink) int shifts of each layer's rows: kvlink.stages.pca)
     fit_rate(kv, predictors, residual, budget) -> the finest rate index whose message fits `budget` bytes
     search_rate(estimate, exact, budget) -> that search over any size functions (kvlink.budget.fit_rate's too)
 
@@ -50,11 +51,13 @@ class Coded:
     n: int  # rows per tensor
     sinks: list[bytes]
     streams: list[bytes]
+    shifts: Tensor | None = None  # (L, n - sink) int64: question-aware steps (each tensor's int8 shifts part)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the message body: sinks and streams (a header adds the rate, sink and lengths)."""
-        return sum(map(len, self.sinks)) + sum(map(len, self.streams))
+        """Bytes of the message body: sinks, streams and shifts (a header adds the rate, sink and lengths)."""
+        shifts = 0 if self.shifts is None else 2 * self.shifts.numel()  # K's and V's part of each layer
+        return sum(map(len, self.sinks)) + sum(map(len, self.streams)) + shifts
 
 
 def _check(predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int) -> None:
@@ -74,9 +77,13 @@ def _chain(
     kv: ContextKV | None = None,
     symbols: Tensor | None = None,
     sinks: list[Tensor] | None = None,
+    shifts: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor]]:
-    """Code (`kv` given) or decode (`symbols` (2L, N - sink, F) and `sinks` given) every tensor in order.
+    """Code (`kv` given) or decode (`symbols` (2L, N - sink, F) and `sinks` given) every tensor in order,
+    row r of layer l's tensors at 2^(shifts[l, r] / 8) times the step when `shifts` is given.
     Returns the decoded keys (after RoPE) and values (H, N, D), the symbols and the float16 sink rows."""
+    from kvlink.stages.pca import row_scales
+
     state = PredictState(predictors, positions)
     heads = predictors.kv_heads
     keys: list[Tensor] = []
@@ -89,18 +96,20 @@ def _chain(
             w = predictors.weight(layer, kind)
             prediction = state.predict(layer, kind, w) if w is not None else None
             mean, basis = residual.means[(layer, kind)], residual.bases[(layer, kind)]
-            step = residual.step(layer, kind, rate)
+            step: Tensor | float = residual.step(layer, kind, rate)
+            if shifts is not None:
+                step = step * row_scales(shifts[layer], mean.device)[:, None]
             if kv is not None:
                 x = (kv.keys if kind == "k" else kv.values)[layer].float()
                 target = state.unrope(x) if (kind == "k" and w is not None) else x
                 r = rows(target if prediction is None else target - prediction)  # (N, F)
                 head = r[:sink].half()
                 y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
-                sym = torch.round(y / step).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
+                sym = torch.round(y / _on(step, r.device)).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
             else:
                 assert symbols is not None and sinks is not None
                 head, sym = sinks[i], symbols[i].float()
-            body = (sym * step) @ basis.T.to(sym.device) + mean.to(sym.device)
+            body = (sym * _on(step, sym.device)) @ basis.T.to(sym.device) + mean.to(sym.device)
             decoded = unrows(torch.cat([head.float().to(body.device), body]), heads)
             if prediction is not None:
                 decoded = decoded + prediction.to(decoded.device)
@@ -115,6 +124,15 @@ def _chain(
     return keys, values, torch.stack(all_symbols), all_sinks
 
 
+def _on(step: Tensor | float, device: torch.device) -> Tensor | float:
+    return step.to(device) if isinstance(step, Tensor) else step
+
+
+def _tensor_shifts(shifts: Tensor | None) -> np.ndarray | None:
+    """(2L, rows): each layer's row shifts for its K and its V tensor (the ans coder's per-tensor shifts)."""
+    return None if shifts is None else shifts.repeat_interleave(2, dim=0).cpu().numpy()
+
+
 def _tables(residual: ResidualProfile, rate: int) -> np.ndarray:
     return np.stack(
         [residual.tables_for(layer, kind, rate) for layer in range(residual.layers) for kind in KINDS]
@@ -122,9 +140,15 @@ def _tables(residual: ResidualProfile, rate: int) -> np.ndarray:
 
 
 def encode(
-    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, rate: int, sink: int = 1
+    kv: ContextKV,
+    predictors: PredictorProfile,
+    residual: ResidualProfile,
+    rate: int,
+    sink: int = 1,
+    shifts: Tensor | None = None,
 ) -> Coded:
-    """Code `kv` (every position of one context, the same in every layer) at rate index `rate`."""
+    """Code `kv` (every position of one context, the same in every layer) at rate index `rate` (and with
+    question-aware steps: `shifts` (L, N - sink))."""
     _check(predictors, residual, rate, sink)
     positions = kv.positions[0]
     if any(not torch.equal(p, positions) for p in kv.positions) or kv.num_layers != predictors.layers:
@@ -132,9 +156,20 @@ def encode(
     n = int(positions.numel())
     if n <= sink:
         raise ValueError(f"xl needs more than the {sink} sink rows, got {n} positions")
-    _, _, symbols, sinks = _chain(predictors, residual, rate, positions, sink, kv=kv)
-    streams = ans.encode(symbols.cpu().numpy(), _tables(residual, rate), residual.tables)
-    return Coded(rate, sink, kv.length, n, [s.cpu().numpy().astype("<f2").tobytes() for s in sinks], streams)
+    _check_shifts(shifts, predictors.layers, n - sink)
+    _, _, symbols, sinks = _chain(predictors, residual, rate, positions, sink, kv=kv, shifts=shifts)
+    streams = ans.encode(
+        symbols.cpu().numpy(), _tables(residual, rate), residual.tables, _tensor_shifts(shifts)
+    )
+    raw_sinks = [s.cpu().numpy().astype("<f2").tobytes() for s in sinks]
+    return Coded(rate, sink, kv.length, n, raw_sinks, streams, None if shifts is None else shifts.cpu())
+
+
+def _check_shifts(shifts: Tensor | None, layers: int, rows_: int) -> None:
+    if shifts is not None and tuple(shifts.shape) != (layers, rows_):
+        raise ValueError(
+            f"shifts must be (layers, rows after the sink) = {(layers, rows_)}, got {tuple(shifts.shape)}"
+        )
 
 
 def decode(
@@ -152,8 +187,14 @@ def decode(
     for i, s in enumerate(coded.sinks):
         if len(s) != 2 * coded.sink * f:
             raise ValueError(f"tensor {i}: sink part of {len(s)} bytes, expected {2 * coded.sink * f}")
+    _check_shifts(coded.shifts, residual.layers, coded.n - coded.sink)
     symbols = ans.decode(
-        coded.streams, coded.n - coded.sink, _tables(residual, coded.rate), residual.tables, device
+        coded.streams,
+        coded.n - coded.sink,
+        _tables(residual, coded.rate),
+        residual.tables,
+        device,
+        _tensor_shifts(coded.shifts),
     )
     sym = torch.from_numpy(symbols).to(device)
     sinks = [
@@ -161,7 +202,14 @@ def decode(
         for s in coded.sinks
     ]
     keys, values, _, _ = _chain(
-        predictors, residual, coded.rate, positions.to(device), coded.sink, symbols=sym, sinks=sinks
+        predictors,
+        residual,
+        coded.rate,
+        positions.to(device),
+        coded.sink,
+        symbols=sym,
+        sinks=sinks,
+        shifts=coded.shifts,
     )
     return ContextKV(keys, values, [positions.to(device)] * residual.layers, coded.length)
 
@@ -173,16 +221,18 @@ def estimated_bytes(
     rate: int,
     sink: int = 1,
     max_symbol: int | None = None,
+    shifts: Tensor | None = None,
 ) -> float:
     """The message body's bytes at `rate` from the entropy model's code length (no rANS pass); infinite when
     a symbol's magnitude exceeds `max_symbol` (the stages' float16 carrier: kvlink.stages.pca.FP16_EXACT)."""
     _check(predictors, residual, rate, sink)
-    _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv)
+    _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv, shifts=shifts)
     if max_symbol is not None and symbols.numel() and int(symbols.abs().max()) > max_symbol:
         return math.inf
-    bits = residual.tables.code_bits(symbols.cpu().numpy(), _tables(residual, rate))
+    bits = residual.tables.code_bits(symbols.cpu().numpy(), _tables(residual, rate), _tensor_shifts(shifts))
     tensors = 2 * residual.layers
-    return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features)
+    side = 0 if shifts is None else 2 * shifts.numel()
+    return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features) + side
 
 
 def search_rate(
@@ -214,7 +264,12 @@ def search_rate(
 
 
 def fit_rate(
-    kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, budget: int, sink: int = 1
+    kv: ContextKV,
+    predictors: PredictorProfile,
+    residual: ResidualProfile,
+    budget: int,
+    sink: int = 1,
+    shifts: Tensor | None = None,
 ) -> Coded:
     """The finest rate whose message body fits `budget` bytes (`search_rate` on the model code length, then
     exact: the coded message is returned). ValueError when even the coarsest's code length does not fit;
@@ -223,10 +278,13 @@ def fit_rate(
     coded: dict[int, Coded] = {}
 
     def exact(rate: int) -> float:
-        coded[rate] = encode(kv, predictors, residual, rate, sink)
+        coded[rate] = encode(kv, predictors, residual, rate, sink, shifts)
         return coded[rate].nbytes
 
-    rate = search_rate(lambda r: estimated_bytes(kv, predictors, residual, r, sink), exact, budget)
+    def estimate(rate: int) -> float:
+        return estimated_bytes(kv, predictors, residual, rate, sink, shifts=shifts)
+
+    rate = search_rate(estimate, exact, budget)
     if rate is None:
         raise ValueError(f"no rate fits {budget} bytes (the coarsest needs more)")
     return coded[rate]

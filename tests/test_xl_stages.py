@@ -318,3 +318,125 @@ def test_a_rate_too_fine_for_float16_symbols_is_refused_and_the_planner_stops_sh
     assert chosen.total_bytes <= chosen.budget_bytes
     with pytest.raises(ValueError, match="too fine"):  # a whole FP16 budget: the finest rate float16 carries
         Codec(chosen.recipe.replacing(pca, pca.at(pca.rate - 1)), lm.geometry, profiles).encode_kv(pre.kv)
+
+
+# --- question-aware steps (pca1-q<gamma>) ---------------------------------------------------------------
+def _asked(lm, n: int = 90):
+    from kvlink.cache import Observe, prefill
+
+    return prefill(lm.model, random_ids(n, seed=21), random_ids(7, seed=22), observe=Observe.QUESTION)
+
+
+def _layer_shifts(pre, codec_recipe, kv) -> torch.Tensor:
+    from kvlink.stages.pca import question_shifts
+
+    pca = next(s for s in codec_recipe.stages() if s.name == "pca")
+    return torch.stack(
+        [
+            question_shifts(pre.observation, layer, kv.positions[0], pca.sink, pca.question)
+            for layer in range(kv.num_layers)
+        ]
+    )
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_question_aware_steps_code_exactly_what_the_xl_core_codes_with_those_shifts(
+    fitted, gamma: float
+) -> None:
+    lm, predictors, residual = fitted
+    pre = _asked(lm)
+    kv = pre.kv.to(dtype=torch.float32)
+    recipe = Recipe.from_name(f"xpred+fp16+pca1-q{gamma:g}-r-32+ans")
+    assert (
+        recipe.name == f"xpred+fp16+pca1-q{gamma:g}-r-32+ans" and Recipe.from_dict(recipe.to_dict()) == recipe
+    )
+    codec = Codec(recipe, lm.geometry, predictors, residual)
+    encoded = codec.encode_kv(kv, observation=pre.observation)
+    shifts = _layer_shifts(pre, recipe, kv)
+    assert shifts.abs().max() > 0 and shifts.abs().max() <= ans.MAX_SHIFT
+    core = xl.encode(kv, predictors, residual, rate=-32, shifts=shifts)
+    assert [t.parts["codes"].data for t in encoded.tensors] == core.streams
+    for t in encoded.tensors:  # each tensor carries its layer's shifts, one signed byte a coded row
+        assert t.parts["shifts"].data == shifts[t.layer].to(torch.int8).numpy().tobytes()
+    assert encoded.sizes().total == core.nbytes
+    mine, theirs = codec.decode(encoded), xl.decode(core, predictors, residual, kv.positions[0])
+    for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
+        assert torch.equal(a, b)
+    # and across the wire, to the same cache
+    decoded = codec.decode(_assemble(_frames(encoded), lm, {predictors.hash, residual.hash}))
+    for a, b in zip(mine.keys + mine.values, decoded.keys + decoded.values, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_position_the_question_reads_more_gets_a_finer_step_and_a_smaller_error(fitted) -> None:
+    from kvlink.select.base import attention_to_context
+
+    lm, predictors, residual = fitted
+    pre = _asked(lm)
+    kv = pre.kv.to(dtype=torch.float32)
+    recipe = Recipe.from_name("xpred+fp16+pca1-q1-r0+ans")
+    shifts = _layer_shifts(pre, recipe, kv)
+    obs = pre.observation
+    for layer in range(kv.num_layers):
+        s = attention_to_context(obs.layers[layer], obs.length, obs.scale).sum(0)[1:]
+        order = torch.argsort(s, descending=True)
+        assert torch.all(shifts[layer][order][1:] >= shifts[layer][order][:-1])  # more read: never coarser
+        assert shifts[layer][order[0]] < 0 < shifts[layer][order[-1]]
+    codec = Codec(recipe, lm.geometry, predictors, residual)
+    decoded = codec.decode(codec.encode_kv(kv, observation=pre.observation))
+    plain = Codec(Recipe.from_name("xpred+fp16+pca1-r0+ans"), lm.geometry, predictors, residual)
+    flat = plain.decode(plain.encode_kv(kv))
+    last = kv.num_layers - 1
+    rows_err = (decoded.values[last] - kv.values[last]).pow(2).sum((0, 2))[1:]
+    flat_err = (flat.values[last] - kv.values[last]).pow(2).sum((0, 2))[1:]
+    fine, coarse = shifts[last] < -8, shifts[last] > 8  # an octave finer / coarser than the plain step
+    assert fine.any() and coarse.any()
+    assert rows_err[fine].mean() < flat_err[fine].mean() and rows_err[coarse].mean() > flat_err[coarse].mean()
+
+
+def test_question_aware_steps_need_the_question_and_refuse_bad_shifts(fitted) -> None:
+    lm, predictors, residual = fitted
+    pre = _asked(lm)
+    kv = pre.kv.to(dtype=torch.float32)
+    codec = Codec(Recipe.from_name("xpred+fp16+pca1-q0.5-r0+ans"), lm.geometry, predictors, residual)
+    assert codec.recipe.needs().value == "question"
+    with pytest.raises(ValueError, match="needs the question's observation"):
+        codec.encode_kv(kv)
+    encoded = codec.encode_kv(kv, observation=pre.observation)
+    for data, needle in (
+        (b"\x01" * 3, r"layer 2 v: shifts part of 3 bytes, expected 89"),
+        (None, "of 0 bytes"),
+    ):
+        t = encoded.tensors[5]
+        parts = dict(t.parts)
+        if data is None:
+            del parts["shifts"]
+        else:
+            parts["shifts"] = Part(data, len(data))
+        bad = replace(encoded, tensors=[*encoded.tensors[:5], replace(t, parts=parts), *encoded.tensors[6:]])
+        with pytest.raises(ValueError, match=needle):
+            codec.decode(bad)
+    for name, needle in (
+        ("xpred+fp16+pca1-q5-r0+ans", r"question exponent must be a number in \[0, 4.0\]"),
+        ("xpred+fp16+pca1-qx-r0+ans", "pca1-qx-r0"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            Recipe.from_name(name)
+
+
+def test_the_planner_fits_a_question_aware_rate_to_the_budget(fitted) -> None:
+    from kvlink.budget import Constraints, framed_size, plan
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = fitted
+    profiles = TransformProfiles(predictors, residual)
+    pre = _asked(lm, n=200)
+    free = Recipe.from_name("xpred+fp16+pca1-q0.5+ans")
+    chosen = plan(pre, lm.geometry, lm.fingerprint, 0.25, constraints=Constraints(recipe=free, zstd=False),
+                  session_id="s" * 32, message_id="m" * 32, profile=profiles)  # fmt: skip
+    pca = next(s for s in chosen.recipe.stages() if s.name == "pca")
+    assert pca.rate is not None and pca.question == 0.5 and chosen.total_bytes <= chosen.budget_bytes
+    finer = Codec(chosen.recipe.replacing(pca, pca.at(pca.rate - 1)), lm.geometry, profiles)
+    encoded = finer.encode_kv(pre.kv, observation=pre.observation)
+    size, allowance = framed_size(encoded, "s" * 32, "m" * 32, lm.fingerprint, 1 << 20)
+    assert size.total + allowance > chosen.budget_bytes  # one step finer does not fit

@@ -39,6 +39,21 @@ def _tables(residual: Any, tensors: list[Any]) -> np.ndarray:
     return np.stack([residual.tables_for(t.layer, t.kind, r) for t, r in zip(tensors, rates, strict=True)])
 
 
+def _shifts(tensors: list[Any], rows: int) -> np.ndarray | None:
+    """(B, rows) the rows' table shifts (Pca's question-aware steps: each tensor's `shifts` part, one
+    signed byte a row), or None when the message has none (one Pca stage for the message)."""
+    if not _pca(tensors[0]).question:
+        return None
+    out = np.zeros((len(tensors), rows), dtype=np.int64)
+    for i, t in enumerate(tensors):
+        part = t.parts.get("shifts")
+        data = part.data if part is not None else b""
+        if part is None or part.zstd or len(data) != rows:
+            raise ValueError(f"layer {t.layer} {t.kind}: shifts part of {len(data)} bytes, expected {rows}")
+        out[i] = np.frombuffer(data, dtype=np.int8)
+    return out
+
+
 @register
 @dataclass(frozen=True)
 class Ans(Stage):
@@ -65,7 +80,8 @@ class Ans(Stage):
         if not tensors:
             return
         symbols = np.stack([_symbols(t.parts["codes"].data, t.stored) for t in tensors])
-        streams = ans.encode(symbols, _tables(residual, tensors), residual.tables)
+        shifts = _shifts(tensors, symbols.shape[1])
+        streams = ans.encode(symbols, _tables(residual, tensors), residual.tables, shifts)
         for t, stream in zip(tensors, streams, strict=True):
             t.parts["codes"] = Part(stream, t.parts["codes"].raw_size)
 
@@ -94,6 +110,7 @@ class Ans(Stage):
                 _tables(residual, tensors),
                 residual.tables,
                 device,
+                _shifts(tensors, n),
             )
         except ans.AnsError as exc:
             raise ans.AnsError(f"ans codes part: {exc}") from None

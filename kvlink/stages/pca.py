@@ -13,6 +13,16 @@ out is the closed loop's, so the sender predicts from what the receiver decodes.
 
     xpred+fp16+pca1-r-96+ans        # predictors, 1 sink row, rate index -96 (finer: lower), rANS
     xpred+fp16+pca1+ans             # the rate left to the planner: the finest that fits the budget
+    xpred+fp16+pca1-q0.5+ans        # question-aware steps per position (below)
+
+Question-aware steps (`question` = gamma > 0): every position still travels, but position t's step is the
+tensor's times 2^(g_t / 8), g_t = round(8 * gamma * log2(median_s / s_t)) within +-127 (kvlink.ans.MAX_SHIFT),
+s_t the attention the question gives position t in this layer (Q2C's score, kvlink.select.q2c), the median
+over the tensor's coded rows. A position the question hardly reads gets a coarse step (its residual rounds
+to zero and the cross-layer prediction stands in for it), one it reads a fine one: selection made soft
+inside the coder (research/README.md, "Question-aware steps"). The g_t travel as each tensor's `shifts`
+part (one signed byte a coded row) and move the row's rANS tables by g_t (kvlink.ans), so the entropy model
+follows the step. The sender needs the question's observation (a prefill with observe="question").
 
 The residual profile travels by hash (`profile`; "": the codec's own, bound when the codec is made), like
 Predict's predictors; a receiver decodes the stage only when it holds it.
@@ -32,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from kvlink.cache import Observe
 from kvlink.stages.base import Item, Transform, register
 from kvlink.stages.predict import bind_profile, check_profile_held, in_every_pipeline
 from kvlink.stages.sink import put_sink, sink_count, sink_part_sizes, sink_rows, sink_stored
@@ -42,6 +53,8 @@ RATES = range(-640, 641)
 """Rate indices a message may take (1/32 octaves of the step: 2^-20 .. 2^20 before the tensor weights)."""
 FP16_EXACT = 2048
 """The largest symbol magnitude float16 holds exactly: a rate whose symbols go beyond it is refused."""
+MAX_QUESTION = 4.0
+"""The largest question-aware exponent gamma a stage takes (1 already spans 127/8 octaves at 2^16 : 1)."""
 
 
 @register
@@ -58,8 +71,18 @@ class Pca(Transform):
     sink: int = 1
     rate: int | None = None
     profile: str = ""
+    question: float = 0.0
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.question, bool)
+            or not isinstance(self.question, int | float)
+            or not (0.0 <= float(self.question) <= MAX_QUESTION)
+        ):
+            raise ValueError(
+                f"pca question exponent must be a number in [0, {MAX_QUESTION}], got {self.question!r}"
+            )
+        object.__setattr__(self, "question", float(self.question))
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"pca sink rows must be an integer >= 0, got {self.sink!r}")
         if self.rate is not None and (
@@ -72,7 +95,10 @@ class Pca(Transform):
             raise ValueError(f"pca profile must be a sha256 hex digest or '', got {str(self.profile)[:80]!r}")
 
     def size_key(self) -> tuple[Any, ...]:
-        return ("pca", self.sink, self.rate)
+        return ("pca", self.sink, self.rate, self.question)
+
+    def needs(self) -> Observe:
+        return Observe.QUESTION if self.question else Observe.NONE
 
     def check(self, geometry: Any) -> None:
         if self.rate is None:  # a codec and a message always have one
@@ -94,7 +120,10 @@ class Pca(Transform):
         return sink_stored(self.sink, shape)
 
     def part_sizes(self, shape: tuple[int, int, int]) -> dict[str, int]:
-        return sink_part_sizes(self.sink, shape)
+        sizes = sink_part_sizes(self.sink, shape)
+        if self.question:
+            sizes["shifts"] = shape[1] - self.count(shape[1])
+        return sizes
 
     def check_recipe(self, recipe: Any) -> None:
         if not recipe.has("predict"):
@@ -112,11 +141,11 @@ class Pca(Transform):
 
     def at(self, rate: int) -> Pca:
         """This stage at rate index `rate`."""
-        return Pca(self.sink, rate, self.profile)
+        return Pca(self.sink, rate, self.profile, self.question)
 
     def bind(self, profile_hash: str) -> Pca:
         """This stage naming `profile_hash` (ValueError when it names another profile)."""
-        return Pca(self.sink, self.rate, bind_profile(self.profile, profile_hash, _USES))
+        return Pca(self.sink, self.rate, bind_profile(self.profile, profile_hash, _USES), self.question)
 
     def check_held(self, held: str | None) -> None:
         """ValueError unless a codec holding residual profile `held` (a hash; None: none) decodes it."""
@@ -126,7 +155,21 @@ class Pca(Transform):
         assert self.rate is not None  # check(): a codec's recipe has a rate
         return profile.step(layer, kind, self.rate)  # type: ignore[no-any-return]
 
+    def shifts(self, item: Item) -> Tensor | None:
+        """The coded rows' step shifts (N - sink,) int64 from the question's attention to this layer's
+        positions (the sender's side; None without question-aware steps)."""
+        if not self.question:
+            return None
+        observation = item.info.get("observation")
+        if observation is None or observation.kind is not Observe.QUESTION:
+            raise ValueError(
+                "pca with question-aware steps needs the question's observation (a prefill with "
+                "observe='question')"
+            )
+        return question_shifts(observation, item.layer, item.info["positions"], self.sink, self.question)
+
     def apply(self, item: Item, context: Any) -> None:
+        from kvlink.codec import Part
         from kvlink.predict import rows, unrows
 
         profile = item.info["pca"]
@@ -138,7 +181,13 @@ class Pca(Transform):
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
         step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
-        symbols = torch.round(y / step)
+        shifts = self.shifts(item)
+        if shifts is not None:
+            raw = shifts.to(torch.int8).cpu().numpy().tobytes()
+            item.parts["shifts"] = Part(raw, len(raw))
+            symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
+        else:
+            symbols = torch.round(y / step)
         peak = int(symbols.abs().max()) if symbols.numel() else 0
         if peak > FP16_EXACT:  # float16 would round it: never a silent error
             raise ValueError(
@@ -156,14 +205,45 @@ class Pca(Transform):
         s = self.count(n)
         mean, basis = profile.means[(item.layer, item.kind)], profile.bases[(item.layer, item.kind)]
         step = self.step(profile, item.layer, item.kind)
-        body = (rows(x.float()) * step) @ basis.T.to(x.device) + mean.to(x.device)
+        steps: Tensor | float = step
+        if self.question:
+            shifts = torch.frombuffer(bytearray(parts["shifts"]), dtype=torch.int8).to(torch.int64)
+            steps = step * row_scales(shifts, x.device)[:, None]
+        body = (rows(x.float()) * steps) @ basis.T.to(x.device) + mean.to(x.device)
         head = rows(sink_rows(parts["sink"], (h, s, d), x.device).float())
         return unrows(torch.cat([head, body]), h)
 
     def token(self) -> str:
-        return f"pca{self.sink}" + ("" if self.rate is None else f"-r{self.rate}")
+        question = f"-q{self.question:g}" if self.question else ""
+        return f"pca{self.sink}{question}" + ("" if self.rate is None else f"-r{self.rate}")
 
     @classmethod
     def parse_token(cls, text: str) -> Pca | None:
-        m = re.fullmatch(r"pca(\d+)(?:-r(-?\d+))?", text)
-        return cls(int(m[1]), None if m[2] is None else int(m[2])) if m else None
+        m = re.fullmatch(r"pca(\d+)(?:-q(\d+(?:\.\d+)?))?(?:-r(-?\d+))?", text)
+        if not m:
+            return None
+        return cls(int(m[1]), None if m[3] is None else int(m[3]), question=float(m[2] or 0.0))
+
+
+def row_scales(shifts: Tensor, device: torch.device | str) -> Tensor:
+    """Each row's step multiplier 2^(shift / SCALE_STEPS) (float32 on `device`): exact powers of two's
+    eighth roots, the same on every machine for the same shifts."""
+    from kvlink import ans
+
+    return torch.exp2(shifts.to(device=device, dtype=torch.float64) / ans.SCALE_STEPS).float()
+
+
+def question_shifts(observation: Any, layer: int, positions: Tensor, sink: int, gamma: float) -> Tensor:
+    """(N - sink,) int64 step shifts of the rows after the first `sink` of a tensor at `positions` (N,):
+    round(8 * gamma * log2(median / s)) within +-kvlink.ans.MAX_SHIFT, s the attention each position gets
+    from the question in `layer` (summed over the question's tokens and heads, as Q2C scores it)."""
+    from kvlink import ans
+    from kvlink.select.base import attention_to_context
+
+    obs = observation.layers[layer]
+    scores = attention_to_context(obs, observation.length, observation.scale).sum(dim=0).double().cpu()
+    s = scores[positions.cpu()][sink:].clamp_min(1e-30)
+    if not s.numel():
+        return torch.zeros(0, dtype=torch.int64)
+    g = torch.round(ans.SCALE_STEPS * gamma * torch.log2(s.median() / s))
+    return g.clamp(-ans.MAX_SHIFT, ans.MAX_SHIFT).to(torch.int64)

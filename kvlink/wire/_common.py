@@ -153,6 +153,7 @@ _PART_TO_PB: Final = {
     "basis": pb.PART_KIND_BASIS,
     "sink": pb.PART_KIND_SINK,
     "widths": pb.PART_KIND_WIDTHS,
+    "shifts": pb.PART_KIND_SHIFTS,
 }
 _PART_FROM_PB: Final = {v: k for k, v in _PART_TO_PB.items()}
 _POS_TO_PB: Final = {

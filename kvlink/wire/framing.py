@@ -52,7 +52,7 @@ enforces: a message id of at most 128 characters and at most 16 timings with key
 characters. The planner counts it as signaling before the receipt exists."""
 MAX_RECEIPT_TIMINGS: Final = 16
 MAX_TIMING_KEY_CHARS: Final = 32
-PART_ORDER: Final = ("codes", "scale", "zero", "basis", "sink", "widths")
+PART_ORDER: Final = ("codes", "scale", "zero", "basis", "sink", "widths", "shifts")
 """Order of an EncodedTensor's parts on the wire."""
 
 
