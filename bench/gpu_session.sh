@@ -295,7 +295,7 @@ sel() {
 # measures the chosen ones on the evaluation split. SHARDS processes share the GPU; with TWINS=1 the long buckets'
 # twins run (`longpair`'s next run, written above) shares it in one more process. Results live in $KEEP (a
 # second call resumes) and come back as one tarball. After `wheels` and the three model parts.
-XLW_CONFIGS="xlw0g@10,xlw0.5g@10,xlw0.25l@10,xlw0.5l@10,xlw0.75l@10,xlw0.5l@6.25,xlw0.75l@6.25"
+XLW_CONFIGS="xlw0g@10,xlw0.25l@10,xlw0.5l@10,xlw0.75l@10,xlw1l@10,xlw0.5l@6.25"
 TWIN_CONFIGS="fp16,kint8c/vint4t-g64,q2c90%+kint8c/vint4t-g64,kint4c/vint3t-g64,kint3c/vint3t-g64,\
 q2c60%+kint4c/vint3t-g64"
 xlw() {

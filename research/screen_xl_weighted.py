@@ -10,8 +10,9 @@ receives, gamma 1 to its square (an error of a key or value moves the output by 
 The entropy model follows the step: symbol (t, f) takes the table of component f shifted by g_t (its scale
 in steps shrinks by g_t / 8 octaves), so a coarse position's zeros cost almost nothing.
 
-Candidates `xlw<gamma><scope>@<budget %>`: scope g = one g_t per position for all layers (T bytes a
-message), l = one per layer and position (L * T bytes), both counted raw (a byte each). `xlw0g@<b>` is
+Candidates `xlw<gamma><scope>@<budget %>`: scope l = one g_t per layer and position, computed and counted
+as the product's `pca1-q<gamma>` (kvlink.stages.pca.question_shifts; a byte a coded row in K's and in V's
+shifts part: 2 L (T - 1) bytes); scope g = one g_t per position for all layers (T - 1 bytes, research only). `xlw0g@<b>` is
 `xl` itself (g = 0; no g bytes counted). Bytes: the model code length of the symbols (rANS comes within
 0.03% of it on the CPU screens, +2 bytes a lane), the rANS headers and float16 sinks per tensor, 8 bytes of
 header, the g bytes, plus the FP16 message's framing (the harness). Profiles as research/check_xl.py.
@@ -41,6 +42,7 @@ from kvlink.cache import ContextKV
 from kvlink.predict import KINDS, PredictorProfile, rows, unrows
 from kvlink.residual import ResidualProfile
 from kvlink.select.q2c import Q2C
+from kvlink.stages.pca import question_shifts, row_scales
 from kvlink.stages.predict import PredictState
 
 G = 127
@@ -48,15 +50,21 @@ SINK = 1
 
 
 def shifts(c: Context, gamma: float, scope: str) -> Tensor:
-    """(L, T) int64 step shifts g (1/8 octaves, coarser when positive): one row per layer (scope l) or the
-    same row in every layer (scope g, from the layers' scores each normalized to sum 1, as Q2C global)."""
+    """(L, T) int64 step shifts g (1/8 octaves, coarser when positive), 0 on the sink row: scope l is the
+    product's (kvlink.stages.pca.question_shifts, each layer's own scores); scope g one row for every
+    layer, from the layers' scores each normalized to sum 1 (as Q2C global ranks)."""
     length = c.kv.length
+    g = torch.zeros(c.kv.num_layers, length, dtype=torch.int64)
+    if scope == "l":
+        positions = c.kv.positions[0]
+        for layer in range(c.kv.num_layers):
+            g[layer, SINK:] = question_shifts(c.question, layer, positions, SINK, gamma)
+        return g
     per_layer = torch.stack(
         [Q2C().score(obs, length, c.question.scale).sum(0).float().cpu() for obs in c.question.layers]
     )
     per_layer = per_layer / per_layer[:, SINK:].sum(1, keepdim=True).clamp_min(1e-30)
-    scores = per_layer if scope == "l" else per_layer.sum(0, keepdim=True).expand_as(per_layer)
-    s = scores.clamp_min(1e-12)
+    s = per_layer.sum(0, keepdim=True).expand_as(per_layer).clamp_min(1e-12)
     ref = s[:, SINK:].median(dim=1, keepdim=True).values
     g = torch.round(8 * gamma * torch.log2(ref / s)).clamp(-G, G).to(torch.int64)
     g[:, :SINK] = 0
@@ -76,7 +84,7 @@ def chain(
     bits = torch.zeros((), dtype=torch.float64, device=kv.keys[0].device)
     logf = _log_freq(residual, kv.keys[0].device)
     for layer in range(predictors.layers):
-        scale = 2.0 ** (g[layer, SINK:].to(kv.keys[0].device).float() / ans.SCALE_STEPS)  # (N - sink,)
+        scale = row_scales(g[layer, SINK:], kv.keys[0].device)  # (N - sink,): the product's multipliers
         for kind in KINDS:
             w = predictors.weight(layer, kind)
             prediction = state.predict(layer, kind, w) if w is not None else None
@@ -170,7 +178,8 @@ def main() -> int:
                 if gamma
                 else torch.zeros(c.kv.num_layers, c.kv.length, dtype=torch.int64)
             )
-            side = 0 if not gamma else (c.kv.length if scope == "g" else c.kv.num_layers * c.kv.length)
+            rows_ = c.kv.length - SINK  # the product's shifts parts: a byte a coded row, K's and V's
+            side = 0 if not gamma else (rows_ if scope == "g" else 2 * c.kv.num_layers * rows_)
             target = float(budget) / 100 * c.fp16_bytes - c.framing - HEADER - side
             decoded, body = fit(c, predictors, residual, g, target)
             out[name] = (decoded, Bytes(body, HEADER + side))
