@@ -231,6 +231,40 @@ async def test_a_receiver_holding_the_profiles_answers_as_the_sender_does_locall
     assert list(result.answer.token_ids) == expected.token_ids
 
 
+async def test_a_question_aware_message_is_sent_and_answered_as_the_sender_decodes_it(served) -> None:
+    from kvlink.budget import Constraints
+    from kvlink.cache import Observe, prefill
+    from kvlink.client.sender import send_context
+    from kvlink.generate import greedy_answer
+    from kvlink.prompt import context_ids, question_ids
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = served
+    profiles = TransformProfiles(predictors, residual)
+    free = Recipe.from_name("xpred+fp16+pca1-q0.5+ans")
+    async with receiver(lm, profiles=[residual, predictors]) as (target, service):
+        result = await send_context(
+            target, CONTEXT, QUESTION, 0.3, lm=lm, constraints=Constraints(recipe=free, zstd=False),
+            max_new_tokens=6, profile=profiles,
+        )  # fmt: skip
+        held = service.store.get("anonymous", result.session_id, result.message_id)
+    recipe = result.plan.recipe
+    assert (
+        recipe.name.startswith("xpred+fp16+pca1-q0.5-r")
+        and result.plan.total_bytes <= result.plan.budget_bytes
+    )
+    assert all("shifts" in t.parts for t in result.plan.encoded.tensors)
+    ctx, q = context_ids(lm.tokenizer, CONTEXT), question_ids(lm.tokenizer, QUESTION)
+    pre = prefill(lm.model, ctx, q, observe=Observe.QUESTION)
+    local = Codec(recipe, lm.geometry, profiles)
+    kv = local.decode(local.encode_kv(pre.kv, observation=pre.observation))
+    assert held is not None  # the receiver's cache is the sender's own decode, bit for bit
+    for a, b in zip(held.keys + held.values, kv.keys + kv.values, strict=True):
+        assert torch.equal(a.cpu(), b.to(a.dtype).cpu())
+    expected = greedy_answer(lm.model, lm.tokenizer, kv, q, max_new_tokens=6)
+    assert list(result.answer.token_ids) == expected.token_ids
+
+
 async def test_a_receiver_without_the_residual_profile_is_refused_at_the_hello(served) -> None:
     from kvlink.budget import Constraints
     from kvlink.client.sender import SendError, send_context
