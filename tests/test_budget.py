@@ -762,9 +762,10 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     config only where the evaluation run showed its gain over its plain twin: the flat table's 6.25% pick
     is left out there (+0.021 [-0.007, +0.050]), its 25% and 12.5% picks on a short context stay
     (FLAT_PICKS). The long buckets, which no SQuAD pair speaks for, are gated by the long task's
-    evaluation runs (bench/results/eval-long300-h100 with its twins in eval-long300-twins-h100): the
-    refinements whose gain held there stay (+0.083 to +0.092), the xpred config, which no long run
-    paired with its twin, is left out. On a 1.5k-token context it rates each candidate by the 1k-4k
+    evaluation runs (bench/results/eval-long300-h100 with its twins in eval-long300-twins-h100; since
+    2026-12-06 also eval-long99-full-h100 with eval-long99-twins-h100, for the full-retention configs of
+    calib-long100-full-h100): the refinements whose gain held there stay (+0.083 to +0.092; +0.034 to
+    +0.158), the xpred config, which no long run paired with its twin, is left out. On a 1.5k-token context it rates each candidate by the 1k-4k
     bucket wherever that measured it."""
     from kvlink.budget import shipped_quality_path
     from kvlink.eval import holdout
@@ -789,7 +790,14 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
         "q2c25%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
         "q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
         "q2c40%+kint3c/vint3t-g64+sink1",
+        # full retention, gated by eval-long99-full-h100 against its twins in eval-long99-twins-h100
+        "kint8c/vint4t-g64+sink1+vwidths-question",
+        "kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
+        "kint3c/vint3t-g64+sink1+round-query",
+        "q2c60%/layer+kint4c/vint3t-g64+sink1+round-query",
     }
+    # its gain over its twin did not hold there (+0.006 [-0.022, +0.034])
+    assert "q2c90%/layer+kint8c/vint4t-g64+sink1+vwidths-question" not in long
     pre = _head64_prefill(head64, 300, 10)
     for budget in ("25%", "12.5%"):
         p = plan(pre, head64.geometry, head64.fingerprint, budget, quality=shipped, session_id="0" * 32,
