@@ -321,6 +321,34 @@ xlw() {
     $( [ -d twins-evaluation ] && echo twins-evaluation twins-evaluation.log ))
 }
 
+# Issue 24: question-aware transform coding (`xpred+fp16+pca1-q0.5+ans`, docs/stages.md) THROUGH THE PRODUCT on the
+# long task, for the quality table's long buckets: `longxl cal` measures it with its rate fitted to each budget of
+# LONGXL_CONFIGS on the calibration split (`kvlink-bench calibrate` takes it), `longxl eval` the same and the
+# table's long picks on the evaluation split (the gate: `calibrate --holdout`). The profiles are fitted once on
+# the GPU, then SHARDS processes share it; a second call on the warm machine resumes. After `wheels` and the
+# three model parts; returns one tarball of the run and its logs.
+LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@25%,xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,\
+xpred+fp16+pca1-q0.5+ans@6.25%"
+longxl() {
+  install_model
+  local n=${SHARDS:-6} which=$2 split configs out
+  split=$([ "$which" = cal ] && echo calibration || echo evaluation)
+  configs=${LONGXL:-$LONGXL_CONFIGS}
+  [ "$which" = cal ] || configs="$configs,q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK"
+  out=$KEEP/longxl-$which
+  [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
+    --out "$KEEP/xl.safetensors"
+  for k in $(seq 0 $((n - 1))); do
+    timeout "${LONGXL_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
+      --task "long:${LONGXL_N:-300}" --no-ppl --no-progress --configs "$configs" --shard "$k/$n" --resume \
+      --out "$out" > "$KEEP/longxl-$which-$k.log" 2>&1 &
+  done
+  wait || true
+  tail -qn 2 "$KEEP"/longxl-"$which"-0.log
+  cat "$out"/samples*.jsonl | wc -l
+  (cd "$KEEP" && tar czf "$OUT/longxl-$which.tgz" "longxl-$which" longxl-"$which"-*.log)
+}
+
 wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
   python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$CARRY"/scale/wheels/*.whl
   mkdir -p "$KEEP" && rm -rf "$KEEP/proto" && cp -r "$CARRY/scale/proto" "$KEEP/proto"
@@ -332,11 +360,12 @@ case "${1:-}" in
   part) keep_part ;;
   wheels) wheels ;;
   xl) set -o pipefail; xl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  longxl) set -o pipefail; longxl "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlw) set -o pipefail; xlw "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   sel) set -o pipefail; sel "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
   ttft|long|longpair|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|xlw|table|planned (see the header)"; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|xlw|longxl|table|planned (see the header)"; exit 2 ;;
 esac

@@ -3,11 +3,15 @@ version plans the same contexts at the same budgets in its own process, in alter
 every candidate weighed (name, estimated bytes, expected quality, fits) must be identical.
 
 usage: python bench/plan_time.py --baseline COMMIT --out FILE.json [--questions 3] [--rounds 2]
+           [--recipe NAME --task squad|long --budgets 10,6.25]
 
 The baseline is `git archive COMMIT kvlink` unpacked into a temporary folder (with this checkout's generated
 protobuf stubs) and imported from there. Contexts: the first questions of the evaluation split on the
 embedded model (float32, CPU, one thread), prefilled with the question observed; budgets 50, 25, 18.75, 12.5
-and 6.25%; both versions rank by the same quality table (this checkout's shipped file).
+and 6.25%; both versions rank by the same quality table (this checkout's shipped file). With --recipe the plans
+are of that recipe pinned (transform coding, `xpred+fp16+pca1[-q<gamma>]+ans`: its rate fitted to each budget
+with the embedded model's cached transform profiles, kvlink.residual.cached_transform_profiles), --task long
+takes the long task's evaluation contexts (2k-8k tokens) instead.
 """
 
 from __future__ import annotations
@@ -32,26 +36,37 @@ BUDGETS = (0.5, 0.25, 0.1875, 0.125, 0.0625)
 TABLE = ROOT / "kvlink" / "data" / "quality" / "smollm2-135m-instruct.json"
 
 
-def worker(questions: int) -> None:
+def worker(spec: dict) -> None:
     """Plan every (question, budget) with the kvlink on sys.path; one JSON line per plan on stdout."""
     import torch
 
     torch.set_num_threads(1)
-    from kvlink.budget import QualityTable, plan
+    from kvlink.budget import Constraints, QualityTable, plan
     from kvlink.cache import Observe, prefill
-    from kvlink.eval.tasks import squad_examples
+    from kvlink.eval.tasks import long_examples, squad_examples
     from kvlink.models import load_model
     from kvlink.prompt import question_rows
 
     lm = load_model(None, device="cpu")
     table = QualityTable.load(TABLE)
-    for ex in squad_examples(None, questions, (), "evaluation"):
+    constraints, profile = Constraints(), None
+    if spec["recipe"]:
+        from kvlink.recipe import Recipe
+        from kvlink.residual import cached_transform_profiles
+
+        constraints = Constraints(recipe=Recipe.from_name(spec["recipe"]), zstd=False)
+        profile = cached_transform_profiles(lm)
+    if spec["task"] == "long":
+        examples = long_examples(lm.tokenizer, split="evaluation")[: spec["questions"]]
+    else:
+        examples = squad_examples(None, spec["questions"], (), "evaluation")
+    for ex in examples:
         ctx, q = ex.encode(lm.tokenizer)
         pre = prefill(lm.model, ctx, q, Observe.QUESTION, 32, question_rows(lm.tokenizer, ex.question))
-        for budget in BUDGETS:
+        for budget in spec["budgets"]:
             started = time.perf_counter()
             chosen = plan(pre, lm.geometry, lm.fingerprint, budget, quality=table, session_id="s" * 32,
-                          message_id="m" * 32)  # fmt: skip
+                          message_id="m" * 32, constraints=constraints, profile=profile)  # fmt: skip
             seconds = time.perf_counter() - started
             weighed = [
                 [c.recipe.name, c.estimated_bytes, None if c.expected_quality != c.expected_quality
@@ -77,10 +92,10 @@ def baseline_tree(commit: str) -> Path:
     return folder
 
 
-def run(tree: Path, questions: int) -> list[dict]:
+def run(tree: Path, spec: dict) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(questions)],
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
         cwd=tempfile.gettempdir(), env=env, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -92,11 +107,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--recipe", default="", help="plan this recipe pinned (transform coding: with the profiles)"
+    )
+    ap.add_argument("--task", default="squad", choices=("squad", "long"))
+    ap.add_argument(
+        "--budgets", default="", help="comma-separated percentages (default 50,25,18.75,12.5,6.25)"
+    )
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        worker(args.worker)
+        worker(json.loads(args.worker))
         return 0
+    budgets = [float(b) / 100 for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
+    spec = {"questions": args.questions, "recipe": args.recipe, "task": args.task, "budgets": budgets}
     if not args.baseline or not args.out:
         ap.error("--baseline and --out are required")
     trees = {"baseline": baseline_tree(args.baseline), "current": ROOT}
@@ -105,7 +129,7 @@ def main() -> int:
     for r in range(args.rounds):
         for name, tree in trees.items():
             started = time.perf_counter()
-            for row in run(tree, args.questions):
+            for row in run(tree, spec):
                 key = (row["eid"], row["budget"])
                 times[name].setdefault(key, []).append(row["s"])
                 plans[name][key] = row
@@ -129,6 +153,8 @@ def main() -> int:
         ).stdout.strip(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread a process",
         "rounds": args.rounds,
+        "recipe": args.recipe or None,
+        "task": args.task,
         "all_identical": all(r["identical"] for r in rows),
         "total_baseline_s": round(total_old, 2),
         "total_current_s": round(total_new, 2),

@@ -102,6 +102,10 @@ class Tables:
         cum = np.zeros((f.shape[0], ALPHABET + 1), dtype=np.uint32)
         np.cumsum(f, axis=1, out=cum[:, 1:])
         object.__setattr__(self, "_cum", cum)
+        # Bits each (table, symbol) costs, escapes' 16 raw bits included: a code length is a histogram's dot
+        cost = PROB_BITS - np.log2(f.astype(np.float64))
+        cost[:, ESCAPE] += 16
+        object.__setattr__(self, "_cost", cost.ravel())
 
     @property
     def cum(self) -> np.ndarray:
@@ -116,14 +120,19 @@ class Tables:
         per-row `shifts` (B, N)), escapes' 16 bits included: a stream is this / 8 plus its header and at
         most 2 bytes a lane."""
         idx = _symbol_index(symbols)
-        freq = self.freq[_symbol_tables(tables, shifts, symbols.shape, len(self)), idx]
-        escapes = int((idx == ESCAPE).sum())
-        return float(PROB_BITS * idx.size - np.log2(freq).sum()) + 16 * escapes
+        key = _symbol_tables(tables, shifts, idx.shape, len(self)).astype(np.int32) * ALPHABET + idx
+        counts = np.bincount(key.ravel(), minlength=len(self) * ALPHABET)  # how often each (table, symbol)
+        return float(counts @ self._cost)  # type: ignore[attr-defined]
 
 
 def _symbol_index(symbols: np.ndarray) -> np.ndarray:
-    s = np.asarray(symbols, dtype=np.int64)
-    return np.where(np.abs(s) <= MAX_SYMBOL, s + MAX_SYMBOL, ESCAPE)
+    """int32 index of each symbol in a table's alphabet (ESCAPE beyond +-MAX_SYMBOL)."""
+    s = np.asarray(symbols)
+    if s.dtype != np.int32:
+        s = s.astype(np.int64).clip(-MAX_ESCAPED - 1, MAX_ESCAPED + 1).astype(np.int32)
+    idx = s + np.int32(MAX_SYMBOL)
+    idx[np.abs(s) > MAX_SYMBOL] = ESCAPE
+    return idx
 
 
 def _symbol_tables(

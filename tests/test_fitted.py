@@ -193,7 +193,8 @@ def test_the_grid_measures_a_fitted_recipe_at_the_rate_the_planner_fits(text_lm,
     layers = text_lm.geometry.num_layers
     sens = Sensitivity("tiny", k=(0.1,) * layers, v=(0.05,) * layers)
     profiles = TransformProfiles(predictors, fit_residuals(text_lm.model, texts, predictors, fit, sens))
-    configs = grid.resolve(["fp16", f"{XL}@30%", f"{XL}@15%"], text_lm.geometry)
+    aware = "xpred+fp16+pca1-q0.5+ans@15%"  # question-aware steps: fitted and encoded from the question's observation
+    configs = grid.resolve(["fp16", f"{XL}@30%", f"{XL}@15%", aware], text_lm.geometry)
     records = {r["config"]: r for r in grid.Evaluator(text_lm, configs, SMALL, profiles).evaluate(squad2[0])}
     for budget in (0.30, 0.15):
         rec = records[f"{XL}@{100 * budget:g}%"]
@@ -201,8 +202,12 @@ def test_the_grid_measures_a_fitted_recipe_at_the_rate_the_planner_fits(text_lm,
         assert rec["fit_s"] > 0 and 0.0 <= rec["fidelity"] <= 1.0
     rates = [int(records[f"{XL}@{b}%"]["recipe"].split("-r")[1].split("+")[0]) for b in ("30", "15")]
     assert rates[0] < rates[1]  # the larger budget, the finer rate (a lower index)
+    assert (
+        records[aware]["recipe"].startswith("xpred+fp16+pca1-q0.5-r")
+        and 0.075 < records[aware]["wire_frac"] <= 0.15
+    )
     summary = report.summarize(list(records.values()), n_boot=50)
-    assert {r["key"] for r in summary} == {"fp16", f"{XL}@30%", f"{XL}@15%"}
+    assert {r["key"] for r in summary} == {"fp16", f"{XL}@30%", f"{XL}@15%", aware}
 
 
 # --- the gate -------------------------------------------------------------------------------------------------

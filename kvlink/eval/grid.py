@@ -484,9 +484,9 @@ def _observes(config: Recipe) -> Observe:
 
 
 def _queries_for(config: Recipe) -> Observe | None:
-    """The observation whose queries question-aware quantization uses: the selector's when it has
-    queries, else the question's; None when the recipe has none."""
-    if not any(q.question_aware for kind in ("k", "v") for q in config.quantizers(kind)):
+    """The observation a tensor stage encodes from (question-aware quantization, Pca's question-aware steps):
+    the selector's when it has queries, else the question's; None when no tensor stage needs one."""
+    if all(s.needs() is Observe.NONE for s in config.stages() if s.role != "select"):
         return None
     kind = _observes(config)
     return kind if kind is not Observe.NONE else Observe.QUESTION
@@ -604,7 +604,7 @@ class Evaluator:
             )
             return size.total + allowance  # type: ignore[no-any-return]
 
-        obs = self.observations[_observes(c.config)]
+        obs = self.observations[_queries_for(c.config) or _observes(c.config)]  # what the sender prefills
         prefill = Prefill(kv, obs, *self._ids)
         budget_bytes = math.floor(c.budget * lm.geometry.fp16_bytes(kv.length))  # as plan()
         recipe = fit_rate(c.config, prefill, lm.geometry, profile, budget_bytes, framed)

@@ -126,6 +126,12 @@ class Pca(Transform):
         return sizes
 
     def check_recipe(self, recipe: Any) -> None:
+        select = recipe.select.needs() if recipe.select is not None else Observe.NONE
+        if self.question and select not in (Observe.NONE, Observe.QUESTION):
+            raise ValueError(
+                f"pca's question-aware steps read the question's attention, and {recipe.select.method} observes "
+                f"{select.value!r}: one prefill gives one observation"
+            )
         if not recipe.has("predict"):
             raise ValueError("pca codes a cross-layer residual: it needs xpred (the Predict stage)")
         if getattr(recipe, "ans", None) is None:
