@@ -57,7 +57,9 @@ def worker(spec: dict) -> None:
         constraints = Constraints(recipe=Recipe.from_name(spec["recipe"]), zstd=False)
         profile = cached_transform_profiles(lm)
     if spec["task"] == "long":
-        examples = long_examples(lm.tokenizer, split="evaluation")[: spec["questions"]]
+        low, high = spec["long_tokens"]
+        examples = long_examples(lm.tokenizer, split="evaluation", min_tokens=low, max_tokens=high)
+        examples = examples[: spec["questions"]]
     else:
         examples = squad_examples(None, spec["questions"], (), "evaluation")
     for ex in examples:
@@ -111,6 +113,7 @@ def main() -> int:
         "--recipe", default="", help="plan this recipe pinned (transform coding: with the profiles)"
     )
     ap.add_argument("--task", default="squad", choices=("squad", "long"))
+    ap.add_argument("--long-tokens", default="2048-7936", help="the long task's context lengths, LOW-HIGH")
     ap.add_argument(
         "--budgets", default="", help="comma-separated percentages (default 50,25,18.75,12.5,6.25)"
     )
@@ -120,7 +123,9 @@ def main() -> int:
         worker(json.loads(args.worker))
         return 0
     budgets = [float(b) / 100 for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
-    spec = {"questions": args.questions, "recipe": args.recipe, "task": args.task, "budgets": budgets}
+    long_tokens = [int(x) for x in args.long_tokens.split("-")]
+    spec = {"questions": args.questions, "recipe": args.recipe, "task": args.task, "budgets": budgets,
+            "long_tokens": long_tokens}  # fmt: skip
     if not args.baseline or not args.out:
         ap.error("--baseline and --out are required")
     trees = {"baseline": baseline_tree(args.baseline), "current": ROOT}
@@ -155,6 +160,7 @@ def main() -> int:
         "rounds": args.rounds,
         "recipe": args.recipe or None,
         "task": args.task,
+        "long_tokens": long_tokens if args.task == "long" else None,
         "all_identical": all(r["identical"] for r in rows),
         "total_baseline_s": round(total_old, 2),
         "total_current_s": round(total_new, 2),
