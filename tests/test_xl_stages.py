@@ -453,7 +453,10 @@ def test_question_aware_steps_need_the_question_and_refuse_bad_shifts(fitted) ->
     for name, needle in (
         ("xpred+fp16+pca1-q5-r0+ans", r"question exponent must be a number in \[0, 4.0\]"),
         ("xpred+fp16+pca1-qx-r0+ans", "pca1-qx-r0"),
-        ("snapkv50%+xpred+fp16+pca1-q0.5-r0+ans", "snapkv observes 'window': one prefill gives one observation"),
+        (
+            "snapkv50%+xpred+fp16+pca1-q0.5-r0+ans",
+            "snapkv observes 'window': one prefill gives one observation",
+        ),
     ):
         with pytest.raises(ValueError, match=needle):
             Recipe.from_name(name)
