@@ -1045,7 +1045,10 @@ def fit_rate(
         )
         return est + overhead
 
-    rate = xl.search_rate(estimate, exact, budget_bytes, RATES)  # the estimate is infinite where too fine
+    under = xl.exact_under(len(encoded.tensors), budget_bytes)
+    rate = xl.search_rate(
+        estimate, exact, budget_bytes, RATES, under
+    )  # the estimate is infinite where too fine
     return at_rate(recipe, rate)  # None (none fits): the coarsest
 
 

@@ -97,3 +97,26 @@ def test_what_does_not_belong_is_refused(fitted) -> None:
         xl.decode(good, predictors, residual, kv.positions[0])
     with pytest.raises(ValueError, match="rate must be"):
         xl.encode(kv, predictors, residual, rate=1000)
+
+
+def test_the_search_asks_for_no_exact_size_it_can_rule_out_and_finds_the_same_rate() -> None:
+    rates = range(-100, 101)
+
+    def estimate(rate: int) -> float:
+        return 1e5 * 2 ** (-rate / 32)  # ~2% (2 kB) a step, as a message's size
+
+    saved = 0
+    for offset in (-30.0, -3.0, 0.0, 2.5):  # exact sizes a little below / above the estimate
+        for budget in (9e4, 1e5, 123456.7, 2e5):
+            asked: list[list[int]] = [[], []]
+
+            def exact(rate: int, log: list[int]) -> float:
+                log.append(rate)
+                return estimate(rate) + offset
+
+            plain = xl.search_rate(estimate, lambda r: exact(r, asked[0]), budget, rates)
+            bounded = xl.search_rate(estimate, lambda r: exact(r, asked[1]), budget, rates, under=40.0)
+            assert plain == bounded and exact(plain, []) <= budget < exact(plain - 1, [])
+            assert set(asked[1]) <= set(asked[0])
+            saved += len(asked[0]) - len(asked[1])
+    assert saved >= 14  # of 16 searches: the step finer's estimate rules it out (once it was asked anyway)
