@@ -4,6 +4,8 @@ byte budget; what does not belong is refused."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -110,12 +112,14 @@ def test_the_search_asks_for_no_exact_size_it_can_rule_out_and_finds_the_same_ra
         for budget in (9e4, 1e5, 123456.7, 2e5):
             asked: list[list[int]] = [[], []]
 
-            def exact(rate: int, log: list[int]) -> float:
+            def exact(rate: int, log: list[int], offset: float = offset) -> float:
                 log.append(rate)
                 return estimate(rate) + offset
 
-            plain = xl.search_rate(estimate, lambda r: exact(r, asked[0]), budget, rates)
-            bounded = xl.search_rate(estimate, lambda r: exact(r, asked[1]), budget, rates, under=40.0)
+            plain = xl.search_rate(estimate, functools.partial(exact, log=asked[0]), budget, rates)
+            bounded = xl.search_rate(
+                estimate, functools.partial(exact, log=asked[1]), budget, rates, under=40.0
+            )
             assert plain == bounded and exact(plain, []) <= budget < exact(plain - 1, [])
             assert set(asked[1]) <= set(asked[0])
             saved += len(asked[0]) - len(asked[1])
