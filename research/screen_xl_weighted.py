@@ -39,11 +39,10 @@ from common import Bytes, Context, lm, run_screen, write_paired
 
 from kvlink import ans, xl
 from kvlink.cache import ContextKV
-from kvlink.predict import KINDS, PredictorProfile, rows, unrows
+from kvlink.predict import PredictorProfile
 from kvlink.residual import ResidualProfile
 from kvlink.select.q2c import Q2C
-from kvlink.stages.pca import question_shifts, row_scales
-from kvlink.stages.predict import PredictState
+from kvlink.stages.pca import question_shifts
 
 G = 127
 SINK = 1
@@ -74,45 +73,20 @@ def shifts(c: Context, gamma: float, scope: str) -> Tensor:
 def chain(
     kv: ContextKV, predictors: PredictorProfile, residual: ResidualProfile, rate: int, g: Tensor
 ) -> tuple[list[Tensor], list[Tensor], float]:
-    """Code every tensor in order (closed loop, as kvlink.xl._chain) with position t's step scaled by
-    2^(g_t / 8). Returns the decoded keys (after RoPE), values and the symbols' model code length (bits)."""
-    positions = kv.positions[0]
-    state = PredictState(predictors, positions)
-    heads = predictors.kv_heads
-    keys: list[Tensor] = []
-    values: list[Tensor] = []
-    bits = torch.zeros((), dtype=torch.float64, device=kv.keys[0].device)
-    logf = _log_freq(residual, kv.keys[0].device)
-    for layer in range(predictors.layers):
-        scale = row_scales(g[layer, SINK:], kv.keys[0].device)  # (N - sink,): the product's multipliers
-        for kind in KINDS:
-            w = predictors.weight(layer, kind)
-            prediction = state.predict(layer, kind, w) if w is not None else None
-            mean, basis = residual.means[(layer, kind)], residual.bases[(layer, kind)]
-            step = residual.step(layer, kind, rate)
-            x = (kv.keys if kind == "k" else kv.values)[layer].float()
-            target = state.unrope(x) if (kind == "k" and w is not None) else x
-            r = rows(target if prediction is None else target - prediction)
-            head = r[:SINK].half()
-            y = (r[SINK:] - mean.to(r.device)) @ basis.to(r.device)
-            steps = step * scale[:, None]
-            sym = torch.round(y / steps).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
-            body = (sym * steps) @ basis.T.to(sym.device) + mean.to(sym.device)
-            decoded = unrows(torch.cat([head.float(), body]), heads)
-            if prediction is not None:
-                decoded = decoded + prediction
-            if kind == "k":
-                state.record(layer, kind, decoded if w is not None else state.unrope(decoded))
-                keys.append(state.rope(decoded) if w is not None else decoded)
-            else:
-                state.record(layer, kind, decoded)
-                values.append(decoded)
-            j = torch.from_numpy(residual.tables_for(layer, kind, rate)).to(sym.device)[None, :]  # (1, F)
-            jt = (j - g[layer, SINK:].to(sym.device)[:, None]).clamp(0, ans.J_MAX - ans.J_MIN)
-            s = sym.to(torch.int64)
-            escaped = s.abs() > ans.MAX_SYMBOL
-            idx = torch.where(escaped, ans.ESCAPE, s + ans.MAX_SYMBOL)
-            bits += ans.PROB_BITS * idx.numel() - logf[jt, idx].sum() + 16 * escaped.sum()
+    """The product's closed loop (kvlink.xl's, with the shifts g[:, sink:]) and the symbols' model code length
+    (bits), counted on the symbols' device. Returns the decoded keys (after RoPE), values and the bits."""
+    shifts = g[:, SINK:]
+    keys, values, symbols, _ = xl._chain(
+        predictors, residual, rate, kv.positions[0], SINK, kv=kv, shifts=shifts
+    )
+    logf = _log_freq(residual, symbols.device)
+    tables = torch.from_numpy(xl._tables(residual, rate)).to(symbols.device)  # (2L, F)
+    rows_shift = shifts.repeat_interleave(2, dim=0).to(symbols.device)  # K's and V's of each layer
+    jt = (tables[:, None, :] - rows_shift[:, :, None]).clamp(0, ans.J_MAX - ans.J_MIN)
+    s = symbols.to(torch.int64)
+    escaped = s.abs() > ans.MAX_SYMBOL
+    idx = torch.where(escaped, ans.ESCAPE, s + ans.MAX_SYMBOL)
+    bits = ans.PROB_BITS * idx.numel() - logf[jt, idx].sum(dtype=torch.float64) + 16 * escaped.sum()
     return keys, values, float(bits)
 
 
