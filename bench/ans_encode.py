@@ -1,10 +1,15 @@
-"""The sender's rANS encode (kvlink.ans.encode, numpy) against the same function at an earlier commit, side
-by side in one process: identical streams required, median seconds and the ratio per shape.
+"""The sender's rANS encode (kvlink.ans.encode) against a baseline, side by side in one process: identical
+streams required, median seconds and the ratio per shape.
 
 usage: python bench/ans_encode.py --baseline COMMIT --out FILE.json [--repeats 5]
-The baseline is `git show COMMIT:kvlink/ans.py`, loaded as its own module (it must not import from a kvlink
-that has changed its API). Shapes: the embedded model's messages (60 streams x 192 components) at T=200,
-2048 and 8192, symbols from Laplace tables of 0.2-60 steps, as bench/ans_decode.py draws them.
+       python bench/ans_encode.py --kernel --out FILE.json [--repeats 5]      (on a CUDA device)
+With --baseline: numpy against `git show COMMIT:kvlink/ans.py`, loaded as its own module (it must not
+import from a kvlink that has changed its API). Shapes: the embedded model's messages (60 streams x 192
+components) at T=200, 2048 and 8192, symbols from Laplace tables of 0.2-60 steps, as bench/ans_decode.py
+draws them. With --kernel: the Triton encoder (kvlink.kernels.ans, what a CUDA sender runs) against the
+numpy reference, on those shapes, the 8192 one with question-aware row shifts, and an 8B geometry (64 x
+1024); and the code length (Tables.code_bits) counted on the device against the host's. Writes a PNG beside
+the JSON when matplotlib is there. --quick: one tiny shape (CPU, TRITON_INTERPRET=1: a check of the script).
 """
 
 from __future__ import annotations
@@ -47,12 +52,99 @@ def digest(streams: list[bytes]) -> str:
     return hashlib.sha256(b"".join(len(s).to_bytes(8, "little") + s for s in streams)).hexdigest()
 
 
+KERNEL_SHAPES = [
+    ("smollm2-135m T=200", 60, 200, 192, False),
+    ("smollm2-135m T=2048", 60, 2048, 192, False),
+    ("smollm2-135m T=8192", 60, 8192, 192, False),
+    ("smollm2-135m T=8192 shifted", 60, 8192, 192, True),
+    ("llama-8b T=2048", 64, 2048, 1024, False),
+]
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()  # host results: the device work is finished
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def kernel_main(args: argparse.Namespace) -> int:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not (args.quick and os.environ.get("TRITON_INTERPRET") == "1"):
+        print("--kernel needs a CUDA device (or --quick with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    model = ans.laplace_tables()
+    rows = []
+    for i, (name, b, n, f, shifted) in enumerate([("quick", 4, 40, 64, True)] if args.quick else KERNEL_SHAPES):
+        sym, tab = laplace_symbols(b, n, f, seed=i)
+        shifts = np.random.default_rng(i).integers(-40, 80, size=(b, n)) if shifted else None
+        os.environ["KVLINK_KERNELS"] = "triton"
+        ans.encode(sym[:, :8], tab, model, None if shifts is None else shifts[:, :8], device=device)  # compile
+        kernel_s, got = median_time(lambda: ans.encode(sym, tab, model, shifts, device=device), args.repeats)
+        os.environ["KVLINK_KERNELS"] = "reference"
+        ref_s, ref = median_time(lambda: ans.encode(sym, tab, model, shifts), 2)
+        if digest(got) != digest(ref):  # type: ignore[arg-type]
+            print(f"{name}: the kernel's streams differ from the reference's", file=sys.stderr)
+            return 1
+        on_device = torch.from_numpy(sym).to(device=device, dtype=torch.int32)
+        model.code_bits(on_device[:, :8], tab, None if shifts is None else shifts[:, :8])  # warm-up
+        bits_dev_s, bits_dev = median_time(lambda: model.code_bits(on_device, tab, shifts), args.repeats)
+        bits_host_s, bits_host = median_time(lambda: model.code_bits(sym, tab, shifts), 2)
+        agree = bits_dev == bits_host
+        if not agree:
+            print(f"{name}: code length {bits_dev} on the device, {bits_host} on the host", file=sys.stderr)
+            return 1
+        row = {"shape": name, "symbols": b * n * f, "shifted": shifted, "wire_bytes": sum(len(s) for s in ref),  # type: ignore[attr-defined]
+               "reference_s": round(ref_s, 4), "triton_s": round(kernel_s, 4), "speedup": round(ref_s / kernel_s, 2),
+               "identical": True, "sha256": digest(ref),  # type: ignore[arg-type]
+               "code_bits_host_s": round(bits_host_s, 4), "code_bits_device_s": round(bits_dev_s, 4),
+               "code_bits_speedup": round(bits_host_s / bits_dev_s, 2), "code_bits_equal": agree}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = {
+        "mode": "kernel", "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "triton": __import__("triton").__version__, "numpy": np.__version__,
+        "repeats": args.repeats, "reference_repeats": 2, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["symbols"] / r["triton_s"] / 1e6 for r in rows], 0.4, label="Triton kernel")
+    ax.bar(x + 0.2, [r["symbols"] / r["reference_s"] / 1e6 for r in rows], 0.4, label="numpy reference")
+    ax.set_xticks(x, [r["shape"] for r in rows], rotation=15, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("M symbols / s (encode)")
+    ax.set_title(f"rANS encode, {meta['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", required=True, help="the commit whose kvlink/ans.py is the baseline")
+    ap.add_argument("--baseline", help="the commit whose kvlink/ans.py is the baseline")
+    ap.add_argument("--kernel", action="store_true", help="the Triton encoder against the numpy reference")
+    ap.add_argument("--quick", action="store_true", help="with --kernel: one tiny shape")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.kernel:
+        return kernel_main(args)
+    if not args.baseline:
+        ap.error("--baseline COMMIT or --kernel")
     old = baseline_module(args.baseline)
     rows = []
     for i, (b, n, f) in enumerate(SHAPES):

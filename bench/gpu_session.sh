@@ -327,14 +327,15 @@ xlw() {
 # table's long picks on the evaluation split (the gate: `calibrate --holdout`). The profiles are fitted once on
 # the GPU, then SHARDS processes share it; a second call on the warm machine resumes. After `wheels` and the
 # three model parts; returns one tarball of the run and its logs.
-LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@25%,xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,\
-xpred+fp16+pca1-q0.5+ans@6.25%"
+# The evaluation run adds the fixed configs the gate pairs each budget with (the best the table rates within it:
+# Q2C 40%/layer + the pick at 12.5%, 25%/layer at 10%, Q2C 12.5% + INT4 at 6.25%).
+LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
   local n=${SHARDS:-6} which=$2 split configs out
   split=$([ "$which" = cal ] && echo calibration || echo evaluation)
   configs=${LONGXL:-$LONGXL_CONFIGS}
-  [ "$which" = cal ] || configs="$configs,q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK"
+  [ "$which" = cal ] || configs="$configs,q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK,q2c12.5%+kint4c/vint4t-g32"
   out=$KEEP/longxl-$which
   [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
     --out "$KEEP/xl.safetensors"
@@ -347,6 +348,25 @@ longxl() {
   tail -qn 2 "$KEEP"/longxl-"$which"-0.log
   cat "$out"/samples*.jsonl | wc -l
   (cd "$KEEP" && tar czf "$OUT/longxl-$which.tgz" "longxl-$which" longxl-"$which"-*.log)
+}
+
+# The sender's rANS encode kernel (kvlink.kernels.ans) against the numpy reference (bench/ans_encode.py --kernel:
+# identical streams, seconds, and the code length counted on the GPU), with the scale wheels installed for the
+# calls after it on the warm machine:
+#   run(carry=[".carry/scale"], command="bash bench/gpu_session.sh encode")
+encode() {
+  wheels
+  PYTHONPATH=$PWD python3 bench/ans_encode.py --kernel --out "$OUT/ans-encode/ans-encode.json"
+}
+
+# A question-aware plan on long contexts on the GPU, before the encode kernel (BASE, unpacked beside the third
+# model part: git archive $BASE kvlink | tar -x -C .carry/m2/base) and after it (bench/plan_time.py: the same
+# plans required). After the three model parts.
+plantime() {
+  install_model
+  python3 bench/plan_time.py --baseline "${BASE:-16e0f13}" --baseline-tree "$CARRY/m2/base" \
+    --recipe "xpred+fp16+pca1-q0.5+ans" --task long --long-tokens "${PT_TOKENS:-4096-7936}" \
+    --questions "${PT_N:-2}" --budgets "${PT_BUDGETS:-10}" --rounds 1 --device cuda --out "$OUT/plan-time/results.json"
 }
 
 wheels() {  # the scale wheels (and constriction) on a warm machine, for `xl`
@@ -366,6 +386,6 @@ case "${1:-}" in
   xlp) set -o pipefail; xlp "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   table) set -o pipefail; table "$@" 2>&1 | tee "${OUT:-/tmp}/log" ;;
   planned) set -o pipefail; planned 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  ttft|long|longpair|gate|profile) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
-  *) echo "usage: bash bench/gpu_session.sh prep|wheels|ttft|part|long|gate|profile|longpair|xl|xlp|sel|xlw|longxl|table|planned (see the header)"; exit 2 ;;
+  ttft|long|longpair|gate|profile|encode|plantime) set -o pipefail; "$1" 2>&1 | tee "${OUT:-/tmp}/log" ;;
+  *) echo "usage: bash bench/gpu_session.sh prep|wheels|encode|plantime|ttft|part|long|gate|profile|longpair|xl|xlp|sel|xlw|longxl|table|planned (see the header)"; exit 2 ;;
 esac

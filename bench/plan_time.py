@@ -2,13 +2,13 @@
 version plans the same contexts at the same budgets in its own process, in alternating rounds; the picks and
 every candidate weighed (name, estimated bytes, expected quality, fits) must be identical.
 
-usage: python bench/plan_time.py --baseline COMMIT --out FILE.json [--questions 3] [--rounds 2]
+usage: python bench/plan_time.py --baseline COMMIT [--baseline-tree DIR] --out FILE.json [--questions 3] [--rounds 2]
            [--recipe NAME --task squad|long --budgets 10,6.25]
 
 The baseline is `git archive COMMIT kvlink` unpacked into a temporary folder (with this checkout's generated
 protobuf stubs) and imported from there. Contexts: the first questions of the evaluation split on the
-embedded model (float32, CPU, one thread), prefilled with the question observed; budgets 50, 25, 18.75, 12.5
-and 6.25%; both versions rank by the same quality table (this checkout's shipped file). With --recipe the plans
+embedded model (float32, one CPU thread; with --device cuda the model and the plan on the GPU), prefilled
+with the question observed; budgets 50, 25, 18.75, 12.5 and 6.25%; both versions rank by the same quality table (this checkout's shipped file). With --recipe the plans
 are of that recipe pinned (transform coding, `xpred+fp16+pca1[-q<gamma>]+ans`: its rate fitted to each budget
 with the embedded model's cached transform profiles, kvlink.residual.cached_transform_profiles), --task long
 takes the long task's evaluation contexts (2k-8k tokens) instead.
@@ -47,7 +47,7 @@ def worker(spec: dict) -> None:
     from kvlink.models import load_model
     from kvlink.prompt import question_rows
 
-    lm = load_model(None, device="cpu")
+    lm = load_model(None, device=spec.get("device", "cpu"))
     table = QualityTable.load(TABLE)
     constraints, profile = Constraints(), None
     if spec["recipe"]:
@@ -81,21 +81,26 @@ def worker(spec: dict) -> None:
                               "candidates": len(weighed), "digest": digest.hexdigest()}), flush=True)  # fmt: skip
 
 
-def baseline_tree(commit: str) -> Path:
-    """`commit`'s kvlink package in a temporary folder, with this checkout's protobuf stubs."""
-    archive = subprocess.run(
-        ["git", "archive", commit, "kvlink"], cwd=ROOT, check=True, capture_output=True
-    ).stdout
+def baseline_tree(commit: str, tree: str | None = None) -> Path:
+    """`commit`'s kvlink package in a temporary folder (or a copy of `tree`, a folder holding one: where
+    there is no git history), with this checkout's protobuf stubs."""
     folder = Path(tempfile.mkdtemp(prefix="kvlink-baseline-"))
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
+    if tree is not None:
+        shutil.copytree(Path(tree) / "kvlink", folder / "kvlink")
+    else:
+        archive = subprocess.run(
+            ["git", "archive", commit, "kvlink"], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
     for stub in (ROOT / "kvlink" / "_proto").glob("*_pb2*.py*"):
         shutil.copy(stub, folder / "kvlink" / "_proto" / stub.name)
     return folder
 
 
 def run(tree: Path, spec: dict) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)  # tree's kvlink first
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
         cwd=tempfile.gettempdir(), env=env, check=True, capture_output=True, text=True,
@@ -106,6 +111,7 @@ def run(tree: Path, spec: dict) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", help="the commit whose planner is the baseline")
+    ap.add_argument("--baseline-tree", help="a folder holding that commit's kvlink/ (no git needed)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--questions", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
@@ -117,6 +123,9 @@ def main() -> int:
     ap.add_argument(
         "--budgets", default="", help="comma-separated percentages (default 50,25,18.75,12.5,6.25)"
     )
+    ap.add_argument(
+        "--device", default="cpu", help="where the model and the plan run (cuda: the kernels a GPU sender runs)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -125,10 +134,10 @@ def main() -> int:
     budgets = [float(b) / 100 for b in args.budgets.split(",")] if args.budgets else list(BUDGETS)
     long_tokens = [int(x) for x in args.long_tokens.split("-")]
     spec = {"questions": args.questions, "recipe": args.recipe, "task": args.task, "budgets": budgets,
-            "long_tokens": long_tokens}  # fmt: skip
+            "long_tokens": long_tokens, "device": args.device}  # fmt: skip
     if not args.baseline or not args.out:
         ap.error("--baseline and --out are required")
-    trees = {"baseline": baseline_tree(args.baseline), "current": ROOT}
+    trees = {"baseline": baseline_tree(args.baseline, args.baseline_tree), "current": ROOT}
     times: dict[str, dict[tuple[str, float], list[float]]] = {name: {} for name in trees}
     plans: dict[str, dict[tuple[str, float], dict]] = {name: {} for name in trees}
     for r in range(args.rounds):
@@ -157,6 +166,7 @@ def main() -> int:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread a process",
+        "device": args.device,
         "rounds": args.rounds,
         "recipe": args.recipe or None,
         "task": args.task,

@@ -28,7 +28,7 @@ of the message checksums), escapes canonical (outside the directly coded range) 
 exact. Nothing is read outside the stream, whatever it holds.
 
 numpy here is the reference, vectorized over lanes and tensors (a message's tensors are coded in one
-call); a GPU decode kernel has this as its specification.
+call); the GPU kernels (kvlink.kernels.ans, an encoder and a decoder) have it as their specification.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PROB_BITS = 16
 TOTAL = 1 << PROB_BITS
@@ -115,14 +119,39 @@ class Tables:
     def __len__(self) -> int:
         return int(self.freq.shape[0])
 
-    def code_bits(self, symbols: np.ndarray, tables: np.ndarray, shifts: np.ndarray | None = None) -> float:
+    def code_bits(
+        self, symbols: np.ndarray | Tensor, tables: np.ndarray, shifts: np.ndarray | None = None
+    ) -> float:
         """The model's code length (bits) of (B, N, F) symbols under per-component tables (B, F) (and
         per-row `shifts` (B, N)), escapes' 16 bits included: a stream is this / 8 plus its header and at
-        most 2 bytes a lane."""
+        most 2 bytes a lane. Symbols in a torch tensor off the CPU are counted where they are."""
+        if not isinstance(symbols, np.ndarray) and symbols.device.type != "cpu":
+            return self._code_bits_torch(symbols, tables, shifts)
+        if not isinstance(symbols, np.ndarray):
+            symbols = symbols.numpy()
         idx = _symbol_index(symbols)
         key = _symbol_tables(tables, shifts, idx.shape, len(self)).astype(np.int32) * ALPHABET + idx
         counts = np.bincount(key.ravel(), minlength=len(self) * ALPHABET)  # how often each (table, symbol)
         return float(counts @ self._cost)  # type: ignore[attr-defined]
+
+    def _code_bits_torch(self, symbols: Tensor, tables: np.ndarray, shifts: np.ndarray | None) -> float:
+        """`code_bits` of a torch tensor, histogrammed on its device: the host's counts, so its very bits."""
+        import torch
+
+        dev = symbols.device
+        b, n, f = symbols.shape
+        k = len(self)
+        table = torch.from_numpy(np.asarray(tables, dtype=np.int64)).to(device=dev, dtype=torch.int32)
+        if tuple(table.shape) != (b, f):
+            raise ValueError(f"tables must be (B, F) = {(b, f)}, got {tuple(table.shape)}")
+        if shifts is None:
+            tab = table[:, None, :]
+        else:
+            shift = torch.from_numpy(_check_shifts(shifts, b, n)).to(device=dev, dtype=torch.int32)
+            tab = (table[:, None, :] - shift[:, :, None]).clamp_(0, k - 1)
+        idx = torch.where(symbols.abs() > MAX_SYMBOL, ESCAPE, symbols + MAX_SYMBOL).to(torch.int32)
+        counts = torch.bincount((tab * ALPHABET + idx).reshape(-1), minlength=k * ALPHABET)
+        return float(counts.cpu().numpy() @ self._cost)  # type: ignore[attr-defined]
 
 
 def _symbol_index(symbols: np.ndarray) -> np.ndarray:
@@ -184,11 +213,16 @@ def _lane_tables(
 
 
 def encode(
-    symbols: np.ndarray, tables: np.ndarray, model: Tables, shifts: np.ndarray | None = None
+    symbols: np.ndarray,
+    tables: np.ndarray,
+    model: Tables,
+    shifts: np.ndarray | None = None,
+    device: str | None = None,
 ) -> list[bytes]:
     """Code each tensor of `symbols` (B, N, F) integers under its components' tables (B, F) (indices
     into `model`), moved per row by `shifts` (B, N) when given: B streams. ValueError for a symbol
-    beyond +-MAX_ESCAPED, a table out of range or a shift beyond +-MAX_SHIFT."""
+    beyond +-MAX_ESCAPED, a table out of range or a shift beyond +-MAX_SHIFT. `device` "cuda..." codes
+    with the Triton kernel (kvlink.kernels.ans) unless KVLINK_KERNELS=reference: the same bytes."""
     sym = np.asarray(symbols, dtype=np.int64)
     if sym.ndim != 3:
         raise ValueError(f"symbols must be (B, N, F), got shape {sym.shape}")
@@ -199,6 +233,31 @@ def encode(
     if tab.shape != (b, f):
         raise ValueError(f"tables must be (B, F) = {(b, f)}, got {tab.shape}")
     shift = None if shifts is None else _check_shifts(shifts, b, n)
+    if sym.size and device is not None and _backend(device) == "triton":
+        from kvlink.kernels.ans import encode_lanes
+
+        words, states = encode_lanes(sym.astype(np.int32), tab, shift, model, device)
+    else:
+        words, states = _encode_lanes(sym, tab, shift, model)
+    streams = []
+    flat_sym = sym.reshape(b, n * f)
+    for i in range(b):
+        escaped = flat_sym[i][np.abs(flat_sym[i]) > MAX_SYMBOL]
+        streams.append(
+            np.array([words[i].size], dtype="<u4").tobytes()
+            + states[i].astype("<u4").tobytes()
+            + words[i].astype("<u2").tobytes()
+            + escaped.astype("<i2").tobytes()
+        )
+    return streams
+
+
+def _encode_lanes(
+    sym: np.ndarray, tab: np.ndarray, shift: np.ndarray | None, model: Tables
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The reference: each tensor's words in the order the decoder reads them, and the lanes' final
+    states (B, LANES) uint32."""
+    b, n, f = sym.shape
     total = n * f
     steps, component, row, active = _lanes(n, f)
     # Step-major (S, B, LANES), so each step's rows are contiguous, and int32 indices (tables x ALPHABET
@@ -228,18 +287,8 @@ def encode(
         q, r = np.divmod(x, freq[t])
         coded = (q << np.uint32(PROB_BITS)) + r + start[t]
         x = coded if t < steps - 1 else np.where(act, coded, x)
-    streams = []
-    flat_sym = sym.reshape(b, n * f)
-    for i in range(b):
-        w = words[:, i][emitted[:, i]]  # (S, LANES) order: step by step, lane 0 first
-        escaped = flat_sym[i][np.abs(flat_sym[i]) > MAX_SYMBOL]
-        streams.append(
-            np.array([w.size], dtype="<u4").tobytes()
-            + x[i].astype("<u4").tobytes()
-            + w.astype("<u2").tobytes()
-            + escaped.astype("<i2").tobytes()
-        )
-    return streams
+    # (S, LANES) order: step by step, lane 0 first
+    return [words[:, i][emitted[:, i]] for i in range(b)], x
 
 
 @dataclass

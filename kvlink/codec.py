@@ -340,7 +340,7 @@ class Codec:
             timings["zstd_s"] = time.perf_counter() - tz
         if recipe.ans is not None:
             ta = time.perf_counter()
-            recipe.ans.compress(tensors, self.residual)
+            recipe.ans.compress(tensors, self.residual, str(kv.keys[0].device) if kv.keys else None)
             timings["ans_s"] = time.perf_counter() - ta
         profile_hash = self.profile.hash if self.profile is not None and recipe.has("lowrank") and any(
             isinstance(s, LowRank) and s.mode == "profile" for s in recipe.stages()

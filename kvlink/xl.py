@@ -159,7 +159,11 @@ def encode(
     _check_shifts(shifts, predictors.layers, n - sink)
     _, _, symbols, sinks = _chain(predictors, residual, rate, positions, sink, kv=kv, shifts=shifts)
     streams = ans.encode(
-        symbols.cpu().numpy(), _tables(residual, rate), residual.tables, _tensor_shifts(shifts)
+        symbols.cpu().numpy(),
+        _tables(residual, rate),
+        residual.tables,
+        _tensor_shifts(shifts),
+        device=str(symbols.device),
     )
     raw_sinks = [s.cpu().numpy().astype("<f2").tobytes() for s in sinks]
     return Coded(rate, sink, kv.length, n, raw_sinks, streams, None if shifts is None else shifts.cpu())
@@ -229,7 +233,7 @@ def estimated_bytes(
     _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv, shifts=shifts)
     if max_symbol is not None and symbols.numel() and int(symbols.abs().max()) > max_symbol:
         return math.inf
-    bits = residual.tables.code_bits(symbols.cpu().numpy(), _tables(residual, rate), _tensor_shifts(shifts))
+    bits = residual.tables.code_bits(symbols, _tables(residual, rate), _tensor_shifts(shifts))
     tensors = 2 * residual.layers
     side = 0 if shifts is None else 2 * shifts.numel()
     return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features) + side

@@ -238,3 +238,40 @@ def test_the_kernel_decodes_shifted_rows_as_the_reference(
     sym, tab, shifts = _shifted(19 + n, b, n, f)
     streams = ans.encode(sym, tab, MODEL, shifts)
     np.testing.assert_array_equal(ans.decode(streams, n, tab, MODEL, device=DEVICE, shifts=shifts), sym)
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "f", "shifted"), [(3, 37, 24, False), (1, 1, 1, False), (2, 5, 33, True), (2, 9, 40, True)]
+)
+def test_the_kernel_encodes_the_references_bytes(
+    monkeypatch: pytest.MonkeyPatch, b: int, n: int, f: int, shifted: bool
+) -> None:
+    """The encoder kernel writes the reference's streams byte for byte: the last step's idle lanes (N * F
+    not a multiple of LANES), escapes of both signs, both shift extremes."""
+    if shifted:
+        sym, tab, shifts = _shifted(23 + n, b, n, f)
+    else:
+        (sym, tab), shifts = _laplace(29 + n, b, n, f), None
+    sym.flat[0] = ans.MAX_ESCAPED
+    sym.flat[-1] = -ans.MAX_SYMBOL - 1  # the first escaped magnitude
+    reference = ans.encode(sym, tab, MODEL, shifts)
+    monkeypatch.setenv("KVLINK_KERNELS", "triton")
+    assert ans.encode(sym, tab, MODEL, shifts, device=DEVICE) == reference
+    np.testing.assert_array_equal(ans.decode(reference, n, tab, MODEL, shifts=shifts), sym)
+
+
+def test_a_code_length_counted_on_a_device_is_the_hosts() -> None:
+    """Tables.code_bits of symbols in a torch tensor off the CPU histograms them where they are: the same
+    bits as numpy's (the same counts, the same dot), with shifts and without, escapes included."""
+    import torch
+
+    sym, tab, shifts = _shifted(31, 3, 50, 24)
+    sym.flat[5] = 4000
+    for s in (None, shifts):
+        host = MODEL.code_bits(sym, tab, s)
+        counted = MODEL._code_bits_torch(torch.from_numpy(sym).to(torch.int32), tab, s)
+        assert counted == host
+        assert MODEL.code_bits(torch.from_numpy(sym), tab, s) == host
+    assert MODEL._code_bits_torch(torch.from_numpy(sym), tab, shifts) != pytest.approx(
+        MODEL.code_bits(sym, tab), rel=1e-3
+    )  # the shifts are counted

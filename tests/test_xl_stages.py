@@ -478,3 +478,31 @@ def test_the_planner_fits_a_question_aware_rate_to_the_budget(fitted) -> None:
     encoded = finer.encode_kv(pre.kv, observation=pre.observation)
     size, allowance = framed_size(encoded, "s" * 32, "m" * 32, lm.fingerprint, 1 << 20)
     assert size.total + allowance > chosen.budget_bytes  # one step finer does not fit
+
+
+def test_a_sender_on_the_kernel_codes_the_same_streams(fitted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage and the core code with kvlink.kernels.ans's encoder where the kernels run (here Triton's
+    interpreter, KVLINK_KERNELS=triton), and the streams are the reference's, byte for byte."""
+    import kvlink.kernels.ans as kernel
+
+    lm, predictors, residual = fitted
+    pre = _asked(lm)
+    kv = pre.kv.to(dtype=torch.float32)
+    codec = Codec(Recipe.from_name("xpred+fp16+pca1-q0.5-r-32+ans"), lm.geometry, predictors, residual)
+    shifts = _layer_shifts(pre, codec.recipe, kv)
+    monkeypatch.setenv("KVLINK_KERNELS", "reference")
+    reference = [t.parts["codes"].data for t in codec.encode_kv(kv, observation=pre.observation).tensors]
+    core = xl.encode(kv, predictors, residual, rate=-32, shifts=shifts).streams
+    calls = []
+
+    def encode_lanes(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    real = kernel.encode_lanes
+    monkeypatch.setattr(kernel, "encode_lanes", encode_lanes)
+    monkeypatch.setenv("KVLINK_KERNELS", "triton")
+    encoded = codec.encode_kv(kv, observation=pre.observation)
+    assert [t.parts["codes"].data for t in encoded.tensors] == reference == core
+    assert xl.encode(kv, predictors, residual, rate=-32, shifts=shifts).streams == core
+    assert len(calls) == 2 and calls[0][0] == 2 * kv.num_layers  # one call a message, every tensor in it

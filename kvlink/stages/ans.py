@@ -72,8 +72,9 @@ class Ans(Stage):
         if recipe.zstd is not None:
             raise ValueError("ans with zstd: choose one entropy stage")
 
-    def compress(self, tensors: list[Any], residual: Any) -> None:
-        """Replace each tensor's codes part (float16 symbols) by its rANS stream, all tensors in one call."""
+    def compress(self, tensors: list[Any], residual: Any, device: str | None = None) -> None:
+        """Replace each tensor's codes part (float16 symbols) by its rANS stream, all tensors in one call
+        (with the kernel on a CUDA `device`, the sender's: the same bytes)."""
         from kvlink import ans
         from kvlink.codec import Part
 
@@ -81,7 +82,7 @@ class Ans(Stage):
             return
         symbols = np.stack([_symbols(t.parts["codes"].data, t.stored) for t in tensors])
         shifts = _shifts(tensors, symbols.shape[1])
-        streams = ans.encode(symbols, _tables(residual, tensors), residual.tables, shifts)
+        streams = ans.encode(symbols, _tables(residual, tensors), residual.tables, shifts, device)
         for t, stream in zip(tensors, streams, strict=True):
             t.parts["codes"] = Part(stream, t.parts["codes"].raw_size)
 
