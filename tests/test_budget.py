@@ -21,6 +21,7 @@ from kvlink.budget import (
     default_quality,
     observe_for,
     parse_budget,
+    parse_fitted,
     plan,
     quality_key,
     with_rounding,
@@ -765,8 +766,10 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     evaluation runs (bench/results/eval-long300-h100 with its twins in eval-long300-twins-h100; since
     2026-12-06 also eval-long99-full-h100 with eval-long99-twins-h100, for the full-retention configs of
     calib-long100-full-h100): the refinements whose gain held there stay (+0.083 to +0.092; +0.034 to
-    +0.158), the xpred config, which no long run paired with its twin, is left out. On a 1.5k-token context it rates each candidate by the 1k-4k
-    bucket wherever that measured it."""
+    +0.158), the xpred config, which no long run paired with its twin, is left out. Since 2026-12-06 the
+    long buckets also rate question-aware transform coding at 12.5, 10 and 6.25% (calib-longxl-h100, gated by
+    eval-longxl-h100). On a 1.5k-token context it rates each candidate by the 1k-4k bucket wherever that
+    measured it."""
     from kvlink.budget import shipped_quality_path
     from kvlink.eval import holdout
 
@@ -785,7 +788,12 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     assert quality_key(Recipe.from_name(FLAT_PICKS[1500, 11, "6.25%"][0])) in left_out
     xpred = "q2c40%+xpred+kint3c/vint3t-g64+sink1"  # no long run paired it with its plain twin
     assert xpred not in long and xpred not in middle
-    held = {k for k in long if holdout.twins(Recipe.from_name(k))}  # each gained over its twin at 2k-8k
+    fitted = {k for k in long if parse_fitted(k) is not None}  # transform coding at a budget
+    # question-aware transform coding, gated by eval-longxl-h100 against what the table sent at each budget
+    # before (+0.090 at 12.5%, +0.108 at 10%, +0.102 at 6.25%, 179 evaluation questions)
+    assert fitted == {f"xpred+fp16+pca1-q0.5+ans@{b}%" for b in ("12.5", "10", "6.25")}
+    assert fitted <= set(middle) and not fitted & set(short)
+    held = {k for k in set(long) - fitted if holdout.twins(Recipe.from_name(k))}  # each gained over its twin
     assert held == {
         "q2c25%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
         "q2c40%/layer+kint4c/vint3t-g64+sink1+round-query+kwidths-question+vwidths-question",
