@@ -9,7 +9,9 @@ each tensor travel at float16 (the Predict stage's order: Sink after Predict).
 
     encode(kv, predictors, residual, rate)  -> Coded (per tensor: sink bytes, rANS stream)
     decode(coded, predictors, residual, positions, length) -> ContextKV
-    (shifts=: question-aware steps, (L, N - sink) int shifts of each layer's rows: kvlink.stages.pca)
+    (shifts=: question-aware steps, (L, N - sink) int shifts of each layer's rows: kvlink.stages.pca; with
+    max_symbol= a row whose symbols would pass it is coded coarser, as the stages do for float16, and the
+    message carries each tensor's shifts, (2L, N - sink))
     fit_rate(kv, predictors, residual, budget) -> the finest rate index whose message fits `budget` bytes
     search_rate(estimate, exact, budget) -> that search over any size functions (kvlink.budget.fit_rate's too)
 
@@ -51,12 +53,14 @@ class Coded:
     n: int  # rows per tensor
     sinks: list[bytes]
     streams: list[bytes]
-    shifts: Tensor | None = None  # (L, n - sink) int64: question-aware steps (each tensor's int8 shifts part)
+    shifts: Tensor | None = (
+        None  # (2L, n - sink) int64: question-aware steps (each tensor's int8 shifts part)
+    )
 
     @property
     def nbytes(self) -> int:
         """Bytes of the message body: sinks, streams and shifts (a header adds the rate, sink and lengths)."""
-        shifts = 0 if self.shifts is None else 2 * self.shifts.numel()  # K's and V's part of each layer
+        shifts = 0 if self.shifts is None else self.shifts.numel()  # one byte a row of each tensor
         return sum(map(len, self.sinks)) + sum(map(len, self.streams)) + shifts
 
 
@@ -78,11 +82,14 @@ def _chain(
     symbols: Tensor | None = None,
     sinks: list[Tensor] | None = None,
     shifts: Tensor | None = None,
-) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor]]:
+    max_symbol: int | None = None,
+) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor], Tensor | None]:
     """Code (`kv` given) or decode (`symbols` (2L, N - sink, F) and `sinks` given) every tensor in order,
-    row r of layer l's tensors at 2^(shifts[l, r] / 8) times the step when `shifts` is given.
-    Returns the decoded keys (after RoPE) and values (H, N, D), the symbols and the float16 sink rows."""
-    from kvlink.stages.pca import row_scales
+    row r of tensor i at 2^(shifts[i, r] / 8) times the step when `shifts` (2L, N - sink) is given; coding
+    with `max_symbol` too, a row whose symbols would pass it is coded coarser (kvlink.stages.pca.raise_shifts).
+    Returns the decoded keys (after RoPE) and values (H, N, D), the symbols, the float16 sink rows and the
+    shifts the rows were coded with (2L, N - sink) (None without shifts)."""
+    from kvlink.stages.pca import raise_shifts, row_scales
 
     state = PredictState(predictors, positions)
     heads = predictors.kv_heads
@@ -90,25 +97,32 @@ def _chain(
     values: list[Tensor] = []
     all_symbols: list[Tensor] = []
     all_sinks: list[Tensor] = []
+    used: list[Tensor] = []
     for layer in range(predictors.layers):
         for kind in KINDS:
             i = 2 * layer + KINDS.index(kind)
             w = predictors.weight(layer, kind)
             prediction = state.predict(layer, kind, w) if w is not None else None
             mean, basis = residual.means[(layer, kind)], residual.bases[(layer, kind)]
-            step: Tensor | float = residual.step(layer, kind, rate)
-            if shifts is not None:
-                step = step * row_scales(shifts[layer], mean.device)[:, None]
+            base = residual.step(layer, kind, rate)
+            step: Tensor | float = base
             if kv is not None:
                 x = (kv.keys if kind == "k" else kv.values)[layer].float()
                 target = state.unrope(x) if (kind == "k" and w is not None) else x
                 r = rows(target if prediction is None else target - prediction)  # (N, F)
                 head = r[:sink].half()
                 y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
+                if shifts is not None:
+                    g = shifts[i] if max_symbol is None else raise_shifts(y, base, shifts[i], max_symbol)
+                    used.append(g)
+                    step = base * row_scales(g, mean.device)[:, None]
                 sym = torch.round(y / _on(step, r.device)).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
             else:
                 assert symbols is not None and sinks is not None
                 head, sym = sinks[i], symbols[i].float()
+                if shifts is not None:
+                    used.append(shifts[i])
+                    step = base * row_scales(shifts[i], mean.device)[:, None]
             body = (sym * _on(step, sym.device)) @ basis.T.to(sym.device) + mean.to(sym.device)
             decoded = unrows(torch.cat([head.float().to(body.device), body]), heads)
             if prediction is not None:
@@ -121,16 +135,20 @@ def _chain(
                 values.append(decoded)
             all_symbols.append(sym.to(torch.int32))
             all_sinks.append(head)
-    return keys, values, torch.stack(all_symbols), all_sinks
+    return keys, values, torch.stack(all_symbols), all_sinks, torch.stack(used) if used else None
 
 
 def _on(step: Tensor | float, device: torch.device) -> Tensor | float:
     return step.to(device) if isinstance(step, Tensor) else step
 
 
-def _tensor_shifts(shifts: Tensor | None) -> np.ndarray | None:
-    """(2L, rows): each layer's row shifts for its K and its V tensor (the ans coder's per-tensor shifts)."""
-    return None if shifts is None else shifts.repeat_interleave(2, dim=0).cpu().numpy()
+def _tensor_shifts(shifts: Tensor | None) -> Tensor | None:
+    """(2L, rows): each layer's row shifts (L, rows) for its K and its V tensor (the per-tensor shifts)."""
+    return None if shifts is None else shifts.repeat_interleave(2, dim=0)
+
+
+def _host(shifts: Tensor | None) -> np.ndarray | None:
+    return None if shifts is None else shifts.cpu().numpy()
 
 
 def _tables(residual: ResidualProfile, rate: int) -> np.ndarray:
@@ -146,9 +164,11 @@ def encode(
     rate: int,
     sink: int = 1,
     shifts: Tensor | None = None,
+    max_symbol: int | None = None,
 ) -> Coded:
     """Code `kv` (every position of one context, the same in every layer) at rate index `rate` (and with
-    question-aware steps: `shifts` (L, N - sink))."""
+    question-aware steps: `shifts` (L, N - sink), each tensor's rows moved coarser where their symbols would
+    pass `max_symbol` when given, as the stages do for their float16 carrier)."""
     _check(predictors, residual, rate, sink)
     positions = kv.positions[0]
     if any(not torch.equal(p, positions) for p in kv.positions) or kv.num_layers != predictors.layers:
@@ -157,22 +177,31 @@ def encode(
     if n <= sink:
         raise ValueError(f"xl needs more than the {sink} sink rows, got {n} positions")
     _check_shifts(shifts, predictors.layers, n - sink)
-    _, _, symbols, sinks = _chain(predictors, residual, rate, positions, sink, kv=kv, shifts=shifts)
+    _, _, symbols, sinks, used = _chain(
+        predictors,
+        residual,
+        rate,
+        positions,
+        sink,
+        kv=kv,
+        shifts=_tensor_shifts(shifts),
+        max_symbol=max_symbol,
+    )
     streams = ans.encode(
         symbols.cpu().numpy(),
         _tables(residual, rate),
         residual.tables,
-        _tensor_shifts(shifts),
+        _host(used),
         device=str(symbols.device),
     )
     raw_sinks = [s.cpu().numpy().astype("<f2").tobytes() for s in sinks]
-    return Coded(rate, sink, kv.length, n, raw_sinks, streams, None if shifts is None else shifts.cpu())
+    return Coded(rate, sink, kv.length, n, raw_sinks, streams, None if used is None else used.cpu())
 
 
-def _check_shifts(shifts: Tensor | None, layers: int, rows_: int) -> None:
-    if shifts is not None and tuple(shifts.shape) != (layers, rows_):
+def _check_shifts(shifts: Tensor | None, count: int, rows_: int, what: str = "layers") -> None:
+    if shifts is not None and tuple(shifts.shape) != (count, rows_):
         raise ValueError(
-            f"shifts must be (layers, rows after the sink) = {(layers, rows_)}, got {tuple(shifts.shape)}"
+            f"shifts must be ({what}, rows after the sink) = {(count, rows_)}, got {tuple(shifts.shape)}"
         )
 
 
@@ -191,21 +220,21 @@ def decode(
     for i, s in enumerate(coded.sinks):
         if len(s) != 2 * coded.sink * f:
             raise ValueError(f"tensor {i}: sink part of {len(s)} bytes, expected {2 * coded.sink * f}")
-    _check_shifts(coded.shifts, residual.layers, coded.n - coded.sink)
+    _check_shifts(coded.shifts, 2 * residual.layers, coded.n - coded.sink, "tensors")
     symbols = ans.decode(
         coded.streams,
         coded.n - coded.sink,
         _tables(residual, coded.rate),
         residual.tables,
         device,
-        _tensor_shifts(coded.shifts),
+        _host(coded.shifts),
     )
     sym = torch.from_numpy(symbols).to(device)
     sinks = [
         torch.from_numpy(np.frombuffer(s, "<f2").reshape(coded.sink, f).copy()).to(device)
         for s in coded.sinks
     ]
-    keys, values, _, _ = _chain(
+    keys, values, _, _, _ = _chain(
         predictors,
         residual,
         coded.rate,
@@ -228,14 +257,24 @@ def estimated_bytes(
     shifts: Tensor | None = None,
 ) -> float:
     """The message body's bytes at `rate` from the entropy model's code length (no rANS pass); infinite when
-    a symbol's magnitude exceeds `max_symbol` (the stages' float16 carrier: kvlink.stages.pca.FP16_EXACT)."""
+    a symbol's magnitude exceeds `max_symbol` (the stages' float16 carrier: kvlink.stages.pca.FP16_EXACT),
+    which with question-aware `shifts` only a row already at the coarsest shift can (`encode`'s rows)."""
     _check(predictors, residual, rate, sink)
-    _, _, symbols, _ = _chain(predictors, residual, rate, kv.positions[0], sink, kv=kv, shifts=shifts)
+    _, _, symbols, _, used = _chain(
+        predictors,
+        residual,
+        rate,
+        kv.positions[0],
+        sink,
+        kv=kv,
+        shifts=_tensor_shifts(shifts),
+        max_symbol=max_symbol,
+    )
     if max_symbol is not None and symbols.numel() and int(symbols.abs().max()) > max_symbol:
         return math.inf
-    bits = residual.tables.code_bits(symbols, _tables(residual, rate), _tensor_shifts(shifts))
+    bits = residual.tables.code_bits(symbols, _tables(residual, rate), _host(used))
     tensors = 2 * residual.layers
-    side = 0 if shifts is None else 2 * shifts.numel()
+    side = 0 if used is None else used.numel()
     return bits / 8 + tensors * (ans.HEADER + 2 * sink * residual.features) + side
 
 

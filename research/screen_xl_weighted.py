@@ -76,8 +76,8 @@ def chain(
     """The product's closed loop (kvlink.xl's, with the shifts g[:, sink:]) and the symbols' model code length
     (bits), counted on the symbols' device. Returns the decoded keys (after RoPE), values and the bits."""
     shifts = g[:, SINK:]
-    keys, values, symbols, _ = xl._chain(
-        predictors, residual, rate, kv.positions[0], SINK, kv=kv, shifts=shifts
+    keys, values, symbols, _, _ = xl._chain(
+        predictors, residual, rate, kv.positions[0], SINK, kv=kv, shifts=shifts.repeat_interleave(2, dim=0)
     )
     logf = _log_freq(residual, symbols.device)
     tables = torch.from_numpy(xl._tables(residual, rate)).to(symbols.device)  # (2L, F)

@@ -49,7 +49,7 @@ def test_the_receiver_decodes_what_the_senders_closed_loop_decoded(fitted) -> No
     lm, predictors, residual = fitted
     kv = _kv(lm)
     coded = xl.encode(kv, predictors, residual, rate=-32)
-    sent_keys, sent_values, _, _ = xl._chain(predictors, residual, -32, kv.positions[0], 1, kv=kv)
+    sent_keys, sent_values, _, _, _ = xl._chain(predictors, residual, -32, kv.positions[0], 1, kv=kv)
     decoded = xl.decode(coded, predictors, residual, kv.positions[0])
     for a, b in zip(decoded.keys + decoded.values, sent_keys + sent_values, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

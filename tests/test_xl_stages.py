@@ -462,6 +462,55 @@ def test_question_aware_steps_need_the_question_and_refuse_bad_shifts(fitted) ->
             Recipe.from_name(name)
 
 
+def test_a_row_float16_would_round_is_moved_to_the_least_coarser_shift() -> None:
+    from kvlink.stages.pca import FP16_EXACT, raise_shifts
+
+    y = torch.zeros(4, 3)
+    y[0, 1], y[1, 2], y[2, 0], y[3, 0] = 1000.0, -5000.0, 1e9, 2048.4
+    moved = raise_shifts(y, 1.0, torch.tensor([0, 0, ans.MAX_SHIFT, 0]), FP16_EXACT)
+    # 5000 / 2^(10/8) = 2102 would still pass 2048, 5000 / 2^(11/8) = 1927 does not; 2048.4 rounds to 2048;
+    # a row already at the coarsest shift stays there (the caller refuses it)
+    assert moved.tolist() == [0, 11, ans.MAX_SHIFT, 0]
+    assert raise_shifts(y[:0], 1.0, torch.zeros(0, dtype=torch.int64), FP16_EXACT).numel() == 0
+
+
+def test_a_row_too_fine_for_float16_is_coded_coarser_instead_of_capping_the_message(fitted) -> None:
+    """With question-aware steps the most-read rows get the finest steps and the largest symbols: at a rate
+    where a few would pass float16's exact integers, only those rows move coarser (their shifts part says
+    by how much), the core with max_symbol codes the same streams, and the planner's estimate is finite."""
+    from kvlink.stages.pca import FP16_EXACT
+
+    lm, predictors, residual = fitted
+    pre = _asked(lm)
+    kv = pre.kv.to(dtype=torch.float32)
+    shifts = _layer_shifts(pre, Recipe.from_name("xpred+fp16+pca1-q1+ans"), kv)
+    base = shifts.repeat_interleave(2, dim=0)  # each layer's shifts for its K and its V
+
+    def peak(rate: int) -> int:
+        symbols = xl._chain(predictors, residual, rate, kv.positions[0], 1, kv=kv, shifts=base)[2]
+        return int(symbols.abs().max())
+
+    rate = next(r for r in range(0, -641, -16) if peak(r) > FP16_EXACT)  # the coarsest rate past float16
+    codec = Codec(Recipe.from_name(f"xpred+fp16+pca1-q1-r{rate}+ans"), lm.geometry, predictors, residual)
+    encoded = codec.encode_kv(kv, observation=pre.observation)  # refused as too fine before
+    core = xl.encode(kv, predictors, residual, rate=rate, shifts=shifts, max_symbol=FP16_EXACT)
+    assert core.shifts is not None and core.shifts.shape == base.shape
+    assert [t.parts["codes"].data for t in encoded.tensors] == core.streams
+    for i, t in enumerate(encoded.tensors):
+        assert t.parts["shifts"].data == core.shifts[i].to(torch.int8).numpy().tobytes()
+    moved = core.shifts != base
+    assert moved.any() and bool((core.shifts[moved] > base[moved]).all())
+    assert moved.float().mean() < 0.1  # a few rows, not the message
+    symbols = xl._chain(predictors, residual, rate, kv.positions[0], 1, kv=kv, shifts=core.shifts)[2]
+    assert int(symbols.abs().max()) <= FP16_EXACT
+    mine, theirs = codec.decode(encoded), xl.decode(core, predictors, residual, kv.positions[0])
+    for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
+        assert torch.equal(a, b)
+    estimate = xl.estimated_bytes(kv, predictors, residual, rate, 1, FP16_EXACT, shifts=shifts)
+    lanes = 2 * ans.LANES * len(core.streams)
+    assert abs(estimate - core.nbytes) <= 0.002 * core.nbytes + lanes
+
+
 def test_the_planner_fits_a_question_aware_rate_to_the_budget(fitted) -> None:
     from kvlink.budget import Constraints, framed_size, plan
     from kvlink.residual import TransformProfiles

@@ -188,7 +188,8 @@ class Pca(Transform):
         step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
         shifts = self.shifts(item)
-        if shifts is not None:
+        if shifts is not None:  # a row whose symbols float16 would round is coded a little coarser instead
+            shifts = raise_shifts(y, step, shifts, FP16_EXACT)
             raw = shifts.to(torch.int8).cpu().numpy().tobytes()
             item.parts["shifts"] = Part(raw, len(raw))
             symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
@@ -237,6 +238,28 @@ def row_scales(shifts: Tensor, device: torch.device | str) -> Tensor:
     from kvlink import ans
 
     return torch.exp2(shifts.to(device=device, dtype=torch.float64) / ans.SCALE_STEPS).float()
+
+
+def raise_shifts(y: Tensor, step: float, shifts: Tensor, limit: int) -> Tensor:
+    """`shifts` (rows,) with every row of coefficients `y` (rows, F) whose largest symbol,
+    round(y / (step 2^(shift / 8))), would pass `limit` moved to the least coarser shift that keeps it within
+    (at most kvlink.ans.MAX_SHIFT: a row beyond even that is left for the caller to refuse). The question's
+    most-read rows get the finest steps and so the largest symbols; without this one such row caps the rate
+    of the whole message at float16's exact integers, with it that row alone is coded at 1/4096 of its peak
+    instead of finer. Sender and planner compute the same (the same arithmetic as the symbols); the moved
+    shifts travel, so a receiver needs nothing new."""
+    from kvlink import ans
+
+    g = shifts.clone()
+    if not y.numel():
+        return g
+    while True:  # one pass almost always; each further one moves a row by at least one
+        peak = torch.round(y / (step * row_scales(g, y.device)[:, None])).abs().amax(dim=1).cpu()
+        over = (peak > limit) & (g < ans.MAX_SHIFT)
+        if not over.any():
+            return g
+        need = torch.ceil(ans.SCALE_STEPS * torch.log2(peak[over].double() / limit)).clamp_min(1)
+        g[over] = (g[over] + need.to(g.dtype)).clamp(max=ans.MAX_SHIFT)
 
 
 def question_shifts(observation: Any, layer: int, positions: Tensor, sink: int, gamma: float) -> Tensor:
