@@ -7,7 +7,8 @@ components of the residual profile (kvlink.residual.ResidualProfile: per (layer,
 orthonormal basis) and rounds them to
 one step per tensor, 2^(rate / 32) times the profile's weight for that tensor. The Quantize stage after
 it is float16 and carries the integer symbols exactly (|symbol| <= FP16_EXACT: a finer rate is refused,
-and the planner fits the finest rate within it); the Ans entropy stage
+and the planner fits the finest rate within it; with question-aware steps a row past it is coded at a
+coarser shift instead, `raise_shifts`); the Ans entropy stage
 codes them under the profile's Laplace tables (kvlink.stages.ans). The receiver's arithmetic on the way
 out is the closed loop's, so the sender predicts from what the receiver decodes.
 
