@@ -157,6 +157,7 @@ def main() -> int:
             "candidates": new["candidates"], "identical": new["digest"] == old["digest"]
             and new["pick"] == old["pick"] and new["bytes"] == old["bytes"],
             "baseline_s": round(t_old, 3), "current_s": round(t_new, 3), "speedup": round(t_old / t_new, 2),
+            "baseline_pick": old["pick"], "baseline_bytes": old["bytes"],
         })  # fmt: skip
     total_old = sum(r["baseline_s"] for r in rows)
     total_new = sum(r["current_s"] for r in rows)

@@ -113,10 +113,21 @@ def _chain(
                 head = r[:sink].half()
                 y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
                 if shifts is not None:
-                    g = shifts[i] if max_symbol is None else raise_shifts(y, base, shifts[i], max_symbol)
-                    used.append(g)
+                    g = shifts[i]
                     step = base * row_scales(g, mean.device)[:, None]
-                sym = torch.round(y / _on(step, r.device)).clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
+                sym = torch.round(y / _on(step, r.device))
+                if (
+                    shifts is not None
+                    and max_symbol is not None
+                    and sym.numel()
+                    and sym.abs().max() > max_symbol
+                ):
+                    g = raise_shifts(y, base, g, max_symbol)
+                    step = base * row_scales(g, mean.device)[:, None]
+                    sym = torch.round(y / _on(step, r.device))
+                if shifts is not None:
+                    used.append(g)
+                sym = sym.clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
             else:
                 assert symbols is not None and sinks is not None
                 head, sym = sinks[i], symbols[i].float()

@@ -189,11 +189,13 @@ class Pca(Transform):
         step = self.step(profile, item.layer, item.kind)
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
         shifts = self.shifts(item)
-        if shifts is not None:  # a row whose symbols float16 would round is coded a little coarser instead
-            shifts = raise_shifts(y, step, shifts, FP16_EXACT)
+        if shifts is not None:
+            symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
+            if symbols.numel() and symbols.abs().max() > FP16_EXACT:  # those rows coded coarser instead
+                shifts = raise_shifts(y, step, shifts, FP16_EXACT)
+                symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
             raw = shifts.to(torch.int8).cpu().numpy().tobytes()
             item.parts["shifts"] = Part(raw, len(raw))
-            symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
         else:
             symbols = torch.round(y / step)
         peak = int(symbols.abs().max()) if symbols.numel() else 0
