@@ -329,7 +329,9 @@ xlw() {
 # the GPU, then SHARDS processes share it; a second call on the warm machine resumes. After `wheels` and the
 # three model parts; returns one tarball of the run and its logs.
 # The evaluation run adds the fixed configs the gate pairs each budget with (the best the table rates within it:
-# Q2C 40%/layer + the pick at 12.5%, 25%/layer at 10%, Q2C 12.5% + INT4 at 6.25%).
+# Q2C 40%/layer + the pick at 12.5%, 25%/layer at 10%, Q2C 12.5% + INT4 at 6.25%). Done on 2026-12-06 with
+# the float16 carrier capping the rate (bench/results/calib-longxl-h100: 84 questions; eval-longxl-h100: 179);
+# next, both again since kvlink.stages.pca.raise_shifts lifted the cap (the evaluation to 300 questions).
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
