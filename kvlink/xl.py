@@ -53,9 +53,8 @@ class Coded:
     n: int  # rows per tensor
     sinks: list[bytes]
     streams: list[bytes]
-    shifts: Tensor | None = (
-        None  # (2L, n - sink) int64: question-aware steps (each tensor's int8 shifts part)
-    )
+    # (2L, n - sink) int64: question-aware steps, each tensor's (its int8 shifts part)
+    shifts: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +88,7 @@ def _chain(
     with `max_symbol` too, a row whose symbols would pass it is coded coarser (kvlink.stages.pca.raise_shifts).
     Returns the decoded keys (after RoPE) and values (H, N, D), the symbols, the float16 sink rows and the
     shifts the rows were coded with (2L, N - sink) (None without shifts)."""
-    from kvlink.stages.pca import raise_shifts, row_scales
+    from kvlink.stages.pca import raise_shifts
 
     state = PredictState(predictors, positions)
     heads = predictors.kv_heads
@@ -112,20 +111,14 @@ def _chain(
                 r = rows(target if prediction is None else target - prediction)  # (N, F)
                 head = r[:sink].half()
                 y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
-                if shifts is not None:
-                    g = shifts[i]
-                    step = base * row_scales(g, mean.device)[:, None]
+                g = None if shifts is None else shifts[i]
+                step = _row_steps(base, g, mean.device)
                 sym = torch.round(y / _on(step, r.device))
-                if (
-                    shifts is not None
-                    and max_symbol is not None
-                    and sym.numel()
-                    and sym.abs().max() > max_symbol
-                ):
-                    g = raise_shifts(y, base, g, max_symbol)
-                    step = base * row_scales(g, mean.device)[:, None]
+                if g is not None and max_symbol is not None and sym.numel() and sym.abs().max() > max_symbol:
+                    g = raise_shifts(y, base, g, max_symbol)  # those rows coded coarser (the stages' carrier)
+                    step = _row_steps(base, g, mean.device)
                     sym = torch.round(y / _on(step, r.device))
-                if shifts is not None:
+                if g is not None:
                     used.append(g)
                 sym = sym.clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
             else:
@@ -133,7 +126,7 @@ def _chain(
                 head, sym = sinks[i], symbols[i].float()
                 if shifts is not None:
                     used.append(shifts[i])
-                    step = base * row_scales(shifts[i], mean.device)[:, None]
+                    step = _row_steps(base, shifts[i], mean.device)
             body = (sym * _on(step, sym.device)) @ basis.T.to(sym.device) + mean.to(sym.device)
             decoded = unrows(torch.cat([head.float().to(body.device), body]), heads)
             if prediction is not None:
@@ -147,6 +140,13 @@ def _chain(
             all_symbols.append(sym.to(torch.int32))
             all_sinks.append(head)
     return keys, values, torch.stack(all_symbols), all_sinks, torch.stack(used) if used else None
+
+
+def _row_steps(base: float, shifts: Tensor | None, device: torch.device) -> Tensor | float:
+    """The tensor's step, per row (rows, 1) 2^(shift / 8) times it when the rows have shifts."""
+    from kvlink.stages.pca import row_scales
+
+    return base if shifts is None else base * row_scales(shifts, device)[:, None]
 
 
 def _on(step: Tensor | float, device: torch.device) -> Tensor | float:
