@@ -958,13 +958,19 @@ def transform_coding_free(c: Constraints) -> bool:
 
 
 def _transform_coded(
-    quality: QualityTable, profile: Any, constraints: Constraints, budget: float, tokens: int
+    quality: QualityTable,
+    profile: Any,
+    constraints: Constraints,
+    budget: float,
+    tokens: int,
+    observed: Observe = Observe.QUESTION,
 ) -> list[tuple[Recipe, float]]:
     """The rate-fitted recipes (rate still unset) the planner weighs for this message, with the quality
     the table expects of each: those the table measured at this context length at or below `budget`
     (QualityTable.fitted), when the sender holds their profiles (`profile`, a
     kvlink.residual.TransformProfiles: the caller passes one only when the receiver holds it too),
-    nothing pinned rules them out and the receiver decodes their stages."""
+    nothing pinned rules them out, the receiver decodes their stages and the prefill observed what they
+    need (`observed`: question-aware steps read the question's attention)."""
     from kvlink.residual import TransformProfiles
 
     if not isinstance(profile, TransformProfiles) or not transform_coding_free(constraints):
@@ -972,6 +978,9 @@ def _transform_coded(
     out = []
     for recipe in quality.fitted_recipes(tokens):
         found = quality.fitted(recipe, budget, tokens)
+        needs = recipe.needs()
+        if needs is not Observe.NONE and needs is not observed:
+            continue
         if found is not None and not missing(recipe, constraints.capabilities):
             out.append((recipe, found[0]))
     return out
@@ -1171,7 +1180,8 @@ def plan(
         else:
             expected = math.nan
         candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
-    for recipe, expected in _transform_coded(quality, profile, constraints, budget, length):
+    seen = prefill.observation.kind if observed else Observe.NONE
+    for recipe, expected in _transform_coded(quality, profile, constraints, budget, length, seen):
         recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
         est = estimate(recipe)
         candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))

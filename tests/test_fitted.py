@@ -261,3 +261,22 @@ def test_calibration_questions_can_leave_out_the_paragraphs_the_profiles_are_fit
     assert kept and not any(e.context in fit for e in kept)
     every = split_tasks(Namespace(**{**vars(args), "exclude_fit_text": False}), lm, [("squad", None)])
     assert {e.eid for e in kept} < {e.eid for e in every} and any(e.context in fit for e in every)
+
+
+def test_the_planner_sends_question_aware_transform_coding_only_with_the_question_observed(llama) -> None:
+    """The long buckets rate `xpred+fp16+pca1-q0.5+ans` (bench/results/eval-longxl-h100): the planner sends it
+    from a prefill that observed the question (its default), its rate fitted within the budget, and weighs
+    it not at all from one that did not (it could not code the steps; the plan raised before)."""
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = llama
+    profiles = TransformProfiles(predictors, residual)
+    table = _table({"xpred+fp16+pca1-q0.5+ans@20%": 0.99})
+    ids, question = random_ids(300, seed=4), random_ids(8, seed=5)
+    asked = plan(prefill(lm.model, ids, question, Observe.QUESTION), lm.geometry, lm.fingerprint, 0.25,
+                 quality=table, profile=profiles)  # fmt: skip
+    pca = next(s for s in asked.recipe.stages() if s.name == "pca")
+    assert pca.question == 0.5 and pca.rate is not None and asked.total_bytes <= asked.budget_bytes
+    blind = plan(prefill(lm.model, ids, question, Observe.NONE), lm.geometry, lm.fingerprint, 0.25,
+                 quality=table, profile=profiles, constraints=Constraints(method="none"))  # fmt: skip
+    assert not blind.recipe.has("pca") and blind.total_bytes <= blind.budget_bytes
