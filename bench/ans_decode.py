@@ -143,25 +143,38 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }  # fmt: skip
     (args.out / "ans-decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    plot_rates(
+        [r["shape"] for r in rows],
+        [r["triton_symbols_per_s"] for r in rows],
+        [r.get("reference_symbols_per_s", 0) for r in rows],
+        f"rANS decode, {meta['device']}",
+        args.out / "ans-decode.png",
+    )
+    return 0
+
+
+def plot_rates(
+    shapes: list[str], kernel: list[float], reference: list[float], title: str, path: Path
+) -> None:
+    """Symbols per second of the kernel and the reference per shape, as a PNG (nothing without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return 0
+        return
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["triton_symbols_per_s"] / 1e6 for r in rows], 0.4, label="Triton kernel")
-    ax.bar(x + 0.2, [r.get("reference_symbols_per_s", 0) / 1e6 for r in rows], 0.4, label="numpy reference")
-    ax.set_xticks(x, [r["shape"] for r in rows], rotation=15, fontsize=7)
+    x = np.arange(len(shapes))
+    ax.bar(x - 0.2, [v / 1e6 for v in kernel], 0.4, label="Triton kernel")
+    ax.bar(x + 0.2, [v / 1e6 for v in reference], 0.4, label="numpy reference")
+    ax.set_xticks(x, shapes, rotation=15, fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("M symbols / s (decode)")
-    ax.set_title(f"rANS decode, {meta['device']}")
+    ax.set_ylabel(f"M symbols / s ({title.split()[1].rstrip(',')})")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "ans-decode.png", dpi=120)
-    return 0
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from ans_decode import laplace_symbols  # bench/: the script's own folder is on sys.path
+from ans_decode import laplace_symbols, plot_rates, timed  # bench/: the script's own folder is on sys.path
 
 from kvlink import ans
 
@@ -61,15 +62,6 @@ KERNEL_SHAPES = [
 ]
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()  # host results: the device work is finished
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def kernel_main(args: argparse.Namespace) -> int:
     import torch
 
@@ -79,21 +71,21 @@ def kernel_main(args: argparse.Namespace) -> int:
         return 2
     model = ans.laplace_tables()
     rows = []
-    for i, (name, b, n, f, shifted) in enumerate([("quick", 4, 40, 64, True)] if args.quick else KERNEL_SHAPES):
+    for i, (name, b, n, f, shifted) in enumerate(
+        [("quick", 4, 40, 64, True)] if args.quick else KERNEL_SHAPES
+    ):
         sym, tab = laplace_symbols(b, n, f, seed=i)
         shifts = np.random.default_rng(i).integers(-40, 80, size=(b, n)) if shifted else None
         os.environ["KVLINK_KERNELS"] = "triton"
-        ans.encode(sym[:, :8], tab, model, None if shifts is None else shifts[:, :8], device=device)  # compile
-        kernel_s, got = median_time(lambda: ans.encode(sym, tab, model, shifts, device=device), args.repeats)
+        kernel_s, got = timed(partial(ans.encode, sym, tab, model, shifts, device=device), args.repeats, True)
         os.environ["KVLINK_KERNELS"] = "reference"
-        ref_s, ref = median_time(lambda: ans.encode(sym, tab, model, shifts), 2)
+        ref_s, ref = timed(partial(ans.encode, sym, tab, model, shifts), 2, False)
         if digest(got) != digest(ref):  # type: ignore[arg-type]
             print(f"{name}: the kernel's streams differ from the reference's", file=sys.stderr)
             return 1
         on_device = torch.from_numpy(sym).to(device=device, dtype=torch.int32)
-        model.code_bits(on_device[:, :8], tab, None if shifts is None else shifts[:, :8])  # warm-up
-        bits_dev_s, bits_dev = median_time(lambda: model.code_bits(on_device, tab, shifts), args.repeats)
-        bits_host_s, bits_host = median_time(lambda: model.code_bits(sym, tab, shifts), 2)
+        bits_dev_s, bits_dev = timed(partial(model.code_bits, on_device, tab, shifts), args.repeats, True)
+        bits_host_s, bits_host = timed(partial(model.code_bits, sym, tab, shifts), 2, False)
         agree = bits_dev == bits_host
         if not agree:
             print(f"{name}: code length {bits_dev} on the device, {bits_host} on the host", file=sys.stderr)
@@ -112,24 +104,13 @@ def kernel_main(args: argparse.Namespace) -> int:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return 0
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["symbols"] / r["triton_s"] / 1e6 for r in rows], 0.4, label="Triton kernel")
-    ax.bar(x + 0.2, [r["symbols"] / r["reference_s"] / 1e6 for r in rows], 0.4, label="numpy reference")
-    ax.set_xticks(x, [r["shape"] for r in rows], rotation=15, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("M symbols / s (encode)")
-    ax.set_title(f"rANS encode, {meta['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    plot_rates(
+        [r["shape"] for r in rows],
+        [r["symbols"] / r["triton_s"] for r in rows],
+        [r["symbols"] / r["reference_s"] for r in rows],
+        f"rANS encode, {meta['device']}",
+        args.out.with_suffix(".png"),
+    )
     return 0
 
 

@@ -85,10 +85,10 @@ def _chain(
 ) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor], Tensor | None]:
     """Code (`kv` given) or decode (`symbols` (2L, N - sink, F) and `sinks` given) every tensor in order,
     row r of tensor i at 2^(shifts[i, r] / 8) times the step when `shifts` (2L, N - sink) is given; coding
-    with `max_symbol` too, a row whose symbols would pass it is coded coarser (kvlink.stages.pca.raise_shifts).
+    with `max_symbol` too, a row whose symbols would pass it is coded coarser (kvlink.stages.pca.code_rows).
     Returns the decoded keys (after RoPE) and values (H, N, D), the symbols, the float16 sink rows and the
     shifts the rows were coded with (2L, N - sink) (None without shifts)."""
-    from kvlink.stages.pca import raise_shifts
+    from kvlink.stages.pca import code_rows
 
     state = PredictState(predictors, positions)
     heads = predictors.kv_heads
@@ -111,15 +111,12 @@ def _chain(
                 r = rows(target if prediction is None else target - prediction)  # (N, F)
                 head = r[:sink].half()
                 y = (r[sink:] - mean.to(r.device)) @ basis.to(r.device)
-                g = None if shifts is None else shifts[i]
-                step = _row_steps(base, g, mean.device)
-                sym = torch.round(y / _on(step, r.device))
-                if g is not None and max_symbol is not None and sym.numel() and sym.abs().max() > max_symbol:
-                    g = raise_shifts(y, base, g, max_symbol)  # those rows coded coarser (the stages' carrier)
-                    step = _row_steps(base, g, mean.device)
-                    sym = torch.round(y / _on(step, r.device))
-                if g is not None:
+                if shifts is None:
+                    sym = torch.round(y / base)
+                else:  # rows past max_symbol coded coarser, as the stages do for their float16 carrier
+                    sym, g = code_rows(y, base, shifts[i], max_symbol)
                     used.append(g)
+                    step = _row_steps(base, g, mean.device)
                 sym = sym.clamp(-ans.MAX_ESCAPED, ans.MAX_ESCAPED)
             else:
                 assert symbols is not None and sinks is not None

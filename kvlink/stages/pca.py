@@ -190,10 +190,7 @@ class Pca(Transform):
         y = (r[s:] - mean.to(r.device)) @ basis.to(r.device)
         shifts = self.shifts(item)
         if shifts is not None:
-            symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
-            if symbols.numel() and symbols.abs().max() > FP16_EXACT:  # those rows coded coarser instead
-                shifts = raise_shifts(y, step, shifts, FP16_EXACT)
-                symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
+            symbols, shifts = code_rows(y, step, shifts, FP16_EXACT)
             raw = shifts.to(torch.int8).cpu().numpy().tobytes()
             item.parts["shifts"] = Part(raw, len(raw))
         else:
@@ -241,6 +238,17 @@ def row_scales(shifts: Tensor, device: torch.device | str) -> Tensor:
     from kvlink import ans
 
     return torch.exp2(shifts.to(device=device, dtype=torch.float64) / ans.SCALE_STEPS).float()
+
+
+def code_rows(y: Tensor, step: float, shifts: Tensor, limit: int | None) -> tuple[Tensor, Tensor]:
+    """The symbols round(y / (step 2^(shift / 8))) of coefficients `y` (rows, F) and the shifts (rows,) they
+    were coded with: `shifts`, or where a symbol would pass `limit` (None: no limit) those rows' raised
+    (raise_shifts). The stage and kvlink.xl's closed loop code with this one function."""
+    symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
+    if limit is not None and symbols.numel() and symbols.abs().max() > limit:
+        shifts = raise_shifts(y, step, shifts, limit)
+        symbols = torch.round(y / (step * row_scales(shifts, y.device)[:, None]))
+    return symbols, shifts
 
 
 def raise_shifts(y: Tensor, step: float, shifts: Tensor, limit: int) -> Tensor:
