@@ -1,11 +1,11 @@
 """Write the codec digests of the shipped quality table's configs for the tree on PYTHONPATH.
 
-    PYTHONPATH=. python bench/make_digests.py --compare tests/data/digests-12bfafe.json
+    PYTHONPATH=. python bench/make_digests.py --compare tests/data/digests-12bfafe-<machine>.json
 
 The kvlink package is imported from PYTHONPATH, the computation from this repository's
 tests/digests.py (see its docstring for what is recorded): today's scripts need a tree with
 kvlink.recipe (issue 19 on). The baseline itself is 12bfafe's code's output on the machine that runs
-the tests (the float32 prefill depends on the CPU): bench/rebaseline_digests.sh remakes it with 12bfafe's
+the tests (the float32 prefill depends on the CPU): bench/rebaseline_digests.sh makes it with 12bfafe's
 tree and this script and tests/digests.py as they were committed with it (a996675). Configs come from the
 tree's shipped quality table: its keys are Recipe labels, parsed back (digests.config_from_label)
 with per-layer allocations from the tree's shipped sensitivity profile; each must label back to its

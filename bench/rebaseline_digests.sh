@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Remake tests/data/digests-12bfafe.json with commit 12bfafe's code on THIS machine.
+# Make the digests baseline of THIS machine with commit 12bfafe's code.
 #
 # The baseline is bit-exact: the embedded model's float32 prefill on CPU depends on the CPU's vector
 # units (torch's ATen and MKL pick their kernels, and with them the order of float sums, by ISA), so a
-# baseline made on one CPU fails on another from the first prefill on (test_digests says so, naming both
-# machines). Regenerating it with the CURRENT code would prove nothing; this script regenerates it with
-# the code the refactor guard is about: kvlink from commit 12bfafe, the recording scripts as they were
+# baseline made on one CPU fails on another from the first prefill on (each baseline records its
+# machine). Regenerating it with the CURRENT code would prove nothing; this script makes it with the
+# code the refactor guard is about: kvlink from commit 12bfafe, the recording scripts as they were
 # committed with the baseline (a996675: bench/make_digests.py, tests/digests.py), the calibration runs
 # of 12bfafe's tree checked, then stamps the machine it ran on. Then `pytest tests/test_digests.py`
-# compares today's code with it. About 2 minutes on one thread.
+# compares today's code with the baseline made on the machine it runs on (digests.baseline_for); on a
+# machine none was made on, the test runs this script itself into a temporary file. About 2 minutes on
+# one thread.
 #
-#   bash bench/rebaseline_digests.sh            # writes tests/data/digests-12bfafe.json
+#   bash bench/rebaseline_digests.sh            # writes tests/data/digests-12bfafe-<vendor>-<family>-<model>.json
+#   bash bench/rebaseline_digests.sh OUT.json   # writes OUT.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$PWD/.venv/bin/python}
@@ -22,7 +25,8 @@ mkdir -p "$work/scripts/bench" "$work/scripts/tests"
 git show a996675:bench/make_digests.py >"$work/scripts/bench/make_digests.py"
 git show a996675:tests/digests.py >"$work/scripts/tests/digests.py"
 
-out=$PWD/tests/data/digests-12bfafe.json
+slug=$(PYTHONPATH="$PWD/tests" "$PY" -c 'import digests; print(digests.machine_slug(digests.machine()))')
+out=$(realpath -m "${1:-$PWD/tests/data/digests-12bfafe-$slug.json}")
 PYTHONPATH="$work/tree" "$PY" "$work/scripts/bench/make_digests.py" \
   --runs "$work/tree/bench/results" --out "$out"
 PYTHONPATH="$PWD/tests" "$PY" - "$out" <<'PY'

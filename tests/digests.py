@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 BASELINE = Path(__file__).parent / "data" / "digests-12bfafe.json"
+"""The first baseline (an Intel Xeon's); other machines' lie beside it as digests-12bfafe-<machine>.json."""
 BUDGETS: tuple[str, ...] = ("25%", "18.75%", "12.5%", "6.25%")
 SESSION_ID = "0" * 32  # fixed ids of uuid4-hex length (they are part of the framed size)
 MESSAGE_ID = "1" * 32
@@ -446,6 +447,19 @@ def machine() -> dict[str, Any]:
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "flags": [f for f in MACHINE_FLAGS if f in flags],
     }
+
+
+def machine_slug(made_on: dict[str, Any]) -> str:
+    """A file-name part for a machine: vendor, family and model, e.g. `AuthenticAMD-25-17`."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{made_on['vendor']}-{made_on['family_model']}").strip("-")
+
+
+def baseline_for(made_on: dict[str, Any]) -> Path | None:
+    """The committed baseline made on `made_on` (a `machine()`), or None if no committed one was."""
+    for path in sorted(BASELINE.parent.glob("digests-12bfafe*.json")):
+        if json.loads(path.read_text()).get("machine") == made_on:
+            return path
+    return None
 
 
 def load_lm() -> Any:

@@ -31,16 +31,22 @@ transformers version may convert the GGUF differently) fails here with that mess
 It also holds for the CPU it was made on: the float32 prefill's bits depend on the vector units torch
 and MKL choose their kernels by (the first baseline, made on another machine, differs from every
 prefill on a Xeon with AVX-512 FP16 and AMX, and no ATEN_CPU_CAPABILITY / MKL_CBWR setting reproduces
-it). The file records its machine (digests.machine()); when the prefills differ, the failure names both
-machines. On a new machine, remake the baseline with bench/rebaseline_digests.sh: commit 12bfafe's
-code on this machine (the code the guard is about), never the current code.
+it; an AMD EPYC differs from that Xeon in 28 of its prefill digests). Each baseline records its machine
+(digests.machine()), and the tests compare with the one made on the machine they run on
+(tests/data/digests-12bfafe*.json). On a machine none was made on, they first make one with
+bench/rebaseline_digests.sh: commit 12bfafe's code on this machine (the code the guard is about, from
+the clone's history), never the current code; commit it to spare the next run those two minutes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import digests
@@ -95,9 +101,36 @@ def config_of(d: dict[str, Any]) -> Recipe:
     return Recipe.from_dict(d)
 
 
+REBASELINE = Path(__file__).parents[1] / "bench" / "rebaseline_digests.sh"
+
+
 @pytest.fixture(scope="module")
-def baseline() -> dict[str, Any]:
-    return json.loads(digests.BASELINE.read_text())["digests"]  # type: ignore[no-any-return]
+def baseline_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The baseline made on this machine: a committed one, else one made now with 12bfafe's code."""
+    here = digests.machine()
+    path = digests.baseline_for(here)
+    if path is None:
+        path = tmp_path_factory.mktemp("digests") / f"digests-12bfafe-{digests.machine_slug(here)}.json"
+        made = subprocess.run(
+            ["bash", str(REBASELINE), str(path)],
+            env={**os.environ, "PY": sys.executable},
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode:
+            pytest.fail(
+                f"no committed baseline was made on this machine ({here}), and making one with commit 12bfafe's "
+                f"code failed (bash {REBASELINE.name}, exit {made.returncode}; it needs the clone's history):\n"
+                f"{made.stdout[-1500:]}{made.stderr[-1500:]}"
+            )
+    doc: dict[str, Any] = json.loads(path.read_text())
+    doc["path"] = str(path)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_doc: dict[str, Any]) -> dict[str, Any]:
+    return baseline_doc["digests"]  # type: ignore[no-any-return]
 
 
 def _fingerprint_problem(lm: Any, baseline: dict[str, Any]) -> str | None:
@@ -148,15 +181,10 @@ def _report(what: str, lines: list[str], env: dict[str, Any], now_env: dict[str,
     return f"{len(lines)} {what} differ from commit 12bfafe's:\n  {shown}{more}{versions}"
 
 
-def _machine_note() -> str:
-    made_on = json.loads(digests.BASELINE.read_text()).get("machine")
-    here = digests.machine()
-    if made_on == here:
-        return f"\n(on the machine the baseline was made on: {here})"
+def _machine_note(baseline_doc: dict[str, Any]) -> str:
     return (
-        f"\nThe baseline was made on {made_on}, this machine is {here}: a CPU with other vector units "
-        "computes the float32 prefill in another order. If the token ids agree, remake the baseline on this "
-        "machine with 12bfafe's code: bash bench/rebaseline_digests.sh (never from the current code)."
+        f"\n(the baseline {baseline_doc['path']} was made on this machine, {baseline_doc['machine']}, with "
+        "12bfafe's code: the prefill differs with the same CPU, so the model, torch or the code changed it)"
     )
 
 
@@ -166,7 +194,7 @@ def test_the_embedded_model_is_the_baselines(embedded: Any, baseline: dict[str, 
 
 
 def test_the_contexts_and_their_prefills_are_the_baselines(
-    baseline: dict[str, Any], now: dict[str, Any]
+    baseline_doc: dict[str, Any], baseline: dict[str, Any], now: dict[str, Any]
 ) -> None:
     """The contexts tokenize alike and prefill to the same KV and observed queries (if not, every
     digest after them differs too, and the cause is the model or torch, not the codec)."""
@@ -176,8 +204,18 @@ def test_the_contexts_and_their_prefills_are_the_baselines(
         lines += [f"{name} facts{d}" for d in digests.differences(before["facts"], after["facts"])]
         lines += [f"{name} prefill {d}" for d in digests.differences(before["prefills"], after["prefills"])]
     assert not lines, _report("contexts or prefills", lines, baseline["environment"], now["environment"]) + (
-        _machine_note()
+        _machine_note(baseline_doc)
     )
+
+
+def test_each_committed_baseline_is_found_by_its_machine_alone() -> None:
+    """digests.baseline_for picks a committed baseline by the machine it was made on, and none for another."""
+    paths = sorted(digests.BASELINE.parent.glob("digests-12bfafe*.json"))
+    machines = [json.loads(path.read_text())["machine"] for path in paths]
+    assert len(paths) >= 2 and len({json.dumps(m, sort_keys=True) for m in machines}) == len(paths)
+    for path, made_on in zip(paths, machines, strict=True):
+        assert digests.baseline_for(made_on) == path
+        assert digests.baseline_for({**made_on, "flags": [*made_on["flags"], "another"]}) is None
 
 
 def test_the_baselines_labels_name_the_configs_they_did(baseline: dict[str, Any]) -> None:
@@ -245,12 +283,11 @@ def test_the_planner_picks_the_same_configs_at_the_same_bytes(
     assert not lines, _report("planner picks", lines, baseline["environment"], now["environment"])
 
 
-def test_the_baseline_table_rates_the_same_configs_alike(embedded: Any) -> None:
+def test_the_baseline_table_rates_the_same_configs_alike(embedded: Any, baseline_doc: dict[str, Any]) -> None:
     """The flat quality table shipped from issue 19 until 2026-12-05 (digests.FLAT_TABLE, migrated by issue
     19) still holds 71 measured configs, and each baseline config is expected at the quality 12bfafe's
     table measured for its label."""
-    doc = json.loads(digests.BASELINE.read_text())
-    entries, configs = doc["table"]["entries"], doc["digests"]["configs"]
+    entries, configs = baseline_doc["table"]["entries"], baseline_doc["digests"]["configs"]
     table, _ = digests.baseline_table_and_profile(embedded.name)
     assert len(table.entries) == len(entries) == 71
     now = {label: table.expected(config_of(configs[label]), embedded.geometry.head_dim) for label in entries}
