@@ -331,12 +331,14 @@ xlw() {
 # The evaluation run adds the fixed configs the gate pairs each budget with (the best the table rates within it:
 # Q2C 40%/layer + the pick at 12.5%, 25%/layer at 10%, Q2C 12.5% + INT4 at 6.25%). Done on 2026-12-06 with
 # the float16 carrier capping the rate (bench/results/calib-longxl-h100: 84 questions; eval-longxl-h100: 179);
-# next, both again since kvlink.stages.pca.raise_shifts lifted the cap (the evaluation to 300 questions).
+# next, both again since kvlink.stages.pca.raise_shifts lifted the cap (the evaluation to 300 questions), the
+# calibration contexts now without the paragraphs the profiles are fitted on (--exclude-fit-text; that run had them).
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
-  local n=${SHARDS:-6} which=$2 split configs out
+  local n=${SHARDS:-6} which=$2 split configs out fit=
   split=$([ "$which" = cal ] && echo calibration || echo evaluation)
+  [ "$which" = cal ] && fit=--exclude-fit-text  # calibration contexts without the profiles' own paragraphs
   configs=${LONGXL:-$LONGXL_CONFIGS}
   [ "$which" = cal ] || configs="$configs,q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK,q2c12.5%+kint4c/vint4t-g32"
   out=$KEEP/longxl-$which
@@ -344,7 +346,7 @@ longxl() {
     --out "$KEEP/xl.safetensors"
   for k in $(seq 0 $((n - 1))); do
     timeout "${LONGXL_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
-      --task "long:${LONGXL_N:-300}" --no-ppl --no-progress --configs "$configs" --shard "$k/$n" --resume \
+      --task "long:${LONGXL_N:-300}" $fit --no-ppl --no-progress --configs "$configs" --shard "$k/$n" --resume \
       --out "$out" > "$KEEP/longxl-$which-$k.log" 2>&1 &
   done
   wait || true

@@ -6,6 +6,7 @@ vocabulary (no test loads the 135M weights).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from pathlib import Path
@@ -124,6 +125,32 @@ def test_squad_and_long_tasks_draw_from_their_split_only(tokenizer: Any) -> None
         assert splits.split_of_eid(e.eid) == "evaluation" and e.meta["split"] == "evaluation"
     short = [e for e in long if e.title == "1973_oil_crisis" and e.meta["tokens"] > 5000]
     assert short and all(e.meta["articles"] > 1 for e in short)  # ~4.5k tokens of its own
+
+
+def test_examples_option_runs_only_the_named_examples_of_the_draw(tokenizer: Any, tmp_path: Path) -> None:
+    """--examples keeps the draw's examples (the very contexts, in the draw's order) whose ids it names,
+    from a list or a file, and refuses an id the draw does not hold, naming it."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from kvlink.eval.commands.common import example_ids, split_tasks
+
+    lm = SimpleNamespace(tokenizer=tokenizer)
+    args = Namespace(split="evaluation", long_tokens=None, data=None, seed=0, exclude_fit_text=False)
+    specs = [("squad", 6), ("long", 4)]
+    drawn = split_tasks(args, lm, specs)
+    wanted = [drawn[7].eid, drawn[1].eid]  # out of order: the draw's order is kept
+    (tmp_path / "ids").write_text(f"# re-run these\n{wanted[0]}\n\n{wanted[1]}  # a comment\n")
+    for text in (",".join(wanted), f"@{tmp_path / 'ids'}"):
+        chosen = split_tasks(Namespace(**vars(args), examples=example_ids(text)), lm, specs)
+        assert chosen == [drawn[1], drawn[7]]
+    foreign = tasks.squad_examples(split="calibration")[0].eid
+    with pytest.raises(SystemExit, match=f"1 of 2 ids are not among the 10 examples squad:6, long:4 .*{foreign}"):
+        split_tasks(Namespace(**vars(args), examples=(wanted[0], foreign)), lm, specs)
+    with pytest.raises(argparse.ArgumentTypeError, match="names no example id"):
+        example_ids(" , ")
+    with pytest.raises(argparse.ArgumentTypeError, match="No such file"):
+        example_ids(f"@{tmp_path / 'none'}")
 
 
 def test_needle_filler_comes_from_the_split(tokenizer: Any) -> None:

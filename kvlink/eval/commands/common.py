@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kvlink.eval.splits import SPLITS
@@ -37,6 +38,22 @@ def token_range(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
     return lo, hi
+
+
+def example_ids(text: str) -> tuple[str, ...]:
+    """'squad:ab12,long:cd34' or '@FILE' (an id a line; blank lines and # comments skipped) -> the ids."""
+    if text.startswith("@"):
+        try:
+            lines = Path(text[1:]).read_text().splitlines()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"--examples {text}: {exc.strerror or exc}") from None
+        ids = [line.split("#", 1)[0].strip() for line in lines]
+    else:
+        ids = [part.strip() for part in text.split(",")]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise argparse.ArgumentTypeError(f"--examples names no example id: {text!r}")
+    return tuple(dict.fromkeys(ids))
 
 
 def add_model_and_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +90,12 @@ def add_model_and_task_arguments(p: argparse.ArgumentParser) -> None:
         help="leave out the calibration paragraphs the predictor and transform-coding profiles are fitted on "
         "(kvlink.predict.fit_texts: the odd paragraphs of each calibration article), so that configs using "
         "those profiles are not measured on their own fitting text",
+    )  # fmt: skip
+    p.add_argument(
+        "--examples", type=example_ids, default=None, metavar="IDS",
+        help="only these of the examples --task and --split draw, in their order: comma-separated ids as a "
+        "run's samples name them (e.g. long:3515bf7dff5db33d051bffd96) or @FILE, one a line; an id not "
+        "drawn is an error",
     )  # fmt: skip
     p.add_argument(
         "--profile", default=None, help="calibrated projection profile (default: calibrated and cached)"
@@ -113,9 +136,23 @@ def split_tasks(args: argparse.Namespace, lm: Any, specs: Sequence[tuple[str, in
 
         exclude += fit_texts()
     try:
-        return tasks.build_tasks(
+        examples = tasks.build_tasks(
             lm.tokenizer, specs, data=args.data, seed=args.seed, long_range=long_range,
             needle_range=getattr(args, "needle_tokens", None) or long_range, exclude=exclude, split=split,
         )  # fmt: skip
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    wanted = getattr(args, "examples", None)
+    if not wanted:
+        return examples
+    drawn = {e.eid for e in examples}
+    missing = [eid for eid in wanted if eid not in drawn]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SystemExit(
+            f"--examples: {len(missing)} of {len(wanted)} ids are not among the {len(examples)} examples "
+            f"{', '.join(f'{t}:{n}' if n is not None else t for t, n in specs)} draws on the {args.split} split "
+            f"(seed {args.seed}): {shown}"
+        )
+    chosen = set(wanted)
+    return [e for e in examples if e.eid in chosen]
