@@ -2,12 +2,15 @@
 
 usage: python bench/paired.py BASE_DIR [BASE_DIR ...] --against RUN_DIR --suffix -qround --out PAIRED.json
        python bench/paired.py BASE_DIR ... --against RUN_DIR --suffix "" --replace mix3.5=k4v3 --out PAIRED.json
+       python bench/paired.py BASE_DIR --against RUN_DIR --same --out PAIRED.json
 
 For every config C of RUN_DIR that ends in SUFFIX and whose twin C-without-SUFFIX was measured in a
 BASE_DIR, the answer fidelity of the two is compared question by question: mean difference and a 95%
 bootstrap interval (kvlink.eval.report.bootstrap_ci: resamples of the questions, seed 0). Configs without
 SUFFIX present in both (anchors) are checked for identical answers, which says whether the runs are comparable.
-With --replace OLD=NEW (repeatable) a config's twin is its name with OLD replaced by NEW instead.
+With --replace OLD=NEW (repeatable) a config's twin is its name with OLD replaced by NEW instead. With
+--same every config is paired with the config of the same name in BASE_DIR (one recipe measured by two codes
+or on two devices), on the questions both runs gave the same full-KV answer (the others are counted).
 """
 
 import argparse
@@ -36,6 +39,7 @@ def main() -> int:
     ap.add_argument("--against", type=Path, required=True)
     ap.add_argument("--suffix", default="-qround")
     ap.add_argument("--replace", action="append", default=[], metavar="OLD=NEW")
+    ap.add_argument("--same", action="store_true", help="pair each config with its namesake in BASE")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -53,17 +57,23 @@ def main() -> int:
         return config.removesuffix(args.suffix) if args.suffix else config
 
     lines, out = [], {"anchors": {}, "pairs": {}}
-    for config in sorted(c for c in set(run) & set(base) if twin_of(c) == c):
+    refs = {e: r["ref_answer"] for samples in run.values() for e, r in samples.items()}
+    if args.same:  # a fidelity scores against its own run's full-KV answer: pair where both runs' agree
+        bases = {e: r["ref_answer"] for samples in base.values() for e, r in samples.items()}
+        split = sorted(e for e in refs if e in bases and bases[e] != refs[e])
+        out["reference_differs"] = split
+        lines.append(f"{len(split)} of {sum(e in bases for e in refs)} questions have another full-KV answer in BASE")
+    for config in sorted(c for c in set(run) & set(base) if twin_of(c) == c and not args.same):
         eids = sorted(set(run[config]) & set(base[config]))
         same = sum(run[config][e]["answer"] == base[config][e]["answer"] for e in eids)
         out["anchors"][config] = {"n": len(eids), "identical_answers": same}
         lines.append(f"anchor {config}: {same}/{len(eids)} answers identical across the runs")
-    lines.append(f"{'config':<28} {'fid base':>8} {'fid run':>8} {'delta [95% CI]':>24} {'KL base':>8} {'KL run':>8} {'wire%':>6}")
+    lines.append(f"{'config':<28} {'fid base':>8} {'fid run':>8} {'delta [95% CI]':>24} {'KL base':>8} {'KL run':>8} {'wire%':>6} {'base':>6}")
     for config in run:
         twin = twin_of(config)
-        if twin == config or twin not in base:
+        if (twin == config and not args.same) or twin not in base:
             continue
-        eids = sorted(set(run[config]) & set(base[twin]))
+        eids = sorted(set(run[config]) & set(base[twin]) - set(out.get("reference_differs", ())))
         a = [base[twin][e] for e in eids]
         b = [run[config][e] for e in eids]
         delta, lo, hi = bootstrap_ci(y["fidelity"] - x["fidelity"] for x, y in zip(a, b))
@@ -76,11 +86,12 @@ def main() -> int:
             "kl_base": mean([x["kl"] for x in a]),
             "kl_run": mean([y["kl"] for y in b]),
             "wire_pct": 100 * mean([y["wire_frac"] for y in b]),
+            "wire_pct_base": 100 * mean([x["wire_frac"] for x in a]),
         }
         out["pairs"][config] = row
         lines.append(
             f"{twin:<28} {row['fid_base']:8.3f} {row['fid_run']:8.3f} "
-            f"{row['delta']:+7.3f} [{lo:+.3f}, {hi:+.3f}] {row['kl_base']:8.4f} {row['kl_run']:8.4f} {row['wire_pct']:6.1f}"
+            f"{row['delta']:+7.3f} [{lo:+.3f}, {hi:+.3f}] {row['kl_base']:8.4f} {row['kl_run']:8.4f} {row['wire_pct']:6.2f} {row['wire_pct_base']:6.2f}"
         )
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
