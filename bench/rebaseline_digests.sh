@@ -12,7 +12,7 @@
 # machine none was made on, the test runs this script itself into a temporary file. About 2 minutes on
 # one thread.
 #
-#   bash bench/rebaseline_digests.sh            # writes tests/data/digests-12bfafe-<vendor>-<family>-<model>.json
+#   bash bench/rebaseline_digests.sh            # writes tests/data/digests-12bfafe-<vendor>-<family>-<model>-<digest>.json
 #   bash bench/rebaseline_digests.sh OUT.json   # writes OUT.json
 set -euo pipefail
 cd "$(dirname "$0")/.."

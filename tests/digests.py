@@ -450,8 +450,10 @@ def machine() -> dict[str, Any]:
 
 
 def machine_slug(made_on: dict[str, Any]) -> str:
-    """A file-name part for a machine: vendor, family and model, e.g. `AuthenticAMD-25-17`."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", f"{made_on['vendor']}-{made_on['family_model']}").strip("-")
+    """A file-name part for a machine: vendor, family, model and a digest of the whole record (one model
+    with other vector units enabled is another machine), e.g. `AuthenticAMD-25-17-1a2b3c`."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{made_on['vendor']}-{made_on['family_model']}").strip("-")
+    return f"{name}-{hashlib.sha256(json.dumps(made_on, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
 def baseline_for(made_on: dict[str, Any]) -> Path | None:

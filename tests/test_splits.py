@@ -145,7 +145,9 @@ def test_examples_option_runs_only_the_named_examples_of_the_draw(tokenizer: Any
         chosen = split_tasks(Namespace(**vars(args), examples=example_ids(text)), lm, specs)
         assert chosen == [drawn[1], drawn[7]]
     foreign = tasks.squad_examples(split="calibration")[0].eid
-    with pytest.raises(SystemExit, match=f"1 of 2 ids are not among the 10 examples squad:6, long:4 .*{foreign}"):
+    with pytest.raises(
+        SystemExit, match=f"1 of 2 ids are not among the 10 examples squad:6, long:4 .*{foreign}"
+    ):
         split_tasks(Namespace(**vars(args), examples=(wanted[0], foreign)), lm, specs)
     with pytest.raises(argparse.ArgumentTypeError, match="names no example id"):
         example_ids(" , ")
