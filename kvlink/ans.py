@@ -129,8 +129,7 @@ class Tables:
             return self._code_bits_torch(symbols, tables, shifts)
         if not isinstance(symbols, np.ndarray):
             symbols = symbols.numpy()
-        idx = _symbol_index(symbols)
-        key = _symbol_tables(tables, shifts, idx.shape, len(self)).astype(np.int32) * ALPHABET + idx
+        key = _symbol_keys(_symbol_index(symbols), tables, shifts, len(self))
         counts = np.bincount(key.ravel(), minlength=len(self) * ALPHABET)  # how often each (table, symbol)
         return float(counts @ self._cost)  # type: ignore[attr-defined]
 
@@ -164,17 +163,23 @@ def _symbol_index(symbols: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _symbol_tables(
-    tables: np.ndarray, shifts: np.ndarray | None, shape: tuple[int, ...], n_tables: int
-) -> np.ndarray:
-    """Each symbol's table index, broadcastable to `shape` (B, N, F)."""
-    b, n, f = shape
+def _symbol_keys(idx: np.ndarray, tables: np.ndarray, shifts: np.ndarray | None, n_tables: int) -> np.ndarray:
+    """(B, N, F) int32 table x ALPHABET + symbol index of each symbol of `idx` (its alphabet index), under
+    per-component `tables` (B, F) moved by per-row `shifts` (B, N): one int32 array, built in place (a long
+    message's index is ~10^8 entries, and int64 temporaries doubled the planner's code-length time)."""
+    b, n, f = idx.shape
     t = np.asarray(tables, dtype=np.int64)
     if t.shape != (b, f):
         raise ValueError(f"tables must be (B, F) = {(b, f)}, got {t.shape}")
+    t32 = t.astype(np.int32)
     if shifts is None:
-        return t[:, None, :]
-    return np.clip(t[:, None, :] - _check_shifts(shifts, b, n)[:, :, None], 0, n_tables - 1)
+        key = t32[:, None, :] * np.int32(ALPHABET) + idx
+    else:
+        key = t32[:, None, :] - _check_shifts(shifts, b, n).astype(np.int32)[:, :, None]
+        np.clip(key, 0, n_tables - 1, out=key)
+        key *= np.int32(ALPHABET)
+        key += idx
+    return key
 
 
 def _check_shifts(shifts: np.ndarray, b: int, n: int) -> np.ndarray:

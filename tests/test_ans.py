@@ -260,6 +260,28 @@ def test_the_kernel_encodes_the_references_bytes(
     np.testing.assert_array_equal(ans.decode(reference, n, tab, MODEL, shifts=shifts), sym)
 
 
+def test_a_code_length_is_each_symbols_cost_under_its_moved_table() -> None:
+    """Tables.code_bits counts every symbol under its component's table moved by its row's shift and kept
+    within the tables (both ends reached), escapes at the escape's cost: the counts of a symbol-by-symbol
+    walk, for integer and float symbols (the planner's closed loop rounds in float), with shifts and without."""
+    sym, tab, shifts = _shifted(47, 3, 40, 24)
+    sym.flat[3], sym.flat[7] = 4000, -ans.MAX_SYMBOL - 1  # escapes
+    k = len(MODEL)
+    tab[0, :2] = 0, k - 1  # rows 0 and 1 shift by +MAX_SHIFT and -MAX_SHIFT: past both ends
+    for s in (None, shifts):
+        keys = []
+        for (b, r, c), value in np.ndenumerate(sym):
+            table = min(max(int(tab[b, c]) - (0 if s is None else int(s[b, r])), 0), k - 1)
+            index = ans.ESCAPE if abs(value) > ans.MAX_SYMBOL else int(value) + ans.MAX_SYMBOL
+            keys.append(table * ans.ALPHABET + index)
+        walked = float(np.bincount(np.array(keys), minlength=k * ans.ALPHABET) @ MODEL._cost)
+        assert MODEL.code_bits(sym, tab, s) == walked
+        assert MODEL.code_bits(sym.astype(np.float32), tab, s) == walked
+    assert any(tab[b, c] - shifts[b, r] < 0 for b, r, c in np.ndindex(*sym.shape)) and any(
+        tab[b, c] - shifts[b, r] > k - 1 for b, r, c in np.ndindex(*sym.shape)
+    )
+
+
 def test_a_code_length_counted_on_a_device_is_the_hosts() -> None:
     """Tables.code_bits of symbols in a torch tensor off the CPU histograms them where they are: the same
     bits as numpy's (the same counts, the same dot), with shifts and without, escapes included."""
