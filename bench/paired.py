@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from kvlink.eval.holdout import combine
 from kvlink.eval.report import bootstrap_ci, load_results
 
 
@@ -57,12 +58,12 @@ def main() -> int:
         return config.removesuffix(args.suffix) if args.suffix else config
 
     lines, out = [], {"anchors": {}, "pairs": {}}
-    refs = {e: r["ref_answer"] for samples in run.values() for e, r in samples.items()}
     if args.same:  # a fidelity scores against its own run's full-KV answer: pair where both runs' agree
-        bases = {e: r["ref_answer"] for samples in base.values() for e, r in samples.items()}
-        split = sorted(e for e in refs if e in bases and bases[e] != refs[e])
+        records = [[r for s in runs.values() for r in s.values()] for runs in (run, base)]
+        _, split = combine(records)
         out["reference_differs"] = split
-        lines.append(f"{len(split)} of {sum(e in bases for e in refs)} questions have another full-KV answer in BASE")
+        both = {e for s in run.values() for e in s} & {e for s in base.values() for e in s}
+        lines.append(f"{len(split)} of {len(both)} questions have another full-KV answer in BASE")
     for config in sorted(c for c in set(run) & set(base) if twin_of(c) == c and not args.same):
         eids = sorted(set(run[config]) & set(base[config]))
         same = sum(run[config][e]["answer"] == base[config][e]["answer"] for e in eids)

@@ -139,11 +139,11 @@ def _chain(
     return keys, values, torch.stack(all_symbols), all_sinks, torch.stack(used) if used else None
 
 
-def _row_steps(base: float, shifts: Tensor | None, device: torch.device) -> Tensor | float:
-    """The tensor's step, per row (rows, 1) 2^(shift / 8) times it when the rows have shifts."""
+def _row_steps(base: float, shifts: Tensor, device: torch.device) -> Tensor:
+    """The tensor's step per row (rows, 1): 2^(shift / 8) times it."""
     from kvlink.stages.pca import row_scales
 
-    return base if shifts is None else base * row_scales(shifts, device)[:, None]
+    return base * row_scales(shifts, device)[:, None]
 
 
 def _on(step: Tensor | float, device: torch.device) -> Tensor | float:
