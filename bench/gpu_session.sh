@@ -335,7 +335,8 @@ xlw() {
 # calibration contexts now without the paragraphs the profiles are fitted on (--exclude-fit-text; that run had them).
 # LONGXL_RIVALS=0 leaves the rivals out of the evaluation (they do not depend on the fix: eval-longxl-h100 has them
 # on its 179 questions, and `kvlink-bench holdout` pairs across runs where both gave the same full-KV answer), so
-# that both runs fit one session's device time.
+# that both runs fit one session's device time. LONGXL_EXAMPLES=@FILE runs the draw's named questions only
+# (kvlink-bench quality --examples), e.g. those an earlier run did not reach.
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
@@ -350,7 +351,8 @@ longxl() {
     --out "$KEEP/xl.safetensors"
   for k in $(seq 0 $((n - 1))); do
     timeout "${LONGXL_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
-      --task "long:${LONGXL_N:-300}" $fit --no-ppl --no-progress --configs "$configs" --shard "$k/$n" --resume \
+      --task "long:${LONGXL_N:-300}" $fit ${LONGXL_EXAMPLES:+--examples "$LONGXL_EXAMPLES"} --no-ppl --no-progress \
+      --configs "$configs" --shard "$k/$n" --resume \
       --out "$out" > "$KEEP/longxl-$which-$k.log" 2>&1 &
   done
   wait || true
