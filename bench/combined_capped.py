@@ -1,10 +1,11 @@
 """One config of an evaluation run with some of its questions measured again by a later run (issue 24).
 
-usage: python bench/combined_capped.py NOW BEFORE [--config C] [--screen RESULTS.json --ids IDS] [--out OUT.json]
+usage: python bench/combined_capped.py NOW [NOW ...] BEFORE [--config C] [--screen RESULTS.json --ids IDS]
+       [--out OUT.json]
 
-NOW holds the questions measured again (e.g. `kvlink-bench quality --examples @IDS` after a fix), BEFORE the
-whole run; kvlink.eval.holdout.combine keeps NOW's sample of a question both hold, on the questions whose
-full-KV answer both runs agree on. Prints CONFIG's fidelity [95% CI], wire share and KL on all of them and on
+Each NOW holds questions measured again (e.g. `kvlink-bench quality --examples @IDS` after a fix) or ones BEFORE
+did not reach, BEFORE the earlier run; kvlink.eval.holdout.combine keeps the first run's sample of a question
+several hold, on the questions whose full-KV answer the runs agree on. Prints CONFIG's fidelity [95% CI], wire share and KL on all of them and on
 the contexts of >= 4k tokens. With --screen (a research/eval harness's results.json: `eids` and
 `per_question`) the combined figures are paired question by question with the screen's `--screen-config`,
 split by whether the question is in IDS.
@@ -32,7 +33,7 @@ def _figures(rows: list[Any]) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("now", type=Path)
+    ap.add_argument("now", type=Path, nargs="+")
     ap.add_argument("before", type=Path)
     ap.add_argument("--config", default="xpred+fp16+pca1-q0.5+ans@10%")
     ap.add_argument("--screen", type=Path, default=None)
@@ -41,9 +42,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    records, differ = combine([load_results(args.now)["samples"], load_results(args.before)["samples"]])
+    runs = [*args.now, args.before]
+    records, differ = combine([load_results(run)["samples"] for run in runs])
     rows = [r for r in records if r["config"] == args.config]
-    out: dict[str, Any] = {"config": args.config, "reference_differs": differ}
+    out: dict[str, Any] = {"config": args.config, "runs": [str(r) for r in runs], "reference_differs": differ}
     out["all"] = _figures(rows)
     out[">=4k tokens"] = _figures([r for r in rows if r["T"] >= 4096])
     if args.screen is not None:

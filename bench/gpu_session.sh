@@ -336,7 +336,10 @@ xlw() {
 # LONGXL_RIVALS=0 leaves the rivals out of the evaluation (they do not depend on the fix: eval-longxl-h100 has them
 # on its 179 questions, and `kvlink-bench holdout` pairs across runs where both gave the same full-KV answer), so
 # that both runs fit one session's device time. LONGXL_EXAMPLES=@FILE runs the draw's named questions only
-# (kvlink-bench quality --examples), e.g. those an earlier run did not reach.
+# (kvlink-bench quality --examples), e.g. those an earlier run did not reach. On 2026-12-07 (the device came for
+# 5 minutes): the 10% fit alone on the first 40 of the 121 questions eval-longxl-h100 did not reach
+# (bench/results/eval-longxl-rest-h100; the other 81 on the CPU). SHARDS=12 fills an H100: the GPU at 100%, 74.5 of
+# its 80 GB at the peak (8k-token contexts; about as many processes as fit), 40 questions in 90 s.
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
