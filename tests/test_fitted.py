@@ -264,7 +264,7 @@ def test_calibration_questions_can_leave_out_the_paragraphs_the_profiles_are_fit
 
 
 def test_the_planner_sends_question_aware_transform_coding_only_with_the_question_observed(llama) -> None:
-    """The long buckets rate `xpred+fp16+pca1-q0.5+ans` (bench/results/eval-longxl-h100): the planner sends it
+    """The long buckets rate `xpred+fp16+pca1-q0.5+ans` (bench/results/eval-longxl-fixed-h100): the planner sends it
     from a prefill that observed the question (its default), its rate fitted within the budget, and weighs
     it not at all from one that did not (it could not code the steps; the plan raised before)."""
     from kvlink.residual import TransformProfiles
