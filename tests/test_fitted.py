@@ -153,6 +153,46 @@ def test_the_planner_sends_transform_coding_where_the_table_measured_it(llama) -
     assert not chosen(0.25, quality=_table({f"{XL}@20%": 0.3})).has("pca")  # rated below a fixed config
 
 
+def test_the_planner_sends_the_message_it_encoded_to_fit_the_rate(
+    llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fitting the rate encodes the message at the rate it settles on (its exact size decides); the plan sizes
+    and sends that very message rather than encoding it twice more, and it is what a fresh encode of the
+    chosen recipe gives, byte for byte."""
+    from kvlink.budget import framed_size
+    from kvlink.codec import Codec
+    from kvlink.residual import TransformProfiles
+
+    lm, predictors, residual = llama
+    profiles = TransformProfiles(predictors, residual)
+    pre = prefill(lm.model, random_ids(300, seed=4), random_ids(8, seed=5), Observe.QUESTION)
+    encodes: list[str] = []
+    real = Codec.encode_kv
+
+    def counted(self, *args, **kwargs):
+        encodes.append(self.recipe.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Codec, "encode_kv", counted)
+    for recipe in (XL, "xpred+fp16+pca1-q0.5+ans"):
+        encodes.clear()
+        pinned = Constraints(recipe=Recipe.from_name(recipe), zstd=False)
+        picked = plan(pre, lm.geometry, lm.fingerprint, 0.25, constraints=pinned, profile=profiles,
+                      session_id="s" * 32, message_id="m" * 32)  # fmt: skip
+        assert picked.recipe.name.startswith(recipe.split("+ans")[0] + "-r")
+        assert encodes.count(picked.recipe.name) == 1, encodes
+        again = real(Codec(picked.recipe, lm.geometry, profiles), pre.kv, None, pre.observation)
+        for sent, fresh in zip(picked.encoded.tensors, again.tensors, strict=True):
+            assert {k: p.data for k, p in sent.parts.items()} == {k: p.data for k, p in fresh.parts.items()}
+        size, allowance = framed_size(again, "s" * 32, "m" * 32, lm.fingerprint, 1 << 20)
+        assert picked.total_bytes == size.total + allowance <= picked.budget_bytes
+        assert picked.encoded.timings["encode_s"] > 0
+    encodes.clear()  # a recipe at a fixed rate (nothing to fit) is encoded once too: sized, then sent
+    pinned = Constraints(recipe=Recipe.from_name("xpred+fp16+pca1-r-32+ans"), zstd=False)
+    fixed = plan(pre, lm.geometry, lm.fingerprint, 0.9, constraints=pinned, profile=profiles)
+    assert encodes == [fixed.recipe.name]
+
+
 async def test_a_sender_sends_transform_coding_only_to_a_receiver_holding_its_profiles(
     served,
     tmp_path: Path,
