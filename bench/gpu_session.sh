@@ -354,7 +354,8 @@ xlw() {
 # its 80 GB at the peak (8k-token contexts; about as many processes as fit), 40 questions in 90 s. Later on
 # 2026-12-07, with the cap lifted, the 12.5% and 6.25% fits: `LONGXL="...@12.5%,...@6.25%" LONGXL_BUDGET_S=470
 # SHARDS=12 bash bench/gpu_session.sh longxl cal` (130 questions, bench/results/calib-longxl-fixed-h100), then the
-# same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). Next: the 10% fit on the
+# same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). Next: the other 173 of that
+# evaluation (LONGXL_EXAMPLES=@bench/results/eval-longxl-fixed-h100/rest-ids.txt), and the 10% fit on the
 # calibration split (LONGXL="...@10%" ... longxl cal), whose table entry is still the capped run's.
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
