@@ -1139,7 +1139,8 @@ def plan(
 
     # Transform coding's messages as they were encoded to size them (by recipe name, rate included): the one
     # at the fitted rate is sized and sent as it is, not encoded twice more (one encode took 16 s of a 131-s
-    # plan of a 6.5k-token context on a CPU).
+    # plan of a 6.5k-token context on a CPU). Only those that fit are kept, and of a rate fit only the one at
+    # the rate it settles on (a message is a tenth of the context's FP16 KV at a 10% budget).
     coded: dict[str, EncodedKV] = {}
 
     def encoded_once(codec: Codec) -> EncodedKV:
@@ -1165,15 +1166,23 @@ def plan(
         return est
 
     def framed(encoded: EncodedKV) -> int:
-        if encoded.recipe.ans is not None:
-            coded[encoded.recipe.name] = encoded
         size, allowance = framed_size(encoded, session_id, message_id, fingerprint, chunk_bytes)
-        return size.total + allowance  # type: ignore[no-any-return]
+        total: int = size.total + allowance
+        if encoded.recipe.ans is not None and total <= budget_bytes:
+            coded[encoded.recipe.name] = encoded
+        return total
+
+    def fitted(recipe: Recipe) -> Recipe:
+        before = set(coded)
+        recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
+        for name in set(coded) - before - {recipe.name}:
+            del coded[name]
+        return recipe
 
     for recipe in candidate_recipes(geometry, constraints, sensitivity):
         pca = next((s for s in recipe.stages() if isinstance(s, Pca)), None)
         if pca is not None and pca.rate is None:  # transform coding: the finest rate that fits the budget
-            recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
+            recipe = fitted(recipe)
         if recipe.per_layer("k") or recipe.per_layer("v"):  # no prior for an allocation: only a measurement
             base = quality.measured(recipe, length)
             best = _measured_best(quality, recipe, base, free, length)
@@ -1197,7 +1206,7 @@ def plan(
         candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
     seen = prefill.observation.kind if observed else Observe.NONE
     for recipe, expected in _transform_coded(quality, profile, constraints, budget, length, seen):
-        recipe = fit_rate(recipe, prefill, geometry, profile, budget_bytes, framed)
+        recipe = fitted(recipe)
         est = estimate(recipe)
         candidates.append(Candidate(recipe, est, est / fp16, expected, est <= budget_bytes))
     smallest = min(candidates, key=lambda c: c.estimated_bytes)
