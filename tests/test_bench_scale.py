@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import socket
 import threading
 import time
@@ -218,7 +219,9 @@ def scale_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     out = tmp_path_factory.mktemp("scale")
     argv = ["--model", TINY, "--tokens", "1500", "--links", "unpaced,8M", "--methods", "text,fp16,q2c50-int4",
             "--device", "cpu", "--out", str(out), "--ceiling-bytes", str(16 << 20), "--cell-timeout", "120"]  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM)
     assert bs.main(argv) == 0
+    assert signal.getsignal(signal.SIGTERM) is before  # its own SIGTERM handler does not outlive the run
     return out, json.loads((out / "results.json").read_text())
 
 

@@ -1055,7 +1055,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (timeout, a device's limit) unwinds like ^C: the receiver and the link processes are stopped
     # on the way out instead of holding their memory (a 32B receiver holds 60 GiB of the GPU) for the next run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # The handler before is put back on the way out: a caller in the same process (a test runner) is still
+    # stopped by a SIGTERM afterwards, not handed a SystemExit in whatever it runs next.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
