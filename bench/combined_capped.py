@@ -6,9 +6,9 @@ usage: python bench/combined_capped.py NOW [NOW ...] BEFORE [--config C] [--scre
 Each NOW holds questions measured again (e.g. `kvlink-bench quality --examples @IDS` after a fix) or ones BEFORE
 did not reach, BEFORE the earlier run; kvlink.eval.holdout.combine keeps the first run's sample of a question
 several hold, on the questions whose full-KV answer the runs agree on. Prints CONFIG's fidelity [95% CI], wire
-share and KL on all of them and on the contexts of >= 4k tokens. With --screen (a research/eval harness's results.json: `eids` and
-`per_question`) the combined figures are paired question by question with the screen's `--screen-config`,
-split by whether the question is in IDS.
+share and KL on all of them and on the contexts of >= 4k tokens. With --screen (a research/eval harness's
+results.json: `eids` and `per_question`) the combined figures are paired question by question with the screen's
+`--screen-config`, split by whether the question is in IDS.
 """
 
 from __future__ import annotations

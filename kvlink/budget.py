@@ -1004,7 +1004,8 @@ def fit_rate(
     `budget_bytes`; at the coarsest rate when none does (the planner then reports it unreachable). The
     search (kvlink.xl.search_rate) runs on the entropy model's code length (kvlink.xl.estimated_bytes, no
     rANS pass) plus the framing measured once, then settles on exact sizes (a size falls as the rate index
-    rises)."""
+    rises). Every message it encodes passes through `framed`, the one at the returned rate included (the
+    planner keeps that one to send)."""
     from kvlink import xl
     from kvlink.residual import TransformProfiles
     from kvlink.stages.pca import FP16_EXACT, question_shifts
@@ -1139,8 +1140,8 @@ def plan(
 
     # Transform coding's messages as they were encoded to size them (by recipe name, rate included): the one
     # at the fitted rate is sized and sent as it is, not encoded twice more (one encode took 16 s of a 131-s
-    # plan of a 6.5k-token context on a CPU). Only those that fit are kept, and of a rate fit only the one at
-    # the rate it settles on (a message is a tenth of the context's FP16 KV at a 10% budget).
+    # plan of a 6.5k-token context on a CPU). Of a rate fit's messages only the one at the rate it settles on
+    # is kept, if it fits (a message is a tenth of the context's FP16 KV at a 10% budget).
     coded: dict[str, EncodedKV] = {}
 
     def encoded_once(codec: Codec) -> EncodedKV:
@@ -1246,12 +1247,12 @@ def plan(
                 variants.append(cand.recipe.with_zstd(ZSTD_LEVEL))
                 zstd_tries += 1
         for recipe in variants:
-            codec = Codec(recipe, geometry, profile)
             key = recipe.select
             encoded = coded.get(recipe.name)
-            if encoded is not None:  # encoded while its rate was fitted: these very bytes
+            if encoded is not None:  # encoded while its rate was fitted (or sized): these very bytes
                 encode_s = encoded.timings.get("encode_s", 0.0)
             else:
+                codec = Codec(recipe, geometry, profile)
                 if key not in kept_cache:
                     t_sel = time.perf_counter()
                     kept_cache[key] = codec.select(prefill)
