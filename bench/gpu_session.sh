@@ -354,9 +354,14 @@ xlw() {
 # its 80 GB at the peak (8k-token contexts; about as many processes as fit), 40 questions in 90 s. Later on
 # 2026-12-07, with the cap lifted, the 12.5% and 6.25% fits: `LONGXL="...@12.5%,...@6.25%" LONGXL_BUDGET_S=470
 # SHARDS=12 bash bench/gpu_session.sh longxl cal` (130 questions, bench/results/calib-longxl-fixed-h100), then the
-# same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). Next: the other 173 of that
-# evaluation (LONGXL_EXAMPLES=@bench/results/eval-longxl-fixed-h100/rest-ids.txt), and the 10% fit on the
-# calibration split (LONGXL="...@10%" ... longxl cal), whose table entry is still the capped run's.
+# same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). On 2026-12-07 (seventeenth
+# session) no machine came in seven tries; the 10% calibration ran on the CPU instead (with transformers 5.17, the
+# device's: bench/results/calib-longxl10-cpu517). Next, on the evaluation split, each in a run of its own on one warm
+# machine (LONGXL_TAG names it; the ids are in bench/ids, which travels in the slim tree):
+#   LONGXL="xpred+fp16+pca1-q0.5+ans@10%" LONGXL_RIVALS=0 LONGXL_EXAMPLES=@bench/ids/longxl-eval10-cpu.txt \
+#     LONGXL_TAG=gpu10 LONGXL_BUDGET_S=330 SHARDS=12 bash bench/gpu_session.sh longxl eval   # ~300 s: all 300 on GPU
+#   LONGXL="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@6.25%" LONGXL_RIVALS=0 LONGXL_TAG=rest \
+#     LONGXL_EXAMPLES=@bench/ids/longxl-eval-rest.txt LONGXL_BUDGET_S=540 SHARDS=12 bash bench/gpu_session.sh longxl eval   # the other 173; again to resume
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
@@ -366,6 +371,7 @@ longxl() {
   configs=${LONGXL:-$LONGXL_CONFIGS}
   [ "$which" = cal ] || [ "${LONGXL_RIVALS:-1}" = 0 ] ||
     configs="$configs,q2c40%/layer+$XL_PICK,q2c25%/layer+$XL_PICK,q2c12.5%+kint4c/vint4t-g32"
+  which=$which${LONGXL_TAG:+-$LONGXL_TAG}  # LONGXL_TAG: a run of its own beside earlier ones on one warm machine
   out=$KEEP/longxl-$which
   [ -f "$KEEP/xl.safetensors" ] || python3 -m kvlink.eval.cli profile --config xpred+fp16+pca1+ans --device cuda \
     --out "$KEEP/xl.safetensors"
