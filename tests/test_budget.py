@@ -768,7 +768,7 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     calib-long100-full-h100): the refinements whose gain held there stay (+0.083 to +0.092; +0.034 to
     +0.158), the xpred config, which no long run paired with its twin, is left out. Since 2026-12-06 the
     long buckets also rate question-aware transform coding at 12.5, 10 and 6.25% (calib-longxl-fixed-h100 and,
-    for 10%, calib-longxl-h100; gated by the eval-longxl-* runs). On a 1.5k-token context it rates each
+    for 10%, calib-longxl10-cpu517; gated by the eval-longxl-* runs). On a 1.5k-token context it rates each
     candidate by the 1k-4k bucket wherever that measured it."""
     from kvlink.budget import shipped_quality_path
     from kvlink.eval import holdout
