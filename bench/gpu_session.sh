@@ -356,13 +356,15 @@ xlw() {
 # SHARDS=12 bash bench/gpu_session.sh longxl cal` (130 questions, bench/results/calib-longxl-fixed-h100), then the
 # same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). On 2026-12-07 (seventeenth
 # session) no machine came in seven tries; the 10% calibration ran on the CPU instead (with transformers 5.17, the
-# device's: bench/results/calib-longxl10-cpu517); the eighth try got an H100 with 362 s left: the first command below
-# on 93 of its then 120 questions (bench/results/eval-longxl-gpu10-h100). Next, on the evaluation split, each in a
-# run of its own on one warm machine (LONGXL_TAG names it; the ids are in bench/ids, which travels in the slim tree):
+# device's: bench/results/calib-longxl10-cpu517); the eighth try got an H100 with 449 s left (362 after the set-up):
+# the first command below on 93 of its then 120 questions (bench/results/eval-longxl-gpu10-h100). Next, on the
+# evaluation split, each in a run of its own on one warm machine (LONGXL_TAG names it; the ids are in bench/ids,
+# which travels in the slim tree):
 #   LONGXL="xpred+fp16+pca1-q0.5+ans@10%" LONGXL_RIVALS=0 LONGXL_EXAMPLES=@bench/ids/longxl-eval10-cpu.txt \
-#     LONGXL_TAG=gpu10 LONGXL_BUDGET_S=120 SHARDS=12 bash bench/gpu_session.sh longxl eval   # the last 27: all 300 on GPU
+#     LONGXL_TAG=gpu10 LONGXL_BUDGET_S=120 SHARDS=12 bash bench/gpu_session.sh longxl eval   # the last 27
 #   LONGXL="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@6.25%" LONGXL_RIVALS=0 LONGXL_TAG=rest \
-#     LONGXL_EXAMPLES=@bench/ids/longxl-eval-rest.txt LONGXL_BUDGET_S=540 SHARDS=12 bash bench/gpu_session.sh longxl eval   # the other 173; again to resume
+#     LONGXL_EXAMPLES=@bench/ids/longxl-eval-rest.txt LONGXL_BUDGET_S=540 SHARDS=12 \
+#     bash bench/gpu_session.sh longxl eval   # the other 173; again to resume
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
