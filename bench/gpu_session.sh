@@ -357,14 +357,17 @@ xlw() {
 # same with LONGXL_RIVALS=0 and `eval` (127, bench/results/eval-longxl-fixed-h100). On 2026-12-07 (seventeenth
 # session) no machine came in seven tries; the 10% calibration ran on the CPU instead (with transformers 5.17, the
 # device's: bench/results/calib-longxl10-cpu517); the eighth try got an H100 with 449 s left (362 after the set-up):
-# the first command below on 93 of its then 120 questions (bench/results/eval-longxl-gpu10-h100). Next, on the
-# evaluation split, each in a run of its own on one warm machine (LONGXL_TAG names it; the ids are in bench/ids,
-# which travels in the slim tree):
-#   LONGXL="xpred+fp16+pca1-q0.5+ans@10%" LONGXL_RIVALS=0 LONGXL_EXAMPLES=@bench/ids/longxl-eval10-cpu.txt \
-#     LONGXL_TAG=gpu10 LONGXL_BUDGET_S=120 SHARDS=12 bash bench/gpu_session.sh longxl eval   # the last 27
+# the 10% fit on 93 of the then 120 CPU-measured evaluation questions (bench/results/eval-longxl-gpu10-h100). On
+# 2026-12-07 (eighteenth session, one start, 1,800 s) each in a run of its own on one warm machine (LONGXL_TAG names
+# it; LONGXL_EXAMPLES files travel in the slim tree: keep them outside bench/results while the calls run):
+#   LONGXL="xpred+fp16+pca1-q0.5+ans@10%" LONGXL_RIVALS=0 LONGXL_EXAMPLES=@IDS LONGXL_TAG=gpu10 \
+#     LONGXL_BUDGET_S=110 SHARDS=12 bash bench/gpu_session.sh longxl eval     # the last 27: eval-longxl-last27-h100
 #   LONGXL="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@6.25%" LONGXL_RIVALS=0 LONGXL_TAG=rest \
-#     LONGXL_EXAMPLES=@bench/ids/longxl-eval-rest.txt LONGXL_BUDGET_S=540 SHARDS=12 \
-#     bash bench/gpu_session.sh longxl eval   # the other 173; again to resume
+#     LONGXL_EXAMPLES=@IDS LONGXL_BUDGET_S=330 SHARDS=12 bash bench/gpu_session.sh longxl eval  # 173, twice (430 s)
+#   the rivals (LONGXL = the three fixed configs, LONGXL_TAG=rivals, 420 s) on eval-longxl-h100's missing 121, and
+#   `longxl cal` of the 10% fit on the 187 calibration questions the CPU run left (LONGXL_TAG=cal10, 420 s + 140 s);
+# each folder's README has its command and IDS. Twelve processes on 8k-token contexts brush the H100's 80 GB: one
+# or three shards of a call can run out of memory (their questions are resumed, or run on the CPU).
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
