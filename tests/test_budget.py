@@ -768,7 +768,7 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     calib-long100-full-h100): the refinements whose gain held there stay (+0.083 to +0.092; +0.034 to
     +0.158), the xpred config, which no long run paired with its twin, is left out. Since 2026-12-06 the
     long buckets also rate question-aware transform coding at 12.5, 10 and 6.25% (calib-longxl-fixed-h100 and,
-    for 10%, calib-longxl10-cpu517; gated by the eval-longxl-* runs). On a 1.5k-token context it rates each
+    for 10%, calib-longxl10-300; gated by the eval-longxl-* runs). On a 1.5k-token context it rates each
     candidate by the 1k-4k bucket wherever that measured it."""
     from kvlink.budget import shipped_quality_path
     from kvlink.eval import holdout
@@ -790,7 +790,7 @@ def test_the_shipped_table_is_per_context_length_from_calibration_questions(head
     assert xpred not in long and xpred not in middle
     fitted = {k for k in long if parse_fitted(k) is not None}  # transform coding at a budget
     # question-aware transform coding, gated by the eval-longxl-* runs against what the table sent at each
-    # budget before (+0.093 at 12.5% and +0.102 at 6.25% on 179 evaluation questions, +0.120 at 10% on 193)
+    # budget before (on all 300 evaluation questions: +0.094 at 12.5%, +0.120 at 10%, +0.109 at 6.25%)
     assert fitted == {f"xpred+fp16+pca1-q0.5+ans@{b}%" for b in ("12.5", "10", "6.25")}
     assert fitted <= set(middle) and not fitted & set(short)
     held = {k for k in set(long) - fitted if holdout.twins(Recipe.from_name(k))}  # each gained over its twin
