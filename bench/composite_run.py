@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvlink.eval import grid
 from kvlink.eval.report import load_results
 
 
@@ -32,12 +33,12 @@ def _source(arg: str) -> tuple[Path, dict[str, str]]:
 
 
 def _samples(run: Path) -> tuple[list[dict], str | None]:
-    """A run's samples and model fingerprint: its results.json(.gz), else its samples*.jsonl and run.json."""
+    """A run's samples and model fingerprint: its results.json(.gz) (which `report --split` cut to one split),
+    else its samples*.jsonl (a run still going) and run.json."""
     if any((run / name).is_file() for name in ("results.json", "results.json.gz")) or run.is_file():
         results = load_results(run)
         return results["samples"], results.get("meta", {}).get("fingerprint")
-    rows = [json.loads(line) for f in sorted(run.glob("samples*.jsonl")) for line in f.open() if line.strip()]
-    return rows, json.loads((run / "run.json").read_text()).get("fingerprint")
+    return grid.read_done(run)[0], json.loads((run / "run.json").read_text()).get("fingerprint")
 
 
 def main() -> int:
