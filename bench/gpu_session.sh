@@ -368,6 +368,7 @@ xlw() {
 #   `longxl cal` of the 10% fit on the 187 calibration questions the CPU run left (LONGXL_TAG=cal10, 420 s + 140 s);
 # each folder's README has its command and IDS. Twelve processes on 8k-token contexts brush the H100's 80 GB: one
 # or three shards of a call can run out of memory (their questions are resumed, or run on the CPU).
+# LONGXL_TASK=needle runs the needle task (kvlink.eval.tasks.needle_examples) instead of the long one.
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
@@ -383,7 +384,7 @@ longxl() {
     --out "$KEEP/xl.safetensors"
   for k in $(seq 0 $((n - 1))); do
     timeout "${LONGXL_BUDGET_S:-480}" python3 -m kvlink.eval.cli quality --device cuda --split "$split" \
-      --task "long:${LONGXL_N:-300}" $fit ${LONGXL_EXAMPLES:+--examples "$LONGXL_EXAMPLES"} --no-ppl --no-progress \
+      --task "${LONGXL_TASK:-long}:${LONGXL_N:-300}" $fit ${LONGXL_EXAMPLES:+--examples "$LONGXL_EXAMPLES"} --no-ppl --no-progress \
       --configs "$configs" --shard "$k/$n" --resume \
       --out "$out" > "$KEEP/longxl-$which-$k.log" 2>&1 &
   done
