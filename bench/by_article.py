@@ -14,8 +14,7 @@ import json
 from pathlib import Path
 
 from kvlink.eval.report import bootstrap_ci, load_results
-from kvlink.eval.splits import split_of_title
-from kvlink.eval.squad import default_squad_path, load_squad
+from kvlink.eval.splits import CALIBRATION, EVALUATION, article_of_eid, split_of_title
 
 
 def main() -> int:
@@ -26,7 +25,6 @@ def main() -> int:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    title = {e.qid: e.title for e in load_squad(default_squad_path())}
     fidelity: dict[str, dict[str, float]] = {}  # config -> eid -> fidelity
     for run in args.runs:
         for s in load_results(Path(run))["samples"]:
@@ -40,8 +38,8 @@ def main() -> int:
     for config in configs:
         by_title: dict[str, list[float]] = {}
         for eid, f in fidelity[config].items():
-            by_title.setdefault(title[eid.split(":", 1)[1]], []).append(f)
-        for split in ("calibration", "evaluation"):
+            by_title.setdefault(str(article_of_eid(eid)), []).append(f)
+        for split in (CALIBRATION, EVALUATION):
             titles = sorted(t for t in by_title if split_of_title(t) == split)
             if not titles:
                 continue
