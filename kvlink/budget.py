@@ -447,6 +447,7 @@ class QualityTable:
     source: str = "built-in prior"
     fingerprints: tuple[str, ...] = ()  # the model fingerprints it was measured for
     buckets: tuple[LengthBucket, ...] = ()  # by context length, shortest first; none: a flat table
+    metric: str = "fidelity"  # the sample metric its entries are means of (kvlink-bench calibrate --quality)
     _memo: dict[tuple[Recipe, int, tuple[int, ...] | None], float] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -591,6 +592,8 @@ class QualityTable:
             doc["fingerprints"] = list(self.fingerprints)
         if self.buckets:  # a flat table's file is as before buckets existed
             doc["buckets"] = [b.to_dict() for b in self.buckets]
+        if self.metric != "fidelity":  # a fidelity table's file is as before the metric was named
+            doc["metric"] = self.metric
         Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True))
 
     @classmethod
@@ -635,6 +638,7 @@ class QualityTable:
                 source=str(path),
                 fingerprints=fingerprints,
                 buckets=tuple(buckets),
+                metric=str(data.get("metric", "fidelity")),
             )
         except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read quality table {str(path)!r}: {exc}") from None

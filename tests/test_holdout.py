@@ -280,3 +280,52 @@ def test_samples_are_read_from_a_kept_results_file(tmp_path: Path, eids):
     assert holdout.read_samples(tmp_path) == samples
     with pytest.raises(ValueError, match="no samples in"):
         holdout.read_samples(tmp_path / "absent")
+
+
+def test_a_table_is_held_only_to_the_metric_it_rates(tmp_path: Path, eids, capsys):
+    """The shipped table rates answer fidelity; checked with `--quality needle` (how often the hidden number
+    is found) its entries would be compared with a different quantity. They are not, the pairs still are;
+    a table calibrated on the needle rate (`calibrate --quality needle`) is held to it."""
+    base = np.linspace(0.2, 0.8, len(eids))
+    samples = [
+        {**s, "needle": s["fidelity"] - 0.5}
+        for s in _samples({PICK: list(base + 0.05), TWIN: list(base)}, eids)
+    ]
+    fidelity_table = QualityTable(entries={PICK: 0.55, TWIN: 0.5})
+    cells, pairs = holdout.check(samples, fidelity_table, quality="needle")
+    assert {c.verdict for c in cells} == {"table rates another metric"} and {c.table for c in cells} == {None}
+    (pair,) = pairs
+    assert pair.diff == pytest.approx(0.05) and pair.holds
+    assert {c.verdict for c in holdout.check(samples, fidelity_table)[0]} == {"holds"}  # its own metric
+    needle_table = QualityTable(entries={PICK: 0.9, TWIN: 0.0}, metric="needle")
+    path = tmp_path / "needle.json"
+    needle_table.save(path)
+    loaded = QualityTable.load(path)
+    assert loaded.metric == "needle" and json.loads(path.read_text())["metric"] == "needle"
+    by = {c.config: c for c in holdout.check(samples, loaded, quality="needle")[0]}
+    assert by[PICK].verdict == "overstated" and by[TWIN].verdict == "holds"
+    fidelity_table.save(path)  # a fidelity table's file is as before the metric was named
+    assert "metric" not in json.loads(path.read_text()) and QualityTable.load(path).metric == "fidelity"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    out = tmp_path / "holdout.json"
+    assert main(["holdout", str(run), "--table", str(path), "--quality", "needle", "--json", str(out)]) == 0
+    assert "rates fidelity, not needle" in capsys.readouterr().out
+    assert json.loads(out.read_text())["verdicts"]["table rates another metric"] == 2
+
+
+def test_calibrate_names_the_metric_its_table_rates():
+    from kvlink.eval.commands.calibrate import quality_table
+
+    row = {
+        "task": "squad",
+        "config": TWIN,
+        "key": TWIN,
+        "n": 3,
+        "fidelity": {"mean": 0.9},
+        "needle": {"mean": 0.4},
+    }
+    assert quality_table({"meta": {}, "summary": [row]}, "squad").metric == "fidelity"
+    table = quality_table({"meta": {}, "summary": [row]}, "squad", "needle")
+    assert table.metric == "needle" and table.entries == {TWIN: 0.4}

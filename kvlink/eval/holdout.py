@@ -32,7 +32,13 @@ from kvlink.eval.report import bootstrap_ci
 from kvlink.eval.splits import EVALUATION, article_of_eid, split_of_eid
 from kvlink.recipe import Recipe
 
-VERDICTS: tuple[str, ...] = ("holds", "overstated", "understated", "not in table")
+VERDICTS: tuple[str, ...] = (
+    "holds",
+    "overstated",
+    "understated",
+    "not in table",
+    "table rates another metric",
+)
 TOLERANCE = 1e-9
 """How far outside the interval an entry may lie and still hold (float sums of equal samples)."""
 
@@ -168,6 +174,10 @@ def check(
     rate-fitted config ('<recipe>@<budget>%', kvlink.budget.fitted_key) has no twins: it is held to the
     table's entry at its budget and paired with the fixed config of the run that the table rates best
     among those whose mean wire bytes fit its budget (what the planner would send instead).
+
+    A `quality` other than the table's metric (QualityTable.metric) is paired all the same, but no entry is
+    held to it: every cell's verdict is "table rates another metric" (a fidelity entry says nothing of, say,
+    how often the needle's number is found).
     """
     rows = [r for r in evaluation_records(records) if r["task"] == task]
     if not rows:
@@ -198,8 +208,10 @@ def check(
     cells = []
     for name, values in by_config.items():
         mean, lo, hi = bootstrap_ci(values.values())
-        entry = promised(name)
-        if entry is None:
+        entry = promised(name) if quality == table.metric else None
+        if quality != table.metric:
+            verdict = "table rates another metric"
+        elif entry is None:
             verdict = "not in table"
         elif entry > hi + TOLERANCE:
             verdict = "overstated"
@@ -365,4 +377,4 @@ def gate(
         spans = [f"{b.lo}-{'' if b.hi is None else b.hi}" for b in table.buckets if gated_here(b)]
         where = f" (buckets {', '.join(spans) or 'none'} tokens)"
     source = f"{table.source}; {len(dropped)} refinements left out by the evaluation-split gate{where}"
-    return QualityTable(table.model, kept, source, table.fingerprints, buckets), dropped
+    return QualityTable(table.model, kept, source, table.fingerprints, buckets, table.metric), dropped

@@ -104,6 +104,7 @@ def quality_table(
         entries=entries,
         source=source,
         buckets=tuple(buckets) if len(buckets) > 1 or any(_fits_rate(b) for b in buckets) else (),
+        metric=quality,
     )
 
 

@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"kvlink-bench holdout: {e}") from None
     text = holdout.markdown(cells, pairs, args.quality)
+    if args.quality != table.metric:
+        print(f"the table ({source}) rates {table.metric}, not {args.quality}: its entries are not compared, "
+              "the pairs are")  # fmt: skip
     print(text, end="")
     if args.md:
         Path(args.md).write_text(text)
