@@ -368,11 +368,11 @@ xlw() {
 #   `longxl cal` of the 10% fit on the 187 calibration questions the CPU run left (LONGXL_TAG=cal10, 420 s + 140 s);
 # each folder's README has its command and IDS. Twelve processes on 8k-token contexts brush the H100's 80 GB: one
 # or three shards of a call can run out of memory (their questions are resumed, or run on the CPU).
-# LONGXL_TASK=needle runs the needle task (kvlink.eval.tasks.needle_examples) instead of the long one. Next device
-# time (none came on 2026-12-07, nineteenth session: the 10% fit ran on 118 haystacks on the CPU instead,
-# bench/results/eval-needle-xl10-cpu): all 300 on the GPU, the rivals from bench/results/eval-needle300-h200,
-#   LONGXL_TASK=needle LONGXL="xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@12.5%" LONGXL_RIVALS=0 \
-#     LONGXL_TAG=needle LONGXL_BUDGET_S=450 SHARDS=10 bash bench/gpu_session.sh longxl eval   # twice (resumes)
+# LONGXL_TASK=needle runs the needle task (kvlink.eval.tasks.needle_examples) instead of the long one: on 2026-12-07
+# (twentieth session, the fourth start came) the 10% fit on all 300 haystacks, the rivals from
+# bench/results/eval-needle300-h200, in two calls (bench/results/eval-needle-xl10-h100 has them):
+#   LONGXL_TASK=needle LONGXL="xpred+fp16+pca1-q0.5+ans@10%" LONGXL_RIVALS=0 LONGXL_TAG=needle \
+#     LONGXL_EXAMPLES=@IDS LONGXL_BUDGET_S=470 SHARDS=10 bash bench/gpu_session.sh longxl eval   # SHARDS=8 fits
 LONGXL_CONFIGS="xpred+fp16+pca1-q0.5+ans@12.5%,xpred+fp16+pca1-q0.5+ans@10%,xpred+fp16+pca1-q0.5+ans@6.25%"
 longxl() {
   install_model
