@@ -208,10 +208,10 @@ def check(
     cells = []
     for name, values in by_config.items():
         mean, lo, hi = bootstrap_ci(values.values())
-        entry = promised(name) if quality == table.metric else None
+        entry = None
         if quality != table.metric:
             verdict = "table rates another metric"
-        elif entry is None:
+        elif (entry := promised(name)) is None:
             verdict = "not in table"
         elif entry > hi + TOLERANCE:
             verdict = "overstated"
