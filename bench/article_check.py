@@ -17,7 +17,8 @@ asks the calibration split alone (it refuses any other example), for each config
 - `p_holds`: the chance that a table of one set of articles lies within the question-level 95% interval
   of another set of the same size and question counts when both are drawn from the same population of
   articles (normal approximation: the difference of two means has variance tau^2 sum(w^2) + sigma^2/n on
-  each side, w the articles' shares of the questions; the interval's half width is 1.96 sigma/sqrt(n)).
+  each side, w the articles' shares of the questions; the interval's half width is 1.96 sqrt(sigma^2 +
+  tau^2)/sqrt(n), the pooled questions' spread).
 
 A question measured by several runs counts once (the first run's sample). Prints a Markdown table.
 """
@@ -54,7 +55,9 @@ def p_holds(sigma: float, tau: float, n: list[int]) -> float:
         return 1.0
     share2 = sum((k / total) ** 2 for k in n)
     sd = math.sqrt(2 * (tau**2 * share2 + sigma**2 / total))
-    half = Z * sigma / math.sqrt(total)
+    half = (
+        Z * math.sqrt(sigma**2 + tau**2) / math.sqrt(total)
+    )  # the pooled samples' spread, as the bootstrap sees it
     return math.erf(half / (sd * math.sqrt(2)))
 
 
