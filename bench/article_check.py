@@ -79,7 +79,10 @@ def main() -> int:
     values: dict[str, dict[str, float]] = {}  # config -> eid -> fidelity
     for run in args.runs:
         samples = [s for s in load_results(Path(run))["samples"] if s["task"] == args.task]
-        require_calibration(samples, "the article check")
+        try:
+            require_calibration(samples, "the article check")
+        except ValueError as e:
+            raise SystemExit(f"{run}: {e}") from None
         for s in samples:
             values.setdefault(s["config"], {}).setdefault(s["eid"], float(s["fidelity"]))
     configs = args.configs.split(",") if args.configs else list(values)
