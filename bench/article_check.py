@@ -55,9 +55,8 @@ def p_holds(sigma: float, tau: float, n: list[int]) -> float:
         return 1.0
     share2 = sum((k / total) ** 2 for k in n)
     sd = math.sqrt(2 * (tau**2 * share2 + sigma**2 / total))
-    half = (
-        Z * math.sqrt(sigma**2 + tau**2) / math.sqrt(total)
-    )  # the pooled samples' spread, as the bootstrap sees it
+    # the interval's half width: the pooled questions' spread, within and between articles, as the bootstrap sees it
+    half = Z * math.sqrt(sigma**2 + tau**2) / math.sqrt(total)
     return math.erf(half / (sd * math.sqrt(2)))
 
 
