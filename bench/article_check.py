@@ -29,11 +29,13 @@ import json
 import math
 import statistics
 from pathlib import Path
+from statistics import NormalDist
 
-from kvlink.eval.report import bootstrap_ci, load_results
+from kvlink.eval.holdout import verdict_of
+from kvlink.eval.report import ALPHA, bootstrap_ci, load_results
 from kvlink.eval.splits import article_of_eid, require_calibration
 
-Z = 1.959963984540054  # the two-sided 95% normal quantile
+Z = NormalDist().inv_cdf(1 - ALPHA / 2)  # the two-sided quantile of the check's (1 - ALPHA) intervals
 
 
 def components(groups: list[list[float]]) -> tuple[float, float]:
@@ -58,10 +60,6 @@ def p_holds(sigma: float, tau: float, n: list[int]) -> float:
     # the interval's half width: the pooled questions' spread, within and between articles, as the bootstrap sees it
     half = Z * math.sqrt(sigma**2 + tau**2) / math.sqrt(total)
     return math.erf(half / (sd * math.sqrt(2)))
-
-
-def verdict(entry: float, lo: float, hi: float) -> str:
-    return "overstated" if entry > hi + 1e-9 else "understated" if entry < lo - 1e-9 else "holds"
 
 
 def main() -> int:
@@ -108,7 +106,7 @@ def main() -> int:
                 entry = statistics.fmean(f for t in table for f in by_title[t])
                 mean, lo, hi = bootstrap_ci(f for t in check for f in by_title[t])
                 halves.append({"table": list(table), "entry": entry, "check": [mean, lo, hi],
-                               "verdict": verdict(entry, lo, hi)})  # fmt: skip
+                               "verdict": verdict_of(entry, lo, hi)})  # fmt: skip
         held = [h["verdict"] == "holds" for h in halves]
         splits_held = held if splits_held is None else [a and b for a, b in zip(splits_held, held)]
         rows.append({

@@ -43,6 +43,16 @@ TOLERANCE = 1e-9
 """How far outside the interval an entry may lie and still hold (float sums of equal samples)."""
 
 
+def verdict_of(entry: float, lo: float, hi: float) -> str:
+    """An entry against the interval [lo, hi] of what it promises: `holds` within it (up to TOLERANCE),
+    `overstated` above it, `understated` below."""
+    if entry > hi + TOLERANCE:
+        return "overstated"
+    if entry < lo - TOLERANCE:
+        return "understated"
+    return "holds"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One config on the evaluation split against its table entry."""
@@ -213,12 +223,8 @@ def check(
             verdict = "table rates another metric"
         elif (entry := promised(name)) is None:
             verdict = "not in table"
-        elif entry > hi + TOLERANCE:
-            verdict = "overstated"
-        elif entry < lo - TOLERANCE:
-            verdict = "understated"
         else:
-            verdict = "holds"
+            verdict = verdict_of(entry, lo, hi)
         cells.append(Cell(name, len(values), mean, lo, hi, statistics.fmean(wire[name]), entry, verdict))
     cells.sort(key=lambda c: -c.wire_pct)
     names = {r.name: n for n, r in recipes.items() if n not in fitted}  # canonical name -> the run's name
